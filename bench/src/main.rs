@@ -1,0 +1,2 @@
+//! `ha-bench`: Castor's benchmarks.
+fn main() {}

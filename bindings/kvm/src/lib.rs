@@ -1,0 +1,1 @@
+//! `ha-kvm`: the KVM backend behind the `Domain` trait (work in progress).

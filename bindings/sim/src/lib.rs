@@ -1,0 +1,1 @@
+//! `ha-sim`: a simulated guest behind the `Domain` trait (work in progress).

@@ -1,0 +1,133 @@
+//! The `Domain` trait: the one seam between the epoch engine and a hypervisor.
+//!
+//! A backend (KVM, Xen, simulated) implements [`Domain`] for a running guest and
+//! [`DomainFactory`] to create guests: fresh ones on the primary, restored ones on the
+//! backup (from a committed memory image plus the saved vCPU/device state). The engine
+//! never names a backend type.
+
+use crate::bitmap::PageBitmap;
+use crate::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
+
+/// A boxed error from a backend, kept as the source of a [`DomainError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors crossing the `Domain` seam.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// The hypervisor cannot be used on this machine (device missing, no permission, …).
+    #[error("{what} is not available: {hint}")]
+    Unavailable {
+        /// What is missing, e.g. "KVM (/dev/kvm)".
+        what: String,
+        /// What the operator can do instead.
+        hint: String,
+        /// The OS error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A hypervisor operation failed.
+    #[error("{op} failed")]
+    Backend {
+        /// The operation, e.g. "KVM_GET_DIRTY_LOG".
+        op: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// A guest-physical range outside guest memory.
+    #[error("guest memory range {gpa:#x}+{len:#x} is outside the guest's memory")]
+    OutOfRange {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// A saved state blob that cannot be restored.
+    #[error("saved guest state is invalid: {0}")]
+    BadState(String),
+    /// A memory image of the wrong size for the restore.
+    #[error("memory image is {got} bytes, expected {expected}")]
+    ImageSize {
+        /// Bytes given.
+        got: u64,
+        /// Bytes expected.
+        expected: u64,
+    },
+    /// The guest stopped on its own (a fault, an unexpected exit).
+    #[error("guest stopped unexpectedly: {0}")]
+    GuestFault(String),
+    /// The operation needs the guest paused (or running) and it is not.
+    #[error("{op} needs the guest {needs}")]
+    WrongState {
+        /// The operation.
+        op: &'static str,
+        /// "paused" or "running".
+        needs: &'static str,
+    },
+}
+
+/// A running (or paused) guest, as the epoch engine sees it.
+///
+/// Dirty tracking is on from creation: the first [`Domain::harvest_dirty`] reports every
+/// page written since the domain was created (for a restored domain: since the restore).
+pub trait Domain: Send {
+    /// Guest memory size in bytes (a multiple of the page size).
+    fn memory_size(&self) -> u64;
+
+    /// Copy guest memory at `gpa` into `buf`. Safe to call while the guest runs (the
+    /// content may then be torn, and the page will be reported dirty later).
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError>;
+
+    /// Stop every vCPU. Returns only when no vCPU can write guest memory.
+    fn pause(&mut self) -> Result<(), DomainError>;
+
+    /// Let the vCPUs run (also the first start of a new or restored domain).
+    fn resume(&mut self) -> Result<(), DomainError>;
+
+    /// Whether the guest is paused.
+    fn is_paused(&self) -> bool;
+
+    /// OR the pages dirtied since the previous harvest into `dirty` (one bit per page,
+    /// `dirty.len()` = memory pages) and restart tracking. Includes the VMM's own writes
+    /// into guest memory. Exact when called while paused.
+    fn harvest_dirty(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError>;
+
+    /// Save vCPU and device state as versioned bytes. Needs the guest paused.
+    fn save_state(&mut self) -> Result<Vec<u8>, DomainError>;
+
+    /// Move the output records the guest produced since the last drain into `out`,
+    /// in sequence order, advancing the ring's tail in guest memory.
+    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError>;
+
+    /// Read the guest's status page (progress counter, checksum, output counters).
+    fn status(&self) -> Result<GuestStatus, DomainError> {
+        let mut page = vec![0u8; crate::PAGE_SIZE];
+        self.read_memory(STATUS_GPA, &mut page)?;
+        Ok(GuestStatus::read_page(&page))
+    }
+
+    /// `Ok` while the guest is healthy; the error that stopped it otherwise.
+    fn check_health(&self) -> Result<(), DomainError>;
+}
+
+/// What to create: memory size and the workload guest's parameters.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestSpec {
+    /// Guest memory size in bytes (a multiple of 2 MiB).
+    pub memory_size: u64,
+    /// Workload parameters written into the params page.
+    pub params: GuestParams,
+}
+
+/// Creates guests of one backend.
+pub trait DomainFactory: Send + Sync {
+    /// The backend's name ("kvm", "sim", "xen").
+    fn name(&self) -> &'static str;
+
+    /// Create a fresh guest, paused; call [`Domain::resume`] to start it.
+    fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Domain>, DomainError>;
+
+    /// Build a guest from a memory image and the state saved by
+    /// [`Domain::save_state`] at the same checkpoint, paused.
+    fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError>;
+}

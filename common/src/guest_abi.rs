@@ -1,0 +1,316 @@
+//! The contract between a built-in workload guest and the VMM that runs it.
+//!
+//! Every backend (KVM, simulated) lays out the same pages at the same guest-physical
+//! addresses, so the epoch engine, the drill and the tests can read a guest's progress and
+//! drain its output the same way whatever runs it. All integers are little-endian.
+//!
+//! ```text
+//! 0x0000_1000  params page   written by the VMM before the first run, read-only to the guest
+//! 0x0000_2000  status page   progress counter, checksum, output head (guest) / tail (VMM)
+//! 0x0000_4000  output ring   OUTPUT_RING_SLOTS records of 64 bytes
+//! 0x0010_0000  heap          the workload's working set starts here (HEAP_GPA)
+//! ```
+//! Addresses between the ring and the heap belong to the backend (page tables, code, stack).
+
+use crate::PAGE_SIZE;
+
+/// Guest-physical address of the parameter page.
+pub const PARAMS_GPA: u64 = 0x1000;
+/// Guest-physical address of the status page.
+pub const STATUS_GPA: u64 = 0x2000;
+/// Guest-physical address of the output ring.
+pub const OUTPUT_RING_GPA: u64 = 0x4000;
+/// Number of 64-byte slots in the output ring (16 pages).
+pub const OUTPUT_RING_SLOTS: u64 = 1024;
+/// Size of one output record slot.
+pub const OUTPUT_RECORD_SIZE: usize = 64;
+/// Payload bytes carried by one output record.
+pub const OUTPUT_PAYLOAD: usize = 48;
+/// Lowest guest-physical address a workload's heap may use.
+pub const HEAP_GPA: u64 = 0x10_0000;
+/// The I/O port a guest writes to when it wants its output ring drained.
+pub const DOORBELL_PORT: u16 = 0xC45;
+/// Magic number at the start of the params page: "CASTORG1".
+pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"CASTORG1");
+/// Version of this ABI.
+pub const ABI_VERSION: u32 = 1;
+
+/// Byte offsets inside the params page.
+pub mod params {
+    /// u64 [`super::PARAMS_MAGIC`].
+    pub const MAGIC: usize = 0;
+    /// u32 [`super::ABI_VERSION`].
+    pub const VERSION: usize = 8;
+    /// u32 workload number ([`super::Workload`] as u32).
+    pub const WORKLOAD: usize = 12;
+    /// u64 PRNG seed.
+    pub const SEED: usize = 16;
+    /// u64 first GPA of the working set.
+    pub const HEAP_GPA: usize = 24;
+    /// u64 size of the working set in bytes (a multiple of 4096).
+    pub const HEAP_SIZE: usize = 32;
+    /// u64 target write operations per second (0: as fast as it can).
+    pub const RATE: usize = 40;
+    /// u64 TSC frequency in kHz, for pacing (0: unknown, no pacing).
+    pub const TSC_KHZ: usize = 48;
+    /// u64 emit one output record every this many work units (0: never).
+    pub const OUTPUT_EVERY: usize = 56;
+    /// u64 ring the doorbell after this many undrained records.
+    pub const DOORBELL_EVERY: usize = 64;
+}
+
+/// Byte offsets inside the status page.
+pub mod status {
+    /// u64 work units completed (guest-owned). Never goes back, never skips.
+    pub const PROGRESS: usize = 0;
+    /// u64 running checksum of every value the guest wrote (guest-owned).
+    pub const CHECKSUM: usize = 8;
+    /// u64 number of output records produced = next sequence number (guest-owned).
+    pub const OUT_HEAD: usize = 16;
+    /// u64 PRNG state of the workload (guest-owned).
+    pub const RNG: usize = 24;
+    /// u64 number of output records drained by the VMM (VMM-owned; own cache line).
+    pub const OUT_TAIL: usize = 64;
+}
+
+/// The built-in workloads a guest can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Does nothing but keep its counters; dirties almost nothing.
+    Idle = 0,
+    /// lmbench-style sequential sweep over the working set, one word per block.
+    Memwrite = 1,
+    /// Apache/SPECweb-like: Zipf-hot small writes over a large heap, log appends,
+    /// an occasional buffer fill.
+    Web = 2,
+    /// Random 128-byte record updates, 80 % to a 10 % hot set.
+    Kv = 3,
+    /// Dense array sweeps (NPB-like).
+    Npb = 4,
+}
+
+impl Workload {
+    /// All workloads, in ABI order.
+    pub const ALL: [Workload; 5] = [
+        Workload::Idle,
+        Workload::Memwrite,
+        Workload::Web,
+        Workload::Kv,
+        Workload::Npb,
+    ];
+
+    /// The workload with ABI number `n`.
+    pub fn from_u32(n: u32) -> Option<Self> {
+        Self::ALL.get(n as usize).copied()
+    }
+
+    /// The lowercase name used on command lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Idle => "idle",
+            Workload::Memwrite => "memwrite",
+            Workload::Web => "web",
+            Workload::Kv => "kv",
+            Workload::Npb => "npb",
+        }
+    }
+}
+
+impl std::str::FromStr for Workload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("unknown workload {s:?} (idle, memwrite, web, kv, npb)"))
+    }
+}
+
+/// What the VMM tells a guest before it first runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestParams {
+    /// Which workload to run.
+    pub workload: Workload,
+    /// PRNG seed.
+    pub seed: u64,
+    /// First GPA of the working set.
+    pub heap_gpa: u64,
+    /// Working-set size in bytes.
+    pub heap_size: u64,
+    /// Target write operations per second (0: unthrottled).
+    pub rate: u64,
+    /// TSC frequency in kHz (0: no pacing).
+    pub tsc_khz: u64,
+    /// One output record every this many work units (0: none).
+    pub output_every: u64,
+    /// Doorbell after this many undrained records.
+    pub doorbell_every: u64,
+}
+
+impl GuestParams {
+    /// Serialize into a params page.
+    pub fn write_page(&self, page: &mut [u8]) {
+        put_u64(page, params::MAGIC, PARAMS_MAGIC);
+        page[params::VERSION..params::VERSION + 4].copy_from_slice(&ABI_VERSION.to_le_bytes());
+        page[params::WORKLOAD..params::WORKLOAD + 4]
+            .copy_from_slice(&(self.workload as u32).to_le_bytes());
+        put_u64(page, params::SEED, self.seed);
+        put_u64(page, params::HEAP_GPA, self.heap_gpa);
+        put_u64(page, params::HEAP_SIZE, self.heap_size);
+        put_u64(page, params::RATE, self.rate);
+        put_u64(page, params::TSC_KHZ, self.tsc_khz);
+        put_u64(page, params::OUTPUT_EVERY, self.output_every);
+        put_u64(page, params::DOORBELL_EVERY, self.doorbell_every);
+    }
+
+    /// Parse a params page; `None` if the magic or version is wrong.
+    pub fn read_page(page: &[u8]) -> Option<Self> {
+        if get_u64(page, params::MAGIC) != PARAMS_MAGIC {
+            return None;
+        }
+        let version = u32::from_le_bytes(page[params::VERSION..params::VERSION + 4].try_into().ok()?);
+        if version != ABI_VERSION {
+            return None;
+        }
+        let w = u32::from_le_bytes(page[params::WORKLOAD..params::WORKLOAD + 4].try_into().ok()?);
+        Some(Self {
+            workload: Workload::from_u32(w)?,
+            seed: get_u64(page, params::SEED),
+            heap_gpa: get_u64(page, params::HEAP_GPA),
+            heap_size: get_u64(page, params::HEAP_SIZE),
+            rate: get_u64(page, params::RATE),
+            tsc_khz: get_u64(page, params::TSC_KHZ),
+            output_every: get_u64(page, params::OUTPUT_EVERY),
+            doorbell_every: get_u64(page, params::DOORBELL_EVERY),
+        })
+    }
+}
+
+/// A snapshot of a guest's status page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestStatus {
+    /// Work units completed.
+    pub progress: u64,
+    /// Running checksum of what the guest wrote.
+    pub checksum: u64,
+    /// Output records produced (next sequence number).
+    pub out_head: u64,
+    /// Output records drained by the VMM.
+    pub out_tail: u64,
+}
+
+impl GuestStatus {
+    /// Parse a status page.
+    pub fn read_page(page: &[u8]) -> Self {
+        Self {
+            progress: get_u64(page, status::PROGRESS),
+            checksum: get_u64(page, status::CHECKSUM),
+            out_head: get_u64(page, status::OUT_HEAD),
+            out_tail: get_u64(page, status::OUT_TAIL),
+        }
+    }
+}
+
+/// One output record: the guest's "network output", held back by output commit.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutputRecord {
+    /// Sequence number: 0, 1, 2, … with no gaps.
+    pub seq: u64,
+    /// Payload, at most [`OUTPUT_PAYLOAD`] bytes.
+    pub payload: Vec<u8>,
+}
+
+impl OutputRecord {
+    /// Guest-physical address of the ring slot that holds sequence number `seq`.
+    pub fn slot_gpa(seq: u64) -> u64 {
+        OUTPUT_RING_GPA + (seq % OUTPUT_RING_SLOTS) * OUTPUT_RECORD_SIZE as u64
+    }
+
+    /// Parse a 64-byte slot: u64 seq, u32 len, u32 reserved, 48 bytes payload.
+    /// `None` if the length is out of range.
+    pub fn read_slot(slot: &[u8]) -> Option<Self> {
+        if slot.len() < OUTPUT_RECORD_SIZE {
+            return None;
+        }
+        let seq = get_u64(slot, 0);
+        let len = u32::from_le_bytes(slot[8..12].try_into().ok()?) as usize;
+        if len > OUTPUT_PAYLOAD {
+            return None;
+        }
+        Some(Self { seq, payload: slot[16..16 + len].to_vec() })
+    }
+
+    /// Serialize into a 64-byte slot (payload truncated to [`OUTPUT_PAYLOAD`]).
+    pub fn write_slot(&self, slot: &mut [u8]) {
+        let len = self.payload.len().min(OUTPUT_PAYLOAD);
+        slot[..OUTPUT_RECORD_SIZE].fill(0);
+        put_u64(slot, 0, self.seq);
+        slot[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+        slot[16..16 + len].copy_from_slice(&self.payload[..len]);
+    }
+}
+
+/// The running checksum step every workload applies to each value it writes:
+/// `sum = (sum rotl 5) ^ value) * K`. Backends implement it identically.
+pub fn checksum_step(sum: u64, value: u64) -> u64 {
+    (sum.rotate_left(5) ^ value).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Number of pages a guest of `memory_size` bytes has.
+pub fn page_count(memory_size: u64) -> usize {
+    (memory_size / PAGE_SIZE as u64) as usize
+}
+
+fn get_u64(buf: &[u8], off: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&buf[off..off + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn put_u64(buf: &mut [u8], off: usize, v: u64) {
+    buf[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_roundtrip_and_reject_bad_magic() {
+        let p = GuestParams {
+            workload: Workload::Kv,
+            seed: 7,
+            heap_gpa: HEAP_GPA,
+            heap_size: 1 << 20,
+            rate: 1000,
+            tsc_khz: 2_000_000,
+            output_every: 64,
+            doorbell_every: 32,
+        };
+        let mut page = vec![0u8; PAGE_SIZE];
+        p.write_page(&mut page);
+        assert_eq!(GuestParams::read_page(&page), Some(p));
+        page[0] ^= 1;
+        assert_eq!(GuestParams::read_page(&page), None);
+    }
+
+    #[test]
+    fn record_slot_roundtrip_and_length_check() {
+        let r = OutputRecord { seq: 1025, payload: b"hello".to_vec() };
+        let mut slot = [0u8; OUTPUT_RECORD_SIZE];
+        r.write_slot(&mut slot);
+        assert_eq!(OutputRecord::read_slot(&slot), Some(r));
+        assert_eq!(OutputRecord::slot_gpa(1025), OUTPUT_RING_GPA + 64);
+        slot[8] = 49;
+        assert_eq!(OutputRecord::read_slot(&slot), None);
+    }
+
+    #[test]
+    fn workload_names_parse() {
+        for w in Workload::ALL {
+            assert_eq!(w.name().parse::<Workload>(), Ok(w));
+        }
+        assert!("apache".parse::<Workload>().is_err());
+    }
+}

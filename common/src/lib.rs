@@ -1,0 +1,23 @@
+//! `ha-common`: the core every Castor crate shares.
+//!
+//! One module per stage of the checkpoint data path, plus the seam to the hypervisor:
+//!
+//! | module | stage |
+//! |---|---|
+//! | [`block`] | block geometry and changed-block identification (identify) |
+//! | [`xbzrle`] | XOR + run-length delta in QEMU's XBZRLE format (encode) |
+//! | [`hashes`] | per-block fingerprints of what the backup holds (identify) |
+//! | [`share`] | identical-block sharing through a hash index (share) |
+//! | [`cache`] | LRU cache of last-sent page content (encode) |
+//! | [`codec`] | hybrid per-page encoding and decoding (encode) |
+//! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
+//! | [`domain`] | the `Domain` trait: the hypervisor seam |
+//! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
+//! | [`bitmap`] | page bitmaps for dirty tracking |
+
+pub mod bitmap;
+pub mod domain;
+pub mod guest_abi;
+
+/// Guest page size in bytes. Castor works in 4 KiB pages throughout.
+pub const PAGE_SIZE: usize = 4096;

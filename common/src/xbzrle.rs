@@ -1,0 +1,315 @@
+//! XOR + run-length delta in QEMU's XBZRLE format (part of the *encode* stage).
+//!
+//! A delta turns an old page into a new one. It is a sequence of
+//! `zrun nzrun [zrun nzrun]…` where a zero run is a ULEB128 length of unchanged bytes and a
+//! non-zero run is a ULEB128 length followed by that many NEW bytes. The trailing zero run
+//! is omitted; lengths are at most 0x3FFF (two ULEB128 bytes). Runs are maximal, so the
+//! encoding of a page pair is unique and byte-for-byte what QEMU's
+//! `xbzrle_encode_buffer` produces. An unchanged page encodes to zero bytes.
+//!
+//! The encoder reads the runs off a [`DiffMask`] (SIMD compare) and stops as soon as its
+//! output would exceed the caller's budget, so a hybrid encoder can give up cheaply.
+
+use crate::PAGE_SIZE;
+use crate::block::{DiffMask, Page};
+
+/// Bytes the output buffer must have past the budget: the encoder copies short runs in
+/// fixed 16-byte moves.
+pub const ENCODE_SLACK: usize = 16;
+
+/// The largest run length the format can carry.
+pub const MAX_RUN: usize = 0x3FFF;
+
+/// Why a delta was rejected. Mirrors the checks of QEMU's `xbzrle_decode_buffer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum XbzrleError {
+    /// A length field used a third byte (the format allows 14 bits).
+    #[error("length at offset {0} is longer than two bytes")]
+    LengthTooLong(usize),
+    /// A run header begins with fewer than two bytes of input left.
+    #[error("input ends inside a run at offset {0}")]
+    Truncated(usize),
+    /// A zero run of length zero anywhere but at the very start.
+    #[error("zero-length zero run at offset {0}")]
+    EmptyZeroRun(usize),
+    /// A non-zero run of length zero.
+    #[error("zero-length non-zero run at offset {0}")]
+    EmptyDataRun(usize),
+    /// A run reaches past the end of the page.
+    #[error("run at offset {0} goes past the end of the page")]
+    PastPage(usize),
+    /// A non-zero run's bytes reach past the end of the input.
+    #[error("run at offset {0} goes past the end of the input")]
+    PastInput(usize),
+}
+
+/// Encode the delta from `old` to `new` into `out`, using at most `budget` bytes.
+///
+/// Returns `Some(n)` with the delta in `out[..n]` (`n == 0`: the pages are equal), or
+/// `None` when the delta would need more than `budget` bytes. `out` must be at least
+/// `min(budget, PAGE_SIZE + 4) + ENCODE_SLACK` bytes long.
+pub fn encode(old: &Page, new: &Page, out: &mut [u8], budget: usize) -> Option<usize> {
+    encode_with_mask(&DiffMask::new(old, new), new, out, budget)
+}
+
+/// [`encode`] with the page comparison already done.
+pub fn encode_with_mask(mask: &DiffMask, new: &Page, out: &mut [u8], budget: usize) -> Option<usize> {
+    // A page never needs more than PAGE_SIZE data bytes plus a few run headers less than
+    // its run count; cap the budget by what `out` can hold.
+    let budget = budget.min(out.len().saturating_sub(ENCODE_SLACK));
+    let changed = mask.changed_bytes();
+    if changed == 0 {
+        return Some(0);
+    }
+    // Every changed byte is copied, and every run costs at least two header bytes.
+    if changed + 2 > budget {
+        return None;
+    }
+    let mut d = 0usize;
+    let mut i = 0usize;
+    loop {
+        let z = mask.run_end(i, false);
+        if z == PAGE_SIZE {
+            return Some(d);
+        }
+        let nz = mask.run_end(z, true);
+        let zlen = z - i;
+        let nlen = nz - z;
+        // Worst-case header size is 4 bytes; check the exact size below.
+        let need = uleb_len(zlen) + uleb_len(nlen) + nlen;
+        if d + need > budget {
+            return None;
+        }
+        d += put_uleb(&mut out[d..], zlen);
+        d += put_uleb(&mut out[d..], nlen);
+        if nlen <= 16 && z + 16 <= PAGE_SIZE {
+            // A fixed-size move of 16 bytes: cheaper than a variable memcpy; the bytes past
+            // `nlen` land in the slack or are overwritten by what follows.
+            out[d..d + 16].copy_from_slice(&new[z..z + 16]);
+        } else {
+            out[d..d + nlen].copy_from_slice(&new[z..nz]);
+        }
+        d += nlen;
+        i = nz;
+        if i == PAGE_SIZE {
+            return Some(d);
+        }
+    }
+}
+
+/// Apply a delta to `page` (which holds the old content) in place, returning the number
+/// of page bytes the delta spans. Rejects exactly what QEMU's decoder rejects, and never
+/// writes outside `page`. On error `page` may be partly updated: decode into a scratch
+/// copy when that matters.
+pub fn decode(delta: &[u8], page: &mut [u8]) -> Result<usize, XbzrleError> {
+    let slen = delta.len();
+    let dlen = page.len();
+    let mut i = 0usize;
+    let mut d = 0usize;
+    while i < slen {
+        // zero run
+        if slen - i < 2 {
+            return Err(XbzrleError::Truncated(i));
+        }
+        let (zlen, n) = get_uleb(&delta[i..]).ok_or(XbzrleError::LengthTooLong(i))?;
+        if i != 0 && zlen == 0 {
+            return Err(XbzrleError::EmptyZeroRun(i));
+        }
+        let at = i;
+        i += n;
+        d += zlen;
+        if d > dlen {
+            return Err(XbzrleError::PastPage(at));
+        }
+        // non-zero run
+        if slen - i < 2 {
+            return Err(XbzrleError::Truncated(i));
+        }
+        let (nlen, n) = get_uleb(&delta[i..]).ok_or(XbzrleError::LengthTooLong(i))?;
+        if nlen == 0 {
+            return Err(XbzrleError::EmptyDataRun(i));
+        }
+        let at = i;
+        i += n;
+        if d + nlen > dlen {
+            return Err(XbzrleError::PastPage(at));
+        }
+        if i + nlen > slen {
+            return Err(XbzrleError::PastInput(at));
+        }
+        page[d..d + nlen].copy_from_slice(&delta[i..i + nlen]);
+        d += nlen;
+        i += nlen;
+    }
+    Ok(d)
+}
+
+/// Number of bytes the ULEB128 encoding of `n` (at most [`MAX_RUN`]) takes.
+#[inline]
+fn uleb_len(n: usize) -> usize {
+    1 + usize::from(n >= 0x80)
+}
+
+/// Write `n` (at most [`MAX_RUN`]) as one or two ULEB128 bytes; returns the count.
+#[inline]
+fn put_uleb(out: &mut [u8], n: usize) -> usize {
+    debug_assert!(n <= MAX_RUN);
+    if n < 0x80 {
+        out[0] = n as u8;
+        1
+    } else {
+        out[0] = (n as u8 & 0x7f) | 0x80;
+        out[1] = (n >> 7) as u8;
+        2
+    }
+}
+
+/// Read a one- or two-byte ULEB128 length; `None` when a third byte would be needed.
+/// The caller guarantees at least two bytes.
+#[inline]
+fn get_uleb(b: &[u8]) -> Option<(usize, usize)> {
+    if b[0] & 0x80 == 0 {
+        Some((usize::from(b[0]), 1))
+    } else if b[1] & 0x80 != 0 {
+        None
+    } else {
+        Some((usize::from(b[0] & 0x7f) | usize::from(b[1]) << 7, 2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// QEMU's algorithm, transcribed byte by byte (no masks, no SIMD): the oracle.
+    fn reference_encode(old: &[u8], new: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        let n = old.len();
+        while i < n {
+            let zs = i;
+            while i < n && old[i] == new[i] {
+                i += 1;
+            }
+            if i == n {
+                break;
+            }
+            let ns = i;
+            while i < n && old[i] != new[i] {
+                i += 1;
+            }
+            for len in [ns - zs, i - ns] {
+                let mut b = [0u8; 2];
+                let k = put_uleb(&mut b, len);
+                out.extend_from_slice(&b[..k]);
+            }
+            out.extend_from_slice(&new[ns..i]);
+        }
+        out
+    }
+
+    fn enc(old: &Page, new: &Page, budget: usize) -> Option<Vec<u8>> {
+        let mut out = vec![0u8; PAGE_SIZE * 2 + ENCODE_SLACK];
+        encode(old, new, &mut out, budget).map(|n| out[..n].to_vec())
+    }
+
+    fn page(f: impl Fn(usize) -> u8) -> Box<Page> {
+        let mut p = Box::new([0u8; PAGE_SIZE]);
+        for (i, b) in p.iter_mut().enumerate() {
+            *b = f(i);
+        }
+        p
+    }
+
+    #[test]
+    fn qemu_vectors() {
+        // A zero run of 1001 bytes encodes its length as e9 07 (QEMU's xbzrle doc).
+        let old = page(|_| 0);
+        let new = page(|i| u8::from(i == 1001));
+        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0xe9, 0x07, 0x01, 0x01]);
+        // Unchanged page: no bytes at all.
+        assert_eq!(enc(&old, &old, PAGE_SIZE).unwrap(), Vec::<u8>::new());
+        // Change at byte 0: a leading zero run of length 0.
+        let new = page(|i| if i < 3 { 0xaa } else { 0 });
+        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0, 3, 0xaa, 0xaa, 0xaa]);
+        // Trailing zero run is omitted; a run to the end of the page has no zero run after.
+        let new = page(|i| u8::from(i >= 4094));
+        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0xfe, 0x1f, 2, 1, 1]);
+        // Whole page different: 0, then 4096 = 0x80 0x20, then the data.
+        let new = page(|_| 7);
+        let d = enc(&old, &new, PAGE_SIZE + 4).unwrap();
+        assert_eq!(&d[..3], &[0, 0x80, 0x20]);
+        assert_eq!(d.len(), 3 + PAGE_SIZE);
+        // Two separate runs: each gets its own zero run and data run.
+        let new = page(|i| if (10..12).contains(&i) || i == 20 { 9 } else { 0 });
+        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![10, 2, 9, 9, 8, 1, 9]);
+    }
+
+    #[test]
+    fn budget_is_respected_and_exact() {
+        let old = page(|_| 0);
+        let new = page(|i| u8::from(i % 100 == 0)); // 41 runs of 1 byte
+        let full = enc(&old, &new, PAGE_SIZE).unwrap();
+        assert_eq!(enc(&old, &new, full.len()).as_deref(), Some(&full[..]));
+        assert_eq!(enc(&old, &new, full.len() - 1), None);
+        let random = page(|i| (i * 7 + 13) as u8 | 1);
+        assert_eq!(enc(&old, &random, PAGE_SIZE), None);
+    }
+
+    #[test]
+    fn decoder_rejections() {
+        let mut p = [0u8; PAGE_SIZE];
+        // third length byte
+        assert_eq!(decode(&[0x80, 0x80, 0x01, 1, 5], &mut p), Err(XbzrleError::LengthTooLong(0)));
+        // zero-length zero run after the first
+        assert_eq!(decode(&[0, 1, 5, 0, 1, 5], &mut p), Err(XbzrleError::EmptyZeroRun(3)));
+        // zero-length non-zero run
+        assert_eq!(decode(&[3, 0, 5], &mut p), Err(XbzrleError::EmptyDataRun(1)));
+        // run past the page: zero run of 4096 then data
+        assert_eq!(decode(&[0x80, 0x20, 1, 5], &mut p), Err(XbzrleError::PastPage(2)));
+        assert_eq!(decode(&[0x81, 0x20, 1, 5], &mut p), Err(XbzrleError::PastPage(0)));
+        // run past the input
+        assert_eq!(decode(&[0, 3, 5, 5], &mut p), Err(XbzrleError::PastInput(1)));
+        // truncated: one byte left for a header
+        assert_eq!(decode(&[0, 1, 5, 7], &mut p), Err(XbzrleError::Truncated(3)));
+        assert_eq!(decode(&[0], &mut p), Err(XbzrleError::Truncated(0)));
+        // a leading zero run of 0 and an empty delta are fine
+        assert_eq!(decode(&[0, 1, 5], &mut p), Ok(1));
+        assert_eq!(p[0], 5);
+        assert_eq!(decode(&[], &mut p), Ok(0));
+    }
+
+    proptest! {
+        #[test]
+        fn matches_reference_and_roundtrips(
+            seed in any::<[u8; 32]>(),
+            edits in proptest::collection::vec((0usize..PAGE_SIZE, 1usize..300, any::<u8>()), 0..40),
+        ) {
+            let old = page(|i| seed[i % 32].wrapping_mul(i as u8));
+            let mut new = old.clone();
+            for (at, len, v) in edits {
+                for b in &mut new[at..(at + len).min(PAGE_SIZE)] {
+                    *b = b.wrapping_add(v);
+                }
+            }
+            let want = reference_encode(&old[..], &new[..]);
+            let got = enc(&old, &new, PAGE_SIZE * 2).unwrap();
+            prop_assert_eq!(&got, &want);
+            let mut back = old.clone();
+            prop_assert!(decode(&got, &mut back[..]).is_ok());
+            prop_assert_eq!(&back[..], &new[..]);
+            // Any smaller budget fails, the exact one succeeds.
+            if !got.is_empty() {
+                prop_assert_eq!(enc(&old, &new, got.len() - 1), None);
+                prop_assert_eq!(enc(&old, &new, got.len()), Some(got));
+            }
+        }
+
+        #[test]
+        fn decoder_never_panics(delta in proptest::collection::vec(any::<u8>(), 0..64), len in 0usize..300) {
+            let mut p = vec![0u8; len];
+            let _ = decode(&delta, &mut p);
+        }
+    }
+}

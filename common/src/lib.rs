@@ -25,6 +25,7 @@ pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
 pub mod share;
+pub mod stream;
 
 /// Guest page size in bytes. Castor works in 4 KiB pages throughout.
 pub const PAGE_SIZE: usize = 4096;

@@ -1,0 +1,696 @@
+//! The epoch stream: how a checkpoint crosses the wire (the *send*, *stage* and *commit*
+//! stages).
+//!
+//! An epoch is a sequence of length-delimited frames:
+//!
+//! ```text
+//! frame   = u32 LE length of (type + body) | u8 type | body
+//! Header  (1) u16 version | u64 epoch | u8 mode | u16 block size | u32 record count
+//! Pages   (2) records until the end of the body:
+//!             varint page | u8 encoding | varint payload length | payload
+//! State   (3) the vCPU/device state blob, opaque here
+//! Trailer (4) u32 record count | u64 byte count | 32-byte blake3 digest
+//! ```
+//!
+//! The trailer's byte count and digest cover every byte of the epoch's frames before it,
+//! length prefixes included, in order. [`Staging`] decodes an epoch's records into a
+//! private overlay as they arrive, checks the trailer, and only then hands out a
+//! [`StagedEpoch`] whose [`StagedEpoch::commit`] copies the pages into the image. Any error
+//! discards the overlay; the image is never touched by a rejected epoch.
+
+use crate::PAGE_SIZE;
+use crate::block::{BlockSize, Page};
+use crate::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
+use crate::share::PageView;
+use crate::varint;
+use std::collections::HashMap;
+
+/// Version of the epoch stream format.
+pub const STREAM_VERSION: u16 = 1;
+/// Largest frame accepted (type + body).
+pub const MAX_FRAME: usize = 8 << 20;
+/// Pages frames are cut at about this size.
+pub const PAGES_FRAME_TARGET: usize = 256 << 10;
+/// Largest state blob accepted.
+pub const MAX_STATE: usize = 4 << 20;
+
+/// Frame type numbers.
+pub mod frame_type {
+    /// Epoch header.
+    pub const HEADER: u8 = 1;
+    /// Page records.
+    pub const PAGES: u8 = 2;
+    /// vCPU/device state.
+    pub const STATE: u8 = 3;
+    /// Commit trailer.
+    pub const TRAILER: u8 = 4;
+}
+
+/// Why an epoch was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// A frame shorter than its own header, or cut off.
+    #[error("frame truncated: {0}")]
+    Truncated(&'static str),
+    /// A frame longer than the cap.
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(usize),
+    /// A frame type that does not belong here.
+    #[error("unexpected frame type {got} ({state})")]
+    UnexpectedFrame {
+        /// The type received.
+        got: u8,
+        /// Where the stager was.
+        state: &'static str,
+    },
+    /// A stream version this build does not speak.
+    #[error("stream version {got} is not supported (this build speaks {STREAM_VERSION})")]
+    Version {
+        /// Version received.
+        got: u16,
+    },
+    /// An epoch that is not the next one: a replay, or one out of order.
+    #[error("epoch {got} received, expected epoch {expected}")]
+    OutOfOrder {
+        /// Epoch received.
+        got: u64,
+        /// Epoch expected.
+        expected: u64,
+    },
+    /// Header values that differ from the session's.
+    #[error("epoch header says {what} {got}, the session uses {want}")]
+    Mismatch {
+        /// "mode" or "block size".
+        what: &'static str,
+        /// Value received.
+        got: u32,
+        /// Value the session uses.
+        want: u32,
+    },
+    /// A page index outside guest memory.
+    #[error("page {0} is outside guest memory")]
+    PageOutOfRange(u64),
+    /// The same page twice in one epoch.
+    #[error("page {0} appears twice in the epoch")]
+    DuplicatePage(u64),
+    /// A record that fails to decode.
+    #[error("record for page {page} does not decode")]
+    Record {
+        /// The page.
+        page: u64,
+        /// Why.
+        #[source]
+        source: CodecError,
+    },
+    /// A malformed frame body.
+    #[error("malformed {0} frame")]
+    Malformed(&'static str),
+    /// More records than the header announced.
+    #[error("epoch has {got} records, its header announced {announced}")]
+    RecordCount {
+        /// Records counted.
+        got: u64,
+        /// Records announced.
+        announced: u64,
+    },
+    /// Trailer counts that do not match what arrived.
+    #[error("trailer says {what} {claimed}, received {got}")]
+    TrailerMismatch {
+        /// "records" or "bytes".
+        what: &'static str,
+        /// The trailer's value.
+        claimed: u64,
+        /// What arrived.
+        got: u64,
+    },
+    /// The digest does not match the frames received.
+    #[error("epoch digest mismatch: frames were altered, reordered or lost")]
+    Digest,
+    /// A second state blob, or one too large.
+    #[error("bad state frame: {0}")]
+    State(&'static str),
+}
+
+/// The header of an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochHeader {
+    /// Epoch number (checkpoint n).
+    pub epoch: u64,
+    /// Encoding mode.
+    pub mode: Mode,
+    /// Block size.
+    pub block_size: BlockSize,
+    /// Page records in the epoch.
+    pub records: u32,
+}
+
+/// Append one frame (length, type, body).
+pub fn put_frame(out: &mut Vec<u8>, ty: u8, body: &[u8]) {
+    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
+    out.push(ty);
+    out.extend_from_slice(body);
+}
+
+/// Split one frame off the front of `buf`: (type, body, frame length in bytes).
+/// `Ok(None)` when `buf` does not yet hold a whole frame.
+pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, StreamError> {
+    let Some(len) = buf.get(..4) else { return Ok(None) };
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len == 0 {
+        return Err(StreamError::Truncated("zero-length frame"));
+    }
+    if len > MAX_FRAME {
+        return Err(StreamError::FrameTooLarge(len));
+    }
+    let Some(frame) = buf.get(4..4 + len) else { return Ok(None) };
+    Ok(Some((frame[0], &frame[1..], 4 + len)))
+}
+
+/// Writes one epoch's frames, keeping the running digest.
+#[derive(Debug)]
+pub struct EpochWriter {
+    hasher: blake3::Hasher,
+    bytes: u64,
+    records: u64,
+    announced: u64,
+    body: Vec<u8>,
+}
+
+impl EpochWriter {
+    /// Start an epoch: writes the header frame to `out`.
+    pub fn begin(out: &mut Vec<u8>, h: EpochHeader) -> Self {
+        let mut w = Self {
+            hasher: blake3::Hasher::new(),
+            bytes: 0,
+            records: 0,
+            announced: u64::from(h.records),
+            body: Vec::with_capacity(PAGES_FRAME_TARGET + PAGE_SIZE * 2),
+        };
+        let mut b = Vec::with_capacity(17);
+        b.extend_from_slice(&STREAM_VERSION.to_le_bytes());
+        b.extend_from_slice(&h.epoch.to_le_bytes());
+        b.push(h.mode as u8);
+        b.extend_from_slice(&(h.block_size.bytes() as u16).to_le_bytes());
+        b.extend_from_slice(&h.records.to_le_bytes());
+        w.frame(out, frame_type::HEADER, &b);
+        w
+    }
+
+    /// Number of records a batch contributes (its `Unchanged` pages are not sent).
+    pub fn records_in(batch: &EncodedBatch) -> u32 {
+        batch.records.iter().filter(|r| r.encoding != Encoding::Unchanged).count() as u32
+    }
+
+    /// Append a batch's records (skipping `Unchanged`) as Pages frames.
+    pub fn pages(&mut self, out: &mut Vec<u8>, batch: &EncodedBatch) {
+        for r in &batch.records {
+            if r.encoding == Encoding::Unchanged {
+                continue;
+            }
+            varint::put(&mut self.body, r.page);
+            self.body.push(r.encoding as u8);
+            varint::put(&mut self.body, r.len as u64);
+            self.body.extend_from_slice(batch.payload(r));
+            self.records += 1;
+            if self.body.len() >= PAGES_FRAME_TARGET {
+                self.flush_pages(out);
+            }
+        }
+    }
+
+    /// Append the state blob.
+    pub fn state(&mut self, out: &mut Vec<u8>, blob: &[u8]) {
+        self.flush_pages(out);
+        self.frame(out, frame_type::STATE, blob);
+    }
+
+    /// Write the trailer. Fails (writing nothing) if the records written differ from the
+    /// header's count.
+    pub fn finish(mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
+        self.flush_pages(out);
+        if self.records != self.announced {
+            return Err(StreamError::RecordCount { got: self.records, announced: self.announced });
+        }
+        let mut b = Vec::with_capacity(44);
+        b.extend_from_slice(&(self.records as u32).to_le_bytes());
+        b.extend_from_slice(&self.bytes.to_le_bytes());
+        b.extend_from_slice(self.hasher.finalize().as_bytes());
+        put_frame(out, frame_type::TRAILER, &b);
+        Ok(())
+    }
+
+    fn flush_pages(&mut self, out: &mut Vec<u8>) {
+        if !self.body.is_empty() {
+            let body = std::mem::take(&mut self.body);
+            self.frame(out, frame_type::PAGES, &body);
+            self.body = body;
+            self.body.clear();
+        }
+    }
+
+    fn frame(&mut self, out: &mut Vec<u8>, ty: u8, body: &[u8]) {
+        let start = out.len();
+        put_frame(out, ty, body);
+        self.hasher.update(&out[start..]);
+        self.bytes += (out.len() - start) as u64;
+    }
+}
+
+/// A verified epoch, ready to commit.
+#[derive(Debug)]
+pub struct StagedEpoch {
+    /// Epoch number.
+    pub epoch: u64,
+    /// The new content of every page the epoch changes.
+    pub pages: HashMap<u64, Box<Page>>,
+    /// The vCPU/device state blob, if the epoch carried one.
+    pub state: Option<Vec<u8>>,
+    /// Bytes of frames received for this epoch (trailer excluded).
+    pub wire_bytes: u64,
+}
+
+impl StagedEpoch {
+    /// Apply the epoch to `image` (guest memory, `pages * 4096` bytes). Cannot fail: every
+    /// page index was checked against the image size while staging.
+    pub fn commit(&self, image: &mut [u8]) {
+        for (&p, content) in &self.pages {
+            let at = p as usize * PAGE_SIZE;
+            if let Some(dst) = image.get_mut(at..at + PAGE_SIZE) {
+                dst.copy_from_slice(&content[..]);
+            }
+        }
+    }
+}
+
+/// The image as the next record sees it: staged pages over the committed image.
+struct StagedView<'a> {
+    staged: &'a HashMap<u64, Box<Page>>,
+    image: &'a [u8],
+}
+
+impl PageView for StagedView<'_> {
+    fn page(&self, page: u64) -> Option<&Page> {
+        if let Some(p) = self.staged.get(&page) {
+            return Some(p);
+        }
+        let at = usize::try_from(page).ok()?.checked_mul(PAGE_SIZE)?;
+        self.image.get(at..at + PAGE_SIZE)?.try_into().ok()
+    }
+}
+
+/// Receives frames for a session and stages one epoch at a time.
+#[derive(Debug)]
+pub struct Staging {
+    mode: Mode,
+    bs: BlockSize,
+    pages: u64,
+    next_epoch: u64,
+    cur: Option<Current>,
+}
+
+#[derive(Debug)]
+struct Current {
+    header: EpochHeader,
+    hasher: blake3::Hasher,
+    bytes: u64,
+    records: u64,
+    staged: HashMap<u64, Box<Page>>,
+    state: Option<Vec<u8>>,
+}
+
+impl Staging {
+    /// A stager for a session: its mode, block size, guest pages, and the first epoch it
+    /// will accept.
+    pub fn new(mode: Mode, bs: BlockSize, pages: u64, next_epoch: u64) -> Self {
+        Self { mode, bs, pages, next_epoch, cur: None }
+    }
+
+    /// The epoch the stager expects next.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
+    /// Whether an epoch is partly received.
+    pub fn in_progress(&self) -> bool {
+        self.cur.is_some()
+    }
+
+    /// Drop a partly received epoch (the connection died mid-epoch).
+    pub fn discard(&mut self) {
+        self.cur = None;
+    }
+
+    /// Take one whole frame (`ty`, `body`, and its bytes on the wire `raw`). Returns the
+    /// staged epoch when `raw` was a trailer that verified. On error the partial epoch is
+    /// discarded and `image` was not touched.
+    pub fn push(&mut self, ty: u8, body: &[u8], raw: &[u8], image: &[u8]) -> Result<Option<StagedEpoch>, StreamError> {
+        let r = self.push_inner(ty, body, raw, image);
+        if r.is_err() {
+            self.cur = None;
+        }
+        r
+    }
+
+    fn push_inner(&mut self, ty: u8, body: &[u8], raw: &[u8], image: &[u8]) -> Result<Option<StagedEpoch>, StreamError> {
+        let Some(cur) = &mut self.cur else {
+            if ty != frame_type::HEADER {
+                return Err(StreamError::UnexpectedFrame { got: ty, state: "expected an epoch header" });
+            }
+            let header = self.parse_header(body)?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(raw);
+            self.cur = Some(Current {
+                header,
+                hasher,
+                bytes: raw.len() as u64,
+                records: 0,
+                staged: HashMap::new(),
+                state: None,
+            });
+            return Ok(None);
+        };
+        match ty {
+            frame_type::PAGES => {
+                cur.hasher.update(raw);
+                cur.bytes += raw.len() as u64;
+                stage_pages(cur, body, self.bs, self.pages, image)?;
+                Ok(None)
+            }
+            frame_type::STATE => {
+                cur.hasher.update(raw);
+                cur.bytes += raw.len() as u64;
+                if cur.state.is_some() {
+                    return Err(StreamError::State("second state frame in one epoch"));
+                }
+                if body.len() > MAX_STATE {
+                    return Err(StreamError::State("state blob too large"));
+                }
+                cur.state = Some(body.to_vec());
+                Ok(None)
+            }
+            frame_type::TRAILER => {
+                if body.len() != 44 {
+                    return Err(StreamError::Malformed("trailer"));
+                }
+                let count = u64::from(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
+                let bytes = u64::from_le_bytes(body[4..12].try_into().map_err(|_| StreamError::Malformed("trailer"))?);
+                if count != cur.records {
+                    return Err(StreamError::TrailerMismatch { what: "records", claimed: count, got: cur.records });
+                }
+                if cur.records != u64::from(cur.header.records) {
+                    return Err(StreamError::RecordCount { got: cur.records, announced: u64::from(cur.header.records) });
+                }
+                if bytes != cur.bytes {
+                    return Err(StreamError::TrailerMismatch { what: "bytes", claimed: bytes, got: cur.bytes });
+                }
+                if cur.hasher.finalize().as_bytes() != &body[12..44] {
+                    return Err(StreamError::Digest);
+                }
+                let Some(cur) = self.cur.take() else { return Err(StreamError::Malformed("trailer")) };
+                self.next_epoch = cur.header.epoch + 1;
+                Ok(Some(StagedEpoch {
+                    epoch: cur.header.epoch,
+                    pages: cur.staged,
+                    state: cur.state,
+                    wire_bytes: cur.bytes,
+                }))
+            }
+            other => Err(StreamError::UnexpectedFrame { got: other, state: "inside an epoch" }),
+        }
+    }
+
+    fn parse_header(&self, b: &[u8]) -> Result<EpochHeader, StreamError> {
+        if b.len() != 17 {
+            return Err(StreamError::Malformed("header"));
+        }
+        let version = u16::from_le_bytes([b[0], b[1]]);
+        if version != STREAM_VERSION {
+            return Err(StreamError::Version { got: version });
+        }
+        let epoch = u64::from_le_bytes(b[2..10].try_into().map_err(|_| StreamError::Malformed("header"))?);
+        if epoch != self.next_epoch {
+            return Err(StreamError::OutOfOrder { got: epoch, expected: self.next_epoch });
+        }
+        let mode = b[10];
+        if mode != self.mode as u8 {
+            return Err(StreamError::Mismatch { what: "mode", got: u32::from(mode), want: self.mode as u32 });
+        }
+        let bs = u16::from_le_bytes([b[11], b[12]]);
+        if usize::from(bs) != self.bs.bytes() {
+            return Err(StreamError::Mismatch { what: "block size", got: u32::from(bs), want: self.bs.bytes() as u32 });
+        }
+        let records = u32::from_le_bytes([b[13], b[14], b[15], b[16]]);
+        Ok(EpochHeader { epoch, mode: self.mode, block_size: self.bs, records })
+    }
+}
+
+fn stage_pages(cur: &mut Current, mut body: &[u8], bs: BlockSize, pages: u64, image: &[u8]) -> Result<(), StreamError> {
+    while !body.is_empty() {
+        let (page, n) = varint::get(body).ok_or(StreamError::Malformed("pages"))?;
+        body = &body[n..];
+        let (&enc, rest) = body.split_first().ok_or(StreamError::Malformed("pages"))?;
+        let (len, n) = varint::get(rest).ok_or(StreamError::Malformed("pages"))?;
+        let rest = &rest[n..];
+        let len = usize::try_from(len).map_err(|_| StreamError::Malformed("pages"))?;
+        let payload = rest.get(..len).ok_or(StreamError::Malformed("pages"))?;
+        body = &rest[len..];
+        if page >= pages {
+            return Err(StreamError::PageOutOfRange(page));
+        }
+        if cur.staged.contains_key(&page) {
+            return Err(StreamError::DuplicatePage(page));
+        }
+        cur.records += 1;
+        if cur.records > u64::from(cur.header.records) {
+            return Err(StreamError::RecordCount { got: cur.records, announced: u64::from(cur.header.records) });
+        }
+        let encoding = Encoding::from_u8(enc).ok_or(StreamError::Record { page, source: CodecError::UnknownEncoding(enc) })?;
+        let view = StagedView { staged: &cur.staged, image };
+        let mut out: Box<Page> = Box::new(*view.page(page).ok_or(StreamError::PageOutOfRange(page))?);
+        codec::decode_page(encoding, payload, page, bs, &view, &mut out)
+            .map_err(|source| StreamError::Record { page, source })?;
+        cur.staged.insert(page, out);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::PageCache;
+    use crate::codec::{Batch, CodecConfig, PageEncoder};
+
+    const PAGES: usize = 64;
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// An image and two epochs of changes to it, encoded as one fgbi stream, with small
+    /// Pages frames so an epoch has many frames.
+    struct Fixture {
+        image: Vec<u8>,
+        epochs: Vec<Vec<u8>>,
+        after: Vec<Vec<u8>>,
+    }
+
+    fn fixture(seed: u64) -> Fixture {
+        let mut r = rng(seed);
+        let mut mem: Vec<u8> = (0..PAGES * PAGE_SIZE).map(|_| (r() % 7) as u8).collect();
+        let image = mem.clone();
+        let cfg = CodecConfig::default();
+        let mut enc = PageEncoder::new(cfg, Some(PageCache::shadow(PAGES)), None).unwrap();
+        for p in 0..PAGES {
+            enc.learn(p as u64, mem[p * PAGE_SIZE..][..PAGE_SIZE].try_into().unwrap());
+        }
+        let mut epochs = Vec::new();
+        let mut after = Vec::new();
+        for e in 1..=2u64 {
+            let mut idx = Vec::new();
+            let mut data = Vec::new();
+            for p in 0..PAGES {
+                if r() % 2 == 0 {
+                    continue;
+                }
+                let pg = &mut mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
+                for _ in 0..(r() % 300) {
+                    pg[(r() % PAGE_SIZE as u64) as usize] = r() as u8;
+                }
+                idx.push(p as u64);
+                data.extend_from_slice(pg);
+            }
+            let mut batch = EncodedBatch::default();
+            enc.encode_batch(Batch { pages: &idx, data: &data }, &mut batch);
+            let mut out = Vec::new();
+            let h = EpochHeader { epoch: e, mode: cfg.mode, block_size: cfg.block_size, records: EpochWriter::records_in(&batch) };
+            let mut w = EpochWriter::begin(&mut out, h);
+            // Small frames: one record each.
+            for rec in batch.records.iter().filter(|r| r.encoding != Encoding::Unchanged) {
+                let one = EncodedBatch { records: vec![Record { start: 0, ..*rec }], bytes: batch.payload(rec).to_vec() };
+                w.pages(&mut out, &one);
+                w.flush_pages(&mut out);
+            }
+            w.state(&mut out, format!("vcpu state {e}").as_bytes());
+            w.finish(&mut out).unwrap();
+            epochs.push(out);
+            after.push(mem.clone());
+        }
+        Fixture { image, epochs, after }
+    }
+
+    use crate::codec::Record;
+
+    fn frames(bytes: &[u8]) -> Vec<&[u8]> {
+        let mut v = Vec::new();
+        let mut at = 0;
+        while let Some((_, _, n)) = split_frame(&bytes[at..]).unwrap() {
+            v.push(&bytes[at..at + n]);
+            at += n;
+        }
+        assert_eq!(at, bytes.len());
+        v
+    }
+
+    /// Feed bytes frame by frame; commit each verified epoch. Returns epochs committed or
+    /// the first error.
+    fn feed(st: &mut Staging, bytes: &[u8], image: &mut Vec<u8>) -> Result<Vec<u64>, StreamError> {
+        let mut done = Vec::new();
+        let mut at = 0;
+        while let Some((ty, body, n)) = split_frame(&bytes[at..])? {
+            let raw = &bytes[at..at + n];
+            if let Some(staged) = st.push(ty, body, raw, image)? {
+                staged.commit(image);
+                done.push(staged.epoch);
+            }
+            at += n;
+        }
+        Ok(done)
+    }
+
+    fn stager() -> Staging {
+        let cfg = CodecConfig::default();
+        Staging::new(cfg.mode, cfg.block_size, PAGES as u64, 1)
+    }
+
+    #[test]
+    fn epochs_commit_byte_for_byte() {
+        let f = fixture(1);
+        let mut st = stager();
+        let mut image = f.image.clone();
+        assert_eq!(feed(&mut st, &f.epochs[0], &mut image), Ok(vec![1]));
+        assert!(image == f.after[0]);
+        assert_eq!(feed(&mut st, &f.epochs[1], &mut image), Ok(vec![2]));
+        assert!(image == f.after[1]);
+        assert_eq!(st.next_epoch(), 3);
+    }
+
+    #[test]
+    fn truncated_epoch_never_commits() {
+        let f = fixture(2);
+        let all = frames(&f.epochs[0]);
+        for keep in 0..all.len() {
+            let mut st = stager();
+            let mut image = f.image.clone();
+            let cut: Vec<u8> = all[..keep].concat();
+            assert_eq!(feed(&mut st, &cut, &mut image), Ok(vec![]));
+            assert!(image == f.image);
+            // A torn last frame is never even split off.
+            let torn = &f.epochs[0][..cut.len() + 3];
+            assert_eq!(feed(&mut stager(), torn, &mut image), Ok(vec![]));
+            assert!(image == f.image);
+        }
+    }
+
+    #[test]
+    fn every_bit_flip_is_rejected_and_the_image_is_unchanged() {
+        let f = fixture(3);
+        let bytes = &f.epochs[0];
+        let mut r = rng(99);
+        for _ in 0..600 {
+            let mut bad = bytes.clone();
+            let at = (r() % bad.len() as u64) as usize;
+            bad[at] ^= 1 << (r() % 8);
+            let mut st = stager();
+            let mut image = f.image.clone();
+            let res = feed(&mut st, &bad, &mut image);
+            assert!(!matches!(res, Ok(ref v) if !v.is_empty()), "flip at {at} committed: {res:?}");
+            assert!(image == f.image, "flip at {at} changed the image");
+        }
+    }
+
+    #[test]
+    fn reordered_frames_are_rejected() {
+        let f = fixture(4);
+        let all = frames(&f.epochs[0]);
+        assert!(all.len() > 4);
+        let mut v = all.clone();
+        v.swap(1, 2);
+        let mut image = f.image.clone();
+        let err = feed(&mut stager(), &v.concat(), &mut image).unwrap_err();
+        assert!(matches!(err, StreamError::Digest | StreamError::Record { .. }), "{err}");
+        assert!(image == f.image);
+        // Header moved after a Pages frame.
+        let mut v = all.clone();
+        v.swap(0, 1);
+        let err = feed(&mut stager(), &v.concat(), &mut image).unwrap_err();
+        assert_eq!(err, StreamError::UnexpectedFrame { got: frame_type::PAGES, state: "expected an epoch header" });
+    }
+
+    #[test]
+    fn replayed_and_out_of_order_epochs_are_rejected() {
+        let f = fixture(5);
+        let mut st = stager();
+        let mut image = f.image.clone();
+        assert!(matches!(
+            feed(&mut st, &f.epochs[1], &mut image),
+            Err(StreamError::OutOfOrder { got: 2, expected: 1 })
+        ));
+        assert_eq!(feed(&mut st, &f.epochs[0], &mut image), Ok(vec![1]));
+        let committed = image.clone();
+        assert_eq!(
+            feed(&mut st, &f.epochs[0], &mut image),
+            Err(StreamError::OutOfOrder { got: 1, expected: 2 })
+        );
+        assert!(image == committed);
+        // A duplicated frame inside an epoch.
+        let all = frames(&f.epochs[1]);
+        let mut v = all.clone();
+        v.insert(2, all[1]);
+        let err = feed(&mut st, &v.concat(), &mut image).unwrap_err();
+        assert!(matches!(err, StreamError::DuplicatePage(_)), "{err}");
+        assert!(image == committed);
+        // The same epoch, whole, still commits afterwards.
+        assert_eq!(feed(&mut st, &f.epochs[1], &mut image), Ok(vec![2]));
+    }
+
+    #[test]
+    fn header_checks() {
+        let f = fixture(6);
+        let mut bytes = f.epochs[0].clone();
+        bytes[5] = 9; // version low byte
+        let mut image = f.image.clone();
+        assert_eq!(feed(&mut stager(), &bytes, &mut image), Err(StreamError::Version { got: 9 }));
+        let mut st = Staging::new(Mode::Xbzrle, BlockSize::DEFAULT, PAGES as u64, 1);
+        assert!(matches!(feed(&mut st, &f.epochs[0], &mut image), Err(StreamError::Mismatch { what: "mode", .. })));
+        let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 8, 1);
+        assert!(matches!(feed(&mut st, &f.epochs[0], &mut image), Err(StreamError::PageOutOfRange(_))));
+        assert!(image == f.image);
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
+        assert_eq!(split_frame(&huge), Err(StreamError::FrameTooLarge(MAX_FRAME + 1)));
+    }
+
+    #[test]
+    fn writer_refuses_a_wrong_record_count() {
+        let mut out = Vec::new();
+        let h = EpochHeader { epoch: 1, mode: Mode::Remus, block_size: BlockSize::DEFAULT, records: 3 };
+        let w = EpochWriter::begin(&mut out, h);
+        assert_eq!(w.finish(&mut out), Err(StreamError::RecordCount { got: 0, announced: 3 }));
+    }
+}

@@ -1,2 +1,214 @@
 //! `ha-bench`: Castor's benchmarks.
-fn main() {}
+//!
+//! `ha-bench codec` measures the page codecs on generated and captured page pairs.
+
+use clap::{Parser, Subcommand};
+use ha_bench::codec::{self, Input, Knowledge, Row, Settings, Subject};
+use ha_bench::{cases, pgpairs};
+use ha_common::block::BlockSize;
+use ha_common::codec::{GeneralCodec, Mode};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Castor benchmarks. Figures are ratios measured in one run on this machine.
+#[derive(Parser, Debug)]
+#[command(name = "ha-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
+    ///
+    /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
+    /// and PGPAIRS files of real guest pages (plain or zstd-compressed). Without --pairs,
+    /// the files in shared/data/pagepairs beside the repository are used when present.
+    Codec(CodecArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CodecArgs {
+    /// Generated cases to run (letters a..h); default all eight.
+    #[arg(long = "case", value_name = "LETTER")]
+    cases: Vec<char>,
+    /// Pairs per generated case.
+    #[arg(long, default_value_t = 16384)]
+    pages: usize,
+    /// A PGPAIRS file to run (repeatable).
+    #[arg(long = "pairs", value_name = "FILE")]
+    pairs: Vec<PathBuf>,
+    /// Run no PGPAIRS files (not even the default ones).
+    #[arg(long)]
+    no_pairs: bool,
+    /// Modes to run: delta (the bare XBZRLE encoder), remus, xbzrle, fgbi.
+    #[arg(long = "mode", value_name = "MODE", value_delimiter = ',', default_values_t = ["delta".to_string(), "remus".to_string(), "xbzrle".to_string(), "fgbi".to_string()])]
+    modes: Vec<String>,
+    /// What the primary knows of each old page: its content, its block hashes, nothing.
+    #[arg(long, value_enum, default_value_t = Knowledge::Warm)]
+    cache: Knowledge,
+    /// Block size for fgbi (32..=1024, a power of two).
+    #[arg(long, default_value_t = 64)]
+    block_size: u32,
+    /// General codec for fgbi: zlib, lz4 or none.
+    #[arg(long, default_value = "zlib")]
+    codec: String,
+    /// Timed repetitions per measurement (the best is kept).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Codec(a) => run_codec(a),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("ha-bench: some pages did not decode to their new content");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("ha-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn default_pairs_dir() -> Option<PathBuf> {
+    let candidates = [
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/pagepairs"
+        )),
+        PathBuf::from("../shared/data/pagepairs"),
+    ];
+    candidates.into_iter().find(|p| p.is_dir())
+}
+
+fn run_codec(a: CodecArgs) -> Result<bool, String> {
+    let block_size = BlockSize::new(a.block_size).map_err(|e| e.to_string())?;
+    let general: GeneralCodec = a
+        .codec
+        .parse()
+        .map_err(|e: ha_common::codec::ConfigError| e.to_string())?;
+    let subjects = a
+        .modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "delta" => Ok(Subject::Delta),
+            other => other
+                .parse::<Mode>()
+                .map(Subject::Mode)
+                .map_err(|e| e.to_string()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let letters: Vec<char> = if a.cases.is_empty() {
+        cases::CASES.iter().map(|c| c.0).collect()
+    } else {
+        a.cases.clone()
+    };
+    let mut pair_files = a.pairs.clone();
+    if pair_files.is_empty()
+        && !a.no_pairs
+        && let Some(dir) = default_pairs_dir()
+    {
+        {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.to_string_lossy().contains(".pgpairs"))
+                .collect();
+            v.sort();
+            pair_files = v;
+        }
+    }
+
+    let settings = Settings {
+        knowledge: a.cache,
+        block_size,
+        general,
+        reps: a.reps,
+    };
+    let mut all_ok = true;
+    if !a.json {
+        println!(
+            "{:<16} {:<7} {:<6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9}  kinds",
+            "case",
+            "mode",
+            "cache",
+            "pages",
+            "enc GB/s",
+            "dec GB/s",
+            "cpy GB/s",
+            "enc/cpy",
+            "ok",
+            "B/page"
+        );
+    }
+    let mut inputs: Vec<Box<dyn FnOnce() -> Result<Input, String>>> = Vec::new();
+    for c in letters {
+        let pages = a.pages;
+        inputs.push(Box::new(move || {
+            let pairs =
+                cases::generate(c, pages).ok_or_else(|| format!("unknown case {c:?} (a..h)"))?;
+            let index = (0..pairs.len() as u64).collect();
+            Ok(Input { pairs, index })
+        }));
+    }
+    for f in pair_files {
+        inputs.push(Box::new(move || {
+            let file = pgpairs::read_pgpairs(&f).map_err(|e| e.to_string())?;
+            Ok(Input {
+                pairs: file.pairs,
+                index: file.page_index,
+            })
+        }));
+    }
+    for make in inputs {
+        let input = make()?;
+        let memcpy = codec::memcpy_gbps(&input, a.reps.max(3));
+        for &s in &subjects {
+            let row = codec::run(&input, s, &settings, memcpy);
+            all_ok &= row.roundtrip_ok;
+            print_row(&row, a.json);
+        }
+    }
+    Ok(all_ok)
+}
+
+fn print_row(r: &Row, json: bool) {
+    if json {
+        match serde_json::to_string(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("ha-bench: cannot serialize a row: {e}"),
+        }
+        return;
+    }
+    let mut kinds: Vec<_> = r.kinds.iter().collect();
+    kinds.sort();
+    let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "{:<16} {:<7} {:<6} {:>6} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>6} {:>9.1}  {}",
+        r.case,
+        r.mode,
+        format!("{:?}", r.cache).to_lowercase(),
+        r.pages,
+        r.encode_gbps,
+        r.decode_gbps,
+        r.memcpy_gbps,
+        r.encode_ratio,
+        r.roundtrip_ok,
+        r.wire_bytes as f64 / r.pages.max(1) as f64,
+        kinds.join(" ")
+    );
+}

@@ -12,7 +12,10 @@ pub struct PageBitmap {
 impl PageBitmap {
     /// An all-clear bitmap of `bits` bits.
     pub fn new(bits: usize) -> Self {
-        Self { words: vec![0; bits.div_ceil(64)], bits }
+        Self {
+            words: vec![0; bits.div_ceil(64)],
+            bits,
+        }
     }
 
     /// Number of bits (pages) the bitmap covers.

@@ -74,7 +74,9 @@ impl std::fmt::Display for BlockSize {
 
 /// View a slice as a page, or say why not.
 pub fn as_page(bytes: &[u8]) -> Result<&Page, BlockError> {
-    bytes.try_into().map_err(|_| BlockError::NotAPage(bytes.len()))
+    bytes
+        .try_into()
+        .map_err(|_| BlockError::NotAPage(bytes.len()))
 }
 
 /// One bit per byte of a page: bit `i % 64` of word `i / 64` is set when byte `i` differs.
@@ -110,7 +112,10 @@ impl DiffMask {
     /// Compare two pages without SIMD intrinsics (the reference implementation).
     pub fn new_portable(old: &Page, new: &Page) -> Self {
         let mut words = [0u64; PAGE_SIZE / 64];
-        for (w, (o, n)) in words.iter_mut().zip(old.chunks_exact(64).zip(new.chunks_exact(64))) {
+        for (w, (o, n)) in words
+            .iter_mut()
+            .zip(old.chunks_exact(64).zip(new.chunks_exact(64)))
+        {
             let mut m = 0u64;
             for (k, (a, b)) in o.chunks_exact(8).zip(n.chunks_exact(8)).enumerate() {
                 let x = u64::from_le_bytes(a.try_into().unwrap_or_default())
@@ -199,7 +204,10 @@ impl DiffMask {
                 }
             }
         }
-        BlockMask { bits: m, count: bs.per_page() as u8 }
+        BlockMask {
+            bits: m,
+            count: bs.per_page() as u8,
+        }
     }
 }
 
@@ -214,8 +222,15 @@ impl BlockMask {
     /// A mask of `bs.per_page()` blocks from raw bits (bits past the count are dropped).
     pub fn from_bits(bits: u128, bs: BlockSize) -> Self {
         let count = bs.per_page();
-        let keep = if count == 128 { u128::MAX } else { (1u128 << count) - 1 };
-        Self { bits: bits & keep, count: count as u8 }
+        let keep = if count == 128 {
+            u128::MAX
+        } else {
+            (1u128 << count) - 1
+        };
+        Self {
+            bits: bits & keep,
+            count: count as u8,
+        }
     }
 
     /// All blocks of a page set.
@@ -275,7 +290,10 @@ pub static ZERO_PAGE: Page = [0u8; PAGE_SIZE];
 /// Whether a page (or block) is all zeros.
 pub fn is_zero(bytes: &[u8]) -> bool {
     let (chunks, rest) = bytes.as_chunks::<8>();
-    chunks.iter().fold(0u64, |acc, c| acc | u64::from_ne_bytes(*c)) == 0
+    chunks
+        .iter()
+        .fold(0u64, |acc, c| acc | u64::from_ne_bytes(*c))
+        == 0
         && rest.iter().all(|&b| b == 0)
 }
 
@@ -316,8 +334,8 @@ mod simd {
                 let a1 = _mm256_loadu_si256(o.add(32).cast());
                 let b1 = _mm256_loadu_si256(n.add(32).cast());
                 (
-                    _mm256_movemask_epi8(_mm256_cmpeq_epi8(a0, b0)) as u32,
-                    _mm256_movemask_epi8(_mm256_cmpeq_epi8(a1, b1)) as u32,
+                    _mm256_movemask_epi8(_mm256_cmpeq_epi8(a0, b0)).cast_unsigned(),
+                    _mm256_movemask_epi8(_mm256_cmpeq_epi8(a1, b1)).cast_unsigned(),
                 )
             };
             *w = !(u64::from(lo) | u64::from(hi) << 32);
@@ -338,7 +356,7 @@ mod simd {
                 let m = unsafe {
                     let a = _mm_loadu_si128(old.as_ptr().add(off).cast());
                     let b = _mm_loadu_si128(new.as_ptr().add(off).cast());
-                    _mm_movemask_epi8(_mm_cmpeq_epi8(a, b)) as u32 & 0xffff
+                    _mm_movemask_epi8(_mm_cmpeq_epi8(a, b)).cast_unsigned() & 0xffff
                 };
                 eq |= u64::from(m) << (16 * k);
             }
@@ -392,10 +410,20 @@ mod tests {
 
     #[test]
     fn nonzero_bytes_matches_bytewise() {
-        for x in [0u64, 1, 0x80, 0xff00, u64::MAX, 0x0100_0000_0000_0001, 0x8000_0000_0000_0000] {
-            let want = x.to_le_bytes().iter().enumerate().fold(0u8, |m, (k, &b)| {
-                m | (u8::from(b != 0) << k)
-            });
+        for x in [
+            0u64,
+            1,
+            0x80,
+            0xff00,
+            u64::MAX,
+            0x0100_0000_0000_0001,
+            0x8000_0000_0000_0000,
+        ] {
+            let want = x
+                .to_le_bytes()
+                .iter()
+                .enumerate()
+                .fold(0u8, |m, (k, &b)| m | (u8::from(b != 0) << k));
             assert_eq!(nonzero_bytes(x), want, "{x:#x}");
         }
     }

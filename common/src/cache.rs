@@ -35,7 +35,11 @@ impl CacheStats {
     /// Hits over lookups (0 when there were none).
     pub fn hit_rate(&self) -> f64 {
         let n = self.hits + self.misses;
-        if n == 0 { 0.0 } else { self.hits as f64 / n as f64 }
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
     }
 }
 
@@ -48,7 +52,10 @@ pub struct PageCache {
 
 enum Store {
     Lru(lru::LruCache<u64, Box<Page>>),
-    Shadow { mem: Vec<u8>, present: crate::bitmap::PageBitmap },
+    Shadow {
+        mem: Vec<u8>,
+        present: crate::bitmap::PageBitmap,
+    },
 }
 
 impl std::fmt::Debug for Store {
@@ -64,7 +71,10 @@ impl PageCache {
     /// An LRU cache holding at most `bytes / 4096` pages.
     pub fn lru(bytes: usize) -> Result<Self, CacheError> {
         let pages = NonZeroUsize::new(bytes / PAGE_SIZE).ok_or(CacheError::TooSmall(bytes))?;
-        Ok(Self { store: Store::Lru(lru::LruCache::new(pages)), stats: CacheStats::default() })
+        Ok(Self {
+            store: Store::Lru(lru::LruCache::new(pages)),
+            stats: CacheStats::default(),
+        })
     }
 
     /// A full shadow of a guest with `pages` pages: never evicts.

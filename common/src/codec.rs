@@ -119,11 +119,14 @@ impl std::fmt::Display for Mode {
 impl std::str::FromStr for Mode {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| ConfigError::UnknownName {
-            what: "mode",
-            name: s.to_string(),
-            expected: "remus, xbzrle, fgbi",
-        })
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| ConfigError::UnknownName {
+                what: "mode",
+                name: s.to_string(),
+                expected: "remus, xbzrle, fgbi",
+            })
     }
 }
 
@@ -310,7 +313,9 @@ impl<'a> Batch<'a> {
     /// The new content of the `i`-th page.
     pub fn page(&self, i: usize) -> &'a Page {
         // Length checked by `PageEncoder::encode_batch`.
-        self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].try_into().unwrap_or(&crate::block::ZERO_PAGE)
+        self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+            .try_into()
+            .unwrap_or(&crate::block::ZERO_PAGE)
     }
 }
 
@@ -403,7 +408,11 @@ impl std::fmt::Debug for Scratch {
 impl PageEncoder {
     /// An encoder. `cache` holds last-sent content (needed for `Delta`; `xbzrle` mode
     /// without one sends everything raw); `hashes` enables block fingerprints (fgbi).
-    pub fn new(cfg: CodecConfig, cache: Option<PageCache>, hashes: Option<BlockHashes>) -> Result<Self, ConfigError> {
+    pub fn new(
+        cfg: CodecConfig,
+        cache: Option<PageCache>,
+        hashes: Option<BlockHashes>,
+    ) -> Result<Self, ConfigError> {
         if cfg.zlib_level > 9 {
             return Err(ConfigError::ZlibLevel(cfg.zlib_level));
         }
@@ -474,13 +483,24 @@ impl PageEncoder {
             let k = &mut self.stats.kinds[encoding as usize];
             k.pages += 1;
             k.bytes += len as u64;
-            out.records.push(Record { page, encoding, start, len });
+            out.records.push(Record {
+                page,
+                encoding,
+                start,
+                len,
+            });
             self.done.insert(page, i);
         }
         self.done.clear();
     }
 
-    fn encode_page(&mut self, page: u64, new: &Page, batch: Batch<'_>, out: &mut Vec<u8>) -> Encoding {
+    fn encode_page(
+        &mut self,
+        page: u64,
+        new: &Page,
+        batch: Batch<'_>,
+        out: &mut Vec<u8>,
+    ) -> Encoding {
         match self.cfg.mode {
             Mode::Remus => {
                 out.extend_from_slice(new);
@@ -499,19 +519,17 @@ impl PageEncoder {
             return Encoding::Zero;
         }
         let enc = match self.cache.as_mut().and_then(|c| c.get(page)) {
-            Some(old) => {
-                match xbzrle::encode(old, new, &mut self.scratch.delta, PAGE_SIZE) {
-                    Some(0) => Encoding::Unchanged,
-                    Some(n) => {
-                        out.extend_from_slice(&self.scratch.delta[..n]);
-                        Encoding::Delta
-                    }
-                    None => {
-                        out.extend_from_slice(new);
-                        Encoding::Raw
-                    }
+            Some(old) => match xbzrle::encode(old, new, &mut self.scratch.delta, PAGE_SIZE) {
+                Some(0) => Encoding::Unchanged,
+                Some(n) => {
+                    out.extend_from_slice(&self.scratch.delta[..n]);
+                    Encoding::Delta
                 }
-            }
+                None => {
+                    out.extend_from_slice(new);
+                    Encoding::Raw
+                }
+            },
             None => {
                 out.extend_from_slice(new);
                 Encoding::Raw
@@ -521,11 +539,21 @@ impl PageEncoder {
         enc
     }
 
-    fn encode_fgbi(&mut self, page: u64, new: &Page, batch: Batch<'_>, out: &mut Vec<u8>) -> Encoding {
+    fn encode_fgbi(
+        &mut self,
+        page: u64,
+        new: &Page,
+        batch: Batch<'_>,
+        out: &mut Vec<u8>,
+    ) -> Encoding {
         let bs = self.cfg.block_size;
         // What the primary knows of the backup's copy: its content, its fingerprints, or
         // nothing.
-        let old_mask = self.cache.as_mut().and_then(|c| c.get(page)).map(|old| DiffMask::new(old, new));
+        let old_mask = self
+            .cache
+            .as_mut()
+            .and_then(|c| c.get(page))
+            .map(|old| DiffMask::new(old, new));
         let mut hashed = false;
         let blocks = match &old_mask {
             // The cache already holds this content: nothing to send or learn.
@@ -554,7 +582,8 @@ impl PageEncoder {
         if let Some(m) = &old_mask {
             let est = m.changed_bytes() + 2 * m.runs();
             if est < PAGE_SIZE
-                && let Some(n) = xbzrle::encode_with_mask(m, new, &mut self.scratch.delta, PAGE_SIZE - 1)
+                && let Some(n) =
+                    xbzrle::encode_with_mask(m, new, &mut self.scratch.delta, PAGE_SIZE - 1)
             {
                 if n <= TINY {
                     out.extend_from_slice(&self.scratch.delta[..n]);
@@ -567,7 +596,11 @@ impl PageEncoder {
 
         // A page the backup already holds whole.
         let page_hash = hashes::hash(new);
-        let view = BatchView { done: &self.done, batch, cache: self.cache.as_ref() };
+        let view = BatchView {
+            done: &self.done,
+            batch,
+            cache: self.cache.as_ref(),
+        };
         if let Some(q) = self.index.find_page(page_hash, new, page, &view) {
             varint::put_delta(out, page, q);
             self.learn_with_hash(page, new, hashed, page_hash);
@@ -635,7 +668,11 @@ impl PageEncoder {
     }
 
     fn learn_inner(&mut self, page: u64, new: &Page, hashed: bool) {
-        let h = if self.cfg.mode == Mode::Fgbi { hashes::hash(new) } else { 0 };
+        let h = if self.cfg.mode == Mode::Fgbi {
+            hashes::hash(new)
+        } else {
+            0
+        };
         self.learn_with_hash(page, new, hashed, h);
     }
 
@@ -694,7 +731,10 @@ fn build_blocks(
             TAG_ZERO
         } else {
             let h = new_hashes.map_or_else(|| hashes::hash(blk), |hs| hs[b]);
-            let me = BlockRef { page, block: b as u8 };
+            let me = BlockRef {
+                page,
+                block: b as u8,
+            };
             match index.find_block(h, blk, me, view) {
                 Some(r) => {
                     varint::put_delta(out, page, r.page);
@@ -770,40 +810,59 @@ fn compress(
         GeneralCodec::Lz4 => lz4_flex::block::compress_into(input, &mut out[..limit]).ok(),
         GeneralCodec::Zlib => {
             zlib.reset();
-            let status =
-                zlib.compress(input, &mut out[..limit], flate2::FlushCompress::Finish).ok()?;
+            let status = zlib
+                .compress(input, &mut out[..limit], flate2::FlushCompress::Finish)
+                .ok()?;
             (status == flate2::Status::StreamEnd).then(|| zlib.total_out() as usize)
         }
     }
 }
 
 /// Decompress a codec-tagged buffer into exactly `out.len()` bytes.
-fn decompress(codec: u8, input: &[u8], out: &mut [u8], encoding: Encoding) -> Result<(), CodecError> {
+fn decompress(
+    codec: u8,
+    input: &[u8],
+    out: &mut [u8],
+    encoding: Encoding,
+) -> Result<(), CodecError> {
     let expected = out.len();
     match codec {
         CODEC_RAW => {
             if input.len() != expected {
-                return Err(CodecError::Malformed { encoding, why: "raw data of the wrong length" });
+                return Err(CodecError::Malformed {
+                    encoding,
+                    why: "raw data of the wrong length",
+                });
             }
             out.copy_from_slice(input);
             Ok(())
         }
         CODEC_LZ4 => match lz4_flex::block::decompress_into(input, out) {
             Ok(n) if n == expected => Ok(()),
-            _ => Err(CodecError::Decompress { codec: "lz4", expected }),
+            _ => Err(CodecError::Decompress {
+                codec: "lz4",
+                expected,
+            }),
         },
         CODEC_ZLIB => {
             let mut d = flate2::Decompress::new(false);
             match d.decompress(input, out, flate2::FlushDecompress::Finish) {
                 Ok(flate2::Status::StreamEnd)
-                    if d.total_out() as usize == expected && d.total_in() as usize == input.len() =>
+                    if d.total_out() as usize == expected
+                        && d.total_in() as usize == input.len() =>
                 {
                     Ok(())
                 }
-                _ => Err(CodecError::Decompress { codec: "zlib", expected }),
+                _ => Err(CodecError::Decompress {
+                    codec: "zlib",
+                    expected,
+                }),
             }
         }
-        _ => Err(CodecError::Malformed { encoding, why: "unknown codec byte" }),
+        _ => Err(CodecError::Malformed {
+            encoding,
+            why: "unknown codec byte",
+        }),
     }
 }
 
@@ -865,16 +924,23 @@ fn decode_blocks(
     view: &impl PageView,
     out: &mut Page,
 ) -> Result<(), CodecError> {
-    let malformed = |why| CodecError::Malformed { encoding: Encoding::Blocks, why };
+    let malformed = |why| CodecError::Malformed {
+        encoding: Encoding::Blocks,
+        why,
+    };
     let per = bs.per_page();
     let mask_bytes = per.div_ceil(8);
-    let raw_mask = payload.get(..mask_bytes).ok_or(malformed("short block mask"))?;
+    let raw_mask = payload
+        .get(..mask_bytes)
+        .ok_or(malformed("short block mask"))?;
     let mut bits = [0u8; 16];
     bits[..mask_bytes].copy_from_slice(raw_mask);
     let mask = BlockMask::from_bits(u128::from_le_bytes(bits), bs);
     let changed = mask.changed();
     let tags_len = (changed * 2).div_ceil(8);
-    let tags = payload.get(mask_bytes..mask_bytes + tags_len).ok_or(malformed("short tags"))?;
+    let tags = payload
+        .get(mask_bytes..mask_bytes + tags_len)
+        .ok_or(malformed("short tags"))?;
     let mut at = mask_bytes + tags_len;
     // First pass: references and zero blocks, counting literals.
     let mut literal_blocks = Vec::with_capacity(changed);
@@ -884,7 +950,8 @@ fn decode_blocks(
             TAG_LITERAL => literal_blocks.push(b),
             TAG_ZERO => out[bs.range(b)].fill(0),
             TAG_REF => {
-                let (q, n) = varint::get_delta(&payload[at..], page).ok_or(malformed("bad block reference"))?;
+                let (q, n) = varint::get_delta(&payload[at..], page)
+                    .ok_or(malformed("bad block reference"))?;
                 at += n;
                 let &c = payload.get(at).ok_or(malformed("short block reference"))?;
                 at += 1;
@@ -910,7 +977,10 @@ fn decode_blocks(
         };
         out[bs.range(b)].copy_from_slice(&blk[..bs.bytes()]);
     }
-    let (&codec, data) = payload.get(at..).and_then(<[u8]>::split_first).ok_or(malformed("missing literal section"))?;
+    let (&codec, data) = payload
+        .get(at..)
+        .and_then(<[u8]>::split_first)
+        .ok_or(malformed("missing literal section"))?;
     let mut lits = vec![0u8; literal_blocks.len() * bs.bytes()];
     if codec == CODEC_RAW && data.len() != lits.len() {
         return Err(malformed("literal bytes do not match the literal blocks"));
@@ -961,14 +1031,16 @@ mod tests {
         for p in old.iter_mut() {
             match r() % 4 {
                 0 => {}
-                1 => p.iter_mut().for_each(|b| *b = b"the quick page "[(r() % 15) as usize]),
+                1 => p
+                    .iter_mut()
+                    .for_each(|b| *b = b"the quick page "[(r() % 15) as usize]),
                 _ => p.iter_mut().for_each(|b| *b = r() as u8),
             }
         }
         let mut idx = Vec::new();
         let mut data = Vec::new();
         for i in 0..pages {
-            if r() % 3 == 0 {
+            if r().is_multiple_of(3) {
                 continue;
             }
             let mut new = old[i];
@@ -991,7 +1063,9 @@ mod tests {
                 }
                 4 => new[(r() % 4000) as usize..].fill(0),
                 5 => new.iter_mut().for_each(|b| *b = r() as u8),
-                6 => new.iter_mut().for_each(|b| *b = b"abc "[(r() % 4) as usize]),
+                6 => new
+                    .iter_mut()
+                    .for_each(|b| *b = b"abc "[(r() % 4) as usize]),
                 _ => {}
             }
             idx.push(i as u64);
@@ -1016,7 +1090,13 @@ mod tests {
     }
 
     /// Encode a batch and apply it at a simulated backup; return the backup's image.
-    fn roundtrip(cfg: CodecConfig, knows: Knows, old: &[Page], idx: &[u64], data: &[u8]) -> (Vec<Page>, EncodedBatch) {
+    fn roundtrip(
+        cfg: CodecConfig,
+        knows: Knows,
+        old: &[Page],
+        idx: &[u64],
+        data: &[u8],
+    ) -> (Vec<Page>, EncodedBatch) {
         let mut enc = encoder(cfg, knows, old);
         let mut out = EncodedBatch::default();
         enc.encode_batch(Batch { pages: idx, data }, &mut out);
@@ -1026,8 +1106,15 @@ mod tests {
                 continue;
             }
             let mut pg = image.0[r.page as usize];
-            decode_page(r.encoding, out.payload(r), r.page, cfg.block_size, &image, &mut pg)
-                .unwrap_or_else(|e| panic!("page {} {:?}: {e}", r.page, r.encoding));
+            decode_page(
+                r.encoding,
+                out.payload(r),
+                r.page,
+                cfg.block_size,
+                &image,
+                &mut pg,
+            )
+            .unwrap_or_else(|e| panic!("page {} {:?}: {e}", r.page, r.encoding));
             image.0[r.page as usize] = pg;
         }
         assert_eq!(enc.stats().pages(), idx.len() as u64);
@@ -1082,7 +1169,16 @@ mod tests {
         let (old, idx, data) = scenario(42, 64);
         let mut sizes = Vec::new();
         for mode in Mode::ALL {
-            let (_, out) = roundtrip(CodecConfig { mode, ..Default::default() }, Knows::Warm, &old, &idx, &data);
+            let (_, out) = roundtrip(
+                CodecConfig {
+                    mode,
+                    ..Default::default()
+                },
+                Knows::Warm,
+                &old,
+                &idx,
+                &data,
+            );
             sizes.push(out.bytes.len());
             if mode == Mode::Fgbi {
                 let kinds: Vec<_> = out.records.iter().map(|r| r.encoding).collect();
@@ -1102,10 +1198,16 @@ mod tests {
         data.extend_from_slice(&a);
         data.extend_from_slice(&old[1]);
         data.extend_from_slice(&[0u8; PAGE_SIZE]);
-        let cfg = CodecConfig { mode: Mode::Xbzrle, ..Default::default() };
+        let cfg = CodecConfig {
+            mode: Mode::Xbzrle,
+            ..Default::default()
+        };
         let (_, out) = roundtrip(cfg, Knows::Warm, &old, &[0, 1, 2], &data);
         let kinds: Vec<_> = out.records.iter().map(|r| r.encoding).collect();
-        assert_eq!(kinds, vec![Encoding::Delta, Encoding::Unchanged, Encoding::Zero]);
+        assert_eq!(
+            kinds,
+            vec![Encoding::Delta, Encoding::Unchanged, Encoding::Zero]
+        );
         assert_eq!(out.payload(&out.records[0]), &[10, 1, 1]);
         let (_, out) = roundtrip(cfg, Knows::Cold, &old, &[0, 1, 2], &data);
         let kinds: Vec<_> = out.records.iter().map(|r| r.encoding).collect();
@@ -1118,20 +1220,44 @@ mod tests {
         let bs = BlockSize::DEFAULT;
         let mut out = [0u8; PAGE_SIZE];
         let dec = |e, p: &[u8], out: &mut Page| decode_page(e, p, 0, bs, &image, out);
-        assert!(matches!(dec(Encoding::Zero, &[1], &mut out), Err(CodecError::Malformed { .. })));
-        assert!(matches!(dec(Encoding::Raw, &[0; 10], &mut out), Err(CodecError::Malformed { .. })));
+        assert!(matches!(
+            dec(Encoding::Zero, &[1], &mut out),
+            Err(CodecError::Malformed { .. })
+        ));
+        assert!(matches!(
+            dec(Encoding::Raw, &[0; 10], &mut out),
+            Err(CodecError::Malformed { .. })
+        ));
         // PageRef to itself, and past the image.
-        assert_eq!(dec(Encoding::PageRef, &[0], &mut out), Err(CodecError::BadRef(0)));
-        assert_eq!(dec(Encoding::PageRef, &[4], &mut out), Err(CodecError::BadRef(2)));
+        assert_eq!(
+            dec(Encoding::PageRef, &[0], &mut out),
+            Err(CodecError::BadRef(0))
+        );
+        assert_eq!(
+            dec(Encoding::PageRef, &[4], &mut out),
+            Err(CodecError::BadRef(2))
+        );
         assert_eq!(dec(Encoding::PageRef, &[2], &mut out), Ok(()));
         assert_eq!(out, [3u8; PAGE_SIZE]);
-        assert_eq!(dec(Encoding::Unchanged, &[], &mut out), Err(CodecError::NotSendable(Encoding::Unchanged)));
-        assert!(matches!(dec(Encoding::General, &[2, 1, 2, 3], &mut out), Err(CodecError::Decompress { .. })));
-        assert!(matches!(dec(Encoding::Delta, &[0, 9, 1], &mut out), Err(CodecError::Delta(_))));
+        assert_eq!(
+            dec(Encoding::Unchanged, &[], &mut out),
+            Err(CodecError::NotSendable(Encoding::Unchanged))
+        );
+        assert!(matches!(
+            dec(Encoding::General, &[2, 1, 2, 3], &mut out),
+            Err(CodecError::Decompress { .. })
+        ));
+        assert!(matches!(
+            dec(Encoding::Delta, &[0, 9, 1], &mut out),
+            Err(CodecError::Delta(_))
+        ));
         // Blocks: one changed block, literal, but the literal bytes are short.
         let mut p = vec![1, 0, 0, 0, 0, 0, 0, 0, 0, CODEC_RAW];
         p.extend_from_slice(&[5; 63]);
-        assert!(matches!(dec(Encoding::Blocks, &p, &mut out), Err(CodecError::Malformed { .. })));
+        assert!(matches!(
+            dec(Encoding::Blocks, &p, &mut out),
+            Err(CodecError::Malformed { .. })
+        ));
         p.push(5);
         assert_eq!(dec(Encoding::Blocks, &p, &mut out), Ok(()));
         assert_eq!(&out[..64], &[5; 64]);
@@ -1142,8 +1268,17 @@ mod tests {
     fn config_names_and_errors() {
         assert_eq!("fgbi".parse::<Mode>(), Ok(Mode::Fgbi));
         let e = "lzma".parse::<GeneralCodec>().unwrap_err();
-        assert_eq!(e.to_string(), "unknown codec \"lzma\" (expected one of: zlib, lz4, none)");
-        let cfg = CodecConfig { zlib_level: 12, ..Default::default() };
-        assert_eq!(PageEncoder::new(cfg, None, None).err(), Some(ConfigError::ZlibLevel(12)));
+        assert_eq!(
+            e.to_string(),
+            "unknown codec \"lzma\" (expected one of: zlib, lz4, none)"
+        );
+        let cfg = CodecConfig {
+            zlib_level: 12,
+            ..Default::default()
+        };
+        assert_eq!(
+            PageEncoder::new(cfg, None, None).err(),
+            Some(ConfigError::ZlibLevel(12))
+        );
     }
 }

@@ -169,11 +169,16 @@ impl GuestParams {
         if get_u64(page, params::MAGIC) != PARAMS_MAGIC {
             return None;
         }
-        let version = u32::from_le_bytes(page[params::VERSION..params::VERSION + 4].try_into().ok()?);
+        let version =
+            u32::from_le_bytes(page[params::VERSION..params::VERSION + 4].try_into().ok()?);
         if version != ABI_VERSION {
             return None;
         }
-        let w = u32::from_le_bytes(page[params::WORKLOAD..params::WORKLOAD + 4].try_into().ok()?);
+        let w = u32::from_le_bytes(
+            page[params::WORKLOAD..params::WORKLOAD + 4]
+                .try_into()
+                .ok()?,
+        );
         Some(Self {
             workload: Workload::from_u32(w)?,
             seed: get_u64(page, params::SEED),
@@ -238,7 +243,10 @@ impl OutputRecord {
         if len > OUTPUT_PAYLOAD {
             return None;
         }
-        Some(Self { seq, payload: slot[16..16 + len].to_vec() })
+        Some(Self {
+            seq,
+            payload: slot[16..16 + len].to_vec(),
+        })
     }
 
     /// Serialize into a 64-byte slot (payload truncated to [`OUTPUT_PAYLOAD`]).
@@ -297,7 +305,10 @@ mod tests {
 
     #[test]
     fn record_slot_roundtrip_and_length_check() {
-        let r = OutputRecord { seq: 1025, payload: b"hello".to_vec() };
+        let r = OutputRecord {
+            seq: 1025,
+            payload: b"hello".to_vec(),
+        };
         let mut slot = [0u8; OUTPUT_RECORD_SIZE];
         r.write_slot(&mut slot);
         assert_eq!(OutputRecord::read_slot(&slot), Some(r));

@@ -33,7 +33,11 @@ pub struct BlockHashes {
 impl BlockHashes {
     /// Fingerprints for `pages` pages, none known yet.
     pub fn new(pages: usize, bs: BlockSize) -> Self {
-        Self { bs, hashes: vec![0; pages * bs.per_page()], known: PageBitmap::new(pages) }
+        Self {
+            bs,
+            hashes: vec![0; pages * bs.per_page()],
+            known: PageBitmap::new(pages),
+        }
     }
 
     /// The block size fingerprinted.

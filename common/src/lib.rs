@@ -19,13 +19,13 @@ pub mod bitmap;
 pub mod block;
 pub mod cache;
 pub mod codec;
-pub mod varint;
-pub mod xbzrle;
 pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
 pub mod share;
 pub mod stream;
+pub mod varint;
+pub mod xbzrle;
 
 /// Guest page size in bytes. Castor works in 4 KiB pages throughout.
 pub const PAGE_SIZE: usize = 4096;

@@ -119,7 +119,10 @@ impl ShareIndex {
         view: &impl PageView,
     ) -> Option<BlockRef> {
         let loc = *self.blocks.get(&hash)?;
-        let r = BlockRef { page: loc >> 8, block: loc as u8 };
+        let r = BlockRef {
+            page: loc >> 8,
+            block: loc as u8,
+        };
         if r == not {
             return None;
         }
@@ -189,7 +192,10 @@ mod tests {
         let blk = [7u8; 64];
         idx.insert_block(hash(&blk), 1, 1);
         let me = BlockRef { page: 2, block: 0 };
-        assert_eq!(idx.find_block(hash(&blk), &blk, me, &view), Some(BlockRef { page: 1, block: 1 }));
+        assert_eq!(
+            idx.find_block(hash(&blk), &blk, me, &view),
+            Some(BlockRef { page: 1, block: 1 })
+        );
         // The indexed block changed at the backup: the stale entry is refused.
         view.0[1][64] = 8;
         assert_eq!(idx.find_block(hash(&blk), &blk, me, &view), None);

@@ -151,10 +151,15 @@ pub fn put_frame(out: &mut Vec<u8>, ty: u8, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-/// Split one frame off the front of `buf`: (type, body, frame length in bytes).
-/// `Ok(None)` when `buf` does not yet hold a whole frame.
-pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, StreamError> {
-    let Some(len) = buf.get(..4) else { return Ok(None) };
+/// One frame split off a buffer: its type, its body, and its whole length on the wire.
+pub type SplitFrame<'a> = (u8, &'a [u8], usize);
+
+/// Split one frame off the front of `buf`. `Ok(None)` when `buf` does not yet hold a
+/// whole frame.
+pub fn split_frame(buf: &[u8]) -> Result<Option<SplitFrame<'_>>, StreamError> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
     let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
     if len == 0 {
         return Err(StreamError::Truncated("zero-length frame"));
@@ -162,7 +167,9 @@ pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, StreamError
     if len > MAX_FRAME {
         return Err(StreamError::FrameTooLarge(len));
     }
-    let Some(frame) = buf.get(4..4 + len) else { return Ok(None) };
+    let Some(frame) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
     Ok(Some((frame[0], &frame[1..], 4 + len)))
 }
 
@@ -198,7 +205,11 @@ impl EpochWriter {
 
     /// Number of records a batch contributes (its `Unchanged` pages are not sent).
     pub fn records_in(batch: &EncodedBatch) -> u32 {
-        batch.records.iter().filter(|r| r.encoding != Encoding::Unchanged).count() as u32
+        batch
+            .records
+            .iter()
+            .filter(|r| r.encoding != Encoding::Unchanged)
+            .count() as u32
     }
 
     /// Append a batch's records (skipping `Unchanged`) as Pages frames.
@@ -229,7 +240,10 @@ impl EpochWriter {
     pub fn finish(mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
         self.flush_pages(out);
         if self.records != self.announced {
-            return Err(StreamError::RecordCount { got: self.records, announced: self.announced });
+            return Err(StreamError::RecordCount {
+                got: self.records,
+                announced: self.announced,
+            });
         }
         let mut b = Vec::with_capacity(44);
         b.extend_from_slice(&(self.records as u32).to_le_bytes());
@@ -322,7 +336,13 @@ impl Staging {
     /// A stager for a session: its mode, block size, guest pages, and the first epoch it
     /// will accept.
     pub fn new(mode: Mode, bs: BlockSize, pages: u64, next_epoch: u64) -> Self {
-        Self { mode, bs, pages, next_epoch, cur: None }
+        Self {
+            mode,
+            bs,
+            pages,
+            next_epoch,
+            cur: None,
+        }
     }
 
     /// The epoch the stager expects next.
@@ -343,7 +363,13 @@ impl Staging {
     /// Take one whole frame (`ty`, `body`, and its bytes on the wire `raw`). Returns the
     /// staged epoch when `raw` was a trailer that verified. On error the partial epoch is
     /// discarded and `image` was not touched.
-    pub fn push(&mut self, ty: u8, body: &[u8], raw: &[u8], image: &[u8]) -> Result<Option<StagedEpoch>, StreamError> {
+    pub fn push(
+        &mut self,
+        ty: u8,
+        body: &[u8],
+        raw: &[u8],
+        image: &[u8],
+    ) -> Result<Option<StagedEpoch>, StreamError> {
         let r = self.push_inner(ty, body, raw, image);
         if r.is_err() {
             self.cur = None;
@@ -351,10 +377,19 @@ impl Staging {
         r
     }
 
-    fn push_inner(&mut self, ty: u8, body: &[u8], raw: &[u8], image: &[u8]) -> Result<Option<StagedEpoch>, StreamError> {
+    fn push_inner(
+        &mut self,
+        ty: u8,
+        body: &[u8],
+        raw: &[u8],
+        image: &[u8],
+    ) -> Result<Option<StagedEpoch>, StreamError> {
         let Some(cur) = &mut self.cur else {
             if ty != frame_type::HEADER {
-                return Err(StreamError::UnexpectedFrame { got: ty, state: "expected an epoch header" });
+                return Err(StreamError::UnexpectedFrame {
+                    got: ty,
+                    state: "expected an epoch header",
+                });
             }
             let header = self.parse_header(body)?;
             let mut hasher = blake3::Hasher::new();
@@ -393,20 +428,37 @@ impl Staging {
                     return Err(StreamError::Malformed("trailer"));
                 }
                 let count = u64::from(u32::from_le_bytes([body[0], body[1], body[2], body[3]]));
-                let bytes = u64::from_le_bytes(body[4..12].try_into().map_err(|_| StreamError::Malformed("trailer"))?);
+                let bytes = u64::from_le_bytes(
+                    body[4..12]
+                        .try_into()
+                        .map_err(|_| StreamError::Malformed("trailer"))?,
+                );
                 if count != cur.records {
-                    return Err(StreamError::TrailerMismatch { what: "records", claimed: count, got: cur.records });
+                    return Err(StreamError::TrailerMismatch {
+                        what: "records",
+                        claimed: count,
+                        got: cur.records,
+                    });
                 }
                 if cur.records != u64::from(cur.header.records) {
-                    return Err(StreamError::RecordCount { got: cur.records, announced: u64::from(cur.header.records) });
+                    return Err(StreamError::RecordCount {
+                        got: cur.records,
+                        announced: u64::from(cur.header.records),
+                    });
                 }
                 if bytes != cur.bytes {
-                    return Err(StreamError::TrailerMismatch { what: "bytes", claimed: bytes, got: cur.bytes });
+                    return Err(StreamError::TrailerMismatch {
+                        what: "bytes",
+                        claimed: bytes,
+                        got: cur.bytes,
+                    });
                 }
                 if cur.hasher.finalize().as_bytes() != &body[12..44] {
                     return Err(StreamError::Digest);
                 }
-                let Some(cur) = self.cur.take() else { return Err(StreamError::Malformed("trailer")) };
+                let Some(cur) = self.cur.take() else {
+                    return Err(StreamError::Malformed("trailer"));
+                };
                 self.next_epoch = cur.header.epoch + 1;
                 Ok(Some(StagedEpoch {
                     epoch: cur.header.epoch,
@@ -415,7 +467,10 @@ impl Staging {
                     wire_bytes: cur.bytes,
                 }))
             }
-            other => Err(StreamError::UnexpectedFrame { got: other, state: "inside an epoch" }),
+            other => Err(StreamError::UnexpectedFrame {
+                got: other,
+                state: "inside an epoch",
+            }),
         }
     }
 
@@ -427,24 +482,50 @@ impl Staging {
         if version != STREAM_VERSION {
             return Err(StreamError::Version { got: version });
         }
-        let epoch = u64::from_le_bytes(b[2..10].try_into().map_err(|_| StreamError::Malformed("header"))?);
+        let epoch = u64::from_le_bytes(
+            b[2..10]
+                .try_into()
+                .map_err(|_| StreamError::Malformed("header"))?,
+        );
         if epoch != self.next_epoch {
-            return Err(StreamError::OutOfOrder { got: epoch, expected: self.next_epoch });
+            return Err(StreamError::OutOfOrder {
+                got: epoch,
+                expected: self.next_epoch,
+            });
         }
         let mode = b[10];
         if mode != self.mode as u8 {
-            return Err(StreamError::Mismatch { what: "mode", got: u32::from(mode), want: self.mode as u32 });
+            return Err(StreamError::Mismatch {
+                what: "mode",
+                got: u32::from(mode),
+                want: self.mode as u32,
+            });
         }
         let bs = u16::from_le_bytes([b[11], b[12]]);
         if usize::from(bs) != self.bs.bytes() {
-            return Err(StreamError::Mismatch { what: "block size", got: u32::from(bs), want: self.bs.bytes() as u32 });
+            return Err(StreamError::Mismatch {
+                what: "block size",
+                got: u32::from(bs),
+                want: self.bs.bytes() as u32,
+            });
         }
         let records = u32::from_le_bytes([b[13], b[14], b[15], b[16]]);
-        Ok(EpochHeader { epoch, mode: self.mode, block_size: self.bs, records })
+        Ok(EpochHeader {
+            epoch,
+            mode: self.mode,
+            block_size: self.bs,
+            records,
+        })
     }
 }
 
-fn stage_pages(cur: &mut Current, mut body: &[u8], bs: BlockSize, pages: u64, image: &[u8]) -> Result<(), StreamError> {
+fn stage_pages(
+    cur: &mut Current,
+    mut body: &[u8],
+    bs: BlockSize,
+    pages: u64,
+    image: &[u8],
+) -> Result<(), StreamError> {
     while !body.is_empty() {
         let (page, n) = varint::get(body).ok_or(StreamError::Malformed("pages"))?;
         body = &body[n..];
@@ -462,11 +543,21 @@ fn stage_pages(cur: &mut Current, mut body: &[u8], bs: BlockSize, pages: u64, im
         }
         cur.records += 1;
         if cur.records > u64::from(cur.header.records) {
-            return Err(StreamError::RecordCount { got: cur.records, announced: u64::from(cur.header.records) });
+            return Err(StreamError::RecordCount {
+                got: cur.records,
+                announced: u64::from(cur.header.records),
+            });
         }
-        let encoding = Encoding::from_u8(enc).ok_or(StreamError::Record { page, source: CodecError::UnknownEncoding(enc) })?;
-        let view = StagedView { staged: &cur.staged, image };
-        let mut out: Box<Page> = Box::new(*view.page(page).ok_or(StreamError::PageOutOfRange(page))?);
+        let encoding = Encoding::from_u8(enc).ok_or(StreamError::Record {
+            page,
+            source: CodecError::UnknownEncoding(enc),
+        })?;
+        let view = StagedView {
+            staged: &cur.staged,
+            image,
+        };
+        let mut out: Box<Page> =
+            Box::new(*view.page(page).ok_or(StreamError::PageOutOfRange(page))?);
         codec::decode_page(encoding, payload, page, bs, &view, &mut out)
             .map_err(|source| StreamError::Record { page, source })?;
         cur.staged.insert(page, out);
@@ -507,7 +598,10 @@ mod tests {
         let cfg = CodecConfig::default();
         let mut enc = PageEncoder::new(cfg, Some(PageCache::shadow(PAGES)), None).unwrap();
         for p in 0..PAGES {
-            enc.learn(p as u64, mem[p * PAGE_SIZE..][..PAGE_SIZE].try_into().unwrap());
+            enc.learn(
+                p as u64,
+                mem[p * PAGE_SIZE..][..PAGE_SIZE].try_into().unwrap(),
+            );
         }
         let mut epochs = Vec::new();
         let mut after = Vec::new();
@@ -515,7 +609,7 @@ mod tests {
             let mut idx = Vec::new();
             let mut data = Vec::new();
             for p in 0..PAGES {
-                if r() % 2 == 0 {
+                if r().is_multiple_of(2) {
                     continue;
                 }
                 let pg = &mut mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
@@ -526,13 +620,31 @@ mod tests {
                 data.extend_from_slice(pg);
             }
             let mut batch = EncodedBatch::default();
-            enc.encode_batch(Batch { pages: &idx, data: &data }, &mut batch);
+            enc.encode_batch(
+                Batch {
+                    pages: &idx,
+                    data: &data,
+                },
+                &mut batch,
+            );
             let mut out = Vec::new();
-            let h = EpochHeader { epoch: e, mode: cfg.mode, block_size: cfg.block_size, records: EpochWriter::records_in(&batch) };
+            let h = EpochHeader {
+                epoch: e,
+                mode: cfg.mode,
+                block_size: cfg.block_size,
+                records: EpochWriter::records_in(&batch),
+            };
             let mut w = EpochWriter::begin(&mut out, h);
             // Small frames: one record each.
-            for rec in batch.records.iter().filter(|r| r.encoding != Encoding::Unchanged) {
-                let one = EncodedBatch { records: vec![Record { start: 0, ..*rec }], bytes: batch.payload(rec).to_vec() };
+            for rec in batch
+                .records
+                .iter()
+                .filter(|r| r.encoding != Encoding::Unchanged)
+            {
+                let one = EncodedBatch {
+                    records: vec![Record { start: 0, ..*rec }],
+                    bytes: batch.payload(rec).to_vec(),
+                };
                 w.pages(&mut out, &one);
                 w.flush_pages(&mut out);
             }
@@ -541,7 +653,11 @@ mod tests {
             epochs.push(out);
             after.push(mem.clone());
         }
-        Fixture { image, epochs, after }
+        Fixture {
+            image,
+            epochs,
+            after,
+        }
     }
 
     use crate::codec::Record;
@@ -559,7 +675,7 @@ mod tests {
 
     /// Feed bytes frame by frame; commit each verified epoch. Returns epochs committed or
     /// the first error.
-    fn feed(st: &mut Staging, bytes: &[u8], image: &mut Vec<u8>) -> Result<Vec<u64>, StreamError> {
+    fn feed(st: &mut Staging, bytes: &[u8], image: &mut [u8]) -> Result<Vec<u64>, StreamError> {
         let mut done = Vec::new();
         let mut at = 0;
         while let Some((ty, body, n)) = split_frame(&bytes[at..])? {
@@ -619,7 +735,10 @@ mod tests {
             let mut st = stager();
             let mut image = f.image.clone();
             let res = feed(&mut st, &bad, &mut image);
-            assert!(!matches!(res, Ok(ref v) if !v.is_empty()), "flip at {at} committed: {res:?}");
+            assert!(
+                !matches!(res, Ok(ref v) if !v.is_empty()),
+                "flip at {at} committed: {res:?}"
+            );
             assert!(image == f.image, "flip at {at} changed the image");
         }
     }
@@ -633,13 +752,22 @@ mod tests {
         v.swap(1, 2);
         let mut image = f.image.clone();
         let err = feed(&mut stager(), &v.concat(), &mut image).unwrap_err();
-        assert!(matches!(err, StreamError::Digest | StreamError::Record { .. }), "{err}");
+        assert!(
+            matches!(err, StreamError::Digest | StreamError::Record { .. }),
+            "{err}"
+        );
         assert!(image == f.image);
         // Header moved after a Pages frame.
         let mut v = all.clone();
         v.swap(0, 1);
         let err = feed(&mut stager(), &v.concat(), &mut image).unwrap_err();
-        assert_eq!(err, StreamError::UnexpectedFrame { got: frame_type::PAGES, state: "expected an epoch header" });
+        assert_eq!(
+            err,
+            StreamError::UnexpectedFrame {
+                got: frame_type::PAGES,
+                state: "expected an epoch header"
+            }
+        );
     }
 
     #[test]
@@ -649,13 +777,19 @@ mod tests {
         let mut image = f.image.clone();
         assert!(matches!(
             feed(&mut st, &f.epochs[1], &mut image),
-            Err(StreamError::OutOfOrder { got: 2, expected: 1 })
+            Err(StreamError::OutOfOrder {
+                got: 2,
+                expected: 1
+            })
         ));
         assert_eq!(feed(&mut st, &f.epochs[0], &mut image), Ok(vec![1]));
         let committed = image.clone();
         assert_eq!(
             feed(&mut st, &f.epochs[0], &mut image),
-            Err(StreamError::OutOfOrder { got: 1, expected: 2 })
+            Err(StreamError::OutOfOrder {
+                got: 1,
+                expected: 2
+            })
         );
         assert!(image == committed);
         // A duplicated frame inside an epoch.
@@ -675,22 +809,45 @@ mod tests {
         let mut bytes = f.epochs[0].clone();
         bytes[5] = 9; // version low byte
         let mut image = f.image.clone();
-        assert_eq!(feed(&mut stager(), &bytes, &mut image), Err(StreamError::Version { got: 9 }));
+        assert_eq!(
+            feed(&mut stager(), &bytes, &mut image),
+            Err(StreamError::Version { got: 9 })
+        );
         let mut st = Staging::new(Mode::Xbzrle, BlockSize::DEFAULT, PAGES as u64, 1);
-        assert!(matches!(feed(&mut st, &f.epochs[0], &mut image), Err(StreamError::Mismatch { what: "mode", .. })));
+        assert!(matches!(
+            feed(&mut st, &f.epochs[0], &mut image),
+            Err(StreamError::Mismatch { what: "mode", .. })
+        ));
         let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 8, 1);
-        assert!(matches!(feed(&mut st, &f.epochs[0], &mut image), Err(StreamError::PageOutOfRange(_))));
+        assert!(matches!(
+            feed(&mut st, &f.epochs[0], &mut image),
+            Err(StreamError::PageOutOfRange(_))
+        ));
         assert!(image == f.image);
         let mut huge = Vec::new();
         huge.extend_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
-        assert_eq!(split_frame(&huge), Err(StreamError::FrameTooLarge(MAX_FRAME + 1)));
+        assert_eq!(
+            split_frame(&huge),
+            Err(StreamError::FrameTooLarge(MAX_FRAME + 1))
+        );
     }
 
     #[test]
     fn writer_refuses_a_wrong_record_count() {
         let mut out = Vec::new();
-        let h = EpochHeader { epoch: 1, mode: Mode::Remus, block_size: BlockSize::DEFAULT, records: 3 };
+        let h = EpochHeader {
+            epoch: 1,
+            mode: Mode::Remus,
+            block_size: BlockSize::DEFAULT,
+            records: 3,
+        };
         let w = EpochWriter::begin(&mut out, h);
-        assert_eq!(w.finish(&mut out), Err(StreamError::RecordCount { got: 0, announced: 3 }));
+        assert_eq!(
+            w.finish(&mut out),
+            Err(StreamError::RecordCount {
+                got: 0,
+                announced: 3
+            })
+        );
     }
 }

@@ -28,15 +28,16 @@ pub fn get(buf: &[u8]) -> Option<(u64, usize)> {
 
 /// Zigzag-encode the signed distance `to - from` as a varint.
 pub fn put_delta(out: &mut Vec<u8>, from: u64, to: u64) {
-    let d = to.wrapping_sub(from) as i64;
-    put(out, ((d << 1) ^ (d >> 63)) as u64);
+    let d = to.wrapping_sub(from).cast_signed();
+    put(out, ((d << 1) ^ (d >> 63)).cast_unsigned());
 }
 
 /// Read a zigzag delta and apply it to `from`.
 pub fn get_delta(buf: &[u8], from: u64) -> Option<(u64, usize)> {
     let (z, n) = get(buf)?;
-    let d = (z >> 1) as i64 ^ -((z & 1) as i64);
-    Some((from.wrapping_add(d as u64), n))
+    // Zigzag: 0, 1, 2, 3 … decode to 0, -1, 1, -2 …
+    let d = (z >> 1) ^ (z & 1).wrapping_neg();
+    Some((from.wrapping_add(d), n))
 }
 
 #[cfg(test)]
@@ -60,7 +61,10 @@ mod tests {
     fn rejects_truncated_and_overlong() {
         assert_eq!(get(&[0x80]), None);
         assert_eq!(get(&[0xff; 11]), None);
-        assert_eq!(get(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]), None);
+        assert_eq!(
+            get(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]),
+            None
+        );
         let mut b = Vec::new();
         put_delta(&mut b, 10, 9);
         assert_eq!(b, vec![1]);

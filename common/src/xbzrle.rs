@@ -53,7 +53,12 @@ pub fn encode(old: &Page, new: &Page, out: &mut [u8], budget: usize) -> Option<u
 }
 
 /// [`encode`] with the page comparison already done.
-pub fn encode_with_mask(mask: &DiffMask, new: &Page, out: &mut [u8], budget: usize) -> Option<usize> {
+pub fn encode_with_mask(
+    mask: &DiffMask,
+    new: &Page,
+    out: &mut [u8],
+    budget: usize,
+) -> Option<usize> {
     // A page never needs more than PAGE_SIZE data bytes plus a few run headers less than
     // its run count; cap the budget by what `out` can hold.
     let budget = budget.min(out.len().saturating_sub(ENCODE_SLACK));
@@ -227,23 +232,41 @@ mod tests {
         // A zero run of 1001 bytes encodes its length as e9 07 (QEMU's xbzrle doc).
         let old = page(|_| 0);
         let new = page(|i| u8::from(i == 1001));
-        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0xe9, 0x07, 0x01, 0x01]);
+        assert_eq!(
+            enc(&old, &new, PAGE_SIZE).unwrap(),
+            vec![0xe9, 0x07, 0x01, 0x01]
+        );
         // Unchanged page: no bytes at all.
         assert_eq!(enc(&old, &old, PAGE_SIZE).unwrap(), Vec::<u8>::new());
         // Change at byte 0: a leading zero run of length 0.
         let new = page(|i| if i < 3 { 0xaa } else { 0 });
-        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0, 3, 0xaa, 0xaa, 0xaa]);
+        assert_eq!(
+            enc(&old, &new, PAGE_SIZE).unwrap(),
+            vec![0, 3, 0xaa, 0xaa, 0xaa]
+        );
         // Trailing zero run is omitted; a run to the end of the page has no zero run after.
         let new = page(|i| u8::from(i >= 4094));
-        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![0xfe, 0x1f, 2, 1, 1]);
+        assert_eq!(
+            enc(&old, &new, PAGE_SIZE).unwrap(),
+            vec![0xfe, 0x1f, 2, 1, 1]
+        );
         // Whole page different: 0, then 4096 = 0x80 0x20, then the data.
         let new = page(|_| 7);
         let d = enc(&old, &new, PAGE_SIZE + 4).unwrap();
         assert_eq!(&d[..3], &[0, 0x80, 0x20]);
         assert_eq!(d.len(), 3 + PAGE_SIZE);
         // Two separate runs: each gets its own zero run and data run.
-        let new = page(|i| if (10..12).contains(&i) || i == 20 { 9 } else { 0 });
-        assert_eq!(enc(&old, &new, PAGE_SIZE).unwrap(), vec![10, 2, 9, 9, 8, 1, 9]);
+        let new = page(|i| {
+            if (10..12).contains(&i) || i == 20 {
+                9
+            } else {
+                0
+            }
+        });
+        assert_eq!(
+            enc(&old, &new, PAGE_SIZE).unwrap(),
+            vec![10, 2, 9, 9, 8, 1, 9]
+        );
     }
 
     #[test]
@@ -261,18 +284,39 @@ mod tests {
     fn decoder_rejections() {
         let mut p = [0u8; PAGE_SIZE];
         // third length byte
-        assert_eq!(decode(&[0x80, 0x80, 0x01, 1, 5], &mut p), Err(XbzrleError::LengthTooLong(0)));
+        assert_eq!(
+            decode(&[0x80, 0x80, 0x01, 1, 5], &mut p),
+            Err(XbzrleError::LengthTooLong(0))
+        );
         // zero-length zero run after the first
-        assert_eq!(decode(&[0, 1, 5, 0, 1, 5], &mut p), Err(XbzrleError::EmptyZeroRun(3)));
+        assert_eq!(
+            decode(&[0, 1, 5, 0, 1, 5], &mut p),
+            Err(XbzrleError::EmptyZeroRun(3))
+        );
         // zero-length non-zero run
-        assert_eq!(decode(&[3, 0, 5], &mut p), Err(XbzrleError::EmptyDataRun(1)));
+        assert_eq!(
+            decode(&[3, 0, 5], &mut p),
+            Err(XbzrleError::EmptyDataRun(1))
+        );
         // run past the page: zero run of 4096 then data
-        assert_eq!(decode(&[0x80, 0x20, 1, 5], &mut p), Err(XbzrleError::PastPage(2)));
-        assert_eq!(decode(&[0x81, 0x20, 1, 5], &mut p), Err(XbzrleError::PastPage(0)));
+        assert_eq!(
+            decode(&[0x80, 0x20, 1, 5], &mut p),
+            Err(XbzrleError::PastPage(2))
+        );
+        assert_eq!(
+            decode(&[0x81, 0x20, 1, 5], &mut p),
+            Err(XbzrleError::PastPage(0))
+        );
         // run past the input
-        assert_eq!(decode(&[0, 3, 5, 5], &mut p), Err(XbzrleError::PastInput(1)));
+        assert_eq!(
+            decode(&[0, 3, 5, 5], &mut p),
+            Err(XbzrleError::PastInput(1))
+        );
         // truncated: one byte left for a header
-        assert_eq!(decode(&[0, 1, 5, 7], &mut p), Err(XbzrleError::Truncated(3)));
+        assert_eq!(
+            decode(&[0, 1, 5, 7], &mut p),
+            Err(XbzrleError::Truncated(3))
+        );
         assert_eq!(decode(&[0], &mut p), Err(XbzrleError::Truncated(0)));
         // a leading zero run of 0 and an empty delta are fine
         assert_eq!(decode(&[0, 1, 5], &mut p), Ok(1));

@@ -83,11 +83,19 @@ pub fn as_page(bytes: &[u8]) -> Result<&Page, BlockError> {
 #[derive(Clone, PartialEq, Eq)]
 pub struct DiffMask {
     words: [u64; PAGE_SIZE / 64],
+    changed: u32,
+    runs: u32,
+    /// Bit `w` set when word `w` of the mask is non-zero.
+    nonzero: u64,
 }
 
 impl std::fmt::Debug for DiffMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DiffMask({} bytes differ)", self.changed_bytes())
+        write!(
+            f,
+            "DiffMask({} bytes differ in {} runs)",
+            self.changed, self.runs
+        )
     }
 }
 
@@ -124,7 +132,24 @@ impl DiffMask {
             }
             *w = m;
         }
-        Self { words }
+        Self::from_words(words)
+    }
+
+    /// A mask from its words, counting differing bytes and runs.
+    fn from_words(words: [u64; PAGE_SIZE / 64]) -> Self {
+        let (mut changed, mut runs, mut carry, mut nonzero) = (0u32, 0u32, 0u64, 0u64);
+        for (i, &w) in words.iter().enumerate() {
+            changed += w.count_ones();
+            runs += (w & !((w << 1) | carry)).count_ones();
+            carry = w >> 63;
+            nonzero |= u64::from(w != 0) << i;
+        }
+        Self {
+            words,
+            changed,
+            runs,
+            nonzero,
+        }
     }
 
     /// The mask of a page against an all-zero page: the page's non-zero bytes.
@@ -144,7 +169,7 @@ impl DiffMask {
 
     /// Number of differing bytes.
     pub fn changed_bytes(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        self.changed as usize
     }
 
     /// Whether byte `i` differs.
@@ -171,17 +196,14 @@ impl DiffMask {
         }
     }
 
+    /// Bit `w` is set when mask word `w` (bytes `64w..64w+64`) has a differing byte.
+    pub fn nonzero_words(&self) -> u64 {
+        self.nonzero
+    }
+
     /// Number of runs of differing bytes.
     pub fn runs(&self) -> usize {
-        // A run starts at every set bit whose predecessor bit is clear.
-        let mut carry = 0u64;
-        let mut n = 0usize;
-        for &w in &self.words {
-            let prev = (w << 1) | carry;
-            n += (w & !prev).count_ones() as usize;
-            carry = w >> 63;
-        }
-        n
+        self.runs as usize
     }
 
     /// The blocks (of `bs`) that hold at least one differing byte.
@@ -318,10 +340,12 @@ mod simd {
     use super::{DiffMask, PAGE_SIZE, Page};
     use std::arch::x86_64::*;
 
-    /// AVX2: two 32-byte compares per 64-byte word of the mask.
-    #[target_feature(enable = "avx2")]
+    /// AVX2: two 32-byte compares per 64-byte word of the mask; the counts use POPCNT
+    /// (every AVX2 CPU has it).
+    #[target_feature(enable = "avx2,popcnt")]
     pub(super) fn diff_avx2(old: &Page, new: &Page) -> DiffMask {
         let mut words = [0u64; PAGE_SIZE / 64];
+        let (mut changed, mut runs, mut carry, mut nonzero) = (0u32, 0u32, 0u64, 0u64);
         for (i, w) in words.iter_mut().enumerate() {
             let off = i * 64;
             // SAFETY: off + 64 <= PAGE_SIZE, so both 32-byte unaligned loads at off and
@@ -338,9 +362,19 @@ mod simd {
                     _mm256_movemask_epi8(_mm256_cmpeq_epi8(a1, b1)).cast_unsigned(),
                 )
             };
-            *w = !(u64::from(lo) | u64::from(hi) << 32);
+            let d = !(u64::from(lo) | u64::from(hi) << 32);
+            *w = d;
+            changed += d.count_ones();
+            runs += (d & !((d << 1) | carry)).count_ones();
+            carry = d >> 63;
+            nonzero |= u64::from(d != 0) << i;
         }
-        DiffMask { words }
+        DiffMask {
+            words,
+            changed,
+            runs,
+            nonzero,
+        }
     }
 
     /// SSE2: four 16-byte compares per 64-byte word of the mask.
@@ -362,7 +396,7 @@ mod simd {
             }
             *w = !eq;
         }
-        DiffMask { words }
+        DiffMask::from_words(words)
     }
 }
 

@@ -59,47 +59,81 @@ pub fn encode_with_mask(
     out: &mut [u8],
     budget: usize,
 ) -> Option<usize> {
-    // A page never needs more than PAGE_SIZE data bytes plus a few run headers less than
-    // its run count; cap the budget by what `out` can hold.
     let budget = budget.min(out.len().saturating_sub(ENCODE_SLACK));
     let changed = mask.changed_bytes();
     if changed == 0 {
         return Some(0);
     }
-    // Every changed byte is copied, and every run costs at least two header bytes.
-    if changed + 2 > budget {
+    // Every changed byte is copied and every run has two length bytes at least: a page
+    // that cannot fit is refused before any work.
+    if changed + 2 * mask.runs() > budget {
         return None;
     }
     let mut d = 0usize;
-    let mut i = 0usize;
-    loop {
-        let z = mask.run_end(i, false);
-        if z == PAGE_SIZE {
-            return Some(d);
-        }
-        let nz = mask.run_end(z, true);
-        let zlen = z - i;
-        let nlen = nz - z;
-        // Worst-case header size is 4 bytes; check the exact size below.
-        let need = uleb_len(zlen) + uleb_len(nlen) + nlen;
-        if d + need > budget {
-            return None;
-        }
-        d += put_uleb(&mut out[d..], zlen);
-        d += put_uleb(&mut out[d..], nlen);
-        if nlen <= 16 && z + 16 <= PAGE_SIZE {
-            // A fixed-size move of 16 bytes: cheaper than a variable memcpy; the bytes past
-            // `nlen` land in the slack or are overwritten by what follows.
-            out[d..d + 16].copy_from_slice(&new[z..z + 16]);
-        } else {
-            out[d..d + nlen].copy_from_slice(&new[z..nz]);
-        }
-        d += nlen;
-        i = nz;
-        if i == PAGE_SIZE {
-            return Some(d);
+    let mut zstart = 0usize; // start of the current zero run
+    let mut nzstart = 0usize; // start of the current non-zero run
+    let mut in_nz = false;
+    // Walk the run boundaries: bit i of `t` is set where byte i differs in state from
+    // byte i - 1. Only words with a differing byte, and the word after each (where a run
+    // may end), can hold a boundary.
+    let words = mask.words();
+    let nz = mask.nonzero_words();
+    let mut todo = nz | (nz << 1);
+    while todo != 0 {
+        let wi = todo.trailing_zeros() as usize;
+        todo &= todo - 1;
+        let w = words[wi];
+        let carry = if wi == 0 { 0 } else { words[wi - 1] >> 63 };
+        let mut t = w ^ ((w << 1) | carry);
+        while t != 0 {
+            let b = wi * 64 + t.trailing_zeros() as usize;
+            t &= t - 1;
+            if in_nz {
+                d = emit(out, d, budget, new, nzstart - zstart, nzstart, b)?;
+                zstart = b;
+            } else {
+                nzstart = b;
+            }
+            in_nz = !in_nz;
         }
     }
+    if in_nz {
+        d = emit(out, d, budget, new, nzstart - zstart, nzstart, PAGE_SIZE)?;
+    }
+    Some(d)
+}
+
+/// Write one `zrun nzrun` pair (data `new[nz..end]`) at `out[d..]`; `None` past budget.
+#[inline(always)]
+fn emit(
+    out: &mut [u8],
+    d: usize,
+    budget: usize,
+    new: &Page,
+    zlen: usize,
+    nz: usize,
+    end: usize,
+) -> Option<usize> {
+    let nlen = end - nz;
+    let mut d = d;
+    if d + uleb_len(zlen) + uleb_len(nlen) + nlen > budget {
+        return None;
+    }
+    d += put_uleb_fast(out, d, zlen);
+    d += put_uleb_fast(out, d, nlen);
+    let rounded = nlen.next_multiple_of(16);
+    if nlen <= 16 && nz + 16 <= PAGE_SIZE {
+        out[d..d + 16].copy_from_slice(&new[nz..nz + 16]);
+    } else if nlen <= 256 && nz + rounded <= PAGE_SIZE {
+        // Fixed-size 16-byte moves: cheaper than a variable memcpy for short runs. The
+        // bytes past `nlen` land in the slack or are overwritten by what follows.
+        for k in (0..rounded).step_by(16) {
+            out[d + k..d + k + 16].copy_from_slice(&new[nz + k..nz + k + 16]);
+        }
+    } else {
+        out[d..d + nlen].copy_from_slice(&new[nz..end]);
+    }
+    Some(d + nlen)
 }
 
 /// Apply a delta to `page` (which holds the old content) in place, returning the number
@@ -167,6 +201,16 @@ fn put_uleb(out: &mut [u8], n: usize) -> usize {
         out[1] = (n >> 7) as u8;
         2
     }
+}
+
+/// [`put_uleb`] without a branch: always stores two bytes at `out[d..]` (the second is
+/// overwritten when the length takes one). `out` must have room for both.
+#[inline(always)]
+fn put_uleb_fast(out: &mut [u8], d: usize, n: usize) -> usize {
+    let two = usize::from(n >= 0x80);
+    out[d] = n as u8 & 0x7f | (two as u8) << 7;
+    out[d + 1] = (n >> 7) as u8;
+    1 + two
 }
 
 /// Read a one- or two-byte ULEB128 length; `None` when a third byte would be needed.

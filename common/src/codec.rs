@@ -607,8 +607,14 @@ impl PageEncoder {
             return Encoding::PageRef;
         }
 
-        // Changed blocks, shared where possible.
-        if best.1 > 2 * bs.bytes() + 16 || best.0 != Encoding::Delta {
+        // Changed blocks, shared where possible. A random-looking page with no small
+        // delta gains only from sharing: probe a few of its blocks before hashing all.
+        let random = looks_random(new);
+        let worth_blocks = best.1 > 2 * bs.bytes() + 16 || best.0 != Encoding::Delta;
+        let hopeless = random
+            && best.0 == Encoding::Raw
+            && !probe_shared(page, new, blocks, bs, &mut self.index, &view);
+        if worth_blocks && !hopeless {
             if !hashed && self.hashes.is_some() {
                 hashes::page_hashes(new, bs, &mut self.scratch.new_hashes);
                 hashed = true;
@@ -635,7 +641,7 @@ impl PageEncoder {
         // Whole-page compression, unless the page looks random.
         if best.1 > COMPRESS_MIN * 2
             && self.cfg.general != GeneralCodec::None
-            && !looks_random(new)
+            && !random
             && let Some(n) = compress(
                 self.cfg.general,
                 new,
@@ -693,6 +699,29 @@ impl PageEncoder {
             self.index.insert_page(page_hash, page);
         }
     }
+}
+
+/// Whether any of the first few non-zero changed blocks of a page is shared.
+fn probe_shared(
+    page: u64,
+    new: &Page,
+    mask: BlockMask,
+    bs: BlockSize,
+    index: &mut ShareIndex,
+    view: &impl PageView,
+) -> bool {
+    const PROBES: usize = 4;
+    mask.iter()
+        .map(|b| (b, &new[bs.range(b)]))
+        .filter(|(_, blk)| !is_zero(blk))
+        .take(PROBES)
+        .any(|(b, blk)| {
+            let me = BlockRef {
+                page,
+                block: b as u8,
+            };
+            index.find_block(hashes::hash(blk), blk, me, view).is_some()
+        })
 }
 
 /// Tags of the blocks in a `Blocks` payload.
@@ -935,7 +964,11 @@ fn decode_blocks(
         .ok_or(malformed("short block mask"))?;
     let mut bits = [0u8; 16];
     bits[..mask_bytes].copy_from_slice(raw_mask);
-    let mask = BlockMask::from_bits(u128::from_le_bytes(bits), bs);
+    let raw_bits = u128::from_le_bytes(bits);
+    let mask = BlockMask::from_bits(raw_bits, bs);
+    if mask.bits() != raw_bits {
+        return Err(malformed("block mask has bits past the last block"));
+    }
     let changed = mask.changed();
     let tags_len = (changed * 2).div_ceil(8);
     let tags = payload
@@ -1261,6 +1294,26 @@ mod tests {
         p.push(5);
         assert_eq!(dec(Encoding::Blocks, &p, &mut out), Ok(()));
         assert_eq!(&out[..64], &[5; 64]);
+        // 1024-byte blocks: 4 blocks, one mask byte; bit 4 names no block.
+        let big = BlockSize::new(1024).unwrap();
+        let r = decode_page(
+            Encoding::Blocks,
+            &[0x10, 0, CODEC_RAW],
+            0,
+            big,
+            &image,
+            &mut out,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(CodecError::Malformed {
+                    why: "block mask has bits past the last block",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
         assert_eq!(Encoding::from_u8(7), None);
     }
 

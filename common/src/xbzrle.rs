@@ -190,7 +190,8 @@ fn uleb_len(n: usize) -> usize {
 }
 
 /// Write `n` (at most [`MAX_RUN`]) as one or two ULEB128 bytes; returns the count.
-#[inline]
+/// The straightforward form, kept for the tests' reference encoder.
+#[cfg(test)]
 fn put_uleb(out: &mut [u8], n: usize) -> usize {
     debug_assert!(n <= MAX_RUN);
     if n < 0x80 {
@@ -203,7 +204,7 @@ fn put_uleb(out: &mut [u8], n: usize) -> usize {
     }
 }
 
-/// [`put_uleb`] without a branch: always stores two bytes at `out[d..]` (the second is
+/// Write `n` (at most [`MAX_RUN`]) as one or two ULEB128 bytes without a branch: always stores two bytes at `out[d..]` (the second is
 /// overwritten when the length takes one). `out` must have room for both.
 #[inline(always)]
 fn put_uleb_fast(out: &mut [u8], d: usize, n: usize) -> usize {

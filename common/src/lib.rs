@@ -10,6 +10,7 @@
 //! | [`share`] | identical-block sharing through a hash index (share) |
 //! | [`cache`] | LRU cache of last-sent page content (encode) |
 //! | [`codec`] | hybrid per-page encoding and decoding (encode) |
+//! | [`session`] | handshake, acks and heartbeats between primary and backup |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
+pub mod session;
 pub mod share;
 pub mod stream;
 pub mod varint;

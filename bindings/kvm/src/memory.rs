@@ -1,0 +1,177 @@
+//! Guest memory: one anonymous mapping backing the VM's single memory slot, plus a bitmap
+//! of the pages the VMM itself wrote through that mapping (KVM's dirty log cannot see them).
+
+use std::num::NonZeroUsize;
+
+use ha_common::PAGE_SIZE;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vm_memory::{Bytes, VolatileMemory};
+
+/// Errors from guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The anonymous mapping could not be created.
+    #[error("cannot map {size:#x} bytes of guest memory")]
+    Map {
+        /// Requested size.
+        size: usize,
+        /// The mmap error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// A range outside guest memory.
+    #[error("guest memory range {gpa:#x}+{len:#x} is out of range")]
+    OutOfRange {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: u64,
+    },
+}
+
+/// Guest RAM starting at guest-physical address 0.
+#[derive(Debug)]
+pub struct GuestRam {
+    region: MmapRegion<AtomicBitmap>,
+}
+
+impl GuestRam {
+    /// Map `size` bytes of zeroed, lazily allocated memory.
+    pub fn new(size: usize) -> Result<Self, MemoryError> {
+        // PAGE_SIZE is a non-zero constant.
+        let page = NonZeroUsize::new(PAGE_SIZE).unwrap_or(NonZeroUsize::MIN);
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, page))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        Ok(Self { region })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.region.size()
+    }
+
+    /// Host address of guest-physical address 0 (for `KVM_SET_USER_MEMORY_REGION`).
+    pub fn host_addr(&self) -> u64 {
+        self.region.as_ptr() as u64
+    }
+
+    fn check(&self, gpa: u64, len: usize) -> Result<usize, MemoryError> {
+        let err = MemoryError::OutOfRange {
+            gpa,
+            len: len as u64,
+        };
+        let start = usize::try_from(gpa).map_err(|_| MemoryError::OutOfRange {
+            gpa,
+            len: len as u64,
+        })?;
+        match start.checked_add(len) {
+            Some(end) if end <= self.size() => Ok(start),
+            _ => Err(err),
+        }
+    }
+
+    /// Copy guest memory at `gpa` into `buf` (volatile: the guest may be running).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let start = self.check(gpa, buf.len())?;
+        self.region
+            .as_volatile_slice()
+            .read_slice(buf, start)
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+
+    /// Copy `buf` into guest memory at `gpa` and mark the pages as written by the VMM.
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        let start = self.check(gpa, buf.len())?;
+        self.region
+            .as_volatile_slice()
+            .write_slice(buf, start)
+            .map_err(|_| MemoryError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+
+    /// Read a little-endian u64.
+    pub fn read_u64(&self, gpa: u64) -> Result<u64, MemoryError> {
+        let mut b = [0u8; 8];
+        self.read(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Write a little-endian u64 (a VMM write).
+    pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+
+    /// Take the bitmap of pages the VMM wrote since the last call (KVM-style u64 words) and
+    /// clear it.
+    pub fn take_vmm_dirty(&self) -> Vec<u64> {
+        self.region.bitmap().get_and_reset()
+    }
+
+    /// Copy a whole-memory image into fresh (all-zero) memory before any vCPU runs,
+    /// skipping all-zero pages so they stay unallocated. Not recorded as VMM writes.
+    pub(crate) fn load_image(&self, image: &[u8]) -> Result<(), MemoryError> {
+        if image.len() != self.size() {
+            return Err(MemoryError::OutOfRange {
+                gpa: 0,
+                len: image.len() as u64,
+            });
+        }
+        let base = self.region.as_ptr();
+        for (i, page) in image.chunks(PAGE_SIZE).enumerate() {
+            // OR-fold (no early exit) so the scan vectorises.
+            if page.iter().fold(0u8, |a, b| a | b) == 0 {
+                continue;
+            }
+            let off = i * PAGE_SIZE;
+            // SAFETY: `off + page.len() <= image.len() == self.size()`, so the destination
+            // is inside our mapping; `image` is a separate Rust slice, so they do not
+            // overlap; no vCPU runs yet, so nothing else accesses guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), base.add(off), page.len()) };
+        }
+        Ok(())
+    }
+
+    /// Forget the VMM's writes so far (e.g. the image copied in by a restore).
+    pub fn clear_vmm_dirty(&self) {
+        self.region.bitmap().reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vmm_writes_are_tracked_and_bounds_checked() {
+        let ram = GuestRam::new(1 << 20).expect("map");
+        ram.write_u64(0x3008, 42).expect("write");
+        assert_eq!(ram.read_u64(0x3008).expect("read"), 42);
+        let words = ram.take_vmm_dirty();
+        assert_eq!(words[0], 1 << 3);
+        assert!(ram.take_vmm_dirty().iter().all(|w| *w == 0));
+        assert!(ram.read_u64((1 << 20) - 4).is_err());
+        assert!(ram.read(u64::MAX, &mut [0u8; 2]).is_err());
+    }
+
+    #[test]
+    fn load_image_copies_non_zero_pages_untracked() {
+        let ram = GuestRam::new(1 << 20).expect("map");
+        let mut image = vec![0u8; 1 << 20];
+        image[5 * PAGE_SIZE + 7] = 9;
+        ram.load_image(&image).expect("load");
+        let mut back = vec![0u8; 1 << 20];
+        ram.read(0, &mut back).expect("read");
+        assert!(back == image);
+        assert!(ram.take_vmm_dirty().iter().all(|w| *w == 0));
+        assert!(ram.load_image(&image[..4096]).is_err());
+    }
+}

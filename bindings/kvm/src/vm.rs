@@ -1,0 +1,309 @@
+//! One KVM guest: the VM with its single dirty-logged memory slot, the vCPU thread, and the
+//! [`Domain`] implementation the epoch engine drives.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ha_common::PAGE_SIZE;
+use ha_common::bitmap::PageBitmap;
+use ha_common::domain::{BoxError, Domain, DomainError};
+use ha_common::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::guest;
+use crate::memory::GuestRam;
+use crate::output::OutputQueue;
+use crate::state;
+use crate::vcpu::Vcpu;
+
+fn backend(op: &'static str, e: impl Into<BoxError>) -> DomainError {
+    DomainError::Backend {
+        op,
+        source: e.into(),
+    }
+}
+
+/// A running (or paused) KVM guest.
+#[derive(Debug)]
+pub struct KvmDomain {
+    // Field order is drop order: the vCPU thread is joined before the VM and memory go.
+    vcpu: Vcpu,
+    vm: VmFd,
+    kvm: Kvm,
+    ram: Arc<GuestRam>,
+    output: Arc<OutputQueue>,
+    msr_indices: Vec<u32>,
+    paused: bool,
+    dirty_log: bool,
+}
+
+/// How to build a VM (the factory's settings).
+#[derive(Clone, Debug)]
+pub(crate) struct VmConfig {
+    pub device: std::path::PathBuf,
+    pub dirty_log: bool,
+}
+
+fn unavailable(device: &Path, what_failed: &str, e: kvm_ioctls::Error) -> DomainError {
+    let os = std::io::Error::from_raw_os_error(e.errno());
+    DomainError::Unavailable {
+        what: format!("KVM ({})", device.display()),
+        hint: format!(
+            "{what_failed} failed ({os}); run with `--guest sim` to use the simulated guest"
+        ),
+        source: Some(Box::new(os)),
+    }
+}
+
+/// A VM with memory and one vCPU, before any guest state is loaded.
+struct Bare {
+    kvm: Kvm,
+    vm: VmFd,
+    vcpu: kvm_ioctls::VcpuFd,
+    ram: Arc<GuestRam>,
+}
+
+fn build(cfg: &VmConfig, memory_size: u64) -> Result<Bare, DomainError> {
+    let path =
+        CString::new(cfg.device.as_os_str().as_bytes()).map_err(|e| backend("open KVM", e))?;
+    let kvm = Kvm::new_with_path(&path).map_err(|e| unavailable(&cfg.device, "opening it", e))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| unavailable(&cfg.device, "KVM_CREATE_VM", e))?;
+    let size = usize::try_from(memory_size).map_err(|e| backend("guest memory size", e))?;
+    let ram = Arc::new(GuestRam::new(size).map_err(|e| backend("map guest memory", e))?);
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: if cfg.dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: 0,
+        memory_size,
+        userspace_addr: ram.host_addr(),
+    };
+    // SAFETY: `ram` is a live anonymous mapping of exactly `memory_size` bytes; it is the
+    // only slot of this VM, and the domain keeps `ram` alive (Arc) until after the VM fd is
+    // closed (field order of `KvmDomain`).
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| backend("KVM_SET_USER_MEMORY_REGION", e))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| backend("KVM_CREATE_VCPU", e))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| backend("KVM_GET_SUPPORTED_CPUID", e))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(|e| backend("KVM_SET_CPUID2", e))?;
+    Ok(Bare { kvm, vm, vcpu, ram })
+}
+
+/// The host TSC frequency in kHz: KVM's view of the vCPU, else /proc/cpuinfo, else 0.
+fn tsc_khz(vcpu: &kvm_ioctls::VcpuFd) -> u64 {
+    if let Ok(khz) = vcpu.get_tsc_khz()
+        && khz > 0
+    {
+        return u64::from(khz);
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| mhz_to_khz(v.trim()))
+        .unwrap_or(0)
+}
+
+/// "2596.098" (MHz) -> 2596098 (kHz), without going through floats.
+fn mhz_to_khz(s: &str) -> Option<u64> {
+    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
+    let frac: String = frac.chars().chain("000".chars()).take(3).collect();
+    int.parse::<u64>()
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(frac.parse().ok()?)
+}
+
+impl KvmDomain {
+    fn finish(bare: Bare, dirty_log: bool) -> Result<Self, DomainError> {
+        let msr_indices = state::msr_list(&bare.kvm).map_err(|e| backend("list MSRs", e))?;
+        let output = Arc::new(OutputQueue::default());
+        let vcpu = Vcpu::spawn(bare.vcpu, Arc::clone(&bare.ram), Arc::clone(&output))
+            .map_err(|e| backend("start vCPU", e))?;
+        Ok(Self {
+            vcpu,
+            vm: bare.vm,
+            kvm: bare.kvm,
+            ram: bare.ram,
+            output,
+            msr_indices,
+            paused: true,
+            dirty_log,
+        })
+    }
+
+    /// Build a fresh guest for `spec`, paused.
+    pub(crate) fn create(
+        cfg: &VmConfig,
+        spec: &ha_common::domain::GuestSpec,
+    ) -> Result<Self, DomainError> {
+        guest::validate(spec.memory_size, &spec.params)
+            .map_err(|e| backend("check guest spec", e))?;
+        let bare = build(cfg, spec.memory_size)?;
+        guest::write_boot_pages(&bare.ram).map_err(|e| backend("write boot pages", e))?;
+        let mut params = spec.params.clone();
+        if params.tsc_khz == 0 && params.rate > 0 {
+            params.tsc_khz = tsc_khz(&bare.vcpu);
+        }
+        let mut page = vec![0u8; PAGE_SIZE];
+        params.write_page(&mut page);
+        bare.ram
+            .write(PARAMS_GPA, &page)
+            .map_err(|e| backend("write params page", e))?;
+        let sregs = bare
+            .vcpu
+            .get_sregs()
+            .map_err(|e| backend("KVM_GET_SREGS", e))?;
+        bare.vcpu
+            .set_sregs(&guest::boot_sregs(sregs))
+            .map_err(|e| backend("KVM_SET_SREGS", e))?;
+        bare.vcpu
+            .set_regs(&guest::boot_regs())
+            .map_err(|e| backend("KVM_SET_REGS", e))?;
+        tracing::debug!(target: "ha_kvm", workload = params.workload.name(), memory = spec.memory_size, tsc_khz = params.tsc_khz, "created KVM guest");
+        Self::finish(bare, cfg.dirty_log)
+    }
+
+    /// Build a guest from a memory image and saved state, paused.
+    pub(crate) fn restore(cfg: &VmConfig, image: &[u8], blob: &[u8]) -> Result<Self, DomainError> {
+        let saved = state::decode(blob).map_err(|e| DomainError::BadState(e.to_string()))?;
+        if image.len() as u64 != saved.memory_size {
+            return Err(DomainError::ImageSize {
+                got: image.len() as u64,
+                expected: saved.memory_size,
+            });
+        }
+        if saved.memory_size == 0 || saved.memory_size % (2 << 20) != 0 {
+            return Err(DomainError::BadState(format!(
+                "memory size {:#x}",
+                saved.memory_size
+            )));
+        }
+        let bare = build(cfg, saved.memory_size)?;
+        bare.ram
+            .load_image(image)
+            .map_err(|e| backend("copy memory image", e))?;
+        state::restore(&bare.kvm, &bare.vm, &bare.vcpu, &saved)
+            .map_err(|e| backend("restore vCPU state", e))?;
+        Self::finish(bare, cfg.dirty_log)
+    }
+
+    /// Doorbell exits the vCPU thread has served.
+    pub fn doorbells(&self) -> u64 {
+        self.vcpu.doorbells()
+    }
+
+    /// The guest's status page, read directly.
+    pub fn guest_status(&self) -> Result<GuestStatus, DomainError> {
+        self.status()
+    }
+}
+
+impl Domain for KvmDomain {
+    fn memory_size(&self) -> u64 {
+        self.ram.size() as u64
+    }
+
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+        self.ram
+            .read(gpa, buf)
+            .map_err(|_| DomainError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })
+    }
+
+    fn pause(&mut self) -> Result<(), DomainError> {
+        self.vcpu.pause().map_err(|e| backend("pause vCPU", e))?;
+        self.paused = true;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), DomainError> {
+        if let Some(f) = self.vcpu.fault() {
+            return Err(DomainError::GuestFault(f));
+        }
+        self.vcpu.resume();
+        self.paused = false;
+        Ok(())
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    fn harvest_dirty(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
+        if self.dirty_log {
+            let log = self
+                .vm
+                .get_dirty_log(0, self.ram.size())
+                .map_err(|e| backend("KVM_GET_DIRTY_LOG", e))?;
+            dirty.or_words(0, &log);
+        } else {
+            // Without a dirty log every page may have changed.
+            dirty.or_words(0, &vec![u64::MAX; self.ram.size().div_ceil(PAGE_SIZE * 64)]);
+        }
+        dirty.or_words(0, &self.ram.take_vmm_dirty());
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+        if !self.paused {
+            return Err(DomainError::WrongState {
+                op: "save_state",
+                needs: "paused",
+            });
+        }
+        let fd = self.vcpu.fd();
+        let s = state::save(
+            &self.kvm,
+            &self.vm,
+            &fd,
+            &self.msr_indices,
+            self.ram.size() as u64,
+        )
+        .map_err(|e| backend("save vCPU state", e))?;
+        drop(fd);
+        state::encode(&s).map_err(|e| backend("encode vCPU state", e))
+    }
+
+    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
+        self.output
+            .take_all(&self.ram, out)
+            .map_err(|e| DomainError::GuestFault(format!("bad output ring: {e}")))
+    }
+
+    fn check_health(&self) -> Result<(), DomainError> {
+        match self.vcpu.fault() {
+            Some(f) => Err(DomainError::GuestFault(f)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mhz_to_khz;
+
+    #[test]
+    fn cpuinfo_mhz_parses() {
+        assert_eq!(mhz_to_khz("2596.098"), Some(2_596_098));
+        assert_eq!(mhz_to_khz("3000"), Some(3_000_000));
+        assert_eq!(mhz_to_khz("1.5"), Some(1500));
+        assert_eq!(mhz_to_khz("x"), None);
+    }
+}

@@ -1,0 +1,288 @@
+//! Session messages between a primary and its backup: the handshake, acknowledgements and
+//! heartbeats. They travel as frames of the epoch stream's format (`stream::put_frame`),
+//! with frame types 16 and up.
+//!
+//! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
+//! reason names both values of any mismatch). Then the primary sends epochs and, when
+//! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
+//! each committed epoch.
+
+use crate::block::BlockSize;
+use crate::codec::Mode;
+use crate::stream::put_frame;
+
+/// Version of the session protocol.
+pub const SESSION_VERSION: u16 = 1;
+/// Magic at the start of a Hello: "CASTORHA".
+pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
+
+/// Session frame types.
+pub mod frame_type {
+    /// Primary → backup: session parameters.
+    pub const HELLO: u8 = 16;
+    /// Backup → primary: accepted; the first epoch it expects.
+    pub const WELCOME: u8 = 17;
+    /// Backup → primary: refused, with a reason.
+    pub const REFUSE: u8 = 18;
+    /// Backup → primary: epoch committed.
+    pub const ACK: u8 = 19;
+    /// Primary → backup: still alive.
+    pub const HEARTBEAT: u8 = 20;
+}
+
+/// Errors parsing or checking session messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// A message of the wrong length or with bad fields.
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    /// Not a Castor peer.
+    #[error("peer is not a Castor primary (bad magic)")]
+    BadMagic,
+    /// The peer speaks another session version.
+    #[error("session version mismatch: primary speaks {primary}, backup speaks {backup}")]
+    Version {
+        /// The primary's version.
+        primary: u16,
+        /// The backup's version.
+        backup: u16,
+    },
+    /// A parameter that differs between the two sides.
+    #[error("{what} mismatch: primary has {primary}, backup has {backup}")]
+    Mismatch {
+        /// Which parameter.
+        what: &'static str,
+        /// The primary's value.
+        primary: String,
+        /// The backup's value.
+        backup: String,
+    },
+    /// The backup refused the session.
+    #[error("backup refused the session: {0}")]
+    Refused(String),
+}
+
+/// The primary's opening message: everything both sides must agree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Session protocol version.
+    pub version: u16,
+    /// Guest memory size in bytes.
+    pub memory_size: u64,
+    /// Page size (4096).
+    pub page_size: u32,
+    /// Block size.
+    pub block_size: BlockSize,
+    /// Encoding mode.
+    pub mode: Mode,
+}
+
+impl Hello {
+    /// Encode as a frame.
+    pub fn put(&self, out: &mut Vec<u8>) {
+        let mut b = Vec::with_capacity(27);
+        b.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&self.memory_size.to_le_bytes());
+        b.extend_from_slice(&self.page_size.to_le_bytes());
+        b.extend_from_slice(&(self.block_size.bytes() as u32).to_le_bytes());
+        b.push(self.mode as u8);
+        put_frame(out, frame_type::HELLO, &b);
+    }
+
+    /// Parse a Hello body. The version is checked before anything else, so a peer of
+    /// another version gets a version error, not a field error.
+    pub fn parse(b: &[u8]) -> Result<Self, SessionError> {
+        let magic = b.get(..8).ok_or(SessionError::Malformed("hello"))?;
+        if magic != HELLO_MAGIC.to_le_bytes() {
+            return Err(SessionError::BadMagic);
+        }
+        let version = u16::from_le_bytes([
+            b.get(8).copied().unwrap_or(0),
+            b.get(9).copied().unwrap_or(0),
+        ]);
+        if version != SESSION_VERSION {
+            return Err(SessionError::Version {
+                primary: version,
+                backup: SESSION_VERSION,
+            });
+        }
+        if b.len() != 27 {
+            return Err(SessionError::Malformed("hello"));
+        }
+        let memory_size = u64::from_le_bytes(
+            b[10..18]
+                .try_into()
+                .map_err(|_| SessionError::Malformed("hello"))?,
+        );
+        let page_size = u32::from_le_bytes(
+            b[18..22]
+                .try_into()
+                .map_err(|_| SessionError::Malformed("hello"))?,
+        );
+        let bs = u32::from_le_bytes(
+            b[22..26]
+                .try_into()
+                .map_err(|_| SessionError::Malformed("hello"))?,
+        );
+        let block_size =
+            BlockSize::new(bs).map_err(|_| SessionError::Malformed("hello (block size)"))?;
+        let mode = Mode::from_u8(b[26]).ok_or(SessionError::Malformed("hello (mode)"))?;
+        Ok(Self {
+            version,
+            memory_size,
+            page_size,
+            block_size,
+            mode,
+        })
+    }
+
+    /// Check the primary's Hello against what the backup was configured with; the error
+    /// names the first parameter that differs and both values.
+    pub fn check_against(&self, backup: &Hello) -> Result<(), SessionError> {
+        let mismatch = |what, p: String, b: String| {
+            Err(SessionError::Mismatch {
+                what,
+                primary: p,
+                backup: b,
+            })
+        };
+        if self.memory_size != backup.memory_size {
+            return mismatch(
+                "guest memory size",
+                self.memory_size.to_string(),
+                backup.memory_size.to_string(),
+            );
+        }
+        if self.page_size != backup.page_size {
+            return mismatch(
+                "page size",
+                self.page_size.to_string(),
+                backup.page_size.to_string(),
+            );
+        }
+        if self.block_size != backup.block_size {
+            return mismatch(
+                "block size",
+                self.block_size.to_string(),
+                backup.block_size.to_string(),
+            );
+        }
+        if self.mode != backup.mode {
+            return mismatch("mode", self.mode.to_string(), backup.mode.to_string());
+        }
+        Ok(())
+    }
+}
+
+/// Encode a Welcome: the first epoch the backup expects.
+pub fn put_welcome(out: &mut Vec<u8>, next_epoch: u64) {
+    put_frame(out, frame_type::WELCOME, &next_epoch.to_le_bytes());
+}
+
+/// Encode a Refuse with its reason.
+pub fn put_refuse(out: &mut Vec<u8>, reason: &str) {
+    put_frame(out, frame_type::REFUSE, reason.as_bytes());
+}
+
+/// Encode an Ack of a committed epoch.
+pub fn put_ack(out: &mut Vec<u8>, epoch: u64) {
+    put_frame(out, frame_type::ACK, &epoch.to_le_bytes());
+}
+
+/// Encode a heartbeat.
+pub fn put_heartbeat(out: &mut Vec<u8>) {
+    put_frame(out, frame_type::HEARTBEAT, &[]);
+}
+
+/// Parse the u64 body of a Welcome or Ack.
+pub fn parse_u64(body: &[u8], what: &'static str) -> Result<u64, SessionError> {
+    let b: [u8; 8] = body.try_into().map_err(|_| SessionError::Malformed(what))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::split_frame;
+
+    fn hello() -> Hello {
+        Hello {
+            version: SESSION_VERSION,
+            memory_size: 256 << 20,
+            page_size: 4096,
+            block_size: BlockSize::DEFAULT,
+            mode: Mode::Fgbi,
+        }
+    }
+
+    #[test]
+    fn hello_roundtrip_and_mismatches_name_both_values() {
+        let mut out = Vec::new();
+        hello().put(&mut out);
+        let (ty, body, n) = split_frame(&out).unwrap().unwrap();
+        assert_eq!((ty, n), (frame_type::HELLO, out.len()));
+        let h = Hello::parse(body).unwrap();
+        assert_eq!(h, hello());
+        let backup = Hello {
+            memory_size: 128 << 20,
+            ..hello()
+        };
+        assert_eq!(
+            h.check_against(&backup).unwrap_err().to_string(),
+            "guest memory size mismatch: primary has 268435456, backup has 134217728"
+        );
+        let backup = Hello {
+            mode: Mode::Remus,
+            ..hello()
+        };
+        assert_eq!(
+            h.check_against(&backup).unwrap_err().to_string(),
+            "mode mismatch: primary has fgbi, backup has remus"
+        );
+        assert_eq!(h.check_against(&hello()), Ok(()));
+    }
+
+    #[test]
+    fn bad_hellos_are_refused_specifically() {
+        let mut out = Vec::new();
+        hello().put(&mut out);
+        let body = &out[5..];
+        let mut v = body.to_vec();
+        v[8] = 7;
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Version {
+                primary: 7,
+                backup: SESSION_VERSION
+            })
+        );
+        let mut v = body.to_vec();
+        v[0] ^= 1;
+        assert_eq!(Hello::parse(&v), Err(SessionError::BadMagic));
+        assert_eq!(
+            Hello::parse(&body[..20]),
+            Err(SessionError::Malformed("hello"))
+        );
+        let mut v = body.to_vec();
+        v[26] = 9;
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Malformed("hello (mode)"))
+        );
+        assert_eq!(Hello::parse(&[]), Err(SessionError::Malformed("hello")));
+    }
+
+    #[test]
+    fn acks_and_welcome() {
+        let mut out = Vec::new();
+        put_ack(&mut out, 42);
+        let (ty, body, _) = split_frame(&out).unwrap().unwrap();
+        assert_eq!(ty, frame_type::ACK);
+        assert_eq!(parse_u64(body, "ack"), Ok(42));
+        assert_eq!(
+            parse_u64(&body[..3], "ack"),
+            Err(SessionError::Malformed("ack"))
+        );
+    }
+}

@@ -12,8 +12,10 @@
 //! | [`codec`] | hybrid per-page encoding and decoding (encode) |
 //! | [`session`] | handshake, acks and heartbeats between primary and backup |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
+//! | [`output`] | releasing guest output, the ack log, and the consumer's check |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
+//! | [`units`] | sizes and durations on command lines |
 //! | [`bitmap`] | page bitmaps for dirty tracking |
 
 pub mod bitmap;
@@ -23,9 +25,11 @@ pub mod codec;
 pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
+pub mod output;
 pub mod session;
 pub mod share;
 pub mod stream;
+pub mod units;
 pub mod varint;
 pub mod xbzrle;
 

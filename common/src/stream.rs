@@ -10,7 +10,11 @@
 //!             varint page | u8 encoding | varint payload length | payload
 //! State   (3) the vCPU/device state blob, opaque here
 //! Trailer (4) u32 record count | u64 byte count | 32-byte blake3 digest
+//! Verify  (5) 32-byte blake3 digest of the whole guest memory at this checkpoint
 //! ```
+//!
+//! An epoch that carries a State frame is a *checkpoint*: the backup may resume the guest
+//! from it. Epochs without one (the initial pre-copy rounds) only bring the image closer.
 //!
 //! The trailer's byte count and digest cover every byte of the epoch's frames before it,
 //! length prefixes included, in order. [`Staging`] decodes an epoch's records into a
@@ -44,6 +48,8 @@ pub mod frame_type {
     pub const STATE: u8 = 3;
     /// Commit trailer.
     pub const TRAILER: u8 = 4;
+    /// Digest of the whole guest memory (verification mode).
+    pub const VERIFY: u8 = 5;
 }
 
 /// Why an epoch was rejected.
@@ -126,6 +132,12 @@ pub enum StreamError {
     /// The digest does not match the frames received.
     #[error("epoch digest mismatch: frames were altered, reordered or lost")]
     Digest,
+    /// The committed image differs from the primary's memory (verification mode).
+    #[error("committed image of epoch {epoch} differs from the primary's memory digest")]
+    ImageMismatch {
+        /// The epoch whose digest did not match.
+        epoch: u64,
+    },
     /// A second state blob, or one too large.
     #[error("bad state frame: {0}")]
     State(&'static str),
@@ -235,6 +247,13 @@ impl EpochWriter {
         self.frame(out, frame_type::STATE, blob);
     }
 
+    /// Append the blake3 digest of the whole guest memory at this checkpoint, for the
+    /// backup to check against its image after the commit (verification mode).
+    pub fn verify(&mut self, out: &mut Vec<u8>, digest: &[u8; 32]) {
+        self.flush_pages(out);
+        self.frame(out, frame_type::VERIFY, digest);
+    }
+
     /// Write the trailer. Fails (writing nothing) if the records written differ from the
     /// header's count.
     pub fn finish(mut self, out: &mut Vec<u8>) -> Result<(), StreamError> {
@@ -277,8 +296,10 @@ pub struct StagedEpoch {
     pub epoch: u64,
     /// The new content of every page the epoch changes.
     pub pages: HashMap<u64, Box<Page>>,
-    /// The vCPU/device state blob, if the epoch carried one.
+    /// The vCPU/device state blob, if the epoch carried one (then it is a checkpoint).
     pub state: Option<Vec<u8>>,
+    /// The primary's digest of the whole guest memory, if it sent one.
+    pub verify: Option<[u8; 32]>,
     /// Bytes of frames received for this epoch (trailer excluded).
     pub wire_bytes: u64,
 }
@@ -292,6 +313,17 @@ impl StagedEpoch {
             if let Some(dst) = image.get_mut(at..at + PAGE_SIZE) {
                 dst.copy_from_slice(&content[..]);
             }
+        }
+    }
+
+    /// After [`StagedEpoch::commit`]: `Ok` when the epoch carried no digest or the image
+    /// matches it; the mismatch otherwise.
+    pub fn check_image(&self, image: &[u8]) -> Result<(), StreamError> {
+        match &self.verify {
+            Some(want) if blake3::hash(image).as_bytes() != want => {
+                Err(StreamError::ImageMismatch { epoch: self.epoch })
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -330,6 +362,7 @@ struct Current {
     records: u64,
     staged: HashMap<u64, Box<Page>>,
     state: Option<Vec<u8>>,
+    verify: Option<[u8; 32]>,
 }
 
 impl Staging {
@@ -401,6 +434,7 @@ impl Staging {
                 records: 0,
                 staged: HashMap::new(),
                 state: None,
+                verify: None,
             });
             return Ok(None);
         };
@@ -421,6 +455,19 @@ impl Staging {
                     return Err(StreamError::State("state blob too large"));
                 }
                 cur.state = Some(body.to_vec());
+                Ok(None)
+            }
+            frame_type::VERIFY => {
+                cur.hasher.update(raw);
+                cur.bytes += raw.len() as u64;
+                let d: [u8; 32] = body
+                    .try_into()
+                    .map_err(|_| StreamError::Malformed("verify"))?;
+                if cur.verify.replace(d).is_some() {
+                    return Err(StreamError::Malformed(
+                        "verify (second digest in one epoch)",
+                    ));
+                }
                 Ok(None)
             }
             frame_type::TRAILER => {
@@ -464,6 +511,7 @@ impl Staging {
                     epoch: cur.header.epoch,
                     pages: cur.staged,
                     state: cur.state,
+                    verify: cur.verify,
                     wire_bytes: cur.bytes,
                 }))
             }
@@ -829,6 +877,40 @@ mod tests {
         assert_eq!(
             split_frame(&huge),
             Err(StreamError::FrameTooLarge(MAX_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn verify_digest_catches_a_divergent_image() {
+        let mut out = Vec::new();
+        let h = EpochHeader {
+            epoch: 1,
+            mode: Mode::Fgbi,
+            block_size: BlockSize::DEFAULT,
+            records: 0,
+        };
+        let mut w = EpochWriter::begin(&mut out, h);
+        let image = vec![0u8; PAGES * PAGE_SIZE];
+        w.verify(&mut out, blake3::hash(&image).as_bytes());
+        w.finish(&mut out).unwrap();
+        let mut mine = image.clone();
+        let mut st = stager();
+        let mut staged = None;
+        let mut at = 0;
+        while let Some((ty, body, n)) = split_frame(&out[at..]).unwrap() {
+            staged = st
+                .push(ty, body, &out[at..at + n], &mine)
+                .unwrap()
+                .or(staged);
+            at += n;
+        }
+        let staged = staged.unwrap();
+        staged.commit(&mut mine);
+        assert_eq!(staged.check_image(&mine), Ok(()));
+        mine[77] = 1;
+        assert_eq!(
+            staged.check_image(&mine),
+            Err(StreamError::ImageMismatch { epoch: 1 })
         );
     }
 

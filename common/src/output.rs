@@ -1,0 +1,333 @@
+//! Released guest output: how a protected guest's "network output" reaches the world, and
+//! how the world checks that output commit held.
+//!
+//! Output records are held by the primary until the checkpoint that produced them is
+//! committed at the backup (output commit), then *released*: sent to an output sink over
+//! TCP as frames of type [`OUTPUT_FRAME`]. After a failover the backup releases the
+//! guest's output itself. The backup appends a line `epoch out_head` to its *ack log*
+//! before it acknowledges each checkpoint, so a consumer can check that every record it
+//! receives from the primary belongs to a committed checkpoint ([`OutputChecker`]).
+
+use crate::guest_abi::{OUTPUT_PAYLOAD, OutputRecord};
+use crate::stream::{put_frame, split_frame};
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+
+/// Frame type of a released output record.
+pub const OUTPUT_FRAME: u8 = 32;
+
+/// Errors of the output path.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The sink cannot be reached or written.
+    #[error("output sink {addr}")]
+    Sink {
+        /// The sink's address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A malformed output frame.
+    #[error("malformed output frame: {0}")]
+    Malformed(&'static str),
+    /// Reading the ack log failed.
+    #[error("ack log {path}")]
+    AckLog {
+        /// The log's path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who released a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The primary, after the checkpoint's ack.
+    Primary = 0,
+    /// The backup, after it took over.
+    Backup = 1,
+}
+
+/// A TCP connection to the output sink.
+#[derive(Debug)]
+pub struct OutputSink {
+    addr: SocketAddr,
+    stream: std::io::BufWriter<TcpStream>,
+    source: Source,
+    buf: Vec<u8>,
+}
+
+impl OutputSink {
+    /// Connect to the sink at `addr`, releasing as `source`.
+    pub fn connect(addr: SocketAddr, source: Source) -> Result<Self, OutputError> {
+        let s = TcpStream::connect(addr).map_err(|source| OutputError::Sink { addr, source })?;
+        let _ = s.set_nodelay(true);
+        Ok(Self {
+            addr,
+            stream: std::io::BufWriter::new(s),
+            source,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Send records to the world, in order, and flush.
+    pub fn release(&mut self, records: &[OutputRecord]) -> Result<(), OutputError> {
+        for r in records {
+            self.buf.clear();
+            encode_record(&mut self.buf, self.source, r);
+            self.stream
+                .write_all(&self.buf)
+                .map_err(|source| OutputError::Sink {
+                    addr: self.addr,
+                    source,
+                })?;
+        }
+        self.stream.flush().map_err(|source| OutputError::Sink {
+            addr: self.addr,
+            source,
+        })
+    }
+}
+
+/// Append one output frame: `u8 source | u64 seq | payload`.
+pub fn encode_record(out: &mut Vec<u8>, source: Source, r: &OutputRecord) {
+    let mut body = Vec::with_capacity(9 + r.payload.len());
+    body.push(source as u8);
+    body.extend_from_slice(&r.seq.to_le_bytes());
+    body.extend_from_slice(&r.payload[..r.payload.len().min(OUTPUT_PAYLOAD)]);
+    put_frame(out, OUTPUT_FRAME, &body);
+}
+
+/// Parse an output frame body.
+pub fn decode_record(body: &[u8]) -> Result<(Source, OutputRecord), OutputError> {
+    if body.len() < 9 || body.len() > 9 + OUTPUT_PAYLOAD {
+        return Err(OutputError::Malformed("length"));
+    }
+    let source = match body[0] {
+        0 => Source::Primary,
+        1 => Source::Backup,
+        _ => return Err(OutputError::Malformed("source")),
+    };
+    let seq = u64::from_le_bytes(
+        body[1..9]
+            .try_into()
+            .map_err(|_| OutputError::Malformed("seq"))?,
+    );
+    Ok((
+        source,
+        OutputRecord {
+            seq,
+            payload: body[9..].to_vec(),
+        },
+    ))
+}
+
+/// Read output frames from `r` until EOF, calling `f` for each record.
+pub fn read_records(
+    mut r: impl Read,
+    mut f: impl FnMut(Source, OutputRecord),
+) -> Result<(), OutputError> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        let n = match r.read(&mut chunk) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(()), // the releasing side died: that is a normal end here
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while let Some((ty, body, len)) =
+            split_frame(&buf[at..]).map_err(|_| OutputError::Malformed("frame"))?
+        {
+            if ty != OUTPUT_FRAME {
+                return Err(OutputError::Malformed("frame type"));
+            }
+            let (s, rec) = decode_record(body)?;
+            f(s, rec);
+            at += len;
+        }
+        buf.drain(..at);
+    }
+}
+
+/// Append `epoch out_head` to the ack log and flush it to the OS before returning.
+pub fn append_ack_log(log: &mut std::fs::File, epoch: u64, out_head: u64) -> std::io::Result<()> {
+    writeln!(log, "{epoch} {out_head}")?;
+    log.flush()
+}
+
+/// The highest `out_head` committed so far according to the ack log (0 if none).
+pub fn committed_out_head(path: &Path) -> Result<u64, OutputError> {
+    let f = std::fs::File::open(path).map_err(|source| OutputError::AckLog {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut best = 0;
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(|source| OutputError::AckLog {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut it = line.split_whitespace();
+        if let (Some(_), Some(h)) = (it.next(), it.next())
+            && let Ok(h) = h.parse::<u64>()
+        {
+            best = best.max(h);
+        }
+    }
+    Ok(best)
+}
+
+/// A violation of what the world may see.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A sequence number was skipped.
+    #[error("output skipped from seq {expected} to {got}")]
+    Skip {
+        /// The next sequence number expected.
+        expected: u64,
+        /// What arrived.
+        got: u64,
+    },
+    /// A sequence number seen before, with other content.
+    #[error("output seq {0} repeated with different content")]
+    Changed(u64),
+    /// The primary released a record before its checkpoint was committed.
+    #[error(
+        "primary released seq {seq} before a checkpoint holding it was acknowledged (committed out_head {committed})"
+    )]
+    Uncommitted {
+        /// The record.
+        seq: u64,
+        /// The highest committed out_head at the time.
+        committed: u64,
+    },
+}
+
+/// The world's check of released output: no skip, no repeat with other content, and no
+/// primary record ahead of the committed checkpoints.
+#[derive(Debug, Default)]
+pub struct OutputChecker {
+    seen: BTreeMap<u64, Vec<u8>>,
+    next: u64,
+    /// Records accepted (repeats included).
+    pub received: u64,
+    /// Repeats with identical content (allowed: the backup re-releases after failover).
+    pub repeats: u64,
+}
+
+impl OutputChecker {
+    /// Check one record. `committed` is the highest committed out_head (from the ack
+    /// log), consulted only for records the primary released.
+    pub fn check(
+        &mut self,
+        source: Source,
+        r: &OutputRecord,
+        committed: impl FnOnce() -> u64,
+    ) -> Result<(), Violation> {
+        self.received += 1;
+        if source == Source::Primary {
+            let c = committed();
+            if r.seq >= c {
+                return Err(Violation::Uncommitted {
+                    seq: r.seq,
+                    committed: c,
+                });
+            }
+        }
+        if r.seq < self.next {
+            return match self.seen.get(&r.seq) {
+                Some(p) if *p == r.payload => {
+                    self.repeats += 1;
+                    Ok(())
+                }
+                _ => Err(Violation::Changed(r.seq)),
+            };
+        }
+        if r.seq > self.next {
+            return Err(Violation::Skip {
+                expected: self.next,
+                got: r.seq,
+            });
+        }
+        self.seen.insert(r.seq, r.payload.clone());
+        self.next += 1;
+        Ok(())
+    }
+
+    /// The next sequence number expected (= distinct records seen).
+    pub fn next_seq(&self) -> u64 {
+        self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(seq: u64, b: u8) -> OutputRecord {
+        OutputRecord {
+            seq,
+            payload: vec![b; 16],
+        }
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        let mut buf = Vec::new();
+        encode_record(&mut buf, Source::Backup, &rec(9, 3));
+        encode_record(&mut buf, Source::Primary, &rec(10, 4));
+        let mut got = Vec::new();
+        read_records(&buf[..], |s, r| got.push((s, r))).unwrap();
+        assert_eq!(
+            got,
+            vec![(Source::Backup, rec(9, 3)), (Source::Primary, rec(10, 4))]
+        );
+        assert!(decode_record(&[7; 9]).is_err());
+    }
+
+    #[test]
+    fn checker_catches_skips_changes_and_early_release() {
+        let mut c = OutputChecker::default();
+        assert_eq!(c.check(Source::Primary, &rec(0, 1), || 5), Ok(()));
+        assert_eq!(
+            c.check(Source::Primary, &rec(1, 1), || 1),
+            Err(Violation::Uncommitted {
+                seq: 1,
+                committed: 1
+            })
+        );
+        assert_eq!(
+            c.check(Source::Backup, &rec(2, 1), || 0),
+            Err(Violation::Skip {
+                expected: 1,
+                got: 2
+            })
+        );
+        assert_eq!(c.check(Source::Backup, &rec(1, 1), || 0), Ok(()));
+        assert_eq!(c.check(Source::Backup, &rec(0, 1), || 0), Ok(()));
+        assert_eq!(
+            c.check(Source::Backup, &rec(1, 2), || 0),
+            Err(Violation::Changed(1))
+        );
+        assert_eq!((c.next_seq(), c.repeats), (2, 1));
+    }
+
+    #[test]
+    fn ack_log_gives_highest_out_head() {
+        let path = std::env::temp_dir().join(format!("castor-acklog-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        append_ack_log(&mut f, 1, 10).unwrap();
+        append_ack_log(&mut f, 2, 25).unwrap();
+        assert_eq!(committed_out_head(&path).unwrap(), 25);
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,3 +1,19 @@
-//! `ha-primary`: the epoch engine (pause, harvest, copy, resume; encode; send; output
-//! commit). The engine arrives with the replication work; this crate holds its place in
-//! the workspace.
+//! `ha-primary`: the primary side of a Castor pair.
+//!
+//! One module per stage of the checkpoint path:
+//!
+//! | module | stage |
+//! |---|---|
+//! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
+//! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
+//! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
+//! | [`commit`] | output commit: output held until its checkpoint is acknowledged |
+//! | [`engine`] | the epoch loop tying them together, and the backup-lost policy |
+//! | [`report`] | per-epoch CSV statistics and JSON-lines events |
+
+pub mod commit;
+pub mod encode;
+pub mod engine;
+pub mod harvest;
+pub mod link;
+pub mod report;

@@ -1,0 +1,103 @@
+//! The *identify*, *share* and *encode* stages on the primary: an encoder thread that turns
+//! each epoch's dirty pages into epoch-stream bytes with the session's `PageEncoder`, while
+//! the guest runs the next epoch.
+
+use crate::harvest::Pages;
+use crossbeam_channel::{Receiver, Sender};
+use ha_common::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
+use ha_common::stream::{EpochHeader, EpochWriter};
+use std::time::{Duration, Instant};
+
+/// Work for the encoder: one epoch.
+#[derive(Debug)]
+pub struct Job {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Dirty pages.
+    pub pages: Pages,
+    /// State blob: present for checkpoints, absent for pre-copy rounds.
+    pub state: Option<Vec<u8>>,
+    /// Whole-memory digest (verification mode).
+    pub verify: Option<[u8; 32]>,
+}
+
+/// What the encoder reports for each epoch.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Dirty pages in the epoch.
+    pub pages: usize,
+    /// Encoder counters for this epoch alone.
+    pub stats: EncodeStats,
+    /// Bytes of the epoch on the wire.
+    pub wire_bytes: u64,
+    /// Time spent encoding.
+    pub encode: Duration,
+}
+
+/// Run the encoder until `jobs` closes: encode each epoch, hand the bytes to the link, and
+/// report to the engine. Stops early if the link is gone.
+pub fn run(
+    mut enc: PageEncoder,
+    jobs: Receiver<Job>,
+    link: Sender<Vec<u8>>,
+    done: Sender<Encoded>,
+) {
+    let mut batch = EncodedBatch::default();
+    for job in jobs {
+        let t = Instant::now();
+        let before = enc.stats().clone();
+        batch.clear();
+        enc.encode_batch(
+            Batch {
+                pages: &job.pages.index,
+                data: &job.pages.data,
+            },
+            &mut batch,
+        );
+        let cfg = *enc.config();
+        let mut out = Vec::with_capacity(batch.bytes.len() + batch.records.len() * 8 + 256);
+        let h = EpochHeader {
+            epoch: job.epoch,
+            mode: cfg.mode,
+            block_size: cfg.block_size,
+            records: EpochWriter::records_in(&batch),
+        };
+        let mut w = EpochWriter::begin(&mut out, h);
+        w.pages(&mut out, &batch);
+        if let Some(s) = &job.state {
+            w.state(&mut out, s);
+        }
+        if let Some(d) = &job.verify {
+            w.verify(&mut out, d);
+        }
+        if let Err(e) = w.finish(&mut out) {
+            tracing::error!(epoch = job.epoch, error = %e, "epoch writer refused the epoch");
+            return;
+        }
+        let mut stats = enc.stats().clone();
+        subtract(&mut stats, &before);
+        let report = Encoded {
+            epoch: job.epoch,
+            pages: job.pages.len(),
+            stats,
+            wire_bytes: out.len() as u64,
+            encode: t.elapsed(),
+        };
+        if link.send(out).is_err() || done.send(report).is_err() {
+            return;
+        }
+    }
+}
+
+fn subtract(a: &mut EncodeStats, b: &EncodeStats) {
+    for (x, y) in a.kinds.iter_mut().zip(&b.kinds) {
+        x.pages -= y.pages;
+        x.bytes -= y.bytes;
+    }
+    a.changed_blocks -= b.changed_blocks;
+    a.shared_blocks -= b.shared_blocks;
+    a.zero_blocks -= b.zero_blocks;
+    a.literal_blocks -= b.literal_blocks;
+}

@@ -1,0 +1,536 @@
+//! The epoch engine: initial synchronization, then every interval a checkpoint (pause,
+//! harvest, copy, save, resume), encoded and sent while the next epoch runs; output held
+//! until the checkpoint's ack; and what to do when the backup is lost.
+
+use crate::commit::HeldOutput;
+use crate::encode::{self, Encoded, Job};
+use crate::harvest::{self, Pages};
+use crate::link::{self, LinkEvent};
+use crate::report::{EpochRow, Events, StatsCsv};
+use crossbeam_channel::{Sender, bounded, unbounded};
+use ha_common::PAGE_SIZE;
+use ha_common::bitmap::PageBitmap;
+use ha_common::block::is_zero;
+use ha_common::cache::PageCache;
+use ha_common::codec::{CodecConfig, ConfigError, Mode, PageEncoder};
+use ha_common::domain::{Domain, DomainError};
+use ha_common::guest_abi::page_count;
+use ha_common::hashes::BlockHashes;
+use ha_common::output::{OutputError, OutputSink, Source};
+use ha_common::session::{Hello, SESSION_VERSION};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Pages per pre-copy epoch.
+const PRECOPY_CHUNK: usize = 8192;
+
+/// Errors that stop the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The guest backend failed.
+    #[error("guest")]
+    Domain(#[from] DomainError),
+    /// The link to the backup could not be set up.
+    #[error("link")]
+    Link(#[from] link::LinkError),
+    /// The codec configuration is invalid.
+    #[error("codec configuration")]
+    Codec(#[from] ConfigError),
+    /// Releasing output failed.
+    #[error("releasing output")]
+    Output(#[from] OutputError),
+    /// A report file cannot be written.
+    #[error("cannot write {path}")]
+    Report {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The page cache size is invalid.
+    #[error("page cache")]
+    Cache(#[from] ha_common::cache::CacheError),
+    /// The encoder thread is gone.
+    #[error("the encoder thread stopped")]
+    EncoderGone,
+}
+
+/// How the primary runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The backup's address.
+    pub backup: SocketAddr,
+    /// Codec settings (mode, block size, general codec).
+    pub codec: CodecConfig,
+    /// Page cache capacity in bytes (xbzrle, fgbi).
+    pub cache_bytes: usize,
+    /// Epoch interval.
+    pub interval: Duration,
+    /// Checkpoints that may be in flight (taken, not yet acknowledged).
+    pub pipeline: usize,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// The backup is lost when an epoch waits longer than this for its ack.
+    pub ack_timeout: Duration,
+    /// Pause the guest when the backup is lost (instead of continuing unprotected).
+    pub fence: bool,
+    /// Send a whole-memory digest every this many checkpoints (0: never).
+    pub verify_every: u64,
+    /// Pre-copy rounds at most.
+    pub precopy_rounds: usize,
+    /// Pre-copy stops when a round finds at most this many dirty pages.
+    pub precopy_threshold: usize,
+    /// Stop after this long (None: until asked to stop).
+    pub run_for: Option<Duration>,
+    /// Where released output goes.
+    pub output: Option<SocketAddr>,
+    /// Per-epoch CSV.
+    pub stats: Option<PathBuf>,
+    /// JSON-lines events.
+    pub events: Option<PathBuf>,
+}
+
+/// What a run achieved.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// Checkpoints acknowledged by the backup.
+    pub epochs_committed: u64,
+    /// Pause times of the checkpoints, in microseconds.
+    #[serde(skip)]
+    pub pauses_us: Vec<u64>,
+    /// Pause time p50, ms.
+    pub pause_ms_p50: f64,
+    /// Pause time p99, ms.
+    pub pause_ms_p99: f64,
+    /// Wire bytes of the checkpoints.
+    pub wire_bytes: u64,
+    /// Raw bytes (dirty pages × 4096) of the checkpoints.
+    pub raw_bytes: u64,
+    /// Output records released.
+    pub outputs_released: u64,
+    /// Whether the backup was lost.
+    pub backup_lost: bool,
+}
+
+/// The engine's state, for logs and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Syncing,
+    Protected,
+    Unprotected,
+    Fenced,
+}
+
+struct Engine<'a> {
+    cfg: &'a Config,
+    d: &'a mut dyn Domain,
+    jobs: Sender<Job>,
+    done: crossbeam_channel::Receiver<Encoded>,
+    link: crossbeam_channel::Receiver<LinkEvent>,
+    held: HeldOutput,
+    inflight: BTreeMap<u64, EpochRow>,
+    inflight_since: BTreeMap<u64, Instant>,
+    encoded: BTreeMap<u64, Encoded>,
+    stats: Option<StatsCsv>,
+    events: Events,
+    epoch: u64,
+    first_checkpoint: Option<u64>,
+    phase: Phase,
+    summary: Summary,
+    checkpoints: u64,
+}
+
+/// Protect `d` until `stop` is set, `cfg.run_for` passes, or the guest fails.
+pub fn run(cfg: &Config, d: &mut dyn Domain, stop: &AtomicBool) -> Result<Summary, EngineError> {
+    let pages = page_count(d.memory_size());
+    let mut events =
+        Events::create(cfg.events.as_deref()).map_err(|source| EngineError::Report {
+            path: cfg.events.clone().unwrap_or_default(),
+            source,
+        })?;
+    let stats = match &cfg.stats {
+        Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let hello = Hello {
+        version: SESSION_VERSION,
+        memory_size: d.memory_size(),
+        page_size: PAGE_SIZE as u32,
+        block_size: cfg.codec.block_size,
+        mode: cfg.codec.mode,
+    };
+    let link = link::connect(cfg.backup, &hello, cfg.heartbeat, Duration::from_secs(5))?;
+    tracing::info!(backup = %cfg.backup, next_epoch = link.next_epoch, "connected to the backup");
+    events.emit(
+        "connected",
+        json!({ "backup": cfg.backup.to_string(), "next_epoch": link.next_epoch }),
+    );
+
+    let cache = match cfg.codec.mode {
+        Mode::Remus => None,
+        _ => Some(
+            PageCache::lru(cfg.cache_bytes)
+                .map_err(|_| ConfigError::ZlibLevel(0))
+                .unwrap_or_else(|_| PageCache::shadow(0)),
+        ),
+    };
+    let hashes =
+        (cfg.codec.mode == Mode::Fgbi).then(|| BlockHashes::new(pages, cfg.codec.block_size));
+    let enc = PageEncoder::new(cfg.codec, cache, hashes)?;
+    let (jobs, job_rx) = bounded::<Job>(1);
+    let (done_tx, done) = unbounded();
+    let link_tx = link.tx.clone();
+    std::thread::Builder::new()
+        .name("castor-encode".into())
+        .spawn(move || encode::run(enc, job_rx, link_tx, done_tx))
+        .map_err(|_| EngineError::EncoderGone)?;
+    drop(link.tx);
+
+    let sink = match cfg.output {
+        Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
+        None => None,
+    };
+    let mut e = Engine {
+        cfg,
+        d,
+        jobs,
+        done,
+        link: link.events,
+        held: HeldOutput::new(sink),
+        inflight: BTreeMap::new(),
+        inflight_since: BTreeMap::new(),
+        encoded: BTreeMap::new(),
+        stats,
+        events,
+        epoch: link.next_epoch,
+        first_checkpoint: None,
+        phase: Phase::Syncing,
+        summary: Summary::default(),
+        checkpoints: 0,
+    };
+    let started = Instant::now();
+    e.sync(pages)?;
+    e.protect(stop, started)?;
+    e.finish();
+    Ok(e.summary)
+}
+
+impl Engine<'_> {
+    /// Initial synchronization: every non-zero page while the guest runs, then rounds of
+    /// what it dirtied meanwhile until a round is small, then the first checkpoint.
+    fn sync(&mut self, pages: usize) -> Result<(), EngineError> {
+        let t = Instant::now();
+        tracing::info!(
+            memory_mib = self.d.memory_size() >> 20,
+            "syncing: pre-copy while the guest runs"
+        );
+        self.events.emit("syncing", json!({}));
+        if self.d.is_paused() {
+            self.d.resume()?;
+        }
+        let mut dirty = PageBitmap::new(pages);
+        self.d.harvest_dirty(&mut dirty)?; // tracking starts now
+        // Round 0: every non-zero page, in chunks.
+        let mut chunk = Pages::default();
+        let mut page = [0u8; PAGE_SIZE];
+        let mut sent = 0usize;
+        for p in 0..pages {
+            self.d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
+            if is_zero(&page) {
+                continue;
+            }
+            chunk.index.push(p as u64);
+            chunk.data.extend_from_slice(&page);
+            if chunk.len() == PRECOPY_CHUNK {
+                sent += chunk.len();
+                self.send_precopy(std::mem::take(&mut chunk))?;
+            }
+        }
+        sent += chunk.len();
+        if !chunk.is_empty() {
+            self.send_precopy(chunk)?;
+        }
+        let mut rounds = 1;
+        // Whether `dirty` holds pages not sent yet (they go with the first checkpoint).
+        let mut pending = false;
+        while rounds < self.cfg.precopy_rounds {
+            dirty.clear();
+            self.d.harvest_dirty(&mut dirty)?;
+            if dirty.count() <= self.cfg.precopy_threshold {
+                pending = true;
+                break;
+            }
+            let mut round = Pages::default();
+            harvest::copy_pages(self.d, &dirty, false, &mut round)?;
+            sent += round.len();
+            for part in split(round) {
+                self.send_precopy(part)?;
+            }
+            rounds += 1;
+            self.pump(Duration::ZERO)?;
+        }
+        if !pending {
+            dirty.clear();
+        }
+        tracing::info!(
+            rounds,
+            pages = sent,
+            ms = t.elapsed().as_millis() as u64,
+            "pre-copy done; taking the first checkpoint"
+        );
+        self.events.emit(
+            "synced",
+            json!({ "rounds": rounds, "pages": sent, "ms": t.elapsed().as_millis() as u64 }),
+        );
+        let first = self.epoch;
+        self.checkpoint(&mut dirty)?;
+        self.first_checkpoint = Some(first);
+        Ok(())
+    }
+
+    fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
+        let epoch = self.epoch;
+        self.epoch += 1;
+        let n = pages.len();
+        self.inflight.insert(
+            epoch,
+            EpochRow {
+                epoch,
+                checkpoint: false,
+                dirty_pages: n,
+                ..Default::default()
+            },
+        );
+        self.inflight_since.insert(epoch, Instant::now());
+        self.jobs
+            .send(Job {
+                epoch,
+                pages,
+                state: None,
+                verify: None,
+            })
+            .map_err(|_| EngineError::EncoderGone)
+    }
+
+    fn checkpoint(&mut self, dirty: &mut PageBitmap) -> Result<Instant, EngineError> {
+        self.checkpoints += 1;
+        let verify =
+            self.cfg.verify_every > 0 && self.checkpoints.is_multiple_of(self.cfg.verify_every);
+        let cp = harvest::take(self.d, self.epoch, dirty, verify)?;
+        self.epoch += 1;
+        self.held.hold(cp.epoch, cp.outputs);
+        self.summary.pauses_us.push(cp.pause.as_micros() as u64);
+        self.inflight.insert(
+            cp.epoch,
+            EpochRow {
+                epoch: cp.epoch,
+                checkpoint: true,
+                pause: cp.pause,
+                dirty_pages: cp.pages.len(),
+                ..Default::default()
+            },
+        );
+        let taken = cp.taken;
+        self.inflight_since.insert(cp.epoch, taken);
+        self.jobs
+            .send(Job {
+                epoch: cp.epoch,
+                pages: cp.pages,
+                state: Some(cp.state),
+                verify: cp.verify,
+            })
+            .map_err(|_| EngineError::EncoderGone)?;
+        Ok(taken)
+    }
+
+    /// The epoch loop.
+    fn protect(&mut self, stop: &AtomicBool, started: Instant) -> Result<(), EngineError> {
+        let pages = page_count(self.d.memory_size());
+        let mut dirty = PageBitmap::new(pages);
+        let mut next = Instant::now() + self.cfg.interval;
+        loop {
+            if stop.load(Ordering::Relaxed)
+                || self.cfg.run_for.is_some_and(|r| started.elapsed() >= r)
+            {
+                return Ok(());
+            }
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5));
+            self.pump(wait)?;
+            self.d.check_health()?;
+            match self.phase {
+                Phase::Syncing | Phase::Protected => {
+                    if let Some(&oldest) = self.inflight.keys().next()
+                        && self.waited(oldest) > self.cfg.ack_timeout
+                    {
+                        let why = format!(
+                            "no ack for epoch {oldest} within {:?}",
+                            self.cfg.ack_timeout
+                        );
+                        self.backup_lost(&why)?;
+                        continue;
+                    }
+                    let checkpoints_in_flight =
+                        self.inflight.values().filter(|r| r.checkpoint).count();
+                    if Instant::now() >= next && checkpoints_in_flight < self.cfg.pipeline.max(1) {
+                        dirty.clear();
+                        let taken = self.checkpoint(&mut dirty)?;
+                        // The next epoch starts now; if the link held us back, the interval
+                        // stretched instead of memory growing.
+                        next = taken + self.cfg.interval;
+                    }
+                }
+                Phase::Unprotected => {
+                    if Instant::now() >= next {
+                        let mut recs = Vec::new();
+                        self.d.drain_output(&mut recs)?;
+                        self.held.release(&recs)?;
+                        next = Instant::now() + self.cfg.interval;
+                    }
+                }
+                Phase::Fenced => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// How long an in-flight epoch has waited for its ack (since it was taken or queued).
+    fn waited(&self, epoch: u64) -> Duration {
+        self.inflight_since
+            .get(&epoch)
+            .map_or(Duration::ZERO, Instant::elapsed)
+    }
+
+    /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
+    fn pump(&mut self, wait: Duration) -> Result<(), EngineError> {
+        while let Ok(enc) = self.done.try_recv() {
+            self.encoded.insert(enc.epoch, enc);
+        }
+        let first = if wait.is_zero() {
+            self.link.try_recv().ok()
+        } else {
+            self.link.recv_timeout(wait).ok()
+        };
+        let mut next_ev = first;
+        while let Some(ev) = next_ev {
+            match ev {
+                LinkEvent::Ack(n, at) => self.acked(n, at)?,
+                LinkEvent::Closed(why) => {
+                    if matches!(self.phase, Phase::Syncing | Phase::Protected) {
+                        self.backup_lost(&why)?;
+                    }
+                }
+            }
+            next_ev = self.link.try_recv().ok();
+        }
+        while let Ok(enc) = self.done.try_recv() {
+            self.encoded.insert(enc.epoch, enc);
+        }
+        Ok(())
+    }
+
+    fn acked(&mut self, n: u64, at: Instant) -> Result<(), EngineError> {
+        let done: Vec<u64> = self.inflight.range(..=n).map(|(&e, _)| e).collect();
+        for e in done {
+            let Some(mut row) = self.inflight.remove(&e) else {
+                continue;
+            };
+            let since = self.inflight_since.remove(&e);
+            row.ack_latency = since.map(|s| at.saturating_duration_since(s));
+            row.encoded = self.encoded.remove(&e);
+            if row.checkpoint {
+                self.summary.epochs_committed += 1;
+                if let Some(enc) = &row.encoded {
+                    self.summary.wire_bytes += enc.wire_bytes;
+                }
+                self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
+            }
+            if let Some(s) = &mut self.stats
+                && let Err(err) = s.row(&row)
+            {
+                tracing::warn!(error = %err, "cannot write the stats file");
+            }
+        }
+        self.held.ack(n)?;
+        if self.phase == Phase::Syncing && self.first_checkpoint.is_some_and(|f| n >= f) {
+            self.phase = Phase::Protected;
+            tracing::info!(
+                epoch = n,
+                "protected: the backup holds a committed checkpoint"
+            );
+            self.events.emit("protected", json!({ "epoch": n }));
+        }
+        Ok(())
+    }
+
+    fn backup_lost(&mut self, why: &str) -> Result<(), EngineError> {
+        self.summary.backup_lost = true;
+        self.inflight.clear();
+        self.inflight_since.clear();
+        if self.cfg.fence {
+            tracing::error!(
+                reason = why,
+                held = self.held.held_records(),
+                "backup lost: fencing the guest (paused; held output stays held)"
+            );
+            self.events
+                .emit("backup_lost", json!({ "reason": why, "policy": "fence" }));
+            if !self.d.is_paused() {
+                self.d.pause()?;
+            }
+            self.phase = Phase::Fenced;
+        } else {
+            tracing::warn!(
+                reason = why,
+                held = self.held.held_records(),
+                "backup lost: continuing unprotected (releasing held output)"
+            );
+            self.events.emit(
+                "backup_lost",
+                json!({ "reason": why, "policy": "continue" }),
+            );
+            self.held.release_all()?;
+            self.phase = Phase::Unprotected;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        let mut p = self.summary.pauses_us.clone();
+        p.sort_unstable();
+        let pct = |q: usize| {
+            p.get((p.len().saturating_sub(1) * q) / 100)
+                .map_or(0.0, |&v| v as f64 / 1000.0)
+        };
+        self.summary.pause_ms_p50 = pct(50);
+        self.summary.pause_ms_p99 = pct(99);
+        self.summary.outputs_released = self.held.released;
+        self.events.emit(
+            "stopped",
+            serde_json::to_value(&self.summary).unwrap_or_default(),
+        );
+    }
+}
+
+/// Split pages into pre-copy-sized epochs.
+fn split(p: Pages) -> Vec<Pages> {
+    if p.len() <= PRECOPY_CHUNK {
+        return vec![p];
+    }
+    p.index
+        .chunks(PRECOPY_CHUNK)
+        .zip(p.data.chunks(PRECOPY_CHUNK * PAGE_SIZE))
+        .map(|(i, d)| Pages {
+            index: i.to_vec(),
+            data: d.to_vec(),
+        })
+        .collect()
+}

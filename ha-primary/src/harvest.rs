@@ -1,0 +1,144 @@
+//! The *harvest* stage: stop the guest, take what changed, let it run again.
+//!
+//! A checkpoint is taken with the guest paused: drain its output (the ring's tail store is
+//! a VMM write, so it is harvested with the rest), harvest the dirty-page log, copy the dirty
+//! pages, save the vCPU/device state, optionally hash the whole memory (verification), and
+//! resume. Everything after that (encoding, sending) happens while the next epoch runs.
+
+use ha_common::PAGE_SIZE;
+use ha_common::bitmap::PageBitmap;
+use ha_common::block::is_zero;
+use ha_common::domain::{Domain, DomainError};
+use ha_common::guest_abi::{GuestStatus, OutputRecord};
+use std::time::{Duration, Instant};
+
+/// Dirty pages and their content: what an epoch carries.
+#[derive(Debug, Default)]
+pub struct Pages {
+    /// Page indices, increasing.
+    pub index: Vec<u64>,
+    /// Their content, back to back.
+    pub data: Vec<u8>,
+}
+
+impl Pages {
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+}
+
+/// One checkpoint, taken with the guest paused.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Dirty pages.
+    pub pages: Pages,
+    /// Saved vCPU/device state.
+    pub state: Vec<u8>,
+    /// Output produced during the epoch, held until the ack.
+    pub outputs: Vec<OutputRecord>,
+    /// Digest of the whole guest memory (verification mode).
+    pub verify: Option<[u8; 32]>,
+    /// The guest's status at the checkpoint.
+    pub status: GuestStatus,
+    /// How long the guest was paused.
+    pub pause: Duration,
+    /// When the guest was paused.
+    pub taken: Instant,
+}
+
+/// Copy the pages set in `dirty` out of the guest (skipping all-zero pages when
+/// `skip_zero`, for the first pre-copy round, since the backup's image starts zeroed).
+pub fn copy_pages(
+    d: &dyn Domain,
+    dirty: &PageBitmap,
+    skip_zero: bool,
+    out: &mut Pages,
+) -> Result<(), DomainError> {
+    out.index.clear();
+    out.data.clear();
+    out.data.reserve(dirty.count() * PAGE_SIZE);
+    let mut page = [0u8; PAGE_SIZE];
+    for p in dirty.iter_set() {
+        d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
+        if skip_zero && is_zero(&page) {
+            continue;
+        }
+        out.index.push(p as u64);
+        out.data.extend_from_slice(&page);
+    }
+    Ok(())
+}
+
+/// blake3 of the whole guest memory.
+pub fn memory_digest(d: &dyn Domain) -> Result<[u8; 32], DomainError> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let size = d.memory_size();
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(buf.len() as u64) as usize;
+        d.read_memory(at, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(*h.finalize().as_bytes())
+}
+
+/// Take checkpoint `epoch`: pause, drain output, harvest, copy, save, (digest), resume.
+/// The harvest is ORed into `dirty`, so pages the caller already knows to be dirty (a
+/// pre-copy round's last harvest) are sent too; the caller clears it between checkpoints.
+pub fn take(
+    d: &mut dyn Domain,
+    epoch: u64,
+    dirty: &mut PageBitmap,
+    verify: bool,
+) -> Result<Checkpoint, DomainError> {
+    let taken = Instant::now();
+    d.pause()?;
+    let r = take_paused(d, epoch, dirty, verify, taken);
+    // Resume whatever happened: a failed checkpoint must not leave the guest stopped.
+    let resumed = d.resume();
+    let mut cp = r?;
+    resumed?;
+    cp.pause = taken.elapsed();
+    Ok(cp)
+}
+
+fn take_paused(
+    d: &mut dyn Domain,
+    epoch: u64,
+    dirty: &mut PageBitmap,
+    verify: bool,
+    taken: Instant,
+) -> Result<Checkpoint, DomainError> {
+    let mut outputs = Vec::new();
+    d.drain_output(&mut outputs)?;
+    d.harvest_dirty(dirty)?;
+    let mut pages = Pages::default();
+    copy_pages(d, dirty, false, &mut pages)?;
+    let state = d.save_state()?;
+    let verify = if verify {
+        Some(memory_digest(d)?)
+    } else {
+        None
+    };
+    let status = d.status()?;
+    Ok(Checkpoint {
+        epoch,
+        pages,
+        state,
+        outputs,
+        verify,
+        status,
+        pause: Duration::ZERO,
+        taken,
+    })
+}

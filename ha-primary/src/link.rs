@@ -1,0 +1,183 @@
+//! The *send* stage: the TCP link to the backup. The handshake, a sender thread that writes
+//! epochs (and a heartbeat whenever nothing else went out for a heartbeat interval), and a
+//! receiver thread that turns the backup's frames into [`LinkEvent`]s.
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ha_common::session::{self, Hello, SessionError};
+use ha_common::stream::split_frame;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Errors setting up the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The backup cannot be reached.
+    #[error("cannot connect to the backup at {addr}")]
+    Connect {
+        /// The backup's address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed on the wire.
+    #[error("handshake with the backup at {addr} failed")]
+    Handshake {
+        /// The backup's address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backup refused or answered nonsense.
+    #[error("handshake with the backup")]
+    Session(#[from] SessionError),
+}
+
+/// What the link reports to the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The backup committed this epoch.
+    Ack(u64, Instant),
+    /// The link is gone (with the reason).
+    Closed(String),
+}
+
+/// A connected, welcomed link.
+#[derive(Debug)]
+pub struct Link {
+    /// Epoch buffers to send, in order.
+    pub tx: Sender<Vec<u8>>,
+    /// Acks and closure.
+    pub events: Receiver<LinkEvent>,
+    /// The first epoch the backup expects.
+    pub next_epoch: u64,
+    /// Total bytes written to the socket.
+    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Connect, say Hello, wait for Welcome, and start the sender and receiver threads.
+pub fn connect(
+    addr: SocketAddr,
+    hello: &Hello,
+    heartbeat: Duration,
+    timeout: Duration,
+) -> Result<Link, LinkError> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|source| LinkError::Connect { addr, source })?;
+    let hs = |source| LinkError::Handshake { addr, source };
+    s.set_nodelay(true).map_err(hs)?;
+    let mut buf = Vec::new();
+    hello.put(&mut buf);
+    s.write_all(&buf).map_err(hs)?;
+    s.set_read_timeout(Some(timeout)).map_err(hs)?;
+    let (ty, body) = read_frame(&mut s).map_err(hs)?;
+    let next_epoch = match ty {
+        session::frame_type::WELCOME => session::parse_u64(&body, "welcome")?,
+        session::frame_type::REFUSE => {
+            return Err(SessionError::Refused(String::from_utf8_lossy(&body).into_owned()).into());
+        }
+        _ => return Err(SessionError::Malformed("handshake reply").into()),
+    };
+    s.set_read_timeout(None).map_err(hs)?;
+    let (tx, rx) = bounded::<Vec<u8>>(4);
+    let (etx, events) = unbounded();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let reader = s.try_clone().map_err(hs)?;
+    {
+        let etx = etx.clone();
+        let sent = sent.clone();
+        std::thread::Builder::new()
+            .name("castor-send".into())
+            .spawn(move || sender(s, rx, heartbeat, etx, sent))
+            .map_err(hs)?;
+    }
+    std::thread::Builder::new()
+        .name("castor-acks".into())
+        .spawn(move || receiver(reader, etx))
+        .map_err(hs)?;
+    Ok(Link {
+        tx,
+        events,
+        next_epoch,
+        sent,
+    })
+}
+
+fn sender(
+    mut s: TcpStream,
+    rx: Receiver<Vec<u8>>,
+    heartbeat: Duration,
+    events: Sender<LinkEvent>,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut hb = Vec::new();
+    session::put_heartbeat(&mut hb);
+    loop {
+        let (buf, what) = match rx.recv_timeout(heartbeat) {
+            Ok(b) => (b, "epoch"),
+            Err(RecvTimeoutError::Timeout) => (hb.clone(), "heartbeat"),
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                return;
+            }
+        };
+        if let Err(e) = s.write_all(&buf) {
+            let _ = events.send(LinkEvent::Closed(format!("sending {what}: {e}")));
+            return;
+        }
+        sent.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn receiver(mut s: TcpStream, events: Sender<LinkEvent>) {
+    loop {
+        match read_frame(&mut s) {
+            Ok((session::frame_type::ACK, body)) => match session::parse_u64(&body, "ack") {
+                Ok(n) => {
+                    if events.send(LinkEvent::Ack(n, Instant::now())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = events.send(LinkEvent::Closed(e.to_string()));
+                    return;
+                }
+            },
+            Ok((ty, _)) => {
+                let _ = events.send(LinkEvent::Closed(format!(
+                    "unexpected frame type {ty} from the backup"
+                )));
+                return;
+            }
+            Err(e) => {
+                let _ = events.send(LinkEvent::Closed(format!("connection to the backup: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// Read one whole frame (small: session frames only).
+fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n == 0 || n > 64 << 10 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad frame length {n}"),
+        ));
+    }
+    let mut frame = vec![0u8; 4 + n];
+    frame[..4].copy_from_slice(&len);
+    s.read_exact(&mut frame[4..])?;
+    match split_frame(&frame) {
+        Ok(Some((ty, body, _))) => Ok((ty, body.to_vec())),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "bad frame",
+        )),
+    }
+}

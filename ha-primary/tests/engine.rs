@@ -1,0 +1,338 @@
+//! The primary engine against a minimal in-test backup built on `Staging`: every
+//! checkpoint's whole-memory digest must match the backup's committed image, and no output
+//! may reach the world before its checkpoint is acknowledged.
+
+use ha_common::PAGE_SIZE;
+use ha_common::block::BlockSize;
+use ha_common::codec::{CodecConfig, GeneralCodec, Mode};
+use ha_common::domain::{DomainFactory, GuestSpec};
+use ha_common::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, STATUS_GPA, Workload};
+use ha_common::output::{OutputChecker, read_records};
+use ha_common::session::{self, Hello};
+use ha_common::stream::{Staging, split_frame};
+use ha_primary::engine::{self, Config};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const MEM: u64 = 8 << 20;
+
+#[derive(Debug, Default)]
+struct BackupReport {
+    checkpoints: u64,
+    precopy: u64,
+    verified: u64,
+    errors: Vec<String>,
+}
+
+/// Accept one primary, stage and commit epochs, verify digests, ack; publish the committed
+/// out_head before each ack.
+fn fake_backup(
+    l: TcpListener,
+    mode: Mode,
+    committed: Arc<AtomicU64>,
+    report: Arc<Mutex<BackupReport>>,
+) {
+    let Ok((mut s, _)) = l.accept() else { return };
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut image = vec![0u8; MEM as usize];
+    let mut staging = Staging::new(mode, BlockSize::DEFAULT, MEM / PAGE_SIZE as u64, 1);
+    let mut hello_done = false;
+    loop {
+        let n = match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while let Ok(Some((ty, body, len))) = split_frame(&buf[at..]) {
+            let raw = buf[at..at + len].to_vec();
+            at += len;
+            if !hello_done {
+                let h = Hello::parse(body).expect("hello");
+                assert_eq!(h.memory_size, MEM);
+                let mut out = Vec::new();
+                session::put_welcome(&mut out, 1);
+                s.write_all(&out).expect("welcome");
+                hello_done = true;
+                continue;
+            }
+            if ty == session::frame_type::HEARTBEAT {
+                continue;
+            }
+            match staging.push(ty, &raw[5..], &raw, &image) {
+                Ok(Some(ep)) => {
+                    ep.commit(&mut image);
+                    let mut r = report.lock().unwrap();
+                    if let Err(e) = ep.check_image(&image) {
+                        r.errors.push(e.to_string());
+                    } else if ep.verify.is_some() {
+                        r.verified += 1;
+                    }
+                    if ep.state.is_some() {
+                        r.checkpoints += 1;
+                        let st = GuestStatus::read_page(&image[STATUS_GPA as usize..][..PAGE_SIZE]);
+                        committed.store(st.out_head, Ordering::SeqCst);
+                    } else {
+                        r.precopy += 1;
+                    }
+                    drop(r);
+                    let mut out = Vec::new();
+                    session::put_ack(&mut out, ep.epoch);
+                    if s.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    report.lock().unwrap().errors.push(e.to_string());
+                    return;
+                }
+            }
+        }
+        buf.drain(..at);
+    }
+}
+
+fn spec(workload: Workload) -> GuestSpec {
+    GuestSpec {
+        memory_size: MEM,
+        params: GuestParams {
+            workload,
+            seed: 7,
+            heap_gpa: HEAP_GPA,
+            heap_size: MEM - HEAP_GPA - (1 << 20),
+            rate: 50_000,
+            tsc_khz: 0,
+            output_every: 16,
+            doorbell_every: 64,
+        },
+    }
+}
+
+fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode) -> Config {
+    Config {
+        backup,
+        codec: CodecConfig {
+            mode,
+            block_size: BlockSize::DEFAULT,
+            general: GeneralCodec::Zlib,
+            zlib_level: 1,
+        },
+        cache_bytes: 4 << 20,
+        interval: Duration::from_millis(20),
+        pipeline: 2,
+        heartbeat: Duration::from_millis(20),
+        ack_timeout: Duration::from_secs(5),
+        fence: false,
+        verify_every: 1,
+        precopy_rounds: 3,
+        precopy_threshold: 64,
+        run_for: Some(Duration::from_millis(800)),
+        output: Some(output),
+        stats: None,
+        events: None,
+    }
+}
+
+#[test]
+fn every_checkpoint_matches_and_output_waits_for_its_ack() {
+    for (mode, workload) in [
+        (Mode::Fgbi, Workload::Web),
+        (Mode::Xbzrle, Workload::Kv),
+        (Mode::Remus, Workload::Memwrite),
+        (Mode::Fgbi, Workload::Npb),
+        (Mode::Fgbi, Workload::Idle),
+    ] {
+        let bl = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ol = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
+        let committed = Arc::new(AtomicU64::new(0));
+        let report = Arc::new(Mutex::new(BackupReport::default()));
+        let backup = {
+            let (c, r) = (committed.clone(), report.clone());
+            std::thread::spawn(move || fake_backup(bl, mode, c, r))
+        };
+        let consumer = {
+            let c = committed.clone();
+            std::thread::spawn(move || {
+                let (s, _) = ol.accept().unwrap();
+                let mut checker = OutputChecker::default();
+                let mut violations = Vec::new();
+                read_records(s, |src, r| {
+                    if let Err(v) = checker.check(src, &r, || c.load(Ordering::SeqCst)) {
+                        violations.push(v.to_string());
+                    }
+                })
+                .unwrap();
+                (checker.next_seq(), violations)
+            })
+        };
+        let mut d = ha_sim::SimFactory::new().create(&spec(workload)).unwrap();
+        d.resume().unwrap();
+        let stop = AtomicBool::new(false);
+        let summary = engine::run(&config(baddr, oaddr, mode), d.as_mut(), &stop).unwrap();
+        drop(d);
+        let (released, violations) = consumer.join().unwrap();
+        backup.join().unwrap();
+        let r = report.lock().unwrap();
+        assert!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
+        assert!(
+            r.checkpoints >= 5,
+            "{mode}: only {} checkpoints",
+            r.checkpoints
+        );
+        assert!(r.precopy >= 1, "{mode}: no pre-copy epoch");
+        assert_eq!(
+            r.verified, r.checkpoints,
+            "{mode}: every checkpoint carries a digest that matched"
+        );
+        assert!(violations.is_empty(), "{mode}: {violations:?}");
+        assert!(released > 0, "{mode}: no output released");
+        assert_eq!(summary.outputs_released, released, "{mode}");
+        assert!(
+            summary.epochs_committed >= r.checkpoints.saturating_sub(2),
+            "{mode}: {summary:?}"
+        );
+        assert!(!summary.backup_lost);
+    }
+}
+
+#[test]
+fn backup_lost_continues_or_fences() {
+    for fence in [false, true] {
+        let bl = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ol = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
+        // A backup that welcomes, acks nothing, and hangs up after 300 ms.
+        let backup = std::thread::spawn(move || {
+            let (mut s, _) = bl.accept().unwrap();
+            let mut out = Vec::new();
+            session::put_welcome(&mut out, 1);
+            let mut hello = [0u8; 32];
+            s.read_exact(&mut hello).unwrap();
+            s.write_all(&out).unwrap();
+            let t = std::time::Instant::now();
+            let mut sink = [0u8; 1 << 16];
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            while t.elapsed() < Duration::from_millis(300) {
+                let _ = s.read(&mut sink);
+            }
+            drop(s);
+        });
+        let consumer = std::thread::spawn(move || {
+            let (s, _) = ol.accept().unwrap();
+            let mut n = 0u64;
+            read_records(s, |_, _| n += 1).unwrap();
+            n
+        });
+        let mut cfg = config(baddr, oaddr, Mode::Fgbi);
+        cfg.fence = fence;
+        cfg.verify_every = 0;
+        let dir = std::env::temp_dir().join(format!(
+            "castor-primary-lost-{}-{fence}",
+            std::process::id()
+        ));
+        cfg.events = Some(dir.with_extension("events"));
+        let mut d = ha_sim::SimFactory::new()
+            .create(&spec(Workload::Kv))
+            .unwrap();
+        d.resume().unwrap();
+        let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
+        let paused = d.is_paused();
+        let progress_at_end = d.status().unwrap().progress;
+        std::thread::sleep(Duration::from_millis(100));
+        let progress_later = d.status().unwrap().progress;
+        drop(d);
+        backup.join().unwrap();
+        let released = consumer.join().unwrap();
+        let events = std::fs::read_to_string(dir.with_extension("events")).unwrap();
+        let _ = std::fs::remove_file(dir.with_extension("events"));
+        assert!(summary.backup_lost);
+        assert_eq!(summary.epochs_committed, 0);
+        if fence {
+            assert!(paused, "fenced guest must be paused");
+            assert_eq!(
+                progress_at_end, progress_later,
+                "fenced guest made progress"
+            );
+            assert_eq!(released, 0, "a fenced primary released uncommitted output");
+            assert!(events.contains("\"policy\":\"fence\""), "{events}");
+        } else {
+            assert!(!paused);
+            assert!(released > 0, "unprotected primary releases its output");
+            assert!(events.contains("\"policy\":\"continue\""), "{events}");
+        }
+        let _ = TcpStream::connect(baddr);
+    }
+}
+
+/// The same end-to-end check with a real KVM guest (its kernel dirty log drives the epochs).
+#[test]
+fn kvm_guest_checkpoints_match_byte_for_byte() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        assert!(
+            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
+            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
+        );
+        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+        return;
+    }
+    for (mode, workload) in [(Mode::Fgbi, Workload::Web), (Mode::Xbzrle, Workload::Kv)] {
+        let bl = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ol = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
+        let committed = Arc::new(AtomicU64::new(0));
+        let report = Arc::new(Mutex::new(BackupReport::default()));
+        let backup = {
+            let (c, r) = (committed.clone(), report.clone());
+            std::thread::spawn(move || fake_backup(bl, mode, c, r))
+        };
+        let consumer = {
+            let c = committed.clone();
+            std::thread::spawn(move || {
+                let (s, _) = ol.accept().unwrap();
+                let mut checker = OutputChecker::default();
+                let mut violations = Vec::new();
+                read_records(s, |src, r| {
+                    if let Err(v) = checker.check(src, &r, || c.load(Ordering::SeqCst)) {
+                        violations.push(v.to_string());
+                    }
+                })
+                .unwrap();
+                (checker.next_seq(), violations)
+            })
+        };
+        let mut d = ha_kvm::KvmFactory::new().create(&spec(workload)).unwrap();
+        d.resume().unwrap();
+        let summary = engine::run(
+            &config(baddr, oaddr, mode),
+            d.as_mut(),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        drop(d);
+        let (released, violations) = consumer.join().unwrap();
+        backup.join().unwrap();
+        let r = report.lock().unwrap();
+        assert!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
+        assert!(
+            r.checkpoints >= 5,
+            "{mode}: only {} checkpoints",
+            r.checkpoints
+        );
+        assert_eq!(r.verified, r.checkpoints, "{mode}");
+        assert!(violations.is_empty(), "{mode}: {violations:?}");
+        assert!(
+            released > 0 && summary.outputs_released == released,
+            "{mode}"
+        );
+    }
+}

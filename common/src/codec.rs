@@ -609,12 +609,19 @@ impl PageEncoder {
 
         // Changed blocks, shared where possible. A random-looking page with no small
         // delta gains only from sharing: probe a few of its blocks before hashing all.
+        // With a delta in hand, Blocks only wins through zero or shared blocks, or by
+        // compressing a large delta's literals: probe before building it.
         let random = looks_random(new);
-        let worth_blocks = best.1 > 2 * bs.bytes() + 16 || best.0 != Encoding::Delta;
-        let hopeless = random
-            && best.0 == Encoding::Raw
-            && !probe_shared(page, new, blocks, bs, &mut self.index, &view);
-        if worth_blocks && !hopeless {
+        let worth_blocks = match best.0 {
+            Encoding::Delta => {
+                best.1 > 2 * bs.bytes() + 16
+                    && (best.1 > COMPRESS_MIN * 2
+                        || probe_shared(page, new, blocks, bs, &mut self.index, &view))
+            }
+            // No delta: a random page gains only from sharing.
+            _ => !random || probe_shared(page, new, blocks, bs, &mut self.index, &view),
+        };
+        if worth_blocks {
             if !hashed && self.hashes.is_some() {
                 hashes::page_hashes(new, bs, &mut self.scratch.new_hashes);
                 hashed = true;
@@ -701,7 +708,8 @@ impl PageEncoder {
     }
 }
 
-/// Whether any of the first few non-zero changed blocks of a page is shared.
+/// Whether a changed block of the page is all zero, or one of the first few non-zero
+/// changed blocks is shared.
 fn probe_shared(
     page: u64,
     new: &Page,
@@ -711,17 +719,17 @@ fn probe_shared(
     view: &impl PageView,
 ) -> bool {
     const PROBES: usize = 4;
-    mask.iter()
-        .map(|b| (b, &new[bs.range(b)]))
-        .filter(|(_, blk)| !is_zero(blk))
-        .take(PROBES)
-        .any(|(b, blk)| {
-            let me = BlockRef {
-                page,
-                block: b as u8,
-            };
-            index.find_block(hashes::hash(blk), blk, me, view).is_some()
-        })
+    let blocks = || mask.iter().map(|b| (b, &new[bs.range(b)]));
+    if blocks().any(|(_, blk)| is_zero(blk)) {
+        return true;
+    }
+    blocks().take(PROBES).any(|(b, blk)| {
+        let me = BlockRef {
+            page,
+            block: b as u8,
+        };
+        index.find_block(hashes::hash(blk), blk, me, view).is_some()
+    })
 }
 
 /// Tags of the blocks in a `Blocks` payload.

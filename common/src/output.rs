@@ -234,33 +234,40 @@ impl OutputChecker {
         committed: impl FnOnce() -> u64,
     ) -> Result<(), Violation> {
         self.received += 1;
-        if source == Source::Primary {
-            let c = committed();
-            if r.seq >= c {
-                return Err(Violation::Uncommitted {
+        // An early release is reported, but the record still counts in the sequence, so
+        // one violation does not cascade into others.
+        let early = match source {
+            Source::Primary => {
+                let c = committed();
+                (r.seq >= c).then_some(Violation::Uncommitted {
                     seq: r.seq,
                     committed: c,
-                });
+                })
             }
-        }
-        if r.seq < self.next {
-            return match self.seen.get(&r.seq) {
+            Source::Backup => None,
+        };
+        let order = if r.seq < self.next {
+            match self.seen.get(&r.seq) {
                 Some(p) if *p == r.payload => {
                     self.repeats += 1;
                     Ok(())
                 }
                 _ => Err(Violation::Changed(r.seq)),
-            };
-        }
-        if r.seq > self.next {
-            return Err(Violation::Skip {
+            }
+        } else if r.seq > self.next {
+            Err(Violation::Skip {
                 expected: self.next,
                 got: r.seq,
-            });
+            })
+        } else {
+            self.seen.insert(r.seq, r.payload.clone());
+            self.next += 1;
+            Ok(())
+        };
+        match early {
+            Some(v) => Err(v),
+            None => order,
         }
-        self.seen.insert(r.seq, r.payload.clone());
-        self.next += 1;
-        Ok(())
     }
 
     /// The next sequence number expected (= distinct records seen).
@@ -298,18 +305,25 @@ mod tests {
     fn checker_catches_skips_changes_and_early_release() {
         let mut c = OutputChecker::default();
         assert_eq!(c.check(Source::Primary, &rec(0, 1), || 5), Ok(()));
+        let early = c.check(Source::Primary, &rec(1, 1), || 1);
         assert_eq!(
-            c.check(Source::Primary, &rec(1, 1), || 1),
+            early,
             Err(Violation::Uncommitted {
                 seq: 1,
                 committed: 1
             })
         );
         assert_eq!(
-            c.check(Source::Backup, &rec(2, 1), || 0),
+            c.next_seq(),
+            2,
+            "an early record still counts in the sequence"
+        );
+        let skip = c.check(Source::Backup, &rec(3, 1), || 0);
+        assert_eq!(
+            skip,
             Err(Violation::Skip {
-                expected: 1,
-                got: 2
+                expected: 2,
+                got: 3
             })
         );
         assert_eq!(c.check(Source::Backup, &rec(1, 1), || 0), Ok(()));
@@ -318,7 +332,7 @@ mod tests {
             c.check(Source::Backup, &rec(1, 2), || 0),
             Err(Violation::Changed(1))
         );
-        assert_eq!((c.next_seq(), c.repeats), (2, 1));
+        assert_eq!((c.next_seq(), c.repeats), (2, 2));
     }
 
     #[test]

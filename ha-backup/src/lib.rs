@@ -1,3 +1,484 @@
-//! `ha-backup`: receiver, staging, atomic commit, failure detection and activation.
-//! The receiver arrives with the replication work; this crate holds its place in the
-//! workspace.
+//! `ha-backup`: the backup side of Castor — receive, stage, commit, detect, activate.
+//!
+//! The data path, one module per stage:
+//!
+//! | module | stage |
+//! |---|---|
+//! | [`receive`] | socket → frames (heartbeats dropped), the Hello/Welcome/Refuse opening |
+//! | [`stage`] | epoch frames → a verified [`ha_common::stream::StagedEpoch`] |
+//! | [`commit`] | the committed image, the latest checkpoint's state, the epoch numbers |
+//! | [`detect`] | deciding the primary is lost, and how long that took |
+//! | [`activate`] | restore, re-release the ring, resume, drain and release output |
+//! | [`stats`] | per-epoch CSV |
+//! | [`events`] | JSON-lines event log |
+//! | [`config`] | the options |
+//!
+//! [`run`] strings them together: listen → receiving (stage → commit → ack log → ack) →
+//! primary lost → activating → active, following `docs/PROTOCOL.md`.
+
+#![warn(missing_docs)]
+
+pub mod activate;
+pub mod commit;
+pub mod config;
+pub mod detect;
+pub mod events;
+pub mod receive;
+pub mod signal;
+pub mod stage;
+pub mod stats;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ha_common::domain::DomainFactory;
+use ha_common::output::append_ack_log;
+use serde_json::json;
+use tracing::{debug, error, info, warn};
+
+use crate::activate::ActivateError;
+use crate::commit::{CommitError, Committed};
+use crate::config::Config;
+use crate::detect::{Loss, LossReason, classify};
+use crate::events::{EventError, EventLog};
+use crate::receive::{HandshakeError, Receiver, handshake};
+use crate::stage::{Stager, micros};
+use crate::stats::{EpochStats, StatsError, StatsLog};
+
+/// Errors that stop the backup (exit code 1).
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Cannot listen.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting a connection failed.
+    #[error("accepting a connection failed")]
+    Accept(#[source] std::io::Error),
+    /// The port file cannot be written.
+    #[error("cannot write the port file {path}")]
+    PortFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ack log cannot be opened or written (no ack is sent without it).
+    #[error("ack log {path}")]
+    AckLog {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event log failed.
+    #[error(transparent)]
+    Events(#[from] EventError),
+    /// The stats file failed.
+    #[error(transparent)]
+    Stats(#[from] StatsError),
+    /// Taking the guest over failed.
+    #[error("failover failed")]
+    Activate(#[from] ActivateError),
+}
+
+/// How the backup ended, when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by a signal or `--exit-after` (code 0).
+    Stopped,
+    /// The primary was lost before the first checkpoint (code 2).
+    NoCheckpoint,
+    /// The committed image did not match the primary's Verify digest (code 3).
+    VerifyFailed,
+}
+
+impl Exit {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Stopped => 0,
+            Exit::NoCheckpoint => 2,
+            Exit::VerifyFailed => 3,
+        }
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// The files the receive loop writes besides the socket.
+#[derive(Debug)]
+struct Sinks<'a> {
+    events: &'a mut EventLog,
+    stats: StatsLog,
+    ack_log: Option<(PathBuf, File)>,
+}
+
+/// Run the backup to the end: listen, receive, and on the primary's loss fail over with
+/// `factory`. `stop` ends it (exit 0) at any stage.
+pub fn run(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+) -> Result<Exit, BackupError> {
+    let mut events = EventLog::open(cfg.events.as_deref())?;
+    let res = run_with(cfg, factory, stop, &mut events);
+    let code = match &res {
+        Ok(x) => x.code(),
+        Err(_) => 1,
+    };
+    events.note("exit", json!({ "code": code }));
+    res
+}
+
+fn run_with(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    events: &mut EventLog,
+) -> Result<Exit, BackupError> {
+    let stats = StatsLog::open(cfg.stats.as_deref())?;
+    let ack_log = match &cfg.ack_log {
+        None => None,
+        Some(p) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| BackupError::AckLog {
+                    path: p.clone(),
+                    source,
+                })?;
+            Some((p.clone(), f))
+        }
+    };
+    let mut sinks = Sinks {
+        events,
+        stats,
+        ack_log,
+    };
+    serve(cfg, factory, stop, &mut sinks)
+}
+
+fn serve(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    sinks: &mut Sinks<'_>,
+) -> Result<Exit, BackupError> {
+    let listener = TcpListener::bind(cfg.listen).map_err(|source| BackupError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| BackupError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    if let Some(p) = &cfg.port_file {
+        write_port_file(p, addr).map_err(|source| BackupError::PortFile {
+            path: p.clone(),
+            source,
+        })?;
+    }
+    info!(%addr, "listening for the primary");
+    sinks
+        .events
+        .note("listening", json!({ "addr": addr.to_string() }));
+
+    let Some(mut rx) = accept_primary(&listener, cfg, stop, sinks.events)? else {
+        return Ok(Exit::Stopped);
+    };
+    drop(listener);
+    info!(peer = %rx.peer(), "receiving epochs");
+
+    let mut committed = Committed::new(usize::try_from(cfg.memory_size).unwrap_or(usize::MAX));
+    let mut stager = Stager::new(cfg, 1);
+    let loss = match receive(&mut rx, &mut stager, &mut committed, sinks, stop)? {
+        Received::Lost(loss) => loss,
+        Received::Stopped => {
+            info!("stop requested while receiving");
+            return Ok(Exit::Stopped);
+        }
+        Received::VerifyFailed => return Ok(Exit::VerifyFailed),
+    };
+    rx.close();
+    if stager.discard() {
+        info!(
+            epoch = stager.next_epoch(),
+            "discarded the partly received epoch"
+        );
+    }
+    let detect_ms = loss.detection().as_millis() as u64;
+    let last_epoch = committed.epoch();
+    warn!(
+        reason = %loss.reason,
+        last_epoch,
+        detect_ms,
+        "primary lost"
+    );
+    sinks.events.note(
+        "primary_lost",
+        json!({"reason": loss.reason.to_string(), "last_epoch": last_epoch, "detect_ms": detect_ms}),
+    );
+
+    fail_over(cfg, factory, stop, sinks, &committed, &loss)
+}
+
+/// Activating → active: resume the guest from the last checkpoint and run it.
+fn fail_over(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    sinks: &mut Sinks<'_>,
+    committed: &Committed,
+    loss: &Loss,
+) -> Result<Exit, BackupError> {
+    let Some(cp) = committed.checkpoint() else {
+        error!("primary lost before the first checkpoint: nothing to resume");
+        return Ok(Exit::NoCheckpoint);
+    };
+    info!(
+        checkpoint = cp.epoch,
+        backend = factory.name(),
+        "failing over: activating the guest from the last checkpoint"
+    );
+    let mut active = activate::activate(factory, cp, cfg.output, loss.declared)?;
+    let activation_ms = active.activation.as_millis() as u64;
+    let detect_ms = loss.detection().as_millis() as u64;
+    let st = active.resumed_from;
+    info!(
+        checkpoint = active.epoch,
+        progress = st.progress,
+        out_head = st.out_head,
+        rereleased = active.rereleased,
+        detect_ms,
+        activation_ms,
+        "active: the guest runs on the backup"
+    );
+    sinks.events.note(
+        "active",
+        json!({
+            "epoch": active.epoch,
+            "progress": st.progress,
+            "out_head": st.out_head,
+            "activation_ms": activation_ms,
+            "rereleased": active.rereleased,
+        }),
+    );
+    active.run(sinks.events, stop, cfg.exit_after)?;
+    info!(released = active.released, "stopping the guest and exiting");
+    Ok(Exit::Stopped)
+}
+
+/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
+fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp)?;
+        writeln!(f, "{addr}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Accept connections until one primary passes the handshake (`None`: stop requested).
+/// Misconfigured peers are refused and the backup keeps listening.
+fn accept_primary(
+    listener: &TcpListener,
+    cfg: &Config,
+    stop: &AtomicBool,
+    events: &mut EventLog,
+) -> Result<Option<Receiver>, BackupError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(BackupError::Accept)?;
+    let ours = cfg.hello();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            info!("stop requested while listening");
+            return Ok(None);
+        }
+        let (stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(error = %e, "accept failed; still listening");
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        info!(%peer, "connection");
+        events.note("connected", json!({ "peer": peer.to_string() }));
+        let mut rx = match Receiver::new(stream, cfg.detect_timeout) {
+            Ok(rx) => rx,
+            Err(e) => {
+                warn!(%peer, error = %e, "cannot set up the connection; still listening");
+                continue;
+            }
+        };
+        match handshake(&mut rx, &ours, 1, stop) {
+            Ok(h) => {
+                info!(%peer, mode = %h.mode, memory = h.memory_size, block_size = %h.block_size, "primary welcomed");
+                return Ok(Some(rx));
+            }
+            Err(HandshakeError::Receive(receive::ReceiveError::Stopped)) => return Ok(None),
+            Err(e) => {
+                let reason = match &e {
+                    HandshakeError::Refused(s) => s.to_string(),
+                    other => chain(other),
+                };
+                warn!(%peer, %reason, "refused the peer; still listening");
+                events.note("refused", json!({ "reason": reason }));
+                rx.close();
+            }
+        }
+    }
+}
+
+/// How the receive loop ended.
+#[derive(Debug)]
+enum Received {
+    Lost(Loss),
+    Stopped,
+    VerifyFailed,
+}
+
+/// Receive, stage, commit and acknowledge epochs until the primary is lost.
+fn receive(
+    rx: &mut Receiver,
+    stager: &mut Stager,
+    committed: &mut Committed,
+    sinks: &mut Sinks<'_>,
+    stop: &AtomicBool,
+) -> Result<Received, BackupError> {
+    let mut protected = false;
+    loop {
+        let frame = match rx.next_frame(stop) {
+            Ok(f) => f,
+            Err(e) => {
+                return Ok(match classify(&e) {
+                    Some(reason) => Received::Lost(Loss::now(reason, rx.last_frame())),
+                    None => Received::Stopped,
+                });
+            }
+        };
+        let verified = match stager.push(&frame, committed.image()) {
+            Ok(None) => continue,
+            Ok(Some(v)) => v,
+            Err(e) => {
+                error!(
+                    epoch = stager.next_epoch(),
+                    error = %chain(&e),
+                    "epoch rejected; the committed image is unchanged; dropping the primary"
+                );
+                return Ok(Received::Lost(Loss::now(
+                    LossReason::Corrupt(chain(&e)),
+                    rx.last_frame(),
+                )));
+            }
+        };
+        let wire_bytes = verified.staged.wire_bytes;
+        let applied = match committed.apply(verified.staged) {
+            Ok(a) => a,
+            Err(CommitError::ImageMismatch { epoch }) => {
+                error!(
+                    epoch,
+                    "VERIFY FAILED: the committed image differs from the primary's memory; \
+                     this backup cannot be trusted"
+                );
+                sinks
+                    .events
+                    .note("verify_failed", json!({ "epoch": epoch }));
+                return Ok(Received::VerifyFailed);
+            }
+            Err(e @ CommitError::PrecopyAfterCheckpoint { .. }) => {
+                error!(error = %e, "epoch refused; dropping the primary");
+                return Ok(Received::Lost(Loss::now(
+                    LossReason::Corrupt(e.to_string()),
+                    rx.last_frame(),
+                )));
+            }
+        };
+        if applied.checkpoint {
+            if let Some((path, f)) = &mut sinks.ack_log {
+                append_ack_log(f, applied.epoch, applied.out_head).map_err(|source| {
+                    BackupError::AckLog {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            sinks.events.note(
+                "checkpoint",
+                json!({"epoch": applied.epoch, "out_head": applied.out_head}),
+            );
+        }
+        if let Err(e) = rx.ack(applied.epoch) {
+            return Ok(Received::Lost(Loss::now(
+                LossReason::Io(format!("ack: {e}")),
+                rx.last_frame(),
+            )));
+        }
+        let ack_us = micros(verified.at.elapsed());
+        debug!(
+            epoch = applied.epoch,
+            checkpoint = applied.checkpoint,
+            records = applied.records,
+            wire_bytes,
+            stage_us = verified.stage_us,
+            commit_us = applied.commit_us,
+            ack_us,
+            "epoch committed"
+        );
+        if applied.checkpoint && !protected {
+            protected = true;
+            info!(
+                epoch = applied.epoch,
+                "first checkpoint committed: the guest is protected"
+            );
+        }
+        sinks.stats.row(&EpochStats {
+            epoch: applied.epoch,
+            checkpoint: applied.checkpoint,
+            records: applied.records,
+            wire_bytes,
+            stage_us: verified.stage_us,
+            commit_us: applied.commit_us,
+            ack_us,
+            out_head: if applied.checkpoint {
+                applied.out_head
+            } else {
+                0
+            },
+        })?;
+    }
+}

@@ -85,7 +85,9 @@ pub fn run(
             wire_bytes: out.len() as u64,
             encode: t.elapsed(),
         };
-        if link.send(out).is_err() || done.send(report).is_err() {
+        // Report before sending: the engine must know an epoch's figures before its ack
+        // can arrive.
+        if done.send(report).is_err() || link.send(out).is_err() {
             return;
         }
     }

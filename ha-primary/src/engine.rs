@@ -261,7 +261,7 @@ impl Engine<'_> {
         let mut rounds = 1;
         // Whether `dirty` holds pages not sent yet (they go with the first checkpoint).
         let mut pending = false;
-        while rounds < self.cfg.precopy_rounds {
+        while rounds < self.cfg.precopy_rounds && self.phase == Phase::Syncing {
             dirty.clear();
             self.d.harvest_dirty(&mut dirty)?;
             if dirty.count() <= self.cfg.precopy_threshold {
@@ -290,6 +290,9 @@ impl Engine<'_> {
             "synced",
             json!({ "rounds": rounds, "pages": sent, "ms": t.elapsed().as_millis() as u64 }),
         );
+        if self.phase != Phase::Syncing {
+            return Ok(());
+        }
         let first = self.epoch;
         self.checkpoint(&mut dirty)?;
         self.first_checkpoint = Some(first);
@@ -310,14 +313,25 @@ impl Engine<'_> {
             },
         );
         self.inflight_since.insert(epoch, Instant::now());
-        self.jobs
-            .send(Job {
-                epoch,
-                pages,
-                state: None,
-                verify: None,
-            })
-            .map_err(|_| EngineError::EncoderGone)
+        self.submit(Job {
+            epoch,
+            pages,
+            state: None,
+            verify: None,
+        })
+    }
+
+    /// Hand an epoch to the encoder. The encoder stops when the link is gone, so a refused
+    /// job means the backup is lost: the policy decides what happens next.
+    fn submit(&mut self, job: Job) -> Result<(), EngineError> {
+        if self.jobs.send(job).is_err() && matches!(self.phase, Phase::Syncing | Phase::Protected) {
+            let why = match self.link.try_recv() {
+                Ok(LinkEvent::Closed(why)) => why,
+                _ => "the link to the backup is gone".to_string(),
+            };
+            self.backup_lost(&why)?;
+        }
+        Ok(())
     }
 
     fn checkpoint(&mut self, dirty: &mut PageBitmap) -> Result<Instant, EngineError> {
@@ -340,14 +354,12 @@ impl Engine<'_> {
         );
         let taken = cp.taken;
         self.inflight_since.insert(cp.epoch, taken);
-        self.jobs
-            .send(Job {
-                epoch: cp.epoch,
-                pages: cp.pages,
-                state: Some(cp.state),
-                verify: cp.verify,
-            })
-            .map_err(|_| EngineError::EncoderGone)?;
+        self.submit(Job {
+            epoch: cp.epoch,
+            pages: cp.pages,
+            state: Some(cp.state),
+            verify: cp.verify,
+        })?;
         Ok(taken)
     }
 

@@ -1,0 +1,186 @@
+//! The *activate* stage: the guest restored from the last committed checkpoint, the output
+//! still in its ring re-released, the guest resumed, and from then on its output drained
+//! and released by the backup.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ha_common::domain::{Domain, DomainError, DomainFactory};
+use ha_common::guest_abi::{GuestStatus, OutputRecord};
+use ha_common::output::{OutputError, OutputSink, Source};
+use serde_json::json;
+
+use crate::commit::{Checkpoint, ring_records, status_of};
+use crate::events::EventLog;
+
+/// How often output is drained and released while active.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// How often progress is logged and written as an event while active.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Errors taking over or running the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The backend cannot build the guest from the checkpoint.
+    #[error("cannot restore the guest from checkpoint {epoch} with the {backend} backend")]
+    Restore {
+        /// The checkpoint.
+        epoch: u64,
+        /// The backend's name.
+        backend: &'static str,
+        /// Why.
+        #[source]
+        source: DomainError,
+    },
+    /// The output sink cannot be reached or written.
+    #[error("cannot release guest output")]
+    Output(#[source] OutputError),
+    /// A guest operation failed.
+    #[error("guest {op} failed")]
+    Guest {
+        /// The operation.
+        op: &'static str,
+        /// Why.
+        #[source]
+        source: DomainError,
+    },
+}
+
+/// A guest the backup has taken over.
+pub struct Active {
+    domain: Box<dyn Domain>,
+    sink: Option<OutputSink>,
+    /// The checkpoint resumed from.
+    pub epoch: u64,
+    /// The status page of the checkpoint.
+    pub resumed_from: GuestStatus,
+    /// Records re-released from the committed ring.
+    pub rereleased: u64,
+    /// Records released since (drained from the running guest).
+    pub released: u64,
+    /// Declared dead → guest resumed.
+    pub activation: Duration,
+}
+
+impl std::fmt::Debug for Active {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Active")
+            .field("epoch", &self.epoch)
+            .field("resumed_from", &self.resumed_from)
+            .field("rereleased", &self.rereleased)
+            .field("released", &self.released)
+            .field("activation", &self.activation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Take the guest over: restore it from `cp`, connect to the output sink (if any),
+/// re-release the records still in the committed ring up to the checkpoint's `out_head`,
+/// and resume it. `declared` is when the primary was declared dead.
+pub fn activate(
+    factory: &dyn DomainFactory,
+    cp: Checkpoint<'_>,
+    output: Option<SocketAddr>,
+    declared: Instant,
+) -> Result<Active, ActivateError> {
+    let mut domain =
+        factory
+            .restore(cp.image, cp.state)
+            .map_err(|source| ActivateError::Restore {
+                epoch: cp.epoch,
+                backend: factory.name(),
+                source,
+            })?;
+    let mut sink = output
+        .map(|addr| OutputSink::connect(addr, Source::Backup))
+        .transpose()
+        .map_err(ActivateError::Output)?;
+    let records = ring_records(cp.image);
+    if let Some(s) = &mut sink {
+        s.release(&records).map_err(ActivateError::Output)?;
+    }
+    domain.resume().map_err(|source| ActivateError::Guest {
+        op: "resume",
+        source,
+    })?;
+    Ok(Active {
+        domain,
+        sink,
+        epoch: cp.epoch,
+        resumed_from: status_of(cp.image),
+        rereleased: records.len() as u64,
+        released: 0,
+        activation: declared.elapsed(),
+    })
+}
+
+impl Active {
+    /// The running guest's status.
+    pub fn status(&self) -> Result<GuestStatus, ActivateError> {
+        self.domain.status().map_err(|source| ActivateError::Guest {
+            op: "status",
+            source,
+        })
+    }
+
+    /// Drain the guest's new output and release it; then check the guest's health.
+    pub fn pump(&mut self, buf: &mut Vec<OutputRecord>) -> Result<(), ActivateError> {
+        buf.clear();
+        self.domain
+            .drain_output(buf)
+            .map_err(|source| ActivateError::Guest {
+                op: "drain_output",
+                source,
+            })?;
+        if !buf.is_empty() {
+            if let Some(s) = &mut self.sink {
+                s.release(buf).map_err(ActivateError::Output)?;
+            }
+            self.released += buf.len() as u64;
+        }
+        self.domain
+            .check_health()
+            .map_err(|source| ActivateError::Guest {
+                op: "health check",
+                source,
+            })
+    }
+
+    /// Run the guest until `stop` is raised or `exit_after` has passed: drain and release
+    /// output every [`DRAIN_EVERY`], report progress every [`PROGRESS_EVERY`]. Pauses the
+    /// guest and releases what it produced last before returning.
+    pub fn run(
+        &mut self,
+        events: &mut EventLog,
+        stop: &AtomicBool,
+        exit_after: Option<Duration>,
+    ) -> Result<(), ActivateError> {
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        let mut buf = Vec::new();
+        while !stop.load(Ordering::Relaxed) && exit_after.is_none_or(|d| started.elapsed() < d) {
+            std::thread::sleep(DRAIN_EVERY);
+            self.pump(&mut buf)?;
+            if last_report.elapsed() >= PROGRESS_EVERY {
+                last_report = Instant::now();
+                let st = self.status()?;
+                tracing::info!(
+                    progress = st.progress,
+                    out_head = st.out_head,
+                    released = self.released,
+                    "active"
+                );
+                events.note(
+                    "progress",
+                    json!({"progress": st.progress, "out_head": st.out_head}),
+                );
+            }
+        }
+        self.domain.pause().map_err(|source| ActivateError::Guest {
+            op: "pause",
+            source,
+        })?;
+        self.pump(&mut buf)
+    }
+}

@@ -1,0 +1,68 @@
+//! The `ha-backup` binary: parse the options, set up logging and signals, pick the
+//! backend, and run the backup. Exit codes: 0 stopped, 1 error, 2 primary lost before the
+//! first checkpoint, 3 Verify mismatch.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ha_backup::config::{Cli, Config, GuestKind};
+use ha_backup::{chain, run, signal};
+use ha_common::domain::DomainFactory;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let cfg = match Config::from_cli(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ha-backup: error: {}", chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    let stop = match signal::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ha-backup: error: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let factory: Box<dyn DomainFactory> = match cfg.guest {
+        GuestKind::Kvm => {
+            let dev = ha_kvm::KVM_DEVICE;
+            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+                tracing::warn!(
+                    "KVM ({dev}) cannot be opened ({e}): failover will fail unless this is \
+                     fixed; use --guest sim to run without KVM"
+                );
+            }
+            Box::new(ha_kvm::KvmFactory::new())
+        }
+        GuestKind::Sim => Box::new(ha_sim::SimFactory::new()),
+    };
+    tracing::info!(
+        listen = %cfg.listen,
+        memory = cfg.memory_size,
+        mode = %cfg.mode,
+        block_size = %cfg.block_size,
+        detect_timeout_ms = cfg.detect_timeout.as_millis() as u64,
+        guest = factory.name(),
+        output = ?cfg.output,
+        ack_log = ?cfg.ack_log,
+        "ha-backup starting"
+    );
+    match run(&cfg, factory.as_ref(), stop) {
+        Ok(exit) => ExitCode::from(exit.code()),
+        Err(e) => {
+            eprintln!("ha-backup: error: {}", chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The *commit* stage: the committed image, the state blob of the latest checkpoint, and
+//! the epoch numbers. [`Committed::apply`] is the only way the image changes.
+
+use std::time::Instant;
+
+use ha_common::PAGE_SIZE;
+use ha_common::guest_abi::{
+    GuestStatus, OUTPUT_RECORD_SIZE, OUTPUT_RING_SLOTS, OutputRecord, STATUS_GPA,
+};
+use ha_common::stream::StagedEpoch;
+
+use crate::stage::micros;
+
+/// Why a verified epoch was not (or wrongly) committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The image after the commit differs from the primary's memory digest (fatal).
+    #[error("committed image of epoch {epoch} differs from the primary's memory digest")]
+    ImageMismatch {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// A pre-copy epoch (no state) after a checkpoint: committing it would leave an image
+    /// that no saved state belongs to. Refused before the image is touched.
+    #[error("epoch {epoch} carries no state but follows checkpoint {checkpoint}")]
+    PrecopyAfterCheckpoint {
+        /// The epoch.
+        epoch: u64,
+        /// The last checkpoint.
+        checkpoint: u64,
+    },
+}
+
+/// What a commit did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Epoch committed.
+    pub epoch: u64,
+    /// Whether it was a checkpoint.
+    pub checkpoint: bool,
+    /// Pages written.
+    pub records: u64,
+    /// The guest's output head in the committed image.
+    pub out_head: u64,
+    /// Commit (and Verify check) time in microseconds.
+    pub commit_us: u64,
+}
+
+/// The backup's committed copy of the guest.
+#[derive(Debug)]
+pub struct Committed {
+    image: Vec<u8>,
+    state: Option<Vec<u8>>,
+    epoch: u64,
+    checkpoint: u64,
+}
+
+/// A checkpoint the guest can be resumed from.
+#[derive(Clone, Copy, Debug)]
+pub struct Checkpoint<'a> {
+    /// Guest memory at the checkpoint.
+    pub image: &'a [u8],
+    /// The vCPU/device state saved at the checkpoint.
+    pub state: &'a [u8],
+    /// The checkpoint's epoch.
+    pub epoch: u64,
+}
+
+impl Committed {
+    /// An all-zero image of `memory_size` bytes; nothing committed.
+    pub fn new(memory_size: usize) -> Self {
+        Self {
+            image: vec![0; memory_size],
+            state: None,
+            epoch: 0,
+            checkpoint: 0,
+        }
+    }
+
+    /// The committed image.
+    pub fn image(&self) -> &[u8] {
+        &self.image
+    }
+
+    /// The last committed epoch (0: none).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The latest checkpoint, if one was committed.
+    pub fn checkpoint(&self) -> Option<Checkpoint<'_>> {
+        self.state.as_deref().map(|state| Checkpoint {
+            image: &self.image,
+            state,
+            epoch: self.checkpoint,
+        })
+    }
+
+    /// Commit a verified epoch; then check the image against the epoch's Verify digest.
+    /// On `ImageMismatch` the image is already changed (the caller must stop).
+    pub fn apply(&mut self, staged: StagedEpoch) -> Result<Applied, CommitError> {
+        let t = Instant::now();
+        if staged.state.is_none() && self.state.is_some() {
+            return Err(CommitError::PrecopyAfterCheckpoint {
+                epoch: staged.epoch,
+                checkpoint: self.checkpoint,
+            });
+        }
+        staged.commit(&mut self.image);
+        if staged.check_image(&self.image).is_err() {
+            return Err(CommitError::ImageMismatch {
+                epoch: staged.epoch,
+            });
+        }
+        self.epoch = staged.epoch;
+        let checkpoint = staged.state.is_some();
+        if let Some(state) = staged.state {
+            self.state = Some(state);
+            self.checkpoint = staged.epoch;
+        }
+        Ok(Applied {
+            epoch: staged.epoch,
+            checkpoint,
+            records: staged.pages.len() as u64,
+            out_head: self.status().out_head,
+            commit_us: micros(t.elapsed()),
+        })
+    }
+
+    /// The guest's status page in the committed image.
+    pub fn status(&self) -> GuestStatus {
+        status_of(&self.image)
+    }
+}
+
+/// The status page of a memory image (all zero if the image is too small).
+pub fn status_of(image: &[u8]) -> GuestStatus {
+    let at = STATUS_GPA as usize;
+    match image.get(at..at + PAGE_SIZE) {
+        Some(page) => GuestStatus::read_page(page),
+        None => GuestStatus::default(),
+    }
+}
+
+/// The output records still in an image's ring below its `out_head`, oldest first: seq
+/// `max(0, out_head − OUTPUT_RING_SLOTS) .. out_head`, each kept only if its slot still
+/// holds that sequence number. These are what the backup re-releases on activation.
+pub fn ring_records(image: &[u8]) -> Vec<OutputRecord> {
+    let head = status_of(image).out_head;
+    (head.saturating_sub(OUTPUT_RING_SLOTS)..head)
+        .filter_map(|seq| {
+            let at = usize::try_from(OutputRecord::slot_gpa(seq)).ok()?;
+            let slot = image.get(at..at + OUTPUT_RECORD_SIZE)?;
+            OutputRecord::read_slot(slot).filter(|r| r.seq == seq)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::guest_abi::status;
+    use std::collections::HashMap;
+
+    fn put(image: &mut [u8], at: u64, v: u64) {
+        image[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn write_slot(image: &mut [u8], seq: u64, byte: u8) {
+        let at = OutputRecord::slot_gpa(seq);
+        put(image, at, seq);
+        image[at as usize + 8..at as usize + 12].copy_from_slice(&16u32.to_le_bytes());
+        image[at as usize + 16..at as usize + 32].fill(byte);
+    }
+
+    #[test]
+    fn ring_records_take_the_valid_slots_below_out_head() {
+        let mut image = vec![0u8; 1 << 20];
+        for seq in 0..1100u64 {
+            write_slot(&mut image, seq, seq as u8);
+        }
+        put(&mut image, STATUS_GPA + status::OUT_HEAD as u64, 1100);
+        let recs = ring_records(&image);
+        assert_eq!(recs.len(), OUTPUT_RING_SLOTS as usize);
+        assert_eq!(recs[0].seq, 1100 - OUTPUT_RING_SLOTS);
+        assert_eq!(recs.last().map(|r| r.seq), Some(1099));
+        assert_eq!(recs[5].payload, vec![recs[5].seq as u8; 16]);
+        // A slot that does not hold its seq is skipped.
+        put(&mut image, OutputRecord::slot_gpa(1090), 7);
+        assert_eq!(ring_records(&image).len(), OUTPUT_RING_SLOTS as usize - 1);
+        let empty = vec![0u8; 1 << 20];
+        assert!(ring_records(&empty).is_empty());
+    }
+
+    fn staged(
+        epoch: u64,
+        page: u64,
+        byte: u8,
+        state: bool,
+        verify: Option<[u8; 32]>,
+    ) -> StagedEpoch {
+        let mut pages = HashMap::new();
+        pages.insert(page, Box::new([byte; PAGE_SIZE]));
+        StagedEpoch {
+            epoch,
+            pages,
+            state: state.then(|| b"state".to_vec()),
+            verify,
+            wire_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn apply_commits_checks_and_keeps_state() {
+        let mut c = Committed::new(64 * PAGE_SIZE);
+        let a = c.apply(staged(1, 10, 1, false, None)).expect("pre-copy");
+        assert!(!a.checkpoint);
+        assert!(c.checkpoint().is_none());
+        let mut want = c.image().to_vec();
+        want[11 * PAGE_SIZE..12 * PAGE_SIZE].fill(2);
+        let d = *blake3::hash(&want).as_bytes();
+        let a = c
+            .apply(staged(2, 11, 2, true, Some(d)))
+            .expect("checkpoint");
+        assert!(a.checkpoint && a.records == 1);
+        assert_eq!(c.checkpoint().map(|k| k.epoch), Some(2));
+        assert!(c.image() == want);
+        let e = c.apply(staged(3, 12, 3, false, None)).unwrap_err();
+        assert!(matches!(e, CommitError::PrecopyAfterCheckpoint { .. }));
+        assert!(c.image() == want, "a refused epoch leaves the image alone");
+        let e = c.apply(staged(3, 12, 3, true, Some([0; 32]))).unwrap_err();
+        assert!(matches!(e, CommitError::ImageMismatch { epoch: 3 }));
+    }
+}

@@ -1,0 +1,113 @@
+//! The JSON-lines event log (`--events`): one object per line, each with `"event"` and
+//! `"t_ms"` (milliseconds since the Unix epoch), flushed line by line so a reader sees
+//! every event as soon as it happens.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+/// Errors writing the event log.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// The file cannot be created or written.
+    #[error("event log {path}")]
+    Io {
+        /// The log's path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where events go: a file, or nowhere.
+#[derive(Debug)]
+pub struct EventLog {
+    out: Option<(PathBuf, BufWriter<File>)>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl EventLog {
+    /// An event log writing to `path` (created or truncated), or a silent one.
+    pub fn open(path: Option<&Path>) -> Result<Self, EventError> {
+        let out = match path {
+            None => None,
+            Some(p) => {
+                let f = File::create(p).map_err(|source| EventError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                Some((p.to_path_buf(), BufWriter::new(f)))
+            }
+        };
+        Ok(Self { out })
+    }
+
+    /// Write one event with its fields (an object; anything else is ignored) and flush.
+    pub fn emit(&mut self, event: &str, fields: Value) -> Result<(), EventError> {
+        let Some((path, w)) = &mut self.out else {
+            return Ok(());
+        };
+        let mut obj = Map::new();
+        obj.insert("event".into(), Value::from(event));
+        obj.insert("t_ms".into(), Value::from(now_ms()));
+        if let Value::Object(f) = fields {
+            obj.extend(f);
+        }
+        let line = Value::Object(obj).to_string();
+        writeln!(w, "{line}")
+            .and_then(|()| w.flush())
+            .map_err(|source| EventError::Io {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// Like [`EventLog::emit`], but a failure is only logged: an event log that cannot be
+    /// written must not stop a failover.
+    pub fn note(&mut self, event: &str, fields: Value) {
+        if let Err(e) = self.emit(event, fields) {
+            tracing::warn!(error = %crate::chain(&e), "cannot write event {event}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lines_carry_event_time_and_fields() {
+        let path = std::env::temp_dir().join(format!("ha-backup-events-{}", std::process::id()));
+        let mut log = EventLog::open(Some(&path)).expect("create");
+        log.emit("listening", json!({"addr": "127.0.0.1:1"}))
+            .expect("write");
+        log.emit("exit", json!({"code": 0})).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read back");
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["event"], "listening");
+        assert_eq!(lines[0]["addr"], "127.0.0.1:1");
+        assert!(lines[0]["t_ms"].as_u64().unwrap_or(0) > 0);
+        assert_eq!(lines[1]["code"], 0);
+        let _ = std::fs::remove_file(&path);
+        EventLog::open(None)
+            .expect("silent")
+            .emit("x", json!({}))
+            .expect("no-op");
+    }
+}

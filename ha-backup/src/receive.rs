@@ -1,0 +1,315 @@
+//! The *receive* stage: the primary's TCP connection turned into whole frames.
+//!
+//! [`Receiver::next_frame`] reads with a short socket timeout and returns the next frame
+//! that is not a heartbeat; heartbeats only prove the primary alive. When no frame at all
+//! (heartbeats included) arrived for the detection timeout it gives up with
+//! [`ReceiveError::Silent`]. [`handshake`] runs the session opening: Hello, then Welcome
+//! or Refuse.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ha_common::session::{self, Hello, SessionError, frame_type as session_type};
+use ha_common::stream::{StreamError, split_frame};
+
+/// How long a new connection may take to send its Hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 256 << 10;
+/// How long an Ack or a session answer may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why no frame came.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// No frame for the whole timeout.
+    #[error("no frame from the primary for {0:?}")]
+    Silent(Duration),
+    /// The primary closed the connection.
+    #[error("the primary closed the connection")]
+    Closed,
+    /// The socket failed.
+    #[error("connection to the primary failed")]
+    Io(#[source] std::io::Error),
+    /// The byte stream is not made of valid frames.
+    #[error("bad frame from the primary")]
+    Framing(#[source] StreamError),
+    /// The stop flag (SIGTERM/SIGINT) was raised.
+    #[error("stopped by a signal")]
+    Stopped,
+}
+
+/// Why a handshake did not produce a session.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer's Hello does not match this backup (it was sent a Refuse).
+    #[error("refused the primary")]
+    Refused(#[source] SessionError),
+    /// The first frame was not a Hello (the peer was sent a Refuse).
+    #[error("first frame from the peer has type {0}, not Hello")]
+    NotHello(u8),
+    /// The connection failed or went silent before a Hello.
+    #[error("no Hello from the peer")]
+    Receive(#[source] ReceiveError),
+    /// The answer could not be written.
+    #[error("cannot answer the peer")]
+    Write(#[source] std::io::Error),
+}
+
+/// One whole frame: its type and its bytes on the wire (length prefix included).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Frame type.
+    pub ty: u8,
+    /// The frame as received: `u32 length | u8 type | body`.
+    pub raw: Vec<u8>,
+}
+
+impl Frame {
+    /// The frame's body.
+    pub fn body(&self) -> &[u8] {
+        self.raw.get(5..).unwrap_or(&[])
+    }
+}
+
+/// Reads frames from one primary connection.
+#[derive(Debug)]
+pub struct Receiver {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    start: usize,
+    timeout: Duration,
+    last_frame: Instant,
+    heartbeats: u64,
+}
+
+impl Receiver {
+    /// Wrap an accepted connection; `timeout` is the failure detection timeout.
+    pub fn new(stream: TcpStream, timeout: Duration) -> Result<Self, std::io::Error> {
+        let peer = stream.peer_addr()?;
+        stream.set_nonblocking(false)?;
+        let _ = stream.set_nodelay(true);
+        // Poll a few times per timeout so silence is seen close to the deadline.
+        let poll = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_millis(10));
+        stream.set_read_timeout(Some(poll))?;
+        stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        Ok(Self {
+            stream,
+            peer,
+            buf: Vec::with_capacity(READ_CHUNK * 2),
+            start: 0,
+            timeout,
+            last_frame: Instant::now(),
+            heartbeats: 0,
+        })
+    }
+
+    /// The primary's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// When the last frame (heartbeats included) was received.
+    pub fn last_frame(&self) -> Instant {
+        self.last_frame
+    }
+
+    /// Heartbeats received (and dropped) so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats
+    }
+
+    /// Change the detection timeout (the handshake uses a longer one).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// The next frame that is not a heartbeat.
+    pub fn next_frame(&mut self, stop: &AtomicBool) -> Result<Frame, ReceiveError> {
+        loop {
+            if let Some((ty, _, len)) =
+                split_frame(&self.buf[self.start..]).map_err(ReceiveError::Framing)?
+            {
+                let raw = self.buf[self.start..self.start + len].to_vec();
+                self.start += len;
+                self.last_frame = Instant::now();
+                if ty == session_type::HEARTBEAT {
+                    self.heartbeats += 1;
+                    continue;
+                }
+                return Ok(Frame { ty, raw });
+            }
+            self.fill(stop)?;
+        }
+    }
+
+    /// Read more bytes (at least one) or fail.
+    fn fill(&mut self, stop: &AtomicBool) -> Result<(), ReceiveError> {
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let have = self.buf.len();
+        self.buf.resize(have + READ_CHUNK, 0);
+        let res = loop {
+            if stop.load(Ordering::Relaxed) {
+                break Err(ReceiveError::Stopped);
+            }
+            match self.stream.read(&mut self.buf[have..]) {
+                Ok(0) => break Err(ReceiveError::Closed),
+                Ok(n) => break Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let silent = self.last_frame.elapsed();
+                    if silent >= self.timeout {
+                        break Err(ReceiveError::Silent(silent));
+                    }
+                }
+                Err(e) => break Err(ReceiveError::Io(e)),
+            }
+        };
+        match res {
+            Ok(n) => {
+                self.buf.truncate(have + n);
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(have);
+                Err(e)
+            }
+        }
+    }
+
+    /// Send bytes (an Ack, a Welcome, a Refuse) to the primary.
+    pub fn send(&mut self, bytes: &[u8]) -> Result<(), std::io::Error> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    /// Acknowledge a committed epoch.
+    pub fn ack(&mut self, epoch: u64) -> Result<(), std::io::Error> {
+        let mut out = Vec::with_capacity(13);
+        session::put_ack(&mut out, epoch);
+        self.send(&out)
+    }
+
+    /// Close the connection both ways.
+    pub fn close(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Run the session opening on a new connection: read the Hello, check it against `ours`,
+/// answer Welcome (next epoch `next_epoch`) or Refuse (with the reason) and return the
+/// primary's Hello. After a refusal the connection is closed.
+pub fn handshake(
+    rx: &mut Receiver,
+    ours: &Hello,
+    next_epoch: u64,
+    stop: &AtomicBool,
+) -> Result<Hello, HandshakeError> {
+    let detect = rx.timeout;
+    rx.set_timeout(HANDSHAKE_TIMEOUT.max(detect));
+    let frame = rx.next_frame(stop);
+    rx.set_timeout(detect);
+    let frame = frame.map_err(HandshakeError::Receive)?;
+    let refuse = |rx: &mut Receiver, reason: &str| {
+        let mut out = Vec::new();
+        session::put_refuse(&mut out, reason);
+        let _ = rx.send(&out);
+        rx.close();
+    };
+    if frame.ty != session_type::HELLO {
+        refuse(rx, &format!("expected Hello, got frame type {}", frame.ty));
+        return Err(HandshakeError::NotHello(frame.ty));
+    }
+    let hello = Hello::parse(frame.body()).and_then(|h| h.check_against(ours).map(|()| h));
+    match hello {
+        Ok(h) => {
+            let mut out = Vec::new();
+            session::put_welcome(&mut out, next_epoch);
+            rx.send(&out).map_err(HandshakeError::Write)?;
+            Ok(h)
+        }
+        Err(e) => {
+            refuse(rx, &e.to_string());
+            Err(HandshakeError::Refused(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_common::stream::put_frame;
+    use std::net::TcpListener;
+
+    fn pair(timeout: Duration) -> (TcpStream, Receiver) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (server, _) = l.accept().expect("accept");
+        (client, Receiver::new(server, timeout).expect("receiver"))
+    }
+
+    #[test]
+    fn frames_split_across_writes_and_heartbeats_dropped() {
+        let stop = AtomicBool::new(false);
+        let (mut c, mut rx) = pair(Duration::from_millis(500));
+        let mut out = Vec::new();
+        session::put_heartbeat(&mut out);
+        put_frame(&mut out, 2, &[7; 1000]);
+        session::put_heartbeat(&mut out);
+        put_frame(&mut out, 4, &[1, 2, 3]);
+        let (a, b) = out.split_at(700);
+        c.write_all(a).expect("write");
+        let t = std::thread::spawn({
+            let b = b.to_vec();
+            move || {
+                std::thread::sleep(Duration::from_millis(20));
+                c.write_all(&b).expect("write");
+                c
+            }
+        });
+        let f = rx.next_frame(&stop).expect("frame");
+        assert_eq!((f.ty, f.body().len()), (2, 1000));
+        let f = rx.next_frame(&stop).expect("frame");
+        assert_eq!((f.ty, f.body()), (4, &[1u8, 2, 3][..]));
+        assert_eq!(rx.heartbeats(), 2);
+        let c = t.join().expect("writer");
+        drop(c);
+        assert!(matches!(rx.next_frame(&stop), Err(ReceiveError::Closed)));
+    }
+
+    #[test]
+    fn silence_is_detected_after_the_timeout() {
+        let stop = AtomicBool::new(false);
+        let (_c, mut rx) = pair(Duration::from_millis(60));
+        let t = Instant::now();
+        match rx.next_frame(&stop) {
+            Err(ReceiveError::Silent(d)) => assert!(d >= Duration::from_millis(60)),
+            other => panic!("expected silence, got {other:?}"),
+        }
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    #[test]
+    fn bad_framing_is_an_error() {
+        let stop = AtomicBool::new(false);
+        let (mut c, mut rx) = pair(Duration::from_millis(500));
+        c.write_all(&[0, 0, 0, 0, 9]).expect("write");
+        assert!(matches!(
+            rx.next_frame(&stop),
+            Err(ReceiveError::Framing(StreamError::Truncated(_)))
+        ));
+    }
+}

@@ -1,0 +1,524 @@
+//! End-to-end tests: the `ha-backup` binary against a fake primary over a sim guest (and
+//! one over KVM when /dev/kvm opens).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use ha_backup::commit::Committed;
+use ha_backup::config::{Cli, Config};
+use ha_backup::receive::Frame;
+use ha_backup::stage::Stager;
+use ha_common::domain::DomainFactory;
+use ha_common::output::{OutputChecker, Source, committed_out_head};
+use ha_common::session::frame_type as st;
+use ha_common::stream::split_frame;
+use ha_sim::SimFactory;
+
+const MEM: &str = "4M";
+
+fn sim_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["--guest", "sim", "--memory", MEM];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
+    let dir = scratch("refuse");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "100ms"]));
+    let (_s, _, (ty, body)) = open_session(b.addr, &hello(8 * MIB));
+    assert_eq!(ty, st::REFUSE);
+    let reason = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(
+        reason,
+        "guest memory size mismatch: primary has 8388608, backup has 4194304"
+    );
+    let mut bad = hello(4 * MIB);
+    bad.mode = ha_common::codec::Mode::Remus;
+    let (_s, _, (ty, body)) = open_session(b.addr, &bad);
+    assert_eq!(ty, st::REFUSE);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "mode mismatch: primary has remus, backup has fgbi"
+    );
+    // A correct primary is welcomed.
+    let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
+    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(ha_common::session::parse_u64(&body, "welcome"), Ok(1));
+    let refused: Vec<_> = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert_eq!(refused[0]["reason"], reason);
+    // It then loses that primary before any checkpoint: exit 2, with the message.
+    drop(s);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(2), "stderr:\n{}", b.stderr());
+    assert!(
+        b.stderr()
+            .contains("primary lost before the first checkpoint: nothing to resume"),
+        "{}",
+        b.stderr()
+    );
+    assert_eq!(b.event("exit").map(|e| e["code"].clone()), Some(2.into()));
+}
+
+#[test]
+fn lost_after_precopy_only_exits_2() {
+    let dir = scratch("precopy-only");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "80ms"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    p.epoch(false, Verify::None);
+    // Silence: detected by the timeout (the connection stays open).
+    let status = b.wait();
+    assert_eq!(status.code(), Some(2), "stderr:\n{}", b.stderr());
+    let lost = b.event("primary_lost").expect("primary_lost event");
+    assert_eq!(lost["last_epoch"], 2);
+    assert!(
+        lost["reason"].as_str().unwrap_or("").contains("no frame"),
+        "{lost}"
+    );
+    drop(p);
+}
+
+#[test]
+fn epochs_commit_ack_and_log_then_a_wrong_verify_is_fatal() {
+    let dir = scratch("verify");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "2s"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    let mut heads = Vec::new();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(15));
+        let built = p.epoch(true, Verify::Right);
+        let (epoch, head) = (built.epoch, built.status.out_head);
+        heads.push((epoch, head));
+        // The ack log line was written before the ack we just received.
+        assert_eq!(b.ack_log().last(), Some(&(epoch, head)));
+    }
+    assert!(
+        heads.last().is_some_and(|h| h.1 > 0),
+        "the guest produced output: {heads:?}"
+    );
+    assert_eq!(b.ack_log(), heads);
+    let cps: Vec<_> = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "checkpoint")
+        .map(|e| {
+            (
+                e["epoch"].as_u64().unwrap_or(0),
+                e["out_head"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(cps, heads);
+    // The stats row is written just after the ack (its ack time is measured).
+    let end = Instant::now() + DEADLINE;
+    let stats = loop {
+        let s = std::fs::read_to_string(dir.join("stats.csv")).expect("stats");
+        if s.lines().count() >= 6 || Instant::now() > end {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let rows: Vec<&str> = stats.lines().collect();
+    assert_eq!(rows.len(), 1 + 5, "{stats}");
+    assert!(rows[1].starts_with("1,0,"), "{stats}");
+    assert!(rows[2].starts_with("2,1,"), "{stats}");
+
+    // A checkpoint whose Verify digest is wrong: the backup stops with code 3, no ack.
+    let bad = p.epochs.next(true, Verify::Wrong);
+    p.send(&bad.bytes);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(3), "stderr:\n{}", b.stderr());
+    assert!(b.stderr().contains("VERIFY FAILED"), "{}", b.stderr());
+    assert_eq!(
+        b.event("verify_failed").map(|e| e["epoch"].clone()),
+        Some(bad.epoch.into())
+    );
+    assert!(
+        p.ack().is_err(),
+        "no ack for a checkpoint that failed verification"
+    );
+}
+
+/// Feeds epochs through the library's stage and commit directly: the committed image
+/// equals the primary's memory at every checkpoint, and a corrupted epoch leaves it alone.
+#[test]
+fn committed_image_equals_primary_memory_and_corrupt_epochs_leave_it() {
+    let spec = sim_spec();
+    let cli: Cli = clap::Parser::try_parse_from(["ha-backup", "--memory", MEM]).expect("cli");
+    let cfg = Config::from_cli(&cli).expect("config");
+    let mut stager = Stager::new(&cfg, 1);
+    let mut committed = Committed::new(spec.memory_size as usize);
+    let mut src = Epochs::new(&SimFactory::new(), &spec);
+    let feed = |stager: &mut Stager, committed: &mut Committed, bytes: &[u8]| {
+        let mut at = 0;
+        let mut done = None;
+        while let Some((ty, _, n)) = split_frame(&bytes[at..]).map_err(|e| e.to_string())? {
+            let f = Frame {
+                ty,
+                raw: bytes[at..at + n].to_vec(),
+            };
+            if let Some(v) = stager
+                .push(&f, committed.image())
+                .map_err(|e| e.to_string())?
+            {
+                done = Some(committed.apply(v.staged).map_err(|e| e.to_string())?);
+            }
+            at += n;
+        }
+        Ok::<_, String>(done)
+    };
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(10));
+        let b = src.next(i > 0, Verify::Right);
+        let applied = feed(&mut stager, &mut committed, &b.bytes)
+            .expect("epoch commits")
+            .expect("trailer seen");
+        assert_eq!(applied.epoch, b.epoch);
+        assert!(
+            committed.image() == &b.memory[..],
+            "image differs at epoch {}",
+            b.epoch
+        );
+    }
+    let before = committed.image().to_vec();
+    std::thread::sleep(Duration::from_millis(10));
+    let b = src.next(true, Verify::Right);
+    let fr = frames(&b.bytes);
+    assert!(fr.len() >= 3);
+    // A flipped bit in the Pages frame.
+    let mut bad = b.bytes.clone();
+    bad[fr[1].start + 20] ^= 0x10;
+    assert!(feed(&mut stager, &mut committed, &bad).is_err());
+    assert!(
+        committed.image() == &before[..],
+        "a corrupt epoch changed the image"
+    );
+    // Cut mid-epoch: the partial epoch is discarded.
+    let cut = &b.bytes[..fr[1].end];
+    assert_eq!(feed(&mut stager, &mut committed, cut), Ok(None));
+    assert!(stager.discard());
+    assert!(committed.image() == &before[..]);
+    // The intact epoch still commits afterwards.
+    let applied = feed(&mut stager, &mut committed, &b.bytes)
+        .expect("intact epoch commits")
+        .expect("trailer");
+    assert_eq!(applied.epoch, b.epoch);
+    assert!(committed.image() == &b.memory[..]);
+}
+
+/// Runs checkpoints 1..=3 (after one pre-copy epoch), then `spoil` with the next epoch's
+/// bytes; the backup must fail over from the last good checkpoint.
+/// Returns the backup's events.
+fn fails_over_from_previous_commit(
+    name: &str,
+    spoil: impl FnOnce(&mut FakePrimary, Built),
+) -> Vec<serde_json::Value> {
+    let dir = scratch(name);
+    let mut b = Backup::start(
+        &dir,
+        &sim_args(&["--detect-timeout", "150ms", "--exit-after", "300ms"]),
+    );
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    let mut last = (0, 0);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(15));
+        let built = p.epoch(true, Verify::Right);
+        last = (built.epoch, built.status.progress);
+    }
+    std::thread::sleep(Duration::from_millis(15));
+    let next = p.epochs.next(true, Verify::Right);
+    p.epochs.guest.pause().expect("primary guest stops");
+    spoil(&mut p, next);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+    let lost = b.event("primary_lost").expect("primary_lost");
+    assert_eq!(lost["last_epoch"], last.0, "{lost}");
+    let active = b.event("active").expect("active");
+    assert_eq!(active["epoch"], last.0, "{active}");
+    assert_eq!(active["progress"], last.1, "{active}");
+    assert_eq!(b.ack_log().last().map(|x| x.0), Some(last.0));
+    drop(p);
+    b.events()
+}
+
+#[test]
+fn corrupt_frame_fails_over_to_the_previous_commit() {
+    let events = fails_over_from_previous_commit("corrupt", |p, next| {
+        let fr = frames(&next.bytes);
+        let mut bad = next.bytes.clone();
+        bad[fr[1].start + 30] ^= 0x01;
+        p.send(&bad);
+        assert!(p.ack().is_err(), "a corrupt epoch is not acked");
+    });
+    let lost = events.iter().find(|e| e["event"] == "primary_lost");
+    assert!(
+        lost.and_then(|e| e["reason"].as_str())
+            .is_some_and(|r| r.starts_with("corrupt stream: epoch digest mismatch")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn connection_cut_mid_epoch_fails_over_to_the_previous_commit() {
+    let events = fails_over_from_previous_commit("cut", |p, next| {
+        let fr = frames(&next.bytes);
+        p.send(&next.bytes[..fr[1].end]);
+        let _ = p.stream.shutdown(std::net::Shutdown::Both);
+    });
+    let lost = events.iter().find(|e| e["event"] == "primary_lost");
+    assert_eq!(
+        lost.map(|e| e["reason"].clone()),
+        Some("connection closed".into())
+    );
+}
+
+#[test]
+fn failover_continues_progress_and_output_without_gap() {
+    let dir = scratch("failover");
+    let world = World::start();
+    let detect = Duration::from_millis(120);
+    let mut b = Backup::start(
+        &dir,
+        &sim_args(&[
+            "--detect-timeout",
+            "120ms",
+            "--exit-after",
+            "600ms",
+            "--output",
+            &world.addr.to_string(),
+        ]),
+    );
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, Some(world.addr));
+    p.epoch(false, Verify::None);
+    let mut last = None;
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(25));
+        let built = p.epoch(true, Verify::Right);
+        last = Some((built.epoch, built.status));
+    }
+    let Some((cp_epoch, cp_status)) = last else {
+        panic!("no checkpoint sent");
+    };
+    // The primary dies silently: its guest stops, the connection stays open.
+    p.epochs.guest.pause().expect("pause");
+    let silent_since = Instant::now();
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+
+    let lost = b.event("primary_lost").expect("primary_lost");
+    let detect_ms = lost["detect_ms"].as_u64().unwrap_or(0);
+    assert!(
+        detect_ms >= detect.as_millis() as u64 && detect_ms < 1000,
+        "detect_ms {detect_ms}"
+    );
+    assert!(silent_since.elapsed() >= detect);
+    let active = b.event("active").expect("active");
+    assert_eq!(active["epoch"], cp_epoch);
+    assert_eq!(active["progress"], cp_status.progress);
+    assert_eq!(active["out_head"], cp_status.out_head);
+    assert!(active["activation_ms"].as_u64().is_some());
+    assert_eq!(
+        active["rereleased"], cp_status.out_head,
+        "ring holds every record so far"
+    );
+    let progress: Vec<u64> = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["progress"].as_u64())
+        .collect();
+    assert!(!progress.is_empty(), "no progress events");
+    assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{progress:?}");
+    assert!(
+        progress.last().is_some_and(|&x| x > cp_status.progress),
+        "the guest did not continue: {progress:?} after {}",
+        cp_status.progress
+    );
+
+    // The world: primary output (committed only), then the backup's re-release and new
+    // output, with no gap.
+    drop(p);
+    let end = Instant::now() + DEADLINE;
+    let ack_log = dir.join("ack.log");
+    let committed = committed_out_head(&ack_log).expect("ack log");
+    let recs = loop {
+        let r = world.records();
+        let backup_max = r
+            .iter()
+            .filter(|(s, _)| *s == Source::Backup)
+            .map(|(_, r)| r.seq)
+            .max();
+        if backup_max.is_some_and(|m| m >= cp_status.out_head) || Instant::now() > end {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut checker = OutputChecker::default();
+    for (src, r) in &recs {
+        checker
+            .check(*src, r, || committed)
+            .unwrap_or_else(|v| panic!("output violation: {v}"));
+    }
+    let from_backup = recs.iter().filter(|(s, _)| *s == Source::Backup).count();
+    assert!(
+        from_backup as u64 >= cp_status.out_head,
+        "re-release missing"
+    );
+    assert!(
+        checker.next_seq() > cp_status.out_head,
+        "no new output after failover: next {} vs committed {}",
+        checker.next_seq(),
+        cp_status.out_head
+    );
+}
+
+#[test]
+fn kvm_failover_continues_progress() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(ha_kvm::KVM_DEVICE)
+    {
+        let reason = format!("cannot open {}: {e}", ha_kvm::KVM_DEVICE);
+        if std::env::var("CASTOR_REQUIRE_KVM").as_deref() == Ok("1") {
+            panic!("CASTOR_REQUIRE_KVM=1 but {reason}");
+        }
+        eprintln!("skipping the KVM failover test: {reason}");
+        return;
+    }
+    let factory = ha_kvm::KvmFactory::new();
+    let mut spec = sim_spec();
+    spec.params.output_every = 0;
+    spec.params.doorbell_every = 0;
+    spec.params.rate = 0;
+    let dir = scratch("kvm");
+    let mut b = Backup::start(
+        &dir,
+        &[
+            "--guest",
+            "kvm",
+            "--memory",
+            MEM,
+            "--detect-timeout",
+            "150ms",
+            "--exit-after",
+            "400ms",
+        ],
+    );
+    let mut p = FakePrimary::connect(&factory as &dyn DomainFactory, &spec, b.addr, None);
+    p.epoch(false, Verify::None);
+    let mut last = None;
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(20));
+        let built = p.epoch(true, Verify::Right);
+        last = Some((built.epoch, built.status.progress));
+    }
+    let Some((cp, progress)) = last else {
+        panic!("no checkpoint");
+    };
+    p.epochs.guest.pause().expect("pause");
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+    let active = b.event("active").expect("active");
+    assert_eq!(active["epoch"], cp);
+    assert_eq!(active["progress"], progress);
+    let after = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["progress"].as_u64())
+        .max();
+    assert!(
+        after.is_some_and(|a| a > progress),
+        "{after:?} vs {progress}"
+    );
+    drop(p);
+}
+
+#[test]
+fn sigterm_stops_a_listening_backup_with_code_0() {
+    let dir = scratch("sigterm");
+    let mut b = Backup::start(&dir, &sim_args(&[]));
+    let pid = libc::pid_t::try_from(b.child.id()).expect("pid fits");
+    // SAFETY: sending SIGTERM to our own child process, whose pid we just read and which
+    // has not been waited for (so the pid is not reused).
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+    assert_eq!(b.event("exit").map(|e| e["code"].clone()), Some(0.into()));
+}
+
+#[test]
+fn heartbeats_keep_the_primary_alive_even_inside_an_epoch() {
+    let dir = scratch("heartbeat");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "100ms"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    p.epoch(true, Verify::Right);
+    let mut hb = Vec::new();
+    ha_common::session::put_heartbeat(&mut hb);
+    // 400 ms of heartbeats only, then an epoch with heartbeats between its frames.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(40));
+        p.send(&hb);
+    }
+    let next = p.epochs.next(true, Verify::Right);
+    for r in frames(&next.bytes) {
+        p.send(&next.bytes[r]);
+        p.send(&hb);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert_eq!(p.ack().expect("ack after heartbeats"), next.epoch);
+    assert!(b.event("primary_lost").is_none(), "{:?}", b.events());
+    assert_eq!(b.ack_log().last().map(|x| x.0), Some(next.epoch));
+    // Now a clean close: failover from the last checkpoint.
+    let _ = p.stream.shutdown(std::net::Shutdown::Both);
+    p.epochs.guest.pause().expect("pause");
+    let pid = libc::pid_t::try_from(b.child.id()).expect("pid fits");
+    let end = Instant::now() + DEADLINE;
+    while b.event("active").is_none() {
+        assert!(Instant::now() < end, "no activation:\n{}", b.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: SIGTERM to our own, not yet waited-for child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(b.wait().code(), Some(0), "{}", b.stderr());
+    let lost = b.event("primary_lost").expect("lost");
+    assert_eq!(lost["reason"], "connection closed");
+    assert_eq!(
+        b.event("active").map(|a| a["epoch"].clone()),
+        Some(next.epoch.into())
+    );
+}
+
+#[test]
+fn a_restore_failure_is_printed_with_its_cause_and_exits_1() {
+    let dir = scratch("bad-state");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "100ms"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epochs.state_override = Some(b"not a sim state".to_vec());
+    p.epoch(true, Verify::Right);
+    let _ = p.stream.shutdown(std::net::Shutdown::Both);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(1), "stderr:\n{}", b.stderr());
+    let err = b.stderr();
+    assert!(
+        err.contains(
+            "ha-backup: error: failover failed: cannot restore the guest from checkpoint 1 \
+             with the sim backend: saved guest state is invalid"
+        ),
+        "{err}"
+    );
+    assert_eq!(b.event("exit").map(|e| e["code"].clone()), Some(1.into()));
+}

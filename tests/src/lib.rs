@@ -1,0 +1,381 @@
+//! Test harness for end-to-end Castor tests: start `ha-backup` and `ha-primary` as separate
+//! processes on loopback, stand in for the world (an output consumer that checks output
+//! commit against the backup's ack log), inject faults on the link (a TCP proxy), and read
+//! the daemons' JSON-lines events.
+
+use ha_common::output::{OutputChecker, Source, committed_out_head, read_records};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
+/// crate's tests run alone, they are built on first use.
+pub fn bin(name: &str) -> PathBuf {
+    let mut p = std::env::current_exe().unwrap_or_default();
+    p.pop(); // deps/
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    let path = p.join(name);
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    if !path.exists() {
+        BUILD.call_once(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let ok = Command::new(cargo)
+                .args(["build", "-p", "ha-primary", "-p", "ha-backup"])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "building ha-primary and ha-backup failed");
+        });
+    }
+    path
+}
+
+/// Whether KVM tests run here: `Ok(true)` with /dev/kvm, `Ok(false)` to skip (with the
+/// reason printed), a panic when `CASTOR_REQUIRE_KVM=1` and it is missing.
+pub fn kvm_or_skip() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
+                "CASTOR_REQUIRE_KVM=1 but /dev/kvm cannot be opened: {e}"
+            );
+            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+            false
+        }
+    }
+}
+
+/// A scratch directory for one test, removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh directory named after `tag`.
+    pub fn new(tag: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("castor-{tag}-{}-{}", std::process::id(), unique()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        Self(p)
+    }
+
+    /// A path inside it.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn unique() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Its name, for messages.
+    pub name: String,
+    /// Its stderr log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Start `bin` with `args`, stderr to `log`.
+    pub fn spawn(name: &str, args: &[String], log: PathBuf) -> Self {
+        let err = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+        let child = Command::new(bin(name))
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin(name).display()));
+        Self {
+            child,
+            name: name.to_string(),
+            log,
+        }
+    }
+
+    /// SIGKILL it now.
+    pub fn kill9(&mut self) {
+        // SAFETY: plain kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id().cast_signed(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Wait for it to exit (at most `limit`), returning the exit code (None: killed or
+    /// still running after the limit, then it is killed).
+    pub fn wait_for(&mut self, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill9();
+        None
+    }
+
+    /// Its stdout so far, once it has exited.
+    pub fn stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(o) = self.child.stdout.as_mut() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Its log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
+        }
+    }
+}
+
+/// Read a JSON-lines events file.
+pub fn events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first event named `name`, waiting up to `limit` for it to appear.
+pub fn wait_event(path: &Path, name: &str, limit: Duration) -> Option<serde_json::Value> {
+    let t = Instant::now();
+    loop {
+        if let Some(e) = events(path).into_iter().find(|e| e["event"] == name) {
+            return Some(e);
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Wait for a file to exist and hold a socket address.
+pub fn wait_addr(path: &Path, limit: Duration) -> SocketAddr {
+    let t = Instant::now();
+    loop {
+        if let Ok(s) = std::fs::read_to_string(path)
+            && let Ok(a) = s.trim().parse()
+        {
+            return a;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "no address in {} after {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What the world saw.
+#[derive(Debug, Default, Clone)]
+pub struct WorldView {
+    /// Distinct records in sequence (next expected seq).
+    pub next_seq: u64,
+    /// Records received from each side.
+    pub from_primary: u64,
+    /// Records received from the backup.
+    pub from_backup: u64,
+    /// Identical repeats.
+    pub repeats: u64,
+    /// Violations (skips, changed repeats, uncommitted releases).
+    pub violations: Vec<String>,
+}
+
+/// The world: accepts output connections from both daemons and checks every record
+/// (primary records against the ack log).
+#[derive(Debug)]
+pub struct World {
+    /// The sink address to give the daemons.
+    pub addr: SocketAddr,
+    view: Arc<Mutex<(OutputChecker, WorldView)>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl World {
+    /// Listen on loopback; `ack_log` is the backup's ack log.
+    pub fn start(ack_log: PathBuf) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+        let _ = l.set_nonblocking(true);
+        let view = Arc::new(Mutex::new((OutputChecker::default(), WorldView::default())));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (view, stop) = (view.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let (view, log) = (view.clone(), ack_log.clone());
+                            std::thread::spawn(move || {
+                                let _ = read_records(s, |src, r| {
+                                    let mut g = view.lock().unwrap_or_else(|e| e.into_inner());
+                                    let (checker, v) = &mut *g;
+                                    let res = checker
+                                        .check(src, &r, || committed_out_head(&log).unwrap_or(0));
+                                    match src {
+                                        Source::Primary => v.from_primary += 1,
+                                        Source::Backup => v.from_backup += 1,
+                                    }
+                                    if let Err(e) = res {
+                                        v.violations.push(format!("{src:?}: {e}"));
+                                    }
+                                    v.next_seq = checker.next_seq();
+                                    v.repeats = checker.repeats;
+                                });
+                            });
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        Self { addr, view, stop }
+    }
+
+    /// What it saw so far.
+    pub fn view(&self) -> WorldView {
+        self.view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A fault to inject on the primary → backup direction, some time after the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything.
+    None,
+    /// Flip one bit in the middle of the first chunk read after this long, then keep
+    /// forwarding.
+    FlipAfter(Duration),
+    /// Forward half of the first chunk read after this long, then close both directions
+    /// (a connection cut mid-frame).
+    CutAfter(Duration),
+}
+
+/// A TCP proxy between primary and backup that can corrupt or cut the stream.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Where the primary should connect.
+    pub addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Proxy to `backup`, injecting `fault` on the first connection.
+    pub fn start(backup: SocketAddr, fault: Fault) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
+        std::thread::spawn(move || {
+            let Ok((down, _)) = l.accept() else { return };
+            let Ok(up) = TcpStream::connect(backup) else {
+                return;
+            };
+            let (mut d2, mut u2) = match (down.try_clone(), up.try_clone()) {
+                (Ok(a), Ok(b)) => (a, b),
+                _ => return,
+            };
+            // backup → primary: plain copy.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u2, &mut d2);
+            });
+            let (mut down, mut up) = (down, up);
+            let mut buf = [0u8; 16 << 10];
+            let mut start = None;
+            let mut flipped = false;
+            loop {
+                let n = match down.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let t0 = *start.get_or_insert_with(Instant::now);
+                let chunk = &mut buf[..n];
+                match fault {
+                    Fault::FlipAfter(d) if !flipped && t0.elapsed() >= d => {
+                        chunk[n / 2] ^= 0x10;
+                        flipped = true;
+                    }
+                    Fault::CutAfter(d) if t0.elapsed() >= d => {
+                        let _ = up.write_all(&chunk[..n / 2]);
+                        let _ = up.shutdown(std::net::Shutdown::Both);
+                        let _ = down.shutdown(std::net::Shutdown::Both);
+                        return;
+                    }
+                    _ => {}
+                }
+                if up.write_all(chunk).is_err() {
+                    break;
+                }
+            }
+            let _ = up.shutdown(std::net::Shutdown::Both);
+        });
+        Self { addr }
+    }
+}
+
+/// A small deterministic PRNG (splitmix64) for seeded fault schedules.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo).max(1)
+    }
+}

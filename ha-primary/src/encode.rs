@@ -41,7 +41,7 @@ pub struct Encoded {
 pub fn run(
     mut enc: PageEncoder,
     jobs: Receiver<Job>,
-    link: Sender<Vec<u8>>,
+    link: Sender<(u64, Vec<u8>)>,
     done: Sender<Encoded>,
 ) {
     let mut batch = EncodedBatch::default();
@@ -87,7 +87,7 @@ pub fn run(
         };
         // Report before sending: the engine must know an epoch's figures before its ack
         // can arrive.
-        if done.send(report).is_err() || link.send(out).is_err() {
+        if done.send(report).is_err() || link.send((job.epoch, out)).is_err() {
             return;
         }
     }

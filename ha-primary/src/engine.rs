@@ -435,6 +435,11 @@ impl Engine<'_> {
         while let Some(ev) = next_ev {
             match ev {
                 LinkEvent::Ack(n, at) => self.acked(n, at)?,
+                LinkEvent::Sent(n, took) => {
+                    if let Some(row) = self.inflight.get_mut(&n) {
+                        row.send = Some(took);
+                    }
+                }
                 LinkEvent::Closed(why) => {
                     if matches!(self.phase, Phase::Syncing | Phase::Protected) {
                         self.backup_lost(&why)?;

@@ -40,6 +40,8 @@ pub enum LinkError {
 pub enum LinkEvent {
     /// The backup committed this epoch.
     Ack(u64, Instant),
+    /// This epoch's bytes are all written to the socket, taking this long.
+    Sent(u64, Duration),
     /// The link is gone (with the reason).
     Closed(String),
 }
@@ -47,8 +49,8 @@ pub enum LinkEvent {
 /// A connected, welcomed link.
 #[derive(Debug)]
 pub struct Link {
-    /// Epoch buffers to send, in order.
-    pub tx: Sender<Vec<u8>>,
+    /// Epochs to send, in order: (epoch number, bytes).
+    pub tx: Sender<(u64, Vec<u8>)>,
     /// Acks and closure.
     pub events: Receiver<LinkEvent>,
     /// The first epoch the backup expects.
@@ -81,7 +83,7 @@ pub fn connect(
         _ => return Err(SessionError::Malformed("handshake reply").into()),
     };
     s.set_read_timeout(None).map_err(hs)?;
-    let (tx, rx) = bounded::<Vec<u8>>(4);
+    let (tx, rx) = bounded::<(u64, Vec<u8>)>(4);
     let (etx, events) = unbounded();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reader = s.try_clone().map_err(hs)?;
@@ -107,7 +109,7 @@ pub fn connect(
 
 fn sender(
     mut s: TcpStream,
-    rx: Receiver<Vec<u8>>,
+    rx: Receiver<(u64, Vec<u8>)>,
     heartbeat: Duration,
     events: Sender<LinkEvent>,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -115,19 +117,30 @@ fn sender(
     let mut hb = Vec::new();
     session::put_heartbeat(&mut hb);
     loop {
-        let (buf, what) = match rx.recv_timeout(heartbeat) {
-            Ok(b) => (b, "epoch"),
-            Err(RecvTimeoutError::Timeout) => (hb.clone(), "heartbeat"),
+        let (epoch, buf) = match rx.recv_timeout(heartbeat) {
+            Ok((e, b)) => (Some(e), b),
+            Err(RecvTimeoutError::Timeout) => (None, hb.clone()),
             Err(RecvTimeoutError::Disconnected) => {
                 let _ = s.shutdown(std::net::Shutdown::Write);
                 return;
             }
         };
+        let t = Instant::now();
         if let Err(e) = s.write_all(&buf) {
+            let what = if epoch.is_some() {
+                "epoch"
+            } else {
+                "heartbeat"
+            };
             let _ = events.send(LinkEvent::Closed(format!("sending {what}: {e}")));
             return;
         }
         sent.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(e) = epoch
+            && events.send(LinkEvent::Sent(e, t.elapsed())).is_err()
+        {
+            return;
+        }
     }
 }
 

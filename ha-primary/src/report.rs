@@ -28,6 +28,8 @@ pub struct EpochRow {
     pub dirty_pages: usize,
     /// Encoder output.
     pub encoded: Option<Encoded>,
+    /// Time to write the epoch to the socket.
+    pub send: Option<Duration>,
     /// Time from the pause to the ack.
     pub ack_latency: Option<Duration>,
 }
@@ -45,7 +47,9 @@ impl StatsCsv {
         writeln!(
             w,
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
-             zero,unchanged,pageref,delta,blocks,general,raw,encode_us,ack_latency_us"
+             zero,unchanged,pageref,delta,blocks,general,raw,\
+             pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
+             encode_us,send_us,ack_latency_us"
         )?;
         Ok(Self { w })
     }
@@ -53,29 +57,41 @@ impl StatsCsv {
     /// Append one epoch.
     pub fn row(&mut self, r: &EpochRow) -> std::io::Result<()> {
         let e = r.encoded.as_ref();
-        let k = |enc: Encoding| e.map_or(0, |e| e.stats.kind(enc).pages);
-        writeln!(
-            self.w,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-            r.epoch,
-            u8::from(r.checkpoint),
-            r.pause.as_micros(),
-            r.dirty_pages,
-            e.map_or(0, |e| e.stats.changed_blocks),
-            e.map_or(0, |e| e.stats.shared_blocks),
-            r.dirty_pages * ha_common::PAGE_SIZE,
-            e.map_or(0, |e| e.wire_bytes),
-            k(Encoding::Zero),
-            k(Encoding::Unchanged),
-            k(Encoding::PageRef),
-            k(Encoding::Delta),
-            k(Encoding::Blocks),
-            k(Encoding::General),
-            k(Encoding::Raw),
-            e.map_or(0, |e| e.encode.as_micros()),
-            r.ack_latency
-                .map_or(String::new(), |d| d.as_micros().to_string()),
-        )?;
+        let pages = |enc: Encoding| e.map_or(0, |e| e.stats.kind(enc).pages);
+        let bytes = |enc: Encoding| e.map_or(0, |e| e.stats.kind(enc).bytes);
+        let us = |d: Option<Duration>| d.map_or(String::new(), |d| d.as_micros().to_string());
+        let mut cols: Vec<String> = vec![
+            r.epoch.to_string(),
+            u8::from(r.checkpoint).to_string(),
+            r.pause.as_micros().to_string(),
+            r.dirty_pages.to_string(),
+            e.map_or(0, |e| e.stats.changed_blocks).to_string(),
+            e.map_or(0, |e| e.stats.shared_blocks).to_string(),
+            (r.dirty_pages * ha_common::PAGE_SIZE).to_string(),
+            e.map_or(0, |e| e.wire_bytes).to_string(),
+        ];
+        let kinds = [
+            Encoding::Zero,
+            Encoding::Unchanged,
+            Encoding::PageRef,
+            Encoding::Delta,
+            Encoding::Blocks,
+            Encoding::General,
+            Encoding::Raw,
+        ];
+        cols.extend(kinds.iter().map(|&k| pages(k).to_string()));
+        let sized = [
+            Encoding::PageRef,
+            Encoding::Delta,
+            Encoding::Blocks,
+            Encoding::General,
+            Encoding::Raw,
+        ];
+        cols.extend(sized.iter().map(|&k| bytes(k).to_string()));
+        cols.push(us(e.map(|e| e.encode)));
+        cols.push(us(r.send));
+        cols.push(us(r.ack_latency));
+        writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }
 }

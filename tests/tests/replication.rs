@@ -67,6 +67,10 @@ impl Pair {
                 s(o.guest),
                 s("--interval"),
                 s("25ms"),
+                // Generous on a shared 2-core machine: scheduling stalls of tens of ms
+                // must not look like a dead primary.
+                s("--detect-timeout"),
+                s("400ms"),
                 s("--output"),
                 world.addr.to_string(),
                 s("--ack-log"),

@@ -11,7 +11,7 @@ use ha_common::guest_abi::{GuestStatus, OutputRecord};
 use ha_common::output::{OutputError, OutputSink, Source};
 use serde_json::json;
 
-use crate::commit::{Checkpoint, ring_records, status_of};
+use crate::commit::{Checkpoint, ring_records};
 use crate::events::EventLog;
 
 /// How often output is drained and released while active.
@@ -96,6 +96,12 @@ pub fn activate(
         .map(|addr| OutputSink::connect(addr, Source::Backup))
         .transpose()
         .map_err(ActivateError::Output)?;
+    // What the restored guest itself says, before it runs: the continuity check compares it
+    // with the committed checkpoint.
+    let resumed_from = domain.status().map_err(|source| ActivateError::Guest {
+        op: "status",
+        source,
+    })?;
     let records = ring_records(cp.image);
     if let Some(s) = &mut sink {
         s.release(&records).map_err(ActivateError::Output)?;
@@ -108,7 +114,7 @@ pub fn activate(
         domain,
         sink,
         epoch: cp.epoch,
-        resumed_from: status_of(cp.image),
+        resumed_from,
         rereleased: records.len() as u64,
         released: 0,
         activation: declared.elapsed(),

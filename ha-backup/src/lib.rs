@@ -283,6 +283,7 @@ fn fail_over(
         json!({
             "epoch": active.epoch,
             "progress": st.progress,
+            "checksum": st.checksum,
             "out_head": st.out_head,
             "activation_ms": activation_ms,
             "rereleased": active.rereleased,
@@ -437,9 +438,15 @@ fn receive(
                     }
                 })?;
             }
+            let st = committed.status();
             sinks.events.note(
                 "checkpoint",
-                json!({"epoch": applied.epoch, "out_head": applied.out_head}),
+                json!({
+                    "epoch": applied.epoch,
+                    "out_head": applied.out_head,
+                    "progress": st.progress,
+                    "checksum": st.checksum,
+                }),
             );
         }
         if let Err(e) = rx.ack(applied.epoch) {

@@ -70,7 +70,9 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
 #[test]
 fn lost_after_precopy_only_exits_2() {
     let dir = scratch("precopy-only");
-    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "80ms"]));
+    // The fake primary sends no heartbeats between epochs: the timeout must outlast
+    // building an epoch on a loaded machine.
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "400ms"]));
     let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
     p.epoch(false, Verify::None);
     p.epoch(false, Verify::None);
@@ -410,7 +412,7 @@ fn kvm_failover_continues_progress() {
             "--memory",
             MEM,
             "--detect-timeout",
-            "150ms",
+            "600ms",
             "--exit-after",
             "400ms",
         ],

@@ -182,6 +182,20 @@ impl Pair {
                 active["epoch"]
             ));
         }
+        // The restored guest's own status equals the committed checkpoint's.
+        let cp = events(&self.backup_events())
+            .into_iter()
+            .filter(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
+            .next_back()
+            .unwrap_or_else(|| self.fail("no checkpoint event for the last commit"));
+        for key in ["progress", "checksum", "out_head"] {
+            if active[key] != cp[key] {
+                self.fail(&format!(
+                    "restored guest {key} {} != checkpoint's {}",
+                    active[key], cp[key]
+                ));
+            }
+        }
         if active["out_head"] != last_out_head {
             self.fail(&format!(
                 "active out_head {} != committed {last_out_head}",

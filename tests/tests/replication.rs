@@ -185,8 +185,7 @@ impl Pair {
         // The restored guest's own status equals the committed checkpoint's.
         let cp = events(&self.backup_events())
             .into_iter()
-            .filter(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
-            .next_back()
+            .rfind(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
             .unwrap_or_else(|| self.fail("no checkpoint event for the last commit"));
         for key in ["progress", "checksum", "out_head"] {
             if active[key] != cp[key] {

@@ -796,7 +796,7 @@ fn build_blocks(
     }
     // Literals: raw, or compressed if that pays.
     if literals.len() >= COMPRESS_MIN && general != GeneralCodec::None && !looks_random(literals) {
-        let mut buf = vec![0u8; literals.len() + 64];
+        let mut buf = Vec::new();
         if let Some(n) = compress(general, literals, &mut buf, literals.len() - 8, zlib) {
             out.push(codec_byte(general));
             out.extend_from_slice(&buf[..n]);
@@ -833,26 +833,43 @@ fn looks_random(data: &[u8]) -> bool {
     n >= 64 && distinct * 2 > n
 }
 
-/// Compress `input` into `out` in at most `limit` bytes; `None` if it does not fit.
+/// Room for any compressor's output on `n` input bytes (deflate and lz4 worst cases).
+fn compress_bound(n: usize) -> usize {
+    n + n / 8 + 64
+}
+
+/// Compress `input` into `out`; `Some(len)` only if the result fits in `limit` bytes.
+///
+/// The compressor always gets a buffer of [`compress_bound`] bytes and the size is checked
+/// afterwards: zlib-rs has had bugs with output buffers that are just too short (a panic
+/// in its bit buffer, and a stream that claims success but does not decode), so it is
+/// never asked to stop early.
 fn compress(
     codec: GeneralCodec,
     input: &[u8],
-    out: &mut [u8],
+    out: &mut Vec<u8>,
     limit: usize,
     zlib: &mut flate2::Compress,
 ) -> Option<usize> {
-    let limit = limit.min(out.len());
-    match codec {
-        GeneralCodec::None => None,
-        GeneralCodec::Lz4 => lz4_flex::block::compress_into(input, &mut out[..limit]).ok(),
+    let bound = compress_bound(input.len());
+    if out.len() < bound {
+        out.resize(bound, 0);
+    }
+    let n = match codec {
+        GeneralCodec::None => return None,
+        GeneralCodec::Lz4 => lz4_flex::block::compress_into(input, &mut out[..bound]).ok()?,
         GeneralCodec::Zlib => {
             zlib.reset();
             let status = zlib
-                .compress(input, &mut out[..limit], flate2::FlushCompress::Finish)
+                .compress(input, &mut out[..bound], flate2::FlushCompress::Finish)
                 .ok()?;
-            (status == flate2::Status::StreamEnd).then(|| zlib.total_out() as usize)
+            if status != flate2::Status::StreamEnd {
+                return None;
+            }
+            usize::try_from(zlib.total_out()).ok()?
         }
-    }
+    };
+    (n <= limit).then_some(n)
 }
 
 /// Decompress a codec-tagged buffer into exactly `out.len()` bytes.
@@ -1323,6 +1340,46 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(Encoding::from_u8(7), None);
+    }
+
+    /// Compression under tight budgets never panics, never exceeds the budget, and what it
+    /// returns always decompresses to the input. (zlib-rs once panicked when deflate was
+    /// handed an output buffer of just the budget's size.)
+    #[test]
+    fn compression_under_every_budget_is_exact_or_refused() {
+        let mut r = rng(5);
+        let mut zlib = flate2::Compress::new(flate2::Compression::new(1), false);
+        let mut out = Vec::new();
+        for case in 0..40 {
+            let len = [4096, 3072, 640, 64][case % 4];
+            let mut input = vec![0u8; len];
+            match case % 3 {
+                // Mostly zero blocks with a random word here and there (guest heaps).
+                0 => {
+                    for _ in 0..(r() % 64) {
+                        let at = (r() as usize % (len / 8)) * 8;
+                        input[at..at + 8].copy_from_slice(&r().to_le_bytes());
+                    }
+                }
+                1 => input
+                    .iter_mut()
+                    .for_each(|b| *b = b"memory page kernel "[(r() % 19) as usize]),
+                _ => input.iter_mut().for_each(|b| *b = r() as u8),
+            }
+            for codec in [GeneralCodec::Zlib, GeneralCodec::Lz4] {
+                let mut budgets: Vec<usize> = (0..len + 600).step_by(7).collect();
+                budgets.extend([1, 2, 3, 8, 16, 31, 32, 33]);
+                for limit in budgets {
+                    if let Some(n) = compress(codec, &input, &mut out, limit, &mut zlib) {
+                        assert!(n <= limit, "{codec:?} {n} > {limit}");
+                        let mut back = vec![0u8; len];
+                        decompress(codec_byte(codec), &out[..n], &mut back, Encoding::General)
+                            .unwrap_or_else(|e| panic!("{codec:?} case {case} limit {limit}: {e}"));
+                        assert!(back == input, "{codec:?} case {case} limit {limit}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

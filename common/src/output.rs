@@ -276,6 +276,94 @@ impl OutputChecker {
     }
 }
 
+/// What the world saw (see [`Consumer`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WorldView {
+    /// Distinct records in sequence (the next sequence number expected).
+    pub next_seq: u64,
+    /// Records received from the primary.
+    pub from_primary: u64,
+    /// Records received from the backup.
+    pub from_backup: u64,
+    /// Identical repeats (the backup re-releasing after a failover).
+    pub repeats: u64,
+    /// Violations: skips, changed repeats, primary releases ahead of the commits.
+    pub violations: Vec<String>,
+}
+
+/// The world: accepts output connections from both daemons on loopback and checks every
+/// record, the primary's against the backup's ack log. Used by the drill and the tests.
+#[derive(Debug)]
+pub struct Consumer {
+    /// The sink address to give the daemons.
+    pub addr: SocketAddr,
+    view: std::sync::Arc<std::sync::Mutex<(OutputChecker, WorldView)>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Consumer {
+    /// Listen on a free loopback port; `ack_log` is the backup's ack log.
+    pub fn start(ack_log: std::path::PathBuf) -> std::io::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?;
+        l.set_nonblocking(true)?;
+        let view = std::sync::Arc::new(std::sync::Mutex::new((
+            OutputChecker::default(),
+            WorldView::default(),
+        )));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (v, st) = (view.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("castor-world".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    let Ok((s, _)) = l.accept() else {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        continue;
+                    };
+                    let _ = s.set_nonblocking(false);
+                    let (view, log) = (v.clone(), ack_log.clone());
+                    std::thread::spawn(move || {
+                        let _ = read_records(s, |src, r| {
+                            let mut g = view
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let (checker, w) = &mut *g;
+                            let res =
+                                checker.check(src, &r, || committed_out_head(&log).unwrap_or(0));
+                            match src {
+                                Source::Primary => w.from_primary += 1,
+                                Source::Backup => w.from_backup += 1,
+                            }
+                            if let Err(e) = res {
+                                w.violations.push(format!("{src:?}: {e}"));
+                            }
+                            w.next_seq = checker.next_seq();
+                            w.repeats = checker.repeats;
+                        });
+                    });
+                }
+            })?;
+        Ok(Self { addr, view, stop })
+    }
+
+    /// What it saw so far.
+    pub fn view(&self) -> WorldView {
+        self.view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,13 +3,11 @@
 //! commit against the backup's ack log), inject faults on the link (a TCP proxy), and read
 //! the daemons' JSON-lines events.
 
-use ha_common::output::{OutputChecker, Source, committed_out_head, read_records};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
@@ -205,88 +203,8 @@ pub fn wait_addr(path: &Path, limit: Duration) -> SocketAddr {
     }
 }
 
-/// What the world saw.
-#[derive(Debug, Default, Clone)]
-pub struct WorldView {
-    /// Distinct records in sequence (next expected seq).
-    pub next_seq: u64,
-    /// Records received from each side.
-    pub from_primary: u64,
-    /// Records received from the backup.
-    pub from_backup: u64,
-    /// Identical repeats.
-    pub repeats: u64,
-    /// Violations (skips, changed repeats, uncommitted releases).
-    pub violations: Vec<String>,
-}
-
-/// The world: accepts output connections from both daemons and checks every record
-/// (primary records against the ack log).
-#[derive(Debug)]
-pub struct World {
-    /// The sink address to give the daemons.
-    pub addr: SocketAddr,
-    view: Arc<Mutex<(OutputChecker, WorldView)>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl World {
-    /// Listen on loopback; `ack_log` is the backup's ack log.
-    pub fn start(ack_log: PathBuf) -> Self {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-        let addr = l.local_addr().unwrap_or_else(|e| panic!("addr: {e}"));
-        let _ = l.set_nonblocking(true);
-        let view = Arc::new(Mutex::new((OutputChecker::default(), WorldView::default())));
-        let stop = Arc::new(AtomicBool::new(false));
-        {
-            let (view, stop) = (view.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match l.accept() {
-                        Ok((s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            let (view, log) = (view.clone(), ack_log.clone());
-                            std::thread::spawn(move || {
-                                let _ = read_records(s, |src, r| {
-                                    let mut g = view.lock().unwrap_or_else(|e| e.into_inner());
-                                    let (checker, v) = &mut *g;
-                                    let res = checker
-                                        .check(src, &r, || committed_out_head(&log).unwrap_or(0));
-                                    match src {
-                                        Source::Primary => v.from_primary += 1,
-                                        Source::Backup => v.from_backup += 1,
-                                    }
-                                    if let Err(e) = res {
-                                        v.violations.push(format!("{src:?}: {e}"));
-                                    }
-                                    v.next_seq = checker.next_seq();
-                                    v.repeats = checker.repeats;
-                                });
-                            });
-                        }
-                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                    }
-                }
-            });
-        }
-        Self { addr, view, stop }
-    }
-
-    /// What it saw so far.
-    pub fn view(&self) -> WorldView {
-        self.view
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .clone()
-    }
-}
-
-impl Drop for World {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
+/// The world: the output consumer shared with the drill.
+pub use ha_common::output::{Consumer as World, WorldView};
 
 /// A fault to inject on the primary → backup direction, some time after the first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

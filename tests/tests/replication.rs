@@ -51,7 +51,7 @@ fn s(v: &str) -> String {
 impl Pair {
     fn start(tag: &str, o: &Opts) -> Self {
         let dir = Scratch::new(tag);
-        let world = World::start(dir.file("ack.log"));
+        let world = World::start(dir.file("ack.log")).unwrap_or_else(|e| panic!("world: {e}"));
         let backup = Proc::spawn(
             "ha-backup",
             &[

@@ -1,0 +1,548 @@
+//! `ha-bench drill`: the failover drill. Starts `ha-backup` and `ha-primary` as separate
+//! processes on loopback, protects a built-in guest, shows live progress, kills the primary
+//! with SIGKILL at a random moment, and shows the failover and a continuity verdict.
+
+use ha_common::output::{Consumer, WorldView};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Errors that stop the drill before a verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    /// A daemon binary is missing.
+    #[error(
+        "{0} not found next to ha-bench; build it with `cargo build --release -p ha-primary -p ha-backup`"
+    )]
+    MissingBinary(PathBuf),
+    /// Building the daemons failed.
+    #[error("building ha-primary and ha-backup failed")]
+    Build,
+    /// A process could not be started.
+    #[error("cannot start {what}")]
+    Spawn {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something the drill waits for did not happen.
+    #[error("{0}; see the logs in {1}")]
+    Stalled(String, PathBuf),
+    /// Local I/O.
+    #[error("drill I/O")]
+    Io(#[from] std::io::Error),
+}
+
+/// Drill settings.
+#[derive(Debug, Clone)]
+pub struct DrillArgs {
+    /// kvm or sim.
+    pub guest: String,
+    /// Workload name.
+    pub workload: String,
+    /// Guest memory ("256M").
+    pub memory: String,
+    /// Encoding mode.
+    pub mode: String,
+    /// Epoch interval ("25ms").
+    pub interval: String,
+    /// The backup's detection timeout for a silent primary ("500ms").
+    pub detect_timeout: String,
+    /// Workload units per second.
+    pub rate: u64,
+    /// Protected run before the kill.
+    pub seconds: f64,
+    /// How long the backup runs the guest after taking over.
+    pub after: f64,
+    /// Seed for the kill moment.
+    pub seed: u64,
+    /// Print progress lines.
+    pub live: bool,
+    /// Keep the run's directory.
+    pub keep: bool,
+}
+
+/// The drill's result.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DrillReport {
+    /// Guest backend.
+    pub guest: String,
+    /// Workload.
+    pub workload: String,
+    /// Mode.
+    pub mode: String,
+    /// Checkpoints acknowledged to the primary.
+    pub epochs_committed: u64,
+    /// Pause time p50, ms.
+    pub pause_ms_p50: f64,
+    /// Pause time p99, ms.
+    pub pause_ms_p99: f64,
+    /// Mean wire bytes per checkpoint.
+    pub wire_bytes_per_epoch: f64,
+    /// Mean raw (dirty pages × 4096) bytes per checkpoint.
+    pub raw_bytes_per_epoch: f64,
+    /// Kill → the backup declares the primary dead.
+    pub detection_ms: u64,
+    /// Declared dead → the guest runs on the backup.
+    pub activation_ms: u64,
+    /// Kill → the guest runs on the backup.
+    pub failover_ms: u64,
+    /// The checkpoint the backup resumed from.
+    pub resumed_epoch: u64,
+    /// Progress counter at that checkpoint, and after the backup ran the guest.
+    pub progress_at_resume: u64,
+    /// Progress when the backup stopped.
+    pub progress_at_end: u64,
+    /// Output records the world received in sequence.
+    pub outputs_released: u64,
+    /// Every continuity check passed.
+    pub continuity_ok: bool,
+    /// Each check: name → passed, with details.
+    pub checks: Vec<(String, bool, String)>,
+    /// Where the logs are (when kept).
+    pub dir: Option<String>,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Find (and, under cargo, build) the daemons next to this binary.
+fn daemons() -> Result<(PathBuf, PathBuf), DrillError> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = dir.ends_with("release");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "ha-primary", "-p", "ha-backup"]);
+        if release {
+            cmd.arg("--release");
+        }
+        if !cmd.status().is_ok_and(|s| s.success()) {
+            return Err(DrillError::Build);
+        }
+    }
+    let (p, b) = (dir.join("ha-primary"), dir.join("ha-backup"));
+    for f in [&p, &b] {
+        if !f.exists() {
+            return Err(DrillError::MissingBinary(f.clone()));
+        }
+    }
+    Ok((p, b))
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Kill, DrillError> {
+    let err = std::fs::File::create(log)?;
+    Command::new(bin)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .map(Kill)
+        .map_err(|source| DrillError::Spawn { what, source })
+}
+
+fn events(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_event(path: &Path, name: &str, limit: Duration) -> Option<Value> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(e) = events(path).into_iter().find(|e| e["event"] == name) {
+            return Some(e);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// Checkpoint rows of the primary's stats CSV: (pause_us, raw, wire, held).
+fn checkpoints(csv: &Path) -> Vec<(u64, u64, u64, Option<u64>)> {
+    let text = std::fs::read_to_string(csv).unwrap_or_default();
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return Vec::new();
+    };
+    let cols: Vec<&str> = header.split(',').collect();
+    let at = |name: &str| cols.iter().position(|c| *c == name);
+    let (Some(cp), Some(pause), Some(raw), Some(wire)) = (
+        at("checkpoint"),
+        at("pause_us"),
+        at("raw_bytes"),
+        at("wire_bytes"),
+    ) else {
+        return Vec::new();
+    };
+    let held = at("held");
+    lines
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            (num(cp)? == 1)
+                .then(|| Some((num(pause)?, num(raw)?, num(wire)?, held.and_then(num))))?
+        })
+        .collect()
+}
+
+fn percentile(v: &[u64], p: usize) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s.get(s.len().saturating_sub(1) * p / 100)
+        .map_or(0.0, |&x| x as f64 / 1000.0)
+}
+
+/// Run the drill.
+pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
+    let (primary_bin, backup_bin) = daemons()?;
+    let dir =
+        std::env::temp_dir().join(format!("castor-drill-{}-{}", std::process::id(), unix_ms()));
+    std::fs::create_dir_all(&dir)?;
+    let f = |n: &str| dir.join(n);
+    let world = Consumer::start(f("ack.log"))?;
+    let s = |v: &str| v.to_string();
+    let backup_args = vec![
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--port-file"),
+        f("port").display().to_string(),
+        s("--memory"),
+        a.memory.clone(),
+        s("--mode"),
+        a.mode.clone(),
+        s("--guest"),
+        a.guest.clone(),
+        s("--interval"),
+        a.interval.clone(),
+        s("--detect-timeout"),
+        a.detect_timeout.clone(),
+        s("--output"),
+        world.addr.to_string(),
+        s("--ack-log"),
+        f("ack.log").display().to_string(),
+        s("--events"),
+        f("backup.events").display().to_string(),
+        s("--stats"),
+        f("backup.csv").display().to_string(),
+        s("--exit-after"),
+        format!("{}ms", Duration::from_secs_f64(a.after.max(0.0)).as_millis()),
+    ];
+    let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
+    let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
+    let t = Instant::now();
+    let baddr = loop {
+        if let Ok(v) = std::fs::read_to_string(f("port"))
+            && !v.trim().is_empty()
+        {
+            break v.trim().to_string();
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(stalled("the backup did not start listening"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let primary_args = vec![
+        s("--backup"),
+        baddr,
+        s("--guest"),
+        a.guest.clone(),
+        s("--workload"),
+        a.workload.clone(),
+        s("--memory"),
+        a.memory.clone(),
+        s("--mode"),
+        a.mode.clone(),
+        s("--interval"),
+        a.interval.clone(),
+        s("--rate"),
+        a.rate.to_string(),
+        s("--output"),
+        world.addr.to_string(),
+        s("--events"),
+        f("primary.events").display().to_string(),
+        s("--stats"),
+        f("primary.csv").display().to_string(),
+    ];
+    let mut primary = spawn(&primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
+    if wait_event(&f("primary.events"), "protected", Duration::from_secs(60)).is_none() {
+        return Err(stalled("the primary never reached the protected state"));
+    }
+    if a.live {
+        println!(
+            "protected: {} guest, {} workload, {} memory, mode {}, interval {}",
+            a.guest, a.workload, a.memory, a.mode, a.interval
+        );
+    }
+    // Live progress until the kill, which comes at a random moment after `seconds`.
+    let mut rng = a.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    rng ^= rng >> 29;
+    let extra_ms = rng % 1000;
+    let kill_at =
+        t.elapsed() + Duration::from_secs_f64(a.seconds) + Duration::from_millis(extra_ms);
+    let start = Instant::now();
+    let mut last_rows = 0usize;
+    while t.elapsed() < kill_at {
+        std::thread::sleep(Duration::from_secs(1).min(kill_at.saturating_sub(t.elapsed())));
+        if !a.live {
+            continue;
+        }
+        let rows = checkpoints(&f("primary.csv"));
+        let new = &rows[last_rows.min(rows.len())..];
+        last_rows = rows.len();
+        let w = world.view();
+        let pauses: Vec<u64> = new.iter().map(|r| r.0).collect();
+        let (raw, wire): (u64, u64) = new.iter().fold((0, 0), |acc, r| (acc.0 + r.1, acc.1 + r.2));
+        println!(
+            "t={:>5.1}s  epochs/s {:>5.1}  pause p50 {:>6.2} ms  bytes/epoch {:>8.1} KiB  compression {:>5.1}x  output released {:>6}  held {}",
+            start.elapsed().as_secs_f64(),
+            new.len() as f64,
+            percentile(&pauses, 50),
+            wire as f64 / new.len().max(1) as f64 / 1024.0,
+            raw as f64 / wire.max(1) as f64,
+            w.next_seq,
+            new.last()
+                .and_then(|r| r.3)
+                .map_or("-".to_string(), |h| h.to_string()),
+        );
+        let _ = std::io::stdout().flush();
+    }
+    let t_kill = unix_ms();
+    let _ = primary.0.kill(); // SIGKILL
+    let _ = primary.0.wait();
+    if a.live {
+        println!(
+            "primary killed (SIGKILL) after {:.1} s of protection",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    let lost = wait_event(&f("backup.events"), "primary_lost", Duration::from_secs(20))
+        .ok_or_else(|| stalled("the backup never noticed"))?;
+    let active = wait_event(&f("backup.events"), "active", Duration::from_secs(30))
+        .ok_or_else(|| stalled("the backup never took over"))?;
+    let backup_exit = {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = backup.0.try_wait() {
+                break st.code();
+            }
+            if t.elapsed() > Duration::from_secs_f64(a.after + 20.0) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let report = verdict(a, &f, &lost, &active, t_kill, backup_exit, &world.view());
+    if a.keep {
+        Ok(DrillReport {
+            dir: Some(dir.display().to_string()),
+            ..report
+        })
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(report)
+    }
+}
+
+fn verdict(
+    a: &DrillArgs,
+    f: &dyn Fn(&str) -> PathBuf,
+    lost: &Value,
+    active: &Value,
+    t_kill: u64,
+    backup_exit: Option<i32>,
+    world: &WorldView,
+) -> DrillReport {
+    let rows = checkpoints(&f("primary.csv"));
+    let pauses: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    let n = rows.len().max(1) as f64;
+    let ev = events(&f("backup.events"));
+    let acks: Vec<(u64, u64)> = std::fs::read_to_string(f("ack.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(str::parse::<u64>);
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .collect();
+    let (last_epoch, last_head) = acks.last().copied().unwrap_or((0, 0));
+    let cp = ev
+        .iter()
+        .rfind(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
+        .cloned()
+        .unwrap_or(Value::Null);
+    let progress: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["progress"].as_u64())
+        .collect();
+    let resume = active["progress"].as_u64().unwrap_or(0);
+    let mut checks: Vec<(String, bool, String)> = Vec::new();
+    let mut check =
+        |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
+    let t_lost = lost["t_ms"].as_u64().unwrap_or(t_kill);
+    check(
+        "no false failover: the backup took over only after the kill",
+        t_lost >= t_kill,
+        format!(
+            "primary declared lost {} ms after the kill ({})",
+            t_lost.cast_signed() - t_kill.cast_signed(),
+            lost["reason"]
+        ),
+    );
+    check(
+        "resumed from the last committed checkpoint",
+        active["epoch"] == last_epoch && last_epoch > 0,
+        format!(
+            "resumed epoch {}, last commit {last_epoch}",
+            active["epoch"]
+        ),
+    );
+    for key in ["progress", "checksum", "out_head"] {
+        check(
+            &format!("restored {key} equals the checkpoint's"),
+            active[key] == cp[key] && !cp[key].is_null(),
+            format!("{} vs {}", active[key], cp[key]),
+        );
+    }
+    check(
+        "the guest goes on at the backup",
+        progress.last().is_some_and(|&p| p > resume)
+            && progress.windows(2).all(|w| w[0] <= w[1])
+            && progress.iter().all(|&p| p >= resume),
+        format!(
+            "progress {resume} -> {}",
+            progress.last().copied().unwrap_or(resume)
+        ),
+    );
+    check(
+        "output: no gap, no changed repeat, nothing released before its commit",
+        world.violations.is_empty(),
+        world.violations.first().cloned().unwrap_or_else(|| {
+            format!(
+                "{} records in sequence, {} repeats",
+                world.next_seq, world.repeats
+            )
+        }),
+    );
+    check(
+        "output continues from the backup",
+        world.from_backup > 0 && world.next_seq > last_head,
+        format!(
+            "{} records from the backup; sequence at {} (committed {last_head})",
+            world.from_backup, world.next_seq
+        ),
+    );
+    check(
+        "backup exited cleanly",
+        backup_exit == Some(0),
+        format!("exit {backup_exit:?}"),
+    );
+    let continuity_ok = checks.iter().all(|c| c.1);
+    let t_active = active["t_ms"].as_u64().unwrap_or(t_lost);
+    DrillReport {
+        guest: a.guest.clone(),
+        workload: a.workload.clone(),
+        mode: a.mode.clone(),
+        epochs_committed: rows.len() as u64,
+        pause_ms_p50: percentile(&pauses, 50),
+        pause_ms_p99: percentile(&pauses, 99),
+        wire_bytes_per_epoch: rows.iter().map(|r| r.2).sum::<u64>() as f64 / n,
+        raw_bytes_per_epoch: rows.iter().map(|r| r.1).sum::<u64>() as f64 / n,
+        detection_ms: t_lost.saturating_sub(t_kill),
+        activation_ms: active["activation_ms"].as_u64().unwrap_or(0),
+        failover_ms: t_active.saturating_sub(t_kill),
+        resumed_epoch: active["epoch"].as_u64().unwrap_or(0),
+        progress_at_resume: resume,
+        progress_at_end: progress.last().copied().unwrap_or(resume),
+        outputs_released: world.next_seq,
+        continuity_ok,
+        checks,
+        dir: None,
+    }
+}
+
+/// Print the summary table.
+pub fn print_summary(r: &DrillReport) {
+    println!();
+    println!(
+        "failover: detected in {} ms, guest running on the backup {} ms later ({} ms after the kill)",
+        r.detection_ms, r.activation_ms, r.failover_ms
+    );
+    println!(
+        "          resumed from checkpoint {} at progress {}; progress {} when the drill ended",
+        r.resumed_epoch, r.progress_at_resume, r.progress_at_end
+    );
+    println!();
+    println!("| {:<28} | {:>14} |", "figure", "value");
+    println!("|{:-<30}|{:->16}|", "", "");
+    let rows = [
+        ("checkpoints committed", r.epochs_committed.to_string()),
+        (
+            "pause p50 / p99 (ms)",
+            format!("{:.2} / {:.2}", r.pause_ms_p50, r.pause_ms_p99),
+        ),
+        (
+            "wire bytes per epoch",
+            format!("{:.0}", r.wire_bytes_per_epoch),
+        ),
+        (
+            "raw bytes per epoch",
+            format!("{:.0}", r.raw_bytes_per_epoch),
+        ),
+        (
+            "compression",
+            format!(
+                "{:.1}x",
+                r.raw_bytes_per_epoch / r.wire_bytes_per_epoch.max(1.0)
+            ),
+        ),
+        ("detection (ms)", r.detection_ms.to_string()),
+        ("activation (ms)", r.activation_ms.to_string()),
+        ("failover (ms)", r.failover_ms.to_string()),
+        ("output records released", r.outputs_released.to_string()),
+    ];
+    for (k, v) in rows {
+        println!("| {k:<28} | {v:>14} |");
+    }
+    println!();
+    println!("continuity:");
+    for (name, ok, detail) in &r.checks {
+        println!("  [{}] {name} ({detail})", if *ok { "ok" } else { "FAIL" });
+    }
+    println!(
+        "verdict: {}",
+        if r.continuity_ok {
+            "CONTINUITY OK"
+        } else {
+            "CONTINUITY FAILED"
+        }
+    );
+    if let Some(d) = &r.dir {
+        println!("logs: {d}");
+    }
+    let _ = json!({});
+}

@@ -3,7 +3,7 @@
 //! with SIGKILL at a random moment, and shows the failover and a continuity verdict.
 
 use ha_common::output::{Consumer, WorldView};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -85,6 +85,12 @@ pub struct DrillReport {
     pub wire_bytes_per_epoch: f64,
     /// Mean raw (dirty pages × 4096) bytes per checkpoint.
     pub raw_bytes_per_epoch: f64,
+    /// Checkpoints per second of protection.
+    pub epochs_per_s: f64,
+    /// Time from a checkpoint's pause to its ack, p50, ms.
+    pub ack_ms_p50: f64,
+    /// The same, p99, ms.
+    pub ack_ms_p99: f64,
     /// Kill → the backup declares the primary dead.
     pub detection_ms: u64,
     /// Declared dead → the guest runs on the backup.
@@ -180,8 +186,18 @@ fn wait_event(path: &Path, name: &str, limit: Duration) -> Option<Value> {
     None
 }
 
-/// Checkpoint rows of the primary's stats CSV: (pause_us, raw, wire, held).
-fn checkpoints(csv: &Path) -> Vec<(u64, u64, u64, Option<u64>)> {
+/// One checkpoint row of the primary's stats CSV.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    pause_us: u64,
+    raw: u64,
+    wire: u64,
+    held: Option<u64>,
+    ack_us: Option<u64>,
+}
+
+/// Checkpoint rows of the primary's stats CSV.
+fn checkpoints(csv: &Path) -> Vec<Row> {
     let text = std::fs::read_to_string(csv).unwrap_or_default();
     let mut lines = text.lines();
     let Some(header) = lines.next() else {
@@ -197,13 +213,21 @@ fn checkpoints(csv: &Path) -> Vec<(u64, u64, u64, Option<u64>)> {
     ) else {
         return Vec::new();
     };
-    let held = at("held");
+    let (held, ack) = (at("held"), at("ack_latency_us"));
     lines
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').collect();
             let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-            (num(cp)? == 1)
-                .then(|| Some((num(pause)?, num(raw)?, num(wire)?, held.and_then(num))))?
+            if num(cp)? != 1 {
+                return None;
+            }
+            Some(Row {
+                pause_us: num(pause)?,
+                raw: num(raw)?,
+                wire: num(wire)?,
+                held: held.and_then(num),
+                ack_us: ack.and_then(num),
+            })
         })
         .collect()
 }
@@ -248,7 +272,10 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         s("--stats"),
         f("backup.csv").display().to_string(),
         s("--exit-after"),
-        format!("{}ms", Duration::from_secs_f64(a.after.max(0.0)).as_millis()),
+        format!(
+            "{}ms",
+            Duration::from_secs_f64(a.after.max(0.0)).as_millis()
+        ),
     ];
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
@@ -313,8 +340,10 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         let new = &rows[last_rows.min(rows.len())..];
         last_rows = rows.len();
         let w = world.view();
-        let pauses: Vec<u64> = new.iter().map(|r| r.0).collect();
-        let (raw, wire): (u64, u64) = new.iter().fold((0, 0), |acc, r| (acc.0 + r.1, acc.1 + r.2));
+        let pauses: Vec<u64> = new.iter().map(|r| r.pause_us).collect();
+        let (raw, wire): (u64, u64) = new
+            .iter()
+            .fold((0, 0), |acc, r| (acc.0 + r.raw, acc.1 + r.wire));
         println!(
             "t={:>5.1}s  epochs/s {:>5.1}  pause p50 {:>6.2} ms  bytes/epoch {:>8.1} KiB  compression {:>5.1}x  output released {:>6}  held {}",
             start.elapsed().as_secs_f64(),
@@ -324,7 +353,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
             raw as f64 / wire.max(1) as f64,
             w.next_seq,
             new.last()
-                .and_then(|r| r.3)
+                .and_then(|r| r.held)
                 .map_or("-".to_string(), |h| h.to_string()),
         );
         let _ = std::io::stdout().flush();
@@ -355,7 +384,17 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         }
     };
     std::thread::sleep(Duration::from_millis(50));
-    let report = verdict(a, &f, &lost, &active, t_kill, backup_exit, &world.view());
+    let protected_s = start.elapsed().as_secs_f64();
+    let report = verdict(
+        a,
+        &f,
+        &lost,
+        &active,
+        t_kill,
+        backup_exit,
+        &world.view(),
+        protected_s,
+    );
     if a.keep {
         Ok(DrillReport {
             dir: Some(dir.display().to_string()),
@@ -367,6 +406,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn verdict(
     a: &DrillArgs,
     f: &dyn Fn(&str) -> PathBuf,
@@ -375,9 +415,11 @@ fn verdict(
     t_kill: u64,
     backup_exit: Option<i32>,
     world: &WorldView,
+    protected_s: f64,
 ) -> DrillReport {
     let rows = checkpoints(&f("primary.csv"));
-    let pauses: Vec<u64> = rows.iter().map(|r| r.0).collect();
+    let pauses: Vec<u64> = rows.iter().map(|r| r.pause_us).collect();
+    let acks_us: Vec<u64> = rows.iter().filter_map(|r| r.ack_us).collect();
     let n = rows.len().max(1) as f64;
     let ev = events(&f("backup.events"));
     let acks: Vec<(u64, u64)> = std::fs::read_to_string(f("ack.log"))
@@ -470,8 +512,11 @@ fn verdict(
         epochs_committed: rows.len() as u64,
         pause_ms_p50: percentile(&pauses, 50),
         pause_ms_p99: percentile(&pauses, 99),
-        wire_bytes_per_epoch: rows.iter().map(|r| r.2).sum::<u64>() as f64 / n,
-        raw_bytes_per_epoch: rows.iter().map(|r| r.1).sum::<u64>() as f64 / n,
+        wire_bytes_per_epoch: rows.iter().map(|r| r.wire).sum::<u64>() as f64 / n,
+        raw_bytes_per_epoch: rows.iter().map(|r| r.raw).sum::<u64>() as f64 / n,
+        epochs_per_s: rows.len() as f64 / protected_s.max(1e-3),
+        ack_ms_p50: percentile(&acks_us, 50),
+        ack_ms_p99: percentile(&acks_us, 99),
         detection_ms: t_lost.saturating_sub(t_kill),
         activation_ms: active["activation_ms"].as_u64().unwrap_or(0),
         failover_ms: t_active.saturating_sub(t_kill),
@@ -544,5 +589,4 @@ pub fn print_summary(r: &DrillReport) {
     if let Some(d) = &r.dir {
         println!("logs: {d}");
     }
-    let _ = json!({});
 }

@@ -1,0 +1,60 @@
+//! The failover drill as CI runs it: a short drill on a real KVM guest must end with a
+//! continuity verdict of OK and report every figure the README promises.
+
+use std::process::Command;
+
+#[test]
+fn short_drill_fails_over_with_continuity() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        assert!(
+            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
+            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
+        );
+        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
+        .args([
+            "drill",
+            "--seconds",
+            "2",
+            "--after",
+            "1",
+            "--memory",
+            "64M",
+            "--seed",
+            "7",
+            "--json",
+        ])
+        .output()
+        .expect("ha-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
+    let r: serde_json::Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    for key in [
+        "epochs_committed",
+        "pause_ms_p50",
+        "pause_ms_p99",
+        "wire_bytes_per_epoch",
+        "raw_bytes_per_epoch",
+        "detection_ms",
+        "activation_ms",
+        "failover_ms",
+        "continuity_ok",
+        "outputs_released",
+    ] {
+        assert!(!r[key].is_null(), "missing {key}: {r}");
+    }
+    assert_eq!(r["continuity_ok"], true, "{r}");
+    assert!(r["epochs_committed"].as_u64().unwrap_or(0) >= 10, "{r}");
+    assert!(r["outputs_released"].as_u64().unwrap_or(0) > 0, "{r}");
+    let raw = r["raw_bytes_per_epoch"].as_f64().unwrap_or(0.0);
+    let wire = r["wire_bytes_per_epoch"].as_f64().unwrap_or(f64::MAX);
+    assert!(wire < raw, "fgbi sends less than the raw dirty pages: {r}");
+}

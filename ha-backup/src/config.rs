@@ -1,9 +1,15 @@
-//! The backup's options: the command line ([`Cli`]) and the checked configuration
-//! ([`Config`]) the rest of the crate reads.
+//! The backup's options: the command line ([`Cli`]), the `--config` TOML file
+//! ([`FileConfig`]) merged under it, and the checked configuration ([`Config`]) the rest of
+//! the crate reads. A flag on the command line beats the file; the file beats the defaults.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, ValueEnum};
+use serde::Deserialize;
 
 use ha_common::PAGE_SIZE;
 use ha_common::block::BlockSize;
@@ -38,6 +44,37 @@ pub enum ConfigError {
     /// A zero detection timeout.
     #[error("--detect-timeout must be above zero")]
     DetectTimeout,
+    /// The command line does not parse (this includes `--help` and `--version`).
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// The config file cannot be read.
+    #[error("cannot read the config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why (names the key).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value in the config file is refused.
+    #[error("config file {path}: {key}: {problem}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// Why.
+        problem: String,
+    },
 }
 
 /// Which hypervisor backend restores the guest.
@@ -54,6 +91,10 @@ pub enum GuestKind {
 #[derive(Clone, Debug, clap::Parser)]
 #[command(name = "ha-backup", version, about, long_about = None)]
 pub struct Cli {
+    /// Read options from this TOML file (keys: option names with underscores); flags on the
+    /// command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Address to listen on for the primary (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
@@ -97,6 +138,167 @@ pub struct Cli {
     /// without it the backup runs until SIGTERM or SIGINT.
     #[arg(long, value_name = "DURATION")]
     pub exit_after: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; port 0 picks
+    /// a free port). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Write the metrics server's bound address (ip:port) to this file once it listens.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+/// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Bytes.
+    Bytes(u64),
+    /// A size with a unit suffix.
+    Text(String),
+}
+
+/// The `--config` file: every option of [`Cli`] (but `config`), all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--port-file`.
+    pub port_file: Option<PathBuf>,
+    /// `--memory`.
+    pub memory: Option<Size>,
+    /// `--mode`.
+    pub mode: Option<String>,
+    /// `--block-size`.
+    pub block_size: Option<u32>,
+    /// `--interval`.
+    pub interval: Option<String>,
+    /// `--detect-timeout`.
+    pub detect_timeout: Option<String>,
+    /// `--guest`.
+    pub guest: Option<String>,
+    /// `--output`.
+    pub output: Option<SocketAddr>,
+    /// `--ack-log`.
+    pub ack_log: Option<PathBuf>,
+    /// `--events`.
+    pub events: Option<PathBuf>,
+    /// `--stats`.
+    pub stats: Option<PathBuf>,
+    /// `--exit-after`.
+    pub exit_after: Option<String>,
+    /// `--metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// `--metrics-port-file`.
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Read and parse `path`; unknown keys and ill-typed values are refused.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+}
+
+fn same<T>(v: T) -> Result<T, String> {
+    Ok(v)
+}
+fn some<T>(v: T) -> Result<Option<T>, String> {
+    Ok(Some(v))
+}
+/// A size, checked, kept as text for [`Config::from_cli`].
+fn size(v: Size) -> Result<String, String> {
+    let s = match v {
+        Size::Bytes(n) => n.to_string(),
+        Size::Text(s) => s,
+    };
+    parse_size(&s).map_err(|e| e.to_string())?;
+    Ok(s)
+}
+/// A duration, checked, kept as text for [`Config::from_cli`].
+fn duration(v: String) -> Result<String, String> {
+    parse_duration(&v).map_err(|e| e.to_string())?;
+    Ok(v)
+}
+fn mode(v: String) -> Result<String, String> {
+    v.parse::<Mode>()
+        .map_err(|_| format!("{v:?} is unknown (remus, xbzrle, fgbi)"))?;
+    Ok(v)
+}
+fn block_size(n: u32) -> Result<u32, String> {
+    BlockSize::new(n)
+        .map_err(|_| format!("{n} is not supported (a power of two from 32 to 1024)"))?;
+    Ok(n)
+}
+fn guest(v: String) -> Result<GuestKind, String> {
+    GuestKind::from_str(&v, false).map_err(|_| format!("{v:?} is not a guest backend (kvm, sim)"))
+}
+
+/// Set `cli.$key` from the file for every key the command line did not give.
+macro_rules! overlay {
+    ($cli:ident, $file:ident, $m:ident, $path:ident; $($key:ident: $conv:expr),* $(,)?) => {$(
+        if let Some(v) = $file.$key
+            && $m.value_source(stringify!($key)) != Some(ValueSource::CommandLine)
+        {
+            $cli.$key = ($conv)(v).map_err(|problem| ConfigError::Value {
+                path: $path.to_path_buf(),
+                key: stringify!($key),
+                problem,
+            })?;
+        }
+    )*};
+}
+
+impl Cli {
+    /// Parse the command line, then merge the `--config` file under it.
+    pub fn load<I, T>(args: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let m = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&m)?;
+        if let Some(path) = cli.config.clone() {
+            let file = FileConfig::read(&path)?;
+            cli.merge(file, &m, &path)?;
+        }
+        Ok(cli)
+    }
+
+    /// Take every value of `file` whose option `m` did not get from the command line.
+    pub fn merge(
+        &mut self,
+        file: FileConfig,
+        m: &ArgMatches,
+        path: &Path,
+    ) -> Result<(), ConfigError> {
+        let cli = self;
+        overlay!(cli, file, m, path;
+            listen: same,
+            port_file: some,
+            memory: size,
+            mode: mode,
+            block_size: block_size,
+            interval: duration,
+            detect_timeout: |v| duration(v).map(Some),
+            guest: guest,
+            output: some,
+            ack_log: some,
+            events: some,
+            stats: some,
+            exit_after: |v| duration(v).map(Some),
+            metrics: some,
+            metrics_port_file: some,
+        );
+        Ok(())
+    }
 }
 
 /// The checked configuration.
@@ -126,6 +328,12 @@ pub struct Config {
     pub stats: Option<PathBuf>,
     /// Run this long after activation, then exit 0.
     pub exit_after: Option<Duration>,
+    /// Where to serve metrics.
+    pub metrics: Option<SocketAddr>,
+    /// Where to write the metrics server's bound address.
+    pub metrics_port_file: Option<PathBuf>,
+    /// The config file the options came from, if any.
+    pub config: Option<PathBuf>,
 }
 
 impl Config {
@@ -169,6 +377,9 @@ impl Config {
             events: cli.events.clone(),
             stats: cli.stats.clone(),
             exit_after,
+            metrics: cli.metrics,
+            metrics_port_file: cli.metrics_port_file.clone(),
+            config: cli.config.clone(),
         })
     }
 
@@ -218,6 +429,120 @@ mod tests {
         assert_eq!(c.detect_timeout, Duration::from_millis(20));
     }
 
+    fn with_file(name: &str, text: &str, args: &[&str]) -> Result<Cli, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("castor-backup-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write the config file");
+        let p = path.to_string_lossy().to_string();
+        let mut argv = vec!["ha-backup", "--config", &p];
+        argv.extend_from_slice(args);
+        Cli::load(argv)
+    }
+
+    #[test]
+    fn the_file_sets_values() {
+        let c = with_file(
+            "sets.toml",
+            "interval = \"10ms\"\nblock_size = 128\nmemory = \"64M\"\nmode = \"xbzrle\"\n\
+             guest = \"sim\"\nlisten = \"0.0.0.0:7800\"\nmetrics = \"127.0.0.1:9101\"\n",
+            &[],
+        )
+        .expect("valid file");
+        let c = Config::from_cli(&c).expect("valid config");
+        assert_eq!(c.detect_timeout, Duration::from_millis(50));
+        assert_eq!(c.block_size.bytes(), 128);
+        assert_eq!(c.memory_size, 64 << 20);
+        assert_eq!(c.mode, Mode::Xbzrle);
+        assert_eq!(c.guest, GuestKind::Sim);
+        assert_eq!(c.listen.port(), 7800);
+        assert_eq!(c.metrics.map(|a| a.port()), Some(9101));
+        assert!(c.config.is_some());
+    }
+
+    #[test]
+    fn the_command_line_beats_the_file() {
+        let c = with_file(
+            "override.toml",
+            "interval = \"10ms\"\nguest = \"sim\"\nmemory = 8388608\n",
+            &["--interval", "40ms", "--guest", "kvm"],
+        )
+        .expect("valid");
+        let c = Config::from_cli(&c).expect("valid config");
+        assert_eq!(c.detect_timeout, Duration::from_millis(120));
+        assert_eq!(c.guest, GuestKind::Kvm);
+        assert_eq!(c.memory_size, 8 << 20);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = with_file(
+            "unknown.toml",
+            "listen = \"127.0.0.1:1\"\nlisten_on = 3\n",
+            &[],
+        )
+        .expect_err("unknown key");
+        let msg = crate::chain(&e);
+        assert!(msg.contains("listen_on"), "{msg}");
+        assert!(msg.contains("unknown.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_file_values_are_refused_with_the_key() {
+        let e = with_file("bad.toml", "detect_timeout = \"soon\"\n", &[]).expect_err("bad");
+        let msg = crate::chain(&e);
+        assert!(
+            msg.contains("detect_timeout") && msg.contains("soon"),
+            "{msg}"
+        );
+        assert!(msg.contains("bad.toml"), "{msg}");
+        let e = with_file("bad2.toml", "block_size = 48\n", &[]).expect_err("bad block");
+        assert!(
+            crate::chain(&e).contains("block_size: 48"),
+            "{}",
+            crate::chain(&e)
+        );
+        let e = with_file("bad3.toml", "mode = \"zip\"\n", &[]).expect_err("bad mode");
+        assert!(
+            crate::chain(&e).contains("mode: \"zip\""),
+            "{}",
+            crate::chain(&e)
+        );
+        let e = with_file("bad4.toml", "listen = 7700\n", &[]).expect_err("bad type");
+        assert!(crate::chain(&e).contains("listen"), "{}", crate::chain(&e));
+    }
+
+    #[test]
+    fn every_option_has_a_file_key() {
+        let file_keys = [
+            "listen",
+            "port_file",
+            "memory",
+            "mode",
+            "block_size",
+            "interval",
+            "detect_timeout",
+            "guest",
+            "output",
+            "ack_log",
+            "events",
+            "stats",
+            "exit_after",
+            "metrics",
+            "metrics_port_file",
+        ];
+        let cmd = Cli::command();
+        let mut ids: Vec<&str> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !matches!(*id, "config" | "help" | "version"))
+            .collect();
+        ids.sort_unstable();
+        let mut keys = file_keys.to_vec();
+        keys.sort_unstable();
+        assert_eq!(ids, keys);
+    }
+
     #[test]
     fn bad_values_are_named() {
         let e = Config::from_cli(&cli(&["--memory", "12q"])).unwrap_err();
@@ -228,5 +553,76 @@ mod tests {
         assert!(e.to_string().contains("48"), "{e}");
         let e = Config::from_cli(&cli(&["--memory", "1000"])).unwrap_err();
         assert!(e.to_string().contains("1000"), "{e}");
+    }
+
+    /// The rows of the options table after `<!-- {marker} -->` in docs/OPERATIONS.md:
+    /// (option cell, default cell).
+    fn doc_rows(doc: &str, marker: &str) -> Vec<(String, String)> {
+        let at = doc
+            .find(&format!("<!-- {marker} -->"))
+            .expect("marker in the doc");
+        doc[at..]
+            .lines()
+            .skip(3)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.split(" | ").collect();
+                (
+                    cells[0].trim_start_matches("| ").to_string(),
+                    cells.get(1).copied().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The TOML example after `<!-- {marker} -->` in docs/OPERATIONS.md.
+    fn doc_example(doc: &str, marker: &str) -> String {
+        let at = doc
+            .find(&format!("<!-- {marker} -->"))
+            .expect("marker in the doc");
+        let rest = &doc[at..];
+        let start = rest.find("```toml\n").expect("toml block") + "```toml\n".len();
+        let len = rest[start..].find("```").expect("end of the block");
+        rest[start..start + len].to_string()
+    }
+
+    #[test]
+    fn docs_match_the_options() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let rows = doc_rows(doc, "options:ha-backup");
+        let cmd = Cli::command();
+        let args: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .collect();
+        assert_eq!(rows.len(), args.len(), "one row per option: {rows:?}");
+        for a in args {
+            let long = a.get_long().expect("long option");
+            let flag = format!("`--{long}");
+            let (_, default) = rows
+                .iter()
+                .find(|(o, _)| {
+                    o.strip_prefix(flag.as_str())
+                        .is_some_and(|r| r.starts_with(' ') || r.starts_with('`'))
+                })
+                .unwrap_or_else(|| panic!("--{long} is not in the table"));
+            for d in a.get_default_values() {
+                let d = d.to_string_lossy();
+                if d != "false" {
+                    assert!(
+                        default.contains(&format!("`{d}`")),
+                        "--{long}: {default} vs {d}"
+                    );
+                }
+            }
+        }
+        let example = doc_example(doc, "example:ha-backup");
+        let dir = std::env::temp_dir().join(format!("castor-ha-backup-doc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("example.toml");
+        std::fs::write(&path, example).expect("write the example");
+        let p = path.to_string_lossy().to_string();
+        let c = Cli::load(["ha-backup", "--config", &p]).expect("the example is valid");
+        Config::from_cli(&c).expect("the example is valid");
     }
 }

@@ -11,7 +11,8 @@
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
 //! | [`stats`] | per-epoch CSV |
 //! | [`events`] | JSON-lines event log |
-//! | [`config`] | the options |
+//! | [`config`] | the options: command line and `--config` file |
+//! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //!
 //! [`run`] strings them together: listen → receiving (stage → commit → ack log → ack) →
 //! primary lost → activating → active, following `docs/PROTOCOL.md`.
@@ -23,6 +24,7 @@ pub mod commit;
 pub mod config;
 pub mod detect;
 pub mod events;
+pub mod metrics;
 pub mod receive;
 pub mod signal;
 pub mod stage;
@@ -45,6 +47,7 @@ use crate::commit::{CommitError, Committed};
 use crate::config::Config;
 use crate::detect::{Loss, LossReason, classify};
 use crate::events::{EventError, EventLog};
+use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
@@ -131,6 +134,7 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug)]
 struct Sinks<'a> {
     events: &'a mut EventLog,
+    metrics: &'a Metrics,
     stats: StatsLog,
     ack_log: Option<(PathBuf, File)>,
 }
@@ -142,8 +146,18 @@ pub fn run(
     factory: &dyn DomainFactory,
     stop: &AtomicBool,
 ) -> Result<Exit, BackupError> {
+    run_with_metrics(cfg, factory, stop, &Metrics::new())
+}
+
+/// [`run`], updating `metrics` as it goes.
+pub fn run_with_metrics(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+) -> Result<Exit, BackupError> {
     let mut events = EventLog::open(cfg.events.as_deref())?;
-    let res = run_with(cfg, factory, stop, &mut events);
+    let res = run_with(cfg, factory, stop, &mut events, metrics);
     let code = match &res {
         Ok(x) => x.code(),
         Err(_) => 1,
@@ -157,6 +171,7 @@ fn run_with(
     factory: &dyn DomainFactory,
     stop: &AtomicBool,
     events: &mut EventLog,
+    metrics: &Metrics,
 ) -> Result<Exit, BackupError> {
     let stats = StatsLog::open(cfg.stats.as_deref())?;
     let ack_log = match &cfg.ack_log {
@@ -175,6 +190,7 @@ fn run_with(
     };
     let mut sinks = Sinks {
         events,
+        metrics,
         stats,
         ack_log,
     };
@@ -204,6 +220,7 @@ fn serve(
         })?;
     }
     info!(%addr, "listening for the primary");
+    sinks.metrics.set_state("listening");
     sinks
         .events
         .note("listening", json!({ "addr": addr.to_string() }));
@@ -213,6 +230,7 @@ fn serve(
     };
     drop(listener);
     info!(peer = %rx.peer(), "receiving epochs");
+    sinks.metrics.set_state("receiving");
 
     let mut committed = Committed::new(usize::try_from(cfg.memory_size).unwrap_or(usize::MAX));
     let mut stager = Stager::new(cfg, 1);
@@ -232,6 +250,10 @@ fn serve(
         );
     }
     let detect_ms = loss.detection().as_millis() as u64;
+    sinks
+        .metrics
+        .detection_seconds
+        .set(loss.detection().as_secs_f64());
     let last_epoch = committed.epoch();
     warn!(
         reason = %loss.reason,
@@ -267,6 +289,11 @@ fn fail_over(
     );
     let mut active = activate::activate(factory, cp, cfg.output, loss.declared)?;
     let activation_ms = active.activation.as_millis() as u64;
+    sinks
+        .metrics
+        .activation_seconds
+        .set(active.activation.as_secs_f64());
+    sinks.metrics.set_state("active");
     let detect_ms = loss.detection().as_millis() as u64;
     let st = active.resumed_from;
     info!(
@@ -456,6 +483,13 @@ fn receive(
             )));
         }
         let ack_us = micros(verified.at.elapsed());
+        let m = sinks.metrics;
+        m.epochs_committed.inc();
+        if applied.checkpoint {
+            m.checkpoints.inc();
+        }
+        m.wire_bytes.inc_by(wire_bytes);
+        m.commit_seconds.observe(applied.commit_us as f64 / 1e6);
         debug!(
             epoch = applied.epoch,
             checkpoint = applied.checkpoint,

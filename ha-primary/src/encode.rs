@@ -4,6 +4,7 @@
 
 use crate::harvest::Pages;
 use crossbeam_channel::{Receiver, Sender};
+use ha_common::cache::CacheStats;
 use ha_common::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
 use ha_common::stream::{EpochHeader, EpochWriter};
 use std::time::{Duration, Instant};
@@ -34,6 +35,8 @@ pub struct Encoded {
     pub wire_bytes: u64,
     /// Time spent encoding.
     pub encode: Duration,
+    /// The encoder's page-cache counters since the session started (xbzrle, fgbi).
+    pub cache: Option<CacheStats>,
 }
 
 /// Run the encoder until `jobs` closes: encode each epoch, hand the bytes to the link, and
@@ -84,6 +87,7 @@ pub fn run(
             stats,
             wire_bytes: out.len() as u64,
             encode: t.elapsed(),
+            cache: enc.cache().map(|c| c.stats()),
         };
         // Report before sending: the engine must know an epoch's figures before its ack
         // can arrive.

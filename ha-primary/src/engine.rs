@@ -6,6 +6,7 @@ use crate::commit::HeldOutput;
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
 use crate::link::{self, LinkEvent};
+use crate::metrics::Metrics;
 use crate::report::{EpochRow, Events, StatsCsv};
 use crossbeam_channel::{Sender, bounded, unbounded};
 use ha_common::PAGE_SIZE;
@@ -126,6 +127,18 @@ enum Phase {
     Fenced,
 }
 
+impl Phase {
+    /// The name in `castor_state{state=…}`.
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Syncing => "syncing",
+            Phase::Protected => "protected",
+            Phase::Unprotected => "unprotected",
+            Phase::Fenced => "fenced",
+        }
+    }
+}
+
 struct Engine<'a> {
     cfg: &'a Config,
     d: &'a mut dyn Domain,
@@ -143,10 +156,24 @@ struct Engine<'a> {
     phase: Phase,
     summary: Summary,
     checkpoints: u64,
+    metrics: &'a Metrics,
+    /// Output records released as last counted in `metrics`.
+    released_seen: u64,
 }
 
 /// Protect `d` until `stop` is set, `cfg.run_for` passes, or the guest fails.
 pub fn run(cfg: &Config, d: &mut dyn Domain, stop: &AtomicBool) -> Result<Summary, EngineError> {
+    run_with_metrics(cfg, d, stop, &Metrics::new())
+}
+
+/// [`run`], updating `metrics` as it goes.
+pub fn run_with_metrics(
+    cfg: &Config,
+    d: &mut dyn Domain,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+) -> Result<Summary, EngineError> {
+    metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
     let mut events =
         Events::create(cfg.events.as_deref()).map_err(|source| EngineError::Report {
@@ -215,6 +242,8 @@ pub fn run(cfg: &Config, d: &mut dyn Domain, stop: &AtomicBool) -> Result<Summar
         phase: Phase::Syncing,
         summary: Summary::default(),
         checkpoints: 0,
+        metrics,
+        released_seen: 0,
     };
     let started = Instant::now();
     e.sync(pages)?;
@@ -342,6 +371,7 @@ impl Engine<'_> {
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
         self.summary.pauses_us.push(cp.pause.as_micros() as u64);
+        self.metrics.pause_seconds.observe(cp.pause.as_secs_f64());
         self.inflight.insert(
             cp.epoch,
             EpochRow {
@@ -424,6 +454,7 @@ impl Engine<'_> {
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
     fn pump(&mut self, wait: Duration) -> Result<(), EngineError> {
         while let Ok(enc) = self.done.try_recv() {
+            self.count_encoded(&enc);
             self.encoded.insert(enc.epoch, enc);
         }
         let first = if wait.is_zero() {
@@ -449,9 +480,39 @@ impl Engine<'_> {
             next_ev = self.link.try_recv().ok();
         }
         while let Ok(enc) = self.done.try_recv() {
+            self.count_encoded(&enc);
             self.encoded.insert(enc.epoch, enc);
         }
+        self.count_output();
         Ok(())
+    }
+
+    /// An epoch left the encoder: its bytes and the cache's hit rate.
+    fn count_encoded(&self, enc: &Encoded) {
+        self.metrics.add_wire(&enc.stats, enc.wire_bytes);
+        self.metrics
+            .raw_bytes
+            .inc_by((enc.pages * PAGE_SIZE) as u64);
+        if let Some(c) = enc.cache {
+            self.metrics.cache_hit_rate.set(c.hit_rate());
+        }
+    }
+
+    /// Output held now and released since the last count.
+    fn count_output(&mut self) {
+        let held = i64::try_from(self.held.held_records()).unwrap_or(i64::MAX);
+        self.metrics.output_held.set(held);
+        let released = self.held.released;
+        self.metrics
+            .output_released
+            .inc_by(released.saturating_sub(self.released_seen));
+        self.released_seen = released;
+    }
+
+    /// Enter `phase` (and show it in `castor_state`).
+    fn set_phase(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.metrics.set_state(phase.name());
     }
 
     fn acked(&mut self, n: u64, at: Instant) -> Result<(), EngineError> {
@@ -465,6 +526,10 @@ impl Engine<'_> {
             row.encoded = self.encoded.remove(&e);
             if row.checkpoint {
                 self.summary.epochs_committed += 1;
+                self.metrics.epochs_committed.inc();
+                if let Some(l) = row.ack_latency {
+                    self.metrics.ack_latency_seconds.observe(l.as_secs_f64());
+                }
                 if let Some(enc) = &row.encoded {
                     self.summary.wire_bytes += enc.wire_bytes;
                 }
@@ -478,7 +543,7 @@ impl Engine<'_> {
         }
         self.held.ack(n)?;
         if self.phase == Phase::Syncing && self.first_checkpoint.is_some_and(|f| n >= f) {
-            self.phase = Phase::Protected;
+            self.set_phase(Phase::Protected);
             tracing::info!(
                 epoch = n,
                 "protected: the backup holds a committed checkpoint"
@@ -503,7 +568,7 @@ impl Engine<'_> {
             if !self.d.is_paused() {
                 self.d.pause()?;
             }
-            self.phase = Phase::Fenced;
+            self.set_phase(Phase::Fenced);
         } else {
             tracing::warn!(
                 reason = why,
@@ -515,8 +580,9 @@ impl Engine<'_> {
                 json!({ "reason": why, "policy": "continue" }),
             );
             self.held.release_all()?;
-            self.phase = Phase::Unprotected;
+            self.set_phase(Phase::Unprotected);
         }
+        self.count_output();
         Ok(())
     }
 
@@ -530,6 +596,7 @@ impl Engine<'_> {
         self.summary.pause_ms_p50 = pct(50);
         self.summary.pause_ms_p99 = pct(99);
         self.summary.outputs_released = self.held.released;
+        self.count_output();
         self.events.emit(
             "stopped",
             serde_json::to_value(&self.summary).unwrap_or_default(),

@@ -10,10 +10,14 @@
 //! | [`commit`] | output commit: output held until its checkpoint is acknowledged |
 //! | [`engine`] | the epoch loop tying them together, and the backup-lost policy |
 //! | [`report`] | per-epoch CSV statistics and JSON-lines events |
+//! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
+//! | [`cli`] | the options: command line and `--config` file |
 
+pub mod cli;
 pub mod commit;
 pub mod encode;
 pub mod engine;
 pub mod harvest;
 pub mod link;
+pub mod metrics;
 pub mod report;

@@ -5,13 +5,20 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use ha_backup::config::{Cli, Config, GuestKind};
-use ha_backup::{chain, run, signal};
+use ha_backup::config::{Cli, Config, ConfigError, GuestKind};
+use ha_backup::metrics::Metrics;
+use ha_backup::{chain, run_with_metrics, signal};
 use ha_common::domain::DomainFactory;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::load(std::env::args_os()) {
+        Ok(c) => c,
+        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("ha-backup: error: {}", chain(&e));
+            return ExitCode::from(1);
+        }
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -47,7 +54,20 @@ fn main() -> ExitCode {
         }
         GuestKind::Sim => Box::new(ha_sim::SimFactory::new()),
     };
+    let metrics = Metrics::new();
+    let metrics_addr = match cfg.metrics {
+        Some(a) => match metrics.serve(a, cfg.metrics_port_file.as_deref()) {
+            Ok(bound) => Some(bound),
+            Err(e) => {
+                eprintln!("ha-backup: error: {}", chain(&e));
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = ?cfg.config,
         listen = %cfg.listen,
         memory = cfg.memory_size,
         mode = %cfg.mode,
@@ -56,9 +76,14 @@ fn main() -> ExitCode {
         guest = factory.name(),
         output = ?cfg.output,
         ack_log = ?cfg.ack_log,
+        exit_after = ?cfg.exit_after,
+        metrics = ?metrics_addr,
         "ha-backup starting"
     );
-    match run(&cfg, factory.as_ref(), stop) {
+    if let Some(a) = metrics_addr {
+        tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
+    }
+    match run_with_metrics(&cfg, factory.as_ref(), stop, &metrics) {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
             eprintln!("ha-backup: error: {}", chain(&e));

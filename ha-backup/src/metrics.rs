@@ -1,0 +1,279 @@
+//! Prometheus metrics of the backup: the registry, the handles the run loop updates, and a
+//! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// The content type of the exposition `prometheus-client` writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Commit-time buckets, seconds: 10 µs to 100 ms.
+const COMMIT_BUCKETS: [f64; 13] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,
+];
+
+/// The states of `castor_state`.
+pub const STATES: [&str; 3] = ["listening", "receiving", "active"];
+
+/// A one-label label set.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Errors starting the metrics server.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Cannot listen on the metrics address.
+    #[error("cannot serve metrics on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address cannot be written to the port file.
+    #[error("cannot write the metrics port file {path}")]
+    PortFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The backup's metrics: cheap handles (clones share their values) and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Epochs committed (pre-copy rounds and checkpoints).
+    pub epochs_committed: Counter,
+    /// Checkpoints committed (what a failover can resume from).
+    pub checkpoints: Counter,
+    /// Time to apply one staged epoch to the committed image, seconds.
+    pub commit_seconds: Histogram,
+    /// Bytes of committed epochs as received.
+    pub wire_bytes: Counter,
+    /// Last frame from the primary → declared lost, seconds (set at failover).
+    pub detection_seconds: Gauge<f64, AtomicU64>,
+    /// Declared lost → guest resumed, seconds (set at failover).
+    pub activation_seconds: Gauge<f64, AtomicU64>,
+    /// 1 for the current state, 0 for the others.
+    pub state: Family<Label, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Register every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let epochs_committed = Counter::default();
+        r.register(
+            "castor_backup_epochs_committed",
+            "Epochs committed to the image (pre-copy rounds and checkpoints)",
+            epochs_committed.clone(),
+        );
+        let checkpoints = Counter::default();
+        r.register(
+            "castor_backup_checkpoints",
+            "Checkpoints committed and acknowledged",
+            checkpoints.clone(),
+        );
+        let commit_seconds = Histogram::new(COMMIT_BUCKETS);
+        r.register(
+            "castor_backup_commit_seconds",
+            "Time to apply one verified epoch to the committed image, seconds",
+            commit_seconds.clone(),
+        );
+        let wire_bytes = Counter::default();
+        r.register(
+            "castor_backup_wire_bytes",
+            "Bytes of committed epochs as received from the primary",
+            wire_bytes.clone(),
+        );
+        let detection_seconds = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "castor_backup_detection_seconds",
+            "Failover: last frame from the primary to declaring it lost, seconds",
+            detection_seconds.clone(),
+        );
+        let activation_seconds = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "castor_backup_activation_seconds",
+            "Failover: declaring the primary lost to the guest running here, seconds",
+            activation_seconds.clone(),
+        );
+        let state = Family::<Label, Gauge>::default();
+        for s in STATES {
+            state.get_or_create(&[("state", s)]).set(0);
+        }
+        r.register(
+            "castor_state",
+            "The daemon's state: 1 for the current one",
+            state.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            epochs_committed,
+            checkpoints,
+            commit_seconds,
+            wire_bytes,
+            detection_seconds,
+            activation_seconds,
+            state,
+        }
+    }
+
+    /// Make `current` (one of [`STATES`]) the state.
+    pub fn set_state(&self, current: &'static str) {
+        for s in STATES {
+            self.state
+                .get_or_create(&[("state", s)])
+                .set(i64::from(s == current));
+        }
+    }
+
+    /// The whole exposition, as `GET /metrics` returns it.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+
+    /// Serve `GET /metrics` on `addr` from a background thread; returns the bound address
+    /// (and writes it to `port_file`, if given).
+    pub fn serve(
+        &self,
+        addr: SocketAddr,
+        port_file: Option<&Path>,
+    ) -> Result<SocketAddr, MetricsError> {
+        let l = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        if let Some(p) = port_file {
+            write_port_file(p, bound).map_err(|source| MetricsError::PortFile {
+                path: p.to_path_buf(),
+                source,
+            })?;
+        }
+        let registry = Arc::clone(&self.registry);
+        std::thread::Builder::new()
+            .name("castor-metrics".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            if let Err(e) = answer(s, &registry) {
+                                tracing::debug!(error = %e, "metrics request failed");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "metrics accept failed"),
+                    }
+                }
+            })
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(bound)
+    }
+}
+
+fn render(r: &Registry) -> String {
+    let mut body = String::new();
+    if let Err(e) = encode(&mut body, r) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    body
+}
+
+/// Answer one HTTP/1.x request: 200 with the metrics for `GET /metrics`, 404 otherwise.
+fn answer(mut s: TcpStream, r: &Registry) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let line = req.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if method == "GET" && path == "/metrics" {
+        ("200 OK", CONTENT_TYPE, render(r))
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found; try GET /metrics\n".to_string(),
+        )
+    };
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()
+}
+
+/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
+fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    }
+
+    #[test]
+    fn serves_metrics_and_404() {
+        let m = Metrics::new();
+        m.epochs_committed.inc_by(3);
+        m.set_state("receiving");
+        m.commit_seconds.observe(0.002);
+        let addr = m
+            .serve("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("serve");
+        let r = get(addr, "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains(CONTENT_TYPE), "{r}");
+        assert!(r.contains("castor_backup_epochs_committed_total 3"), "{r}");
+        assert!(r.contains("castor_state{state=\"receiving\"} 1"), "{r}");
+        assert!(r.contains("castor_state{state=\"listening\"} 0"), "{r}");
+        assert!(
+            r.contains("castor_backup_commit_seconds_bucket{le=\"0.0025\"} 1"),
+            "{r}"
+        );
+        let r = get(addr, "/other");
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
+}

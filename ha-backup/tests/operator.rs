@@ -1,0 +1,154 @@
+//! The operator's interface of the `ha-backup` binary: a `--config` file, and the
+//! Prometheus metrics served on `--metrics` through receiving and failover.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ha_sim::SimFactory;
+
+/// `GET path` on `addr`: (status line, body).
+fn get(addr: SocketAddr, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+/// The value of the sample `name` (with labels, if any) in an exposition.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn wait_for_file(p: &std::path::Path) -> String {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(p)
+            && !s.is_empty()
+        {
+            return s;
+        }
+        assert!(Instant::now() < end, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn config_file_and_metrics_through_a_failover() {
+    let dir = scratch("metrics");
+    let conf = dir.join("backup.toml");
+    // The file sets what the command line does not; the command line's --guest wins.
+    std::fs::write(
+        &conf,
+        "guest = \"kvm\"\nmemory = \"4M\"\ndetect_timeout = \"2s\"\nexit_after = \"3s\"\n\
+         metrics = \"127.0.0.1:0\"\n",
+    )
+    .expect("config file");
+    let mport = dir.join("metrics.port");
+    let mut b = Backup::start(
+        &dir,
+        &[
+            "--config",
+            conf.to_str().expect("utf-8 path"),
+            "--guest",
+            "sim",
+            "--metrics-port-file",
+            mport.to_str().expect("utf-8 path"),
+        ],
+    );
+    let maddr: SocketAddr = wait_for_file(&mport)
+        .trim()
+        .parse()
+        .expect("metrics address");
+
+    let (status, body) = get(maddr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(
+        sample(&body, "castor_state{state=\"listening\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    let (status, _) = get(maddr, "/nope");
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(15));
+        p.epoch(true, Verify::Right);
+    }
+    let (_, body) = get(maddr, "/metrics");
+    for name in [
+        "castor_backup_epochs_committed_total",
+        "castor_backup_checkpoints_total",
+        "castor_backup_commit_seconds_count",
+        "castor_backup_wire_bytes_total",
+        "castor_backup_detection_seconds",
+        "castor_backup_activation_seconds",
+    ] {
+        assert!(sample(&body, name).is_some(), "{name} missing:\n{body}");
+    }
+    assert_eq!(
+        sample(&body, "castor_backup_epochs_committed_total"),
+        Some(4.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "castor_backup_checkpoints_total"),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "castor_backup_commit_seconds_count"),
+        Some(4.0),
+        "{body}"
+    );
+    assert!(sample(&body, "castor_backup_wire_bytes_total").unwrap_or(0.0) > 0.0);
+    assert_eq!(
+        sample(&body, "castor_state{state=\"receiving\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "castor_state{state=\"listening\"}"),
+        Some(0.0),
+        "{body}"
+    );
+
+    // The primary goes away: failover, and the failover gauges are set.
+    drop(p);
+    let end = Instant::now() + DEADLINE;
+    let body = loop {
+        let (_, body) = get(maddr, "/metrics");
+        if sample(&body, "castor_state{state=\"active\"}") == Some(1.0) {
+            break body;
+        }
+        assert!(
+            Instant::now() < end,
+            "never active:\n{body}\n{}",
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        sample(&body, "castor_backup_activation_seconds").unwrap_or(0.0) > 0.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "castor_state{state=\"receiving\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+    assert!(b.stderr().contains("serving metrics"), "{}", b.stderr());
+}

@@ -1,0 +1,527 @@
+//! The primary's options: the command line ([`Cli`]), the `--config` TOML file
+//! ([`FileConfig`]) and how they merge. A flag given on the command line beats the file; the
+//! file beats the built-in defaults.
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use ha_common::block::BlockSize;
+use ha_common::codec::{GeneralCodec, Mode};
+use ha_common::guest_abi::Workload;
+use ha_common::units::{parse_duration, parse_size};
+use serde::Deserialize;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Errors reading the options.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The command line does not parse (this includes `--help` and `--version`).
+    #[error(transparent)]
+    Clap(#[from] clap::Error),
+    /// The config file cannot be read.
+    #[error("cannot read the config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML, has an unknown key, or a value of the wrong type.
+    #[error("config file {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why (names the key).
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    /// A value in the config file is refused.
+    #[error("config file {path}: {key}: {problem}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// Why.
+        problem: String,
+    },
+}
+
+/// Run a built-in guest and checkpoint it to a Castor backup every epoch.
+///
+/// The primary connects to the backup, synchronizes the guest's memory while it runs
+/// (pre-copy), then every interval pauses the guest, takes the pages it dirtied, and sends
+/// them (encoded by the chosen mode) while the next epoch runs. Output the guest produces
+/// is held until the backup acknowledges the checkpoint that produced it.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ha-primary", version, about, long_about)]
+pub struct Cli {
+    /// Read options from this TOML file (keys: option names with underscores); flags on the
+    /// command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The backup's address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub backup: SocketAddr,
+    /// Guest backend: kvm (a real VM on /dev/kvm) or sim (simulated, in this process).
+    #[arg(long, default_value = "kvm", value_parser = GUESTS)]
+    pub guest: String,
+    /// Built-in workload the guest runs: idle, memwrite, web, kv, npb.
+    #[arg(long, default_value = "web")]
+    pub workload: Workload,
+    /// Guest memory size (a multiple of 2M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub heap: Option<u64>,
+    /// Workload units per second (0: as fast as it can).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u64,
+    /// Workload PRNG seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The guest emits an output record every this many units.
+    #[arg(long, default_value_t = 64)]
+    pub output_every: u64,
+    /// Epoch interval (checkpoint period), e.g. 25ms.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Encoding: remus (whole pages), xbzrle (page deltas), fgbi (blocks, sharing, hybrid).
+    #[arg(long, default_value = "fgbi")]
+    pub mode: Mode,
+    /// Block size for fgbi, a power of two from 32 to 1024.
+    #[arg(long, default_value = "64", value_parser = parse_block_size)]
+    pub block_size: BlockSize,
+    /// Page cache (last-sent content) for xbzrle and fgbi.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// General compressor for pages with no usable delta: zlib, lz4, none.
+    #[arg(long, default_value = "zlib")]
+    pub codec: GeneralCodec,
+    /// Checkpoints in flight (taken, not yet acknowledged) before the epoch stretches.
+    #[arg(long, default_value_t = 2)]
+    pub pipeline: usize,
+    /// Heartbeat interval when nothing else is sent (default: the epoch interval).
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat: Option<Duration>,
+    /// The backup is lost when a checkpoint waits this long for its ack.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+    /// When the backup is lost, pause the guest instead of continuing unprotected.
+    #[arg(long)]
+    pub fence: bool,
+    /// Send a digest of the whole memory every N checkpoints; the backup checks it (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub verify_every: u64,
+    /// Pre-copy rounds at most before the first checkpoint.
+    #[arg(long, default_value_t = 5)]
+    pub precopy_rounds: usize,
+    /// Pre-copy stops once a round finds at most this many dirty pages.
+    #[arg(long, default_value_t = 1024)]
+    pub precopy_threshold: usize,
+    /// Stop after this long (default: run until SIGTERM or SIGINT).
+    #[arg(long, value_parser = parse_duration)]
+    pub run_for: Option<Duration>,
+    /// Send released guest output to this address (host:port).
+    #[arg(long)]
+    pub output: Option<SocketAddr>,
+    /// Write per-epoch statistics as CSV to this file.
+    #[arg(long)]
+    pub stats: Option<PathBuf>,
+    /// Write state changes as JSON lines to this file.
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0 picks
+    /// a free port). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Write the metrics server's bound address (ip:port) to this file once it listens.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+/// The guest backends `--guest` accepts.
+const GUESTS: [&str; 2] = ["kvm", "sim"];
+
+fn parse_block_size(s: &str) -> Result<BlockSize, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    BlockSize::new(n).map_err(|e| e.to_string())
+}
+
+/// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    /// Bytes.
+    Bytes(u64),
+    /// A size with a unit suffix.
+    Text(String),
+}
+
+/// The `--config` file: every option of [`Cli`] (but `config`), all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `--backup`.
+    pub backup: Option<SocketAddr>,
+    /// `--guest`.
+    pub guest: Option<String>,
+    /// `--workload`.
+    pub workload: Option<String>,
+    /// `--memory`.
+    pub memory: Option<Size>,
+    /// `--heap`.
+    pub heap: Option<Size>,
+    /// `--rate`.
+    pub rate: Option<u64>,
+    /// `--seed`.
+    pub seed: Option<u64>,
+    /// `--output-every`.
+    pub output_every: Option<u64>,
+    /// `--interval`.
+    pub interval: Option<String>,
+    /// `--mode`.
+    pub mode: Option<String>,
+    /// `--block-size`.
+    pub block_size: Option<u32>,
+    /// `--cache-size`.
+    pub cache_size: Option<Size>,
+    /// `--codec`.
+    pub codec: Option<String>,
+    /// `--pipeline`.
+    pub pipeline: Option<usize>,
+    /// `--heartbeat`.
+    pub heartbeat: Option<String>,
+    /// `--ack-timeout`.
+    pub ack_timeout: Option<String>,
+    /// `--fence`.
+    pub fence: Option<bool>,
+    /// `--verify-every`.
+    pub verify_every: Option<u64>,
+    /// `--precopy-rounds`.
+    pub precopy_rounds: Option<usize>,
+    /// `--precopy-threshold`.
+    pub precopy_threshold: Option<usize>,
+    /// `--run-for`.
+    pub run_for: Option<String>,
+    /// `--output`.
+    pub output: Option<SocketAddr>,
+    /// `--stats`.
+    pub stats: Option<PathBuf>,
+    /// `--events`.
+    pub events: Option<PathBuf>,
+    /// `--metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// `--metrics-port-file`.
+    pub metrics_port_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Read and parse `path`; unknown keys and ill-typed values are refused.
+    pub fn read(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| CliError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+}
+
+fn same<T>(v: T) -> Result<T, String> {
+    Ok(v)
+}
+fn some<T>(v: T) -> Result<Option<T>, String> {
+    Ok(Some(v))
+}
+fn size(v: Size) -> Result<u64, String> {
+    match v {
+        Size::Bytes(n) => Ok(n),
+        Size::Text(s) => parse_size(&s).map_err(|e| e.to_string()),
+    }
+}
+fn duration(v: String) -> Result<Duration, String> {
+    parse_duration(&v).map_err(|e| e.to_string())
+}
+fn parsed<T: std::str::FromStr<Err: std::fmt::Display>>(v: String) -> Result<T, String> {
+    v.parse().map_err(|e: T::Err| e.to_string())
+}
+fn guest(v: String) -> Result<String, String> {
+    if GUESTS.contains(&v.as_str()) {
+        Ok(v)
+    } else {
+        Err(format!("{v:?} is not a guest backend (kvm, sim)"))
+    }
+}
+
+/// Set `cli.$key` from the file for every key the command line did not give.
+macro_rules! overlay {
+    ($cli:ident, $file:ident, $m:ident, $path:ident; $($key:ident: $conv:expr),* $(,)?) => {$(
+        if let Some(v) = $file.$key
+            && $m.value_source(stringify!($key)) != Some(ValueSource::CommandLine)
+        {
+            $cli.$key = ($conv)(v).map_err(|problem| CliError::Value {
+                path: $path.to_path_buf(),
+                key: stringify!($key),
+                problem,
+            })?;
+        }
+    )*};
+}
+
+impl Cli {
+    /// Parse the command line, then merge the `--config` file under it.
+    pub fn load<I, T>(args: I) -> Result<Self, CliError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let m = Self::command().try_get_matches_from(args)?;
+        let mut cli = Self::from_arg_matches(&m)?;
+        if let Some(path) = cli.config.clone() {
+            let file = FileConfig::read(&path)?;
+            cli.merge(file, &m, &path)?;
+        }
+        Ok(cli)
+    }
+
+    /// Take every value of `file` whose option `m` did not get from the command line.
+    pub fn merge(&mut self, file: FileConfig, m: &ArgMatches, path: &Path) -> Result<(), CliError> {
+        let cli = self;
+        overlay!(cli, file, m, path;
+            backup: same,
+            guest: guest,
+            workload: parsed::<Workload>,
+            memory: size,
+            heap: |v| size(v).map(Some),
+            rate: same,
+            seed: same,
+            output_every: same,
+            interval: duration,
+            mode: parsed::<Mode>,
+            block_size: |n: u32| parse_block_size(&n.to_string()),
+            cache_size: size,
+            codec: parsed::<GeneralCodec>,
+            pipeline: same,
+            heartbeat: |v| duration(v).map(Some),
+            ack_timeout: duration,
+            fence: same,
+            verify_every: same,
+            precopy_rounds: same,
+            precopy_threshold: same,
+            run_for: |v| duration(v).map(Some),
+            output: some,
+            stats: some,
+            events: some,
+            metrics: some,
+            metrics_port_file: some,
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(name: &str, text: &str, args: &[&str]) -> Result<Cli, CliError> {
+        let dir = std::env::temp_dir().join(format!("castor-primary-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write the config file");
+        let p = path.to_string_lossy().to_string();
+        let mut argv = vec!["ha-primary", "--config", &p];
+        argv.extend_from_slice(args);
+        Cli::load(argv)
+    }
+
+    fn chain(e: &CliError) -> String {
+        let mut s = e.to_string();
+        let mut cur = std::error::Error::source(e);
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn the_file_sets_values() {
+        let c = with_file(
+            "sets.toml",
+            "interval = \"10ms\"\nblock_size = 128\nfence = true\nmemory = \"64M\"\n\
+             mode = \"xbzrle\"\nguest = \"sim\"\nrun_for = \"3s\"\ncache_size = 1048576\n\
+             metrics = \"127.0.0.1:9100\"\n",
+            &[],
+        )
+        .expect("valid file");
+        assert_eq!(c.interval, Duration::from_millis(10));
+        assert_eq!(c.block_size.bytes(), 128);
+        assert!(c.fence);
+        assert_eq!(c.memory, 64 << 20);
+        assert_eq!(c.mode, Mode::Xbzrle);
+        assert_eq!(c.guest, "sim");
+        assert_eq!(c.run_for, Some(Duration::from_secs(3)));
+        assert_eq!(c.cache_size, 1 << 20);
+        assert_eq!(c.metrics.map(|a| a.port()), Some(9100));
+        // Untouched options keep their defaults.
+        assert_eq!(c.pipeline, 2);
+    }
+
+    #[test]
+    fn the_command_line_beats_the_file() {
+        let c = with_file(
+            "override.toml",
+            "interval = \"10ms\"\nblock_size = 128\nrate = 5\n",
+            &["--interval", "40ms", "--block-size", "64"],
+        )
+        .expect("valid");
+        assert_eq!(c.interval, Duration::from_millis(40));
+        assert_eq!(c.block_size.bytes(), 64);
+        assert_eq!(c.rate, 5);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = with_file("unknown.toml", "interval = \"10ms\"\nintervall = 3\n", &[])
+            .expect_err("unknown key");
+        let msg = chain(&e);
+        assert!(msg.contains("intervall"), "{msg}");
+        assert!(msg.contains("unknown.toml"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        let e = with_file("bad.toml", "interval = \"soon\"\n", &[]).expect_err("bad value");
+        let msg = chain(&e);
+        assert!(msg.contains("interval") && msg.contains("soon"), "{msg}");
+        assert!(msg.contains("bad.toml"), "{msg}");
+        let e = with_file("bad2.toml", "block_size = 48\n", &[]).expect_err("bad block");
+        assert!(chain(&e).contains("block_size"), "{}", chain(&e));
+        let e = with_file("bad3.toml", "guest = \"xen\"\n", &[]).expect_err("bad guest");
+        assert!(chain(&e).contains("guest: \"xen\""), "{}", chain(&e));
+        let e = with_file("bad4.toml", "rate = \"fast\"\n", &[]).expect_err("bad type");
+        let msg = chain(&e);
+        assert!(msg.contains("rate"), "{msg}");
+    }
+
+    #[test]
+    fn every_option_has_a_file_key() {
+        // `config` is the only flag the file cannot set.
+        let file_keys = [
+            "backup",
+            "guest",
+            "workload",
+            "memory",
+            "heap",
+            "rate",
+            "seed",
+            "output_every",
+            "interval",
+            "mode",
+            "block_size",
+            "cache_size",
+            "codec",
+            "pipeline",
+            "heartbeat",
+            "ack_timeout",
+            "fence",
+            "verify_every",
+            "precopy_rounds",
+            "precopy_threshold",
+            "run_for",
+            "output",
+            "stats",
+            "events",
+            "metrics",
+            "metrics_port_file",
+        ];
+        let cmd = Cli::command();
+        let mut ids: Vec<&str> = cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| !matches!(*id, "config" | "help" | "version"))
+            .collect();
+        ids.sort_unstable();
+        let mut keys = file_keys.to_vec();
+        keys.sort_unstable();
+        assert_eq!(ids, keys);
+    }
+
+    /// The rows of the options table after `<!-- {marker} -->` in docs/OPERATIONS.md:
+    /// (option cell, default cell).
+    fn doc_rows(doc: &str, marker: &str) -> Vec<(String, String)> {
+        let at = doc
+            .find(&format!("<!-- {marker} -->"))
+            .expect("marker in the doc");
+        doc[at..]
+            .lines()
+            .skip(3)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.split(" | ").collect();
+                (
+                    cells[0].trim_start_matches("| ").to_string(),
+                    cells.get(1).copied().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The TOML example after `<!-- {marker} -->` in docs/OPERATIONS.md.
+    fn doc_example(doc: &str, marker: &str) -> String {
+        let at = doc
+            .find(&format!("<!-- {marker} -->"))
+            .expect("marker in the doc");
+        let rest = &doc[at..];
+        let start = rest.find("```toml\n").expect("toml block") + "```toml\n".len();
+        let len = rest[start..].find("```").expect("end of the block");
+        rest[start..start + len].to_string()
+    }
+
+    #[test]
+    fn docs_match_the_options() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let rows = doc_rows(doc, "options:ha-primary");
+        let cmd = Cli::command();
+        let args: Vec<_> = cmd
+            .get_arguments()
+            .filter(|a| !matches!(a.get_id().as_str(), "help" | "version"))
+            .collect();
+        assert_eq!(rows.len(), args.len(), "one row per option: {rows:?}");
+        for a in args {
+            let long = a.get_long().expect("long option");
+            let flag = format!("`--{long}");
+            let (_, default) = rows
+                .iter()
+                .find(|(o, _)| {
+                    o.strip_prefix(flag.as_str())
+                        .is_some_and(|r| r.starts_with(' ') || r.starts_with('`'))
+                })
+                .unwrap_or_else(|| panic!("--{long} is not in the table"));
+            for d in a.get_default_values() {
+                let d = d.to_string_lossy();
+                if d != "false" {
+                    assert!(
+                        default.contains(&format!("`{d}`")),
+                        "--{long}: {default} vs {d}"
+                    );
+                }
+            }
+        }
+        let example = doc_example(doc, "example:ha-primary");
+        let dir =
+            std::env::temp_dir().join(format!("castor-ha-primary-doc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("example.toml");
+        std::fs::write(&path, example).expect("write the example");
+        let p = path.to_string_lossy().to_string();
+        Cli::load(["ha-primary", "--config", &p]).expect("the example is valid");
+    }
+}

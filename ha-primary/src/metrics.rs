@@ -1,0 +1,317 @@
+//! Prometheus metrics of the primary: the registry, the handles the engine updates, and a
+//! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
+
+use ha_common::codec::{EncodeStats, Encoding};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+/// The content type of the exposition `prometheus-client` writes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Pause-time buckets, seconds: 0.1 ms to 100 ms.
+const PAUSE_BUCKETS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+/// Ack-latency buckets, seconds: 0.5 ms to 5 s.
+const ACK_BUCKETS: [f64; 13] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// The states of `castor_state`.
+pub const STATES: [&str; 4] = ["syncing", "protected", "unprotected", "fenced"];
+
+/// A one-label label set.
+pub type Label = [(&'static str, &'static str); 1];
+
+/// Errors starting the metrics server.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// Cannot listen on the metrics address.
+    #[error("cannot serve metrics on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address cannot be written to the port file.
+    #[error("cannot write the metrics port file {path}")]
+    PortFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The primary's metrics: cheap handles (clones share their values) and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    /// Checkpoints acknowledged by the backup.
+    pub epochs_committed: Counter,
+    /// Guest pause per checkpoint, seconds.
+    pub pause_seconds: Histogram,
+    /// Bytes sent to the backup, by encoding (`other`: framing, headers, state, digests).
+    pub wire_bytes: Family<Label, Counter>,
+    /// Raw bytes (dirty pages × 4096) of the epochs sent.
+    pub raw_bytes: Counter,
+    /// Page-cache hit rate of the encoder (0–1, since start).
+    pub cache_hit_rate: Gauge<f64, AtomicU64>,
+    /// Checkpoint taken → acknowledged, seconds.
+    pub ack_latency_seconds: Histogram,
+    /// Output records held now (waiting for their checkpoint's ack).
+    pub output_held: Gauge,
+    /// Output records released to the world.
+    pub output_released: Counter,
+    /// 1 for the current state, 0 for the others.
+    pub state: Family<Label, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Register every metric.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let epochs_committed = Counter::default();
+        r.register(
+            "castor_primary_epochs_committed",
+            "Checkpoints acknowledged by the backup",
+            epochs_committed.clone(),
+        );
+        let pause_seconds = Histogram::new(PAUSE_BUCKETS);
+        r.register(
+            "castor_primary_pause_seconds",
+            "Guest pause per checkpoint (harvest, copy, save), seconds",
+            pause_seconds.clone(),
+        );
+        let wire_bytes = Family::<Label, Counter>::default();
+        r.register(
+            "castor_primary_wire_bytes",
+            "Bytes sent to the backup, by page encoding (other: framing, state, digests)",
+            wire_bytes.clone(),
+        );
+        let raw_bytes = Counter::default();
+        r.register(
+            "castor_primary_raw_bytes",
+            "Dirty pages sent times 4096: what the wire bytes would be without encoding",
+            raw_bytes.clone(),
+        );
+        let cache_hit_rate = Gauge::<f64, AtomicU64>::default();
+        r.register(
+            "castor_primary_cache_hit_rate",
+            "Encoder page-cache hits over lookups since start (xbzrle, fgbi)",
+            cache_hit_rate.clone(),
+        );
+        let ack_latency_seconds = Histogram::new(ACK_BUCKETS);
+        r.register(
+            "castor_primary_ack_latency_seconds",
+            "Checkpoint taken to acknowledged by the backup, seconds",
+            ack_latency_seconds.clone(),
+        );
+        let output_held = Gauge::default();
+        r.register(
+            "castor_primary_output_held_records",
+            "Guest output records held until their checkpoint is acknowledged",
+            output_held.clone(),
+        );
+        let output_released = Counter::default();
+        r.register(
+            "castor_primary_output_released_records",
+            "Guest output records released to the output sink",
+            output_released.clone(),
+        );
+        let state = Family::<Label, Gauge>::default();
+        for s in STATES {
+            state.get_or_create(&[("state", s)]).set(0);
+        }
+        r.register(
+            "castor_state",
+            "The daemon's state: 1 for the current one",
+            state.clone(),
+        );
+        Self {
+            registry: Arc::new(r),
+            epochs_committed,
+            pause_seconds,
+            wire_bytes,
+            raw_bytes,
+            cache_hit_rate,
+            ack_latency_seconds,
+            output_held,
+            output_released,
+            state,
+        }
+    }
+
+    /// Make `current` (one of [`STATES`]) the state.
+    pub fn set_state(&self, current: &'static str) {
+        for s in STATES {
+            self.state
+                .get_or_create(&[("state", s)])
+                .set(i64::from(s == current));
+        }
+    }
+
+    /// Count one encoded epoch's bytes: payload bytes per encoding, the rest as `other`.
+    pub fn add_wire(&self, stats: &EncodeStats, wire_bytes: u64) {
+        for e in Encoding::ALL {
+            let b = stats.kind(e).bytes;
+            if b > 0 {
+                self.wire_bytes
+                    .get_or_create(&[("encoding", e.name())])
+                    .inc_by(b);
+            }
+        }
+        let other = wire_bytes.saturating_sub(stats.bytes());
+        self.wire_bytes
+            .get_or_create(&[("encoding", "other")])
+            .inc_by(other);
+    }
+
+    /// The whole exposition, as `GET /metrics` returns it.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+
+    /// Serve `GET /metrics` on `addr` from a background thread; returns the bound address
+    /// (and writes it to `port_file`, if given).
+    pub fn serve(
+        &self,
+        addr: SocketAddr,
+        port_file: Option<&Path>,
+    ) -> Result<SocketAddr, MetricsError> {
+        let l = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+        let bound = l
+            .local_addr()
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        if let Some(p) = port_file {
+            write_port_file(p, bound).map_err(|source| MetricsError::PortFile {
+                path: p.to_path_buf(),
+                source,
+            })?;
+        }
+        let registry = Arc::clone(&self.registry);
+        std::thread::Builder::new()
+            .name("castor-metrics".into())
+            .spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            if let Err(e) = answer(s, &registry) {
+                                tracing::debug!(error = %e, "metrics request failed");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "metrics accept failed"),
+                    }
+                }
+            })
+            .map_err(|source| MetricsError::Bind { addr, source })?;
+        Ok(bound)
+    }
+}
+
+fn render(r: &Registry) -> String {
+    let mut body = String::new();
+    if let Err(e) = encode(&mut body, r) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    body
+}
+
+/// Answer one HTTP/1.x request: 200 with the metrics for `GET /metrics`, 404 otherwise.
+fn answer(mut s: TcpStream, r: &Registry) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let line = req.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = if method == "GET" && path == "/metrics" {
+        ("200 OK", CONTENT_TYPE, render(r))
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found; try GET /metrics\n".to_string(),
+        )
+    };
+    write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.flush()
+}
+
+/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
+fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{addr}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    }
+
+    #[test]
+    fn serves_metrics_and_404() {
+        let m = Metrics::new();
+        m.epochs_committed.inc_by(3);
+        m.set_state("protected");
+        m.pause_seconds.observe(0.002);
+        let addr = m
+            .serve("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("serve");
+        let r = get(addr, "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains(CONTENT_TYPE), "{r}");
+        assert!(r.contains("castor_primary_epochs_committed_total 3"), "{r}");
+        assert!(r.contains("castor_state{state=\"protected\"} 1"), "{r}");
+        assert!(r.contains("castor_state{state=\"syncing\"} 0"), "{r}");
+        assert!(
+            r.contains("castor_primary_pause_seconds_bucket{le=\"0.0025\"} 1"),
+            "{r}"
+        );
+        let r = get(addr, "/other");
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
+}

@@ -516,6 +516,9 @@ impl Engine<'_> {
     }
 
     fn acked(&mut self, n: u64, at: Instant) -> Result<(), EngineError> {
+        // Release first, so each row records what is still held after this ack.
+        self.held.ack(n)?;
+        let held = self.held.held_records();
         let done: Vec<u64> = self.inflight.range(..=n).map(|(&e, _)| e).collect();
         for e in done {
             let Some(mut row) = self.inflight.remove(&e) else {
@@ -524,6 +527,7 @@ impl Engine<'_> {
             let since = self.inflight_since.remove(&e);
             row.ack_latency = since.map(|s| at.saturating_duration_since(s));
             row.encoded = self.encoded.remove(&e);
+            row.held = held;
             if row.checkpoint {
                 self.summary.epochs_committed += 1;
                 self.metrics.epochs_committed.inc();
@@ -541,7 +545,6 @@ impl Engine<'_> {
                 tracing::warn!(error = %err, "cannot write the stats file");
             }
         }
-        self.held.ack(n)?;
         if self.phase == Phase::Syncing && self.first_checkpoint.is_some_and(|f| n >= f) {
             self.set_phase(Phase::Protected);
             tracing::info!(

@@ -32,6 +32,8 @@ pub struct EpochRow {
     pub send: Option<Duration>,
     /// Time from the pause to the ack.
     pub ack_latency: Option<Duration>,
+    /// Output records still held (awaiting a later ack) once this epoch was acked.
+    pub held: usize,
 }
 
 /// The `--stats` CSV file.
@@ -49,7 +51,7 @@ impl StatsCsv {
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
-             encode_us,send_us,ack_latency_us"
+             encode_us,send_us,ack_latency_us,held"
         )?;
         Ok(Self { w })
     }
@@ -91,6 +93,7 @@ impl StatsCsv {
         cols.push(us(e.map(|e| e.encode)));
         cols.push(us(r.send));
         cols.push(us(r.ack_latency));
+        cols.push(r.held.to_string());
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

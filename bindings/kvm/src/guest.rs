@@ -438,6 +438,9 @@ impl Gen {
         self.unit_end(top)
     }
 
+    /// `web` (docs/GUESTS.md): per request a session record of k = 1 + (t³ >> 14) scattered
+    /// words at a Zipf-hot page, a 64-byte log append, and on odd requests a response filling
+    /// the first 1–64 blocks of a buffer page.
     fn web(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
         let a = &mut self.a;
         a.set_label(entry)?;
@@ -451,30 +454,38 @@ impl Gen {
         a.mov(rbx, rax)?;
         let mut top = a.create_label();
         a.set_label(&mut top)?;
-        // 1. four Zipf-hot small writes.
-        for _ in 0..4 {
-            self.next()?;
-            let a = &mut self.a;
-            a.shr(rax, 43)?;
-            a.mov(rcx, rax)?;
-            a.imul_2(rax, rax)?;
-            a.shr(rax, 21)?;
-            a.imul_2(rax, rcx)?;
-            a.shr(rax, 21)?;
-            a.imul_2(rax, rbx)?;
-            a.shr(rax, 21)?;
-            a.shl(rax, 12)?;
-            a.mov(rsi, rax)?;
-            self.next()?;
-            let a = &mut self.a;
-            a.and(eax, 63)?;
-            a.shl(eax, 6)?;
-            a.add(rsi, rax)?;
-            a.lea(rdi, qword_ptr(r9 + rsi))?;
-            self.write_next(qword_ptr(rdi))?;
-        }
-        // 2. one log append.
+        // 1. the session record: rdi = base + 4096 * page (Zipf-hot), rsi = k.
+        self.next()?;
         let a = &mut self.a;
+        a.shr(rax, 43)?;
+        a.mov(rcx, rax)?;
+        a.imul_2(rax, rax)?;
+        a.shr(rax, 21)?;
+        a.imul_2(rax, rcx)?;
+        a.shr(rax, 21)?;
+        a.imul_2(rax, rbx)?;
+        a.shr(rax, 21)?;
+        a.shl(rax, 12)?;
+        a.lea(rdi, qword_ptr(r9 + rax))?;
+        self.next()?;
+        let a = &mut self.a;
+        a.shr(rax, 58)?;
+        a.mov(rcx, rax)?;
+        a.imul_2(rax, rcx)?;
+        a.imul_2(rax, rcx)?;
+        a.shr(rax, 14)?;
+        a.lea(rsi, qword_ptr(rax + 1))?;
+        let mut record = a.create_label();
+        a.set_label(&mut record)?;
+        self.next()?;
+        let a = &mut self.a;
+        a.and(eax, 511)?;
+        a.lea(rcx, qword_ptr(rdi + rax * 8))?;
+        self.write_next(qword_ptr(rcx))?;
+        let a = &mut self.a;
+        a.dec(rsi)?;
+        a.jnz(record)?;
+        // 2. one log append.
         a.mov(rax, r15)?;
         a.shl(rax, 6)?;
         a.mov(rcx, rbp)?;
@@ -488,14 +499,13 @@ impl Gen {
         for k in 0..8i32 {
             self.write_next(qword_ptr(rdi + 8 * k))?;
         }
-        // 3. every 128th request, a buffer fill.
+        // 3. on odd requests, a response: the first L = 1 + next() % 64 blocks of a
+        // buffer page (rdi), 8 L words (rsi).
         let a = &mut self.a;
         let mut skip = a.create_label();
         let mut word = a.create_label();
-        a.mov(rax, r15)?;
-        a.and(eax, 127)?;
-        a.cmp(eax, 127)?;
-        a.jne(skip)?;
+        a.test(r15d, 1)?;
+        a.jz(skip)?;
         a.mov(rcx, r8)?;
         a.shr(rcx, 12)?;
         a.sub(rcx, rbx)?;
@@ -508,7 +518,12 @@ impl Gen {
         a.add(rdx, rbp)?;
         a.shl(rdx, 12)?;
         a.lea(rdi, qword_ptr(r9 + rdx))?;
-        a.mov(esi, 512)?;
+        self.next()?;
+        let a = &mut self.a;
+        a.and(eax, 63)?;
+        a.inc(eax)?;
+        a.shl(eax, 3)?;
+        a.mov(esi, eax)?;
         a.set_label(&mut word)?;
         self.write_next(qword_ptr(rdi))?;
         let a = &mut self.a;

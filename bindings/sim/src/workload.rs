@@ -225,31 +225,38 @@ impl Vcpu {
         Ok(())
     }
 
-    /// One `web` request.
+    /// One `web` request: a session record of k scattered words at a Zipf-hot page, a log
+    /// append and, on odd requests, a response of 1–64 blocks in a buffer page.
     fn web(&mut self, w: &mut PageWriter<'_>, n: u64) {
         let (base, p) = (self.base, self.pages);
         let hot = p * 3 / 4;
         let log = p / 8;
         let buf = p - hot - log;
-        for _ in 0..4 {
-            let x = self.next() >> 43;
-            let y = ((x * x) >> 21).wrapping_mul(x) >> 21;
-            let page = y.wrapping_mul(hot) >> 21;
-            let b = self.next() % 64;
+        // 1. The session record.
+        let x = self.next() >> 43;
+        let y = ((x * x) >> 21).wrapping_mul(x) >> 21;
+        let page = base + PAGE * (y.wrapping_mul(hot) >> 21);
+        let t = self.next() >> 58;
+        let k = 1 + ((t * t * t) >> 14);
+        for _ in 0..k {
+            let word = self.next() % 512;
             let v = self.next();
-            self.write(w, base + PAGE * page + 64 * b, v);
+            self.write(w, page + 8 * word, v);
         }
+        // 2. The log append.
         let a = base + PAGE * hot + n.wrapping_mul(64) % (PAGE * log);
         for k in 0..8 {
             let v = self.next();
             self.write(w, a + 8 * k, v);
         }
-        if n % 128 == 127 {
+        // 3. A response on odd requests.
+        if n % 2 == 1 {
             let q = self.next() % buf;
+            let blocks = 1 + self.next() % 64;
             let page = base + PAGE * (hot + log + q);
-            for k in 0..512 {
+            for i in 0..8 * blocks {
                 let v = self.next();
-                self.write(w, page + 8 * k, v);
+                self.write(w, page + 8 * i, v);
             }
         }
     }

@@ -140,24 +140,26 @@ impl Model {
                 let ph = pages * 3 / 4;
                 let pl = pages / 8;
                 let pb = pages - ph - pl;
-                for _ in 0..4 {
-                    let x = self.next() >> 43;
-                    let y = (((x * x) >> 21) * x) >> 21;
-                    let page = (y * ph) >> 21;
-                    let b = self.next() % 64;
+                let x = self.next() >> 43;
+                let y = (((x * x) >> 21) * x) >> 21;
+                let page = (y * ph) >> 21;
+                let t = self.next() >> 58;
+                for _ in 0..1 + t * t * t / 16384 {
+                    let word = self.next() % 512;
                     let v = self.next();
-                    self.write(base + 4096 * page + 64 * b, v);
+                    self.write(base + 4096 * page + 8 * word, v);
                 }
                 let a = base + 4096 * ph + (n * 64) % (4096 * pl);
                 for k in 0..8 {
                     let v = self.next();
                     self.write(a + 8 * k, v);
                 }
-                if n % 128 == 127 {
+                if n % 2 == 1 {
                     let q = self.next() % pb;
-                    for k in 0..512 {
+                    let len = 1 + self.next() % 64;
+                    for i in 0..8 * len {
                         let v = self.next();
-                        self.write(base + 4096 * (ph + pl + q) + 8 * k, v);
+                        self.write(base + 4096 * (ph + pl + q) + 8 * i, v);
                     }
                 }
             }

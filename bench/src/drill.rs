@@ -1,6 +1,11 @@
 //! `ha-bench drill`: the failover drill. Starts `ha-backup` and `ha-primary` as separate
 //! processes on loopback, protects a built-in guest, shows live progress, kills the primary
 //! with SIGKILL at a random moment, and shows the failover and a continuity verdict.
+//!
+//! The pair shares a fresh key made with `ha-primary keygen` in the run's directory (the
+//! link is encrypted), unless `--insecure` asks for plain TCP. The report carries the CPU
+//! time each daemon spent per checkpoint while protected (from `/proc/<pid>/stat`), so
+//! the two can be compared.
 
 use ha_common::output::{Consumer, WorldView};
 use serde_json::Value;
@@ -64,6 +69,8 @@ pub struct DrillArgs {
     pub live: bool,
     /// Keep the run's directory.
     pub keep: bool,
+    /// Plain TCP (`--insecure` on both daemons) instead of a pair key.
+    pub insecure: bool,
 }
 
 /// The drill's result.
@@ -111,6 +118,23 @@ pub struct DrillReport {
     pub checks: Vec<(String, bool, String)>,
     /// Where the logs are (when kept).
     pub dir: Option<String>,
+    /// Whether the link was encrypted (a pair key) or plain TCP (`--insecure`).
+    pub encrypted: bool,
+    /// The primary's CPU time (user + system) per checkpoint while protected, ms.
+    pub primary_cpu_ms_per_epoch: f64,
+    /// The backup's CPU time per checkpoint while receiving, ms.
+    pub backup_cpu_ms_per_epoch: f64,
+}
+
+/// CPU time (user + system) a process has used so far, in ms, from `/proc/<pid>/stat`
+/// (fields 14 and 15, in clock ticks of 1/100 s, Linux's USER_HZ).
+fn cpu_ms(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10)
 }
 
 fn unix_ms() -> u64 {
@@ -248,7 +272,26 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     let f = |n: &str| dir.join(n);
     let world = Consumer::start(f("ack.log"))?;
     let s = |v: &str| v.to_string();
-    let backup_args = vec![
+    let key_args = if a.insecure {
+        vec![s("--insecure")]
+    } else {
+        let key = f("pair.key");
+        let ok = Command::new(&primary_bin)
+            .arg("keygen")
+            .arg(&key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success());
+        if !ok {
+            return Err(DrillError::Stalled(
+                "`ha-primary keygen` failed".into(),
+                dir.clone(),
+            ));
+        }
+        vec![s("--key"), key.display().to_string()]
+    };
+    let mut backup_args = vec![
         s("--listen"),
         s("127.0.0.1:0"),
         s("--port-file"),
@@ -277,6 +320,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
             Duration::from_secs_f64(a.after.max(0.0)).as_millis()
         ),
     ];
+    backup_args.extend(key_args.iter().cloned());
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
     let t = Instant::now();
@@ -291,7 +335,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    let primary_args = vec![
+    let mut primary_args = vec![
         s("--backup"),
         baddr,
         s("--guest"),
@@ -313,10 +357,18 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         s("--stats"),
         f("primary.csv").display().to_string(),
     ];
+    primary_args.extend(key_args);
     let mut primary = spawn(&primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
     if wait_event(&f("primary.events"), "protected", Duration::from_secs(60)).is_none() {
         return Err(stalled("the primary never reached the protected state"));
     }
+    // CPU per checkpoint is measured over the protected phase only (pre-copy excluded).
+    let (ppid, bpid) = (primary.0.id(), backup.0.id());
+    let cpu0 = (
+        cpu_ms(ppid),
+        cpu_ms(bpid),
+        checkpoints(&f("primary.csv")).len(),
+    );
     if a.live {
         println!(
             "protected: {} guest, {} workload, {} memory, mode {}, interval {}",
@@ -358,6 +410,18 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         );
         let _ = std::io::stdout().flush();
     }
+    let cpu1 = (
+        cpu_ms(ppid),
+        cpu_ms(bpid),
+        checkpoints(&f("primary.csv")).len(),
+    );
+    let per_epoch = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) if cpu1.2 > cpu0.2 => {
+            b.saturating_sub(a) as f64 / (cpu1.2 - cpu0.2) as f64
+        }
+        _ => 0.0,
+    };
+    let cpu = (per_epoch(cpu0.0, cpu1.0), per_epoch(cpu0.1, cpu1.1));
     let t_kill = unix_ms();
     let _ = primary.0.kill(); // SIGKILL
     let _ = primary.0.wait();
@@ -385,16 +449,21 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     };
     std::thread::sleep(Duration::from_millis(50));
     let protected_s = start.elapsed().as_secs_f64();
-    let report = verdict(
-        a,
-        &f,
-        &lost,
-        &active,
-        t_kill,
-        backup_exit,
-        &world.view(),
-        protected_s,
-    );
+    let report = DrillReport {
+        encrypted: !a.insecure,
+        primary_cpu_ms_per_epoch: cpu.0,
+        backup_cpu_ms_per_epoch: cpu.1,
+        ..verdict(
+            a,
+            &f,
+            &lost,
+            &active,
+            t_kill,
+            backup_exit,
+            &world.view(),
+            protected_s,
+        )
+    };
     if a.keep {
         Ok(DrillReport {
             dir: Some(dir.display().to_string()),
@@ -527,6 +596,9 @@ fn verdict(
         continuity_ok,
         checks,
         dir: None,
+        encrypted: !a.insecure,
+        primary_cpu_ms_per_epoch: 0.0,
+        backup_cpu_ms_per_epoch: 0.0,
     }
 }
 
@@ -569,6 +641,17 @@ pub fn print_summary(r: &DrillReport) {
         ("activation (ms)", r.activation_ms.to_string()),
         ("failover (ms)", r.failover_ms.to_string()),
         ("output records released", r.outputs_released.to_string()),
+        (
+            "link",
+            if r.encrypted { "noise" } else { "INSECURE" }.to_string(),
+        ),
+        (
+            "CPU/epoch primary, backup (ms)",
+            format!(
+                "{:.2} / {:.2}",
+                r.primary_cpu_ms_per_epoch, r.backup_cpu_ms_per_epoch
+            ),
+        ),
     ];
     for (k, v) in rows {
         println!("| {k:<28} | {v:>14} |");

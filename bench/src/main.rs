@@ -77,6 +77,10 @@ struct DrillCli {
     /// Keep the run's logs, events and statistics (the directory is printed).
     #[arg(long)]
     keep: bool,
+    /// Run both daemons with --insecure (plain TCP) instead of a fresh pair key, e.g. to
+    /// measure what encryption costs.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +159,7 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         seed,
         live: !a.json,
         keep: a.keep,
+        insecure: a.insecure,
     };
     let report = ha_bench::drill::run(&args).map_err(|e| {
         let mut msg = e.to_string();

@@ -11,6 +11,7 @@
 //! | [`cache`] | LRU cache of last-sent page content (encode) |
 //! | [`codec`] | hybrid per-page encoding and decoding (encode) |
 //! | [`session`] | handshake, acks and heartbeats between primary and backup |
+//! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
 //! | [`output`] | releasing guest output, the ack log, and the consumer's check |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
@@ -26,6 +27,7 @@ pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
 pub mod output;
+pub mod secure;
 pub mod session;
 pub mod share;
 pub mod stream;

@@ -76,6 +76,13 @@ fn epoch_apply_corpus() {
     });
 }
 
+#[test]
+fn handshake_corpus() {
+    replay("handshake", |d| {
+        checks::check_handshake(d);
+    });
+}
+
 /// The seeds are what they claim: real deltas apply, real records decode, real epochs
 /// commit (raw: all three in a row; reframed: every epoch), and the rejection seeds are
 /// rejected. A seed that stopped being valid (a format change) would leave the fuzzer
@@ -101,6 +108,10 @@ fn seeds_are_valid_inputs() {
         let want = if name.ends_with("epochs1-3") { 3 } else { 1 };
         assert_eq!(checks::check_epoch(&data), want, "{name}");
     }
+    for (name, data) in seeds::handshake_seeds() {
+        let welcomed = checks::check_handshake(&data) == checks::Opening::Welcomed;
+        assert_eq!(welcomed, !name.starts_with("bad-"), "{name}");
+    }
 }
 
 /// Write the seeds into `fuzz/corpus/<target>/seed-<name>` (run with `--ignored`).
@@ -111,6 +122,7 @@ fn write_seed_corpus() {
         ("xbzrle_decode", seeds::xbzrle_seeds()),
         ("page_decode", seeds::page_decode_seeds()),
         ("epoch_apply", seeds::epoch_seeds()),
+        ("handshake", seeds::handshake_seeds()),
     ];
     for (target, seeds) in sets {
         let dir = corpus_dir(target);

@@ -496,3 +496,158 @@ pub fn check_epoch(data: &[u8]) -> usize {
     }
     commits
 }
+
+/// The pair key of `check_handshake`'s backup (and of its in-harness primary).
+pub const HANDSHAKE_KEY: [u8; 32] = *b"castor fuzz handshake pair key!!";
+
+/// First byte of a `handshake` input (bit 0 clear): the rest is what a peer sends a
+/// keyed backup from its first byte: `u16 LE length | Noise message`, then anything.
+pub const HANDSHAKE_RAW: u8 = 0;
+
+/// First byte of a `handshake` input (bit 0 set): the harness runs a real handshake with
+/// [`HANDSHAKE_KEY`], seals the rest as the primary's plaintext (the opening frames), and
+/// feeds the ciphertext to the backup's side.
+pub const HANDSHAKE_SEALED: u8 = 1;
+
+/// Flag in the first byte of a sealed `handshake` input: one ciphertext bit is flipped
+/// (the position is taken from the second byte).
+pub const HANDSHAKE_FLIP: u8 = 2;
+
+/// The session the backup in `check_handshake` is configured for.
+pub fn handshake_ours() -> ha_common::session::Hello {
+    ha_common::session::Hello {
+        version: ha_common::session::SESSION_VERSION,
+        memory_size: (GUEST_PAGES * PAGE_SIZE) as u64,
+        page_size: PAGE_SIZE as u32,
+        block_size: BlockSize::DEFAULT,
+        mode: GUEST_MODE,
+    }
+}
+
+/// What the backup's opening did with a `handshake` input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// The Noise handshake failed: nothing after it was read.
+    NoiseRefused,
+    /// The channel came up but delivered no whole first frame (cut short, or failed to
+    /// authenticate).
+    NoFrame,
+    /// The first frame is not a well-formed Hello, or not one for this session.
+    HelloRefused,
+    /// A Hello the backup would welcome.
+    Welcomed,
+}
+
+/// The backup's opening on `data`: the Noise responder with [`HANDSHAKE_KEY`]
+/// (`secure::Responder`), the decrypting stream, `stream::split_frame` on the decrypted
+/// bytes (so `MAX_FRAME` holds there too), `Hello::parse` and `check_against`.
+///
+/// Invariants: raw bytes never pass the Noise handshake (only the key's holder can make a
+/// first message); a sealed stream decrypts to exactly the plaintext, in order; a flipped
+/// ciphertext bit stops the stream at the damaged message, with everything before it
+/// intact and nothing from it or after it delivered; a parsed Hello re-encodes to the
+/// same body.
+pub fn check_handshake(data: &[u8]) -> Opening {
+    use ha_common::secure::{HANDSHAKE_LEN, Initiator, PairKey, Responder};
+    use ha_common::session::{Hello, frame_type};
+    use std::io::Read;
+
+    let key = PairKey::from_bytes(HANDSHAKE_KEY);
+    let Some((&mode, rest)) = data.split_first() else {
+        return Opening::NoiseRefused;
+    };
+    let responder = Responder::new(&key).expect("a responder for a valid key");
+    let (transport, ciphertext, plaintext) = if mode & 1 == HANDSHAKE_RAW {
+        let Some(len) = rest.get(..2) else {
+            return Opening::NoiseRefused;
+        };
+        let n = usize::from(u16::from_le_bytes([len[0], len[1]]));
+        let Some(msg) = rest.get(2..2 + n) else {
+            return Opening::NoiseRefused;
+        };
+        if n != HANDSHAKE_LEN {
+            assert!(
+                responder.accept(msg).is_err(),
+                "a {n}-byte message accepted"
+            );
+            return Opening::NoiseRefused;
+        }
+        match responder.accept(msg) {
+            Ok(_) => panic!("raw bytes passed the Noise handshake without the key"),
+            Err(_) => return Opening::NoiseRefused,
+        }
+    } else {
+        let (init, msg1) = Initiator::new(&key).expect("initiator");
+        let (reply, backup) = responder.accept(&msg1).expect("a genuine first message");
+        assert_eq!(reply.len(), HANDSHAKE_LEN);
+        let primary = init.finish(&reply).expect("a genuine reply");
+        let mut wire = Vec::new();
+        {
+            let mut w = primary.stream(&mut wire);
+            // Cut where the input has 0xff so the messages vary in size, as frames do.
+            for piece in rest.split_inclusive(|&b| b == 0xff) {
+                std::io::Write::write_all(&mut w, piece).expect("seal into memory");
+            }
+        }
+        (backup, wire, rest.to_vec())
+    };
+    let mut ciphertext = ciphertext;
+    let mut damaged_from = None;
+    if mode & HANDSHAKE_FLIP != 0 && !ciphertext.is_empty() {
+        let at = usize::from(plaintext.first().copied().unwrap_or(0)) * 97 % ciphertext.len();
+        ciphertext[at] ^= 1 << (at % 8);
+        damaged_from = Some(at);
+    }
+    let mut s = transport.stream(std::io::Cursor::new(ciphertext.clone()));
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 1000];
+    let end = loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    match damaged_from {
+        None => {
+            assert!(end.is_ok(), "a clean sealed stream failed: {end:?}");
+            assert_eq!(got, plaintext, "decrypted bytes differ from the plaintext");
+        }
+        Some(at) => {
+            assert!(end.is_err(), "a flipped ciphertext bit went unnoticed");
+            // Messages before the damaged one arrive whole; nothing after it does.
+            let mut clean = 0;
+            let mut pos = 0;
+            while pos + 2 <= ciphertext.len() {
+                let n = usize::from(u16::from_le_bytes([ciphertext[pos], ciphertext[pos + 1]]));
+                if pos + 2 + n > at || n < 16 {
+                    break;
+                }
+                clean += n - 16;
+                pos += 2 + n;
+            }
+            assert_eq!(
+                got.len(),
+                clean,
+                "bytes from a damaged message were delivered"
+            );
+            assert_eq!(got[..], plaintext[..clean]);
+        }
+    }
+    let Ok(Some((ty, body, _))) = stream::split_frame(&got) else {
+        return Opening::NoFrame;
+    };
+    if ty != frame_type::HELLO {
+        return Opening::HelloRefused;
+    }
+    let Ok(h) = Hello::parse(body) else {
+        return Opening::HelloRefused;
+    };
+    let mut again = Vec::new();
+    h.put(&mut again);
+    assert_eq!(&again[5..], body, "a parsed Hello re-encodes differently");
+    match h.check_against(&handshake_ours()) {
+        Ok(()) => Opening::Welcomed,
+        Err(_) => Opening::HelloRefused,
+    }
+}

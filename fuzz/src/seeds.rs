@@ -334,3 +334,67 @@ pub fn epoch_seeds() -> Vec<Seed> {
     seeds.push(("raw-empty-epoch".into(), empty));
     seeds
 }
+
+/// `handshake` seeds: raw peers (a plaintext Hello, garbage, a forged first message, a
+/// truncated one) and sealed openings (the right Hello, a mismatched one,
+/// a Hello followed by heartbeats, a damaged one).
+pub fn handshake_seeds() -> Vec<Seed> {
+    use crate::checks::{HANDSHAKE_FLIP, HANDSHAKE_RAW, HANDSHAKE_SEALED, handshake_ours};
+    use ha_common::secure::HANDSHAKE_LEN;
+    use ha_common::session;
+    let mut hello = Vec::new();
+    handshake_ours().put(&mut hello);
+    let mut other = handshake_ours();
+    other.memory_size *= 2;
+    let mut other_hello = Vec::new();
+    other.put(&mut other_hello);
+    // A first message of the right length that was not made with the key (a real one
+    // from another key looks the same to the responder: an ephemeral key and a tag).
+    let forged: Vec<u8> = (0..HANDSHAKE_LEN as u8)
+        .map(|i| i.wrapping_mul(37) ^ 0x5a)
+        .collect();
+    let framed = |m: &[u8]| {
+        let mut v = (m.len() as u16).to_le_bytes().to_vec();
+        v.extend_from_slice(m);
+        v
+    };
+    let with = |mode: u8, rest: &[u8]| {
+        let mut v = vec![mode];
+        v.extend_from_slice(rest);
+        v
+    };
+    let mut hello_hb = hello.clone();
+    session::put_heartbeat(&mut hello_hb);
+    session::put_heartbeat(&mut hello_hb);
+    vec![
+        (
+            "bad-raw-plaintext-hello".into(),
+            with(HANDSHAKE_RAW, &hello),
+        ),
+        (
+            "bad-raw-http".into(),
+            with(HANDSHAKE_RAW, b"GET / HTTP/1.0\r\n\r\n"),
+        ),
+        (
+            "bad-raw-forged".into(),
+            with(HANDSHAKE_RAW, &framed(&forged)),
+        ),
+        (
+            "bad-raw-truncated".into(),
+            with(HANDSHAKE_RAW, &framed(&forged)[..20]),
+        ),
+        ("sealed-hello".into(), with(HANDSHAKE_SEALED, &hello)),
+        (
+            "sealed-hello-heartbeats".into(),
+            with(HANDSHAKE_SEALED, &hello_hb),
+        ),
+        (
+            "bad-sealed-mismatch".into(),
+            with(HANDSHAKE_SEALED, &other_hello),
+        ),
+        (
+            "bad-sealed-flipped".into(),
+            with(HANDSHAKE_SEALED | HANDSHAKE_FLIP, &hello),
+        ),
+    ]
+}

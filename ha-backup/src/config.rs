@@ -14,6 +14,7 @@ use serde::Deserialize;
 use ha_common::PAGE_SIZE;
 use ha_common::block::BlockSize;
 use ha_common::codec::Mode;
+use ha_common::secure::{PairKey, SecureError};
 use ha_common::session::{Hello, SESSION_VERSION};
 use ha_common::units::{UnitError, parse_duration, parse_size};
 
@@ -44,6 +45,25 @@ pub enum ConfigError {
     /// A zero detection timeout.
     #[error("--detect-timeout must be above zero")]
     DetectTimeout,
+    /// `--memory` above `--max-memory`.
+    #[error("--memory {memory} is above --max-memory {max}")]
+    AboveMax {
+        /// `--memory` in bytes.
+        memory: u64,
+        /// `--max-memory` in bytes.
+        max: u64,
+    },
+    /// Neither a key nor `--insecure`.
+    #[error(
+        "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
+    )]
+    NoKey,
+    /// Both a key and `--insecure`.
+    #[error("--key and --insecure contradict each other: give one")]
+    KeyAndInsecure,
+    /// The key file is refused.
+    #[error(transparent)]
+    Key(#[from] SecureError),
     /// The command line does not parse (this includes `--help` and `--version`).
     #[error(transparent)]
     Clap(#[from] clap::Error),
@@ -145,6 +165,17 @@ pub struct Cli {
     /// Write the metrics server's bound address (ip:port) to this file once it listens.
     #[arg(long, value_name = "FILE")]
     pub metrics_port_file: Option<PathBuf>,
+    /// The pair key file (64 hex digits, mode 0600) shared with the primary: only a peer
+    /// holding it is accepted, and the link is encrypted.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Accept a primary over plain TCP, neither encrypted nor authenticated (tests,
+    /// trusted links only).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Refuse a primary announcing more guest memory than this (also caps --memory).
+    #[arg(long, default_value = "64G")]
+    pub max_memory: String,
 }
 
 /// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
@@ -191,6 +222,12 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     /// `--metrics-port-file`.
     pub metrics_port_file: Option<PathBuf>,
+    /// `--key`.
+    pub key: Option<PathBuf>,
+    /// `--insecure`.
+    pub insecure: Option<bool>,
+    /// `--max-memory`.
+    pub max_memory: Option<Size>,
 }
 
 impl FileConfig {
@@ -296,6 +333,9 @@ impl Cli {
             exit_after: |v| duration(v).map(Some),
             metrics: some,
             metrics_port_file: some,
+            key: some,
+            insecure: same,
+            max_memory: size,
         );
         Ok(())
     }
@@ -334,6 +374,12 @@ pub struct Config {
     pub metrics_port_file: Option<PathBuf>,
     /// The config file the options came from, if any.
     pub config: Option<PathBuf>,
+    /// The pair key file (read by [`Config::pair_key`]).
+    pub key: Option<PathBuf>,
+    /// Plain TCP was asked for.
+    pub insecure: bool,
+    /// The largest guest memory a primary may announce.
+    pub max_memory: u64,
 }
 
 impl Config {
@@ -358,6 +404,13 @@ impl Config {
         if detect_timeout.is_zero() {
             return Err(ConfigError::DetectTimeout);
         }
+        let max_memory = parse_size(&cli.max_memory).map_err(unit("max-memory"))?;
+        if memory_size > max_memory {
+            return Err(ConfigError::AboveMax {
+                memory: memory_size,
+                max: max_memory,
+            });
+        }
         let exit_after = cli
             .exit_after
             .as_deref()
@@ -380,7 +433,27 @@ impl Config {
             metrics: cli.metrics,
             metrics_port_file: cli.metrics_port_file.clone(),
             config: cli.config.clone(),
+            key: cli.key.clone(),
+            insecure: cli.insecure,
+            max_memory,
         })
+    }
+
+    /// The pair key to require of the primary, or None when `--insecure` (announced with a
+    /// warning). Refused: neither or both, and a key file that is not private or not a key.
+    pub fn pair_key(&self) -> Result<Option<PairKey>, ConfigError> {
+        match (&self.key, self.insecure) {
+            (Some(_), true) => Err(ConfigError::KeyAndInsecure),
+            (None, false) => Err(ConfigError::NoKey),
+            (Some(p), false) => Ok(Some(PairKey::read(p)?)),
+            (None, true) => {
+                tracing::warn!(
+                    "--insecure: replication is NOT encrypted or authenticated; any host that \
+                     reaches the listen address can feed this backup"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// The session parameters a primary must match.
@@ -530,6 +603,9 @@ mod tests {
             "exit_after",
             "metrics",
             "metrics_port_file",
+            "key",
+            "insecure",
+            "max_memory",
         ];
         let cmd = Cli::command();
         let mut ids: Vec<&str> = cmd
@@ -541,6 +617,32 @@ mod tests {
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();
         assert_eq!(ids, keys);
+    }
+
+    #[test]
+    fn max_memory_and_the_key_choice_are_checked() {
+        let c = Config::from_cli(&cli(&[])).expect("defaults");
+        assert_eq!(c.max_memory, 64 << 30);
+        let e = Config::from_cli(&cli(&["--memory", "128M", "--max-memory", "64M"])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--memory 134217728 is above --max-memory 67108864"
+        );
+        assert_eq!(
+            c.pair_key().unwrap_err().to_string(),
+            "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
+        );
+        let both = Config::from_cli(&cli(&["--key", "/nonexistent", "--insecure"])).expect("ok");
+        assert!(matches!(both.pair_key(), Err(ConfigError::KeyAndInsecure)));
+        let missing = Config::from_cli(&cli(&["--key", "/nonexistent/pair.key"])).expect("ok");
+        let e = missing.pair_key().unwrap_err();
+        assert!(
+            crate::chain(&e).starts_with("cannot read the pair key /nonexistent/pair.key"),
+            "{}",
+            crate::chain(&e)
+        );
+        let insecure = Config::from_cli(&cli(&["--insecure"])).expect("ok");
+        assert!(matches!(insecure.pair_key(), Ok(None)));
     }
 
     #[test]

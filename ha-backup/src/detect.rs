@@ -62,6 +62,7 @@ pub fn classify(e: &ReceiveError) -> Option<LossReason> {
         ReceiveError::Closed => Some(LossReason::Closed),
         ReceiveError::Io(e) => Some(LossReason::Io(e.to_string())),
         ReceiveError::Framing(e) => Some(LossReason::Corrupt(e.to_string())),
+        ReceiveError::Tampered(e) => Some(LossReason::Corrupt(format!("encrypted channel: {e}"))),
         ReceiveError::Stopped => None,
     }
 }

@@ -34,11 +34,13 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ha_common::domain::DomainFactory;
 use ha_common::output::append_ack_log;
+use ha_common::secure::PairKey;
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
@@ -55,6 +57,9 @@ use crate::stats::{EpochStats, StatsError, StatsLog};
 /// Errors that stop the backup (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// The options do not say how to secure the link, or the key file is refused.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// Cannot listen.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -203,6 +208,7 @@ fn serve(
     stop: &AtomicBool,
     sinks: &mut Sinks<'_>,
 ) -> Result<Exit, BackupError> {
+    let key = cfg.pair_key()?;
     let listener = TcpListener::bind(cfg.listen).map_err(|source| BackupError::Listen {
         addr: cfg.listen,
         source,
@@ -219,22 +225,29 @@ fn serve(
             source,
         })?;
     }
-    info!(%addr, "listening for the primary");
+    info!(
+        %addr,
+        link = if key.is_some() { "noise (pair key)" } else { "INSECURE (plain TCP)" },
+        "listening for the primary"
+    );
     sinks.metrics.set_state("listening");
     sinks
         .events
         .note("listening", json!({ "addr": addr.to_string() }));
 
-    let Some(mut rx) = accept_primary(&listener, cfg, stop, sinks.events)? else {
+    let Some(mut rx) = accept_primary(&listener, cfg, key.as_ref(), stop, sinks.events)? else {
         return Ok(Exit::Stopped);
     };
-    drop(listener);
     info!(peer = %rx.peer(), "receiving epochs");
     sinks.metrics.set_state("receiving");
+    // One session at a time: later connections get a clear refusal, not a hang.
+    let refuser = Refuser::start(listener, key, rx.peer());
 
     let mut committed = Committed::new(usize::try_from(cfg.memory_size).unwrap_or(usize::MAX));
     let mut stager = Stager::new(cfg, 1);
-    let loss = match receive(&mut rx, &mut stager, &mut committed, sinks, stop)? {
+    let received = receive(&mut rx, &mut stager, &mut committed, sinks, stop);
+    refuser.stop();
+    let loss = match received? {
         Received::Lost(loss) => loss,
         Received::Stopped => {
             info!("stop requested while receiving");
@@ -339,6 +352,7 @@ fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
 fn accept_primary(
     listener: &TcpListener,
     cfg: &Config,
+    key: Option<&PairKey>,
     stop: &AtomicBool,
     events: &mut EventLog,
 ) -> Result<Option<Receiver>, BackupError> {
@@ -373,22 +387,99 @@ fn accept_primary(
                 continue;
             }
         };
-        match handshake(&mut rx, &ours, 1, stop) {
+        match handshake(&mut rx, key, &ours, cfg.max_memory, 1, stop) {
             Ok(h) => {
-                info!(%peer, mode = %h.mode, memory = h.memory_size, block_size = %h.block_size, "primary welcomed");
+                info!(%peer, mode = %h.mode, memory = h.memory_size, block_size = %h.block_size, secure = rx.is_secure(), "primary welcomed");
                 return Ok(Some(rx));
             }
             Err(HandshakeError::Receive(receive::ReceiveError::Stopped)) => return Ok(None),
             Err(e) => {
-                let reason = match &e {
-                    HandshakeError::Refused(s) => s.to_string(),
-                    other => chain(other),
+                let (reason, stage) = match &e {
+                    HandshakeError::Refused(s) => (s.to_string(), "session"),
+                    HandshakeError::TooLarge { .. } => (e.to_string(), "session"),
+                    other @ HandshakeError::Secure(_) => (chain(other), "noise"),
+                    other => (chain(other), "session"),
                 };
-                warn!(%peer, %reason, "refused the peer; still listening");
-                events.note("refused", json!({ "reason": reason }));
+                if stage == "noise" {
+                    warn!(%peer, %reason, "refused the peer: it failed the secure handshake (no pair key or another one); nothing it sent was read; still listening");
+                } else {
+                    warn!(%peer, %reason, "refused the peer; still listening");
+                }
+                events.note(
+                    "refused",
+                    json!({ "peer": peer.to_string(), "stage": stage, "reason": reason }),
+                );
                 rx.close();
             }
         }
+    }
+}
+
+/// Refuses every connection that arrives while a session runs: the peer is answered (over
+/// the Noise channel when it holds the key) with a Refuse naming the session in progress.
+#[derive(Debug)]
+struct Refuser {
+    done: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Refuser {
+    fn start(listener: TcpListener, key: Option<PairKey>, serving: SocketAddr) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("castor-refuse".into())
+            .spawn(move || refuse_others(&listener, key.as_ref(), serving, &flag))
+            .map_err(|e| warn!(error = %e, "cannot start the refusing thread; later connections will wait"))
+            .ok();
+        Self { done, thread }
+    }
+
+    fn stop(mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn refuse_others(
+    listener: &TcpListener,
+    key: Option<&PairKey>,
+    serving: SocketAddr,
+    done: &AtomicBool,
+) {
+    let reason =
+        format!("another primary ({serving}) is already connected; this backup serves one session");
+    while !done.load(Ordering::Relaxed) {
+        let (stream, peer) = match listener.accept() {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+        };
+        let Ok(mut rx) = Receiver::new(stream, receive::HANDSHAKE_TIMEOUT) else {
+            continue;
+        };
+        if let Some(k) = key
+            && let Err(e) = rx.secure(k, done)
+        {
+            warn!(%peer, error = %e, "refused a second connection: it failed the secure handshake");
+            rx.close();
+            continue;
+        }
+        // Read its Hello first (bounded), so the answer is not lost to a reset.
+        let _ = rx.next_frame(done);
+        let mut out = Vec::new();
+        ha_common::session::put_refuse(&mut out, &reason);
+        let _ = rx.send(&out);
+        rx.close();
+        warn!(%peer, %serving, "refused a second primary: a session is in progress");
     }
 }
 
@@ -476,13 +567,7 @@ fn receive(
                 }),
             );
         }
-        if let Err(e) = rx.ack(applied.epoch) {
-            return Ok(Received::Lost(Loss::now(
-                LossReason::Io(format!("ack: {e}")),
-                rx.last_frame(),
-            )));
-        }
-        let ack_us = micros(verified.at.elapsed());
+        // Counted before the ack: whoever sees the ack sees the commit in the metrics.
         let m = sinks.metrics;
         m.epochs_committed.inc();
         if applied.checkpoint {
@@ -490,6 +575,13 @@ fn receive(
         }
         m.wire_bytes.inc_by(wire_bytes);
         m.commit_seconds.observe(applied.commit_us as f64 / 1e6);
+        if let Err(e) = rx.ack(applied.epoch) {
+            return Ok(Received::Lost(Loss::now(
+                LossReason::Io(format!("ack: {e}")),
+                rx.last_frame(),
+            )));
+        }
+        let ack_us = micros(verified.at.elapsed());
         debug!(
             epoch = applied.epoch,
             checkpoint = applied.checkpoint,

@@ -3,18 +3,21 @@
 //! [`Receiver::next_frame`] reads with a short socket timeout and returns the next frame
 //! that is not a heartbeat; heartbeats only prove the primary alive. When no frame at all
 //! (heartbeats included) arrived for the detection timeout it gives up with
-//! [`ReceiveError::Silent`]. [`handshake`] runs the session opening: Hello, then Welcome
-//! or Refuse.
+//! [`ReceiveError::Silent`]. [`handshake`] runs the session opening: with a pair key the
+//! Noise handshake first ([`Receiver::secure`]: nothing the peer sends is read as a frame
+//! before it authenticated), then Hello, then Welcome or Refuse — all of it within
+//! [`HANDSHAKE_TIMEOUT`] of the connection.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ha_common::secure::{self, Deadline, PairKey, SecureError, SecureStream};
 use ha_common::session::{self, Hello, SessionError, frame_type as session_type};
 use ha_common::stream::{StreamError, split_frame};
 
-/// How long a new connection may take to send its Hello.
+/// How long a new connection may take to finish the Noise handshake and send its Hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from the socket at a time.
 const READ_CHUNK: usize = 256 << 10;
@@ -36,6 +39,9 @@ pub enum ReceiveError {
     /// The byte stream is not made of valid frames.
     #[error("bad frame from the primary")]
     Framing(#[source] StreamError),
+    /// An encrypted message failed to authenticate (altered, replayed, reordered).
+    #[error("encrypted channel")]
+    Tampered(#[source] std::io::Error),
     /// The stop flag (SIGTERM/SIGINT) was raised.
     #[error("stopped by a signal")]
     Stopped,
@@ -56,6 +62,47 @@ pub enum HandshakeError {
     /// The answer could not be written.
     #[error("cannot answer the peer")]
     Write(#[source] std::io::Error),
+    /// The Noise handshake failed: no key, another key, not a Castor primary, too slow.
+    #[error("secure handshake failed")]
+    Secure(#[source] SecureError),
+    /// The Hello announces more guest memory than `--max-memory` (the peer was refused).
+    #[error("guest memory {memory} exceeds this backup's --max-memory {max}")]
+    TooLarge {
+        /// Bytes announced.
+        memory: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+/// The connection: plain TCP, or the Noise channel over it.
+#[derive(Debug)]
+enum Wire {
+    Plain(TcpStream),
+    Secure(SecureStream<TcpStream>),
+}
+
+impl Wire {
+    fn sock(&self) -> &TcpStream {
+        match self {
+            Wire::Plain(s) => s,
+            Wire::Secure(s) => s.get_ref(),
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Secure(s) => s.read(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.write_all(buf).and_then(|()| s.flush()),
+            Wire::Secure(s) => s.write_all(buf).and_then(|()| s.flush()),
+        }
+    }
 }
 
 /// One whole frame: its type and its bytes on the wire (length prefix included).
@@ -77,7 +124,8 @@ impl Frame {
 /// Reads frames from one primary connection.
 #[derive(Debug)]
 pub struct Receiver {
-    stream: TcpStream,
+    wire: Wire,
+    opened: Instant,
     peer: SocketAddr,
     buf: Vec<u8>,
     start: usize,
@@ -97,7 +145,8 @@ impl Receiver {
         stream.set_read_timeout(Some(poll))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
-            stream,
+            wire: Wire::Plain(stream),
+            opened: Instant::now(),
             peer,
             buf: Vec::with_capacity(READ_CHUNK * 2),
             start: 0,
@@ -125,6 +174,28 @@ impl Receiver {
     /// Change the detection timeout (the handshake uses a longer one).
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.timeout = timeout;
+    }
+
+    /// Whether the Noise channel is up.
+    pub fn is_secure(&self) -> bool {
+        matches!(self.wire, Wire::Secure(_))
+    }
+
+    /// Run the responder's side of the Noise handshake with `key`; from then on every
+    /// byte is decrypted (and authenticated) before it is read as a frame. It must finish
+    /// within [`HANDSHAKE_TIMEOUT`] of the connection; `stop` abandons it.
+    pub fn secure(&mut self, key: &PairKey, stop: &AtomicBool) -> Result<(), SecureError> {
+        let Wire::Plain(s) = &mut self.wire else {
+            return Ok(());
+        };
+        let d = Deadline {
+            at: self.opened + HANDSHAKE_TIMEOUT,
+            stop: Some(stop),
+        };
+        let t = secure::respond(s, key, &d)?;
+        let sock = s.try_clone().map_err(SecureError::Io)?;
+        self.wire = Wire::Secure(t.stream(sock));
+        Ok(())
     }
 
     /// The next frame that is not a heartbeat.
@@ -158,7 +229,7 @@ impl Receiver {
             if stop.load(Ordering::Relaxed) {
                 break Err(ReceiveError::Stopped);
             }
-            match self.stream.read(&mut self.buf[have..]) {
+            match self.wire.read(&mut self.buf[have..]) {
                 Ok(0) => break Err(ReceiveError::Closed),
                 Ok(n) => break Ok(n),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -172,6 +243,9 @@ impl Receiver {
                     if silent >= self.timeout {
                         break Err(ReceiveError::Silent(silent));
                     }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData && self.is_secure() => {
+                    break Err(ReceiveError::Tampered(e));
                 }
                 Err(e) => break Err(ReceiveError::Io(e)),
             }
@@ -190,8 +264,7 @@ impl Receiver {
 
     /// Send bytes (an Ack, a Welcome, a Refuse) to the primary.
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), std::io::Error> {
-        self.stream.write_all(bytes)?;
-        self.stream.flush()
+        self.wire.write_all(bytes)
     }
 
     /// Acknowledge a committed epoch.
@@ -203,20 +276,34 @@ impl Receiver {
 
     /// Close the connection both ways.
     pub fn close(&self) {
-        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.wire.sock().shutdown(std::net::Shutdown::Both);
     }
 }
 
-/// Run the session opening on a new connection: read the Hello, check it against `ours`,
-/// answer Welcome (next epoch `next_epoch`) or Refuse (with the reason) and return the
-/// primary's Hello. After a refusal the connection is closed.
+/// Run the session opening on a new connection: with a `key` the Noise handshake (a peer
+/// that fails it is closed without an answer), then read the Hello, check it against
+/// `ours` and `max_memory`, answer Welcome (next epoch `next_epoch`) or Refuse (with the
+/// reason) and return the primary's Hello. After a refusal the connection is closed.
 pub fn handshake(
     rx: &mut Receiver,
+    key: Option<&PairKey>,
     ours: &Hello,
+    max_memory: u64,
     next_epoch: u64,
     stop: &AtomicBool,
 ) -> Result<Hello, HandshakeError> {
+    if let Some(k) = key
+        && let Err(e) = rx.secure(k, stop)
+    {
+        rx.close();
+        return Err(match e {
+            SecureError::Stopped => HandshakeError::Receive(ReceiveError::Stopped),
+            e => HandshakeError::Secure(e),
+        });
+    }
     let detect = rx.timeout;
+    // The silence clock starts at the connection: the Hello is due within the same
+    // HANDSHAKE_TIMEOUT as the Noise handshake.
     rx.set_timeout(HANDSHAKE_TIMEOUT.max(detect));
     let frame = rx.next_frame(stop);
     rx.set_timeout(detect);
@@ -231,7 +318,18 @@ pub fn handshake(
         refuse(rx, &format!("expected Hello, got frame type {}", frame.ty));
         return Err(HandshakeError::NotHello(frame.ty));
     }
-    let hello = Hello::parse(frame.body()).and_then(|h| h.check_against(ours).map(|()| h));
+    let hello = Hello::parse(frame.body());
+    if let Ok(h) = &hello
+        && h.memory_size > max_memory
+    {
+        let e = HandshakeError::TooLarge {
+            memory: h.memory_size,
+            max: max_memory,
+        };
+        refuse(rx, &e.to_string());
+        return Err(e);
+    }
+    let hello = hello.and_then(|h| h.check_against(ours).map(|()| h));
     match hello {
         Ok(h) => {
             let mut out = Vec::new();

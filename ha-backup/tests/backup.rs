@@ -275,7 +275,7 @@ fn connection_cut_mid_epoch_fails_over_to_the_previous_commit() {
     let events = fails_over_from_previous_commit("cut", |p, next| {
         let fr = frames(&next.bytes);
         p.send(&next.bytes[..fr[1].end]);
-        let _ = p.stream.shutdown(std::net::Shutdown::Both);
+        let _ = p.stream.get_ref().shutdown(std::net::Shutdown::Both);
     });
     let lost = events.iter().find(|e| e["event"] == "primary_lost");
     assert_eq!(
@@ -485,7 +485,7 @@ fn heartbeats_keep_the_primary_alive_even_inside_an_epoch() {
     assert!(b.event("primary_lost").is_none(), "{:?}", b.events());
     assert_eq!(b.ack_log().last().map(|x| x.0), Some(next.epoch));
     // Now a clean close: failover from the last checkpoint.
-    let _ = p.stream.shutdown(std::net::Shutdown::Both);
+    let _ = p.stream.get_ref().shutdown(std::net::Shutdown::Both);
     p.epochs.guest.pause().expect("pause");
     let pid = libc::pid_t::try_from(b.child.id()).expect("pid fits");
     let end = Instant::now() + DEADLINE;
@@ -511,7 +511,7 @@ fn a_restore_failure_is_printed_with_its_cause_and_exits_1() {
     let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
     p.epochs.state_override = Some(b"not a sim state".to_vec());
     p.epoch(true, Verify::Right);
-    let _ = p.stream.shutdown(std::net::Shutdown::Both);
+    let _ = p.stream.get_ref().shutdown(std::net::Shutdown::Both);
     let status = b.wait();
     assert_eq!(status.code(), Some(1), "stderr:\n{}", b.stderr());
     let err = b.stderr();
@@ -523,4 +523,150 @@ fn a_restore_failure_is_printed_with_its_cause_and_exits_1() {
         "{err}"
     );
     assert_eq!(b.event("exit").map(|e| e["code"].clone()), Some(1.into()));
+}
+
+/// Peers that fail the Noise handshake — plaintext, garbage, another key, a trickler — are
+/// closed before any frame is read (event `refused`, stage `noise`), nothing reaches
+/// staging, and the backup keeps listening for the right primary.
+#[test]
+fn peers_without_the_pair_key_are_refused_before_any_frame() {
+    use std::io::Write as _;
+    let dir = scratch("noise-refuse");
+    let b = Backup::start(&dir, &sim_args(&["--detect-timeout", "2s"]));
+    // A primary without a key: its plaintext Hello is not a Noise message.
+    let mut plain = std::net::TcpStream::connect(b.addr).expect("connect");
+    let mut out = Vec::new();
+    hello(4 * MIB).put(&mut out);
+    plain.write_all(&out).expect("hello");
+    assert!(
+        wait_closed(&mut plain).is_empty(),
+        "no answer to a plaintext peer"
+    );
+    // Garbage.
+    let mut junk = std::net::TcpStream::connect(b.addr).expect("connect");
+    junk.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("junk");
+    assert!(wait_closed(&mut junk).is_empty());
+    // Another key: a well-formed first message that does not authenticate.
+    let mut other = std::net::TcpStream::connect(b.addr).expect("connect");
+    other
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let wrong = ha_common::secure::PairKey::from_bytes([9; 32]);
+    let e = ha_common::secure::initiate(
+        &mut other,
+        &wrong,
+        &ha_common::secure::Deadline::handshake(),
+    )
+    .expect_err("wrong key");
+    assert!(
+        matches!(
+            e,
+            ha_common::secure::SecureError::Closed | ha_common::secure::SecureError::Io(_)
+        ),
+        "{e:?}"
+    );
+    // A trickler: a valid length, then a byte every 300 ms; cut off 5 s after connecting.
+    let mut slow = std::net::TcpStream::connect(b.addr).expect("connect");
+    let t0 = Instant::now();
+    slow.write_all(&48u16.to_le_bytes()).expect("len");
+    let mut closed = false;
+    while t0.elapsed() < Duration::from_secs(8) {
+        std::thread::sleep(Duration::from_millis(300));
+        if slow.write_all(&[1]).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    let took = t0.elapsed();
+    assert!(closed || wait_closed(&mut slow).is_empty());
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    let refused: Vec<_> = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(refused.iter().all(|e| e["stage"] == "noise"), "{refused:?}");
+    let reasons: Vec<&str> = refused
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or(""))
+        .collect();
+    assert!(reasons[0].contains("handshake message of"), "{reasons:?}");
+    assert!(reasons[1].contains("handshake message of"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("the peer does not hold the pair key"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[3].contains("did not complete within 5s"),
+        "{reasons:?}"
+    );
+    assert!(b.event("checkpoint").is_none() && b.ack_log().is_empty());
+    assert!(
+        b.stderr().contains("failed the secure handshake"),
+        "{}",
+        b.stderr()
+    );
+    // The right primary is welcomed and commits.
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    let built = p.epoch(true, Verify::Right);
+    let epoch = built.epoch;
+    assert_eq!(b.ack_log().last().map(|a| a.0), Some(epoch));
+}
+
+/// A second primary, while a session runs, is answered Refuse (over its own Noise
+/// channel) naming the session; the first goes on.
+#[test]
+fn a_second_primary_is_refused_while_a_session_runs() {
+    let dir = scratch("second");
+    let b = Backup::start(&dir, &sim_args(&["--detect-timeout", "2s"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    let (_s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
+    assert_eq!(ty, st::REFUSE);
+    let reason = String::from_utf8_lossy(&body).to_string();
+    assert!(
+        reason.starts_with("another primary (127.0.0.1:")
+            && reason.ends_with(") is already connected; this backup serves one session"),
+        "{reason}"
+    );
+    let built = p.epoch(true, Verify::Right);
+    let epoch = built.epoch;
+    assert_eq!(b.ack_log().last().map(|a| a.0), Some(epoch));
+    assert!(b.event("primary_lost").is_none());
+}
+
+/// A Hello announcing more memory than --max-memory is refused, naming both.
+#[test]
+fn a_hello_above_max_memory_is_refused() {
+    let dir = scratch("max-memory");
+    let _b = Backup::start(&dir, &sim_args(&["--max-memory", "4M"]));
+    let (_s, _, (ty, body)) = open_session(_b.addr, &hello(1 << 40));
+    assert_eq!(ty, st::REFUSE);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "guest memory 1099511627776 exceeds this backup's --max-memory 4194304"
+    );
+}
+
+/// `--insecure`: plain TCP, with the warning; a keyed primary's Noise message is refused
+/// as a bad frame.
+#[test]
+fn insecure_backup_speaks_plain_tcp_and_warns() {
+    let dir = scratch("insecure");
+    let mut b = Backup::start(
+        &dir,
+        &sim_args(&["--insecure", "--detect-timeout", "200ms"]),
+    );
+    let (s, (ty, body)) = open_session_plain(b.addr, &hello(4 * MIB));
+    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    drop(s);
+    assert_eq!(b.wait().code(), Some(2));
+    assert!(
+        b.stderr()
+            .contains("replication is NOT encrypted or authenticated"),
+        "{}",
+        b.stderr()
+    );
 }

@@ -57,8 +57,17 @@ pub enum CliError {
 /// them (encoded by the chosen mode) while the next epoch runs. Output the guest produces
 /// is held until the backup acknowledges the checkpoint that produced it.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "ha-primary", version, about, long_about)]
+#[command(
+    name = "ha-primary",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    /// A maintenance command instead of running a guest.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Read options from this TOML file (keys: option names with underscores); flags on the
     /// command line override it.
     #[arg(long, value_name = "FILE")]
@@ -142,6 +151,25 @@ pub struct Cli {
     /// Write the metrics server's bound address (ip:port) to this file once it listens.
     #[arg(long, value_name = "FILE")]
     pub metrics_port_file: Option<PathBuf>,
+    /// The pair key file (64 hex digits, mode 0600) shared with the backup: the link is
+    /// encrypted and both sides prove they hold it. Create one with `ha-primary keygen`.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Replicate over plain TCP, neither encrypted nor authenticated (tests, trusted
+    /// links only).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+/// `ha-primary` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Write a new random pair key to FILE (mode 0600; an existing file is not
+    /// overwritten), then copy it to the backup host over a trusted channel.
+    Keygen {
+        /// The key file to create.
+        file: PathBuf,
+    },
 }
 
 /// The guest backends `--guest` accepts.
@@ -218,6 +246,10 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     /// `--metrics-port-file`.
     pub metrics_port_file: Option<PathBuf>,
+    /// `--key`.
+    pub key: Option<PathBuf>,
+    /// `--insecure`.
+    pub insecure: Option<bool>,
 }
 
 impl FileConfig {
@@ -321,6 +353,8 @@ impl Cli {
             events: some,
             metrics: some,
             metrics_port_file: some,
+            key: some,
+            insecure: same,
         );
         Ok(())
     }
@@ -441,6 +475,8 @@ mod tests {
             "events",
             "metrics",
             "metrics_port_file",
+            "key",
+            "insecure",
         ];
         let cmd = Cli::command();
         let mut ids: Vec<&str> = cmd

@@ -94,6 +94,9 @@ pub struct Config {
     pub stats: Option<PathBuf>,
     /// JSON-lines events.
     pub events: Option<PathBuf>,
+    /// The pair key that encrypts and authenticates the link (None: `--insecure`, plain
+    /// TCP).
+    pub key: Option<ha_common::secure::PairKey>,
 }
 
 /// What a run achieved.
@@ -194,7 +197,13 @@ pub fn run_with_metrics(
         block_size: cfg.codec.block_size,
         mode: cfg.codec.mode,
     };
-    let link = link::connect(cfg.backup, &hello, cfg.heartbeat, Duration::from_secs(5))?;
+    let link = link::connect(
+        cfg.backup,
+        &hello,
+        cfg.heartbeat,
+        Duration::from_secs(5),
+        cfg.key.as_ref(),
+    )?;
     tracing::info!(backup = %cfg.backup, next_epoch = link.next_epoch, "connected to the backup");
     events.emit(
         "connected",

@@ -1,8 +1,13 @@
 //! The *send* stage: the TCP link to the backup. The handshake, a sender thread that writes
 //! epochs (and a heartbeat whenever nothing else went out for a heartbeat interval), and a
 //! receiver thread that turns the backup's frames into [`LinkEvent`]s.
+//!
+//! With a pair key the link first runs the Noise handshake (`ha_common::secure`) and every
+//! byte after it, the session opening included, travels encrypted; without one (the
+//! operator gave `--insecure`) the frames go in the clear.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ha_common::secure::{self, Deadline, PairKey, SecureError};
 use ha_common::session::{self, Hello, SessionError};
 use ha_common::stream::split_frame;
 use std::io::{Read, Write};
@@ -33,7 +38,43 @@ pub enum LinkError {
     /// The backup refused or answered nonsense.
     #[error("handshake with the backup")]
     Session(#[from] SessionError),
+    /// A plaintext Hello got no answer: the backup closed the connection.
+    #[error(
+        "the backup at {addr} closed the connection without answering (it runs with a pair \
+         key: give this primary the same --key instead of --insecure)"
+    )]
+    NoAnswer {
+        /// The backup's address.
+        addr: SocketAddr,
+    },
+    /// The Noise handshake failed.
+    #[error(
+        "secure handshake with the backup at {addr} failed (do both sides hold the same \
+         pair key? a backup run with --insecure cannot talk to a primary with --key)"
+    )]
+    Secure {
+        /// The backup's address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: SecureError,
+    },
 }
+
+impl LinkError {
+    /// The error for a session opening that failed on the wire: a close without an answer
+    /// to a plaintext Hello is what a backup that requires a pair key does.
+    fn opening(addr: SocketAddr, secure: bool, source: std::io::Error) -> Self {
+        if !secure && source.kind() == std::io::ErrorKind::UnexpectedEof {
+            LinkError::NoAnswer { addr }
+        } else {
+            LinkError::Handshake { addr, source }
+        }
+    }
+}
+
+/// The byte streams of a link: encrypted, or plain TCP.
+type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
 
 /// What the link reports to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,22 +100,40 @@ pub struct Link {
     pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Connect, say Hello, wait for Welcome, and start the sender and receiver threads.
+/// Connect, run the Noise handshake when there is a `key`, say Hello, wait for Welcome,
+/// and start the sender and receiver threads.
 pub fn connect(
     addr: SocketAddr,
     hello: &Hello,
     heartbeat: Duration,
     timeout: Duration,
+    key: Option<&PairKey>,
 ) -> Result<Link, LinkError> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| LinkError::Connect { addr, source })?;
     let hs = |source| LinkError::Handshake { addr, source };
     s.set_nodelay(true).map_err(hs)?;
+    s.set_read_timeout(Some(timeout)).map_err(hs)?;
+    let (mut rd, mut wr): Halves = match key {
+        Some(k) => {
+            let d = Deadline {
+                at: Instant::now() + timeout,
+                stop: None,
+            };
+            let t = secure::initiate(&mut s, k, &d)
+                .map_err(|source| LinkError::Secure { addr, source })?;
+            let (r, w) = t.split(s.try_clone().map_err(hs)?, s.try_clone().map_err(hs)?);
+            (Box::new(r), Box::new(w))
+        }
+        None => (
+            Box::new(s.try_clone().map_err(hs)?),
+            Box::new(s.try_clone().map_err(hs)?),
+        ),
+    };
     let mut buf = Vec::new();
     hello.put(&mut buf);
-    s.write_all(&buf).map_err(hs)?;
-    s.set_read_timeout(Some(timeout)).map_err(hs)?;
-    let (ty, body) = read_frame(&mut s).map_err(hs)?;
+    wr.write_all(&buf).map_err(hs)?;
+    let (ty, body) = read_frame(&mut rd).map_err(|e| LinkError::opening(addr, key.is_some(), e))?;
     let next_epoch = match ty {
         session::frame_type::WELCOME => session::parse_u64(&body, "welcome")?,
         session::frame_type::REFUSE => {
@@ -86,18 +145,17 @@ pub fn connect(
     let (tx, rx) = bounded::<(u64, Vec<u8>)>(4);
     let (etx, events) = unbounded();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let reader = s.try_clone().map_err(hs)?;
     {
         let etx = etx.clone();
         let sent = sent.clone();
         std::thread::Builder::new()
             .name("castor-send".into())
-            .spawn(move || sender(s, rx, heartbeat, etx, sent))
+            .spawn(move || sender(wr, s, rx, heartbeat, etx, sent))
             .map_err(hs)?;
     }
     std::thread::Builder::new()
         .name("castor-acks".into())
-        .spawn(move || receiver(reader, etx))
+        .spawn(move || receiver(rd, etx))
         .map_err(hs)?;
     Ok(Link {
         tx,
@@ -108,7 +166,8 @@ pub fn connect(
 }
 
 fn sender(
-    mut s: TcpStream,
+    mut s: Box<dyn Write + Send>,
+    sock: TcpStream,
     rx: Receiver<(u64, Vec<u8>)>,
     heartbeat: Duration,
     events: Sender<LinkEvent>,
@@ -121,7 +180,7 @@ fn sender(
             Ok((e, b)) => (Some(e), b),
             Err(RecvTimeoutError::Timeout) => (None, hb.clone()),
             Err(RecvTimeoutError::Disconnected) => {
-                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = sock.shutdown(std::net::Shutdown::Write);
                 return;
             }
         };
@@ -144,7 +203,7 @@ fn sender(
     }
 }
 
-fn receiver(mut s: TcpStream, events: Sender<LinkEvent>) {
+fn receiver(mut s: Box<dyn Read + Send>, events: Sender<LinkEvent>) {
     loop {
         match read_frame(&mut s) {
             Ok((session::frame_type::ACK, body)) => match session::parse_u64(&body, "ack") {
@@ -173,7 +232,7 @@ fn receiver(mut s: TcpStream, events: Sender<LinkEvent>) {
 }
 
 /// Read one whole frame (small: session frames only).
-fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+fn read_frame(s: &mut dyn Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len)?;
     let n = u32::from_le_bytes(len) as usize;

@@ -3,7 +3,8 @@
 use ha_common::codec::CodecConfig;
 use ha_common::domain::{DomainFactory, GuestSpec};
 use ha_common::guest_abi::{GuestParams, HEAP_GPA};
-use ha_primary::cli::{Cli, CliError};
+use ha_common::secure::PairKey;
+use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
 use std::error::Error;
@@ -58,7 +59,47 @@ fn chain(e: &(dyn Error + 'static)) -> String {
     msg
 }
 
+/// Errors choosing how the link is secured.
+#[derive(Debug, thiserror::Error)]
+enum KeyError {
+    /// Neither a key nor `--insecure`.
+    #[error(
+        "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
+    )]
+    Missing,
+    /// Both a key and `--insecure`.
+    #[error("--key and --insecure contradict each other: give one")]
+    Both,
+}
+
+/// The pair key the options name, or None for `--insecure` (announced loudly).
+fn pair_key(cli: &Cli) -> Result<Option<PairKey>, Box<dyn Error>> {
+    match (&cli.key, cli.insecure) {
+        (Some(_), true) => Err(KeyError::Both.into()),
+        (None, false) => Err(KeyError::Missing.into()),
+        (Some(p), false) => Ok(Some(PairKey::read(p)?)),
+        (None, true) => {
+            tracing::warn!(
+                "--insecure: replication is NOT encrypted or authenticated; anyone on the \
+                 path can read guest memory and feed the backup"
+            );
+            Ok(None)
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
+    if let Some(Command::Keygen { file }) = &cli.command {
+        PairKey::generate()?.write_new(file)?;
+        tracing::info!(file = %file.display(), "wrote a new pair key (mode 0600)");
+        println!(
+            "wrote a new pair key to {} (mode 0600); copy it to the backup host over a trusted \
+             channel and give both daemons --key",
+            file.display()
+        );
+        return Ok(());
+    }
+    let key = pair_key(&cli)?;
     let heap = cli
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
@@ -100,6 +141,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         output: cli.output,
         stats: cli.stats,
         events: cli.events,
+        key,
     };
     let metrics = Metrics::new();
     let metrics_addr = match cli.metrics {
@@ -122,6 +164,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         backup = %cli.backup,
         output = ?cli.output,
         metrics = ?metrics_addr,
+        link = if cfg.key.is_some() { "noise" } else { "INSECURE" },
         "ha-primary starting"
     );
     if let Some(a) = metrics_addr {

@@ -8,6 +8,7 @@ use ha_common::codec::{CodecConfig, GeneralCodec, Mode};
 use ha_common::domain::{DomainFactory, GuestSpec};
 use ha_common::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, STATUS_GPA, Workload};
 use ha_common::output::{OutputChecker, read_records};
+use ha_common::secure::{self, Deadline, PairKey};
 use ha_common::session::{self, Hello};
 use ha_common::stream::{Staging, split_frame};
 use ha_primary::engine::{self, Config};
@@ -18,6 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const MEM: u64 = 8 << 20;
+
+/// The pair key of the primary and the in-test backup.
+fn pair_key() -> PairKey {
+    PairKey::from_bytes([7; 32])
+}
 
 #[derive(Debug, Default)]
 struct BackupReport {
@@ -36,6 +42,12 @@ fn fake_backup(
     report: Arc<Mutex<BackupReport>>,
 ) {
     let Ok((mut s, _)) = l.accept() else { return };
+    // The link is encrypted: the Noise handshake first, then frames as before.
+    let Ok(t) = secure::respond(&mut s, &pair_key(), &Deadline::handshake()) else {
+        report.lock().unwrap().errors.push("noise handshake".into());
+        return;
+    };
+    let mut s = t.stream(s);
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
     let mut image = vec![0u8; MEM as usize];
@@ -135,6 +147,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         output: Some(output),
         stats: None,
         events: None,
+        key: Some(pair_key()),
     }
 }
 
@@ -210,6 +223,8 @@ fn backup_lost_continues_or_fences() {
         // A backup that welcomes, acks nothing, and hangs up after 300 ms.
         let backup = std::thread::spawn(move || {
             let (mut s, _) = bl.accept().unwrap();
+            let t = secure::respond(&mut s, &pair_key(), &Deadline::handshake()).unwrap();
+            let mut s = t.stream(s);
             let mut out = Vec::new();
             session::put_welcome(&mut out, 1);
             let mut hello = [0u8; 32];
@@ -217,7 +232,9 @@ fn backup_lost_continues_or_fences() {
             s.write_all(&out).unwrap();
             let t = std::time::Instant::now();
             let mut sink = [0u8; 1 << 16];
-            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            s.get_ref()
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .unwrap();
             while t.elapsed() < Duration::from_millis(300) {
                 let _ = s.read(&mut sink);
             }

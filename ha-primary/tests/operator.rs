@@ -1,13 +1,16 @@
-//! The operator's interface of the `ha-primary` binary: a `--config` file, and the
-//! Prometheus metrics served on `--metrics`, against a minimal in-test backup.
+//! The operator's interface of the `ha-primary` binary: a `--config` file, the Prometheus
+//! metrics served on `--metrics`, against a minimal in-test backup; `keygen` and the
+//! checks on the pair key.
 
 use ha_common::PAGE_SIZE;
 use ha_common::block::BlockSize;
 use ha_common::codec::Mode;
+use ha_common::secure::{self, Deadline, PairKey};
 use ha_common::session::{self, Hello};
 use ha_common::stream::{Staging, split_frame};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,9 +18,14 @@ use std::time::{Duration, Instant};
 const MEM: u64 = 8 << 20;
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Accept one primary, welcome it, stage and commit its epochs, and ack each.
-fn fake_backup(l: TcpListener) {
+/// Accept one primary, run the Noise handshake with `key`, welcome it, stage and commit
+/// its epochs, and ack each.
+fn fake_backup(l: TcpListener, key: PairKey) {
     let Ok((mut s, _)) = l.accept() else { return };
+    let Ok(t) = secure::respond(&mut s, &key, &Deadline::handshake()) else {
+        return;
+    };
+    let mut s = t.stream(s);
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 1 << 16];
     let mut image = vec![0u8; MEM as usize];
@@ -99,9 +107,13 @@ fn config_file_and_metrics() {
     let dir = std::env::temp_dir().join(format!("ha-primary-operator-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
+    let key_file = dir.join("pair.key");
+    let out = ha_primary(&["keygen", &key_file.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let key = PairKey::read(&key_file).expect("the new key reads back");
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let backup = l.local_addr().expect("addr");
-    let b = std::thread::spawn(move || fake_backup(l));
+    let b = std::thread::spawn(move || fake_backup(l, key));
 
     // The file sets the run; the command line's --interval beats the file's.
     let conf = dir.join("primary.toml");
@@ -110,7 +122,9 @@ fn config_file_and_metrics() {
         format!(
             "backup = \"{backup}\"\nguest = \"sim\"\nworkload = \"kv\"\nmemory = \"8M\"\n\
              rate = 50000\noutput_every = 16\ninterval = \"1s\"\nrun_for = \"2s\"\n\
-             precopy_rounds = 3\nprecopy_threshold = 64\nmetrics = \"127.0.0.1:0\"\n"
+             precopy_rounds = 3\nprecopy_threshold = 64\nmetrics = \"127.0.0.1:0\"\n\
+             key = \"{}\"\n",
+            key_file.display()
         ),
     )
     .expect("config file");
@@ -189,4 +203,91 @@ fn config_file_and_metrics() {
     );
     assert!(log().contains("serving metrics"), "{}", log());
     let _ = b.join();
+}
+
+/// Run `ha-primary` with `args` to the end.
+fn ha_primary(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ha-primary"))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run ha-primary")
+}
+
+/// `keygen` writes a 0600 key and never overwrites one; a key file others can read, a
+/// malformed one, no key and no `--insecure`, or both, stop the primary before it starts
+/// a guest, with a message naming the problem.
+#[test]
+fn keygen_and_the_key_file_checks() {
+    let dir = std::env::temp_dir().join(format!("ha-primary-keys-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let key = dir.join("pair.key");
+    let k = key.display().to_string();
+    let out = ha_primary(&["keygen", &k]);
+    assert!(out.status.success(), "{out:?}");
+    let meta = std::fs::metadata(&key).expect("key written");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let text = std::fs::read_to_string(&key).expect("key text");
+    assert_eq!(text.trim().len(), 64, "{text:?}");
+    let out = ha_primary(&["keygen", &k]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{k} already exists; not overwriting a pair key")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key).expect("key"),
+        text,
+        "unchanged"
+    );
+    // Every refusal below happens before a guest or a connection: no backup is needed.
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--guest",
+            "sim",
+            "--memory",
+            "8M",
+            "--backup",
+            "127.0.0.1:9",
+        ];
+        args.extend_from_slice(extra);
+        let out = ha_primary(&args);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let err = run(&["--key", &k]);
+    assert!(
+        err.contains(&format!(
+            "pair key {k} has mode 0644: group and others must have no access"
+        )),
+        "{err}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let bad = dir.join("bad.key");
+    std::fs::write(&bad, "not a key\n").expect("write");
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let err = run(&["--key", &bad.display().to_string()]);
+    assert!(err.contains("is not a key: wrong length"), "{err}");
+    let err = run(&[]);
+    assert!(
+        err.contains(
+            "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
+        ),
+        "{err}"
+    );
+    let err = run(&["--key", &k, "--insecure"]);
+    assert!(
+        err.contains("--key and --insecure contradict each other"),
+        "{err}"
+    );
+    // --insecure starts (and fails only at the connection), warning loudly.
+    let err = run(&["--insecure"]);
+    assert!(
+        err.contains("replication is NOT encrypted or authenticated"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

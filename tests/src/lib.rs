@@ -162,6 +162,23 @@ impl Drop for Proc {
     }
 }
 
+/// Create a pair key at `path` with `ha-primary keygen` (mode 0600), as an operator
+/// would; panics when keygen fails.
+pub fn keygen(path: &Path) -> PathBuf {
+    let out = Command::new(bin("ha-primary"))
+        .arg("keygen")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("ha-primary keygen: {e}"));
+    assert!(
+        out.status.success(),
+        "ha-primary keygen {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path.to_path_buf()
+}
+
 /// Read a JSON-lines events file.
 pub fn events(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -217,6 +234,10 @@ pub enum Fault {
     /// Forward half of the first chunk read after this long, then close both directions
     /// (a connection cut mid-frame).
     CutAfter(Duration),
+    /// Replay: the first whole Noise message (`u16 LE length | message`, the channel's
+    /// framing) that starts after this long is forwarded twice. Only meaningful on an
+    /// encrypted link.
+    DuplicateAfter(Duration),
 }
 
 /// A TCP proxy between primary and backup that can corrupt or cut the stream.
@@ -245,6 +266,11 @@ impl Proxy {
                 let _ = std::io::copy(&mut u2, &mut d2);
             });
             let (mut down, mut up) = (down, up);
+            if let Fault::DuplicateAfter(d) = fault {
+                replay_one_message(&mut down, &mut up, d);
+                let _ = up.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             let mut buf = [0u8; 16 << 10];
             let mut start = None;
             let mut flipped = false;
@@ -275,6 +301,34 @@ impl Proxy {
             let _ = up.shutdown(std::net::Shutdown::Both);
         });
         Self { addr }
+    }
+}
+
+/// Forward Noise messages one by one from `down` to `up`; the first one that begins
+/// `after` the first byte goes out twice.
+fn replay_one_message(down: &mut TcpStream, up: &mut TcpStream, after: Duration) {
+    let mut start = None;
+    let mut replayed = false;
+    loop {
+        let mut len = [0u8; 2];
+        if down.read_exact(&mut len).is_err() {
+            return;
+        }
+        let t0 = *start.get_or_insert_with(Instant::now);
+        let mut msg = vec![0u8; 2 + usize::from(u16::from_le_bytes(len))];
+        msg[..2].copy_from_slice(&len);
+        if down.read_exact(&mut msg[2..]).is_err() {
+            return;
+        }
+        if up.write_all(&msg).is_err() {
+            return;
+        }
+        if !replayed && t0.elapsed() >= after {
+            replayed = true;
+            if up.write_all(&msg).is_err() {
+                return;
+            }
+        }
     }
 }
 

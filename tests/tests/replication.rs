@@ -1,9 +1,11 @@
 //! End-to-end replication: `ha-primary` and `ha-backup` as separate processes on loopback,
 //! a real KVM guest (a simulated one where the test says so), the world checking every
-//! released output record against the backup's ack log.
+//! released output record against the backup's ack log. The pair shares a key made by
+//! `ha-primary keygen` in the test's scratch directory, so the link is encrypted; one test
+//! runs the `--insecure` path.
 
 use ha_tests::{
-    Fault, Proc, Proxy, Rng, Scratch, World, events, kvm_or_skip, wait_addr, wait_event,
+    Fault, Proc, Proxy, Rng, Scratch, World, events, keygen, kvm_or_skip, wait_addr, wait_event,
 };
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +28,8 @@ struct Opts<'a> {
     fence: bool,
     fault: Fault,
     exit_after: &'a str,
+    /// Both daemons with `--insecure` instead of a pair key.
+    insecure: bool,
 }
 
 impl Default for Opts<'_> {
@@ -40,6 +44,7 @@ impl Default for Opts<'_> {
             fence: false,
             fault: Fault::None,
             exit_after: "400ms",
+            insecure: false,
         }
     }
 }
@@ -50,45 +55,84 @@ fn s(v: &str) -> String {
 
 impl Pair {
     fn start(tag: &str, o: &Opts) -> Self {
-        let dir = Scratch::new(tag);
-        let world = World::start(dir.file("ack.log")).unwrap_or_else(|e| panic!("world: {e}"));
-        let backup = Proc::spawn(
-            "ha-backup",
-            &[
-                s("--listen"),
-                s("127.0.0.1:0"),
-                s("--port-file"),
-                dir.file("port").display().to_string(),
-                s("--memory"),
-                s(o.memory),
-                s("--mode"),
-                s(o.mode),
-                s("--guest"),
-                s(o.guest),
-                s("--interval"),
-                s("25ms"),
-                // Generous on a shared 2-core machine: scheduling stalls of tens of ms
-                // must not look like a dead primary.
-                s("--detect-timeout"),
-                s("400ms"),
-                s("--output"),
-                world.addr.to_string(),
-                s("--ack-log"),
-                dir.file("ack.log").display().to_string(),
-                s("--events"),
-                dir.file("backup.events").display().to_string(),
-                s("--stats"),
-                dir.file("backup.csv").display().to_string(),
-                s("--exit-after"),
-                s(o.exit_after),
-            ],
-            dir.file("backup.log"),
-        );
-        let baddr = wait_addr(&dir.file("port"), Duration::from_secs(20));
+        let mut p = Self::start_backup(tag, o);
         let target: SocketAddr = match o.fault {
-            Fault::None => baddr,
-            f => Proxy::start(baddr, f).addr,
+            Fault::None => p.backup_addr(),
+            f => Proxy::start(p.backup_addr(), f).addr,
         };
+        let key = p.key_args(o);
+        p.primary = Some(p.spawn_primary(o, target, "primary", &key));
+        p
+    }
+
+    /// The backup alone, listening, with a pair key made by `ha-primary keygen` in the
+    /// scratch directory (or `--insecure` when the options say so).
+    fn start_backup(tag: &str, o: &Opts) -> Self {
+        let dir = Scratch::new(tag);
+        if !o.insecure {
+            keygen(&dir.file("pair.key"));
+        }
+        let world = World::start(dir.file("ack.log")).unwrap_or_else(|e| panic!("world: {e}"));
+        let mut args = vec![
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--port-file"),
+            dir.file("port").display().to_string(),
+            s("--memory"),
+            s(o.memory),
+            s("--mode"),
+            s(o.mode),
+            s("--guest"),
+            s(o.guest),
+            s("--interval"),
+            s("25ms"),
+            // Generous on a shared 2-core machine: scheduling stalls of tens of ms
+            // must not look like a dead primary.
+            s("--detect-timeout"),
+            s("400ms"),
+            s("--output"),
+            world.addr.to_string(),
+            s("--ack-log"),
+            dir.file("ack.log").display().to_string(),
+            s("--events"),
+            dir.file("backup.events").display().to_string(),
+            s("--stats"),
+            dir.file("backup.csv").display().to_string(),
+            s("--exit-after"),
+            s(o.exit_after),
+        ];
+        if o.insecure {
+            args.push(s("--insecure"));
+        } else {
+            args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
+        }
+        let backup = Proc::spawn("ha-backup", &args, dir.file("backup.log"));
+        wait_addr(&dir.file("port"), Duration::from_secs(20));
+        Self {
+            dir,
+            world,
+            backup,
+            primary: None,
+        }
+    }
+
+    fn backup_addr(&self) -> SocketAddr {
+        wait_addr(&self.dir.file("port"), Duration::from_secs(20))
+    }
+
+    /// The key options matching the backup's.
+    fn key_args(&self, o: &Opts) -> Vec<String> {
+        if o.insecure {
+            vec![s("--insecure")]
+        } else {
+            vec![s("--key"), self.dir.file("pair.key").display().to_string()]
+        }
+    }
+
+    /// Start a primary against `target` with `key` options; its log, events and stats are
+    /// `<name>.log`, `<name>.events`, `<name>.csv` in the scratch directory.
+    fn spawn_primary(&self, o: &Opts, target: SocketAddr, name: &str, key: &[String]) -> Proc {
+        let dir = &self.dir;
         let mut args = vec![
             s("--backup"),
             target.to_string(),
@@ -107,29 +151,24 @@ impl Pair {
             s("--output-every"),
             s("32"),
             s("--output"),
-            world.addr.to_string(),
+            self.world.addr.to_string(),
             s("--events"),
-            dir.file("primary.events").display().to_string(),
+            dir.file(&format!("{name}.events")).display().to_string(),
             s("--stats"),
-            dir.file("primary.csv").display().to_string(),
+            dir.file(&format!("{name}.csv")).display().to_string(),
             s("--verify-every"),
             o.verify_every.to_string(),
             s("--ack-timeout"),
             s("1s"),
         ];
+        args.extend_from_slice(key);
         if let Some(r) = o.run_for {
             args.extend([s("--run-for"), s(r)]);
         }
         if o.fence {
             args.push(s("--fence"));
         }
-        let primary = Some(Proc::spawn("ha-primary", &args, dir.file("primary.log")));
-        Self {
-            dir,
-            world,
-            backup,
-            primary,
-        }
+        Proc::spawn("ha-primary", &args, dir.file(&format!("{name}.log")))
     }
 
     fn primary_events(&self) -> std::path::PathBuf {
@@ -317,8 +356,9 @@ fn kill_primary_at_random_moments() {
     }
 }
 
-/// A bit flipped on the wire, and a connection cut mid-frame: the epoch is rejected whole,
-/// and the failover that follows starts from the previous commit. Both sides live on, as
+/// A bit flipped in the ciphertext, a replayed (duplicated) Noise message, and a
+/// connection cut mid-frame: the message fails to authenticate (or the epoch is cut), the
+/// epoch is rejected whole, and the failover that follows starts from the previous commit. Both sides live on, as
 /// in a partition, so the primary runs with `--fence`: under the default policy it would
 /// release uncommitted output while the backup takes over (split brain).
 #[test]
@@ -328,6 +368,7 @@ fn corrupted_or_cut_stream_fails_over_to_the_previous_commit() {
     }
     for fault in [
         Fault::FlipAfter(Duration::from_millis(700)),
+        Fault::DuplicateAfter(Duration::from_millis(700)),
         Fault::CutAfter(Duration::from_millis(700)),
     ] {
         let mut p = Pair::start(
@@ -348,6 +389,13 @@ fn corrupted_or_cut_stream_fails_over_to_the_previous_commit() {
         {
             p.fail(&format!("{fault:?}: a damaged epoch reached the image"));
         }
+        let reason = lost["reason"].as_str().unwrap_or_default();
+        if !matches!(fault, Fault::CutAfter(_))
+            && !reason.contains("encrypted message")
+            && !reason.contains("fails to authenticate")
+        {
+            p.fail(&format!("{fault:?}: not refused by the channel: {reason}"));
+        }
         let active = p.check_failover();
         eprintln!(
             "{fault:?}: lost ({}), resumed from epoch {}",
@@ -357,7 +405,8 @@ fn corrupted_or_cut_stream_fails_over_to_the_previous_commit() {
 }
 
 /// The backup dies: the primary continues unprotected by default, or pauses with --fence;
-/// either way it says so.
+/// either way it says so. The unfenced run uses `--insecure` on both sides: the plain-TCP
+/// path keeps a test (and its loud warning is checked).
 #[test]
 fn backup_killed_primary_continues_or_fences() {
     if !kvm_or_skip() {
@@ -368,6 +417,7 @@ fn backup_killed_primary_continues_or_fences() {
             "bkill",
             &Opts {
                 fence,
+                insecure: !fence,
                 run_for: Some("2500ms"),
                 ..Opts::default()
             },
@@ -386,6 +436,8 @@ fn backup_killed_primary_continues_or_fences() {
             p.fail(&format!("primary exited {code:?}"));
         }
         let log = primary.log_text();
+        let warned = log.contains("replication is NOT encrypted or authenticated");
+        assert_eq!(warned, !fence, "the --insecure warning: {log}");
         if fence {
             assert_eq!(lost["policy"], "fence");
             assert!(log.contains("fencing the guest"), "{log}");
@@ -409,5 +461,167 @@ fn backup_killed_primary_continues_or_fences() {
             .filter(|v| !v.contains("before a checkpoint"))
             .collect();
         assert!(bad.is_empty(), "{bad:?}");
+    }
+}
+
+/// A primary with another key, and one without a key (`--insecure`), are refused at the
+/// Noise handshake: each exits 1 naming the handshake, the backup logs and records the
+/// refusal (stage `noise`), nothing reaches staging, and it keeps listening: a primary
+/// with the pair key is then protected, and its failover works.
+#[test]
+fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let o = Opts {
+        run_for: None,
+        ..Opts::default()
+    };
+    let mut p = Pair::start_backup("wrongkey", &o);
+    let other = keygen(&p.dir.file("other.key"));
+    let target = p.backup_addr();
+    for (name, key, says) in [
+        (
+            "wrong",
+            vec![s("--key"), other.display().to_string()],
+            "secure handshake with the backup",
+        ),
+        (
+            "nokey",
+            vec![s("--insecure")],
+            "closed the connection without answering (it runs with a pair key",
+        ),
+    ] {
+        let mut bad = p.spawn_primary(&o, target, name, &key);
+        let code = bad.wait_for(Duration::from_secs(30));
+        let log = bad.log_text();
+        if code != Some(1) {
+            p.fail(&format!("{name}: primary exited {code:?}: {log}"));
+        }
+        if !log.contains(says) {
+            p.fail(&format!("{name}: no handshake error in its log: {log}"));
+        }
+    }
+    let refused: Vec<_> = events(&p.backup_events())
+        .into_iter()
+        .filter(|e| e["event"] == "refused")
+        .collect();
+    if refused.len() != 2 || refused.iter().any(|e| e["stage"] != "noise") {
+        p.fail(&format!("expected two noise refusals: {refused:?}"));
+    }
+    if !refused[0]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("the peer does not hold the pair key")
+    {
+        p.fail(&format!("wrong key reason: {}", refused[0]["reason"]));
+    }
+    if !refused[1]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("handshake message of 28 bytes")
+    {
+        p.fail(&format!("plaintext Hello reason: {}", refused[1]["reason"]));
+    }
+    if !p.ack_log().is_empty()
+        || events(&p.backup_events())
+            .iter()
+            .any(|e| e["event"] == "checkpoint")
+    {
+        p.fail("a refused peer's bytes reached staging");
+    }
+    if !p.backup.log_text().contains("still listening") {
+        p.fail("the backup did not say it keeps listening");
+    }
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, target, "primary", &key));
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    p.check_failover();
+}
+
+/// While a session runs, a second primary (with the right key) is refused with a message
+/// naming the session in progress; the first stays protected and fails over normally.
+#[test]
+fn a_second_primary_is_refused_while_one_is_connected() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let o = Opts::default();
+    let mut p = Pair::start("second", &o);
+    p.wait_protected();
+    let key = p.key_args(&o);
+    let mut second = p.spawn_primary(&o, p.backup_addr(), "second", &key);
+    let code = second.wait_for(Duration::from_secs(30));
+    let log = second.log_text();
+    if code != Some(1) || !log.contains("another primary") || !log.contains("already connected") {
+        p.fail(&format!("second primary exited {code:?}: {log}"));
+    }
+    if events(&p.backup_events())
+        .iter()
+        .any(|e| e["event"] == "primary_lost")
+    {
+        p.fail("the second primary disturbed the session");
+    }
+    if !p.backup.log_text().contains("refused a second primary") {
+        p.fail("the backup did not log the refusal");
+    }
+    let before = p.ack_log().len();
+    std::thread::sleep(Duration::from_millis(300));
+    if p.ack_log().len() <= before {
+        p.fail("the first primary stopped committing");
+    }
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    p.check_failover();
+}
+
+/// A key file others can read is refused by both daemons, naming the file and its mode.
+#[test]
+fn key_files_readable_by_others_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = Scratch::new("keymode");
+    let key = keygen(&dir.file("pair.key"));
+    let mode = std::fs::metadata(&key)
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0);
+    assert_eq!(mode, 0o600, "keygen writes 0600");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644))
+        .unwrap_or_else(|e| panic!("chmod: {e}"));
+    let k = key.display().to_string();
+    let want = format!("pair key {k} has mode 0644: group and others must have no access");
+    for (name, args) in [
+        (
+            "ha-backup",
+            vec![
+                s("--guest"),
+                s("sim"),
+                s("--listen"),
+                s("127.0.0.1:0"),
+                s("--key"),
+                k.clone(),
+            ],
+        ),
+        (
+            "ha-primary",
+            vec![
+                s("--guest"),
+                s("sim"),
+                s("--memory"),
+                s("8M"),
+                s("--key"),
+                k.clone(),
+            ],
+        ),
+    ] {
+        let mut pr = Proc::spawn(name, &args, dir.file(&format!("{name}.log")));
+        let code = pr.wait_for(Duration::from_secs(20));
+        let log = pr.log_text();
+        assert_eq!(code, Some(1), "{name}: {log}");
+        assert!(log.contains(&want), "{name}: {log}");
     }
 }

@@ -1,5 +1,7 @@
 //! Test helpers: a tiny fake primary that follows docs/PROTOCOL.md over a real guest, and a
-//! handle on the `ha-backup` binary run as a separate process.
+//! handle on the `ha-backup` binary run as a separate process. The backup runs with a
+//! pair key ([`test_key`], written to its scratch directory) unless a test gives
+//! `--insecure`; the fake primary speaks through the Noise channel.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -17,6 +19,7 @@ use ha_common::codec::{Batch, CodecConfig, EncodedBatch, Mode, PageEncoder};
 use ha_common::domain::{Domain, DomainFactory, GuestSpec};
 use ha_common::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, OutputRecord, Workload};
 use ha_common::output::{OutputSink, Source, read_records};
+use ha_common::secure::{self, Deadline, PairKey, SecureStream};
 use ha_common::session::{self, Hello, SESSION_VERSION, frame_type as st};
 use ha_common::stream::{EpochHeader, EpochWriter, split_frame};
 
@@ -52,9 +55,16 @@ pub fn hello(memory_size: u64) -> Hello {
     }
 }
 
-/// Read one frame (type, body) from a blocking stream, within `DEADLINE`.
-pub fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u8, Vec<u8>)> {
-    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+/// The pair key of these tests' backups and fake primaries.
+pub fn test_key() -> PairKey {
+    PairKey::from_bytes(*b"castor ha-backup tests pair key!")
+}
+
+/// The fake primary's connection: the Noise channel over TCP.
+pub type Link = SecureStream<TcpStream>;
+
+/// Read one frame (type, body) from a stream with a short read timeout, within `DEADLINE`.
+pub fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>) -> std::io::Result<(u8, Vec<u8>)> {
     let end = Instant::now() + DEADLINE;
     loop {
         if let Some((ty, body, n)) = split_frame(buf).map_err(std::io::Error::other)? {
@@ -81,15 +91,60 @@ pub fn read_frame(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<(u8, 
     }
 }
 
-/// Connect and send a Hello; return the stream and the backup's answer.
-pub fn open_session(addr: SocketAddr, h: &Hello) -> (TcpStream, Vec<u8>, (u8, Vec<u8>)) {
+/// Connect, run the Noise handshake with [`test_key`], and send a Hello; return the
+/// channel and the backup's answer.
+pub fn open_session(addr: SocketAddr, h: &Hello) -> (Link, Vec<u8>, (u8, Vec<u8>)) {
     let mut s = TcpStream::connect(addr).expect("connect to the backup");
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let t = secure::initiate(&mut s, &test_key(), &Deadline::handshake()).expect("noise");
+    let mut s = t.stream(s);
     let mut out = Vec::new();
     h.put(&mut out);
     s.write_all(&out).expect("send hello");
     let mut buf = Vec::new();
     let ans = read_frame(&mut s, &mut buf).expect("answer to hello");
     (s, buf, ans)
+}
+
+/// [`open_session`] without encryption (a backup run with `--insecure`).
+pub fn open_session_plain(addr: SocketAddr, h: &Hello) -> (TcpStream, (u8, Vec<u8>)) {
+    let mut s = TcpStream::connect(addr).expect("connect to the backup");
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let mut out = Vec::new();
+    h.put(&mut out);
+    s.write_all(&out).expect("send hello");
+    let mut buf = Vec::new();
+    let ans = read_frame(&mut s, &mut buf).expect("answer to hello");
+    (s, ans)
+}
+
+/// Wait until the peer closes `s` (EOF or reset) within `DEADLINE`; the bytes it sent.
+pub fn wait_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let end = Instant::now() + DEADLINE;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                assert!(
+                    Instant::now() < end,
+                    "the backup never closed the connection"
+                );
+            }
+            Err(_) => return got,
+        }
+    }
 }
 
 /// One epoch as the fake primary built it.
@@ -239,7 +294,7 @@ pub fn frames(bytes: &[u8]) -> Vec<std::ops::Range<usize>> {
 /// A fake primary: a session plus an epoch source, releasing output on acks.
 pub struct FakePrimary {
     pub epochs: Epochs,
-    pub stream: TcpStream,
+    pub stream: Link,
     buf: Vec<u8>,
     pub sink: Option<OutputSink>,
     pub last_built: Option<Built>,
@@ -310,9 +365,18 @@ pub struct Backup {
 }
 
 impl Backup {
-    /// Start `ha-backup` with `--listen 127.0.0.1:0`, files in `dir`, and `args`.
+    /// Start `ha-backup` with `--listen 127.0.0.1:0`, files in `dir`, the pair key
+    /// [`test_key`] (unless `args` has `--insecure`), and `args`.
     pub fn start(dir: &Path, args: &[&str]) -> Self {
         let port_file = dir.join("port");
+        let key_file = dir.join("pair.key");
+        let mut key_args = Vec::new();
+        if !args.contains(&"--insecure") {
+            if !key_file.exists() {
+                test_key().write_new(&key_file).expect("write the pair key");
+            }
+            key_args = vec!["--key".to_string(), key_file.display().to_string()];
+        }
         let stderr = std::fs::File::create(dir.join("stderr")).expect("stderr file");
         let child = Command::new(env!("CARGO_BIN_EXE_ha-backup"))
             .args(["--listen", "127.0.0.1:0"])
@@ -324,6 +388,7 @@ impl Backup {
             .arg(dir.join("ack.log"))
             .arg("--stats")
             .arg(dir.join("stats.csv"))
+            .args(&key_args)
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

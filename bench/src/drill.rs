@@ -57,8 +57,8 @@ pub struct DrillArgs {
     pub interval: String,
     /// The backup's detection timeout for a silent primary ("500ms").
     pub detect_timeout: String,
-    /// Workload units per second.
-    pub rate: u64,
+    /// Workload units per second (None: the workload's default).
+    pub rate: Option<u64>,
     /// Protected run before the kill.
     pub seconds: f64,
     /// How long the backup runs the guest after taking over.
@@ -348,8 +348,6 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         a.mode.clone(),
         s("--interval"),
         a.interval.clone(),
-        s("--rate"),
-        a.rate.to_string(),
         s("--output"),
         world.addr.to_string(),
         s("--events"),
@@ -358,6 +356,9 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         f("primary.csv").display().to_string(),
     ];
     primary_args.extend(key_args);
+    if let Some(r) = a.rate {
+        primary_args.extend([s("--rate"), r.to_string()]);
+    }
     let mut primary = spawn(&primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
     if wait_event(&f("primary.events"), "protected", Duration::from_secs(60)).is_none() {
         return Err(stalled("the primary never reached the protected state"));

@@ -55,9 +55,9 @@ struct DrillCli {
     /// Epoch interval.
     #[arg(long, default_value = "25ms")]
     interval: String,
-    /// Workload units per second.
-    #[arg(long, default_value_t = 20_000)]
-    rate: u64,
+    /// Workload units per second (default: the workload's own; web 2500, others 20000).
+    #[arg(long)]
+    rate: Option<u64>,
     /// The backup's timeout for a silent primary. A killed primary is noticed at once (its
     /// connection closes); this guards against scheduling stalls on a loaded host.
     #[arg(long, default_value = "500ms")]

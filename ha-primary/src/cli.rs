@@ -87,9 +87,10 @@ pub struct Cli {
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
     #[arg(long, value_parser = parse_size)]
     pub heap: Option<u64>,
-    /// Workload units per second (0: as fast as it can).
-    #[arg(long, default_value_t = 20_000)]
-    pub rate: u64,
+    /// Workload units per second (0: as fast as it can). Default: the workload's own
+    /// (web 2500, calibrated to a real web server; the others 20000).
+    #[arg(long)]
+    pub rate: Option<u64>,
     /// Workload PRNG seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -332,7 +333,7 @@ impl Cli {
             workload: parsed::<Workload>,
             memory: size,
             heap: |v| size(v).map(Some),
-            rate: same,
+            rate: some,
             seed: same,
             output_every: same,
             interval: duration,
@@ -418,7 +419,7 @@ mod tests {
         .expect("valid");
         assert_eq!(c.interval, Duration::from_millis(40));
         assert_eq!(c.block_size.bytes(), 64);
-        assert_eq!(c.rate, 5);
+        assert_eq!(c.rate, Some(5));
     }
 
     #[test]

@@ -110,7 +110,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             seed: cli.seed,
             heap_gpa: HEAP_GPA,
             heap_size: heap,
-            rate: cli.rate,
+            rate: cli.rate.unwrap_or_else(|| cli.workload.default_rate()),
             tsc_khz: 0,
             output_every: cli.output_every,
             doorbell_every: 256,

@@ -10,6 +10,7 @@
 //! | [`share`] | identical-block sharing through a hash index (share) |
 //! | [`cache`] | LRU cache of last-sent page content (encode) |
 //! | [`codec`] | hybrid per-page encoding and decoding (encode) |
+//! | [`serve`] | the metrics HTTP endpoint and port files |
 //! | [`session`] | handshake, acks and heartbeats between primary and backup |
 //! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
@@ -28,6 +29,7 @@ pub mod guest_abi;
 pub mod hashes;
 pub mod output;
 pub mod secure;
+pub mod serve;
 pub mod session;
 pub mod share;
 pub mod stream;

@@ -31,9 +31,8 @@ pub mod stage;
 pub mod stats;
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -220,7 +219,7 @@ fn serve(
             source,
         })?;
     if let Some(p) = &cfg.port_file {
-        write_port_file(p, addr).map_err(|source| BackupError::PortFile {
+        ha_common::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
             path: p.clone(),
             source,
         })?;
@@ -332,19 +331,6 @@ fn fail_over(
     active.run(sinks.events, stop, cfg.exit_after)?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)
-}
-
-/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
-fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = File::create(&tmp)?;
-        writeln!(f, "{addr}")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
 }
 
 /// Accept connections until one primary passes the handshake (`None`: stop requested).

@@ -1,18 +1,17 @@
 //! Prometheus metrics of the backup: the registry, the handles the run loop updates, and a
 //! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
 
+use ha_common::serve::{ServeError, serve_metrics};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 /// The content type of the exposition `prometheus-client` writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -32,24 +31,9 @@ pub type Label = [(&'static str, &'static str); 1];
 /// Errors starting the metrics server.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    /// Cannot listen on the metrics address.
-    #[error("cannot serve metrics on {addr}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The bound address cannot be written to the port file.
-    #[error("cannot write the metrics port file {path}")]
-    PortFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The endpoint could not start.
+    #[error("metrics endpoint")]
+    Serve(#[from] ServeError),
 }
 
 /// The backup's metrics: cheap handles (clones share their values) and their registry.
@@ -160,33 +144,10 @@ impl Metrics {
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        let l = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
-        let bound = l
-            .local_addr()
-            .map_err(|source| MetricsError::Bind { addr, source })?;
-        if let Some(p) = port_file {
-            write_port_file(p, bound).map_err(|source| MetricsError::PortFile {
-                path: p.to_path_buf(),
-                source,
-            })?;
-        }
         let registry = Arc::clone(&self.registry);
-        std::thread::Builder::new()
-            .name("castor-metrics".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(s) => {
-                            if let Err(e) = answer(s, &registry) {
-                                tracing::debug!(error = %e, "metrics request failed");
-                            }
-                        }
-                        Err(e) => tracing::debug!(error = %e, "metrics accept failed"),
-                    }
-                }
-            })
-            .map_err(|source| MetricsError::Bind { addr, source })?;
-        Ok(bound)
+        Ok(serve_metrics(addr, port_file, CONTENT_TYPE, move || {
+            render(&registry)
+        })?)
     }
 }
 
@@ -198,53 +159,11 @@ fn render(r: &Registry) -> String {
     body
 }
 
-/// Answer one HTTP/1.x request: 200 with the metrics for `GET /metrics`, 404 otherwise.
-fn answer(mut s: TcpStream, r: &Registry) -> std::io::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        req.extend_from_slice(&buf[..n]);
-    }
-    let line = req.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = if method == "GET" && path == "/metrics" {
-        ("200 OK", CONTENT_TYPE, render(r))
-    } else {
-        (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "not found; try GET /metrics\n".to_string(),
-        )
-    };
-    write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    s.flush()
-}
-
-/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
-fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{addr}\n"))?;
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).expect("connect");

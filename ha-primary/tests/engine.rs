@@ -151,6 +151,54 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
     }
 }
 
+/// Protect a `workload` guest from `factory` in `mode` against the staging backup for
+/// `config`'s run, with the world checking output against the backup's commits. Returns the
+/// primary's summary, the backup's report, the records released in sequence, and the
+/// world's violations.
+fn protected_run(
+    factory: &dyn DomainFactory,
+    mode: Mode,
+    workload: Workload,
+) -> (engine::Summary, BackupReport, u64, Vec<String>) {
+    let bl = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ol = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
+    let committed = Arc::new(AtomicU64::new(0));
+    let report = Arc::new(Mutex::new(BackupReport::default()));
+    let backup = {
+        let (c, r) = (committed.clone(), report.clone());
+        std::thread::spawn(move || fake_backup(bl, mode, c, r))
+    };
+    let consumer = {
+        let c = committed.clone();
+        std::thread::spawn(move || {
+            let (s, _) = ol.accept().unwrap();
+            let mut checker = OutputChecker::default();
+            let mut violations = Vec::new();
+            read_records(s, |src, r| {
+                if let Err(v) = checker.check(src, &r, || c.load(Ordering::SeqCst)) {
+                    violations.push(v.to_string());
+                }
+            })
+            .unwrap();
+            (checker.next_seq(), violations)
+        })
+    };
+    let mut d = factory.create(&spec(workload)).unwrap();
+    d.resume().unwrap();
+    let summary = engine::run(
+        &config(baddr, oaddr, mode),
+        d.as_mut(),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    drop(d);
+    let (released, violations) = consumer.join().unwrap();
+    backup.join().unwrap();
+    let r = std::mem::take(&mut *report.lock().unwrap());
+    (summary, r, released, violations)
+}
+
 #[test]
 fn every_checkpoint_matches_and_output_waits_for_its_ack() {
     for (mode, workload) in [
@@ -160,38 +208,8 @@ fn every_checkpoint_matches_and_output_waits_for_its_ack() {
         (Mode::Fgbi, Workload::Npb),
         (Mode::Fgbi, Workload::Idle),
     ] {
-        let bl = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ol = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
-        let committed = Arc::new(AtomicU64::new(0));
-        let report = Arc::new(Mutex::new(BackupReport::default()));
-        let backup = {
-            let (c, r) = (committed.clone(), report.clone());
-            std::thread::spawn(move || fake_backup(bl, mode, c, r))
-        };
-        let consumer = {
-            let c = committed.clone();
-            std::thread::spawn(move || {
-                let (s, _) = ol.accept().unwrap();
-                let mut checker = OutputChecker::default();
-                let mut violations = Vec::new();
-                read_records(s, |src, r| {
-                    if let Err(v) = checker.check(src, &r, || c.load(Ordering::SeqCst)) {
-                        violations.push(v.to_string());
-                    }
-                })
-                .unwrap();
-                (checker.next_seq(), violations)
-            })
-        };
-        let mut d = ha_sim::SimFactory::new().create(&spec(workload)).unwrap();
-        d.resume().unwrap();
-        let stop = AtomicBool::new(false);
-        let summary = engine::run(&config(baddr, oaddr, mode), d.as_mut(), &stop).unwrap();
-        drop(d);
-        let (released, violations) = consumer.join().unwrap();
-        backup.join().unwrap();
-        let r = report.lock().unwrap();
+        let (summary, r, released, violations) =
+            protected_run(&ha_sim::SimFactory::new(), mode, workload);
         assert!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
         assert!(
             r.checkpoints >= 5,
@@ -303,42 +321,8 @@ fn kvm_guest_checkpoints_match_byte_for_byte() {
         return;
     }
     for (mode, workload) in [(Mode::Fgbi, Workload::Web), (Mode::Xbzrle, Workload::Kv)] {
-        let bl = TcpListener::bind("127.0.0.1:0").unwrap();
-        let ol = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
-        let committed = Arc::new(AtomicU64::new(0));
-        let report = Arc::new(Mutex::new(BackupReport::default()));
-        let backup = {
-            let (c, r) = (committed.clone(), report.clone());
-            std::thread::spawn(move || fake_backup(bl, mode, c, r))
-        };
-        let consumer = {
-            let c = committed.clone();
-            std::thread::spawn(move || {
-                let (s, _) = ol.accept().unwrap();
-                let mut checker = OutputChecker::default();
-                let mut violations = Vec::new();
-                read_records(s, |src, r| {
-                    if let Err(v) = checker.check(src, &r, || c.load(Ordering::SeqCst)) {
-                        violations.push(v.to_string());
-                    }
-                })
-                .unwrap();
-                (checker.next_seq(), violations)
-            })
-        };
-        let mut d = ha_kvm::KvmFactory::new().create(&spec(workload)).unwrap();
-        d.resume().unwrap();
-        let summary = engine::run(
-            &config(baddr, oaddr, mode),
-            d.as_mut(),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
-        drop(d);
-        let (released, violations) = consumer.join().unwrap();
-        backup.join().unwrap();
-        let r = report.lock().unwrap();
+        let (summary, r, released, violations) =
+            protected_run(&ha_kvm::KvmFactory::new(), mode, workload);
         assert!(r.errors.is_empty(), "{mode}: {:?}", r.errors);
         assert!(
             r.checkpoints >= 5,

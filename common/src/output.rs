@@ -283,6 +283,8 @@ pub struct WorldView {
     pub next_seq: u64,
     /// Records received from the primary.
     pub from_primary: u64,
+    /// One past the highest sequence number the primary released (0: none).
+    pub primary_next: u64,
     /// Records received from the backup.
     pub from_backup: u64,
     /// Identical repeats (the backup re-releasing after a failover).
@@ -304,8 +306,13 @@ pub struct Consumer {
 impl Consumer {
     /// Listen on a free loopback port; `ack_log` is the backup's ack log.
     pub fn start(ack_log: std::path::PathBuf) -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), ack_log)
+    }
+
+    /// Listen on `bind` (e.g. `0.0.0.0:0`, for daemons in other network namespaces).
+    pub fn start_on(bind: SocketAddr, ack_log: std::path::PathBuf) -> std::io::Result<Self> {
         use std::sync::atomic::Ordering;
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let l = std::net::TcpListener::bind(bind)?;
         let addr = l.local_addr()?;
         l.set_nonblocking(true)?;
         let view = std::sync::Arc::new(std::sync::Mutex::new((
@@ -333,7 +340,10 @@ impl Consumer {
                             let res =
                                 checker.check(src, &r, || committed_out_head(&log).unwrap_or(0));
                             match src {
-                                Source::Primary => w.from_primary += 1,
+                                Source::Primary => {
+                                    w.from_primary += 1;
+                                    w.primary_next = w.primary_next.max(r.seq + 1);
+                                }
                                 Source::Backup => w.from_backup += 1,
                             }
                             if let Err(e) = res {

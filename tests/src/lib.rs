@@ -10,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod netns;
+pub use netns::NetPair;
+
 /// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
 /// crate's tests run alone, they are built on first use.
 pub fn bin(name: &str) -> PathBuf {
@@ -98,8 +101,22 @@ pub struct Proc {
 impl Proc {
     /// Start `bin` with `args`, stderr to `log`.
     pub fn spawn(name: &str, args: &[String], log: PathBuf) -> Self {
+        Self::spawn_in(None, name, args, log)
+    }
+
+    /// Start `bin` with `args` inside network namespace `netns` (through `ip netns exec`,
+    /// which execs the binary, so the child is the daemon itself), stderr to `log`.
+    pub fn spawn_in(netns: Option<&str>, name: &str, args: &[String], log: PathBuf) -> Self {
         let err = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
-        let child = Command::new(bin(name))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin(name));
+                c
+            }
+            None => Command::new(bin(name)),
+        };
+        let child = cmd
             .args(args)
             .env(
                 "RUST_LOG",

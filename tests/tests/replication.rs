@@ -5,9 +5,10 @@
 //! runs the `--insecure` path.
 
 use ha_tests::{
-    Fault, Proc, Proxy, Rng, Scratch, World, events, keygen, kvm_or_skip, wait_addr, wait_event,
+    Fault, NetPair, Proc, Proxy, Rng, Scratch, World, events, keygen, kvm_or_skip, wait_addr,
+    wait_event,
 };
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 /// One pair under test.
@@ -30,6 +31,9 @@ struct Opts<'a> {
     exit_after: &'a str,
     /// Both daemons with `--insecure` instead of a pair key.
     insecure: bool,
+    /// Run each daemon on its own host (network namespace) of this pair, instead of
+    /// both on loopback.
+    net: Option<&'a NetPair>,
 }
 
 impl Default for Opts<'_> {
@@ -45,12 +49,21 @@ impl Default for Opts<'_> {
             fault: Fault::None,
             exit_after: "400ms",
             insecure: false,
+            net: None,
         }
     }
 }
 
 fn s(v: &str) -> String {
     v.to_string()
+}
+
+/// The world's address as a daemon reaches it: on loopback, or through its host's link.
+fn world_addr(world: &World, via: Option<Ipv4Addr>) -> String {
+    match via {
+        Some(ip) => SocketAddr::new(IpAddr::V4(ip), world.addr.port()).to_string(),
+        None => world.addr.to_string(),
+    }
 }
 
 impl Pair {
@@ -72,10 +85,18 @@ impl Pair {
         if !o.insecure {
             keygen(&dir.file("pair.key"));
         }
-        let world = World::start(dir.file("ack.log")).unwrap_or_else(|e| panic!("world: {e}"));
+        let (listen, world_bind) = match o.net {
+            Some(n) => (IpAddr::V4(n.backup_ip), IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            None => (
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ),
+        };
+        let world = World::start_on(SocketAddr::new(world_bind, 0), dir.file("ack.log"))
+            .unwrap_or_else(|e| panic!("world: {e}"));
         let mut args = vec![
             s("--listen"),
-            s("127.0.0.1:0"),
+            SocketAddr::new(listen, 0).to_string(),
             s("--port-file"),
             dir.file("port").display().to_string(),
             s("--memory"),
@@ -91,7 +112,7 @@ impl Pair {
             s("--detect-timeout"),
             s("400ms"),
             s("--output"),
-            world.addr.to_string(),
+            world_addr(&world, o.net.map(|n| n.world_from_backup)),
             s("--ack-log"),
             dir.file("ack.log").display().to_string(),
             s("--events"),
@@ -106,7 +127,8 @@ impl Pair {
         } else {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
-        let backup = Proc::spawn("ha-backup", &args, dir.file("backup.log"));
+        let ns = o.net.map(|n| n.backup_ns.as_str());
+        let backup = Proc::spawn_in(ns, "ha-backup", &args, dir.file("backup.log"));
         wait_addr(&dir.file("port"), Duration::from_secs(20));
         Self {
             dir,
@@ -151,7 +173,7 @@ impl Pair {
             s("--output-every"),
             s("32"),
             s("--output"),
-            self.world.addr.to_string(),
+            world_addr(&self.world, o.net.map(|n| n.world_from_primary)),
             s("--events"),
             dir.file(&format!("{name}.events")).display().to_string(),
             s("--stats"),
@@ -168,7 +190,8 @@ impl Pair {
         if o.fence {
             args.push(s("--fence"));
         }
-        Proc::spawn("ha-primary", &args, dir.file(&format!("{name}.log")))
+        let ns = o.net.map(|n| n.primary_ns.as_str());
+        Proc::spawn_in(ns, "ha-primary", &args, dir.file(&format!("{name}.log")))
     }
 
     fn primary_events(&self) -> std::path::PathBuf {
@@ -461,6 +484,92 @@ fn backup_killed_primary_continues_or_fences() {
             .filter(|v| !v.contains("before a checkpoint"))
             .collect();
         assert!(bad.is_empty(), "{bad:?}");
+    }
+}
+
+/// A partition: primary and backup on two hosts (network namespaces joined by veth); the
+/// replication link goes down while both live, dropping packets silently (no reset reaches
+/// either side). The backup notices the silence and takes over from its last commit. The
+/// primary, receiving no acks, never releases output produced after the cut (every
+/// record it released is below the out_head the backup resumed from) and follows its
+/// policy: with `--fence` it pauses its guest and releases nothing more; without, it
+/// says it continues unprotected (split brain, as docs/SECURITY.md warns) and does.
+#[test]
+fn partition_backup_takes_over_and_the_primary_follows_its_policy() {
+    if !kvm_or_skip() || !NetPair::available() {
+        return;
+    }
+    for (id, fence) in [(1u8, true), (2, false)] {
+        let net = NetPair::create(id).unwrap_or_else(|e| panic!("making the hosts: {e}"));
+        let mut p = Pair::start(
+            "partition",
+            &Opts {
+                net: Some(&net),
+                fence,
+                run_for: Some("3500ms"),
+                exit_after: "600ms",
+                ..Opts::default()
+            },
+        );
+        p.wait_protected();
+        std::thread::sleep(Duration::from_millis(700));
+        if p.world.view().from_primary == 0 {
+            p.fail("no output released before the cut");
+        }
+        net.cut()
+            .unwrap_or_else(|e| p.fail(&format!("cutting the link: {e}")));
+        let lost = wait_event(&p.backup_events(), "primary_lost", Duration::from_secs(10))
+            .unwrap_or_else(|| p.fail("the backup never noticed the partition"));
+        let reason = lost["reason"].as_str().unwrap_or_default().to_string();
+        if !reason.starts_with("no frame for") {
+            p.fail(&format!("a partition is silence, not: {reason}"));
+        }
+        let plost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+            .unwrap_or_else(|| p.fail("the primary never noticed the partition"));
+        let policy = if fence { "fence" } else { "continue" };
+        if plost["policy"] != policy {
+            p.fail(&format!("primary policy {} != {policy}", plost["policy"]));
+        }
+        let at_loss = p.world.view();
+        let mut primary = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+        let code = primary.wait_for(Duration::from_secs(20));
+        let log = primary.log_text();
+        if code != Some(0) {
+            p.fail(&format!("primary exited {code:?}: {log}"));
+        }
+        let after = p.world.view();
+        if fence {
+            assert!(log.contains("fencing the guest"), "{log}");
+            assert_eq!(
+                after.from_primary, at_loss.from_primary,
+                "a fenced primary released output after losing the backup"
+            );
+            // The backup resumed from its last commit, re-released, went on; the world
+            // saw no gap, no changed repeat, no release ahead of a commit.
+            let active = p.check_failover();
+            let resumed = active["out_head"].as_u64().unwrap_or(0);
+            let released = p.world.view().primary_next;
+            assert!(
+                released <= resumed,
+                "the primary released up to seq {released}, past the committed out_head \
+                 {resumed} the backup resumed from"
+            );
+            eprintln!(
+                "fence: backup lost after {}, primary released < {released}, backup resumed \
+                 at out_head {resumed} (epoch {})",
+                reason, active["epoch"]
+            );
+        } else {
+            assert!(log.contains("continuing unprotected"), "{log}");
+            assert!(
+                after.from_primary > at_loss.from_primary,
+                "an unfenced primary keeps releasing: {at_loss:?} then {after:?}"
+            );
+            let active = wait_event(&p.backup_events(), "active", Duration::from_secs(20))
+                .unwrap_or_else(|| p.fail("backup never became active"));
+            let last = p.ack_log().last().map_or(0, |a| a.0);
+            assert_eq!(active["epoch"], last, "activated from the last commit");
+        }
     }
 }
 

@@ -33,7 +33,7 @@ pub const DOORBELL_PORT: u16 = 0xC45;
 /// Magic number at the start of the params page: "CASTORG1".
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"CASTORG1");
 /// Version of this ABI.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Byte offsets inside the params page.
 pub mod params {

@@ -18,6 +18,7 @@
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
+//! | [`web`] | the `web` workload's reference semantics (layout, document root, a request) |
 //! | [`bitmap`] | page bitmaps for dirty tracking |
 
 pub mod bitmap;
@@ -35,6 +36,7 @@ pub mod share;
 pub mod stream;
 pub mod units;
 pub mod varint;
+pub mod web;
 pub mod xbzrle;
 
 /// Guest page size in bytes. Castor works in 4 KiB pages throughout.

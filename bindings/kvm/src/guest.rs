@@ -329,6 +329,23 @@ impl Gen {
         Ok(())
     }
 
+    /// `web`: `reg = doc = min(16, (P - Ph - Pl) / 2)` pages of document root
+    /// (`ha_common::web::Layout`); needs rbx = Ph, rbp = Pl; clobbers only `reg`.
+    fn doc_pages(&mut self, reg: AsmRegister64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut ok = a.create_label();
+        a.mov(reg, r8)?;
+        a.shr(reg, 12)?;
+        a.sub(reg, rbx)?;
+        a.sub(reg, rbp)?;
+        a.shr(reg, 1)?;
+        a.cmp(reg, ha_common::web::DOC_PAGES_MAX as i32)?;
+        a.jbe(ok)?;
+        a.mov(reg, ha_common::web::DOC_PAGES_MAX)?;
+        a.set_label(&mut ok)?;
+        Ok(())
+    }
+
     fn idle(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
         self.a.set_label(entry)?;
         let top = *entry;
@@ -438,9 +455,10 @@ impl Gen {
         self.unit_end(top)
     }
 
-    /// `web` (docs/GUESTS.md): per request a session record of k = 1 + (t³ >> 14) scattered
-    /// words at a Zipf-hot page, a 64-byte log append, and on odd requests a response filling
-    /// the first 1–64 blocks of a buffer page.
+    /// `web` (docs/GUESTS.md, `ha_common::web::request`): per request a session record of
+    /// k = 1 + (t³ >> 14) scattered words at a Zipf-hot page, a 64-byte log append, and on
+    /// odd requests a response in a buffer page: a fresh header block, then 0–63 blocks
+    /// copied from the document root.
     fn web(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
         let a = &mut self.a;
         a.set_label(entry)?;
@@ -499,35 +517,67 @@ impl Gen {
         for k in 0..8i32 {
             self.write_next(qword_ptr(rdi + 8 * k))?;
         }
-        // 3. on odd requests, a response: the first L = 1 + next() % 64 blocks of a
-        // buffer page (rdi), 8 L words (rsi).
+        // 3. on odd requests, a response (ha_common::web::request): a fresh header
+        // block, then `body` blocks copied from the document root.
         let a = &mut self.a;
         let mut skip = a.create_label();
         let mut word = a.create_label();
         a.test(r15d, 1)?;
         a.jz(skip)?;
-        a.mov(rcx, r8)?;
-        a.shr(rcx, 12)?;
-        a.sub(rcx, rbx)?;
-        a.sub(rcx, rbp)?;
+        // rsi = buf = Pb - doc; rdi = base + 4096 (Ph + Pl + next() % buf).
+        self.doc_pages(rcx)?;
+        let a = &mut self.a;
+        a.mov(rsi, r8)?;
+        a.shr(rsi, 12)?;
+        a.sub(rsi, rbx)?;
+        a.sub(rsi, rbp)?;
+        a.sub(rsi, rcx)?;
         self.next()?;
         let a = &mut self.a;
         a.xor(edx, edx)?;
-        a.div(rcx)?;
+        a.div(rsi)?;
         a.add(rdx, rbx)?;
         a.add(rdx, rbp)?;
         a.shl(rdx, 12)?;
         a.lea(rdi, qword_ptr(r9 + rdx))?;
+        // rsi = body = next() % 64 blocks.
         self.next()?;
         let a = &mut self.a;
         a.and(eax, 63)?;
-        a.inc(eax)?;
-        a.shl(eax, 3)?;
         a.mov(esi, eax)?;
+        // The header block.
+        for k in 0..8i32 {
+            self.write_next(qword_ptr(rdi + 8 * k))?;
+        }
+        self.a.add(rdi, 64)?;
+        // rcx = src = base + 4096 (P - doc) + 64 (next() % (64 doc - 63)).
+        self.doc_pages(rcx)?;
+        let a = &mut self.a;
+        a.shl(rcx, 6)?;
+        a.sub(rcx, 63)?;
+        self.next()?;
+        let a = &mut self.a;
+        a.xor(edx, edx)?;
+        a.div(rcx)?;
+        a.shl(rdx, 6)?;
+        self.doc_pages(rcx)?;
+        let a = &mut self.a;
+        a.shl(rcx, 12)?;
+        a.neg(rcx)?;
+        a.add(rcx, rdx)?;
+        a.add(rcx, r9)?;
+        a.mov(rax, r8)?;
+        a.and(rax, -4096i32)?;
+        a.add(rcx, rax)?;
+        // The body: 8 body words copied, each through write().
+        a.shl(esi, 3)?;
+        a.jz(skip)?;
         a.set_label(&mut word)?;
-        self.write_next(qword_ptr(rdi))?;
+        a.mov(rax, qword_ptr(rcx))?;
+        self.write(qword_ptr(rdi), rax)?;
         let a = &mut self.a;
         a.add(rdi, 8)?;
+        a.add(rcx, 8)?;
         a.dec(esi)?;
         a.jnz(word)?;
         a.set_label(&mut skip)?;

@@ -164,6 +164,11 @@ impl KvmDomain {
         bare.ram
             .write(PARAMS_GPA, &page)
             .map_err(|e| backend("write params page", e))?;
+        if let Some((gpa, doc)) = ha_common::web::docroot(&params) {
+            bare.ram
+                .write(gpa, &doc)
+                .map_err(|e| backend("write the web document root", e))?;
+        }
         let sregs = bare
             .vcpu
             .get_sregs()

@@ -101,8 +101,8 @@ pub struct SimDomain {
 }
 
 impl SimDomain {
-    /// Create a fresh guest from `spec`: zeroed memory, the params page written (and
-    /// dirty), the vCPU thread started and parked.
+    /// Create a fresh guest from `spec`: zeroed memory, the params page (and for `web` the
+    /// document root) written and dirty, the vCPU thread started and parked.
     pub fn create(spec: &GuestSpec) -> Result<Self, DomainError> {
         let memory_size = spec.memory_size;
         workload::validate(&spec.params, memory_size).map_err(|e| match e {
@@ -113,6 +113,9 @@ impl SimDomain {
         let mut page = vec![0u8; PAGE_SIZE];
         spec.params.write_page(&mut page);
         mem.write_bytes(PARAMS_GPA, &page);
+        if let Some((gpa, doc)) = ha_common::web::docroot(&spec.params) {
+            mem.write_bytes(gpa, &doc);
+        }
         tracing::debug!(memory_size, params = ?spec.params, "sim: creating guest");
         Self::start(mem, None)
     }

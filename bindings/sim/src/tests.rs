@@ -32,14 +32,39 @@ struct Model {
     drained: Vec<OutputRecord>,
 }
 
+/// The model as the `web` reference semantics see it (heap offsets).
+struct ModelWeb<'a>(&'a mut Model);
+
+impl ha_common::web::Guest for ModelWeb<'_> {
+    fn next(&mut self) -> u64 {
+        self.0.next()
+    }
+    fn read(&self, off: u64) -> u64 {
+        self.0.rd(self.0.p.heap_gpa + off)
+    }
+    fn write(&mut self, off: u64, v: u64) {
+        let a = self.0.p.heap_gpa + off;
+        self.0.wr(a, v);
+    }
+}
+
 impl Model {
     /// A fresh guest: zero memory with the params page written.
     fn fresh(spec: &GuestSpec) -> Self {
         let mut mem = vec![0u8; spec.memory_size as usize];
         spec.params
             .write_page(&mut mem[PARAMS_GPA as usize..][..PAGE_SIZE]);
+        let doc = ha_common::web::docroot(&spec.params);
+        if let Some((gpa, bytes)) = &doc {
+            mem[*gpa as usize..][..bytes.len()].copy_from_slice(bytes);
+        }
         let mut m = Self::from_image(mem);
         m.written[(PARAMS_GPA / 4096) as usize] = true;
+        if let Some((gpa, bytes)) = doc {
+            for page in gpa as usize / PAGE_SIZE..(gpa as usize + bytes.len()).div_ceil(PAGE_SIZE) {
+                m.written[page] = true;
+            }
+        }
         m
     }
 
@@ -154,31 +179,8 @@ impl Model {
                 }
             }
             Workload::Web => {
-                let ph = pages * 3 / 4;
-                let pl = pages / 8;
-                let pb = pages - ph - pl;
-                let x = self.next() >> 43;
-                let y = (((x * x) >> 21) * x) >> 21;
-                let page = (y * ph) >> 21;
-                let t = self.next() >> 58;
-                for _ in 0..1 + t * t * t / 16384 {
-                    let word = self.next() % 512;
-                    let v = self.next();
-                    self.wr(base + 4096 * page + 8 * word, v);
-                }
-                let a = base + 4096 * ph + (n * 64) % (4096 * pl);
-                for k in 0..8 {
-                    let v = self.next();
-                    self.wr(a + 8 * k, v);
-                }
-                if n % 2 == 1 {
-                    let q = self.next() % pb;
-                    let len = 1 + self.next() % 64;
-                    for i in 0..8 * len {
-                        let v = self.next();
-                        self.wr(base + 4096 * (ph + pl + q) + 8 * i, v);
-                    }
-                }
+                let mut g = ModelWeb(self);
+                ha_common::web::request(&mut g, n, pages);
             }
         }
         self.progress = n + 1;

@@ -187,7 +187,7 @@ impl Vcpu {
                     self.write(&mut w, a, v);
                 }
             }
-            Workload::Web => self.web(&mut w, n),
+            Workload::Web => self.web(&mut w, mem, n),
         }
 
         // 2. Progress and the guest-owned status words.
@@ -225,39 +225,31 @@ impl Vcpu {
         Ok(())
     }
 
-    /// One `web` request: a session record of k scattered words at a Zipf-hot page, a log
-    /// append and, on odd requests, a response of 1–64 blocks in a buffer page.
-    fn web(&mut self, w: &mut PageWriter<'_>, n: u64) {
-        let (base, p) = (self.base, self.pages);
-        let hot = p * 3 / 4;
-        let log = p / 8;
-        let buf = p - hot - log;
-        // 1. The session record.
-        let x = self.next() >> 43;
-        let y = ((x * x) >> 21).wrapping_mul(x) >> 21;
-        let page = base + PAGE * (y.wrapping_mul(hot) >> 21);
-        let t = self.next() >> 58;
-        let k = 1 + ((t * t * t) >> 14);
-        for _ in 0..k {
-            let word = self.next() % 512;
-            let v = self.next();
-            self.write(w, page + 8 * word, v);
-        }
-        // 2. The log append.
-        let a = base + PAGE * hot + n.wrapping_mul(64) % (PAGE * log);
-        for k in 0..8 {
-            let v = self.next();
-            self.write(w, a + 8 * k, v);
-        }
-        // 3. A response on odd requests.
-        if n % 2 == 1 {
-            let q = self.next() % buf;
-            let blocks = 1 + self.next() % 64;
-            let page = base + PAGE * (hot + log + q);
-            for i in 0..8 * blocks {
-                let v = self.next();
-                self.write(w, page + 8 * i, v);
-            }
-        }
+    /// One `web` request, by the reference semantics in `ha_common::web`.
+    fn web(&mut self, w: &mut PageWriter<'_>, mem: &GuestMemory, n: u64) {
+        let pages = self.pages;
+        let mut g = WebGuest { cpu: self, w, mem };
+        ha_common::web::request(&mut g, n, pages);
+    }
+}
+
+/// The sim vCPU as the `web` reference model sees it.
+struct WebGuest<'a, 'b> {
+    cpu: &'a mut Vcpu,
+    w: &'a mut PageWriter<'b>,
+    mem: &'a GuestMemory,
+}
+
+impl ha_common::web::Guest for WebGuest<'_, '_> {
+    fn next(&mut self) -> u64 {
+        self.cpu.next()
+    }
+    fn read(&self, off: u64) -> u64 {
+        // Stores reach memory at once (the writer only defers the dirty bit).
+        self.mem.load(self.cpu.base + off)
+    }
+    fn write(&mut self, off: u64, v: u64) {
+        let a = self.cpu.base + off;
+        self.cpu.write(self.w, a, v);
     }
 }

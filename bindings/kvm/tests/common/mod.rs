@@ -70,11 +70,32 @@ pub struct Model {
     pub progress: u64,
 }
 
+/// The model as the `web` reference semantics see it (heap offsets).
+struct ModelWeb<'a>(&'a mut Model);
+
+impl ha_common::web::Guest for ModelWeb<'_> {
+    fn next(&mut self) -> u64 {
+        self.0.next()
+    }
+    fn read(&self, off: u64) -> u64 {
+        self.0.read(self.0.p.heap_gpa + off)
+    }
+    fn write(&mut self, off: u64, v: u64) {
+        let a = self.0.p.heap_gpa + off;
+        self.0.write(a, v);
+    }
+}
+
 impl Model {
     pub fn new(p: &GuestParams) -> Self {
+        let mut heap = vec![0; p.heap_size as usize];
+        // The document root the VMM writes into a new web guest.
+        if let Some((gpa, bytes)) = ha_common::web::docroot(p) {
+            heap[(gpa - p.heap_gpa) as usize..][..bytes.len()].copy_from_slice(&bytes);
+        }
         Self {
             p: p.clone(),
-            heap: vec![0; p.heap_size as usize],
+            heap,
             rng: p.seed | 1,
             checksum: 0,
             progress: 0,
@@ -137,31 +158,8 @@ impl Model {
                 }
             }
             Workload::Web => {
-                let ph = pages * 3 / 4;
-                let pl = pages / 8;
-                let pb = pages - ph - pl;
-                let x = self.next() >> 43;
-                let y = (((x * x) >> 21) * x) >> 21;
-                let page = (y * ph) >> 21;
-                let t = self.next() >> 58;
-                for _ in 0..1 + t * t * t / 16384 {
-                    let word = self.next() % 512;
-                    let v = self.next();
-                    self.write(base + 4096 * page + 8 * word, v);
-                }
-                let a = base + 4096 * ph + (n * 64) % (4096 * pl);
-                for k in 0..8 {
-                    let v = self.next();
-                    self.write(a + 8 * k, v);
-                }
-                if n % 2 == 1 {
-                    let q = self.next() % pb;
-                    let len = 1 + self.next() % 64;
-                    for i in 0..8 * len {
-                        let v = self.next();
-                        self.write(base + 4096 * (ph + pl + q) + 8 * i, v);
-                    }
-                }
+                let mut g = ModelWeb(self);
+                ha_common::web::request(&mut g, n, pages);
             }
         }
         self.progress = n + 1;

@@ -7,40 +7,14 @@
 //! time each daemon spent per checkpoint while protected (from `/proc/<pid>/stat`), so
 //! the two can be compared.
 
+pub use crate::pair::PairError as DrillError;
+use crate::pair::{cpu_ms, daemons, events, percentile, spawn, unix_ms, wait_event};
 use ha_common::output::{Consumer, WorldView};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// Errors that stop the drill before a verdict.
-#[derive(Debug, thiserror::Error)]
-pub enum DrillError {
-    /// A daemon binary is missing.
-    #[error(
-        "{0} not found next to ha-bench; build it with `cargo build --release -p ha-primary -p ha-backup`"
-    )]
-    MissingBinary(PathBuf),
-    /// Building the daemons failed.
-    #[error("building ha-primary and ha-backup failed")]
-    Build,
-    /// A process could not be started.
-    #[error("cannot start {what}")]
-    Spawn {
-        /// Which.
-        what: &'static str,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Something the drill waits for did not happen.
-    #[error("{0}; see the logs in {1}")]
-    Stalled(String, PathBuf),
-    /// Local I/O.
-    #[error("drill I/O")]
-    Io(#[from] std::io::Error),
-}
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Drill settings.
 #[derive(Debug, Clone)]
@@ -126,90 +100,6 @@ pub struct DrillReport {
     pub backup_cpu_ms_per_epoch: f64,
 }
 
-/// CPU time (user + system) a process has used so far, in ms, from `/proc/<pid>/stat`
-/// (fields 14 and 15, in clock ticks of 1/100 s, Linux's USER_HZ).
-fn cpu_ms(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) * 10)
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Find (and, under cargo, build) the daemons next to this binary.
-fn daemons() -> Result<(PathBuf, PathBuf), DrillError> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let release = dir.ends_with("release");
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "ha-primary", "-p", "ha-backup"]);
-        if release {
-            cmd.arg("--release");
-        }
-        if !cmd.status().is_ok_and(|s| s.success()) {
-            return Err(DrillError::Build);
-        }
-    }
-    let (p, b) = (dir.join("ha-primary"), dir.join("ha-backup"));
-    for f in [&p, &b] {
-        if !f.exists() {
-            return Err(DrillError::MissingBinary(f.clone()));
-        }
-    }
-    Ok((p, b))
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(bin: &Path, args: &[String], log: &Path, what: &'static str) -> Result<Kill, DrillError> {
-    let err = std::fs::File::create(log)?;
-    Command::new(bin)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(err)
-        .spawn()
-        .map(Kill)
-        .map_err(|source| DrillError::Spawn { what, source })
-}
-
-fn events(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn wait_event(path: &Path, name: &str, limit: Duration) -> Option<Value> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(e) = events(path).into_iter().find(|e| e["event"] == name) {
-            return Some(e);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
 /// One checkpoint row of the primary's stats CSV.
 #[derive(Debug, Clone, Copy)]
 struct Row {
@@ -254,13 +144,6 @@ fn checkpoints(csv: &Path) -> Vec<Row> {
             })
         })
         .collect()
-}
-
-fn percentile(v: &[u64], p: usize) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_unstable();
-    s.get(s.len().saturating_sub(1) * p / 100)
-        .map_or(0.0, |&x| x as f64 / 1000.0)
 }
 
 /// Run the drill.

@@ -6,8 +6,14 @@
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
 //! | [`drill`] | the failover drill |
+//! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
+//! | [`plot`] | PNG plots of a comparison |
+//! | [`pair`] | starting and watching the daemons |
 
 pub mod cases;
 pub mod codec;
+pub mod compare;
 pub mod drill;
+pub mod pair;
 pub mod pgpairs;
+pub mod plot;

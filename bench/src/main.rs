@@ -1,13 +1,17 @@
 //! `ha-bench`: Castor's benchmarks.
 //!
-//! `ha-bench drill` runs the failover drill; `ha-bench codec` measures the page codecs on
-//! generated and captured page pairs.
+//! `ha-bench drill` runs the failover drill; `ha-bench compare` runs the modes side by
+//! side on real guests; `ha-bench codec` measures the page codecs on generated and captured
+//! page pairs.
 
 use clap::{Parser, Subcommand};
 use ha_bench::codec::{self, Input, Knowledge, Row, Settings, Subject};
-use ha_bench::{cases, pgpairs};
+use ha_bench::compare::{self, CompareArgs, Rate};
+use ha_bench::{cases, pgpairs, plot};
 use ha_common::block::BlockSize;
 use ha_common::codec::{GeneralCodec, Mode};
+use ha_common::guest_abi::Workload;
+use ha_common::units::{parse_duration, parse_rate};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,6 +40,75 @@ enum Cmd {
     /// and PGPAIRS files of real guest pages (plain or zstd-compressed). Without --pairs,
     /// the files in shared/data/pagepairs beside the repository are used when present.
     Codec(CodecArgs),
+    /// Compare protection modes on real guests: overhead, pause, wire bytes, CPU.
+    ///
+    /// For each workload: one unprotected run (mode none: no dirty log, no backup), then
+    /// one run per mode with ha-primary and a real ha-backup as separate processes on
+    /// loopback (built first when run through cargo), at each interval and link rate; then
+    /// an fgbi block-size sweep. Prints a markdown table (or JSON lines), and writes
+    /// compare.md, compare.csv and PNG plots into --out.
+    Compare(CompareCli),
+}
+
+#[derive(clap::Args, Debug)]
+struct CompareCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ["kvm", "sim"])]
+    guest: String,
+    /// Workloads, comma-separated: memwrite, web, kv, npb (also idle).
+    #[arg(long, value_delimiter = ',', default_value = "memwrite,web,kv,npb")]
+    workloads: Vec<Workload>,
+    /// Modes, comma-separated: none (unprotected baseline), remus, xbzrle, fgbi.
+    #[arg(long, value_delimiter = ',', default_value = "none,remus,xbzrle,fgbi")]
+    modes: Vec<String>,
+    /// Epoch intervals to run, comma-separated (e.g. 10ms,25ms,50ms,100ms,200ms).
+    #[arg(long, value_delimiter = ',', default_value = "25ms", value_parser = parse_duration)]
+    intervals: Vec<std::time::Duration>,
+    /// Link rates, comma-separated: unlimited, or a rate such as 100mbit or 1gbit (a token
+    /// bucket at the primary's sender).
+    #[arg(long, value_delimiter = ',', default_value = "unlimited", value_parser = parse_link)]
+    link: Vec<Option<u64>>,
+    /// fgbi block sizes to sweep besides 64, comma-separated (e.g. 32,128,256,512,1024);
+    /// run at the first interval and link. Default: no sweep.
+    #[arg(long, value_delimiter = ',')]
+    block_sizes: Vec<u32>,
+    /// Measured seconds per run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Seconds skipped once a run is protected (or, for none, once the guest runs).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Workload rate: default (each workload's calibrated rate: overhead is the progress
+    /// the pauses and dirty tracking cost a paced guest), max (as fast as the guest can:
+    /// overhead is lost throughput, dominated on PVM by write-fault costs), or units per
+    /// second.
+    #[arg(long, default_value = "default", value_parser = Rate::parse)]
+    rate: Rate,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where compare.md, compare.csv and the PNG plots go.
+    #[arg(long, default_value = "target/compare")]
+    out: PathBuf,
+    /// No PNG plots (they need a TrueType font: fonts-dejavu-core).
+    #[arg(long)]
+    no_plots: bool,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep each protected run's logs, events and stats.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_link(s: &str) -> Result<Option<u64>, String> {
+    if s == "unlimited" {
+        return Ok(None);
+    }
+    parse_rate(s).map(Some).map_err(|e| e.to_string())
 }
 
 #[derive(clap::Args, Debug)]
@@ -126,6 +199,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Codec(a) => run_codec(a),
         Cmd::Drill(a) => run_drill(a),
+        Cmd::Compare(a) => run_compare(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -161,15 +235,7 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         keep: a.keep,
         insecure: a.insecure,
     };
-    let report = ha_bench::drill::run(&args).map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        msg
-    })?;
+    let report = ha_bench::drill::run(&args).map_err(|e| error_chain(&e))?;
     if a.json {
         println!(
             "{}",
@@ -183,6 +249,79 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
     } else {
         Err("continuity failed".into())
     }
+}
+
+fn run_compare(a: CompareCli) -> Result<bool, String> {
+    let args = CompareArgs {
+        guest: a.guest,
+        workloads: a.workloads,
+        modes: a.modes,
+        intervals: a.intervals,
+        links: a.link,
+        block_sizes: a.block_sizes,
+        seconds: a.seconds,
+        warmup: a.warmup,
+        memory: a.memory,
+        rate: a.rate,
+        seed: a.seed,
+        live: !a.json,
+        keep: a.keep,
+    };
+    let json = a.json;
+    let results = compare::run(&args, |r| {
+        if json {
+            match serde_json::to_string(r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("ha-bench: cannot serialize a run: {e}"),
+            }
+        } else {
+            eprintln!(
+                "{:<8} {:<6} {:>5.0} ms {:<9} block {:>4}: {:>10.0} units/s  overhead {:>6}  pause p50 {:>6.2} ms  {:>9.1} KB/epoch  {:>5.1} epochs/s",
+                r.workload,
+                r.mode,
+                r.interval_ms,
+                r.link,
+                r.block_size,
+                r.progress_per_s,
+                r.overhead_pct.map_or("-".into(), |o| format!("{o:.1}%")),
+                r.pause_ms_p50,
+                r.wire_bytes_per_epoch / 1e3,
+                r.epochs_per_s,
+            );
+        }
+    })
+    .map_err(|e| error_chain(&e))?;
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let md = compare::markdown(&results);
+    for (name, text) in [
+        ("compare.md", &md),
+        ("compare.csv", &compare::csv(&results)),
+    ] {
+        let p = a.out.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if !json {
+        println!("{md}");
+    }
+    if !a.no_plots {
+        let files = plot::all(&results, &a.out).map_err(|e| e.to_string())?;
+        for f in files {
+            eprintln!("wrote {}", f.display());
+        }
+    }
+    eprintln!("wrote {}/compare.md and compare.csv", a.out.display());
+    Ok(true)
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    msg
 }
 
 fn default_pairs_dir() -> Option<PathBuf> {

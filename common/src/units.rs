@@ -1,4 +1,5 @@
-//! Parsing the sizes and durations operators type: `256M`, `1G`, `64k`, `25ms`, `2s`.
+//! Parsing the sizes, durations and link rates operators type: `256M`, `1G`, `64k`,
+//! `25ms`, `2s`, `1gbit`.
 
 use std::time::Duration;
 
@@ -11,6 +12,28 @@ pub enum UnitError {
     /// Not a number with a known suffix.
     #[error("{0:?} is not a duration (examples: 25ms, 2s, 500us)")]
     Duration(String),
+    /// Not a positive number of bits per second with a known suffix.
+    #[error("{0:?} is not a link rate (examples: 100mbit, 1gbit, 2.5gbit)")]
+    Rate(String),
+}
+
+/// Parse a link rate in bits per second: a positive number followed by `kbit`, `mbit`,
+/// `gbit` (powers of 1000, as network links are rated; case-insensitive) or `bit`.
+pub fn parse_rate(s: &str) -> Result<u64, UnitError> {
+    let err = || UnitError::Rate(s.to_string());
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = [("kbit", 1e3), ("mbit", 1e6), ("gbit", 1e9), ("bit", 1.0)]
+        .iter()
+        .find_map(|&(suffix, m)| t.strip_suffix(suffix).map(|n| (n.to_string(), m)))
+        .ok_or_else(err)?;
+    let v: f64 = num.trim().parse().map_err(|_| err())?;
+    let bits = v * mult;
+    if !(1.0..=1e15).contains(&bits) {
+        return Err(err());
+    }
+    // In range 1..=1e15: positive and exact in a u64.
+    #[allow(clippy::cast_sign_loss)]
+    Ok(bits.round() as u64)
 }
 
 /// Parse a byte size: a number with an optional `k`, `M`, `G` suffix (powers of 1024;
@@ -73,6 +96,26 @@ mod tests {
         assert!(parse_size("12q").is_err());
         assert!(parse_size("M").is_err());
         assert!(parse_size("99999999999999G").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("100mbit"), Ok(100_000_000));
+        assert_eq!(parse_rate("1Gbit"), Ok(1_000_000_000));
+        assert_eq!(parse_rate("2.5gbit"), Ok(2_500_000_000));
+        assert_eq!(parse_rate(" 64kbit "), Ok(64_000));
+        assert_eq!(parse_rate("9600bit"), Ok(9600));
+        for bad in [
+            "1g",
+            "gbit",
+            "-1gbit",
+            "0mbit",
+            "nanbit",
+            "1e300gbit",
+            "100",
+        ] {
+            assert_eq!(parse_rate(bad), Err(UnitError::Rate(bad.into())), "{bad}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ha_common::block::BlockSize;
 use ha_common::codec::{GeneralCodec, Mode};
 use ha_common::guest_abi::Workload;
-use ha_common::units::{parse_duration, parse_size};
+use ha_common::units::{parse_duration, parse_rate, parse_size};
 use serde::Deserialize;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -160,6 +160,10 @@ pub struct Cli {
     /// links only).
     #[arg(long)]
     pub insecure: bool,
+    /// Shape the replication stream to this link rate, e.g. 100mbit or 1gbit (a token
+    /// bucket at the sender, for comparing with slower links). Default: unlimited.
+    #[arg(long, value_parser = parse_rate)]
+    pub link_rate: Option<u64>,
 }
 
 /// `ha-primary` subcommands.
@@ -251,6 +255,8 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// `--insecure`.
     pub insecure: Option<bool>,
+    /// `--link-rate`.
+    pub link_rate: Option<String>,
 }
 
 impl FileConfig {
@@ -356,6 +362,7 @@ impl Cli {
             metrics_port_file: some,
             key: some,
             insecure: same,
+            link_rate: |v: String| parse_rate(&v).map(Some).map_err(|e| e.to_string()),
         );
         Ok(())
     }
@@ -478,6 +485,7 @@ mod tests {
             "metrics_port_file",
             "key",
             "insecure",
+            "link_rate",
         ];
         let cmd = Cli::command();
         let mut ids: Vec<&str> = cmd

@@ -97,6 +97,9 @@ pub struct Config {
     /// The pair key that encrypts and authenticates the link (None: `--insecure`, plain
     /// TCP).
     pub key: Option<ha_common::secure::PairKey>,
+    /// Shape the replication stream to this many bits per second (a token bucket at the
+    /// sender); None: as fast as the socket takes it.
+    pub link_rate: Option<u64>,
 }
 
 /// What a run achieved.
@@ -162,6 +165,8 @@ struct Engine<'a> {
     metrics: &'a Metrics,
     /// Output records released as last counted in `metrics`.
     released_seen: u64,
+    /// When the engine started: the stats' time origin.
+    born: Instant,
 }
 
 /// Protect `d` until `stop` is set, `cfg.run_for` passes, or the guest fails.
@@ -203,6 +208,7 @@ pub fn run_with_metrics(
         cfg.heartbeat,
         Duration::from_secs(5),
         cfg.key.as_ref(),
+        cfg.link_rate,
     )?;
     tracing::info!(backup = %cfg.backup, next_epoch = link.next_epoch, "connected to the backup");
     events.emit(
@@ -253,6 +259,7 @@ pub fn run_with_metrics(
         checkpoints: 0,
         metrics,
         released_seen: 0,
+        born: Instant::now(),
     };
     let started = Instant::now();
     e.sync(pages)?;
@@ -388,6 +395,8 @@ impl Engine<'_> {
                 checkpoint: true,
                 pause: cp.pause,
                 dirty_pages: cp.pages.len(),
+                at: Some(cp.taken.saturating_duration_since(self.born)),
+                progress: Some(cp.status.progress),
                 ..Default::default()
             },
         );

@@ -21,3 +21,4 @@ pub mod harvest;
 pub mod link;
 pub mod metrics;
 pub mod report;
+pub mod shape;

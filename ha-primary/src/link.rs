@@ -6,6 +6,7 @@
 //! byte after it, the session opening included, travels encrypted; without one (the
 //! operator gave `--insecure`) the frames go in the clear.
 
+use crate::shape::TokenBucket;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use ha_common::secure::{self, Deadline, PairKey, SecureError};
 use ha_common::session::{self, Hello, SessionError};
@@ -108,6 +109,7 @@ pub fn connect(
     heartbeat: Duration,
     timeout: Duration,
     key: Option<&PairKey>,
+    link_rate: Option<u64>,
 ) -> Result<Link, LinkError> {
     let mut s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| LinkError::Connect { addr, source })?;
@@ -150,7 +152,10 @@ pub fn connect(
         let sent = sent.clone();
         std::thread::Builder::new()
             .name("castor-send".into())
-            .spawn(move || sender(wr, s, rx, heartbeat, etx, sent))
+            .spawn(move || {
+                let shaper = link_rate.map(TokenBucket::new);
+                sender(wr, s, rx, heartbeat, etx, sent, shaper);
+            })
             .map_err(hs)?;
     }
     std::thread::Builder::new()
@@ -172,6 +177,7 @@ fn sender(
     heartbeat: Duration,
     events: Sender<LinkEvent>,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mut shaper: Option<TokenBucket>,
 ) {
     let mut hb = Vec::new();
     session::put_heartbeat(&mut hb);
@@ -185,7 +191,7 @@ fn sender(
             }
         };
         let t = Instant::now();
-        if let Err(e) = s.write_all(&buf) {
+        if let Err(e) = write_shaped(&mut *s, &buf, shaper.as_mut()) {
             let what = if epoch.is_some() {
                 "epoch"
             } else {
@@ -201,6 +207,22 @@ fn sender(
             return;
         }
     }
+}
+
+/// Write `buf`, paced by `shaper` when there is one (a burst-sized piece at a time).
+fn write_shaped(
+    s: &mut dyn Write,
+    buf: &[u8],
+    shaper: Option<&mut TokenBucket>,
+) -> std::io::Result<()> {
+    let Some(b) = shaper else {
+        return s.write_all(buf);
+    };
+    for piece in buf.chunks(b.chunk()) {
+        b.take(piece.len());
+        s.write_all(piece)?;
+    }
+    Ok(())
 }
 
 fn receiver(mut s: Box<dyn Read + Send>, events: Sender<LinkEvent>) {

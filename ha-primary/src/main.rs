@@ -142,6 +142,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         stats: cli.stats,
         events: cli.events,
         key,
+        link_rate: cli.link_rate,
     };
     let metrics = Metrics::new();
     let metrics_addr = match cli.metrics {

@@ -34,6 +34,10 @@ pub struct EpochRow {
     pub ack_latency: Option<Duration>,
     /// Output records still held (awaiting a later ack) once this epoch was acked.
     pub held: usize,
+    /// When the checkpoint was taken (its pause began), since the engine started.
+    pub at: Option<Duration>,
+    /// The guest's progress counter at the checkpoint.
+    pub progress: Option<u64>,
 }
 
 /// The `--stats` CSV file.
@@ -51,7 +55,7 @@ impl StatsCsv {
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
-             encode_us,send_us,ack_latency_us,held"
+             encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us"
         )?;
         Ok(Self { w })
     }
@@ -94,6 +98,9 @@ impl StatsCsv {
         cols.push(us(r.send));
         cols.push(us(r.ack_latency));
         cols.push(r.held.to_string());
+        cols.push(us(r.at));
+        cols.push(r.progress.map_or(String::new(), |p| p.to_string()));
+        cols.push(us(e.map(|e| e.encode_cpu)));
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

@@ -148,6 +148,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         stats: None,
         events: None,
         key: Some(pair_key()),
+        link_rate: None,
     }
 }
 

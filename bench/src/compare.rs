@@ -1,0 +1,591 @@
+//! `ha-bench compare`: the modes side by side. For each workload, one unprotected run
+//! (`none`: the same guest with no dirty log and no backup) and one protected run per mode
+//! (remus, xbzrle, fgbi: `ha-primary` and a real `ha-backup` as separate processes on
+//! loopback), at each epoch interval and link rate asked for, plus an fgbi block-size
+//! sweep. Each run reports guest progress relative to `none` (overhead), pause time, wire
+//! bytes, epochs per second and the encoder's CPU time per epoch.
+//!
+//! Figures of a protected run come from the primary's `--stats` CSV over a window that
+//! starts `warmup` seconds after the pair is protected (pre-copy excluded); the `none`
+//! run samples the guest's progress counter over a window of the same length.
+
+use crate::pair::{PairError, daemons, percentile, spawn, unix_ms, wait_event};
+use ha_common::domain::{DomainFactory, GuestSpec};
+use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Errors of a comparison run.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// Starting or watching the pair failed.
+    #[error(transparent)]
+    Pair(#[from] PairError),
+    /// The unprotected guest failed.
+    #[error("unprotected {workload} guest: {source}")]
+    Guest {
+        /// The workload.
+        workload: String,
+        /// Why.
+        #[source]
+        source: ha_common::domain::DomainError,
+    },
+    /// A protected run produced too few checkpoints to measure.
+    #[error("{0}: too few checkpoints in the measured window (see {1})")]
+    TooFew(String, PathBuf),
+    /// A setting that cannot work.
+    #[error("{0}")]
+    Setting(String),
+    /// Local I/O.
+    #[error("compare I/O")]
+    Io(#[from] std::io::Error),
+}
+
+/// How fast the guest's workload runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    /// As fast as it can (rate 0): protection overhead shows as lost throughput.
+    Max,
+    /// The workload's calibrated default (web 2500/s, others 20000/s).
+    Default,
+    /// This many units per second.
+    Units(u64),
+}
+
+impl Rate {
+    /// Parse `max`, `default` or a number.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "max" => Ok(Self::Max),
+            "default" => Ok(Self::Default),
+            n => n
+                .parse()
+                .map(Self::Units)
+                .map_err(|_| format!("{s:?} is not a rate: max, default or units per second")),
+        }
+    }
+
+    /// Units per second for `w` (0: as fast as it can).
+    pub fn units(self, w: Workload) -> u64 {
+        match self {
+            Self::Max => 0,
+            Self::Default => w.default_rate(),
+            Self::Units(n) => n,
+        }
+    }
+}
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareArgs {
+    /// kvm or sim.
+    pub guest: String,
+    /// Workloads.
+    pub workloads: Vec<Workload>,
+    /// Modes: none, remus, xbzrle, fgbi.
+    pub modes: Vec<String>,
+    /// Epoch intervals.
+    pub intervals: Vec<Duration>,
+    /// Link rates in bits/s (None: unlimited).
+    pub links: Vec<Option<u64>>,
+    /// fgbi block sizes to sweep (besides the default 64), at the first interval and link.
+    pub block_sizes: Vec<u32>,
+    /// Measured seconds per run.
+    pub seconds: f64,
+    /// Seconds skipped after protection starts (or after the unprotected guest starts).
+    pub warmup: f64,
+    /// Guest memory ("256M").
+    pub memory: String,
+    /// Workload rate.
+    pub rate: Rate,
+    /// Workload seed.
+    pub seed: u64,
+    /// Print a line per run as it ends (to stderr).
+    pub live: bool,
+    /// Keep each protected run's directory (logs, CSV, events).
+    pub keep: bool,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Workload name.
+    pub workload: String,
+    /// none, remus, xbzrle or fgbi.
+    pub mode: String,
+    /// Epoch interval, ms (0 for `none`).
+    pub interval_ms: f64,
+    /// Link: "unlimited" or the rate as given ("1gbit").
+    pub link: String,
+    /// fgbi block size (64 unless swept; 0 for none/remus/xbzrle).
+    pub block_size: u32,
+    /// Workload units per second asked of the guest (0: as fast as it can).
+    pub rate: u64,
+    /// Measured window, s.
+    pub seconds: f64,
+    /// Guest progress (work units) per second in the window.
+    pub progress_per_s: f64,
+    /// Progress lost against `none` of the same workload, % (None: no `none` run).
+    pub overhead_pct: Option<f64>,
+    /// Pause per checkpoint, p50, ms.
+    pub pause_ms_p50: f64,
+    /// p99, ms.
+    pub pause_ms_p99: f64,
+    /// Longest, ms.
+    pub pause_ms_max: f64,
+    /// Mean bytes on the wire per checkpoint.
+    pub wire_bytes_per_epoch: f64,
+    /// Wire bytes per second.
+    pub wire_bytes_per_s: f64,
+    /// Mean dirty pages × 4096 per checkpoint.
+    pub raw_bytes_per_epoch: f64,
+    /// Checkpoints per second.
+    pub epochs_per_s: f64,
+    /// The encoder thread's CPU time per checkpoint, ms.
+    pub encode_cpu_ms_per_epoch: f64,
+    /// Checkpoints in the window.
+    pub checkpoints: usize,
+}
+
+/// Human name of a link rate.
+pub fn link_name(bits: Option<u64>) -> String {
+    match bits {
+        None => "unlimited".into(),
+        Some(b) if b % 1_000_000_000 == 0 => format!("{}gbit", b / 1_000_000_000),
+        Some(b) if b % 1_000_000 == 0 => format!("{}mbit", b / 1_000_000),
+        Some(b) => format!("{b}bit"),
+    }
+}
+
+fn factory(guest: &str, dirty_log: bool) -> Box<dyn DomainFactory> {
+    match guest {
+        "sim" => Box::new(ha_sim::SimFactory::new()),
+        _ => Box::new(ha_kvm::KvmFactory::new().with_dirty_log(dirty_log)),
+    }
+}
+
+fn spec(a: &CompareArgs, w: Workload) -> Result<GuestSpec, CompareError> {
+    let memory = ha_common::units::parse_size(&a.memory)
+        .map_err(|e| CompareError::Setting(e.to_string()))?;
+    Ok(GuestSpec {
+        memory_size: memory,
+        params: GuestParams {
+            workload: w,
+            seed: a.seed,
+            heap_gpa: HEAP_GPA,
+            heap_size: w.default_heap(memory),
+            rate: a.rate.units(w),
+            tsc_khz: 0,
+            output_every: 64,
+            doorbell_every: 256,
+        },
+    })
+}
+
+/// The unprotected baseline: the guest alone, no dirty log, its output drained as the
+/// primary would; progress over the window.
+fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
+    let guest_err = |source| CompareError::Guest {
+        workload: w.name().into(),
+        source,
+    };
+    let f = factory(&a.guest, false);
+    let mut d = f.create(&spec(a, w)?).map_err(guest_err)?;
+    d.resume().map_err(guest_err)?;
+    let mut out = Vec::new();
+    let mut drain_for = |d: &mut Box<dyn ha_common::domain::Domain>, secs: f64| {
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(25));
+            out.clear();
+            d.drain_output(&mut out)?;
+            d.check_health()?;
+        }
+        Ok(())
+    };
+    drain_for(&mut d, a.warmup).map_err(guest_err)?;
+    let (p0, t0) = (d.status().map_err(guest_err)?.progress, Instant::now());
+    drain_for(&mut d, a.seconds).map_err(guest_err)?;
+    let (p1, t1) = (d.status().map_err(guest_err)?.progress, Instant::now());
+    let _ = d.pause();
+    let secs = t1.duration_since(t0).as_secs_f64();
+    Ok(RunResult {
+        workload: w.name().into(),
+        mode: "none".into(),
+        interval_ms: 0.0,
+        link: "-".into(),
+        block_size: 0,
+        rate: a.rate.units(w),
+        seconds: secs,
+        progress_per_s: p1.saturating_sub(p0) as f64 / secs.max(1e-9),
+        overhead_pct: None,
+        pause_ms_p50: 0.0,
+        pause_ms_p99: 0.0,
+        pause_ms_max: 0.0,
+        wire_bytes_per_epoch: 0.0,
+        wire_bytes_per_s: 0.0,
+        raw_bytes_per_epoch: 0.0,
+        epochs_per_s: 0.0,
+        encode_cpu_ms_per_epoch: 0.0,
+        checkpoints: 0,
+    })
+}
+
+/// The checkpoint rows of a primary stats CSV, as (column → value) lookups.
+struct Csv {
+    cols: Vec<String>,
+    rows: Vec<Vec<u64>>,
+}
+
+impl Csv {
+    fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut lines = text.lines();
+        let cols: Vec<String> = lines
+            .next()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_string)
+            .collect();
+        let rows = lines
+            .map(|l| {
+                l.split(',')
+                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
+                    .collect()
+            })
+            .collect();
+        Self { cols, rows }
+    }
+
+    fn col(&self, name: &str) -> Option<usize> {
+        self.cols.iter().position(|c| c == name)
+    }
+}
+
+/// The daemons' binaries.
+struct Bins {
+    primary: PathBuf,
+    backup: PathBuf,
+}
+
+/// One protected run: a keyed pair on loopback.
+fn run_protected(
+    bins: &Bins,
+    a: &CompareArgs,
+    w: Workload,
+    mode: &str,
+    interval: Duration,
+    link: Option<u64>,
+    block_size: u32,
+) -> Result<RunResult, CompareError> {
+    let (primary_bin, backup_bin) = (&bins.primary, &bins.backup);
+    let dir = std::env::temp_dir().join(format!(
+        "castor-compare-{}-{}-{mode}-{}",
+        std::process::id(),
+        w.name(),
+        unix_ms()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let f = |n: &str| dir.join(n);
+    let s = |v: &str| v.to_string();
+    let stalled = |what: &str| PairError::Stalled(what.to_string(), dir.clone());
+    let key = f("pair.key");
+    let ok = Command::new(primary_bin)
+        .arg("keygen")
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if !ok {
+        return Err(stalled("`ha-primary keygen` failed").into());
+    }
+    let interval_s = format!("{}us", interval.as_micros());
+    let key_args = [s("--key"), key.display().to_string()];
+    let mut backup_args = vec![
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--port-file"),
+        f("port").display().to_string(),
+        s("--memory"),
+        a.memory.clone(),
+        s("--mode"),
+        s(mode),
+        s("--guest"),
+        a.guest.clone(),
+        s("--interval"),
+        interval_s.clone(),
+        // The backup must not take over during a measurement on a busy host.
+        s("--detect-timeout"),
+        s("5s"),
+    ];
+    backup_args.extend(key_args.iter().cloned());
+    let _backup = spawn(backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
+    let t = Instant::now();
+    let baddr = loop {
+        if let Ok(v) = std::fs::read_to_string(f("port"))
+            && !v.trim().is_empty()
+        {
+            break v.trim().to_string();
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(stalled("the backup did not start listening").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let rate = a.rate.units(w);
+    let mut primary_args = vec![
+        s("--backup"),
+        baddr,
+        s("--guest"),
+        a.guest.clone(),
+        s("--workload"),
+        s(w.name()),
+        s("--memory"),
+        a.memory.clone(),
+        s("--mode"),
+        s(mode),
+        s("--interval"),
+        interval_s,
+        s("--rate"),
+        rate.to_string(),
+        s("--seed"),
+        a.seed.to_string(),
+        s("--ack-timeout"),
+        s("10s"),
+        s("--events"),
+        f("primary.events").display().to_string(),
+        s("--stats"),
+        f("primary.csv").display().to_string(),
+    ];
+    if mode == "fgbi" {
+        primary_args.extend([s("--block-size"), block_size.to_string()]);
+    }
+    if let Some(bits) = link {
+        primary_args.extend([s("--link-rate"), format!("{bits}bit")]);
+    }
+    primary_args.extend(key_args);
+    let mut primary = spawn(primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
+    if wait_event(&f("primary.events"), "protected", Duration::from_secs(120)).is_none() {
+        return Err(stalled("the primary never reached the protected state").into());
+    }
+    // The window is placed on the primary's own clock (the CSV's t_us) from the first
+    // checkpoint row on, so start-up and pre-copy are excluded whatever they took.
+    std::thread::sleep(Duration::from_secs_f64(a.warmup + a.seconds + 0.3));
+    let _ = primary.0.kill();
+    let _ = primary.0.wait();
+    let csv = Csv::read(&f("primary.csv"));
+    let label = format!("{} {mode} {}", w.name(), link_name(link));
+    let r = summarize(a, &csv, w, mode, interval, link, block_size)
+        .ok_or_else(|| CompareError::TooFew(label, dir.clone()))?;
+    if !a.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else if a.live {
+        eprintln!("  kept {}", dir.display());
+    }
+    Ok(r)
+}
+
+fn summarize(
+    a: &CompareArgs,
+    csv: &Csv,
+    w: Workload,
+    mode: &str,
+    interval: Duration,
+    link: Option<u64>,
+    block_size: u32,
+) -> Option<RunResult> {
+    let at = |n: &str| csv.col(n);
+    let (cp, t, pause, wire, raw, prog, cpu) = (
+        at("checkpoint")?,
+        at("t_us")?,
+        at("pause_us")?,
+        at("wire_bytes")?,
+        at("raw_bytes")?,
+        at("progress")?,
+        at("encode_cpu_us")?,
+    );
+    let rows: Vec<&Vec<u64>> = csv
+        .rows
+        .iter()
+        .filter(|r| r.get(cp) == Some(&1) && r.get(t).is_some_and(|&v| v != u64::MAX))
+        .collect();
+    let first_t = rows.first()?.get(t).copied()?;
+    let us = |secs: f64| Duration::from_secs_f64(secs.max(0.0)).as_micros() as u64;
+    let from = first_t + us(a.warmup);
+    let to = from + us(a.seconds);
+    let win: Vec<&Vec<u64>> = rows
+        .into_iter()
+        .filter(|r| r[t] >= from && r[t] <= to)
+        .collect();
+    if win.len() < 3 {
+        return None;
+    }
+    let n = win.len() as f64;
+    let (first, last) = (win.first()?, win.last()?);
+    let span = (last[t] - first[t]) as f64 / 1e6;
+    // Mean over the rows that have the column (a missing value reads as u64::MAX).
+    let mean = |c: usize| {
+        let v: Vec<f64> = win
+            .iter()
+            .filter_map(|r| r.get(c).filter(|&&x| x != u64::MAX).map(|&x| x as f64))
+            .collect();
+        v.iter().sum::<f64>() / v.len().max(1) as f64
+    };
+    let pauses: Vec<u64> = win.iter().map(|r| r[pause]).collect();
+    let epochs_per_s = (n - 1.0) / span.max(1e-9);
+    Some(RunResult {
+        workload: w.name().into(),
+        mode: mode.into(),
+        interval_ms: interval.as_secs_f64() * 1e3,
+        link: link_name(link),
+        block_size: if mode == "fgbi" { block_size } else { 0 },
+        rate: a.rate.units(w),
+        seconds: span,
+        progress_per_s: last[prog].saturating_sub(first[prog]) as f64 / span.max(1e-9),
+        overhead_pct: None,
+        pause_ms_p50: percentile(&pauses, 50),
+        pause_ms_p99: percentile(&pauses, 99),
+        pause_ms_max: pauses.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+        wire_bytes_per_epoch: mean(wire),
+        wire_bytes_per_s: mean(wire) * epochs_per_s,
+        raw_bytes_per_epoch: mean(raw),
+        epochs_per_s,
+        encode_cpu_ms_per_epoch: mean(cpu) / 1000.0,
+        checkpoints: win.len(),
+    })
+}
+
+/// Run the whole comparison; `each` sees every result as it comes (for live output).
+pub fn run(
+    a: &CompareArgs,
+    mut each: impl FnMut(&RunResult),
+) -> Result<Vec<RunResult>, CompareError> {
+    for m in &a.modes {
+        if !["none", "remus", "xbzrle", "fgbi"].contains(&m.as_str()) {
+            return Err(CompareError::Setting(format!(
+                "unknown mode {m:?}: none, remus, xbzrle, fgbi"
+            )));
+        }
+    }
+    if a.intervals.is_empty() || a.links.is_empty() || a.workloads.is_empty() {
+        return Err(CompareError::Setting(
+            "nothing to run: give at least one workload, interval and link".into(),
+        ));
+    }
+    let protected = a.modes.iter().any(|m| m != "none");
+    let bins = if protected {
+        let (primary, backup) = daemons()?;
+        Some(Bins { primary, backup })
+    } else {
+        None
+    };
+    let mut out: Vec<RunResult> = Vec::new();
+    let mut push = |mut r: RunResult, out: &mut Vec<RunResult>| {
+        if let Some(base) = out
+            .iter()
+            .find(|b| b.mode == "none" && b.workload == r.workload)
+            && r.mode != "none"
+            && base.progress_per_s > 0.0
+        {
+            r.overhead_pct = Some(100.0 * (1.0 - r.progress_per_s / base.progress_per_s));
+        }
+        each(&r);
+        out.push(r);
+    };
+    for &w in &a.workloads {
+        if a.modes.iter().any(|m| m == "none") {
+            push(run_none(a, w)?, &mut out);
+        }
+        for &link in &a.links {
+            for &iv in &a.intervals {
+                for m in a.modes.iter().filter(|m| *m != "none") {
+                    if let Some(b) = &bins {
+                        push(run_protected(b, a, w, m, iv, link, 64)?, &mut out);
+                    }
+                }
+            }
+        }
+        if let Some(b) = &bins
+            && a.modes.iter().any(|m| m == "fgbi")
+        {
+            for &bs in a.block_sizes.iter().filter(|&&bs| bs != 64) {
+                let r = run_protected(b, a, w, "fgbi", a.intervals[0], a.links[0], bs)?;
+                push(r, &mut out);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The results as a markdown table.
+pub fn markdown(rs: &[RunResult]) -> String {
+    let mut s = String::from(
+        "| workload | mode | interval | link | block | progress/s | overhead | pause p50 / p99 / max (ms) | wire KB/epoch | wire MB/s | raw KB/epoch | epochs/s | encode CPU ms/epoch |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rs {
+        let dash = |v: f64, f: &dyn Fn(f64) -> String| {
+            if r.mode == "none" { "-".into() } else { f(v) }
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.workload,
+            r.mode,
+            dash(r.interval_ms, &|v| format!("{v:.0} ms")),
+            r.link,
+            if r.block_size > 0 {
+                r.block_size.to_string()
+            } else {
+                "-".into()
+            },
+            r.progress_per_s,
+            r.overhead_pct.map_or("-".into(), |o| format!("{o:.1} %")),
+            dash(0.0, &|_| format!(
+                "{:.2} / {:.2} / {:.2}",
+                r.pause_ms_p50, r.pause_ms_p99, r.pause_ms_max
+            )),
+            dash(r.wire_bytes_per_epoch, &|v| format!("{:.1}", v / 1e3)),
+            dash(r.wire_bytes_per_s, &|v| format!("{:.2}", v / 1e6)),
+            dash(r.raw_bytes_per_epoch, &|v| format!("{:.1}", v / 1e3)),
+            dash(r.epochs_per_s, &|v| format!("{v:.1}")),
+            dash(r.encode_cpu_ms_per_epoch, &|v| format!("{v:.2}")),
+        ));
+    }
+    s
+}
+
+/// The results as CSV (header first).
+pub fn csv(rs: &[RunResult]) -> String {
+    let mut s = String::from(
+        "workload,mode,interval_ms,link,block_size,rate,seconds,progress_per_s,overhead_pct,\
+         pause_ms_p50,pause_ms_p99,pause_ms_max,wire_bytes_per_epoch,wire_bytes_per_s,\
+         raw_bytes_per_epoch,epochs_per_s,encode_cpu_ms_per_epoch,checkpoints\n",
+    );
+    for r in rs {
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{:.3},{:.1},{},{:.3},{:.3},{:.3},{:.0},{:.0},{:.0},{:.2},{:.3},{}\n",
+            r.workload,
+            r.mode,
+            r.interval_ms,
+            r.link,
+            r.block_size,
+            r.rate,
+            r.seconds,
+            r.progress_per_s,
+            r.overhead_pct.map_or(String::new(), |o| format!("{o:.2}")),
+            r.pause_ms_p50,
+            r.pause_ms_p99,
+            r.pause_ms_max,
+            r.wire_bytes_per_epoch,
+            r.wire_bytes_per_s,
+            r.raw_bytes_per_epoch,
+            r.epochs_per_s,
+            r.encode_cpu_ms_per_epoch,
+            r.checkpoints
+        ));
+    }
+    s
+}

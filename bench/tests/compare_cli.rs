@@ -1,0 +1,97 @@
+//! The benchmark suite as CI runs it: a short `ha-bench compare` on real KVM guests (web
+//! and kv, every mode, through a 1 Gbit/s link shaper) must report every figure for every
+//! run, write the table, the CSV and the plots, and show fgbi sending fewer bytes than
+//! remus on both workloads.
+
+use std::process::Command;
+
+#[test]
+fn short_compare_reports_every_mode_and_writes_plots() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        assert!(
+            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
+            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
+        );
+        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+        return;
+    }
+    let out_dir = std::env::temp_dir().join(format!("castor-compare-ci-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
+        .args([
+            "compare",
+            "--workloads",
+            "web,kv",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--memory",
+            "64M",
+            "--link",
+            "1gbit",
+            "--json",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .expect("ha-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+    let runs: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(runs.len(), 8, "2 workloads x 4 modes: {stdout}");
+    let find = |w: &str, m: &str| {
+        runs.iter()
+            .find(|r| r["workload"] == w && r["mode"] == m)
+            .unwrap_or_else(|| panic!("no {w} {m} run: {stdout}"))
+    };
+    for w in ["web", "kv"] {
+        assert!(find(w, "none")["progress_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+        for m in ["remus", "xbzrle", "fgbi"] {
+            let r = find(w, m);
+            for key in [
+                "interval_ms",
+                "overhead_pct",
+                "pause_ms_p50",
+                "pause_ms_p99",
+                "wire_bytes_per_epoch",
+                "epochs_per_s",
+                "encode_cpu_ms_per_epoch",
+            ] {
+                assert!(r[key].is_number(), "{w} {m}: {key} missing: {r}");
+            }
+            assert_eq!(r["link"], "1gbit", "{r}");
+            assert_eq!(r["interval_ms"].as_f64(), Some(25.0), "{r}");
+            assert!(r["checkpoints"].as_u64().unwrap_or(0) >= 3, "{r}");
+            assert!(r["progress_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+        }
+        let wire = |m: &str| find(w, m)["wire_bytes_per_epoch"].as_f64().unwrap_or(0.0);
+        assert!(
+            wire("fgbi") < wire("remus"),
+            "{w}: fgbi {} B/epoch, remus {}",
+            wire("fgbi"),
+            wire("remus")
+        );
+    }
+    let csv = std::fs::read_to_string(out_dir.join("compare.csv")).expect("compare.csv");
+    assert_eq!(csv.lines().count(), 9, "{csv}");
+    let md = std::fs::read_to_string(out_dir.join("compare.md")).expect("compare.md");
+    assert!(md.contains("| kv | fgbi | 25 ms | 1gbit | 64 |"), "{md}");
+    for png in ["pause.png", "wire.png"] {
+        let bytes = std::fs::read(out_dir.join(png)).unwrap_or_default();
+        assert!(
+            bytes.starts_with(b"\x89PNG"),
+            "{png} is not a PNG ({} bytes); install fonts-dejavu-core for the plots",
+            bytes.len()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

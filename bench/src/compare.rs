@@ -106,6 +106,8 @@ pub struct CompareArgs {
     pub live: bool,
     /// Keep each protected run's directory (logs, CSV, events).
     pub keep: bool,
+    /// Passes over the whole list; each figure is the median over the passes.
+    pub repeat: usize,
 }
 
 /// One run's figures.
@@ -127,8 +129,15 @@ pub struct RunResult {
     pub seconds: f64,
     /// Guest progress (work units) per second in the window.
     pub progress_per_s: f64,
-    /// Progress lost against `none` of the same workload, % (None: no `none` run).
+    /// Progress lost against `none` of the same workload, % (None: no `none` run); the
+    /// median over the passes.
     pub overhead_pct: Option<f64>,
+    /// The smallest overhead of the passes.
+    pub overhead_pct_min: Option<f64>,
+    /// The largest.
+    pub overhead_pct_max: Option<f64>,
+    /// Passes this result is the median of.
+    pub repeats: usize,
     /// Pause per checkpoint, p50, ms.
     pub pause_ms_p50: f64,
     /// p99, ms.
@@ -145,7 +154,7 @@ pub struct RunResult {
     pub epochs_per_s: f64,
     /// The encoder thread's CPU time per checkpoint, ms.
     pub encode_cpu_ms_per_epoch: f64,
-    /// Checkpoints in the window.
+    /// Checkpoints in the windows (all passes).
     pub checkpoints: usize,
 }
 
@@ -221,6 +230,9 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
         seconds: secs,
         progress_per_s: p1.saturating_sub(p0) as f64 / secs.max(1e-9),
         overhead_pct: None,
+        overhead_pct_min: None,
+        overhead_pct_max: None,
+        repeats: 1,
         pause_ms_p50: 0.0,
         pause_ms_p99: 0.0,
         pause_ms_max: 0.0,
@@ -320,6 +332,8 @@ fn run_protected(
         // The backup must not take over during a measurement on a busy host.
         s("--detect-timeout"),
         s("5s"),
+        s("--block-size"),
+        block_size.to_string(),
     ];
     backup_args.extend(key_args.iter().cloned());
     let _backup = spawn(backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
@@ -360,16 +374,33 @@ fn run_protected(
         s("--stats"),
         f("primary.csv").display().to_string(),
     ];
-    if mode == "fgbi" {
-        primary_args.extend([s("--block-size"), block_size.to_string()]);
-    }
+    primary_args.extend([s("--block-size"), block_size.to_string()]);
     if let Some(bits) = link {
         primary_args.extend([s("--link-rate"), format!("{bits}bit")]);
     }
     primary_args.extend(key_args);
     let mut primary = spawn(primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
-    if wait_event(&f("primary.events"), "protected", Duration::from_secs(120)).is_none() {
-        return Err(stalled("the primary never reached the protected state").into());
+    // Wait for protection; a primary that exits first (refused, misconfigured) ends the
+    // wait at once, with the last line of its log.
+    let t = Instant::now();
+    while wait_event(
+        &f("primary.events"),
+        "protected",
+        Duration::from_millis(100),
+    )
+    .is_none()
+    {
+        if let Ok(Some(st)) = primary.0.try_wait() {
+            let log = std::fs::read_to_string(f("primary.log")).unwrap_or_default();
+            let last = log.lines().last().unwrap_or_default().to_string();
+            return Err(stalled(&format!(
+                "ha-primary exited ({st}) before protection: {last}"
+            ))
+            .into());
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(stalled("the primary never reached the protected state").into());
+        }
     }
     // The window is placed on the primary's own clock (the CSV's t_us) from the first
     // checkpoint row on, so start-up and pre-copy are excluded whatever they took.
@@ -446,6 +477,9 @@ fn summarize(
         seconds: span,
         progress_per_s: last[prog].saturating_sub(first[prog]) as f64 / span.max(1e-9),
         overhead_pct: None,
+        overhead_pct_min: None,
+        overhead_pct_max: None,
+        repeats: 1,
         pause_ms_p50: percentile(&pauses, 50),
         pause_ms_p99: percentile(&pauses, 99),
         pause_ms_max: pauses.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
@@ -482,6 +516,19 @@ pub fn run(
     } else {
         None
     };
+    let mut passes: Vec<Vec<RunResult>> = Vec::new();
+    for _ in 0..a.repeat.max(1) {
+        passes.push(one_pass(a, bins.as_ref(), &mut each)?);
+    }
+    Ok(aggregate(&passes))
+}
+
+/// Every run once, in order; overhead against this pass's own `none`.
+fn one_pass(
+    a: &CompareArgs,
+    bins: Option<&Bins>,
+    each: &mut impl FnMut(&RunResult),
+) -> Result<Vec<RunResult>, CompareError> {
     let mut out: Vec<RunResult> = Vec::new();
     let mut push = |mut r: RunResult, out: &mut Vec<RunResult>| {
         if let Some(base) = out
@@ -490,7 +537,10 @@ pub fn run(
             && r.mode != "none"
             && base.progress_per_s > 0.0
         {
-            r.overhead_pct = Some(100.0 * (1.0 - r.progress_per_s / base.progress_per_s));
+            let o = 100.0 * (1.0 - r.progress_per_s / base.progress_per_s);
+            r.overhead_pct = Some(o);
+            r.overhead_pct_min = Some(o);
+            r.overhead_pct_max = Some(o);
         }
         each(&r);
         out.push(r);
@@ -502,13 +552,13 @@ pub fn run(
         for &link in &a.links {
             for &iv in &a.intervals {
                 for m in a.modes.iter().filter(|m| *m != "none") {
-                    if let Some(b) = &bins {
+                    if let Some(b) = bins {
                         push(run_protected(b, a, w, m, iv, link, 64)?, &mut out);
                     }
                 }
             }
         }
-        if let Some(b) = &bins
+        if let Some(b) = bins
             && a.modes.iter().any(|m| m == "fgbi")
         {
             for &bs in a.block_sizes.iter().filter(|&&bs| bs != 64) {
@@ -520,10 +570,52 @@ pub fn run(
     Ok(out)
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One result per run of the passes (which run the same list in the same order): the
+/// median of each figure, and the overhead's range across passes.
+fn aggregate(passes: &[Vec<RunResult>]) -> Vec<RunResult> {
+    let Some(first) = passes.first() else {
+        return Vec::new();
+    };
+    (0..first.len())
+        .map(|i| {
+            let all: Vec<&RunResult> = passes.iter().filter_map(|p| p.get(i)).collect();
+            let m = |f: fn(&RunResult) -> f64| median(all.iter().map(|r| f(r)).collect());
+            let over: Vec<f64> = all.iter().filter_map(|r| r.overhead_pct).collect();
+            RunResult {
+                seconds: m(|r| r.seconds),
+                progress_per_s: m(|r| r.progress_per_s),
+                overhead_pct: (!over.is_empty()).then(|| median(over.clone())),
+                overhead_pct_min: over.iter().copied().reduce(f64::min),
+                overhead_pct_max: over.iter().copied().reduce(f64::max),
+                pause_ms_p50: m(|r| r.pause_ms_p50),
+                pause_ms_p99: m(|r| r.pause_ms_p99),
+                pause_ms_max: m(|r| r.pause_ms_max),
+                wire_bytes_per_epoch: m(|r| r.wire_bytes_per_epoch),
+                wire_bytes_per_s: m(|r| r.wire_bytes_per_s),
+                raw_bytes_per_epoch: m(|r| r.raw_bytes_per_epoch),
+                epochs_per_s: m(|r| r.epochs_per_s),
+                encode_cpu_ms_per_epoch: m(|r| r.encode_cpu_ms_per_epoch),
+                checkpoints: all.iter().map(|r| r.checkpoints).sum(),
+                repeats: all.len(),
+                ..first[i].clone()
+            }
+        })
+        .collect()
+}
+
 /// The results as a markdown table.
 pub fn markdown(rs: &[RunResult]) -> String {
     let mut s = String::from(
-        "| workload | mode | interval | link | block | progress/s | overhead | pause p50 / p99 / max (ms) | wire KB/epoch | wire MB/s | raw KB/epoch | epochs/s | encode CPU ms/epoch |\n\
+        "| workload | mode | interval | link | block | progress/s | overhead (range) | pause p50 / p99 / max (ms) | wire KB/epoch | wire MB/s | raw KB/epoch | epochs/s | encode CPU ms/epoch |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rs {
@@ -542,7 +634,12 @@ pub fn markdown(rs: &[RunResult]) -> String {
                 "-".into()
             },
             r.progress_per_s,
-            r.overhead_pct.map_or("-".into(), |o| format!("{o:.1} %")),
+            match (r.overhead_pct, r.overhead_pct_min, r.overhead_pct_max) {
+                (Some(o), Some(lo), Some(hi)) if r.repeats > 1 =>
+                    format!("{o:.1} % ({lo:.0}..{hi:.0})"),
+                (Some(o), ..) => format!("{o:.1} %"),
+                _ => "-".into(),
+            },
             dash(0.0, &|_| format!(
                 "{:.2} / {:.2} / {:.2}",
                 r.pause_ms_p50, r.pause_ms_p99, r.pause_ms_max
@@ -557,35 +654,47 @@ pub fn markdown(rs: &[RunResult]) -> String {
     s
 }
 
+/// The CSV header line (with its newline).
+pub const CSV_HEADER: &str = "workload,mode,interval_ms,link,block_size,rate,seconds,progress_per_s,overhead_pct,\
+         pause_ms_p50,pause_ms_p99,pause_ms_max,wire_bytes_per_epoch,wire_bytes_per_s,\
+         raw_bytes_per_epoch,epochs_per_s,encode_cpu_ms_per_epoch,checkpoints,repeats,\
+         overhead_pct_min,overhead_pct_max\n";
+
+/// One result as a CSV line (with its newline).
+pub fn csv_row(r: &RunResult) -> String {
+    format!(
+        "{},{},{},{},{},{},{:.3},{:.1},{},{:.3},{:.3},{:.3},{:.0},{:.0},{:.0},{:.2},{:.3},{},{},{},{}\n",
+        r.workload,
+        r.mode,
+        r.interval_ms,
+        r.link,
+        r.block_size,
+        r.rate,
+        r.seconds,
+        r.progress_per_s,
+        r.overhead_pct.map_or(String::new(), |o| format!("{o:.2}")),
+        r.pause_ms_p50,
+        r.pause_ms_p99,
+        r.pause_ms_max,
+        r.wire_bytes_per_epoch,
+        r.wire_bytes_per_s,
+        r.raw_bytes_per_epoch,
+        r.epochs_per_s,
+        r.encode_cpu_ms_per_epoch,
+        r.checkpoints,
+        r.repeats,
+        r.overhead_pct_min
+            .map_or(String::new(), |o| format!("{o:.2}")),
+        r.overhead_pct_max
+            .map_or(String::new(), |o| format!("{o:.2}")),
+    )
+}
+
 /// The results as CSV (header first).
 pub fn csv(rs: &[RunResult]) -> String {
-    let mut s = String::from(
-        "workload,mode,interval_ms,link,block_size,rate,seconds,progress_per_s,overhead_pct,\
-         pause_ms_p50,pause_ms_p99,pause_ms_max,wire_bytes_per_epoch,wire_bytes_per_s,\
-         raw_bytes_per_epoch,epochs_per_s,encode_cpu_ms_per_epoch,checkpoints\n",
-    );
+    let mut s = String::from(CSV_HEADER);
     for r in rs {
-        s.push_str(&format!(
-            "{},{},{},{},{},{},{:.3},{:.1},{},{:.3},{:.3},{:.3},{:.0},{:.0},{:.0},{:.2},{:.3},{}\n",
-            r.workload,
-            r.mode,
-            r.interval_ms,
-            r.link,
-            r.block_size,
-            r.rate,
-            r.seconds,
-            r.progress_per_s,
-            r.overhead_pct.map_or(String::new(), |o| format!("{o:.2}")),
-            r.pause_ms_p50,
-            r.pause_ms_p99,
-            r.pause_ms_max,
-            r.wire_bytes_per_epoch,
-            r.wire_bytes_per_s,
-            r.raw_bytes_per_epoch,
-            r.epochs_per_s,
-            r.encode_cpu_ms_per_epoch,
-            r.checkpoints
-        ));
+        s.push_str(&csv_row(r));
     }
     s
 }

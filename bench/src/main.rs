@@ -102,6 +102,11 @@ struct CompareCli {
     /// Keep each protected run's logs, events and stats.
     #[arg(long)]
     keep: bool,
+    /// Passes over the whole list (interleaving the modes); each figure reported is the
+    /// median over the passes, and the overhead's range is shown. The guest's progress
+    /// rate on a shared host varies by several percent from run to run.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
 }
 
 fn parse_link(s: &str) -> Result<Option<u64>, String> {
@@ -266,15 +271,25 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         seed: a.seed,
         live: !a.json,
         keep: a.keep,
+        repeat: a.repeat,
     };
     let json = a.json;
+    // Every single run goes to runs.csv as it ends (a pass's figures, before the medians),
+    // so an interrupted comparison keeps what it measured.
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let runs_path = a.out.join("runs.csv");
+    std::fs::write(&runs_path, compare::CSV_HEADER)
+        .map_err(|e| format!("{}: {e}", runs_path.display()))?;
     let results = compare::run(&args, |r| {
-        if json {
-            match serde_json::to_string(r) {
-                Ok(s) => println!("{s}"),
-                Err(e) => eprintln!("ha-bench: cannot serialize a run: {e}"),
-            }
-        } else {
+        use std::io::Write;
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&runs_path)
+            .and_then(|mut f| f.write_all(compare::csv_row(r).as_bytes()));
+        if let Err(e) = appended {
+            eprintln!("ha-bench: {}: {e}", runs_path.display());
+        }
+        if !json {
             eprintln!(
                 "{:<8} {:<6} {:>5.0} ms {:<9} block {:>4}: {:>10.0} units/s  overhead {:>6}  pause p50 {:>6.2} ms  {:>9.1} KB/epoch  {:>5.1} epochs/s",
                 r.workload,
@@ -300,7 +315,14 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         let p = a.out.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
     }
-    if !json {
+    if json {
+        for r in &results {
+            match serde_json::to_string(r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("ha-bench: cannot serialize a run: {e}"),
+            }
+        }
+    } else {
         println!("{md}");
     }
     if !a.no_plots {

@@ -1,7 +1,7 @@
 //! The benchmark suite as CI runs it: a short `ha-bench compare` on real KVM guests (web
 //! and kv, every mode, through a 1 Gbit/s link shaper) must report every figure for every
-//! run, write the table, the CSV and the plots, and show fgbi sending fewer bytes than
-//! remus on both workloads.
+//! run (fgbi also at block size 128), write the table, the CSV and the plots, and show
+//! fgbi sending fewer bytes than remus on both workloads.
 
 use std::process::Command;
 
@@ -34,6 +34,8 @@ fn short_compare_reports_every_mode_and_writes_plots() {
             "64M",
             "--link",
             "1gbit",
+            "--block-sizes",
+            "128",
             "--json",
             "--out",
         ])
@@ -47,7 +49,11 @@ fn short_compare_reports_every_mode_and_writes_plots() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(runs.len(), 8, "2 workloads x 4 modes: {stdout}");
+    assert_eq!(
+        runs.len(),
+        10,
+        "2 workloads x 4 modes, and fgbi at block 128: {stdout}"
+    );
     let find = |w: &str, m: &str| {
         runs.iter()
             .find(|r| r["workload"] == w && r["mode"] == m)
@@ -73,6 +79,11 @@ fn short_compare_reports_every_mode_and_writes_plots() {
             assert!(r["checkpoints"].as_u64().unwrap_or(0) >= 3, "{r}");
             assert!(r["progress_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
         }
+        let swept = runs
+            .iter()
+            .find(|r| r["workload"] == w && r["mode"] == "fgbi" && r["block_size"] == 128)
+            .unwrap_or_else(|| panic!("no {w} fgbi block 128 run: {stdout}"));
+        assert!(swept["checkpoints"].as_u64().unwrap_or(0) >= 3, "{swept}");
         let wire = |m: &str| find(w, m)["wire_bytes_per_epoch"].as_f64().unwrap_or(0.0);
         assert!(
             wire("fgbi") < wire("remus"),
@@ -82,10 +93,10 @@ fn short_compare_reports_every_mode_and_writes_plots() {
         );
     }
     let csv = std::fs::read_to_string(out_dir.join("compare.csv")).expect("compare.csv");
-    assert_eq!(csv.lines().count(), 9, "{csv}");
+    assert_eq!(csv.lines().count(), 11, "{csv}");
     let md = std::fs::read_to_string(out_dir.join("compare.md")).expect("compare.md");
     assert!(md.contains("| kv | fgbi | 25 ms | 1gbit | 64 |"), "{md}");
-    for png in ["pause.png", "wire.png"] {
+    for png in ["pause.png", "wire.png", "blocksize.png"] {
         let bytes = std::fs::read(out_dir.join(png)).unwrap_or_default();
         assert!(
             bytes.starts_with(b"\x89PNG"),

@@ -471,10 +471,7 @@ impl Engine<'_> {
 
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
     fn pump(&mut self, wait: Duration) -> Result<(), EngineError> {
-        while let Ok(enc) = self.done.try_recv() {
-            self.count_encoded(&enc);
-            self.encoded.insert(enc.epoch, enc);
-        }
+        self.take_encoded();
         let first = if wait.is_zero() {
             self.link.try_recv().ok()
         } else {
@@ -483,7 +480,13 @@ impl Engine<'_> {
         let mut next_ev = first;
         while let Some(ev) = next_ev {
             match ev {
-                LinkEvent::Ack(n, at) => self.acked(n, at)?,
+                LinkEvent::Ack(n, at) => {
+                    // The encoder reports an epoch before handing it to the sender, so
+                    // its report is in `done` by the time the epoch's ack arrives: take
+                    // it first, or the epoch's row would go out without its figures.
+                    self.take_encoded();
+                    self.acked(n, at)?;
+                }
                 LinkEvent::Sent(n, took) => {
                     if let Some(row) = self.inflight.get_mut(&n) {
                         row.send = Some(took);
@@ -497,12 +500,17 @@ impl Engine<'_> {
             }
             next_ev = self.link.try_recv().ok();
         }
+        self.take_encoded();
+        self.count_output();
+        Ok(())
+    }
+
+    /// Move the encoder's reports into `encoded`.
+    fn take_encoded(&mut self) {
         while let Ok(enc) = self.done.try_recv() {
             self.count_encoded(&enc);
             self.encoded.insert(enc.epoch, enc);
         }
-        self.count_output();
-        Ok(())
     }
 
     /// An epoch left the encoder: its bytes and the cache's hit rate.

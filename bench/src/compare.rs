@@ -698,3 +698,148 @@ pub fn csv(rs: &[RunResult]) -> String {
     }
     s
 }
+
+/// Read results back from a CSV that [`csv`] wrote (to redraw plots and tables without
+/// running again).
+pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
+    let bad = |what: String| CompareError::Setting(format!("not a compare.csv: {what}"));
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .ok_or_else(|| bad(format!("no column {name}")))
+    };
+    let cols: Vec<usize> = [
+        "workload",
+        "mode",
+        "interval_ms",
+        "link",
+        "block_size",
+        "rate",
+        "seconds",
+        "progress_per_s",
+        "overhead_pct",
+        "pause_ms_p50",
+        "pause_ms_p99",
+        "pause_ms_max",
+        "wire_bytes_per_epoch",
+        "wire_bytes_per_s",
+        "raw_bytes_per_epoch",
+        "epochs_per_s",
+        "encode_cpu_ms_per_epoch",
+        "checkpoints",
+        "repeats",
+        "overhead_pct_min",
+        "overhead_pct_max",
+    ]
+    .iter()
+    .map(|n| col(n))
+    .collect::<Result<_, _>>()?;
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let get = |i: usize| f.get(cols[i]).copied().unwrap_or_default();
+            let num = |i: usize| -> Result<f64, CompareError> {
+                get(i)
+                    .parse()
+                    .map_err(|_| bad(format!("{:?} in {l}", get(i))))
+            };
+            let opt = |i: usize| get(i).parse::<f64>().ok();
+            let int = |i: usize| -> Result<u64, CompareError> {
+                get(i)
+                    .parse()
+                    .map_err(|_| bad(format!("{:?} in {l}", get(i))))
+            };
+            Ok(RunResult {
+                workload: get(0).to_string(),
+                mode: get(1).to_string(),
+                interval_ms: num(2)?,
+                link: get(3).to_string(),
+                block_size: u32::try_from(int(4)?).map_err(|e| bad(e.to_string()))?,
+                rate: int(5)?,
+                seconds: num(6)?,
+                progress_per_s: num(7)?,
+                overhead_pct: opt(8),
+                pause_ms_p50: num(9)?,
+                pause_ms_p99: num(10)?,
+                pause_ms_max: num(11)?,
+                wire_bytes_per_epoch: num(12)?,
+                wire_bytes_per_s: num(13)?,
+                raw_bytes_per_epoch: num(14)?,
+                epochs_per_s: num(15)?,
+                encode_cpu_ms_per_epoch: num(16)?,
+                checkpoints: usize::try_from(int(17)?).map_err(|e| bad(e.to_string()))?,
+                repeats: usize::try_from(int(18)?).map_err(|e| bad(e.to_string()))?,
+                overhead_pct_min: opt(19),
+                overhead_pct_max: opt(20),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(mode: &str, overhead: Option<f64>) -> RunResult {
+        RunResult {
+            workload: "web".into(),
+            mode: mode.into(),
+            interval_ms: 25.0,
+            link: "1gbit".into(),
+            block_size: 64,
+            rate: 2500,
+            seconds: 4.0,
+            progress_per_s: 2400.5,
+            overhead_pct: overhead,
+            overhead_pct_min: overhead.map(|o| o - 1.0),
+            overhead_pct_max: overhead.map(|o| o + 1.0),
+            repeats: 3,
+            pause_ms_p50: 0.25,
+            pause_ms_p99: 1.5,
+            pause_ms_max: 2.0,
+            wire_bytes_per_epoch: 24_300.0,
+            wire_bytes_per_s: 900_000.0,
+            raw_bytes_per_epoch: 400_000.0,
+            epochs_per_s: 36.5,
+            encode_cpu_ms_per_epoch: 0.8,
+            checkpoints: 420,
+        }
+    }
+
+    /// What `csv` writes, `read_csv` reads back (to the CSV's precision).
+    #[test]
+    fn csv_round_trips() {
+        let rs = vec![result("none", None), result("fgbi", Some(4.4))];
+        let back = read_csv(&csv(&rs)).unwrap_or_default();
+        assert_eq!(back.len(), 2);
+        assert_eq!(csv(&back), csv(&rs));
+        assert_eq!(back[1].overhead_pct, Some(4.4));
+        assert_eq!(back[0].overhead_pct, None);
+        assert!(read_csv("workload,mode\nweb,fgbi\n").is_err());
+    }
+
+    /// Medians per figure over passes, and the overhead's range.
+    #[test]
+    fn aggregate_takes_medians() {
+        let passes: Vec<Vec<RunResult>> = [3.0, 9.0, 4.0]
+            .iter()
+            .map(|&o| {
+                let mut r = result("fgbi", Some(o));
+                r.pause_ms_p50 = o / 10.0;
+                vec![r]
+            })
+            .collect();
+        let a = aggregate(&passes);
+        assert_eq!(a.len(), 1);
+        assert_eq!(a[0].overhead_pct, Some(4.0));
+        assert_eq!(a[0].overhead_pct_min, Some(3.0));
+        assert_eq!(a[0].overhead_pct_max, Some(9.0));
+        assert!((a[0].pause_ms_p50 - 0.4).abs() < 1e-9);
+        assert_eq!(a[0].repeats, 3);
+        assert_eq!(a[0].checkpoints, 3 * 420);
+    }
+}

@@ -107,6 +107,10 @@ struct CompareCli {
     /// rate on a shared host varies by several percent from run to run.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Run nothing: read the compare.csv a run wrote and write its table and plots into
+    /// --out again.
+    #[arg(long, value_name = "CSV")]
+    replot: Option<PathBuf>,
 }
 
 fn parse_link(s: &str) -> Result<Option<u64>, String> {
@@ -257,6 +261,11 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
 }
 
 fn run_compare(a: CompareCli) -> Result<bool, String> {
+    if let Some(path) = &a.replot {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let results = compare::read_csv(&text).map_err(|e| e.to_string())?;
+        return write_outputs(&results, &a.out, a.no_plots).map(|()| true);
+    }
     let args = CompareArgs {
         guest: a.guest,
         workloads: a.workloads,
@@ -306,15 +315,6 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         }
     })
     .map_err(|e| error_chain(&e))?;
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
-    let md = compare::markdown(&results);
-    for (name, text) in [
-        ("compare.md", &md),
-        ("compare.csv", &compare::csv(&results)),
-    ] {
-        let p = a.out.join(name);
-        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
-    }
     if json {
         for r in &results {
             match serde_json::to_string(r) {
@@ -323,16 +323,34 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
             }
         }
     } else {
-        println!("{md}");
+        println!("{}", compare::markdown(&results));
     }
-    if !a.no_plots {
-        let files = plot::all(&results, &a.out).map_err(|e| e.to_string())?;
+    write_outputs(&results, &a.out, a.no_plots)?;
+    Ok(true)
+}
+
+/// compare.md, compare.csv and the plots of `results` into `out`.
+fn write_outputs(
+    results: &[compare::RunResult],
+    out: &std::path::Path,
+    no_plots: bool,
+) -> Result<(), String> {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    for (name, text) in [
+        ("compare.md", compare::markdown(results)),
+        ("compare.csv", compare::csv(results)),
+    ] {
+        let p = out.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if !no_plots {
+        let files = plot::all(results, out).map_err(|e| e.to_string())?;
         for f in files {
             eprintln!("wrote {}", f.display());
         }
     }
-    eprintln!("wrote {}/compare.md and compare.csv", a.out.display());
-    Ok(true)
+    eprintln!("wrote {}/compare.md and compare.csv", out.display());
+    Ok(())
 }
 
 /// An error and its sources, joined with ": ".

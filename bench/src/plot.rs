@@ -234,6 +234,7 @@ fn lines(
                 .configure_mesh()
                 .x_desc(xlabel)
                 .y_desc(ylabel)
+                .x_label_formatter(&|x| format!("{x:.0}"))
                 .draw()
                 .map_err(|x| e(x.to_string()))?;
             for (i, (name, v)) in series.iter().enumerate() {
@@ -253,14 +254,24 @@ fn lines(
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
-                .position(SeriesLabelPosition::UpperRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .draw()
                 .map_err(|x| e(x.to_string()))?;
         }};
     }
     if log_x {
+        // Label exactly the x values measured (block sizes, intervals).
+        let mut keys: Vec<f64> = series
+            .iter()
+            .flat_map(|s| s.1.iter().map(|p| p.0))
+            .collect();
+        keys.sort_by(f64::total_cmp);
+        keys.dedup();
         let chart = cb
-            .build_cartesian_2d((x0 * 0.8..x1 * 1.25).log_scale(), y0..y1)
+            .build_cartesian_2d(
+                (x0 * 0.8..x1 * 1.25).log_scale().with_key_points(keys),
+                y0..y1,
+            )
             .map_err(|x| e(x.to_string()))?;
         body!(chart);
     } else {
@@ -278,11 +289,16 @@ pub fn all(rs: &[RunResult], dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
     let mut files = Vec::new();
     let protected = rs.iter().any(|r| r.mode != "none");
     if protected {
+        let at = rs
+            .iter()
+            .find(|r| r.mode != "none")
+            .map(|r| format!("{:.0} ms, link {}", r.interval_ms, r.link))
+            .unwrap_or_default();
         let f = dir.join("pause.png");
         grouped_bars(
             rs,
             &f,
-            "Pause per checkpoint: p50 (bar) and p99 (whisker)",
+            &format!("Pause per checkpoint, p50 (bar) and p99 (whisker); {at}"),
             "ms",
             |r| r.pause_ms_p50,
             Some(&|r: &RunResult| r.pause_ms_p99),
@@ -293,7 +309,7 @@ pub fn all(rs: &[RunResult], dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
         grouped_bars(
             rs,
             &f,
-            "Wire bytes per checkpoint (log scale)",
+            &format!("Wire bytes per checkpoint (log scale); {at}"),
             "KB per checkpoint",
             |r| r.wire_bytes_per_epoch / 1e3,
             None,

@@ -9,12 +9,13 @@
 //! starts `warmup` seconds after the pair is protected (pre-copy excluded); the `none`
 //! run samples the guest's progress counter over a window of the same length.
 
-use crate::pair::{PairError, daemons, percentile, spawn, unix_ms, wait_event};
+use crate::pair::{
+    PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
+};
 use ha_common::domain::{DomainFactory, GuestSpec};
 use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Errors of a comparison run.
@@ -304,16 +305,7 @@ fn run_protected(
     let s = |v: &str| v.to_string();
     let stalled = |what: &str| PairError::Stalled(what.to_string(), dir.clone());
     let key = f("pair.key");
-    let ok = Command::new(primary_bin)
-        .arg("keygen")
-        .arg(&key)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|st| st.success());
-    if !ok {
-        return Err(stalled("`ha-primary keygen` failed").into());
-    }
+    keygen(primary_bin, &key, &dir)?;
     let interval_s = format!("{}us", interval.as_micros());
     let key_args = [s("--key"), key.display().to_string()];
     let mut backup_args = vec![
@@ -337,18 +329,7 @@ fn run_protected(
     ];
     backup_args.extend(key_args.iter().cloned());
     let _backup = spawn(backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
-    let t = Instant::now();
-    let baddr = loop {
-        if let Ok(v) = std::fs::read_to_string(f("port"))
-            && !v.trim().is_empty()
-        {
-            break v.trim().to_string();
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            return Err(stalled("the backup did not start listening").into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let baddr = backup_addr(&f("port"), &dir)?;
     let rate = a.rate.units(w);
     let mut primary_args = vec![
         s("--backup"),

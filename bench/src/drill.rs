@@ -8,12 +8,13 @@
 //! the two can be compared.
 
 pub use crate::pair::PairError as DrillError;
-use crate::pair::{cpu_ms, daemons, events, percentile, spawn, unix_ms, wait_event};
+use crate::pair::{
+    backup_addr, cpu_ms, daemons, events, keygen, percentile, spawn, unix_ms, wait_event,
+};
 use ha_common::output::{Consumer, WorldView};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Drill settings.
@@ -159,19 +160,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         vec![s("--insecure")]
     } else {
         let key = f("pair.key");
-        let ok = Command::new(&primary_bin)
-            .arg("keygen")
-            .arg(&key)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|st| st.success());
-        if !ok {
-            return Err(DrillError::Stalled(
-                "`ha-primary keygen` failed".into(),
-                dir.clone(),
-            ));
-        }
+        keygen(&primary_bin, &key, &dir)?;
         vec![s("--key"), key.display().to_string()]
     };
     let mut backup_args = vec![
@@ -207,17 +196,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
     let t = Instant::now();
-    let baddr = loop {
-        if let Ok(v) = std::fs::read_to_string(f("port"))
-            && !v.trim().is_empty()
-        {
-            break v.trim().to_string();
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            return Err(stalled("the backup did not start listening"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let baddr = backup_addr(&f("port"), &dir)?;
     let mut primary_args = vec![
         s("--backup"),
         baddr,

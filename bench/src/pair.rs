@@ -137,3 +137,41 @@ pub fn percentile(v: &[u64], p: usize) -> f64 {
     s.get(s.len().saturating_sub(1) * p / 100)
         .map_or(0.0, |&x| x as f64 / 1000.0)
 }
+
+/// Make a pair key at `key` with `ha-primary keygen`, as an operator would.
+pub fn keygen(primary_bin: &Path, key: &Path, dir: &Path) -> Result<(), PairError> {
+    let ok = Command::new(primary_bin)
+        .arg("keygen")
+        .arg(key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|st| st.success());
+    if ok {
+        Ok(())
+    } else {
+        Err(PairError::Stalled(
+            "`ha-primary keygen` failed".into(),
+            dir.to_path_buf(),
+        ))
+    }
+}
+
+/// The address the backup wrote to its `--port-file`, waiting up to 20 s for it.
+pub fn backup_addr(port_file: &Path, dir: &Path) -> Result<String, PairError> {
+    let t = Instant::now();
+    loop {
+        if let Ok(v) = std::fs::read_to_string(port_file)
+            && !v.trim().is_empty()
+        {
+            return Ok(v.trim().to_string());
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err(PairError::Stalled(
+                "the backup did not start listening".into(),
+                dir.to_path_buf(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -7,16 +7,7 @@ use std::process::Command;
 
 #[test]
 fn short_compare_reports_every_mode_and_writes_plots() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        assert!(
-            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
-            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+    if !ha_tests::kvm_or_skip() {
         return;
     }
     let out_dir = std::env::temp_dir().join(format!("castor-compare-ci-{}", std::process::id()));

@@ -5,16 +5,7 @@ use std::process::Command;
 
 #[test]
 fn short_drill_fails_over_with_continuity() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        assert!(
-            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
-            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+    if !ha_tests::kvm_or_skip() {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))

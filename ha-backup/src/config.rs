@@ -104,6 +104,9 @@ pub enum GuestKind {
     Kvm,
     /// The simulated backend (in-process workload thread).
     Sim,
+    /// Xen: restore a new domain with `xl restore` (needs `--xen-config` and a build with
+    /// the `xen` feature, run in dom0).
+    Xen,
 }
 
 /// Castor backup: receives a primary's checkpoints, commits them atomically, and takes the
@@ -141,6 +144,10 @@ pub struct Cli {
     /// Hypervisor backend used to restore the guest on failover.
     #[arg(long, value_enum, default_value_t = GuestKind::Kvm)]
     pub guest: GuestKind,
+    /// With --guest xen: the protected domU's xl config file; the restored domain takes
+    /// its name, kernel and devices from it.
+    #[arg(long, value_name = "FILE")]
+    pub xen_config: Option<PathBuf>,
     /// Output sink (ip:port) the backup releases guest output to after failover.
     #[arg(long, value_name = "ADDR")]
     pub output: Option<SocketAddr>,
@@ -208,6 +215,8 @@ pub struct FileConfig {
     pub detect_timeout: Option<String>,
     /// `--guest`.
     pub guest: Option<String>,
+    /// `--xen-config`.
+    pub xen_config: Option<PathBuf>,
     /// `--output`.
     pub output: Option<SocketAddr>,
     /// `--ack-log`.
@@ -275,7 +284,8 @@ fn block_size(n: u32) -> Result<u32, String> {
     Ok(n)
 }
 fn guest(v: String) -> Result<GuestKind, String> {
-    GuestKind::from_str(&v, false).map_err(|_| format!("{v:?} is not a guest backend (kvm, sim)"))
+    GuestKind::from_str(&v, false)
+        .map_err(|_| format!("{v:?} is not a guest backend (kvm, sim, xen)"))
 }
 
 /// Set `cli.$key` from the file for every key the command line did not give.
@@ -326,6 +336,7 @@ impl Cli {
             interval: duration,
             detect_timeout: |v| duration(v).map(Some),
             guest: guest,
+            xen_config: some,
             output: some,
             ack_log: some,
             events: some,
@@ -358,6 +369,8 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// Backend for the restore.
     pub guest: GuestKind,
+    /// The domU's xl config (Xen).
+    pub xen_config: Option<PathBuf>,
     /// Output sink after failover.
     pub output: Option<SocketAddr>,
     /// Ack log path.
@@ -425,6 +438,7 @@ impl Config {
             block_size,
             detect_timeout,
             guest: cli.guest,
+            xen_config: cli.xen_config.clone(),
             output: cli.output,
             ack_log: cli.ack_log.clone(),
             events: cli.events.clone(),
@@ -596,6 +610,7 @@ mod tests {
             "interval",
             "detect_timeout",
             "guest",
+            "xen_config",
             "output",
             "ack_log",
             "events",

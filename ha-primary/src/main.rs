@@ -88,6 +88,14 @@ fn pair_key(cli: &Cli) -> Result<Option<PairKey>, Box<dyn Error>> {
     }
 }
 
+/// Errors choosing the Xen domain.
+#[derive(Debug, thiserror::Error)]
+enum XenError {
+    /// `--guest xen` without a domain.
+    #[error("--guest xen protects an existing domain: give --xen-domain NAME_OR_DOMID")]
+    NoDomain,
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Keygen { file }) = &cli.command {
         PairKey::generate()?.write_new(file)?;
@@ -118,6 +126,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     };
     let factory: Box<dyn DomainFactory> = match cli.guest.as_str() {
         "sim" => Box::new(ha_sim::SimFactory::new()),
+        "xen" => Box::new(ha_xen::XenFactory::new()),
         _ => Box::new(ha_kvm::KvmFactory::new()),
     };
     let cfg = Config {
@@ -171,7 +180,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(a) = metrics_addr {
         tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
     }
-    let mut domain = factory.create(&spec)?;
+    let mut domain = if cli.guest == "xen" {
+        // Xen: protect an existing domain; Castor does not build it.
+        let target = cli.xen_domain.as_deref().ok_or(XenError::NoDomain)?;
+        let d = ha_xen::attach_boxed(target)?;
+        tracing::info!(
+            domain = target,
+            memory_size = d.memory_size(),
+            "protecting the Xen domain; give the backup --memory {}",
+            d.memory_size()
+        );
+        d
+    } else {
+        factory.create(&spec)?
+    };
     domain.resume()?;
     let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &STOP, &metrics)?;
     tracing::info!(

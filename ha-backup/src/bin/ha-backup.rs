@@ -53,6 +53,31 @@ fn main() -> ExitCode {
             Box::new(ha_kvm::KvmFactory::new())
         }
         GuestKind::Sim => Box::new(ha_sim::SimFactory::new()),
+        GuestKind::Xen => {
+            if !ha_xen::BUILT_WITH_XEN {
+                tracing::warn!(
+                    "this ha-backup was built without the `xen` feature: failover will fail \
+                     (rebuild with --features xen)"
+                );
+            } else if let Err(e) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/xen/privcmd")
+            {
+                tracing::warn!(
+                    "Xen is not available: cannot open /dev/xen/privcmd ({e}): failover will \
+                     fail unless this runs in dom0 of a Xen host"
+                );
+            }
+            if cfg.xen_config.is_none() {
+                tracing::warn!(
+                    "--guest xen without --xen-config: failover cannot restore the domain"
+                );
+            }
+            let mut f = ha_xen::XenFactory::new();
+            f.xl_config = cfg.xen_config.clone();
+            Box::new(f)
+        }
     };
     let metrics = Metrics::new();
     let metrics_addr = match cfg.metrics {

@@ -1,0 +1,65 @@
+#!/bin/sh
+# ha-primary protects the rig's running PVH domU (--guest xen --xen-domain) and streams
+# its checkpoints to ha-backup in the same dom0 over loopback; every VERIFY-th checkpoint
+# carries a digest of the whole guest memory that the backup checks against its committed
+# image (digest mode; a mismatch makes the backup exit 3 with a verify_failed event).
+#   xen-replicate-digest      >= 2 verified checkpoints, no mismatch, backup stopped cleanly
+#   xen-replicate-guest-runs  the domU counted on during and after protection
+# VERIFY (5), RUN (seconds, 200) and MODE (remus) may be set with --env.
+. "$RIG_LIB"
+VERIFY=${VERIFY:-5}
+RUN=${RUN:-200}
+MODE=${MODE:-remus}
+S=$SCRATCH
+# A PVH guest's gfn space reaches 4 GiB (its special frames): both images are sparse
+# allocations that dom0's 768 MB cannot back in full.
+echo 1 >/proc/sys/vm/overcommit_memory
+MEM=$(xen-selftest size "$DOMU") || {
+	rig_fail xen-replicate-digest "xen-selftest size failed"
+	exit 0
+}
+echo "replicate: memory size $MEM, mode $MODE, verify every $VERIFY, run ${RUN}s"
+ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
+	--insecure --mode "$MODE" --interval 100ms --detect-timeout 120s \
+	--events $S/backup.events --stats $S/backup.csv 2>$S/backup.log &
+bpid=$!
+sleep 1
+c0=$(rig_counter)
+ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
+	--mode "$MODE" --interval 100ms --verify-every "$VERIFY" --ack-timeout 300s \
+	--run-for "${RUN}s" --events $S/primary.events --stats $S/primary.csv \
+	>$S/primary.json 2>$S/primary.log &
+ppid=$!
+# Stop the backup before the primary ends (its end would look like a primary failure).
+i=0
+while kill -0 $ppid 2>/dev/null && [ $i -lt $((RUN - 8)) ]; do
+	sleep 1
+	i=$((i + 1))
+done
+kill -TERM $bpid
+wait $bpid
+brc=$?
+wait $ppid
+prc=$?
+c1=$(rig_counter)
+echo "replicate: backup exit $brc, primary exit $prc, counter $c0 -> $c1"
+grep -v ' DEBUG ' $S/primary.log | tail -n 6 | cut -c1-300 | sed 's/^/primary| /'
+tail -n 4 $S/backup.log | cut -c1-300 | sed 's/^/backup| /'
+cut -d, -f1-4,8,21-23 $S/primary.csv | sed 's/^/primary.csv| /'
+cut -d, -f1-6 $S/backup.csv | sed 's/^/backup.csv| /'
+cps=$(grep -c '"event":"checkpoint"' $S/backup.events)
+vf=$(grep -c 'verify_failed' $S/backup.events)
+verified=$((cps / VERIFY))
+if [ "$brc" = 0 ] && [ "$vf" = 0 ] && [ "$verified" -ge 2 ]; then
+	rig_pass xen-replicate-digest "$cps checkpoints committed, $verified of them verified \
+against a digest of the whole guest memory (every $VERIFY), no mismatch; backup exit $brc"
+else
+	rig_fail xen-replicate-digest "$cps checkpoints, $verified verified, verify_failed \
+events $vf, backup exit $brc, primary exit $prc"
+fi
+if [ "$c1" -gt "$c0" ] && rig_wait_counter $((c1 + 2)) 30; then
+	rig_pass xen-replicate-guest-runs "counter $c0 -> $c1 during protection, $(rig_counter) after"
+else
+	rig_fail xen-replicate-guest-runs "counter $c0 -> $c1 during protection, $(rig_counter) after"
+fi
+exit 0

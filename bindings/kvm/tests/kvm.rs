@@ -222,10 +222,18 @@ fn no_dirty_page_is_lost() {
                     );
                 }
             }
-            let extra = dirty.count() - changed;
+            // Over-reporting is bounded, not counting pages the VMM wrote at creation
+            // (params, program, web's document root): the first guest access to a
+            // host-written page can come back dirty once (seen on PVM for the
+            // document root, which the guest only reads), without a change.
+            let extra = (0..pages)
+                .filter(|&i| dirty.get(i) && !first.get(i))
+                .count()
+                .saturating_sub(changed);
             assert!(
                 extra <= 8 + changed / 10,
-                "{w:?} cycle {cycle}: {} harvested, {changed} changed",
+                "{w:?} cycle {cycle}: {} harvested ({extra} unchanged outside the creation-time \
+                 VMM writes), {changed} changed",
                 dirty.count()
             );
             changed_total += changed;

@@ -10,6 +10,7 @@ use ha_bench::compare::{self, CompareArgs, Rate};
 use ha_bench::{cases, pgpairs, plot};
 use ha_common::block::BlockSize;
 use ha_common::codec::{GeneralCodec, Mode};
+use ha_common::error_chain;
 use ha_common::guest_abi::Workload;
 use ha_common::units::{parse_duration, parse_rate};
 use std::path::PathBuf;
@@ -351,17 +352,6 @@ fn write_outputs(
     }
     eprintln!("wrote {}/compare.md and compare.csv", out.display());
     Ok(())
-}
-
-/// An error and its sources, joined with ": ".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
 }
 
 fn default_pairs_dir() -> Option<PathBuf> {

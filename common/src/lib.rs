@@ -41,3 +41,15 @@ pub mod xbzrle;
 
 /// Guest page size in bytes. Castor works in 4 KiB pages throughout.
 pub const PAGE_SIZE: usize = 4096;
+
+/// An error and its sources, joined with ": " (for one-line messages to operators).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -123,16 +123,7 @@ impl Exit {
 }
 
 /// An error and its sources, joined with ": ".
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use ha_common::error_chain as chain;
 
 /// The files the receive loop writes besides the socket.
 #[derive(Debug)]

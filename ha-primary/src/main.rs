@@ -2,6 +2,7 @@
 
 use ha_common::codec::CodecConfig;
 use ha_common::domain::{DomainFactory, GuestSpec};
+use ha_common::error_chain as chain;
 use ha_common::guest_abi::{GuestParams, HEAP_GPA};
 use ha_common::secure::PairKey;
 use ha_primary::cli::{Cli, CliError, Command};
@@ -46,17 +47,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its sources, joined with ": ".
-fn chain(e: &(dyn Error + 'static)) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        msg.push_str(&format!(": {s}"));
-        src = s.source();
-    }
-    msg
 }
 
 /// Errors choosing how the link is secured.

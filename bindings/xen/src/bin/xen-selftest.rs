@@ -12,6 +12,7 @@
 //! xen-selftest save DOMAIN          the state blob saves and decodes (HVM context, params, TSC)
 //! ```
 
+use ha_common::error_chain as chain;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,18 +36,6 @@ impl Verdicts {
         );
         self.failed |= !ok;
     }
-}
-
-/// An error and its sources, joined with ": ".
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A frame's fingerprint, None for a hole.

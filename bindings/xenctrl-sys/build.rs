@@ -30,6 +30,12 @@ const FUNCTIONS: &[&str] = &[
     "xenforeignmemory_close",
     "xenforeignmemory_map",
     "xenforeignmemory_unmap",
+    "xc_version",
+    "xs_open",
+    "xs_close",
+    "xs_read",
+    "xs_write",
+    "xs_resume_domain",
 ];
 
 /// The constants Castor uses (regular expressions).
@@ -39,6 +45,8 @@ const CONSTANTS: &[&str] = &[
     "HVM_PARAM_.*",
     "SHUTDOWN_.*",
     "XC_PAGE_SHIFT",
+    "XENVER_version",
+    "XBT_NULL",
 ];
 
 #[cfg(feature = "xen")]
@@ -72,4 +80,5 @@ fn generate() {
     println!("cargo:rustc-link-lib=xenctrl");
     println!("cargo:rustc-link-lib=xenforeignmemory");
     println!("cargo:rustc-link-lib=xenguest");
+    println!("cargo:rustc-link-lib=xenstore");
 }

@@ -2,3 +2,4 @@
 #include <xenctrl.h>
 #include <xenforeignmemory.h>
 #include <xenguest.h>
+#include <xenstore.h>

@@ -84,6 +84,16 @@ pub struct Cli {
     /// built-in workload options do not apply to it).
     #[arg(long, value_name = "NAME_OR_DOMID")]
     pub xen_domain: Option<String>,
+    /// With --guest xen: how each checkpoint holds the domain still. suspend: the guest's
+    /// kernel suspends itself at Castor's request (xenstore control/shutdown, as `xl save`
+    /// does) and goes on with the suspend cancelled; only such checkpoints can be restored
+    /// on the backup. pause: xc_domain_pause, unseen by the guest; cheaper, but a domain
+    /// restored from it cannot run, so the backup refuses to fail over.
+    #[arg(long, default_value = "suspend", value_parser = XEN_HOLDS)]
+    pub xen_hold: String,
+    /// With --xen-hold suspend: how long a checkpoint waits for the guest to suspend.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub xen_suspend_timeout: Duration,
     /// Built-in workload the guest runs: idle, memwrite, web, kv, npb.
     #[arg(long, default_value = "web")]
     pub workload: Workload,
@@ -185,6 +195,8 @@ pub enum Command {
 
 /// The guest backends `--guest` accepts.
 const GUESTS: [&str; 3] = ["kvm", "sim", "xen"];
+/// The values of `--xen-hold`.
+const XEN_HOLDS: [&str; 2] = ["suspend", "pause"];
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
@@ -211,6 +223,10 @@ pub struct FileConfig {
     pub guest: Option<String>,
     /// `--xen-domain`.
     pub xen_domain: Option<String>,
+    /// `--xen-hold`.
+    pub xen_hold: Option<String>,
+    /// `--xen-suspend-timeout`.
+    pub xen_suspend_timeout: Option<String>,
     /// `--workload`.
     pub workload: Option<String>,
     /// `--memory`.
@@ -299,6 +315,15 @@ fn duration(v: String) -> Result<Duration, String> {
 fn parsed<T: std::str::FromStr<Err: std::fmt::Display>>(v: String) -> Result<T, String> {
     v.parse().map_err(|e: T::Err| e.to_string())
 }
+fn xen_hold(v: String) -> Result<String, String> {
+    if XEN_HOLDS.contains(&v.as_str()) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v:?} is not a way to hold a Xen guest (suspend, pause)"
+        ))
+    }
+}
 fn guest(v: String) -> Result<String, String> {
     if GUESTS.contains(&v.as_str()) {
         Ok(v)
@@ -345,6 +370,8 @@ impl Cli {
             backup: same,
             guest: guest,
             xen_domain: some,
+            xen_hold: xen_hold,
+            xen_suspend_timeout: duration,
             workload: parsed::<Workload>,
             memory: size,
             heap: |v| size(v).map(Some),
@@ -469,6 +496,8 @@ mod tests {
             "backup",
             "guest",
             "xen_domain",
+            "xen_hold",
+            "xen_suspend_timeout",
             "workload",
             "memory",
             "heap",

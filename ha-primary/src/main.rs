@@ -173,10 +173,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     let mut domain = if cli.guest == "xen" {
         // Xen: protect an existing domain; Castor does not build it.
         let target = cli.xen_domain.as_deref().ok_or(XenError::NoDomain)?;
-        let d = ha_xen::attach_boxed(target)?;
+        let hold = if cli.xen_hold == "pause" {
+            ha_xen::Hold::Pause
+        } else {
+            ha_xen::Hold::Suspend(cli.xen_suspend_timeout)
+        };
+        let d = ha_xen::attach_boxed(target, hold)?;
         tracing::info!(
             domain = target,
             memory_size = d.memory_size(),
+            hold = %cli.xen_hold,
             "protecting the Xen domain; give the backup --memory {}",
             d.memory_size()
         );

@@ -24,6 +24,8 @@ use ha_common::guest_abi::{GuestStatus, OutputRecord};
 
 use crate::state::{SAVED_PARAMS, SavedState};
 use crate::xc::{DomInfo, HypercallBuffer, Mapping, Xc, XcError};
+use crate::xs::{Xs, XsError};
+use std::time::{Duration, Instant};
 use xenctrl_sys as sys;
 
 /// Frames per window: 2 MiB, the unit of Castor's linear memory (the engine wants a
@@ -61,11 +63,13 @@ fn backend(op: &'static str) -> impl FnOnce(XcError) -> DomainError {
     }
 }
 
-/// The windows (gfn / 512) holding at least one populated frame, in order. Mapping a
-/// hole costs about as much as mapping a frame: this is the slow part of an attach
-/// (~16 s for a PVH guest's 4 GiB of gfns under QEMU's TCG; milliseconds natively).
-fn probe_windows(xc: &Xc, domid: u32, p2m_pages: u64) -> Result<Vec<u64>, DomainError> {
+/// The windows (gfn / 512) holding at least one populated frame, in order, and the gfns
+/// inside them that are not populated. Mapping a hole costs about as much as mapping a
+/// frame: this is the slow part of an attach (~16 s for a PVH guest's 4 GiB of gfns under
+/// QEMU's TCG; milliseconds natively).
+fn probe_windows(xc: &Xc, domid: u32, p2m_pages: u64) -> Result<(Vec<u64>, Vec<u64>), DomainError> {
     let mut out = Vec::new();
+    let mut holes = Vec::new();
     for w in 0..p2m_pages.div_ceil(WINDOW) {
         let first = w * WINDOW;
         let gfns: Vec<u64> = (first..(first + WINDOW).min(p2m_pages)).collect();
@@ -74,9 +78,74 @@ fn probe_windows(xc: &Xc, domid: u32, p2m_pages: u64) -> Result<Vec<u64>, Domain
             .map_err(backend("xenforeignmemory_map"))?;
         if map.errs.contains(&0) {
             out.push(w);
+            holes.extend(
+                (first..first + WINDOW).filter(|g| map.page((g - first) as usize).is_none()),
+            );
         }
     }
-    Ok(out)
+    Ok((out, holes))
+}
+
+/// How the domain is held still for a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    /// Running.
+    Running,
+    /// Paused by Castor (`xc_domain_pause`).
+    Paused,
+    /// Suspended by its own kernel at Castor's request (`control/shutdown = suspend`).
+    Suspended,
+}
+
+/// What a cooperative suspend needs: a xenstore connection and how long to wait.
+#[derive(Debug)]
+struct Cooperative {
+    xs: Xs,
+    timeout: Duration,
+}
+
+impl Cooperative {
+    /// Ask the guest to suspend itself (`control/shutdown = suspend`) and wait until Xen
+    /// reports it shut down for suspend. Returns how long that took.
+    fn suspend(&self, xc: &Xc, domid: u32) -> Result<Duration, DomainError> {
+        let node = format!("/local/domain/{domid}/control/shutdown");
+        let xs_err = |e: XsError| DomainError::Backend {
+            op: "xenstore write",
+            source: Box::new(e),
+        };
+        let t0 = Instant::now();
+        self.xs.write(&node, "suspend").map_err(xs_err)?;
+        let mut nap = Duration::from_micros(100);
+        loop {
+            let i = xc.info(domid).map_err(backend("xc_domain_getinfo"))?;
+            if i.shutdown && i.shutdown_reason == SHUTDOWN_SUSPEND {
+                return Ok(t0.elapsed());
+            }
+            if i.shutdown || i.crashed || i.dying {
+                return Err(DomainError::GuestFault(format!(
+                    "domain {domid} shut down (reason {}) instead of suspending",
+                    i.shutdown_reason
+                )));
+            }
+            if t0.elapsed() > self.timeout {
+                // Withdraw the request, so that a late suspend does not strand the guest.
+                self.xs.write(&node, "").map_err(xs_err)?;
+                let acked = self.xs.read(&node).is_some_and(|v| v.is_empty());
+                return Err(DomainError::GuestFault(format!(
+                    "domain {domid} did not suspend within {:?} of control/shutdown=suspend \
+                     ({}; does its kernel support Xen suspend?)",
+                    self.timeout,
+                    if acked {
+                        "the request was never acknowledged"
+                    } else {
+                        "it acknowledged the request but did not suspend"
+                    }
+                )));
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(2));
+        }
+    }
 }
 
 /// A window of mapped frames.
@@ -100,9 +169,13 @@ pub struct XenDomain {
     windows: Vec<u64>,
     /// Window → its slot in `windows`.
     slot_of: std::collections::HashMap<u64, usize>,
+    /// Gfns inside the windows that were not populated at attach.
+    holes: Vec<u64>,
     /// Memory size reported to the engine (windows × 2 MiB).
     size: u64,
-    paused: bool,
+    held: Held,
+    /// Checkpoint a suspended guest (see [`XenDomain::set_cooperative`]).
+    cooperative: Option<Cooperative>,
     logdirty: bool,
     /// `nr_pages` at attach: a change means frames were populated or released, maybe
     /// outside the kept windows.
@@ -135,7 +208,7 @@ impl XenDomain {
             .max_gpfn(domid)
             .map_err(backend("xc_domain_maximum_gpfn"))?;
         let p2m_pages = max_gpfn + 1;
-        let windows = probe_windows(&xc, domid, p2m_pages)?;
+        let (windows, holes) = probe_windows(&xc, domid, p2m_pages)?;
         let slot_of = windows.iter().enumerate().map(|(i, w)| (*w, i)).collect();
         let size = windows.len() as u64 * WINDOW * PAGE_SIZE as u64;
         let bitmap_pages = usize::try_from(p2m_pages.div_ceil(8 * PAGE_SIZE as u64))
@@ -171,11 +244,69 @@ impl XenDomain {
             p2m_pages,
             windows,
             slot_of,
+            holes,
             size,
-            paused: false,
+            // Castor's pause is a reference: a domain paused by someone else stays so.
+            held: Held::Running,
+            cooperative: None,
             logdirty: false,
             nr_pages: info.nr_pages,
             backend_frames,
+            snapshot: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Take checkpoints of a suspended guest from now on: [`Domain::pause`] asks the
+    /// guest's kernel to suspend itself (`control/shutdown = suspend` in xenstore, as libxl
+    /// does) and waits up to `timeout`; [`Domain::resume`] lets it go on with the suspend
+    /// cancelled. A domain restored from such a checkpoint sees its suspend succeed and
+    /// sets up its event channels, grant tables and shared info again, as after a
+    /// migration; one restored from a plain pause cannot (docs/XEN.md).
+    pub fn set_cooperative(&mut self, timeout: Duration) -> Result<(), DomainError> {
+        let xs = Xs::open().map_err(|e| DomainError::Unavailable {
+            what: "xenstore".into(),
+            hint: "a cooperative checkpoint asks the guest to suspend through xenstore".into(),
+            source: Some(Box::new(e)),
+        })?;
+        self.cooperative = Some(Cooperative { xs, timeout });
+        Ok(())
+    }
+
+    /// A domain that `xl restore -p` just built from a Castor checkpoint (`state`): paused,
+    /// with the windows and holes of the checkpoint (no probe, no learning, no dirty log).
+    pub fn adopt(domid: u32, state: &SavedState) -> Result<Self, DomainError> {
+        let xc = Xc::open().map_err(backend("xc_interface_open"))?;
+        let info = xc.info(domid).map_err(backend("xc_domain_getinfo"))?;
+        let max_gpfn = xc
+            .max_gpfn(domid)
+            .map_err(backend("xc_domain_maximum_gpfn"))?;
+        let bitmap = xc
+            .hypercall_buffer(1)
+            .map_err(backend("xc_hypercall_buffer_alloc_pages"))?;
+        Ok(Self {
+            window: RefCell::new(None),
+            bitmap,
+            xc,
+            domid,
+            p2m_pages: max_gpfn + 1,
+            windows: state.windows.clone(),
+            slot_of: state
+                .windows
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (*w, i))
+                .collect(),
+            holes: state.holes.clone(),
+            size: state.windows.len() as u64 * WINDOW * PAGE_SIZE as u64,
+            held: if info.paused {
+                Held::Paused
+            } else {
+                Held::Running
+            },
+            cooperative: None,
+            logdirty: false,
+            nr_pages: info.nr_pages,
+            backend_frames: Vec::new(),
             snapshot: std::collections::HashMap::new(),
         })
     }
@@ -281,7 +412,7 @@ impl XenDomain {
     /// run, pause, harvest, snapshot, compare with the log.
     /// Called by [`crate::attach`]; leaves the guest as it found it.
     pub fn learn_hidden_writes(&mut self) -> Result<usize, DomainError> {
-        let was_paused = self.paused;
+        let was_paused = self.held != Held::Running;
         let mut found = std::collections::BTreeSet::new();
         let pages = usize::try_from(self.size / PAGE_SIZE as u64).unwrap_or(0);
         let mut bitmap = PageBitmap::new(pages);
@@ -489,6 +620,7 @@ impl XenDomain {
             domid: self.domid,
             max_gpfn: self.p2m_pages - 1,
             windows: self.windows.clone(),
+            holes: self.holes.clone(),
             suspended,
             hvm_context,
             params,
@@ -526,28 +658,58 @@ impl Domain for XenDomain {
         Ok(())
     }
 
+    /// Hold the guest still: suspended by its own kernel in cooperative mode, paused
+    /// otherwise.
     fn pause(&mut self) -> Result<(), DomainError> {
-        if !self.paused {
+        if self.held != Held::Running {
+            return Ok(());
+        }
+        if let Some(c) = &self.cooperative {
+            let took = c.suspend(&self.xc, self.domid)?;
+            self.held = Held::Suspended;
+            tracing::trace!(
+                domid = self.domid,
+                took_us = took.as_micros() as u64,
+                "suspended"
+            );
+        } else {
             self.xc
                 .pause(self.domid)
                 .map_err(backend("xc_domain_pause"))?;
-            self.paused = true;
+            self.held = Held::Paused;
         }
         Ok(())
     }
 
+    /// Let the guest go on: a suspended guest resumes with its suspend cancelled
+    /// (`xc_domain_resume(fast)`, then xenstored is told), a paused one is unpaused.
     fn resume(&mut self) -> Result<(), DomainError> {
-        if self.paused {
-            self.xc
-                .unpause(self.domid)
-                .map_err(backend("xc_domain_unpause"))?;
-            self.paused = false;
+        match self.held {
+            Held::Running => {}
+            Held::Paused => {
+                self.xc
+                    .unpause(self.domid)
+                    .map_err(backend("xc_domain_unpause"))?;
+            }
+            Held::Suspended => {
+                self.xc
+                    .resume_cooperative(self.domid)
+                    .map_err(backend("xc_domain_resume"))?;
+                if let Some(c) = &self.cooperative {
+                    c.xs.resume_domain(self.domid)
+                        .map_err(|e| DomainError::Backend {
+                            op: "xs_resume_domain",
+                            source: Box::new(e),
+                        })?;
+                }
+            }
         }
+        self.held = Held::Running;
         Ok(())
     }
 
     fn is_paused(&self) -> bool {
-        self.paused
+        self.held != Held::Running
     }
 
     fn harvest_dirty(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
@@ -589,7 +751,7 @@ impl Domain for XenDomain {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
-        if !self.paused {
+        if self.held == Held::Running {
             return Err(DomainError::WrongState {
                 op: "save_state",
                 needs: "paused",
@@ -644,11 +806,9 @@ impl Drop for XenDomain {
         if let Err(e) = self.stop_dirty_log() {
             tracing::warn!(domid = self.domid, error = %e, "cannot turn log-dirty off");
         }
-        // The domain outlives Castor: never leave it paused behind.
-        if self.paused
-            && let Err(e) = self.xc.unpause(self.domid)
-        {
-            tracing::warn!(domid = self.domid, error = %e, "cannot unpause the domain");
+        // The domain outlives Castor: never leave it paused or suspended behind.
+        if let Err(e) = self.resume() {
+            tracing::warn!(domid = self.domid, error = %e, "cannot let the domain go on");
         }
     }
 }

@@ -4,13 +4,16 @@
 //! the primary attaches to it by name or id (`ha-primary --guest xen --xen-domain NAME`),
 //! pauses it with `xc_domain_pause`, harvests Xen's log-dirty bitmap with
 //! `XEN_DOMCTL_SHADOW_OP_CLEAN`, reads dirty frames through `xenforeignmemory_map` by gfn,
-//! and saves the HVM context, the HVM params and the TSC info. Building a domain from a
-//! committed checkpoint on the backup (failover) is not implemented yet:
-//! [`XenFactory::restore`] says so (docs/XEN.md says what stands in the way).
+//! and saves the HVM context, the HVM params and the TSC info. By default each checkpoint
+//! is of a *suspended* guest (its kernel suspends itself at Castor's request and resumes
+//! with the suspend cancelled), so that on the backup [`XenFactory::restore`] can write the
+//! committed checkpoint as an xl save file and build the new domain with `xl restore`.
 //!
 //! | module | concern |
 //! |---|---|
 //! | [`state`] | the saved state blob (always built) |
+//! | [`stream`] | a checkpoint as an xl save file (libxl v2 / libxc v3 stream; always built) |
+//! | `xs` | xenstore: the suspend request (`xen` feature) |
 //! | `xc` | safe wrappers over libxenctrl / libxenforeignmemory (`xen` feature) |
 //! | `domain` | [`XenDomain`], the `Domain` implementation (`xen` feature) |
 //!
@@ -23,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod state;
+pub mod stream;
 
 #[cfg(feature = "xen")]
 pub mod domain;
@@ -30,6 +34,8 @@ pub mod domain;
 mod restore;
 #[cfg(feature = "xen")]
 pub mod xc;
+#[cfg(feature = "xen")]
+pub mod xs;
 
 #[cfg(feature = "xen")]
 pub use domain::XenDomain;
@@ -106,7 +112,37 @@ pub fn resolve_domain(name_or_id: &str) -> Result<u32, DomainError> {
     })
 }
 
-/// Attach to an existing domain by name or id.
+/// How a protected Xen guest is held still for each checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Ask the guest's kernel to suspend itself (`control/shutdown = suspend`), wait for it
+    /// up to this long, and resume it with the suspend cancelled. Checkpoints a restored
+    /// domain can run from (the default).
+    Suspend(std::time::Duration),
+    /// `xc_domain_pause`: the guest does not know. Cheaper, but a domain restored from such
+    /// a checkpoint has lost its event channels and grant tables (docs/XEN.md): for
+    /// replication tests, not for failover.
+    Pause,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self::Suspend(std::time::Duration::from_secs(30))
+    }
+}
+
+/// Attach to an existing domain by name or id, holding it for checkpoints as `hold` says.
+#[cfg(feature = "xen")]
+pub fn attach_holding(name_or_id: &str, hold: Hold) -> Result<XenDomain, DomainError> {
+    let mut d = attach(name_or_id)?;
+    if let Hold::Suspend(timeout) = hold {
+        d.set_cooperative(timeout)?;
+    }
+    Ok(d)
+}
+
+/// Attach to an existing domain by name or id (checkpoints pause it; see
+/// [`attach_holding`]).
 #[cfg(feature = "xen")]
 pub fn attach(name_or_id: &str) -> Result<XenDomain, DomainError> {
     // Fail on a missing hypervisor before asking xl anything.
@@ -132,15 +168,18 @@ pub fn attach(_name_or_id: &str) -> Result<Box<dyn Domain>, DomainError> {
     Err(not_built())
 }
 
-/// Attach to an existing domain by name or id, boxed (the same call with or without the
-/// `xen` feature; without it, `DomainError::Unavailable`).
-pub fn attach_boxed(name_or_id: &str) -> Result<Box<dyn Domain>, DomainError> {
+/// Attach to an existing domain by name or id, holding it as `hold` says, boxed (the same
+/// call with or without the `xen` feature; without it, `DomainError::Unavailable`).
+pub fn attach_boxed(name_or_id: &str, hold: Hold) -> Result<Box<dyn Domain>, DomainError> {
     #[cfg(feature = "xen")]
     {
-        Ok(Box::new(attach(name_or_id)?))
+        Ok(Box::new(attach_holding(name_or_id, hold)?))
     }
     #[cfg(not(feature = "xen"))]
-    attach(name_or_id)
+    {
+        let _ = hold;
+        attach(name_or_id)
+    }
 }
 
 impl DomainFactory for XenFactory {
@@ -169,8 +208,8 @@ impl DomainFactory for XenFactory {
         attach(target)
     }
 
-    /// Not implemented yet: returns `DomainError::BadState` saying so (after checking the
-    /// state blob).
+    /// Build a new domain from a committed checkpoint with `xl restore` (see
+    /// `restore.rs`); it comes back paused.
     fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError> {
         #[cfg(feature = "xen")]
         {

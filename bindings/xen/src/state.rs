@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Magic at the start of a state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"CASTXEN1";
 /// Version of [`SavedState`]'s encoding.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
 
 /// The HVM params saved with each checkpoint: the ones Xen's own save code
 /// (`xg_sr_save_x86_hvm.c`) writes into a migration stream. Zero values are not saved.
@@ -71,6 +71,9 @@ pub struct SavedState {
     /// The 2 MiB windows (gfn / 512) that make up Castor's linear memory image, in order:
     /// linear page `i` is gfn `windows[i / 512] * 512 + i % 512`.
     pub windows: Vec<u64>,
+    /// The gfns inside those windows that were not populated at the attach (they read as
+    /// zeros in the image and are left unpopulated in a restored domain).
+    pub holes: Vec<u64>,
     /// Whether the domain was suspended cooperatively (the guest called
     /// `SCHEDOP_shutdown(SHUTDOWN_suspend)`), so that a restored copy resumes as after a
     /// migration; false for a plain pause.
@@ -122,6 +125,7 @@ mod tests {
             domid: 3,
             max_gpfn: 0xfefff,
             windows: vec![0, 1, 0x7f7],
+            holes: vec![0x7f7 * 512 + 3],
             suspended: false,
             hvm_context: vec![1, 2, 3, 4],
             params: vec![(1, 0xfeffc), (17, 0xfefff)],

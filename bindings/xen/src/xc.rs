@@ -153,6 +153,21 @@ impl Xc {
         Self::check("xc_domain_resume", domid, rc)
     }
 
+    /// The hypervisor's version, `(major, minor)` (`xc_version(XENVER_version)`).
+    pub fn version(&self) -> Result<(u32, u32), XcError> {
+        // SAFETY: XENVER_version takes no argument and returns major << 16 | minor.
+        let v = unsafe {
+            sys::xc_version(
+                self.xch.as_ptr(),
+                sys::XENVER_version.cast_signed(),
+                ptr::null_mut(),
+            )
+        };
+        Self::check("xc_version", 0, v)?;
+        let v = v.cast_unsigned();
+        Ok((v >> 16, v & 0xffff))
+    }
+
     /// `xc_domain_maximum_gpfn`: the highest gfn in the domain's p2m.
     pub fn max_gpfn(&self, domid: u32) -> Result<u64, XcError> {
         let mut gpfn: sys::xen_pfn_t = 0;

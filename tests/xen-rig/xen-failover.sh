@@ -1,0 +1,115 @@
+#!/bin/sh
+# Failover of the rig's PVH domU. ha-primary protects it with checkpoints of a suspended
+# guest (--xen-hold suspend, the default) and streams them to ha-backup in the same dom0
+# over loopback. Then the primary host "dies": ha-primary is frozen, the domU destroyed
+# and ha-primary killed. The backup must build a new domain from its last committed
+# checkpoint (an xl save file handed to xl restore), and the Linux guest must go on from
+# the checkpoint's counter.
+#   xen-failover-protected  >= CPS checkpoints committed, the domU counting on meanwhile
+#   xen-failover-restored   the backup went active: xl restore built the domain
+#   xen-failover-continues  the new domain's first counter is after the one seen before
+#                           the last CPS/2 commits and at most one past the last one the
+#                           dead domain printed, and it counts on from there
+# CPS (6) and MODE (remus) may be set with --env.
+. "$RIG_LIB"
+CPS=${CPS:-6}
+MODE=${MODE:-remus}
+S=$SCRATCH
+log=$DOMU_CONSOLE_LOG
+# The backup's committed image and its save file, the primary's cache: more than dom0's
+# 768 MB would back if every page were touched; they are not.
+echo 1 >/proc/sys/vm/overcommit_memory
+MEM=$(xen-selftest size "$DOMU") || {
+	rig_fail xen-failover-protected "xen-selftest size failed"
+	exit 0
+}
+checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
+echo "failover: memory size $MEM, mode $MODE"
+ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
+	--insecure --mode "$MODE" --interval 200ms --detect-timeout 120s \
+	--events $S/backup.events --stats $S/backup.csv 2>$S/backup.log &
+bpid=$!
+sleep 1
+c0=$(rig_counter)
+ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
+	--mode "$MODE" --interval 200ms --ack-timeout 300s \
+	--events $S/primary.events --stats $S/primary.csv >$S/primary.json 2>$S/primary.log &
+ppid=$!
+
+# Protected: wait (bounded) for CPS/2 checkpoints, note the counter, then CPS in all.
+wait_cps() {
+	_i=0
+	while [ "$(checkpoints)" -lt "$1" ] && kill -0 $ppid 2>/dev/null && [ $_i -lt 600 ]; do
+		sleep 1
+		_i=$((_i + 1))
+	done
+	[ "$(checkpoints)" -ge "$1" ]
+}
+wait_cps $((CPS / 2))
+lo=$(rig_counter)
+if ! wait_cps "$CPS"; then
+	rig_fail xen-failover-protected "$(checkpoints) checkpoints committed (want $CPS); primary alive: $(kill -0 $ppid 2>/dev/null && echo yes || echo no)"
+	grep -v ' DEBUG ' $S/primary.log | tail -n 8 | cut -c1-300 | sed 's/^/primary| /'
+	tail -n 8 $S/backup.log | cut -c1-300 | sed 's/^/backup| /'
+	kill -KILL $ppid $bpid 2>/dev/null
+	exit 0
+fi
+c1=$(rig_counter)
+rig_pass xen-failover-protected "$(checkpoints) checkpoints committed, counter $c0 -> $c1 meanwhile"
+cut -d, -f1-6 $S/primary.csv | tail -n 5 | sed 's/^/primary.csv| /'
+
+# The primary host dies: freeze ha-primary (it cannot resume or release anything), destroy
+# the domain, kill ha-primary. The backup sees the connection drop.
+kill -STOP $ppid
+xl destroy "$DOMU"
+kill -KILL $ppid
+sleep 1
+dead=$(rig_counter)
+lines=$(wc -l <"$log")
+echo "failover: primary killed, domU destroyed at counter $dead (after $(checkpoints) checkpoints)"
+
+i=0
+while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 300 ]; do
+	sleep 1
+	i=$((i + 1))
+done
+grep -v ' DEBUG ' $S/backup.log | tail -n 8 | cut -c1-400 | sed 's/^/backup| /'
+if grep -q '"event":"active"' $S/backup.events; then
+	rig_pass xen-failover-restored "$(grep '"event":"active"' $S/backup.events | cut -c1-200); domain $(rig_domid)"
+else
+	rig_fail xen-failover-restored "the backup did not go active in ${i}s (alive: $(kill -0 $bpid 2>/dev/null && echo yes || echo no))"
+	exit 0
+fi
+
+# The restored guest prints again: its first counter, then it counts on.
+first=
+i=0
+while [ -z "$first" ] && [ $i -lt 120 ]; do
+	sleep 1
+	i=$((i + 1))
+	first=$(tail -n +"$((lines + 1))" "$log" | tr -d '\r' | grep -o 'counter [0-9]*' | head -n 1 | cut -d' ' -f2)
+done
+if [ -z "$first" ]; then
+	rig_fail xen-failover-continues "the restored domain printed no counter in ${i}s"
+	tail -n +"$((lines + 1))" "$log" | tail -n 10 | sed 's/^/console| /'
+	xl list
+	exit 0
+fi
+more=$(tail -n +"$((lines + 1))" "$log" | tr -d '\r' | grep -o 'counter [0-9]*' | wc -l)
+i=0
+while [ "$more" -lt 5 ] && [ $i -lt 60 ]; do
+	sleep 1
+	i=$((i + 1))
+	more=$(tail -n +"$((lines + 1))" "$log" | tr -d '\r' | grep -o 'counter [0-9]*' | wc -l)
+done
+now=$(rig_counter)
+if [ "$first" -gt "$lo" ] && [ "$first" -le $((dead + 1)) ] && [ "$more" -ge 5 ] && [ "$now" -ge $((first + 4)) ]; then
+	rig_pass xen-failover-continues "counter $lo at an earlier commit, $dead when the domain died; the restored domain printed $first first and counted on to $now"
+else
+	rig_fail xen-failover-continues "counter $lo at an earlier commit, $dead when the domain died; the restored domain printed $first first, $more counters since, now $now"
+fi
+tail -n +"$((lines + 1))" "$log" | tr -d '\r' | head -n 4 | sed 's/^/console| /'
+kill -TERM $bpid
+wait $bpid
+echo "failover: backup exit $?"
+exit 0

@@ -1,18 +1,22 @@
 #!/bin/sh
-# Failover of the rig's PVH domU. ha-primary protects it with checkpoints of a suspended
-# guest (--xen-hold suspend, the default) and streams them to ha-backup in the same dom0
-# over loopback. Then the primary host "dies": ha-primary is frozen, the domU destroyed
-# and ha-primary killed. The backup must build a new domain from its last committed
+# Replication and failover of the rig's PVH domU. ha-primary protects it with checkpoints
+# of a suspended guest (--xen-hold suspend, the default) and streams them to ha-backup in
+# the same dom0 over loopback; every VERIFY-th checkpoint carries a digest of the whole
+# guest memory, which the backup checks against its committed image (a mismatch makes it
+# exit 3). Then the primary host "dies": ha-primary is frozen, the domU destroyed and
+# ha-primary killed. The backup must build a new domain from its last committed
 # checkpoint (an xl save file handed to xl restore), and the Linux guest must go on from
 # the checkpoint's counter.
-#   xen-failover-protected  >= CPS checkpoints committed, the domU counting on meanwhile
+#   xen-failover-protected  >= CPS checkpoints committed, >= 2 of them verified, no
+#                           mismatch, the domU counting on meanwhile
 #   xen-failover-restored   the backup went active: xl restore built the domain
 #   xen-failover-continues  the new domain's first counter is after the one seen before
 #                           the last CPS/2 commits and at most one past the last one the
 #                           dead domain printed, and it counts on from there
-# CPS (6) and MODE (remus) may be set with --env.
+# CPS (9), VERIFY (3) and MODE (remus) may be set with --env.
 . "$RIG_LIB"
-CPS=${CPS:-6}
+CPS=${CPS:-9}
+VERIFY=${VERIFY:-3}
 MODE=${MODE:-remus}
 S=$SCRATCH
 log=$DOMU_CONSOLE_LOG
@@ -32,7 +36,7 @@ bpid=$!
 sleep 1
 c0=$(rig_counter)
 ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
-	--mode "$MODE" --interval 200ms --ack-timeout 300s \
+	--mode "$MODE" --interval 200ms --ack-timeout 300s --verify-every "$VERIFY" \
 	--events $S/primary.events --stats $S/primary.csv >$S/primary.json 2>$S/primary.log &
 ppid=$!
 
@@ -47,15 +51,19 @@ wait_cps() {
 }
 wait_cps $((CPS / 2))
 lo=$(rig_counter)
-if ! wait_cps "$CPS"; then
-	rig_fail xen-failover-protected "$(checkpoints) checkpoints committed (want $CPS); primary alive: $(kill -0 $ppid 2>/dev/null && echo yes || echo no)"
+wait_cps "$CPS"
+grep -a 'frames that change while' $S/primary.log | sed 's/.*frames=/primary learned frames written behind the dirty log: /'
+cps=$(checkpoints)
+vf=$(cat $S/backup.events 2>/dev/null | grep -c verify_failed)
+if [ "$cps" -lt "$CPS" ] || [ "$vf" != 0 ] || ! kill -0 $bpid 2>/dev/null; then
+	rig_fail xen-failover-protected "$cps checkpoints committed (want $CPS), verify_failed events $vf; primary alive: $(kill -0 $ppid 2>/dev/null && echo yes || echo no), backup alive: $(kill -0 $bpid 2>/dev/null && echo yes || echo no)"
 	grep -v ' DEBUG ' $S/primary.log | tail -n 8 | cut -c1-300 | sed 's/^/primary| /'
 	tail -n 8 $S/backup.log | cut -c1-300 | sed 's/^/backup| /'
 	kill -KILL $ppid $bpid 2>/dev/null
 	exit 0
 fi
 c1=$(rig_counter)
-rig_pass xen-failover-protected "$(checkpoints) checkpoints committed, counter $c0 -> $c1 meanwhile"
+rig_pass xen-failover-protected "$cps checkpoints committed, $((cps / VERIFY)) of them verified against a digest of the whole guest memory (every $VERIFY), no mismatch; counter $c0 -> $c1 meanwhile"
 cut -d, -f1-6 $S/primary.csv | tail -n 5 | sed 's/^/primary.csv| /'
 
 # The primary host dies: freeze ha-primary (it cannot resume or release anything), destroy

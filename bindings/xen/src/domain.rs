@@ -399,8 +399,9 @@ impl XenDomain {
         Ok(out)
     }
 
-    /// Find the frames that change while the domain is paused and add them to the frames
-    /// reported dirty and snapshotted at every harvest.
+    /// Find the frames that change while the domain is held (paused, or suspended in
+    /// cooperative mode) and add them to the frames reported dirty and snapshotted at
+    /// every harvest.
     ///
     /// Xen writes some guest frames through its own mappings, which log-dirty does not
     /// see: the vCPU info areas and the FIFO event-channel control blocks and event arrays
@@ -408,9 +409,14 @@ impl XenDomain {
     /// there even while the domain is paused). Their gfns are not exposed to dom0, so they
     /// are learned: a frame that changes while the guest cannot run was written by Xen (or a
     /// dom0 backend), and so is one that changed while it ran without being logged.
-    /// `LEARN_ROUNDS` times: pause, snapshot, fire xenstore events, wait, snapshot, compare;
-    /// run, pause, harvest, snapshot, compare with the log.
-    /// Called by [`crate::attach`]; leaves the guest as it found it.
+    /// `LEARN_ROUNDS` times: hold, snapshot, fire xenstore events, wait, snapshot, compare;
+    /// run, hold, harvest, snapshot, compare with the log.
+    ///
+    /// Held by a plain pause, the guest's own timer keeps firing, and its first event
+    /// usually sets the vCPU info's `evtchn_upcall_pending` before the first snapshot, so
+    /// that frame is seldom seen to change (the rig's runs never learned it). A suspended
+    /// guest has stopped its timers: the poke's event is the one that sets it.
+    /// Called by [`crate::attach_holding`]; leaves the guest as it found it.
     pub fn learn_hidden_writes(&mut self) -> Result<usize, DomainError> {
         let was_paused = self.held != Held::Running;
         let mut found = std::collections::BTreeSet::new();

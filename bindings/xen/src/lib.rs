@@ -133,18 +133,12 @@ impl Default for Hold {
 
 /// Attach to an existing domain by name or id, holding it for checkpoints as `hold` says.
 #[cfg(feature = "xen")]
-pub fn attach_holding(name_or_id: &str, hold: Hold) -> Result<XenDomain, DomainError> {
-    let mut d = attach(name_or_id)?;
-    if let Hold::Suspend(timeout) = hold {
-        d.set_cooperative(timeout)?;
-    }
-    Ok(d)
-}
-
-/// Attach to an existing domain by name or id (checkpoints pause it; see
-/// [`attach_holding`]).
+///
+/// The frames Xen writes behind the dirty log are learned with the guest held the same way
+/// (see [`XenDomain::learn_hidden_writes`]).
 #[cfg(feature = "xen")]
-pub fn attach(name_or_id: &str) -> Result<XenDomain, DomainError> {
+pub fn attach_holding(name_or_id: &str, hold: Hold) -> Result<XenDomain, DomainError> {
+    // Fail on a missing hypervisor before asking xl anything.
     // Fail on a missing hypervisor before asking xl anything.
     xc::Xc::open().map_err(|e| match e {
         xc::XcError::Privcmd(source) => DomainError::Unavailable {
@@ -158,8 +152,18 @@ pub fn attach(name_or_id: &str) -> Result<XenDomain, DomainError> {
         },
     })?;
     let mut d = XenDomain::attach(resolve_domain(name_or_id)?)?;
+    if let Hold::Suspend(timeout) = hold {
+        d.set_cooperative(timeout)?;
+    }
     d.learn_hidden_writes()?;
     Ok(d)
+}
+
+/// Attach to an existing domain by name or id; checkpoints pause it (see
+/// [`attach_holding`]).
+#[cfg(feature = "xen")]
+pub fn attach(name_or_id: &str) -> Result<XenDomain, DomainError> {
+    attach_holding(name_or_id, Hold::Pause)
 }
 
 /// Attach to an existing domain by name or id (this build has no Xen support).

@@ -10,6 +10,9 @@
 //!                                   the dirty log (compared with copies made through
 //!                                   foreign mapping)
 //! xen-selftest save DOMAIN          the state blob saves and decodes (HVM context, params, TSC)
+//! xen-selftest shadow DOMAIN [ROUNDS] a copy kept only from harvests (as the backup's
+//!                                   image is) equals what every 5th checkpoint reads, the
+//!                                   guest held as ha-primary holds it (suspended)
 //! ```
 
 use ha_common::error_chain as chain;
@@ -325,7 +328,14 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let mut v = Verdicts::default();
-    let mut d = match ha_xen::attach(target) {
+    // `size` needs no learning; `shadow` holds the guest as ha-primary does by default
+    // (suspended); the others check the plain pause.
+    let attached = match cmd.as_str() {
+        "size" => ha_xen::resolve_domain(target).and_then(XenDomain::attach),
+        "shadow" => ha_xen::attach_holding(target, ha_xen::Hold::default()),
+        _ => ha_xen::attach(target),
+    };
+    let mut d = match attached {
         Ok(d) => d,
         Err(e) => {
             v.report(

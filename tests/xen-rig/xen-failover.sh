@@ -52,7 +52,7 @@ wait_cps() {
 wait_cps $((CPS / 2))
 lo=$(rig_counter)
 wait_cps "$CPS"
-grep -a 'frames that change while' $S/primary.log | sed 's/.*frames=/primary learned frames written behind the dirty log: /'
+grep -a 'behind the dirty log' $S/primary.log | sed 's/^/primary| /'
 cps=$(checkpoints)
 vf=$(cat $S/backup.events 2>/dev/null | grep -c verify_failed)
 if [ "$cps" -lt "$CPS" ] || [ "$vf" != 0 ] || ! kill -0 $bpid 2>/dev/null; then

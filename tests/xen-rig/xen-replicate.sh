@@ -43,6 +43,7 @@ wait $ppid
 prc=$?
 c1=$(rig_counter)
 echo "replicate: backup exit $brc, primary exit $prc, counter $c0 -> $c1"
+grep -a 'behind the dirty log' $S/primary.log | sed 's/^/primary| /'
 grep -v ' DEBUG ' $S/primary.log | tail -n 6 | cut -c1-300 | sed 's/^/primary| /'
 tail -n 4 $S/backup.log | cut -c1-300 | sed 's/^/backup| /'
 cut -d, -f1-4,8,21-23 $S/primary.csv | sed 's/^/primary.csv| /'

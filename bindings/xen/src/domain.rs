@@ -46,6 +46,11 @@ const LEARN_RUN: std::time::Duration = std::time::Duration::from_millis(400);
 /// from dom0 arrive meanwhile).
 const LEARN_PAUSED: std::time::Duration = std::time::Duration::from_millis(1500);
 
+/// At most this many frames of a checkpoint are remembered for the check behind the dirty
+/// log (see [`XenDomain::check_behind_log`]); a larger dirty set (the first harvest, a
+/// pre-copy round) is not.
+const TRACK_SENT: usize = 16_384;
+
 /// `SHUTDOWN_suspend`.
 const SHUTDOWN_SUSPEND: u32 = 2;
 
@@ -186,6 +191,8 @@ pub struct XenDomain {
     /// Their content as of the last harvest: reads are served from here, so that a
     /// checkpoint's copy and its digest agree even when Xen writes them while paused.
     snapshot: std::collections::HashMap<u64, Box<[u8]>>,
+    /// (gfn, hash as of the harvest) of the frames the last harvest reported dirty.
+    sent: Vec<(u64, u64)>,
 }
 
 impl XenDomain {
@@ -253,6 +260,7 @@ impl XenDomain {
             nr_pages: info.nr_pages,
             backend_frames,
             snapshot: std::collections::HashMap::new(),
+            sent: Vec::new(),
         })
     }
 
@@ -308,6 +316,7 @@ impl XenDomain {
             nr_pages: info.nr_pages,
             backend_frames: Vec::new(),
             snapshot: std::collections::HashMap::new(),
+            sent: Vec::new(),
         })
     }
 
@@ -516,6 +525,77 @@ impl XenDomain {
             if let Some(p) = map.page(i) {
                 self.snapshot.insert(*g, p.into());
             }
+        }
+        Ok(())
+    }
+
+    /// A hash of each of `gfns` as it is now (None: not mappable).
+    fn hash_frames(&self, gfns: &[u64]) -> Result<Vec<Option<u64>>, DomainError> {
+        if gfns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map = self
+            .xc
+            .map(self.domid, gfns)
+            .map_err(backend("xenforeignmemory_map"))?;
+        Ok((0..gfns.len())
+            .map(|i| map.page(i).map(xxhash_rust::xxh3::xxh3_64))
+            .collect())
+    }
+
+    /// The check behind the dirty log, at every harvest: a frame the last harvest reported
+    /// dirty that has changed since, although the log does not report it now, was written
+    /// behind the log (by Xen or a dom0 backend) — a frame the learning at attach missed.
+    /// It is reported dirty now, so this checkpoint carries it, and at every checkpoint
+    /// from now on. Then the frames reported now are hashed for the next check.
+    ///
+    /// This catches such a frame when the guest also wrote it in the epoch before, as it
+    /// does the event and vCPU info frames whenever it handles an event. It costs a
+    /// second read of the dirty frames (skipped for dirty sets over [`TRACK_SENT`]).
+    fn check_behind_log(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
+        let prev = std::mem::take(&mut self.sent);
+        let quiet: Vec<(u64, u64)> = prev
+            .into_iter()
+            .filter(|(g, _)| {
+                self.page_of(*g)
+                    .is_some_and(|p| !dirty.get(usize::try_from(p).unwrap_or(usize::MAX)))
+            })
+            .collect();
+        let gfns: Vec<u64> = quiet.iter().map(|(g, _)| *g).collect();
+        let now = self.hash_frames(&gfns)?;
+        let found: Vec<u64> = quiet
+            .iter()
+            .zip(now)
+            .filter(|((_, was), now)| *now != Some(*was))
+            .map(|((g, _), _)| *g)
+            .collect();
+        if !found.is_empty() {
+            tracing::warn!(
+                domid = self.domid,
+                frames = format!("{found:x?}"),
+                "frames changed behind the dirty log since the last checkpoint (missed by the \
+                 learning at attach): sent now, and at every checkpoint from now on"
+            );
+            self.backend_frames.extend(&found);
+            self.take_snapshot()?;
+            for g in &found {
+                if let Some(p) = self.page_of(*g) {
+                    dirty.set(usize::try_from(p).unwrap_or(usize::MAX));
+                }
+            }
+        }
+        if dirty.count() <= TRACK_SENT {
+            let gfns: Vec<u64> = dirty
+                .iter_set()
+                .map(|p| self.gfn_of(p as u64))
+                .filter(|g| !self.backend_frames.contains(g))
+                .collect();
+            let hashes = self.hash_frames(&gfns)?;
+            self.sent = gfns
+                .into_iter()
+                .zip(hashes)
+                .filter_map(|(g, h)| h.map(|h| (g, h)))
+                .collect();
         }
         Ok(())
     }
@@ -752,6 +832,7 @@ impl Domain for XenDomain {
                 dirty.set(usize::try_from(p).unwrap_or(usize::MAX));
             }
         }
+        self.check_behind_log(dirty)?;
         tracing::trace!(domid = self.domid, dirty = n, "log-dirty CLEAN");
         Ok(())
     }

@@ -480,7 +480,7 @@ impl XenDomain {
         tracing::info!(
             domid = self.domid,
             frames = format!("{new:x?}"),
-            "frames that change while the domain is paused (written by Xen behind the dirty \
+            "frames that change while the domain is held (written by Xen behind the dirty \
              log): sent at every checkpoint, as of the harvest"
         );
         let n = new.len();

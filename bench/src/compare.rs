@@ -10,7 +10,7 @@
 //! run samples the guest's progress counter over a window of the same length.
 
 use crate::pair::{
-    PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
+    BackupSpec, PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
 };
 use ha_common::domain::{DomainFactory, GuestSpec};
 use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
@@ -109,6 +109,10 @@ pub struct CompareArgs {
     pub keep: bool,
     /// Passes over the whole list; each figure is the median over the passes.
     pub repeat: usize,
+    /// Run a fresh `none` right before each protected run and take that run's overhead
+    /// against it (instead of against the pass's one `none`): load drift between the
+    /// baseline and the run cancels out, at twice the time.
+    pub paired: bool,
 }
 
 /// One run's figures.
@@ -308,26 +312,17 @@ fn run_protected(
     keygen(primary_bin, &key, &dir)?;
     let interval_s = format!("{}us", interval.as_micros());
     let key_args = [s("--key"), key.display().to_string()];
-    let mut backup_args = vec![
-        s("--listen"),
-        s("127.0.0.1:0"),
-        s("--port-file"),
-        f("port").display().to_string(),
-        s("--memory"),
-        a.memory.clone(),
-        s("--mode"),
-        s(mode),
-        s("--guest"),
-        a.guest.clone(),
-        s("--interval"),
-        interval_s.clone(),
-        // The backup must not take over during a measurement on a busy host.
-        s("--detect-timeout"),
-        s("5s"),
-        s("--block-size"),
-        block_size.to_string(),
-    ];
-    backup_args.extend(key_args.iter().cloned());
+    // The backup must not take over during a measurement on a busy host: 5 s detection.
+    let backup_args = BackupSpec {
+        dir: &dir,
+        memory: &a.memory,
+        mode,
+        guest: &a.guest,
+        interval: &interval_s,
+        detect_timeout: "5s",
+        key_args: &key_args,
+    }
+    .args(&[s("--block-size"), block_size.to_string()]);
     let _backup = spawn(backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let baddr = backup_addr(&f("port"), &dir)?;
     let rate = a.rate.units(w);
@@ -511,30 +506,41 @@ fn one_pass(
     each: &mut impl FnMut(&RunResult),
 ) -> Result<Vec<RunResult>, CompareError> {
     let mut out: Vec<RunResult> = Vec::new();
-    let mut push = |mut r: RunResult, out: &mut Vec<RunResult>| {
-        if let Some(base) = out
+    // A run's overhead is against its own baseline (`paired`: reported to `each` but not
+    // a row of the pass) or else the pass's `none` of the workload.
+    let mut push = |(base, mut r): (Option<RunResult>, RunResult), out: &mut Vec<RunResult>| {
+        if let Some(b) = &base {
+            each(b);
+            set_overhead(&mut r, b);
+        } else if let Some(b) = out
             .iter()
             .find(|b| b.mode == "none" && b.workload == r.workload)
-            && r.mode != "none"
-            && base.progress_per_s > 0.0
         {
-            let o = 100.0 * (1.0 - r.progress_per_s / base.progress_per_s);
-            r.overhead_pct = Some(o);
-            r.overhead_pct_min = Some(o);
-            r.overhead_pct_max = Some(o);
+            set_overhead(&mut r, b);
         }
         each(&r);
         out.push(r);
     };
+    let has_none = a.modes.iter().any(|m| m == "none");
+    // A protected run, after its own baseline when `paired`.
+    type Paired = (Option<RunResult>, RunResult);
+    let protected = |b: &Bins, w, m: &str, iv, link, bs| -> Result<Paired, CompareError> {
+        let base = if a.paired && has_none {
+            Some(run_none(a, w)?)
+        } else {
+            None
+        };
+        Ok((base, run_protected(b, a, w, m, iv, link, bs)?))
+    };
     for &w in &a.workloads {
-        if a.modes.iter().any(|m| m == "none") {
-            push(run_none(a, w)?, &mut out);
+        if has_none {
+            push((None, run_none(a, w)?), &mut out);
         }
         for &link in &a.links {
             for &iv in &a.intervals {
                 for m in a.modes.iter().filter(|m| *m != "none") {
                     if let Some(b) = bins {
-                        push(run_protected(b, a, w, m, iv, link, 64)?, &mut out);
+                        push(protected(b, w, m, iv, link, 64)?, &mut out);
                     }
                 }
             }
@@ -543,12 +549,22 @@ fn one_pass(
             && a.modes.iter().any(|m| m == "fgbi")
         {
             for &bs in a.block_sizes.iter().filter(|&&bs| bs != 64) {
-                let r = run_protected(b, a, w, "fgbi", a.intervals[0], a.links[0], bs)?;
+                let r = protected(b, w, "fgbi", a.intervals[0], a.links[0], bs)?;
                 push(r, &mut out);
             }
         }
     }
     Ok(out)
+}
+
+/// Set `r`'s overhead against the unprotected `base` of the same workload.
+fn set_overhead(r: &mut RunResult, base: &RunResult) {
+    if r.mode != "none" && base.progress_per_s > 0.0 {
+        let o = 100.0 * (1.0 - r.progress_per_s / base.progress_per_s);
+        r.overhead_pct = Some(o);
+        r.overhead_pct_min = Some(o);
+        r.overhead_pct_max = Some(o);
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -9,7 +9,8 @@
 
 pub use crate::pair::PairError as DrillError;
 use crate::pair::{
-    backup_addr, cpu_ms, daemons, events, keygen, percentile, spawn, unix_ms, wait_event,
+    BackupSpec, backup_addr, cpu_ms, daemons, events, keygen, percentile, spawn, unix_ms,
+    wait_event,
 };
 use ha_common::output::{Consumer, WorldView};
 use serde_json::Value;
@@ -163,21 +164,16 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         keygen(&primary_bin, &key, &dir)?;
         vec![s("--key"), key.display().to_string()]
     };
-    let mut backup_args = vec![
-        s("--listen"),
-        s("127.0.0.1:0"),
-        s("--port-file"),
-        f("port").display().to_string(),
-        s("--memory"),
-        a.memory.clone(),
-        s("--mode"),
-        a.mode.clone(),
-        s("--guest"),
-        a.guest.clone(),
-        s("--interval"),
-        a.interval.clone(),
-        s("--detect-timeout"),
-        a.detect_timeout.clone(),
+    let backup_args = BackupSpec {
+        dir: &dir,
+        memory: &a.memory,
+        mode: &a.mode,
+        guest: &a.guest,
+        interval: &a.interval,
+        detect_timeout: &a.detect_timeout,
+        key_args: &key_args,
+    }
+    .args(&[
         s("--output"),
         world.addr.to_string(),
         s("--ack-log"),
@@ -191,8 +187,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
             "{}ms",
             Duration::from_secs_f64(a.after.max(0.0)).as_millis()
         ),
-    ];
-    backup_args.extend(key_args.iter().cloned());
+    ]);
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
     let t = Instant::now();

@@ -108,6 +108,11 @@ struct CompareCli {
     /// rate on a shared host varies by several percent from run to run.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Run a fresh unprotected `none` right before each protected run and take the run's
+    /// overhead against it, not against the pass's one `none` (needs `none` in --modes;
+    /// twice the time): load drift on a shared host then cancels out of the overhead.
+    #[arg(long)]
+    paired: bool,
     /// Run nothing: read the compare.csv a run wrote and write its table and plots into
     /// --out again.
     #[arg(long, value_name = "CSV")]
@@ -282,6 +287,7 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         live: !a.json,
         keep: a.keep,
         repeat: a.repeat,
+        paired: a.paired,
     };
     let json = a.json;
     // Every single run goes to runs.csv as it ends (a pass's figures, before the medians),

@@ -138,6 +138,55 @@ pub fn percentile(v: &[u64], p: usize) -> f64 {
         .map_or(0.0, |&x| x as f64 / 1000.0)
 }
 
+/// What a bench pair's `ha-backup` is started with; [`BackupSpec::args`] makes its
+/// command line.
+#[derive(Debug)]
+pub struct BackupSpec<'a> {
+    /// The run's directory: the backup writes its port to `port` there.
+    pub dir: &'a Path,
+    /// `--memory`.
+    pub memory: &'a str,
+    /// `--mode`.
+    pub mode: &'a str,
+    /// `--guest`.
+    pub guest: &'a str,
+    /// `--interval`.
+    pub interval: &'a str,
+    /// `--detect-timeout`.
+    pub detect_timeout: &'a str,
+    /// `--key FILE` or `--insecure`.
+    pub key_args: &'a [String],
+}
+
+impl BackupSpec<'_> {
+    /// `ha-backup`'s arguments: listen on an ephemeral loopback port (written to
+    /// `DIR/port`, see [`backup_addr`]), the pair's settings, the key, then `extra`.
+    pub fn args(&self, extra: &[String]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--port-file",
+            &self.dir.join("port").display().to_string(),
+            "--memory",
+            self.memory,
+            "--mode",
+            self.mode,
+            "--guest",
+            self.guest,
+            "--interval",
+            self.interval,
+            "--detect-timeout",
+            self.detect_timeout,
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(self.key_args.iter().cloned());
+        v.extend(extra.iter().cloned());
+        v
+    }
+}
+
 /// Make a pair key at `key` with `ha-primary keygen`, as an operator would.
 pub fn keygen(primary_bin: &Path, key: &Path, dir: &Path) -> Result<(), PairError> {
     let ok = Command::new(primary_bin)

@@ -97,3 +97,56 @@ fn short_compare_reports_every_mode_and_writes_plots() {
     }
     let _ = std::fs::remove_dir_all(&out_dir);
 }
+
+/// `--paired`: every protected run gets its own `none` right before it, and its overhead
+/// is against that baseline, not the pass's first `none` (both are in runs.csv).
+#[test]
+fn paired_runs_take_the_overhead_against_their_own_baseline() {
+    if !ha_tests::kvm_or_skip() {
+        return;
+    }
+    let out_dir = std::env::temp_dir().join(format!("castor-paired-ci-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
+        .args([
+            "compare",
+            "--workloads",
+            "kv",
+            "--modes",
+            "none,fgbi",
+            "--paired",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--memory",
+            "64M",
+            "--no-plots",
+            "--json",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .expect("ha-bench runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stderr}");
+    let runs = std::fs::read_to_string(out_dir.join("runs.csv")).expect("runs.csv");
+    let rows: Vec<Vec<&str>> = runs
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    let modes: Vec<&str> = rows.iter().map(|r| r[1]).collect();
+    assert_eq!(modes, ["none", "none", "fgbi"], "{runs}");
+    let progress = |r: &Vec<&str>| r[7].parse::<f64>().expect("progress_per_s");
+    let overhead: f64 = rows[2][8].parse().expect("overhead_pct");
+    let against = |base: f64| 100.0 * (1.0 - progress(&rows[2]) / base);
+    assert!(
+        (overhead - against(progress(&rows[1]))).abs() < 0.01,
+        "overhead {overhead} is not against the paired baseline: {runs}"
+    );
+    // The table has one `none` row (the pass's) and the fgbi row.
+    let csv = std::fs::read_to_string(out_dir.join("compare.csv")).expect("compare.csv");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}

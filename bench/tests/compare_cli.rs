@@ -3,7 +3,29 @@
 //! run (fgbi also at block size 128), write the table, the CSV and the plots, and show
 //! fgbi sending fewer bytes than remus on both workloads.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// `ha-bench compare` with 1 s runs after 0.5 s of warm-up on 64 MiB guests, JSON out,
+/// results in `out_dir`, plus `args`.
+fn compare(args: &[&str], out_dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ha-bench"))
+        .args([
+            "compare",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.5",
+            "--memory",
+            "64M",
+            "--json",
+        ])
+        .args(args)
+        .arg("--out")
+        .arg(out_dir)
+        .output()
+        .expect("ha-bench runs")
+}
 
 #[test]
 fn short_compare_reports_every_mode_and_writes_plots() {
@@ -12,27 +34,17 @@ fn short_compare_reports_every_mode_and_writes_plots() {
     }
     let out_dir = std::env::temp_dir().join(format!("castor-compare-ci-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
-        .args([
-            "compare",
+    let out = compare(
+        &[
             "--workloads",
             "web,kv",
-            "--seconds",
-            "1",
-            "--warmup",
-            "0.5",
-            "--memory",
-            "64M",
             "--link",
             "1gbit",
             "--block-sizes",
             "128",
-            "--json",
-            "--out",
-        ])
-        .arg(&out_dir)
-        .output()
-        .expect("ha-bench runs");
+        ],
+        &out_dir,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
@@ -107,27 +119,17 @@ fn paired_runs_take_the_overhead_against_their_own_baseline() {
     }
     let out_dir = std::env::temp_dir().join(format!("castor-paired-ci-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
-    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
-        .args([
-            "compare",
+    let out = compare(
+        &[
             "--workloads",
             "kv",
             "--modes",
             "none,fgbi",
             "--paired",
-            "--seconds",
-            "1",
-            "--warmup",
-            "0.5",
-            "--memory",
-            "64M",
             "--no-plots",
-            "--json",
-            "--out",
-        ])
-        .arg(&out_dir)
-        .output()
-        .expect("ha-bench runs");
+        ],
+        &out_dir,
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "compare failed:\n{stderr}");
     let runs = std::fs::read_to_string(out_dir.join("runs.csv")).expect("runs.csv");

@@ -108,6 +108,14 @@ pub trait Domain: Send {
 
     /// `Ok` while the guest is healthy; the error that stopped it otherwise.
     fn check_health(&self) -> Result<(), DomainError>;
+
+    /// Whether the guest goes on running when the process protecting it ends (a Xen
+    /// domain does; a KVM guest lives in the VMM's process and ends with it). Such a
+    /// primary tells its backup to stand down when it stops, or the backup would start a
+    /// second copy of a guest that still runs.
+    fn outlives_vmm(&self) -> bool {
+        false
+    }
 }
 
 /// What to create: memory size and the workload guest's parameters.

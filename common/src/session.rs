@@ -5,7 +5,8 @@
 //! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
 //! reason names both values of any mismatch). Then the primary sends epochs and, when
 //! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
-//! each committed epoch.
+//! each committed epoch. A primary whose guest outlives it (Xen) ends with a stand-down,
+//! so that its backup does not take over a guest that still runs.
 
 use crate::block::BlockSize;
 use crate::codec::Mode;
@@ -28,6 +29,9 @@ pub mod frame_type {
     pub const ACK: u8 = 19;
     /// Primary → backup: still alive.
     pub const HEARTBEAT: u8 = 20;
+    /// Primary → backup: protection ends on purpose and the guest goes on without this
+    /// primary; do not take over (UTF-8 reason).
+    pub const STAND_DOWN: u8 = 21;
 }
 
 /// Errors parsing or checking session messages.
@@ -188,6 +192,11 @@ pub fn put_refuse(out: &mut Vec<u8>, reason: &str) {
 /// Encode an Ack of a committed epoch.
 pub fn put_ack(out: &mut Vec<u8>, epoch: u64) {
     put_frame(out, frame_type::ACK, &epoch.to_le_bytes());
+}
+
+/// Encode a stand-down with its reason.
+pub fn put_stand_down(out: &mut Vec<u8>, reason: &str) {
+    put_frame(out, frame_type::STAND_DOWN, reason.as_bytes());
 }
 
 /// Encode a heartbeat.

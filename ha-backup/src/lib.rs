@@ -244,6 +244,19 @@ fn serve(
             return Ok(Exit::Stopped);
         }
         Received::VerifyFailed => return Ok(Exit::VerifyFailed),
+        Received::StoodDown(reason) => {
+            warn!(
+                reason = %reason,
+                last_epoch = committed.epoch(),
+                "the primary stood down: its guest goes on without protection there; not \
+                 taking over"
+            );
+            sinks.events.note(
+                "primary_stood_down",
+                json!({ "reason": reason, "last_epoch": committed.epoch() }),
+            );
+            return Ok(Exit::Stopped);
+        }
     };
     rx.close();
     if stager.discard() {
@@ -466,6 +479,8 @@ enum Received {
     Lost(Loss),
     Stopped,
     VerifyFailed,
+    /// The primary ended protection on purpose; its guest goes on there (the reason).
+    StoodDown(String),
 }
 
 /// Receive, stage, commit and acknowledge epochs until the primary is lost.
@@ -487,6 +502,11 @@ fn receive(
                 });
             }
         };
+        if frame.ty == ha_common::session::frame_type::STAND_DOWN {
+            return Ok(Received::StoodDown(
+                String::from_utf8_lossy(frame.body()).into_owned(),
+            ));
+        }
         let verified = match stager.push(&frame, committed.image()) {
             Ok(None) => continue,
             Ok(Some(v)) => v,

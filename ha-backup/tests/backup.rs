@@ -670,3 +670,30 @@ fn insecure_backup_speaks_plain_tcp_and_warns() {
         b.stderr()
     );
 }
+
+/// A primary whose guest outlives it (Xen) ends with a stand-down: the backup keeps its
+/// commit and exits 0 without taking over, even though the connection then closes.
+#[test]
+fn a_stand_down_ends_the_session_without_a_takeover() {
+    let dir = scratch("stand-down");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "150ms"]));
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    let mut last = 0;
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(15));
+        last = p.epoch(true, Verify::Right).epoch;
+    }
+    let mut bye = Vec::new();
+    ha_common::session::put_stand_down(&mut bye, "protection stopped on request");
+    p.send(&bye);
+    let _ = p.stream.get_ref().shutdown(std::net::Shutdown::Both);
+    let status = b.wait();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
+    let stood = b.event("primary_stood_down").expect("primary_stood_down");
+    assert_eq!(stood["last_epoch"], last, "{stood}");
+    assert_eq!(stood["reason"], "protection stopped on request", "{stood}");
+    assert!(b.event("active").is_none(), "no takeover: {:?}", b.events());
+    assert!(b.event("primary_lost").is_none(), "{:?}", b.events());
+    assert!(b.stderr().contains("not taking over"), "{}", b.stderr());
+}

@@ -167,7 +167,14 @@ struct Engine<'a> {
     released_seen: u64,
     /// When the engine started: the stats' time origin.
     born: Instant,
+    /// The link's frame queue, for the stand-down (epochs go through the encoder's).
+    ctl: Option<crossbeam_channel::Sender<(u64, Vec<u8>)>>,
 }
+
+/// The link's mark for the stand-down frame (not an epoch).
+const STAND_DOWN_MARK: u64 = u64::MAX;
+/// How long a stopping primary waits for its backup to take the stand-down.
+const STAND_DOWN_WAIT: Duration = Duration::from_secs(10);
 
 /// Protect `d` until `stop` is set, `cfg.run_for` passes, or the guest fails.
 pub fn run(cfg: &Config, d: &mut dyn Domain, stop: &AtomicBool) -> Result<Summary, EngineError> {
@@ -234,7 +241,6 @@ pub fn run_with_metrics(
         .name("castor-encode".into())
         .spawn(move || encode::run(enc, job_rx, link_tx, done_tx))
         .map_err(|_| EngineError::EncoderGone)?;
-    drop(link.tx);
 
     let sink = match cfg.output {
         Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
@@ -260,10 +266,23 @@ pub fn run_with_metrics(
         metrics,
         released_seen: 0,
         born: Instant::now(),
+        ctl: Some(link.tx),
     };
     let started = Instant::now();
-    e.sync(pages)?;
-    e.protect(stop, started)?;
+    let run = match e.sync(pages) {
+        Ok(()) => e.protect(stop, started),
+        Err(err) => Err(err),
+    };
+    // Stand the backup down only while the guest still runs here: a domain that died or
+    // crashed is the backup's to bring back.
+    if e.d.outlives_vmm() && e.d.check_health().is_ok() {
+        let why = match &run {
+            Ok(()) => "protection stopped on request".to_string(),
+            Err(err) => format!("protection stopped: {}", ha_common::error_chain(err)),
+        };
+        e.stand_down(&why);
+    }
+    run?;
     e.finish();
     Ok(e.summary)
 }
@@ -613,6 +632,57 @@ impl Engine<'_> {
         }
         self.count_output();
         Ok(())
+    }
+
+    /// Tell the backup to stand down: the guest goes on without this primary (a Xen domain
+    /// outlives ha-primary), so a takeover would run it twice. Waits up to
+    /// [`STAND_DOWN_WAIT`] for the backup to close the session; says so if it could not.
+    fn stand_down(&mut self, why: &str) {
+        let Some(tx) = self.ctl.take() else {
+            return;
+        };
+        if !matches!(self.phase, Phase::Syncing | Phase::Protected) {
+            return; // the backup is gone already
+        }
+        let mut buf = Vec::new();
+        ha_common::session::put_stand_down(&mut buf, why);
+        // Sent, then the backup closes the session once it has read it (a close of ours
+        // with acks unread could reset the connection before the frame got there).
+        let mut sent = false;
+        if tx.send((STAND_DOWN_MARK, buf)).is_ok() {
+            drop(tx);
+            let deadline = Instant::now() + STAND_DOWN_WAIT;
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                match self.link.recv_timeout(left) {
+                    Ok(LinkEvent::Sent(STAND_DOWN_MARK, _)) => sent = true,
+                    Ok(LinkEvent::Closed(_)) if sent => {
+                        tracing::warn!(
+                            reason = why,
+                            "the backup stood down: the guest goes on here, unprotected"
+                        );
+                        self.events.emit("stood_down", json!({ "reason": why }));
+                        return;
+                    }
+                    Ok(LinkEvent::Closed(_)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        if sent {
+            tracing::warn!(
+                reason = why,
+                "told the backup to stand down; it did not close the session within {:?}",
+                STAND_DOWN_WAIT
+            );
+            self.events
+                .emit("stood_down", json!({ "reason": why, "confirmed": false }));
+            return;
+        }
+        tracing::error!(
+            reason = why,
+            "could not tell the backup to stand down: it may take over while the guest \
+             still runs here"
+        );
     }
 
     fn finish(&mut self) {

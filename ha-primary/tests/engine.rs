@@ -3,10 +3,13 @@
 //! may reach the world before its checkpoint is acknowledged.
 
 use ha_common::PAGE_SIZE;
+use ha_common::bitmap::PageBitmap;
 use ha_common::block::BlockSize;
 use ha_common::codec::{CodecConfig, GeneralCodec, Mode};
-use ha_common::domain::{DomainFactory, GuestSpec};
-use ha_common::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, STATUS_GPA, Workload};
+use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_common::guest_abi::{
+    GuestParams, GuestStatus, HEAP_GPA, OutputRecord, STATUS_GPA, Workload,
+};
 use ha_common::output::{OutputChecker, read_records};
 use ha_common::secure::{self, Deadline, PairKey};
 use ha_common::session::{self, Hello};
@@ -33,6 +36,8 @@ struct BackupReport {
     precopy: u64,
     verified: u64,
     errors: Vec<String>,
+    /// The reason of a stand-down frame, if the primary sent one.
+    stood_down: Option<String>,
 }
 
 /// Accept one primary, stage and commit epochs, verify digests, ack; publish the committed
@@ -77,6 +82,11 @@ fn fake_backup(
             }
             if ty == session::frame_type::HEARTBEAT {
                 continue;
+            }
+            if ty == session::frame_type::STAND_DOWN {
+                // Like ha-backup: the session ends here, without a takeover.
+                report.lock().unwrap().stood_down = Some(String::from_utf8_lossy(body).into());
+                return;
             }
             epoch_bytes += len as u64;
             match staging.push(ty, &raw[5..], &raw, &image) {
@@ -167,6 +177,55 @@ fn protected_run(
     mode: Mode,
     workload: Workload,
 ) -> (engine::Summary, BackupReport, u64, Vec<String>) {
+    protected_run_as(factory, mode, workload, false)
+}
+
+/// A guest that says it outlives its VMM (as a Xen domain does); otherwise `inner`.
+struct Outliving(Box<dyn Domain>);
+
+impl Domain for Outliving {
+    fn memory_size(&self) -> u64 {
+        self.0.memory_size()
+    }
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+        self.0.read_memory(gpa, buf)
+    }
+    fn pause(&mut self) -> Result<(), DomainError> {
+        self.0.pause()
+    }
+    fn resume(&mut self) -> Result<(), DomainError> {
+        self.0.resume()
+    }
+    fn is_paused(&self) -> bool {
+        self.0.is_paused()
+    }
+    fn harvest_dirty(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
+        self.0.harvest_dirty(dirty)
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+        self.0.save_state()
+    }
+    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
+        self.0.drain_output(out)
+    }
+    fn status(&self) -> Result<GuestStatus, DomainError> {
+        self.0.status()
+    }
+    fn check_health(&self) -> Result<(), DomainError> {
+        self.0.check_health()
+    }
+    fn outlives_vmm(&self) -> bool {
+        true
+    }
+}
+
+/// [`protected_run`], the guest outliving its VMM when `outlives`.
+fn protected_run_as(
+    factory: &dyn DomainFactory,
+    mode: Mode,
+    workload: Workload,
+    outlives: bool,
+) -> (engine::Summary, BackupReport, u64, Vec<String>) {
     let bl = TcpListener::bind("127.0.0.1:0").unwrap();
     let ol = TcpListener::bind("127.0.0.1:0").unwrap();
     let (baddr, oaddr) = (bl.local_addr().unwrap(), ol.local_addr().unwrap());
@@ -193,6 +252,9 @@ fn protected_run(
     };
     let mut d = factory.create(&spec(workload)).unwrap();
     d.resume().unwrap();
+    if outlives {
+        d = Box::new(Outliving(d));
+    }
     let summary = engine::run(
         &config(baddr, oaddr, mode),
         d.as_mut(),
@@ -229,6 +291,10 @@ fn every_checkpoint_matches_and_output_waits_for_its_ack() {
             "{mode}: every checkpoint carries a digest that matched"
         );
         assert!(violations.is_empty(), "{mode}: {violations:?}");
+        assert_eq!(
+            r.stood_down, None,
+            "{mode}: a KVM or sim guest ends with its VMM"
+        );
         assert!(released > 0, "{mode}: no output released");
         assert_eq!(summary.outputs_released, released, "{mode}");
         assert!(
@@ -245,6 +311,23 @@ fn every_checkpoint_matches_and_output_waits_for_its_ack() {
             "{mode}: the primary's wire bytes are the committed checkpoints' bytes"
         );
     }
+}
+
+/// A primary whose guest outlives it (Xen) tells the backup to stand down when it stops,
+/// after its last checkpoint; one whose guest ends with it does not (above).
+#[test]
+fn a_guest_that_outlives_the_primary_ends_with_a_stand_down() {
+    let (summary, r, _, violations) =
+        protected_run_as(&ha_sim::SimFactory::new(), Mode::Fgbi, Workload::Web, true);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(r.checkpoints >= 5, "only {} checkpoints", r.checkpoints);
+    assert!(!summary.backup_lost);
+    assert_eq!(
+        r.stood_down.as_deref(),
+        Some("protection stopped on request"),
+        "{r:?}"
+    );
 }
 
 #[test]

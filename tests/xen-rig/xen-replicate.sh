@@ -5,6 +5,8 @@
 # image (digest mode; a mismatch makes the backup exit 3 with a verify_failed event).
 #   xen-replicate-digest      >= 2 verified checkpoints, no mismatch, backup stopped cleanly
 #   xen-replicate-guest-runs  the domU counted on during and after protection
+#   xen-replicate-stand-down  when ha-primary ends (--run-for), the domain goes on and the
+#                             backup stands down (exit 0) instead of restoring a second copy
 # VERIFY (5), RUN (seconds, 200) and MODE (remus) may be set with --env.
 . "$RIG_LIB"
 VERIFY=${VERIFY:-5}
@@ -30,17 +32,18 @@ ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
 	--run-for "${RUN}s" --events $S/primary.events --stats $S/primary.csv \
 	>$S/primary.json 2>$S/primary.log &
 ppid=$!
-# Stop the backup before the primary ends (its end would look like a primary failure).
+# The primary ends by itself (--run-for) and tells the backup to stand down: the domain
+# outlives ha-primary, so a takeover would run it twice.
+wait $ppid
+prc=$?
 i=0
-while kill -0 $ppid 2>/dev/null && [ $i -lt $((RUN - 8)) ]; do
+while kill -0 $bpid 2>/dev/null && [ $i -lt 30 ]; do
 	sleep 1
 	i=$((i + 1))
 done
-kill -TERM $bpid
+kill -TERM $bpid 2>/dev/null
 wait $bpid
 brc=$?
-wait $ppid
-prc=$?
 c1=$(rig_counter)
 echo "replicate: backup exit $brc, primary exit $prc, counter $c0 -> $c1"
 grep -a 'behind the dirty log' $S/primary.log | sed 's/^/primary| /'
@@ -57,6 +60,13 @@ against a digest of the whole guest memory (every $VERIFY), no mismatch; backup 
 else
 	rig_fail xen-replicate-digest "$cps checkpoints, $verified verified, verify_failed \
 events $vf, backup exit $brc, primary exit $prc"
+fi
+stood=$(grep -c '"event":"primary_stood_down"' $S/backup.events)
+active=$(grep -c '"event":"active"' $S/backup.events)
+if [ "$stood" = 1 ] && [ "$active" = 0 ] && [ "$brc" = 0 ] && [ -n "$(rig_domid)" ]; then
+	rig_pass xen-replicate-stand-down "backup exit $brc after $(grep '"event":"primary_stood_down"' $S/backup.events | cut -c1-160); domain $(rig_domid) still runs"
+else
+	rig_fail xen-replicate-stand-down "stood down $stood, active $active, backup exit $brc, domain '$(rig_domid)'"
 fi
 if [ "$c1" -gt "$c0" ] && rig_wait_counter $((c1 + 2)) 30; then
 	rig_pass xen-replicate-guest-runs "counter $c0 -> $c1 during protection, $(rig_counter) after"

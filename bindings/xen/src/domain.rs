@@ -862,6 +862,11 @@ impl Domain for XenDomain {
         Ok(GuestStatus::default())
     }
 
+    /// A Xen domain runs on when Castor ends.
+    fn outlives_vmm(&self) -> bool {
+        true
+    }
+
     fn check_health(&self) -> Result<(), DomainError> {
         let i = match self.xc.info(self.domid) {
             Ok(i) => i,

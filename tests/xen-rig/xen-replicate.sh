@@ -7,10 +7,10 @@
 #   xen-replicate-guest-runs  the domU counted on during and after protection
 #   xen-replicate-stand-down  when ha-primary ends (--run-for), the domain goes on and the
 #                             backup stands down (exit 0) instead of restoring a second copy
-# VERIFY (5), RUN (seconds, 200) and MODE (remus) may be set with --env.
+# VERIFY (3), RUN (seconds, 60) and MODE (remus) may be set with --env.
 . "$RIG_LIB"
-VERIFY=${VERIFY:-5}
-RUN=${RUN:-200}
+VERIFY=${VERIFY:-3}
+RUN=${RUN:-60}
 MODE=${MODE:-remus}
 S=$SCRATCH
 # A PVH guest's gfn space reaches 4 GiB (its special frames): both images are sparse

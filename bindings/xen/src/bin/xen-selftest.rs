@@ -328,10 +328,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let mut v = Verdicts::default();
-    // `size` needs no learning; `shadow` holds the guest as ha-primary does by default
-    // (suspended); the others check the plain pause.
+    // Only the checks that harvest the dirty log need the frames Xen writes behind it
+    // (learned at attach, ~15 s under the rig's TCG): `dirty` with a plain pause, and
+    // `shadow` holding the guest as ha-primary does by default (suspended).
     let attached = match cmd.as_str() {
-        "size" => ha_xen::resolve_domain(target).and_then(XenDomain::attach),
+        "size" | "info" | "save" | "pause" => {
+            ha_xen::resolve_domain(target).and_then(XenDomain::attach)
+        }
         "shadow" => ha_xen::attach_holding(target, ha_xen::Hold::default()),
         _ => ha_xen::attach(target),
     };

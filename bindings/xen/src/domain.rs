@@ -133,17 +133,18 @@ impl Cooperative {
                 )));
             }
             if t0.elapsed() > self.timeout {
-                // Withdraw the request, so that a late suspend does not strand the guest.
+                // The guest acknowledges by clearing the node: look before withdrawing
+                // the request (so that a late suspend does not strand the guest).
+                let acked = self.xs.read(&node).is_none_or(|v| v != "suspend");
                 self.xs.write(&node, "").map_err(xs_err)?;
-                let acked = self.xs.read(&node).is_some_and(|v| v.is_empty());
                 return Err(DomainError::GuestFault(format!(
                     "domain {domid} did not suspend within {:?} of control/shutdown=suspend \
                      ({}; does its kernel support Xen suspend?)",
                     self.timeout,
                     if acked {
-                        "the request was never acknowledged"
-                    } else {
                         "it acknowledged the request but did not suspend"
+                    } else {
+                        "the request was never acknowledged"
                     }
                 )));
             }

@@ -167,7 +167,8 @@ struct Engine<'a> {
     released_seen: u64,
     /// When the engine started: the stats' time origin.
     born: Instant,
-    /// The link's frame queue, for the stand-down (epochs go through the encoder's).
+    /// The link's frame queue, for the stand-down (epochs go through the encoder's); kept
+    /// only for a guest that outlives the primary.
     ctl: Option<crossbeam_channel::Sender<(u64, Vec<u8>)>>,
 }
 
@@ -246,6 +247,7 @@ pub fn run_with_metrics(
         Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
         None => None,
     };
+    let ctl = d.outlives_vmm().then_some(link.tx);
     let mut e = Engine {
         cfg,
         d,
@@ -266,13 +268,10 @@ pub fn run_with_metrics(
         metrics,
         released_seen: 0,
         born: Instant::now(),
-        ctl: Some(link.tx),
+        ctl,
     };
     let started = Instant::now();
-    let run = match e.sync(pages) {
-        Ok(()) => e.protect(stop, started),
-        Err(err) => Err(err),
-    };
+    let run = e.sync(pages).and_then(|()| e.protect(stop, started));
     // Stand the backup down only while the guest still runs here: a domain that died or
     // crashed is the backup's to bring back.
     if e.d.outlives_vmm() && e.d.check_health().is_ok() {

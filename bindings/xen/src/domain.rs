@@ -22,15 +22,11 @@ use ha_common::bitmap::PageBitmap;
 use ha_common::domain::{BoxError, Domain, DomainError};
 use ha_common::guest_abi::{GuestStatus, OutputRecord};
 
-use crate::state::{SAVED_PARAMS, SavedState};
+use crate::state::{SAVED_PARAMS, SavedState, WINDOW, gfn_of, image_len};
 use crate::xc::{DomInfo, HypercallBuffer, Mapping, Xc, XcError};
 use crate::xs::{Xs, XsError};
 use std::time::{Duration, Instant};
 use xenctrl_sys as sys;
-
-/// Frames per window: 2 MiB, the unit of Castor's linear memory (the engine wants a
-/// multiple of 2 MiB) and of a foreign mapping kept for reads until the next harvest.
-const WINDOW: u64 = 512;
 
 /// HVM params naming frames that dom0's backends (xenstored, xenconsoled, device models)
 /// write through their own mappings: Xen's dirty log never sees those writes, so these
@@ -218,7 +214,7 @@ impl XenDomain {
         let p2m_pages = max_gpfn + 1;
         let (windows, holes) = probe_windows(&xc, domid, p2m_pages)?;
         let slot_of = windows.iter().enumerate().map(|(i, w)| (*w, i)).collect();
-        let size = windows.len() as u64 * WINDOW * PAGE_SIZE as u64;
+        let size = image_len(&windows);
         let bitmap_pages = usize::try_from(p2m_pages.div_ceil(8 * PAGE_SIZE as u64))
             .unwrap_or(usize::MAX)
             .max(1);
@@ -306,7 +302,7 @@ impl XenDomain {
                 .map(|(i, w)| (*w, i))
                 .collect(),
             holes: state.holes.clone(),
-            size: state.windows.len() as u64 * WINDOW * PAGE_SIZE as u64,
+            size: image_len(&state.windows),
             held: if info.paused {
                 Held::Paused
             } else {
@@ -328,9 +324,7 @@ impl XenDomain {
 
     /// The gfn of Castor's linear page `page`.
     pub fn gfn_of(&self, page: u64) -> u64 {
-        self.windows
-            .get(usize::try_from(page / WINDOW).unwrap_or(usize::MAX))
-            .map_or(u64::MAX, |w| w * WINDOW + page % WINDOW)
+        gfn_of(&self.windows, page)
     }
 
     /// Castor's linear page of `gfn`, if its window is kept.

@@ -55,7 +55,7 @@ fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> DomainError {
 pub fn restore(f: &XenFactory, image: &[u8], state: &[u8]) -> Result<XenDomain, DomainError> {
     let t0 = Instant::now();
     let s = SavedState::decode(state).map_err(|e| DomainError::BadState(e.to_string()))?;
-    let want = s.windows.len() as u64 * 512 * ha_common::PAGE_SIZE as u64;
+    let want = crate::state::image_len(&s.windows);
     if image.len() as u64 != want {
         return Err(DomainError::ImageSize {
             got: image.len() as u64,

@@ -8,6 +8,23 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Frames per window: Castor's linear image of a Xen guest is whole 2 MiB windows of its
+/// gfn space (see [`SavedState::windows`]; the engine wants a multiple of 2 MiB), and a
+/// window is what `XenDomain` maps at a time for reads.
+pub const WINDOW: u64 = 512;
+
+/// The gfn of linear page `page` of the image made of `windows` (`u64::MAX` past its end).
+pub fn gfn_of(windows: &[u64], page: u64) -> u64 {
+    windows
+        .get(usize::try_from(page / WINDOW).unwrap_or(usize::MAX))
+        .map_or(u64::MAX, |w| w * WINDOW + page % WINDOW)
+}
+
+/// Bytes of the linear image made of `windows`.
+pub fn image_len(windows: &[u64]) -> u64 {
+    windows.len() as u64 * WINDOW * ha_common::PAGE_SIZE as u64
+}
+
 /// Magic at the start of a state blob.
 pub const STATE_MAGIC: [u8; 8] = *b"CASTXEN1";
 /// Version of [`SavedState`]'s encoding.

@@ -21,7 +21,7 @@ use std::io::{self, Write};
 
 use ha_common::PAGE_SIZE;
 
-use crate::state::SavedState;
+use crate::state::{SavedState, gfn_of, image_len};
 
 /// The xl save-file magic (32 bytes, NULs included).
 pub const XL_MAGIC: &[u8; 32] = b"Xen saved domain, xl format\n \0 \r";
@@ -58,9 +58,6 @@ const BATCH: usize = 1024;
 /// Type bits of a `PAGE_DATA` pfn entry (`XEN_DOMCTL_PFINFO_*` in bits 60-63); 0 is a
 /// normal page that carries data.
 const PFN_TYPE_SHIFT: u32 = 60;
-
-/// Frames per window of Castor's linear image (see [`SavedState::windows`]).
-const WINDOW: u64 = 512;
 
 /// Errors writing or reading a save file.
 #[derive(Debug, thiserror::Error)]
@@ -122,11 +119,6 @@ impl<W: Write> Counted<W> {
     }
 }
 
-/// The gfn of linear page `page` of an image made of `windows`.
-fn gfn_of(windows: &[u64], page: u64) -> u64 {
-    windows[usize::try_from(page / WINDOW).unwrap_or(usize::MAX)] * WINDOW + page % WINDOW
-}
-
 /// One `PAGE_DATA` record: count, reserved, the pfns (type 0 in bits 60-63: a normal page
 /// with data), then the frames.
 fn page_data<W: Write>(out: &mut Counted<W>, batch: &[(u64, &[u8])]) -> Result<(), StreamError> {
@@ -151,7 +143,7 @@ pub fn write_save_file<W: Write>(
     xl_config: &[u8],
     xen: (u32, u32),
 ) -> Result<StreamStats, StreamError> {
-    let expected = state.windows.len() as u64 * WINDOW * PAGE_SIZE as u64;
+    let expected = image_len(&state.windows);
     if image.len() as u64 != expected {
         return Err(StreamError::ImageSize {
             got: image.len() as u64,

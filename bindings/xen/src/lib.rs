@@ -15,7 +15,7 @@
 //! | [`stream`] | a checkpoint as an xl save file (libxl v2 / libxc v3 stream; always built) |
 //! | `xs` | xenstore: the suspend request (`xen` feature) |
 //! | `xc` | safe wrappers over libxenctrl / libxenforeignmemory (`xen` feature) |
-//! | `domain` | [`XenDomain`], the `Domain` implementation (`xen` feature) |
+//! | `domain` | `XenDomain`, the `Domain` implementation (`xen` feature) |
 //!
 //! The real backend needs the `xen` cargo feature (bindgen over libxenctrl's headers:
 //! Debian's `libxen-dev` and `libclang-dev`). Without it [`XenFactory`] still exists and

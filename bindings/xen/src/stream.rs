@@ -13,8 +13,8 @@
 //!
 //! No CPUID or MSR policy record is written: for a stream without them, libxl gives the
 //! restored domain the default policy of its config (what it does for streams from Xen
-//! older than 4.14). The writer is plain Rust, so it is built and tested without Xen;
-//! [`read_save_file`] parses what it writes (for tests and for `xen-selftest`).
+//! older than 4.14). The writer is plain Rust, so it is built and tested without Xen; the
+//! tests parse what it writes back with a reader of their own (`read_save_file`).
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -28,6 +28,7 @@ pub const XL_MAGIC: &[u8; 32] = b"Xen saved domain, xl format\n \0 \r";
 /// The xl header's byte-order mark, written in the domain's (little-endian) order.
 const XL_BYTEORDER: u32 = 0x0102_0304;
 /// xl mandatory flag: the config in the optional data is JSON (not set: xl config text).
+#[cfg(test)]
 const XL_FLAG_JSON: u32 = 1 << 0;
 /// xl mandatory flag: the stream after the header is a libxl v2 stream.
 const XL_FLAG_STREAM_V2: u32 = 1 << 1;
@@ -57,9 +58,10 @@ const REC_STATIC_DATA_END: u32 = 0x10;
 const BATCH: usize = 1024;
 /// Type bits of a `PAGE_DATA` pfn entry (`XEN_DOMCTL_PFINFO_*` in bits 60-63); 0 is a
 /// normal page that carries data.
+#[cfg(test)]
 const PFN_TYPE_SHIFT: u32 = 60;
 
-/// Errors writing or reading a save file.
+/// Errors writing a save file (and, in the tests, reading one back).
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// Writing failed.
@@ -77,6 +79,7 @@ pub enum StreamError {
     #[error("{0} too large for the stream format")]
     TooLarge(&'static str),
     /// The bytes read are not a save file as [`write_save_file`] writes them.
+    #[cfg(test)]
     #[error("not a save file: {0}")]
     Malformed(String),
 }
@@ -232,8 +235,9 @@ pub fn write_save_file<W: Write>(
 }
 
 /// A save file parsed back by [`read_save_file`].
+#[cfg(test)]
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SaveFile {
+struct SaveFile {
     /// The xl config stored in the header.
     pub xl_config: Vec<u8>,
     /// Xen version from the domain header.
@@ -251,11 +255,13 @@ pub struct SaveFile {
 }
 
 /// A cursor over the bytes of a save file.
+#[cfg(test)]
 struct Cur<'a> {
     b: &'a [u8],
     at: usize,
 }
 
+#[cfg(test)]
 impl<'a> Cur<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], StreamError> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.b.len());
@@ -291,6 +297,7 @@ impl<'a> Cur<'a> {
     }
 }
 
+#[cfg(test)]
 fn le64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
@@ -299,7 +306,8 @@ fn le64(b: &[u8]) -> u64 {
 
 /// Parse a save file as [`write_save_file`] writes it, checking every header, the record
 /// framing and each record's length against what it holds.
-pub fn read_save_file(bytes: &[u8]) -> Result<SaveFile, StreamError> {
+#[cfg(test)]
+fn read_save_file(bytes: &[u8]) -> Result<SaveFile, StreamError> {
     let bad = |m: &str| StreamError::Malformed(m.to_string());
     let mut c = Cur { b: bytes, at: 0 };
     let mut f = SaveFile::default();

@@ -385,20 +385,13 @@ impl XenDomain {
 
     /// A fingerprint of every populated frame of the kept windows.
     fn fingerprint_frames(&self) -> Result<std::collections::HashMap<u64, u128>, DomainError> {
-        self.forget_window();
         let mut out = std::collections::HashMap::new();
         for w in &self.windows {
-            let first = w * WINDOW;
-            let gfns: Vec<u64> = (first..(first + WINDOW).min(self.p2m_pages)).collect();
-            let map = self
-                .xc
-                .map(self.domid, &gfns)
-                .map_err(backend("xenforeignmemory_map"))?;
-            for (i, g) in gfns.iter().enumerate() {
-                if let Some(p) = map.page(i) {
-                    out.insert(*g, xxhash_rust::xxh3::xxh3_128(p));
+            self.for_each_frame(w * WINDOW..(w + 1) * WINDOW, |g, frame| {
+                if let Some(p) = frame {
+                    out.insert(g, xxhash_rust::xxh3::xxh3_128(p));
                 }
-            }
+            })?;
         }
         Ok(out)
     }
@@ -508,34 +501,43 @@ impl XenDomain {
 
     /// Copy the frames written behind the dirty log, as they are now.
     fn take_snapshot(&mut self) -> Result<(), DomainError> {
-        self.snapshot.clear();
-        if self.backend_frames.is_empty() {
-            return Ok(());
-        }
-        let map = self
-            .xc
-            .map(self.domid, &self.backend_frames)
-            .map_err(backend("xenforeignmemory_map"))?;
-        for (i, g) in self.backend_frames.iter().enumerate() {
-            if let Some(p) = map.page(i) {
-                self.snapshot.insert(*g, p.into());
+        let mut snapshot = std::collections::HashMap::new();
+        self.with_frames(&self.backend_frames, |g, frame| {
+            if let Some(p) = frame {
+                snapshot.insert(g, p.into());
             }
-        }
+        })?;
+        self.snapshot = snapshot;
         Ok(())
     }
 
     /// A hash of each of `gfns` as it is now (None: not mappable).
     fn hash_frames(&self, gfns: &[u64]) -> Result<Vec<Option<u64>>, DomainError> {
+        let mut out = Vec::with_capacity(gfns.len());
+        self.with_frames(gfns, |_, frame| {
+            out.push(frame.map(xxhash_rust::xxh3::xxh3_64));
+        })?;
+        Ok(out)
+    }
+
+    /// Map `gfns` (in one foreign mapping) and call `f(gfn, frame)` for each, in order,
+    /// with None for a frame that cannot be mapped (a hole).
+    fn with_frames(
+        &self,
+        gfns: &[u64],
+        mut f: impl FnMut(u64, Option<&[u8]>),
+    ) -> Result<(), DomainError> {
         if gfns.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let map = self
             .xc
             .map(self.domid, gfns)
             .map_err(backend("xenforeignmemory_map"))?;
-        Ok((0..gfns.len())
-            .map(|i| map.page(i).map(xxhash_rust::xxh3::xxh3_64))
-            .collect())
+        for (i, g) in gfns.iter().enumerate() {
+            f(*g, map.page(i));
+        }
+        Ok(())
     }
 
     /// The check behind the dirty log, at every harvest: a frame the last harvest reported
@@ -665,13 +667,7 @@ impl XenDomain {
         while first < end {
             let last = (first + WINDOW).min(end);
             let list: Vec<u64> = (first..last).collect();
-            let map = self
-                .xc
-                .map(self.domid, &list)
-                .map_err(backend("xenforeignmemory_map"))?;
-            for (i, gfn) in list.iter().enumerate() {
-                f(*gfn, map.page(i));
-            }
+            self.with_frames(&list, &mut f)?;
             first = last;
         }
         Ok(())

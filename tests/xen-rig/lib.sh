@@ -35,3 +35,27 @@ rig_wait_counter() {
 rig_domid() {
 	xl domid "${1:-$DOMU}" 2>/dev/null
 }
+
+# rig_start_pair MODE INTERVAL [HA_PRIMARY_OPTION...]: protect $DOMU with ha-primary and
+# ha-backup in this dom0 over loopback (--insecure), both with MODE and INTERVAL; the
+# backup restores with $DOMU_CFG. Their events, stats and logs go to
+# $SCRATCH/{primary,backup}.*, ha-primary's summary to $SCRATCH/primary.json. Sets MEM
+# (the memory size both use), bpid and ppid; status 1 if the size cannot be read.
+rig_start_pair() {
+	_mode=$1
+	_iv=$2
+	shift 2
+	# A PVH guest's gfn space reaches 4 GiB (its special frames): the images are sparse
+	# allocations that dom0's 768 MB could not back in full.
+	echo 1 >/proc/sys/vm/overcommit_memory
+	MEM=$(xen-selftest size "$DOMU") || return 1
+	ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
+		--insecure --mode "$_mode" --interval "$_iv" --detect-timeout 120s \
+		--events "$SCRATCH/backup.events" --stats "$SCRATCH/backup.csv" 2>"$SCRATCH/backup.log" &
+	bpid=$!
+	sleep 1
+	ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
+		--mode "$_mode" --interval "$_iv" --events "$SCRATCH/primary.events" \
+		--stats "$SCRATCH/primary.csv" "$@" >"$SCRATCH/primary.json" 2>"$SCRATCH/primary.log" &
+	ppid=$!
+}

@@ -20,25 +20,13 @@ VERIFY=${VERIFY:-3}
 MODE=${MODE:-remus}
 S=$SCRATCH
 log=$DOMU_CONSOLE_LOG
-# The backup's committed image and its save file, the primary's cache: more than dom0's
-# 768 MB would back if every page were touched; they are not.
-echo 1 >/proc/sys/vm/overcommit_memory
-MEM=$(xen-selftest size "$DOMU") || {
+checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
+rig_start_pair "$MODE" 200ms --ack-timeout 300s --verify-every "$VERIFY" || {
 	rig_fail xen-failover-protected "xen-selftest size failed"
 	exit 0
 }
-checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
-echo "failover: memory size $MEM, mode $MODE"
-ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
-	--insecure --mode "$MODE" --interval 200ms --detect-timeout 120s \
-	--events $S/backup.events --stats $S/backup.csv 2>$S/backup.log &
-bpid=$!
-sleep 1
 c0=$(rig_counter)
-ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
-	--mode "$MODE" --interval 200ms --ack-timeout 300s --verify-every "$VERIFY" \
-	--events $S/primary.events --stats $S/primary.csv >$S/primary.json 2>$S/primary.log &
-ppid=$!
+echo "failover: memory size $MEM, mode $MODE"
 
 # Protected: wait (bounded) for CPS/2 checkpoints, note the counter, then CPS in all.
 wait_cps() {

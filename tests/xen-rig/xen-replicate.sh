@@ -13,25 +13,12 @@ VERIFY=${VERIFY:-3}
 RUN=${RUN:-60}
 MODE=${MODE:-remus}
 S=$SCRATCH
-# A PVH guest's gfn space reaches 4 GiB (its special frames): both images are sparse
-# allocations that dom0's 768 MB cannot back in full.
-echo 1 >/proc/sys/vm/overcommit_memory
-MEM=$(xen-selftest size "$DOMU") || {
+rig_start_pair "$MODE" 100ms --verify-every "$VERIFY" --ack-timeout 300s --run-for "${RUN}s" || {
 	rig_fail xen-replicate-digest "xen-selftest size failed"
 	exit 0
 }
-echo "replicate: memory size $MEM, mode $MODE, verify every $VERIFY, run ${RUN}s"
-ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
-	--insecure --mode "$MODE" --interval 100ms --detect-timeout 120s \
-	--events $S/backup.events --stats $S/backup.csv 2>$S/backup.log &
-bpid=$!
-sleep 1
 c0=$(rig_counter)
-ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
-	--mode "$MODE" --interval 100ms --verify-every "$VERIFY" --ack-timeout 300s \
-	--run-for "${RUN}s" --events $S/primary.events --stats $S/primary.csv \
-	>$S/primary.json 2>$S/primary.log &
-ppid=$!
+echo "replicate: memory size $MEM, mode $MODE, verify every $VERIFY, run ${RUN}s"
 # The primary ends by itself (--run-for) and tells the backup to stand down: the domain
 # outlives ha-primary, so a takeover would run it twice.
 wait $ppid

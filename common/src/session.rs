@@ -5,15 +5,21 @@
 //! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
 //! reason names both values of any mismatch). Then the primary sends epochs and, when
 //! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
-//! each committed epoch. A primary whose guest outlives it (Xen) ends with a stand-down,
-//! so that its backup does not take over a guest that still runs.
+//! each committed epoch. The Welcome carries the backup's detection timeout, so that a
+//! primary can tell when it was silent long enough for the backup to have taken over.
+//!
+//! A session ends on purpose with a stand-down from the primary — its guest goes on
+//! without this backup: a guest that outlives the primary (Xen) when protection stops, or
+//! a primary that declared its backup lost and continues unprotected — so the backup does
+//! not take over a guest that still runs. A backup that fails on its own (its ack log
+//! cannot be written) ends the session with an abort that says why.
 
 use crate::block::BlockSize;
 use crate::codec::Mode;
 use crate::stream::put_frame;
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 1;
+pub const SESSION_VERSION: u16 = 2;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 
@@ -21,7 +27,8 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 pub mod frame_type {
     /// Primary → backup: session parameters.
     pub const HELLO: u8 = 16;
-    /// Backup → primary: accepted; the first epoch it expects.
+    /// Backup → primary: accepted; the first epoch it expects and the backup's detection
+    /// timeout.
     pub const WELCOME: u8 = 17;
     /// Backup → primary: refused, with a reason.
     pub const REFUSE: u8 = 18;
@@ -30,8 +37,10 @@ pub mod frame_type {
     /// Primary → backup: still alive.
     pub const HEARTBEAT: u8 = 20;
     /// Primary → backup: protection ends on purpose and the guest goes on without this
-    /// primary; do not take over (UTF-8 reason).
+    /// backup; do not take over (UTF-8 reason).
     pub const STAND_DOWN: u8 = 21;
+    /// Backup → primary: the backup failed and ends the session (UTF-8 reason).
+    pub const ABORT: u8 = 22;
 }
 
 /// Errors parsing or checking session messages.
@@ -179,9 +188,42 @@ impl Hello {
     }
 }
 
-/// Encode a Welcome: the first epoch the backup expects.
-pub fn put_welcome(out: &mut Vec<u8>, next_epoch: u64) {
-    put_frame(out, frame_type::WELCOME, &next_epoch.to_le_bytes());
+/// The backup's answer to an accepted Hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// The first epoch the backup expects.
+    pub next_epoch: u64,
+    /// How long the backup waits for a frame before it declares the primary lost and
+    /// takes over: a primary silent for that long may have been replaced.
+    pub detect_timeout: std::time::Duration,
+}
+
+impl Welcome {
+    /// Encode as a frame: `u64 next_epoch | u64 detection timeout in microseconds`.
+    pub fn put(&self, out: &mut Vec<u8>) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.next_epoch.to_le_bytes());
+        let us = u64::try_from(self.detect_timeout.as_micros()).unwrap_or(u64::MAX);
+        b[8..].copy_from_slice(&us.to_le_bytes());
+        put_frame(out, frame_type::WELCOME, &b);
+    }
+
+    /// Parse a Welcome body.
+    pub fn parse(body: &[u8]) -> Result<Self, SessionError> {
+        let b: &[u8; 16] = body
+            .try_into()
+            .map_err(|_| SessionError::Malformed("welcome"))?;
+        let (e, t) = b.split_at(8);
+        let next_epoch = parse_u64(e, "welcome")?;
+        let us = parse_u64(t, "welcome")?;
+        if us == 0 {
+            return Err(SessionError::Malformed("welcome (zero detection timeout)"));
+        }
+        Ok(Self {
+            next_epoch,
+            detect_timeout: std::time::Duration::from_micros(us),
+        })
+    }
 }
 
 /// Encode a Refuse with its reason.
@@ -199,12 +241,17 @@ pub fn put_stand_down(out: &mut Vec<u8>, reason: &str) {
     put_frame(out, frame_type::STAND_DOWN, reason.as_bytes());
 }
 
+/// Encode an abort with its reason (the backup failed and ends the session).
+pub fn put_abort(out: &mut Vec<u8>, reason: &str) {
+    put_frame(out, frame_type::ABORT, reason.as_bytes());
+}
+
 /// Encode a heartbeat.
 pub fn put_heartbeat(out: &mut Vec<u8>) {
     put_frame(out, frame_type::HEARTBEAT, &[]);
 }
 
-/// Parse the u64 body of a Welcome or Ack.
+/// Parse the u64 body of an Ack.
 pub fn parse_u64(body: &[u8], what: &'static str) -> Result<u64, SessionError> {
     let b: [u8; 8] = body.try_into().map_err(|_| SessionError::Malformed(what))?;
     Ok(u64::from_le_bytes(b))
@@ -284,6 +331,22 @@ mod tests {
 
     #[test]
     fn acks_and_welcome() {
+        let w = Welcome {
+            next_epoch: 7,
+            detect_timeout: std::time::Duration::from_millis(75),
+        };
+        let mut out = Vec::new();
+        w.put(&mut out);
+        let (ty, body, _) = split_frame(&out).unwrap().unwrap();
+        assert_eq!(ty, frame_type::WELCOME);
+        assert_eq!(Welcome::parse(body), Ok(w));
+        assert_eq!(
+            Welcome::parse(&body[..8]),
+            Err(SessionError::Malformed("welcome"))
+        );
+        let mut zero = body.to_vec();
+        zero[8..].fill(0);
+        assert!(Welcome::parse(&zero).is_err());
         let mut out = Vec::new();
         put_ack(&mut out, 42);
         let (ty, body, _) = split_frame(&out).unwrap().unwrap();

@@ -52,6 +52,7 @@ use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
+use ha_common::session::Hello;
 
 /// Errors that stop the backup (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -151,8 +152,12 @@ pub fn run_with_metrics(
     stop: &AtomicBool,
     metrics: &Metrics,
 ) -> Result<Exit, BackupError> {
+    // Whatever can refuse this instance comes before its files are opened, so a refused
+    // second instance (port in use, no key) touches nothing of a running one's.
+    let key = cfg.pair_key()?;
+    let listener = listen(cfg)?;
     let mut events = EventLog::open(cfg.events.as_deref())?;
-    let res = run_with(cfg, factory, stop, &mut events, metrics);
+    let res = run_with(cfg, factory, stop, &mut events, metrics, (listener, key));
     let code = match &res {
         Ok(x) => x.code(),
         Err(_) => 1,
@@ -167,6 +172,7 @@ fn run_with(
     stop: &AtomicBool,
     events: &mut EventLog,
     metrics: &Metrics,
+    listening: (Listening, Option<PairKey>),
 ) -> Result<Exit, BackupError> {
     let stats = StatsLog::open(cfg.stats.as_deref())?;
     let ack_log = match &cfg.ack_log {
@@ -189,16 +195,18 @@ fn run_with(
         stats,
         ack_log,
     };
-    serve(cfg, factory, stop, &mut sinks)
+    serve(cfg, factory, stop, &mut sinks, listening)
 }
 
-fn serve(
-    cfg: &Config,
-    factory: &dyn DomainFactory,
-    stop: &AtomicBool,
-    sinks: &mut Sinks<'_>,
-) -> Result<Exit, BackupError> {
-    let key = cfg.pair_key()?;
+/// The bound listening socket and its address.
+#[derive(Debug)]
+struct Listening {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+/// Bind `--listen`.
+fn listen(cfg: &Config) -> Result<Listening, BackupError> {
     let listener = TcpListener::bind(cfg.listen).map_err(|source| BackupError::Listen {
         addr: cfg.listen,
         source,
@@ -209,6 +217,16 @@ fn serve(
             addr: cfg.listen,
             source,
         })?;
+    Ok(Listening { listener, addr })
+}
+
+fn serve(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    sinks: &mut Sinks<'_>,
+    (Listening { listener, addr }, key): (Listening, Option<PairKey>),
+) -> Result<Exit, BackupError> {
     if let Some(p) = &cfg.port_file {
         ha_common::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
             path: p.clone(),
@@ -337,8 +355,18 @@ fn fail_over(
     Ok(Exit::Stopped)
 }
 
+/// Handshakes in progress at most; a connection beyond them is closed at once.
+pub const MAX_HANDSHAKES: usize = 32;
+
+/// What a handshake thread reports: the peer, and its receiver or why it was refused.
+type Handshaken = (SocketAddr, Result<(Receiver, Hello), HandshakeError>);
+
 /// Accept connections until one primary passes the handshake (`None`: stop requested).
-/// Misconfigured peers are refused and the backup keeps listening.
+///
+/// Each connection's handshake runs on its own thread, at most [`MAX_HANDSHAKES`] at a
+/// time, so idle or slow connections cannot hold a legitimate primary back: each costs a
+/// thread for at most the handshake deadline, and the first Hello that passes takes the
+/// session. Misconfigured peers are refused and the backup keeps listening.
 fn accept_primary(
     listener: &TcpListener,
     cfg: &Config,
@@ -350,59 +378,89 @@ fn accept_primary(
         .set_nonblocking(true)
         .map_err(BackupError::Accept)?;
     let ours = cfg.hello();
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            info!("stop requested while listening");
-            return Ok(None);
-        }
-        let (stream, peer) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
+    // Raised when this function returns: the handshakes still in progress give up.
+    let quit = AtomicBool::new(false);
+    let slot = AtomicBool::new(false);
+    let (done_tx, done) = std::sync::mpsc::channel::<Handshaken>();
+    std::thread::scope(|scope| {
+        let mut pending = 0usize;
+        let res = loop {
+            if stop.load(Ordering::Relaxed) {
+                info!("stop requested while listening");
+                break Ok(None);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!(error = %e, "accept failed; still listening");
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-        };
-        info!(%peer, "connection");
-        events.note("connected", json!({ "peer": peer.to_string() }));
-        let mut rx = match Receiver::new(stream, cfg.detect_timeout) {
-            Ok(rx) => rx,
-            Err(e) => {
-                warn!(%peer, error = %e, "cannot set up the connection; still listening");
-                continue;
-            }
-        };
-        match handshake(&mut rx, key, &ours, cfg.max_memory, 1, stop) {
-            Ok(h) => {
-                info!(%peer, mode = %h.mode, memory = h.memory_size, block_size = %h.block_size, secure = rx.is_secure(), "primary welcomed");
-                return Ok(Some(rx));
-            }
-            Err(HandshakeError::Receive(receive::ReceiveError::Stopped)) => return Ok(None),
-            Err(e) => {
-                let (reason, stage) = match &e {
-                    HandshakeError::Refused(s) => (s.to_string(), "session"),
-                    HandshakeError::TooLarge { .. } => (e.to_string(), "session"),
-                    other @ HandshakeError::Secure(_) => (chain(other), "noise"),
-                    other => (chain(other), "session"),
-                };
-                if stage == "noise" {
-                    warn!(%peer, %reason, "refused the peer: it failed the secure handshake (no pair key or another one); nothing it sent was read; still listening");
-                } else {
-                    warn!(%peer, %reason, "refused the peer; still listening");
+            while let Ok((peer, res)) = done.try_recv() {
+                pending -= 1;
+                match res {
+                    Ok((rx, h)) => {
+                        info!(%peer, mode = %h.mode, memory = h.memory_size, block_size = %h.block_size, secure = rx.is_secure(), "primary welcomed");
+                        quit.store(true, Ordering::Relaxed);
+                        return Ok(Some(rx));
+                    }
+                    Err(HandshakeError::Receive(receive::ReceiveError::Stopped)) => {}
+                    Err(e) => note_refusal(peer, &e, events),
                 }
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "accept failed; still listening");
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            };
+            if pending >= MAX_HANDSHAKES {
+                warn!(%peer, pending, "too many handshakes in progress; closed the connection at once");
                 events.note(
                     "refused",
-                    json!({ "peer": peer.to_string(), "stage": stage, "reason": reason }),
+                    json!({ "peer": peer.to_string(), "stage": "accept", "reason": "too many handshakes in progress" }),
                 );
-                rx.close();
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                continue;
             }
-        }
+            info!(%peer, "connection");
+            events.note("connected", json!({ "peer": peer.to_string() }));
+            let mut rx = match Receiver::new(stream, cfg.detect_timeout) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(%peer, error = %e, "cannot set up the connection; still listening");
+                    continue;
+                }
+            };
+            pending += 1;
+            let (tx, ours, slot, quit) = (done_tx.clone(), &ours, &slot, &quit);
+            scope.spawn(move || {
+                let res =
+                    handshake(&mut rx, key, ours, cfg.max_memory, 1, slot, quit).map(|h| (rx, h));
+                let _ = tx.send((peer, res));
+            });
+        };
+        quit.store(true, Ordering::Relaxed);
+        res
+    })
+}
+/// Log and record a peer whose handshake failed (it was closed or sent a Refuse).
+fn note_refusal(peer: SocketAddr, e: &HandshakeError, events: &mut EventLog) {
+    let (reason, stage) = match e {
+        HandshakeError::Refused(s) => (s.to_string(), "session"),
+        HandshakeError::TooLarge { .. } | HandshakeError::Taken => (e.to_string(), "session"),
+        other @ HandshakeError::Secure(_) => (chain(other), "noise"),
+        other => (chain(other), "session"),
+    };
+    if stage == "noise" {
+        warn!(%peer, %reason, "refused the peer: it failed the secure handshake (no pair key or another one); nothing it sent was read; still listening");
+    } else {
+        warn!(%peer, %reason, "refused the peer; still listening");
     }
+    events.note(
+        "refused",
+        json!({ "peer": peer.to_string(), "stage": stage, "reason": reason }),
+    );
 }
 
 /// Refuses every connection that arrives while a session runs: the peer is answered (over
@@ -545,13 +603,22 @@ fn receive(
             }
         };
         if applied.checkpoint {
-            if let Some((path, f)) = &mut sinks.ack_log {
-                append_ack_log(f, applied.epoch, applied.out_head).map_err(|source| {
-                    BackupError::AckLog {
-                        path: path.clone(),
-                        source,
-                    }
-                })?;
+            if let Some((path, f)) = &mut sinks.ack_log
+                && let Err(source) = append_ack_log(f, applied.epoch, applied.out_head)
+            {
+                let e = BackupError::AckLog {
+                    path: path.clone(),
+                    source,
+                };
+                // No ack without its line in the ack log: end the session and tell the
+                // primary why, so it does not take this for a network fault.
+                let why = format!("the backup cannot go on: {}", chain(&e));
+                error!(epoch = applied.epoch, reason = %why, "ending the session");
+                let mut out = Vec::new();
+                ha_common::session::put_abort(&mut out, &why);
+                let _ = rx.send(&out);
+                rx.close();
+                return Err(e);
             }
             let st = committed.status();
             sinks.events.note(

@@ -65,6 +65,9 @@ pub enum HandshakeError {
     /// The Noise handshake failed: no key, another key, not a Castor primary, too slow.
     #[error("secure handshake failed")]
     Secure(#[source] SecureError),
+    /// Another primary took the session first (the peer was refused).
+    #[error("another primary is already connected")]
+    Taken,
     /// The Hello announces more guest memory than `--max-memory` (the peer was refused).
     #[error("guest memory {memory} exceeds this backup's --max-memory {max}")]
     TooLarge {
@@ -225,6 +228,10 @@ impl Receiver {
         }
         let have = self.buf.len();
         self.buf.resize(have + READ_CHUNK, 0);
+        // Silence is declared only after a read that found nothing: a process stopped for a
+        // while (SIGSTOP, a long stall) looks once more before believing its clock, so
+        // frames that arrived meanwhile are read rather than taken for silence.
+        let mut looked_again = false;
         let res = loop {
             if stop.load(Ordering::Relaxed) {
                 break Err(ReceiveError::Stopped);
@@ -241,7 +248,10 @@ impl Receiver {
                 {
                     let silent = self.last_frame.elapsed();
                     if silent >= self.timeout {
-                        break Err(ReceiveError::Silent(silent));
+                        if looked_again {
+                            break Err(ReceiveError::Silent(silent));
+                        }
+                        looked_again = true;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData && self.is_secure() => {
@@ -282,14 +292,17 @@ impl Receiver {
 
 /// Run the session opening on a new connection: with a `key` the Noise handshake (a peer
 /// that fails it is closed without an answer), then read the Hello, check it against
-/// `ours` and `max_memory`, answer Welcome (next epoch `next_epoch`) or Refuse (with the
-/// reason) and return the primary's Hello. After a refusal the connection is closed.
+/// `ours` and `max_memory`, take the session `slot` (a Hello that passes when another
+/// primary already took it is refused), answer Welcome (next epoch `next_epoch`, and the
+/// receiver's detection timeout) or Refuse (with the reason) and return the primary's
+/// Hello. After a refusal the connection is closed.
 pub fn handshake(
     rx: &mut Receiver,
     key: Option<&PairKey>,
     ours: &Hello,
     max_memory: u64,
     next_epoch: u64,
+    slot: &AtomicBool,
     stop: &AtomicBool,
 ) -> Result<Hello, HandshakeError> {
     if let Some(k) = key
@@ -331,9 +344,20 @@ pub fn handshake(
     }
     let hello = hello.and_then(|h| h.check_against(ours).map(|()| h));
     match hello {
+        Ok(_) if slot.swap(true, Ordering::SeqCst) => {
+            refuse(
+                rx,
+                "another primary is already connected; this backup serves one session",
+            );
+            Err(HandshakeError::Taken)
+        }
         Ok(h) => {
             let mut out = Vec::new();
-            session::put_welcome(&mut out, next_epoch);
+            session::Welcome {
+                next_epoch,
+                detect_timeout: detect,
+            }
+            .put(&mut out);
             rx.send(&out).map_err(HandshakeError::Write)?;
             Ok(h)
         }

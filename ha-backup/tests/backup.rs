@@ -46,7 +46,10 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
     // A correct primary is welcomed.
     let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
     assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(ha_common::session::parse_u64(&body, "welcome"), Ok(1));
+    assert_eq!(
+        ha_common::session::Welcome::parse(&body).map(|w| w.next_epoch),
+        Ok(1)
+    );
     let refused: Vec<_> = b
         .events()
         .into_iter()

@@ -1,13 +1,25 @@
 //! The epoch engine: initial synchronization, then every interval a checkpoint (pause,
 //! harvest, copy, save, resume), encoded and sent while the next epoch runs; output held
 //! until the checkpoint's ack; and what to do when the backup is lost.
+//!
+//! A lost backup ends the session for good: the link is closed and heartbeats stop, so a
+//! backup that is only slow or was stopped learns it at once. Under `--fence` the guest
+//! pauses here and the closed link lets the backup take over. Under the default policy the
+//! primary sends a stand-down first (the backup then never takes over) and releases held
+//! output only once the stand-down is on the wire.
+//!
+//! A primary that stood still (see [`crate::stall`]) for long enough that the backup may
+//! have declared it lost releases nothing until the backup acknowledges an epoch taken
+//! after the stall; if the backup is lost instead, the primary assumes it took over and
+//! fences under either policy.
 
 use crate::commit::HeldOutput;
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
-use crate::link::{self, LinkEvent};
+use crate::link::{self, Control, LinkEvent};
 use crate::metrics::Metrics;
 use crate::report::{EpochRow, Events, StatsCsv};
+use crate::stall::StallWatch;
 use crossbeam_channel::{Sender, bounded, unbounded};
 use ha_common::PAGE_SIZE;
 use ha_common::bitmap::PageBitmap;
@@ -59,6 +71,9 @@ pub enum EngineError {
     /// The encoder thread is gone.
     #[error("the encoder thread stopped")]
     EncoderGone,
+    /// The stall watch thread cannot start.
+    #[error("cannot start the stall watch thread")]
+    Watch(#[source] std::io::Error),
 }
 
 /// How the primary runs.
@@ -167,13 +182,28 @@ struct Engine<'a> {
     released_seen: u64,
     /// When the engine started: the stats' time origin.
     born: Instant,
-    /// The link's frame queue, for the stand-down (epochs go through the encoder's); kept
-    /// only for a guest that outlives the primary.
-    ctl: Option<crossbeam_channel::Sender<(u64, Vec<u8>)>>,
+    /// Ends the session (stand-down or close), ahead of queued epochs.
+    ctl: crossbeam_channel::Sender<Control>,
+    /// Whether this process stood still.
+    stall: StallWatch,
+    /// A stall this long may have let the backup declare this primary lost.
+    stall_limit: Duration,
+    /// Set after such a stall, until the backup acknowledges an epoch taken after it.
+    suspect: Option<Suspect>,
+    /// Under the default policy, when the stand-down to a lost backup was queued: output
+    /// stays held until it is on the wire (or the link is gone, or the wait runs out).
+    standing_down: Option<Instant>,
 }
 
-/// The link's mark for the stand-down frame (not an epoch).
-const STAND_DOWN_MARK: u64 = u64::MAX;
+/// A stall after which the backup may have taken over.
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    /// The longest stall seen.
+    stalled: Duration,
+    /// An ack for this epoch or a later one proves the backup still follows.
+    clears_at: u64,
+}
+
 /// How long a stopping primary waits for its backup to take the stand-down.
 const STAND_DOWN_WAIT: Duration = Duration::from_secs(10);
 
@@ -191,18 +221,7 @@ pub fn run_with_metrics(
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
-    let mut events =
-        Events::create(cfg.events.as_deref()).map_err(|source| EngineError::Report {
-            path: cfg.events.clone().unwrap_or_default(),
-            source,
-        })?;
-    let stats = match &cfg.stats {
-        Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
-            path: p.clone(),
-            source,
-        })?),
-        None => None,
-    };
+    let stall = StallWatch::start().map_err(EngineError::Watch)?;
     let hello = Hello {
         version: SESSION_VERSION,
         memory_size: d.memory_size(),
@@ -218,10 +237,34 @@ pub fn run_with_metrics(
         cfg.key.as_ref(),
         cfg.link_rate,
     )?;
-    tracing::info!(backup = %cfg.backup, next_epoch = link.next_epoch, "connected to the backup");
+    let welcome = link.welcome;
+    tracing::info!(
+        backup = %cfg.backup,
+        next_epoch = welcome.next_epoch,
+        backup_detect_ms = welcome.detect_timeout.as_millis() as u64,
+        "connected to the backup"
+    );
+    // Files are opened once the backup welcomed this primary: a primary it refuses (a
+    // second one) touches nothing of a running one's.
+    let mut events =
+        Events::create(cfg.events.as_deref()).map_err(|source| EngineError::Report {
+            path: cfg.events.clone().unwrap_or_default(),
+            source,
+        })?;
+    let stats = match &cfg.stats {
+        Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
     events.emit(
         "connected",
-        json!({ "backup": cfg.backup.to_string(), "next_epoch": link.next_epoch }),
+        json!({
+            "backup": cfg.backup.to_string(),
+            "next_epoch": welcome.next_epoch,
+            "backup_detect_ms": welcome.detect_timeout.as_millis() as u64,
+        }),
     );
 
     let cache = match cfg.codec.mode {
@@ -237,7 +280,7 @@ pub fn run_with_metrics(
     let enc = PageEncoder::new(cfg.codec, cache, hashes)?;
     let (jobs, job_rx) = bounded::<Job>(1);
     let (done_tx, done) = unbounded();
-    let link_tx = link.tx.clone();
+    let link_tx = link.tx;
     std::thread::Builder::new()
         .name("castor-encode".into())
         .spawn(move || encode::run(enc, job_rx, link_tx, done_tx))
@@ -247,7 +290,6 @@ pub fn run_with_metrics(
         Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
         None => None,
     };
-    let ctl = d.outlives_vmm().then_some(link.tx);
     let mut e = Engine {
         cfg,
         d,
@@ -260,7 +302,7 @@ pub fn run_with_metrics(
         encoded: BTreeMap::new(),
         stats,
         events,
-        epoch: link.next_epoch,
+        epoch: welcome.next_epoch,
         first_checkpoint: None,
         phase: Phase::Syncing,
         summary: Summary::default(),
@@ -268,7 +310,11 @@ pub fn run_with_metrics(
         metrics,
         released_seen: 0,
         born: Instant::now(),
-        ctl,
+        ctl: link.ctl,
+        stall,
+        stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
+        suspect: None,
+        standing_down: None,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -471,7 +517,8 @@ impl Engine<'_> {
                     if Instant::now() >= next {
                         let mut recs = Vec::new();
                         self.d.drain_output(&mut recs)?;
-                        self.held.release(&recs)?;
+                        self.held.hold(self.epoch, recs);
+                        self.release_if_stood_down()?;
                         next = Instant::now() + self.cfg.interval;
                     }
                 }
@@ -489,6 +536,9 @@ impl Engine<'_> {
 
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
     fn pump(&mut self, wait: Duration) -> Result<(), EngineError> {
+        // Whether this process stood still is settled before anything the link reports
+        // is acted on: a loss that follows a stall is read in its light.
+        self.watch();
         self.take_encoded();
         let first = if wait.is_zero() {
             self.link.try_recv().ok()
@@ -510,9 +560,25 @@ impl Engine<'_> {
                         row.send = Some(took);
                     }
                 }
+                LinkEvent::StoodDown => {
+                    if self.standing_down.take().is_some() {
+                        tracing::info!(
+                            "the stand-down is on the wire: the backup will not take over; \
+                             releasing held output"
+                        );
+                        self.held.release_all()?;
+                    }
+                }
                 LinkEvent::Closed(why) => {
                     if matches!(self.phase, Phase::Syncing | Phase::Protected) {
                         self.backup_lost(&why)?;
+                    } else if self.standing_down.take().is_some() {
+                        tracing::warn!(
+                            reason = %why,
+                            "the link closed before the stand-down was written; releasing \
+                             held output (the backup is gone or closed the session itself)"
+                        );
+                        self.held.release_all()?;
                     }
                 }
             }
@@ -559,9 +625,46 @@ impl Engine<'_> {
         self.metrics.set_state(phase.name());
     }
 
+    /// Record a stall long enough for the backup to have declared this primary lost.
+    fn watch(&mut self) {
+        let stalled = self.stall.take();
+        if stalled < self.stall_limit || !matches!(self.phase, Phase::Syncing | Phase::Protected) {
+            return;
+        }
+        let worst = self.suspect.map_or(stalled, |s| s.stalled.max(stalled));
+        self.suspect = Some(Suspect {
+            stalled: worst,
+            clears_at: self.epoch,
+        });
+        tracing::warn!(
+            stalled_ms = stalled.as_millis() as u64,
+            limit_ms = self.stall_limit.as_millis() as u64,
+            held = self.held.held_records(),
+            "this primary stood still long enough for the backup to take over: releasing \
+             nothing until the backup acknowledges epoch {} or later",
+            self.epoch
+        );
+        self.events.emit(
+            "stalled",
+            json!({ "ms": stalled.as_millis() as u64, "clears_at": self.epoch }),
+        );
+    }
+
     fn acked(&mut self, n: u64, at: Instant) -> Result<(), EngineError> {
-        // Release first, so each row records what is still held after this ack.
-        self.held.ack(n)?;
+        if let Some(s) = self.suspect
+            && n >= s.clears_at
+        {
+            tracing::info!(
+                epoch = n,
+                "the backup acknowledged an epoch taken after the stall: it did not take over"
+            );
+            self.suspect = None;
+        }
+        // Release first, so each row records what is still held after this ack. After a
+        // stall nothing is released until the backup proves it still follows.
+        if self.suspect.is_none() {
+            self.held.ack(n)?;
+        }
         let held = self.held.held_records();
         let done: Vec<u64> = self.inflight.range(..=n).map(|(&e, _)| e).collect();
         for e in done {
@@ -600,36 +703,95 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// The backup is lost: end the session for good and follow the policy. After a stall
+    /// the backup may have taken over, so the guest is fenced whatever the policy.
     fn backup_lost(&mut self, why: &str) -> Result<(), EngineError> {
+        self.watch();
         self.summary.backup_lost = true;
         self.inflight.clear();
         self.inflight_since.clear();
-        if self.cfg.fence {
+        let held = self.held.held_records();
+        if let Some(s) = self.suspect {
+            let stalled_ms = s.stalled.as_millis() as u64;
             tracing::error!(
                 reason = why,
-                held = self.held.held_records(),
-                "backup lost: fencing the guest (paused; held output stays held)"
+                stalled_ms,
+                held,
+                "backup lost after this primary stood still for {stalled_ms} ms: assuming the \
+                 backup took over the guest; fencing it here (paused; held output is never \
+                 released)"
+            );
+            self.events.emit(
+                "backup_lost",
+                json!({
+                    "reason": why,
+                    "policy": "fence",
+                    "stalled_ms": stalled_ms,
+                    "assumed": "the backup took over",
+                }),
+            );
+            self.fence()?;
+        } else if self.cfg.fence {
+            tracing::error!(
+                reason = why,
+                held,
+                "backup lost: fencing the guest (paused; held output stays held; the link \
+                 is closed so a live backup takes over)"
             );
             self.events
                 .emit("backup_lost", json!({ "reason": why, "policy": "fence" }));
-            if !self.d.is_paused() {
-                self.d.pause()?;
-            }
-            self.set_phase(Phase::Fenced);
+            self.fence()?;
         } else {
             tracing::warn!(
                 reason = why,
-                held = self.held.held_records(),
-                "backup lost: continuing unprotected (releasing held output)"
+                held,
+                "backup lost: continuing unprotected (telling the backup to stand down; held \
+                 output is released once that is on the wire)"
             );
             self.events.emit(
                 "backup_lost",
                 json!({ "reason": why, "policy": "continue" }),
             );
-            self.held.release_all()?;
+            let mut frame = Vec::new();
+            ha_common::session::put_stand_down(
+                &mut frame,
+                &format!("the primary declared this backup lost ({why}) and runs on unprotected"),
+            );
+            if self.ctl.send(Control::StandDown(frame)).is_ok() {
+                self.standing_down = Some(Instant::now());
+            }
             self.set_phase(Phase::Unprotected);
+            self.release_if_stood_down()?;
         }
         self.count_output();
+        Ok(())
+    }
+
+    /// Pause the guest, close the link, and stay fenced.
+    fn fence(&mut self) -> Result<(), EngineError> {
+        let _ = self.ctl.send(Control::Close);
+        if !self.d.is_paused() {
+            self.d.pause()?;
+        }
+        self.set_phase(Phase::Fenced);
+        Ok(())
+    }
+
+    /// Unprotected: release what is held unless a stand-down is still on its way (then
+    /// wait for it, at most the ack timeout).
+    fn release_if_stood_down(&mut self) -> Result<(), EngineError> {
+        if let Some(since) = self.standing_down {
+            if since.elapsed() < self.cfg.ack_timeout {
+                return Ok(());
+            }
+            tracing::warn!(
+                waited_ms = since.elapsed().as_millis() as u64,
+                "the stand-down is still not written (the backup reads nothing); releasing \
+                 held output: should the backup resume, it reads the stand-down first"
+            );
+            self.standing_down = None;
+        }
+        self.held.release_all()?;
         Ok(())
     }
 
@@ -637,23 +799,18 @@ impl Engine<'_> {
     /// outlives ha-primary), so a takeover would run it twice. Waits up to
     /// [`STAND_DOWN_WAIT`] for the backup to close the session; says so if it could not.
     fn stand_down(&mut self, why: &str) {
-        let Some(tx) = self.ctl.take() else {
-            return;
-        };
         if !matches!(self.phase, Phase::Syncing | Phase::Protected) {
-            return; // the backup is gone already
+            return; // the session has ended already
         }
         let mut buf = Vec::new();
         ha_common::session::put_stand_down(&mut buf, why);
-        // Sent, then the backup closes the session once it has read it (a close of ours
-        // with acks unread could reset the connection before the frame got there).
+        // Sent, then the backup closes the session once it has read it.
         let mut sent = false;
-        if tx.send((STAND_DOWN_MARK, buf)).is_ok() {
-            drop(tx);
+        if self.ctl.send(Control::StandDown(buf)).is_ok() {
             let deadline = Instant::now() + STAND_DOWN_WAIT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 match self.link.recv_timeout(left) {
-                    Ok(LinkEvent::Sent(STAND_DOWN_MARK, _)) => sent = true,
+                    Ok(LinkEvent::StoodDown) => sent = true,
                     Ok(LinkEvent::Closed(_)) if sent => {
                         tracing::warn!(
                             reason = why,
@@ -700,6 +857,13 @@ impl Engine<'_> {
             serde_json::to_value(&self.summary).unwrap_or_default(),
         );
     }
+}
+
+/// How long this process may stand still before the backup, which declares it lost after
+/// `detect` without a frame, may have done so: the last frame before a stall can be up to
+/// a `heartbeat` old, so `detect - heartbeat`, and never more than half of `detect`.
+fn stall_limit(detect: Duration, heartbeat: Duration) -> Duration {
+    detect.saturating_sub(heartbeat).min(detect / 2)
 }
 
 /// Split pages into pre-copy-sized epochs.

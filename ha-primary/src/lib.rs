@@ -9,6 +9,7 @@
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
 //! | [`commit`] | output commit: output held until its checkpoint is acknowledged |
 //! | [`engine`] | the epoch loop tying them together, and the backup-lost policy |
+//! | [`stall`] | noticing that this process stood still long enough to be replaced |
 //! | [`report`] | per-epoch CSV statistics and JSON-lines events |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //! | [`cli`] | the options: command line and `--config` file |
@@ -22,3 +23,4 @@ pub mod link;
 pub mod metrics;
 pub mod report;
 pub mod shape;
+pub mod stall;

@@ -2,6 +2,13 @@
 //! epochs (and a heartbeat whenever nothing else went out for a heartbeat interval), and a
 //! receiver thread that turns the backup's frames into [`LinkEvent`]s.
 //!
+//! The engine ends a session through [`Control`]: a stand-down (the guest goes on without
+//! this backup) or a plain close. Either is written after the frame in progress, ahead of
+//! any epoch still queued, and then the sender half-closes the connection (FIN) and stops
+//! heartbeating, so the backup sees the end of the session at once. The receiver keeps
+//! reading until the backup closes its side, so the socket is never closed with unread
+//! acks (which would reset the connection and could discard the stand-down).
+//!
 //! With a pair key the link first runs the Noise handshake (`ha_common::secure`) and every
 //! byte after it, the session opening included, travels encrypted; without one (the
 //! operator gave `--insecure`) the frames go in the clear.
@@ -9,7 +16,7 @@
 use crate::shape::TokenBucket;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
 use ha_common::secure::{self, Deadline, PairKey, SecureError};
-use ha_common::session::{self, Hello, SessionError};
+use ha_common::session::{self, Hello, SessionError, Welcome};
 use ha_common::stream::split_frame;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -48,6 +55,26 @@ pub enum LinkError {
         /// The backup's address.
         addr: SocketAddr,
     },
+    /// The backup did not answer the Noise handshake in time.
+    #[error(
+        "the backup at {addr} did not answer the secure handshake within {waited:?} (it \
+         accepted the connection but is busy, overloaded, or not a Castor backup; see its log)"
+    )]
+    NoHandshakeAnswer {
+        /// The backup's address.
+        addr: SocketAddr,
+        /// How long the primary waited.
+        waited: Duration,
+    },
+    /// The backup closed the connection during the Noise handshake.
+    #[error(
+        "the backup at {addr} closed the connection during the secure handshake (it holds \
+         another pair key or runs with --insecure, or it refused the connection: see its log)"
+    )]
+    HandshakeClosed {
+        /// The backup's address.
+        addr: SocketAddr,
+    },
     /// The Noise handshake failed.
     #[error(
         "secure handshake with the backup at {addr} failed (do both sides hold the same \
@@ -72,6 +99,16 @@ impl LinkError {
             LinkError::Handshake { addr, source }
         }
     }
+
+    /// The error for a Noise handshake that failed: silence and a close are named as
+    /// such; only a reply that fails to authenticate is a key problem.
+    fn secure(addr: SocketAddr, waited: Duration, source: SecureError) -> Self {
+        match source {
+            SecureError::Timeout(_) => LinkError::NoHandshakeAnswer { addr, waited },
+            SecureError::Closed => LinkError::HandshakeClosed { addr },
+            source => LinkError::Secure { addr, source },
+        }
+    }
 }
 
 /// The byte streams of a link: encrypted, or plain TCP.
@@ -84,8 +121,19 @@ pub enum LinkEvent {
     Ack(u64, Instant),
     /// This epoch's bytes are all written to the socket, taking this long.
     Sent(u64, Duration),
+    /// The stand-down frame is written to the socket (the session then ends).
+    StoodDown,
     /// The link is gone (with the reason).
     Closed(String),
+}
+
+/// How the engine ends a session; see the module's doc.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Write this stand-down frame, report [`LinkEvent::StoodDown`], then half-close.
+    StandDown(Vec<u8>),
+    /// Half-close now: no further epoch or heartbeat.
+    Close,
 }
 
 /// A connected, welcomed link.
@@ -93,10 +141,12 @@ pub enum LinkEvent {
 pub struct Link {
     /// Epochs to send, in order: (epoch number, bytes).
     pub tx: Sender<(u64, Vec<u8>)>,
+    /// Ends the session ahead of queued epochs.
+    pub ctl: Sender<Control>,
     /// Acks and closure.
     pub events: Receiver<LinkEvent>,
-    /// The first epoch the backup expects.
-    pub next_epoch: u64,
+    /// The backup's answer: the first epoch it expects and its detection timeout.
+    pub welcome: Welcome,
     /// Total bytes written to the socket.
     pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -123,7 +173,7 @@ pub fn connect(
                 stop: None,
             };
             let t = secure::initiate(&mut s, k, &d)
-                .map_err(|source| LinkError::Secure { addr, source })?;
+                .map_err(|source| LinkError::secure(addr, timeout, source))?;
             let (r, w) = t.split(s.try_clone().map_err(hs)?, s.try_clone().map_err(hs)?);
             (Box::new(r), Box::new(w))
         }
@@ -136,8 +186,8 @@ pub fn connect(
     hello.put(&mut buf);
     wr.write_all(&buf).map_err(hs)?;
     let (ty, body) = read_frame(&mut rd).map_err(|e| LinkError::opening(addr, key.is_some(), e))?;
-    let next_epoch = match ty {
-        session::frame_type::WELCOME => session::parse_u64(&body, "welcome")?,
+    let welcome = match ty {
+        session::frame_type::WELCOME => Welcome::parse(&body)?,
         session::frame_type::REFUSE => {
             return Err(SessionError::Refused(String::from_utf8_lossy(&body).into_owned()).into());
         }
@@ -145,6 +195,7 @@ pub fn connect(
     };
     s.set_read_timeout(None).map_err(hs)?;
     let (tx, rx) = bounded::<(u64, Vec<u8>)>(4);
+    let (ctl, ctl_rx) = unbounded();
     let (etx, events) = unbounded();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     {
@@ -154,7 +205,7 @@ pub fn connect(
             .name("castor-send".into())
             .spawn(move || {
                 let shaper = link_rate.map(TokenBucket::new);
-                sender(wr, s, rx, heartbeat, etx, sent, shaper);
+                sender(wr, s, (rx, ctl_rx), heartbeat, etx, sent, shaper);
             })
             .map_err(hs)?;
     }
@@ -164,16 +215,52 @@ pub fn connect(
         .map_err(hs)?;
     Ok(Link {
         tx,
+        ctl,
         events,
-        next_epoch,
+        welcome,
         sent,
     })
+}
+
+/// What the sender writes next.
+enum Next {
+    Epoch(u64, Vec<u8>),
+    Heartbeat,
+    Control(Control),
+    /// The engine dropped both channels.
+    Gone,
+}
+
+/// The next thing to write: a control message first, then a queued epoch, else a
+/// heartbeat once `heartbeat` passed with nothing to send.
+fn next(rx: &Receiver<(u64, Vec<u8>)>, ctl: &Receiver<Control>, heartbeat: Duration) -> Next {
+    if let Ok(c) = ctl.try_recv() {
+        return Next::Control(c);
+    }
+    crossbeam_channel::select! {
+        recv(ctl) -> c => c.map_or_else(|_| next_epoch(rx, heartbeat), Next::Control),
+        recv(rx) -> m => match m {
+            Ok((e, b)) => Next::Epoch(e, b),
+            // The encoder is gone; the engine may still end the session.
+            Err(_) => ctl.recv().map_or(Next::Gone, Next::Control),
+        },
+        default(heartbeat) => Next::Heartbeat,
+    }
+}
+
+/// [`next`] once the control channel is gone: epochs and heartbeats only.
+fn next_epoch(rx: &Receiver<(u64, Vec<u8>)>, heartbeat: Duration) -> Next {
+    match rx.recv_timeout(heartbeat) {
+        Ok((e, b)) => Next::Epoch(e, b),
+        Err(RecvTimeoutError::Timeout) => Next::Heartbeat,
+        Err(RecvTimeoutError::Disconnected) => Next::Gone,
+    }
 }
 
 fn sender(
     mut s: Box<dyn Write + Send>,
     sock: TcpStream,
-    rx: Receiver<(u64, Vec<u8>)>,
+    (rx, ctl): (Receiver<(u64, Vec<u8>)>, Receiver<Control>),
     heartbeat: Duration,
     events: Sender<LinkEvent>,
     sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
@@ -181,13 +268,24 @@ fn sender(
 ) {
     let mut hb = Vec::new();
     session::put_heartbeat(&mut hb);
+    let end = |sock: &TcpStream| {
+        let _ = sock.shutdown(std::net::Shutdown::Write);
+    };
     loop {
-        let (epoch, buf) = match rx.recv_timeout(heartbeat) {
-            Ok((e, b)) => (Some(e), b),
-            Err(RecvTimeoutError::Timeout) => (None, hb.clone()),
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = sock.shutdown(std::net::Shutdown::Write);
-                return;
+        let (epoch, buf) = match next(&rx, &ctl, heartbeat) {
+            Next::Epoch(e, b) => (Some(e), b),
+            Next::Heartbeat => (None, hb.clone()),
+            Next::Control(Control::Close) | Next::Gone => return end(&sock),
+            Next::Control(Control::StandDown(frame)) => {
+                match write_shaped(&mut *s, &frame, shaper.as_mut()) {
+                    Ok(()) => {
+                        let _ = events.send(LinkEvent::StoodDown);
+                    }
+                    Err(e) => {
+                        let _ = events.send(LinkEvent::Closed(format!("sending stand-down: {e}")));
+                    }
+                }
+                return end(&sock);
             }
         };
         let t = Instant::now();
@@ -239,6 +337,13 @@ fn receiver(mut s: Box<dyn Read + Send>, events: Sender<LinkEvent>) {
                     return;
                 }
             },
+            Ok((session::frame_type::ABORT, body)) => {
+                let _ = events.send(LinkEvent::Closed(format!(
+                    "the backup ended the session: {}",
+                    String::from_utf8_lossy(&body)
+                )));
+                return;
+            }
             Ok((ty, _)) => {
                 let _ = events.send(LinkEvent::Closed(format!(
                     "unexpected frame type {ty} from the backup"

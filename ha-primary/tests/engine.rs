@@ -75,7 +75,11 @@ fn fake_backup(
                 let h = Hello::parse(body).expect("hello");
                 assert_eq!(h.memory_size, MEM);
                 let mut out = Vec::new();
-                session::put_welcome(&mut out, 1);
+                session::Welcome {
+                    next_epoch: 1,
+                    detect_timeout: Duration::from_secs(1),
+                }
+                .put(&mut out);
                 s.write_all(&out).expect("welcome");
                 hello_done = true;
                 continue;
@@ -342,7 +346,11 @@ fn backup_lost_continues_or_fences() {
             let t = secure::respond(&mut s, &pair_key(), &Deadline::handshake()).unwrap();
             let mut s = t.stream(s);
             let mut out = Vec::new();
-            session::put_welcome(&mut out, 1);
+            session::Welcome {
+                next_epoch: 1,
+                detect_timeout: Duration::from_secs(1),
+            }
+            .put(&mut out);
             let mut hello = [0u8; 32];
             s.read_exact(&mut hello).unwrap();
             s.write_all(&out).unwrap();

@@ -45,7 +45,11 @@ fn fake_backup(l: TcpListener, key: PairKey) {
                 let h = Hello::parse(body).expect("hello");
                 assert_eq!(h.memory_size, MEM);
                 let mut out = Vec::new();
-                session::put_welcome(&mut out, 1);
+                session::Welcome {
+                    next_epoch: 1,
+                    detect_timeout: Duration::from_secs(1),
+                }
+                .put(&mut out);
                 s.write_all(&out).expect("welcome");
                 hello_done = true;
                 continue;

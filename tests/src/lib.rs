@@ -142,6 +142,24 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// Send it `sig` (SIGSTOP, SIGCONT, SIGTERM, …), if it still runs.
+    pub fn signal(&mut self, sig: i32) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: plain kill(2) on our own child's pid, which has not been reaped (so
+            // the pid is still ours); no memory is involved.
+            unsafe {
+                libc::kill(self.child.id().cast_signed(), sig);
+            }
+        }
+    }
+
+    /// Stop it (SIGSTOP) for `d`, then let it go on (SIGCONT): a stalled process.
+    pub fn freeze_for(&mut self, d: Duration) {
+        self.signal(libc::SIGSTOP);
+        std::thread::sleep(d);
+        self.signal(libc::SIGCONT);
+    }
+
     /// Wait for it to exit (at most `limit`), returning the exit code (None: killed or
     /// still running after the limit, then it is killed).
     pub fn wait_for(&mut self, limit: Duration) -> Option<i32> {

@@ -34,6 +34,8 @@ struct Opts<'a> {
     /// Run each daemon on its own host (network namespace) of this pair, instead of
     /// both on loopback.
     net: Option<&'a NetPair>,
+    /// The backup's ack log (default: `ack.log` in the scratch directory).
+    ack_log: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -50,6 +52,7 @@ impl Default for Opts<'_> {
             exit_after: "400ms",
             insecure: false,
             net: None,
+            ack_log: None,
         }
     }
 }
@@ -114,7 +117,8 @@ impl Pair {
             s("--output"),
             world_addr(&world, o.net.map(|n| n.world_from_backup)),
             s("--ack-log"),
-            dir.file("ack.log").display().to_string(),
+            o.ack_log
+                .map_or_else(|| dir.file("ack.log").display().to_string(), s),
             s("--events"),
             dir.file("backup.events").display().to_string(),
             s("--stats"),
@@ -154,6 +158,18 @@ impl Pair {
     /// Start a primary against `target` with `key` options; its log, events and stats are
     /// `<name>.log`, `<name>.events`, `<name>.csv` in the scratch directory.
     fn spawn_primary(&self, o: &Opts, target: SocketAddr, name: &str, key: &[String]) -> Proc {
+        self.spawn_primary_with_files(o, target, (name, name), key)
+    }
+
+    /// [`Pair::spawn_primary`] with its log named after `log` and its events and stats
+    /// after `files`.
+    fn spawn_primary_with_files(
+        &self,
+        o: &Opts,
+        target: SocketAddr,
+        (log, name): (&str, &str),
+        key: &[String],
+    ) -> Proc {
         let dir = &self.dir;
         let mut args = vec![
             s("--backup"),
@@ -191,7 +207,7 @@ impl Pair {
             args.push(s("--fence"));
         }
         let ns = o.net.map(|n| n.primary_ns.as_str());
-        Proc::spawn_in(ns, "ha-primary", &args, dir.file(&format!("{name}.log")))
+        Proc::spawn_in(ns, "ha-primary", &args, dir.file(&format!("{log}.log")))
     }
 
     fn primary_events(&self) -> std::path::PathBuf {
@@ -593,7 +609,7 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
         (
             "wrong",
             vec![s("--key"), other.display().to_string()],
-            "secure handshake with the backup",
+            "closed the connection during the secure handshake (it holds another pair key",
         ),
         (
             "nokey",
@@ -663,7 +679,8 @@ fn a_second_primary_is_refused_while_one_is_connected() {
     let mut p = Pair::start("second", &o);
     p.wait_protected();
     let key = p.key_args(&o);
-    let mut second = p.spawn_primary(&o, p.backup_addr(), "second", &key);
+    // Given the first one's events and stats files, as a careless operator would.
+    let mut second = p.spawn_primary_with_files(&o, p.backup_addr(), ("second", "primary"), &key);
     let code = second.wait_for(Duration::from_secs(30));
     let log = second.log_text();
     if code != Some(1) || !log.contains("another primary") || !log.contains("already connected") {
@@ -677,6 +694,12 @@ fn a_second_primary_is_refused_while_one_is_connected() {
     }
     if !p.backup.log_text().contains("refused a second primary") {
         p.fail("the backup did not log the refusal");
+    }
+    let first = std::fs::read_to_string(p.primary_events()).unwrap_or_default();
+    if !first.starts_with("{") || first.contains('\0') || !first.contains("\"protected\"") {
+        p.fail(&format!(
+            "the refused primary touched the first one's events: {first:?}"
+        ));
     }
     let before = p.ack_log().len();
     std::thread::sleep(Duration::from_millis(300));
@@ -733,4 +756,194 @@ fn key_files_readable_by_others_are_refused() {
         assert_eq!(code, Some(1), "{name}: {log}");
         assert!(log.contains(&want), "{name}: {log}");
     }
+}
+
+/// The backup stands still (SIGSTOP) past the primary's ack timeout. The primary declares
+/// it lost and ends the session for good. Under the default policy it stands the backup
+/// down, which on resuming exits without taking over (it would otherwise resume, later,
+/// from a checkpoint the world has long overtaken); under `--fence` it closes the link, so
+/// the resumed backup takes over at once from its last commit.
+#[test]
+fn a_backup_stopped_past_the_ack_timeout_is_dropped_for_good() {
+    if !kvm_or_skip() {
+        return;
+    }
+    for fence in [false, true] {
+        let mut p = Pair::start(
+            "bstop",
+            &Opts {
+                fence,
+                run_for: Some("4s"),
+                ..Opts::default()
+            },
+        );
+        p.wait_protected();
+        std::thread::sleep(Duration::from_millis(300));
+        // The primary's ack timeout is 1 s.
+        p.backup.freeze_for(Duration::from_millis(1800));
+        let lost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+            .unwrap_or_else(|| p.fail("the primary never declared the frozen backup lost"));
+        if fence {
+            assert_eq!(lost["policy"], "fence");
+            p.check_failover();
+        } else {
+            assert_eq!(lost["policy"], "continue");
+            let code = p.backup.wait_for(Duration::from_secs(10));
+            let evs = events(&p.backup_events());
+            if code != Some(0)
+                || !evs.iter().any(|e| e["event"] == "primary_stood_down")
+                || evs.iter().any(|e| e["event"] == "active")
+            {
+                p.fail(&format!(
+                    "the dropped backup did not stand down (exit {code:?})"
+                ));
+            }
+            let mut primary = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+            let _ = primary.wait_for(Duration::from_secs(20));
+            // The unprotected primary releases without commits (its policy); nothing
+            // else may go wrong, and the backup released nothing.
+            let v = p.world.view();
+            let bad: Vec<_> = v
+                .violations
+                .iter()
+                .filter(|v| !v.contains("before a checkpoint"))
+                .collect();
+            assert!(bad.is_empty() && v.from_backup == 0, "{v:?}");
+        }
+    }
+}
+
+/// The primary stands still (SIGSTOP) past the backup's detection timeout, and the backup
+/// takes over. The resumed primary must not release anything or run on: it knows it was
+/// silent long enough to be replaced, assumes it was, and fences, under the default
+/// policy too. The world sees one guest's output, with no changed repeat and no release
+/// ahead of the commits.
+#[test]
+fn a_primary_stopped_past_the_detection_timeout_does_not_run_twice() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut p = Pair::start(
+        "pstop",
+        &Opts {
+            run_for: Some("4s"),
+            exit_after: "1500ms",
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(300));
+    // The backup's detection timeout is 400 ms.
+    if let Some(pr) = p.primary.as_mut() {
+        pr.freeze_for(Duration::from_millis(1500));
+    }
+    let lost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("the resumed primary never noticed its backup left"));
+    if lost["assumed"] != "the backup took over" || lost["policy"] != "fence" {
+        p.fail(&format!("the resumed primary did not fence: {lost}"));
+    }
+    p.check_failover();
+    let mut primary = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    let _ = primary.wait_for(Duration::from_secs(20));
+    let v = p.world.view();
+    assert!(v.violations.is_empty(), "{v:?}");
+}
+
+/// Idle connections (no key needed to open one) cannot hold a legitimate primary back:
+/// handshakes run side by side, and the primary is protected as usual.
+#[test]
+fn idle_connections_cannot_lock_the_primary_out() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let o = Opts::default();
+    let mut p = Pair::start_backup("idle", &o);
+    let idle: Vec<_> = (0..6)
+        .map(|_| {
+            std::net::TcpStream::connect(p.backup_addr())
+                .unwrap_or_else(|e| panic!("idle connection: {e}"))
+        })
+        .collect();
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    p.wait_protected();
+    drop(idle);
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    p.check_failover();
+}
+
+/// A second backup started on a port in use fails, and leaves the running one's events,
+/// stats and ack log as they were.
+#[test]
+fn a_refused_second_backup_leaves_the_first_ones_files_alone() {
+    let o = Opts {
+        guest: "sim",
+        insecure: true,
+        ..Opts::default()
+    };
+    let p = Pair::start_backup("second-backup", &o);
+    let port = p.backup_addr().to_string();
+    let events_before = std::fs::read_to_string(p.backup_events()).unwrap_or_default();
+    assert!(events_before.contains("listening"), "{events_before}");
+    let file = |n: &str| p.dir.file(n).display().to_string();
+    let args = vec![
+        s("--listen"),
+        port,
+        s("--memory"),
+        s(o.memory),
+        s("--guest"),
+        s("sim"),
+        s("--insecure"),
+        s("--events"),
+        file("backup.events"),
+        s("--stats"),
+        file("backup.csv"),
+        s("--ack-log"),
+        file("ack.log"),
+    ];
+    let mut second = Proc::spawn("ha-backup", &args, p.dir.file("second.log"));
+    let code = second.wait_for(Duration::from_secs(20));
+    let log = second.log_text();
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("cannot listen"), "{log}");
+    let events_after = std::fs::read_to_string(p.backup_events()).unwrap_or_default();
+    assert!(
+        events_after.starts_with(&events_before) && !events_after.contains('\0'),
+        "the refused backup touched the running one's events: {events_after:?}"
+    );
+    // The running backup still serves a primary.
+    let key = p.key_args(&o);
+    let mut primary = p.spawn_primary(&o, p.backup_addr(), "primary", &key);
+    let protected = wait_event(&p.primary_events(), "protected", Duration::from_secs(30));
+    primary.kill9();
+    assert!(protected.is_some(), "{}", p.backup.log_text());
+}
+
+/// A backup that cannot write its ack log (the disk is full) acks nothing more, ends the
+/// session, and tells the primary why; the primary's log names the backup's disk, not a
+/// network fault.
+#[test]
+fn a_backup_whose_disk_is_full_says_so_to_the_primary() {
+    let o = Opts {
+        guest: "sim",
+        insecure: true,
+        run_for: Some("3s"),
+        ack_log: Some("/dev/full"),
+        ..Opts::default()
+    };
+    let mut p = Pair::start("fulldisk", &o);
+    let code = p.backup.wait_for(Duration::from_secs(20));
+    let blog = p.backup.log_text();
+    assert_eq!(code, Some(1), "{blog}");
+    let lost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("the primary never noticed"));
+    let reason = lost["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the backup ended the session")
+            && reason.contains("/dev/full")
+            && reason.contains("No space left on device"),
+        "{reason}"
+    );
 }

@@ -314,7 +314,7 @@ impl FakePrimary {
             "expected Welcome, got {ty}: {:?}",
             String::from_utf8_lossy(&body)
         );
-        assert_eq!(session::parse_u64(&body, "welcome"), Ok(1));
+        assert_eq!(session::Welcome::parse(&body).map(|w| w.next_epoch), Ok(1));
         Self {
             epochs: Epochs::new(factory, spec),
             stream,

@@ -18,6 +18,7 @@
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
+//! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
 //! | [`web`] | the `web` workload's reference semantics (layout, document root, a request) |
 //! | [`bitmap`] | page bitmaps for dirty tracking |
 
@@ -28,6 +29,7 @@ pub mod codec;
 pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
+pub mod limits;
 pub mod output;
 pub mod secure;
 pub mod serve;

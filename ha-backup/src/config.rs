@@ -14,6 +14,9 @@ use serde::Deserialize;
 use ha_common::PAGE_SIZE;
 use ha_common::block::BlockSize;
 use ha_common::codec::Mode;
+use ha_common::limits::{
+    LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
+};
 use ha_common::secure::{PairKey, SecureError};
 use ha_common::session::{Hello, SESSION_VERSION};
 use ha_common::units::{UnitError, parse_duration, parse_size};
@@ -33,18 +36,12 @@ pub enum ConfigError {
         #[source]
         source: UnitError,
     },
-    /// A guest memory size that is not a positive multiple of the page size.
-    #[error("--memory {0} is not a positive multiple of {PAGE_SIZE} bytes")]
-    Memory(u64),
-    /// A block size the codec does not support.
-    #[error("--block-size {0} is not supported (a power of two from 32 to 1024)")]
-    BlockSize(u32),
+    /// A value out of its option's bounds (the primary's rules, [`ha_common::limits`]).
+    #[error(transparent)]
+    Limit(#[from] LimitError),
     /// A mode name that is unknown.
     #[error("--mode {0:?} is unknown (remus, xbzrle, fgbi)")]
     Mode(String),
-    /// A zero detection timeout.
-    #[error("--detect-timeout must be above zero")]
-    DetectTimeout,
     /// `--memory` above `--max-memory`.
     #[error("--memory {memory} is above --max-memory {max}")]
     AboveMax {
@@ -125,7 +122,8 @@ pub struct Cli {
     /// file + rename).
     #[arg(long, value_name = "FILE")]
     pub port_file: Option<PathBuf>,
-    /// Guest memory size; must equal the primary's (e.g. 256M, 1G).
+    /// Guest memory size, a positive multiple of 2M; must equal the primary's (e.g. 256M,
+    /// 1G).
     #[arg(long, default_value = "256M")]
     pub memory: String,
     /// Encoding mode; must equal the primary's: remus, xbzrle or fgbi.
@@ -134,10 +132,10 @@ pub struct Cli {
     /// Block size in bytes for fine-grained blocks; must equal the primary's.
     #[arg(long, default_value_t = 64)]
     pub block_size: u32,
-    /// The primary's epoch interval; sets the default detection timeout.
+    /// The primary's epoch interval (1ms to 60s); sets the default detection timeout.
     #[arg(long, default_value = "25ms")]
     pub interval: String,
-    /// Declare the primary dead after this long without a frame
+    /// Declare the primary dead after this long without a frame (at least 1ms)
     /// [default: max(3 x --interval, 50ms)].
     #[arg(long)]
     pub detect_timeout: Option<String>,
@@ -180,7 +178,8 @@ pub struct Cli {
     /// trusted links only).
     #[arg(long)]
     pub insecure: bool,
-    /// Refuse a primary announcing more guest memory than this (also caps --memory).
+    /// Refuse a primary announcing more guest memory than this (also caps --memory; at
+    /// least 2M).
     #[arg(long, default_value = "64G")]
     pub max_memory: String,
 }
@@ -273,14 +272,24 @@ fn duration(v: String) -> Result<String, String> {
     parse_duration(&v).map_err(|e| e.to_string())?;
     Ok(v)
 }
+/// A file value through its option's bounds (`check` on the parsed value), kept as text;
+/// the problem without the option, which the key names.
+fn bounded<T>(
+    v: String,
+    parse: fn(&str) -> Result<T, UnitError>,
+    check: impl Fn(T) -> Result<T, LimitError>,
+) -> Result<String, String> {
+    let t = parse(&v).map_err(|e| e.to_string())?;
+    check(t).map_err(|e| e.rule())?;
+    Ok(v)
+}
 fn mode(v: String) -> Result<String, String> {
     v.parse::<Mode>()
         .map_err(|_| format!("{v:?} is unknown (remus, xbzrle, fgbi)"))?;
     Ok(v)
 }
 fn block_size(n: u32) -> Result<u32, String> {
-    BlockSize::new(n)
-        .map_err(|_| format!("{n} is not supported (a power of two from 32 to 1024)"))?;
+    check_block_size(n).map_err(|e| e.rule())?;
     Ok(n)
 }
 fn guest(v: String) -> Result<GuestKind, String> {
@@ -330,11 +339,13 @@ impl Cli {
         overlay!(cli, file, m, path;
             listen: same,
             port_file: some,
-            memory: size,
+            memory: |v| bounded(size(v)?, parse_size, check_memory),
             mode: mode,
             block_size: block_size,
-            interval: duration,
-            detect_timeout: |v| duration(v).map(Some),
+            interval: |v| bounded(v, parse_duration, check_interval),
+            detect_timeout: |v| {
+                bounded(v, parse_duration, |d| check_timeout("detect-timeout", d)).map(Some)
+            },
             guest: guest,
             xen_config: some,
             output: some,
@@ -346,7 +357,7 @@ impl Cli {
             metrics_port_file: some,
             key: some,
             insecure: same,
-            max_memory: size,
+            max_memory: |v| bounded(size(v)?, parse_size, check_max_memory),
         );
         Ok(())
     }
@@ -396,28 +407,39 @@ pub struct Config {
 }
 
 impl Config {
-    /// Check the command line.
+    /// Check the options: each value parses and is within the bounds the primary applies
+    /// too ([`ha_common::limits`]: memory a positive multiple of 2 MiB, an interval from
+    /// 1 ms to 60 s, a detection timeout of at least 1 ms, a supported block size, a memory
+    /// cap of at least 2 MiB), and `--memory` is not above `--max-memory`. A detection
+    /// timeout not above the interval is allowed but warned about.
     pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
         let unit = |option| move |source| ConfigError::Unit { option, source };
-        let memory_size = parse_size(&cli.memory).map_err(unit("memory"))?;
-        if memory_size == 0 || !memory_size.is_multiple_of(PAGE_SIZE as u64) {
-            return Err(ConfigError::Memory(memory_size));
-        }
+        let memory_size = check_memory(parse_size(&cli.memory).map_err(unit("memory"))?)?;
         let mode: Mode = cli
             .mode
             .parse()
             .map_err(|_| ConfigError::Mode(cli.mode.clone()))?;
-        let block_size =
-            BlockSize::new(cli.block_size).map_err(|_| ConfigError::BlockSize(cli.block_size))?;
-        let interval = parse_duration(&cli.interval).map_err(unit("interval"))?;
+        let block_size = check_block_size(cli.block_size)?;
+        let interval = check_interval(parse_duration(&cli.interval).map_err(unit("interval"))?)?;
         let detect_timeout = match &cli.detect_timeout {
-            Some(s) => parse_duration(s).map_err(unit("detect-timeout"))?,
+            Some(s) => {
+                let d = parse_duration(s).map_err(unit("detect-timeout"))?;
+                let d = check_timeout("detect-timeout", d)?;
+                if d <= interval {
+                    tracing::warn!(
+                        detect_timeout = ?d,
+                        interval = ?interval,
+                        "--detect-timeout is not above --interval: unless the primary's \
+                         --heartbeat is shorter than the detection timeout, the primary will \
+                         be declared lost between its checkpoints"
+                    );
+                }
+                d
+            }
             None => (interval * 3).max(MIN_DETECT),
         };
-        if detect_timeout.is_zero() {
-            return Err(ConfigError::DetectTimeout);
-        }
-        let max_memory = parse_size(&cli.max_memory).map_err(unit("max-memory"))?;
+        let max_memory =
+            check_max_memory(parse_size(&cli.max_memory).map_err(unit("max-memory"))?)?;
         if memory_size > max_memory {
             return Err(ConfigError::AboveMax {
                 memory: memory_size,
@@ -658,6 +680,104 @@ mod tests {
         );
         let insecure = Config::from_cli(&cli(&["--insecure"])).expect("ok");
         assert!(matches!(insecure.pair_key(), Ok(None)));
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_as_the_primary_refuses_them() {
+        let cases: [(&[&str], &str); 9] = [
+            (
+                &["--memory", "3M"],
+                "--memory 3M is not a positive multiple of 2M",
+            ),
+            (
+                &["--memory", "0"],
+                "--memory 0 is not a positive multiple of 2M",
+            ),
+            (
+                &["--memory", "4k"],
+                "--memory 4k is not a positive multiple of 2M",
+            ),
+            (
+                &["--interval", "0"],
+                "--interval 0ns is below the minimum of 1ms",
+            ),
+            (
+                &["--interval", "61s"],
+                "--interval 61s is above the maximum of 60s",
+            ),
+            (
+                &["--detect-timeout", "0s"],
+                "--detect-timeout 0ns is below the minimum of 1ms",
+            ),
+            (
+                &["--max-memory", "0"],
+                "--max-memory 0 is below the smallest guest, 2M",
+            ),
+            (
+                &["--block-size", "48"],
+                "--block-size 48 is not supported (a power of two from 32 to 1024)",
+            ),
+            (
+                &["--block-size", "0"],
+                "--block-size 0 is not supported (a power of two from 32 to 1024)",
+            ),
+        ];
+        for (args, says) in cases {
+            let e = Config::from_cli(&cli(args)).expect_err("refused");
+            assert_eq!(crate::chain(&e), says, "{args:?}");
+        }
+        // The bounds themselves are accepted.
+        let c = Config::from_cli(&cli(&[
+            "--memory",
+            "2M",
+            "--interval",
+            "1ms",
+            "--detect-timeout",
+            "1ms",
+            "--max-memory",
+            "2M",
+        ]))
+        .expect("the least values are valid");
+        assert_eq!(c.memory_size, 2 << 20);
+        assert_eq!(c.detect_timeout, Duration::from_millis(1));
+        let c = Config::from_cli(&cli(&["--interval", "60s"])).expect("the longest interval");
+        assert_eq!(c.detect_timeout, Duration::from_secs(180));
+    }
+
+    #[test]
+    fn nonsense_in_the_file_is_refused_naming_file_and_key() {
+        for (name, text, says) in [
+            (
+                "m3.toml",
+                "memory = \"3M\"\n",
+                "memory: 3M is not a positive multiple of 2M",
+            ),
+            (
+                "m3b.toml",
+                "memory = 3145728\n",
+                "memory: 3M is not a positive multiple of 2M",
+            ),
+            (
+                "i0.toml",
+                "interval = \"0\"\n",
+                "interval: 0ns is below the minimum of 1ms",
+            ),
+            (
+                "d0.toml",
+                "detect_timeout = \"0ms\"\n",
+                "detect_timeout: 0ns is below the minimum of 1ms",
+            ),
+            (
+                "x0.toml",
+                "max_memory = 0\n",
+                "max_memory: 0 is below the smallest guest, 2M",
+            ),
+        ] {
+            let e = with_file(name, text, &[]).expect_err(text);
+            let msg = crate::chain(&e);
+            assert!(msg.starts_with("config file "), "{msg}");
+            assert!(msg.ends_with(&format!("{name}: {says}")), "{msg}");
+        }
     }
 
     #[test]

@@ -152,3 +152,46 @@ fn config_file_and_metrics_through_a_failover() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", b.stderr());
     assert!(b.stderr().contains("serving metrics"), "{}", b.stderr());
 }
+
+/// Nonsense values stop the backup before it listens, with exit 1 and a message naming the
+/// option and the rule: the primary's words for the same values.
+#[test]
+fn nonsense_values_stop_the_backup_naming_the_option() {
+    for (args, says) in [
+        (
+            &["--memory", "3M"][..],
+            "ha-backup: error: --memory 3M is not a positive multiple of 2M",
+        ),
+        (
+            &["--interval", "0"],
+            "ha-backup: error: --interval 0ns is below the minimum of 1ms",
+        ),
+    ] {
+        let mut argv = vec!["--guest", "sim", "--insecure", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ha-backup"))
+            .args(&argv)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ha-backup");
+        // A backup that accepts the value listens until stopped: stop it rather than hang.
+        let end = Instant::now() + DEADLINE;
+        while child.try_wait().expect("wait for ha-backup").is_none() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let accepted = child.try_wait().expect("wait for ha-backup").is_none();
+        if accepted {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().expect("ha-backup's stderr");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!accepted, "{args:?} was accepted: {err}");
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            !err.contains("listening for the primary"),
+            "{args:?}: {err}"
+        );
+    }
+}

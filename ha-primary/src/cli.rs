@@ -7,6 +7,10 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ha_common::block::BlockSize;
 use ha_common::codec::{GeneralCodec, Mode};
 use ha_common::guest_abi::Workload;
+use ha_common::limits::{
+    LimitError, check_block_size, check_cache_size, check_heartbeat, check_interval, check_memory,
+    check_pipeline, check_precopy_rounds, check_timeout,
+};
 use ha_common::units::{parse_duration, parse_rate, parse_size};
 use serde::Deserialize;
 use std::ffi::OsString;
@@ -48,6 +52,9 @@ pub enum CliError {
         /// Why.
         problem: String,
     },
+    /// A value out of its option's bounds (see [`ha_common::limits`]).
+    #[error(transparent)]
+    Limit(#[from] LimitError),
 }
 
 /// Run a built-in guest and checkpoint it to a Castor backup every epoch.
@@ -91,13 +98,14 @@ pub struct Cli {
     /// restored from it cannot run, so the backup refuses to fail over.
     #[arg(long, default_value = "suspend", value_parser = XEN_HOLDS)]
     pub xen_hold: String,
-    /// With --xen-hold suspend: how long a checkpoint waits for the guest to suspend.
+    /// With --xen-hold suspend: how long a checkpoint waits for the guest to suspend (at
+    /// least 1ms).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub xen_suspend_timeout: Duration,
     /// Built-in workload the guest runs: idle, memwrite, web, kv, npb.
     #[arg(long, default_value = "web")]
     pub workload: Workload,
-    /// Guest memory size (a multiple of 2M).
+    /// Guest memory size (a positive multiple of 2M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
@@ -113,7 +121,7 @@ pub struct Cli {
     /// The guest emits an output record every this many units.
     #[arg(long, default_value_t = 64)]
     pub output_every: u64,
-    /// Epoch interval (checkpoint period), e.g. 25ms.
+    /// Epoch interval (checkpoint period), e.g. 25ms; from 1ms to 60s.
     #[arg(long, default_value = "25ms", value_parser = parse_duration)]
     pub interval: Duration,
     /// Encoding: remus (whole pages), xbzrle (page deltas), fgbi (blocks, sharing, hybrid).
@@ -122,19 +130,22 @@ pub struct Cli {
     /// Block size for fgbi, a power of two from 32 to 1024.
     #[arg(long, default_value = "64", value_parser = parse_block_size)]
     pub block_size: BlockSize,
-    /// Page cache (last-sent content) for xbzrle and fgbi.
+    /// Page cache (last-sent content) for xbzrle and fgbi; at least one page (4k) in those
+    /// modes.
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub cache_size: u64,
     /// General compressor for pages with no usable delta: zlib, lz4, none.
     #[arg(long, default_value = "zlib")]
     pub codec: GeneralCodec,
-    /// Checkpoints in flight (taken, not yet acknowledged) before the epoch stretches.
+    /// Checkpoints in flight (taken, not yet acknowledged) before the epoch stretches (at
+    /// least 1).
     #[arg(long, default_value_t = 2)]
     pub pipeline: usize,
-    /// Heartbeat interval when nothing else is sent (default: the epoch interval).
+    /// Heartbeat interval when nothing else is sent (default: the epoch interval); at least
+    /// 1ms and shorter than --ack-timeout.
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat: Option<Duration>,
-    /// The backup is lost when a checkpoint waits this long for its ack.
+    /// The backup is lost when a checkpoint waits this long for its ack (at least 1ms).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub ack_timeout: Duration,
     /// When the backup is lost, pause the guest instead of continuing unprotected.
@@ -143,7 +154,8 @@ pub struct Cli {
     /// Send a digest of the whole memory every N checkpoints; the backup checks it (0: off).
     #[arg(long, default_value_t = 0)]
     pub verify_every: u64,
-    /// Pre-copy rounds at most before the first checkpoint.
+    /// Pre-copy rounds at most before the first checkpoint (at least 1: the first round
+    /// sends every page).
     #[arg(long, default_value_t = 5)]
     pub precopy_rounds: usize,
     /// Pre-copy stops once a round finds at most this many dirty pages.
@@ -200,7 +212,7 @@ const XEN_HOLDS: [&str; 2] = ["suspend", "pause"];
 
 fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    BlockSize::new(n).map_err(|e| e.to_string())
+    check_block_size(n).map_err(|e| e.to_string())
 }
 
 /// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
@@ -312,6 +324,11 @@ fn size(v: Size) -> Result<u64, String> {
 fn duration(v: String) -> Result<Duration, String> {
     parse_duration(&v).map_err(|e| e.to_string())
 }
+/// A file value through its option's bounds; the problem without the option, which the
+/// key names.
+fn bounded<T>(r: Result<T, LimitError>) -> Result<T, String> {
+    r.map_err(|e| e.rule())
+}
 fn parsed<T: std::str::FromStr<Err: std::fmt::Display>>(v: String) -> Result<T, String> {
     v.parse().map_err(|e: T::Err| e.to_string())
 }
@@ -360,7 +377,27 @@ impl Cli {
             let file = FileConfig::read(&path)?;
             cli.merge(file, &m, &path)?;
         }
+        cli.check()?;
         Ok(cli)
+    }
+
+    /// Check every value against its bounds ([`ha_common::limits`], the rules the backup
+    /// applies too) and the options against each other: an interval from 1 ms to 60 s,
+    /// guest memory a positive multiple of 2 MiB, a page cache of at least one page in the
+    /// modes that keep one, at least one checkpoint in flight and one pre-copy round,
+    /// timeouts of at least 1 ms, and a heartbeat shorter than the ack timeout.
+    pub fn check(&self) -> Result<(), LimitError> {
+        check_interval(self.interval)?;
+        check_memory(self.memory)?;
+        check_cache_size(self.cache_size, self.mode)?;
+        check_pipeline(self.pipeline)?;
+        check_timeout("ack-timeout", self.ack_timeout)?;
+        if let Some(h) = self.heartbeat {
+            check_heartbeat(h, "ack-timeout", self.ack_timeout)?;
+        }
+        check_precopy_rounds(self.precopy_rounds)?;
+        check_timeout("xen-suspend-timeout", self.xen_suspend_timeout)?;
+        Ok(())
     }
 
     /// Take every value of `file` whose option `m` did not get from the command line.
@@ -371,24 +408,24 @@ impl Cli {
             guest: guest,
             xen_domain: some,
             xen_hold: xen_hold,
-            xen_suspend_timeout: duration,
+            xen_suspend_timeout: |v| bounded(check_timeout("xen-suspend-timeout", duration(v)?)),
             workload: parsed::<Workload>,
-            memory: size,
+            memory: |v| bounded(check_memory(size(v)?)),
             heap: |v| size(v).map(Some),
             rate: some,
             seed: same,
             output_every: same,
-            interval: duration,
+            interval: |v| bounded(check_interval(duration(v)?)),
             mode: parsed::<Mode>,
-            block_size: |n: u32| parse_block_size(&n.to_string()),
+            block_size: |n: u32| bounded(check_block_size(n)),
             cache_size: size,
             codec: parsed::<GeneralCodec>,
-            pipeline: same,
-            heartbeat: |v| duration(v).map(Some),
-            ack_timeout: duration,
+            pipeline: |n| bounded(check_pipeline(n)),
+            heartbeat: |v| bounded(check_timeout("heartbeat", duration(v)?)).map(Some),
+            ack_timeout: |v| bounded(check_timeout("ack-timeout", duration(v)?)),
             fence: same,
             verify_every: same,
-            precopy_rounds: same,
+            precopy_rounds: |n| bounded(check_precopy_rounds(n)),
             precopy_threshold: same,
             run_for: |v| duration(v).map(Some),
             output: some,
@@ -487,6 +524,185 @@ mod tests {
         let e = with_file("bad4.toml", "rate = \"fast\"\n", &[]).expect_err("bad type");
         let msg = chain(&e);
         assert!(msg.contains("rate"), "{msg}");
+    }
+
+    /// The whole message of the error `ha-primary ARGS` stops with.
+    fn refused(args: &[&str]) -> String {
+        let argv = std::iter::once("ha-primary").chain(args.iter().copied());
+        chain(&Cli::load(argv).expect_err("refused"))
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_naming_the_option() {
+        let cases: [(&[&str], &str); 14] = [
+            (
+                &["--interval", "0"],
+                "--interval 0ns is below the minimum of 1ms",
+            ),
+            (
+                &["--interval", "500us"],
+                "--interval 500µs is below the minimum of 1ms",
+            ),
+            (
+                &["--interval", "61s"],
+                "--interval 61s is above the maximum of 60s",
+            ),
+            (
+                &["--heartbeat", "0s"],
+                "--heartbeat 0ns is below the minimum of 1ms",
+            ),
+            (
+                &["--heartbeat", "2s"],
+                "--heartbeat 2s must be shorter than --ack-timeout 2s",
+            ),
+            (
+                &["--heartbeat", "300ms", "--ack-timeout", "200ms"],
+                "--heartbeat 300ms must be shorter than --ack-timeout 200ms",
+            ),
+            (
+                &["--ack-timeout", "0s"],
+                "--ack-timeout 0ns is below the minimum of 1ms",
+            ),
+            (
+                &["--memory", "3M"],
+                "--memory 3M is not a positive multiple of 2M",
+            ),
+            (
+                &["--memory", "0"],
+                "--memory 0 is not a positive multiple of 2M",
+            ),
+            (
+                &["--cache-size", "0"],
+                "--cache-size 0 cannot hold one 4096-byte page (mode fgbi keeps a page cache)",
+            ),
+            (
+                &["--mode", "xbzrle", "--cache-size", "4000"],
+                "--cache-size 4000 cannot hold one 4096-byte page (mode xbzrle keeps a page \
+                 cache)",
+            ),
+            (
+                &["--pipeline", "0"],
+                "--pipeline 0 is below the minimum of 1",
+            ),
+            (
+                &["--precopy-rounds", "0"],
+                "--precopy-rounds 0 is below the minimum of 1",
+            ),
+            (
+                &["--xen-suspend-timeout", "0s"],
+                "--xen-suspend-timeout 0ns is below the minimum of 1ms",
+            ),
+        ];
+        for (args, says) in cases {
+            assert_eq!(refused(args), says, "{args:?}");
+        }
+        // The block size goes through clap's value parser, with the backup's words.
+        let msg = refused(&["--block-size", "48"]);
+        assert!(
+            msg.contains("--block-size 48 is not supported (a power of two from 32 to 1024)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_bounds_themselves_are_accepted() {
+        let c = Cli::load([
+            "ha-primary",
+            "--interval",
+            "1ms",
+            "--heartbeat",
+            "1ms",
+            "--ack-timeout",
+            "2ms",
+            "--memory",
+            "2M",
+            "--cache-size",
+            "4k",
+            "--pipeline",
+            "1",
+            "--precopy-rounds",
+            "1",
+            "--xen-suspend-timeout",
+            "1ms",
+        ])
+        .expect("the least values are valid");
+        assert_eq!(c.interval, Duration::from_millis(1));
+        assert_eq!(c.heartbeat, Some(Duration::from_millis(1)));
+        assert_eq!(c.memory, 2 << 20);
+        assert_eq!(c.cache_size, 4096);
+        let c = Cli::load(["ha-primary", "--interval", "60s", "--ack-timeout", "1s"])
+            .expect("the longest interval is valid, and the default heartbeat is not checked");
+        assert_eq!(c.interval, Duration::from_secs(60));
+        // remus keeps no page cache: its size does not matter.
+        let c = Cli::load(["ha-primary", "--mode", "remus", "--cache-size", "0"]).expect("remus");
+        assert_eq!(c.cache_size, 0);
+    }
+
+    #[test]
+    fn nonsense_in_the_file_is_refused_naming_file_and_key() {
+        for (name, text, says) in [
+            (
+                "i0.toml",
+                "interval = \"0\"\n",
+                "interval: 0ns is below the minimum of 1ms",
+            ),
+            (
+                "m3.toml",
+                "memory = \"3M\"\n",
+                "memory: 3M is not a positive multiple of 2M",
+            ),
+            (
+                "m3b.toml",
+                "memory = 3145728\n",
+                "memory: 3M is not a positive multiple of 2M",
+            ),
+            (
+                "p0.toml",
+                "pipeline = 0\n",
+                "pipeline: 0 is below the minimum of 1",
+            ),
+            (
+                "r0.toml",
+                "precopy_rounds = 0\n",
+                "precopy_rounds: 0 is below the minimum of 1",
+            ),
+            (
+                "h0.toml",
+                "heartbeat = \"0s\"\n",
+                "heartbeat: 0ns is below the minimum of 1ms",
+            ),
+            (
+                "a0.toml",
+                "ack_timeout = \"0\"\n",
+                "ack_timeout: 0ns is below the minimum of 1ms",
+            ),
+            (
+                "x0.toml",
+                "xen_suspend_timeout = \"0s\"\n",
+                "xen_suspend_timeout: 0ns is below the minimum of 1ms",
+            ),
+        ] {
+            let e = with_file(name, text, &[]).expect_err(text);
+            let msg = chain(&e);
+            assert!(msg.starts_with("config file "), "{msg}");
+            assert!(msg.ends_with(&format!("{name}: {says}")), "{msg}");
+        }
+        // Checks across options see the file's values too.
+        let e = with_file("c0.toml", "cache_size = 0\n", &[]).expect_err("no cache");
+        assert!(
+            chain(&e).starts_with("--cache-size 0 cannot hold"),
+            "{}",
+            chain(&e)
+        );
+        let e = with_file("hb.toml", "heartbeat = \"3s\"\n", &[]).expect_err("heartbeat");
+        assert_eq!(
+            chain(&e),
+            "--heartbeat 3s must be shorter than --ack-timeout 2s"
+        );
+        // A command-line value replaces the file's unchecked.
+        let c = with_file("i0-cli.toml", "interval = \"0\"\n", &["--interval", "5ms"])
+            .expect("the command line wins");
+        assert_eq!(c.interval, Duration::from_millis(5));
     }
 
     #[test]

@@ -295,3 +295,31 @@ fn keygen_and_the_key_file_checks() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Nonsense values stop the primary before it starts a guest or connects, with exit 1 and a
+/// message naming the option and the rule (the backup's words for the same values).
+#[test]
+fn nonsense_values_stop_the_primary_naming_the_option() {
+    for (args, says) in [
+        (
+            &["--interval", "0"][..],
+            "ha-primary: --interval 0ns is below the minimum of 1ms",
+        ),
+        (
+            &["--heartbeat", "0s"],
+            "ha-primary: --heartbeat 0ns is below the minimum of 1ms",
+        ),
+        (
+            &["--memory", "3M"],
+            "ha-primary: --memory 3M is not a positive multiple of 2M",
+        ),
+    ] {
+        let mut argv = vec!["--guest", "sim", "--insecure", "--backup", "127.0.0.1:9"];
+        argv.extend_from_slice(args);
+        let out = ha_primary(&argv);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("ha-primary starting"), "{args:?}: {err}");
+    }
+}

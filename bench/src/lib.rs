@@ -9,11 +9,15 @@
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
 //! | [`plot`] | PNG plots of a comparison |
 //! | [`pair`] | starting and watching the daemons |
+//! | [`chaos`] | the fault campaign (`ha-bench chaos`) |
+//! | [`proxy`] | the fault proxy the campaign puts on the link |
 
 pub mod cases;
+pub mod chaos;
 pub mod codec;
 pub mod compare;
 pub mod drill;
 pub mod pair;
 pub mod pgpairs;
 pub mod plot;
+pub mod proxy;

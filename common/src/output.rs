@@ -291,6 +291,12 @@ pub struct WorldView {
     pub repeats: u64,
     /// Violations: skips, changed repeats, primary releases ahead of the commits.
     pub violations: Vec<String>,
+    /// When each of `violations` was seen (ms since the Unix epoch), in the same order.
+    pub violations_at_ms: Vec<u64>,
+    /// When the last record from the primary arrived (ms since the Unix epoch; 0: none).
+    pub primary_last_ms: u64,
+    /// When the first record from the backup arrived (ms since the Unix epoch; 0: none).
+    pub backup_first_ms: u64,
 }
 
 /// The world: accepts output connections from both daemons on loopback and checks every
@@ -339,15 +345,23 @@ impl Consumer {
                             let (checker, w) = &mut *g;
                             let res =
                                 checker.check(src, &r, || committed_out_head(&log).unwrap_or(0));
+                            let now = unix_ms();
                             match src {
                                 Source::Primary => {
                                     w.from_primary += 1;
                                     w.primary_next = w.primary_next.max(r.seq + 1);
+                                    w.primary_last_ms = now;
                                 }
-                                Source::Backup => w.from_backup += 1,
+                                Source::Backup => {
+                                    w.from_backup += 1;
+                                    if w.backup_first_ms == 0 {
+                                        w.backup_first_ms = now;
+                                    }
+                                }
                             }
                             if let Err(e) = res {
                                 w.violations.push(format!("{src:?}: {e}"));
+                                w.violations_at_ms.push(now);
                             }
                             w.next_seq = checker.next_seq();
                             w.repeats = checker.repeats;
@@ -366,6 +380,13 @@ impl Consumer {
             .1
             .clone()
     }
+}
+
+/// Milliseconds since the Unix epoch (the clock the daemons' events carry).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Drop for Consumer {

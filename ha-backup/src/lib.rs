@@ -255,6 +255,16 @@ fn serve(
     let mut stager = Stager::new(cfg, 1);
     let received = receive(&mut rx, &mut stager, &mut committed, sinks, stop);
     refuser.stop();
+    if let Err(e) = &received {
+        // The backup cannot go on (its ack log or stats cannot be written): say so to the
+        // primary, so it does not take this for a network fault.
+        let why = format!("the backup cannot go on: {}", chain(e));
+        error!(reason = %why, "ending the session");
+        let mut out = Vec::new();
+        ha_common::session::put_abort(&mut out, &why);
+        let _ = rx.send(&out);
+        rx.close();
+    }
     let loss = match received? {
         Received::Lost(loss) => loss,
         Received::Stopped => {
@@ -603,22 +613,14 @@ fn receive(
             }
         };
         if applied.checkpoint {
-            if let Some((path, f)) = &mut sinks.ack_log
-                && let Err(source) = append_ack_log(f, applied.epoch, applied.out_head)
-            {
-                let e = BackupError::AckLog {
-                    path: path.clone(),
-                    source,
-                };
-                // No ack without its line in the ack log: end the session and tell the
-                // primary why, so it does not take this for a network fault.
-                let why = format!("the backup cannot go on: {}", chain(&e));
-                error!(epoch = applied.epoch, reason = %why, "ending the session");
-                let mut out = Vec::new();
-                ha_common::session::put_abort(&mut out, &why);
-                let _ = rx.send(&out);
-                rx.close();
-                return Err(e);
+            // No ack without its line in the ack log.
+            if let Some((path, f)) = &mut sinks.ack_log {
+                append_ack_log(f, applied.epoch, applied.out_head).map_err(|source| {
+                    BackupError::AckLog {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             }
             let st = committed.status();
             sinks.events.note(

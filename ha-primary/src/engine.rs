@@ -269,11 +269,9 @@ pub fn run_with_metrics(
 
     let cache = match cfg.codec.mode {
         Mode::Remus => None,
-        _ => Some(
-            PageCache::lru(cfg.cache_bytes)
-                .map_err(|_| ConfigError::ZlibLevel(0))
-                .unwrap_or_else(|_| PageCache::shadow(0)),
-        ),
+        // The options refuse a size the cache cannot use; a caller that passes one anyway
+        // gets the cache's own error, not a silently smaller cache.
+        _ => Some(PageCache::lru(cfg.cache_bytes)?),
     };
     let hashes =
         (cfg.codec.mode == Mode::Fgbi).then(|| BlockHashes::new(pages, cfg.codec.block_size));
@@ -661,8 +659,9 @@ impl Engine<'_> {
             self.suspect = None;
         }
         // Release first, so each row records what is still held after this ack. After a
-        // stall nothing is released until the backup proves it still follows.
-        if self.suspect.is_none() {
+        // stall nothing is released until the backup proves it still follows, and a
+        // fenced primary releases nothing (the backup it closed the link to re-releases).
+        if self.suspect.is_none() && matches!(self.phase, Phase::Syncing | Phase::Protected) {
             self.held.ack(n)?;
         }
         let held = self.held.held_records();

@@ -73,7 +73,11 @@ fn fake_backup(l: TcpListener, key: PairKey) {
 /// `GET path` on `addr`: (status line, body).
 fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));

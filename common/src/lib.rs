@@ -15,6 +15,7 @@
 //! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
 //! | [`output`] | releasing guest output, the ack log, and the consumer's check |
+//! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
@@ -30,6 +31,7 @@ pub mod domain;
 pub mod guest_abi;
 pub mod hashes;
 pub mod limits;
+pub mod logfile;
 pub mod output;
 pub mod secure;
 pub mod serve;

@@ -11,7 +11,7 @@
 use crate::guest_abi::{OUTPUT_PAYLOAD, OutputRecord};
 use crate::stream::{put_frame, split_frame};
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read, Seek, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 
@@ -158,32 +158,89 @@ pub fn read_records(
     }
 }
 
-/// Append `epoch out_head` to the ack log and flush it to the OS before returning.
+/// Append the line `epoch out_head` to the ack log and flush it to the OS before returning.
+///
+/// The line goes in one write; if that fails part-way (a full disk), the file is cut back
+/// to its length before it and the error returned, so no torn line is left behind.
 pub fn append_ack_log(log: &mut std::fs::File, epoch: u64, out_head: u64) -> std::io::Result<()> {
-    writeln!(log, "{epoch} {out_head}")?;
-    log.flush()
+    append_whole(log, format!("{epoch} {out_head}\n").as_bytes())
+}
+
+/// Something that grows at its end and can be cut back: the ack log, or a test's fake.
+trait Append {
+    /// Its length in bytes now.
+    fn size(&mut self) -> std::io::Result<u64>;
+    /// Write all of `bytes` at the end; a failure may leave part of them written.
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+    /// Cut it back to `len` bytes; the next append goes right after them.
+    fn cut(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl Append for std::fs::File {
+    fn size(&mut self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)?;
+        self.flush()
+    }
+
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)?;
+        // Opened without O_APPEND, the file would go on writing at the old offset.
+        self.seek(std::io::SeekFrom::Start(len))?;
+        Ok(())
+    }
+}
+
+/// Append `bytes` whole or not at all: on a failed append, cut `to` back to its length
+/// before it and return the append's error.
+fn append_whole(to: &mut impl Append, bytes: &[u8]) -> std::io::Result<()> {
+    let before = to.size()?;
+    let Err(e) = to.append(bytes) else {
+        return Ok(());
+    };
+    if let Err(cut) = to.cut(before) {
+        tracing::error!(
+            error = %cut,
+            len = before,
+            "cannot cut the ack log back after a failed write; its last line may be torn"
+        );
+    }
+    Err(e)
+}
+
+/// One ack-log line (without its newline) as `(epoch, out_head)`: exactly two numbers.
+fn parse_ack_line(line: &[u8]) -> Option<(u64, u64)> {
+    let mut it = std::str::from_utf8(line).ok()?.split_ascii_whitespace();
+    let epoch = it.next()?.parse().ok()?;
+    let out_head = it.next()?.parse().ok()?;
+    it.next().is_none().then_some((epoch, out_head))
 }
 
 /// The highest `out_head` committed so far according to the ack log (0 if none).
+///
+/// Only whole lines of two numbers are records: a last line without its newline (a write
+/// cut short) and any line that is not `epoch out_head` are ignored.
 pub fn committed_out_head(path: &Path) -> Result<u64, OutputError> {
-    let f = std::fs::File::open(path).map_err(|source| OutputError::AckLog {
+    let io = |source| OutputError::AckLog {
         path: path.display().to_string(),
         source,
-    })?;
+    };
+    let mut r = std::io::BufReader::new(std::fs::File::open(path).map_err(io)?);
     let mut best = 0;
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line.map_err(|source| OutputError::AckLog {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let mut it = line.split_whitespace();
-        if let (Some(_), Some(h)) = (it.next(), it.next())
-            && let Ok(h) = h.parse::<u64>()
-        {
-            best = best.max(h);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        r.read_until(b'\n', &mut line).map_err(io)?;
+        let Some(whole) = line.strip_suffix(b"\n") else {
+            return Ok(best); // the end, or a last line never finished
+        };
+        if let Some((_, out_head)) = parse_ack_line(whole) {
+            best = best.max(out_head);
         }
     }
-    Ok(best)
 }
 
 /// A violation of what the world may see.
@@ -452,6 +509,138 @@ mod tests {
             Err(Violation::Changed(1))
         );
         assert_eq!((c.next_seq(), c.repeats), (2, 2));
+    }
+
+    /// A sink with room for `room` more bytes: it takes what fits, then fails as a full disk.
+    struct Cramped {
+        data: Vec<u8>,
+        room: usize,
+    }
+
+    impl Append for Cramped {
+        fn size(&mut self) -> std::io::Result<u64> {
+            Ok(self.data.len() as u64)
+        }
+
+        fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            let n = bytes.len().min(self.room);
+            self.data.extend_from_slice(&bytes[..n]);
+            self.room -= n;
+            if n < bytes.len() {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            Ok(())
+        }
+
+        fn cut(&mut self, len: u64) -> std::io::Result<()> {
+            self.data.truncate(usize::try_from(len).unwrap());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_append_leaves_only_whole_lines() {
+        let line = b"541 372\n";
+        for room in 0..line.len() {
+            let mut sink = Cramped {
+                data: b"539 370\n540 371\n".to_vec(),
+                room,
+            };
+            let e = append_whole(&mut sink, line).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "room {room}");
+            assert_eq!(sink.data, b"539 370\n540 371\n", "room {room}");
+        }
+        let mut sink = Cramped {
+            data: b"539 370\n".to_vec(),
+            room: line.len(),
+        };
+        append_whole(&mut sink, line).unwrap();
+        assert_eq!(sink.data, b"539 370\n541 372\n");
+    }
+
+    /// The ack-log file, failing after `room` bytes of an append.
+    struct FailingFile {
+        f: std::fs::File,
+        room: usize,
+    }
+
+    impl Append for FailingFile {
+        fn size(&mut self) -> std::io::Result<u64> {
+            self.f.size()
+        }
+
+        fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+            let n = bytes.len().min(self.room);
+            self.f.append(&bytes[..n])?;
+            if n < bytes.len() {
+                return Err(std::io::ErrorKind::StorageFull.into());
+            }
+            Ok(())
+        }
+
+        fn cut(&mut self, len: u64) -> std::io::Result<()> {
+            self.f.cut(len)
+        }
+    }
+
+    #[test]
+    fn a_file_cut_back_after_a_failed_append_takes_the_next_line_right_after() {
+        for append in [true, false] {
+            let path = std::env::temp_dir().join(format!(
+                "castor-acklog-torn-{}-{append}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_file(&path);
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .open(&path)
+                .unwrap();
+            let mut log = FailingFile {
+                f,
+                room: usize::MAX,
+            };
+            append_whole(&mut log, b"1 10\n").unwrap();
+            log.room = 4;
+            assert!(append_whole(&mut log, b"540 371\n").is_err());
+            assert_eq!(std::fs::read(&path).unwrap(), b"1 10\n", "append {append}");
+            log.room = usize::MAX;
+            append_ack_log(&mut log.f, 2, 25).unwrap();
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                b"1 10\n2 25\n",
+                "append {append}"
+            );
+            assert_eq!(committed_out_head(&path).unwrap(), 25);
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    #[test]
+    fn the_reader_ignores_an_unfinished_last_line() {
+        let path =
+            std::env::temp_dir().join(format!("castor-acklog-unfinished-{}", std::process::id()));
+        std::fs::write(&path, "1 10\n2 25\n3 99").unwrap();
+        assert_eq!(committed_out_head(&path).unwrap(), 25);
+        std::fs::write(&path, "1 10\n2 25\n540 ").unwrap();
+        assert_eq!(committed_out_head(&path).unwrap(), 25);
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(committed_out_head(&path).unwrap(), 0);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn the_reader_ignores_lines_that_are_not_two_numbers() {
+        let path =
+            std::env::temp_dir().join(format!("castor-acklog-garbage-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "1 10\n540 \n541 541 372\nx 90\n5 y\n6 -1\n7 1e3\n\n\0\0\0 91\n4 30\n",
+        )
+        .unwrap();
+        assert_eq!(committed_out_head(&path).unwrap(), 30);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

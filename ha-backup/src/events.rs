@@ -7,12 +7,16 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ha_common::logfile::{LogFileError, create_locked};
 use serde_json::{Map, Value};
 
 /// Errors writing the event log.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
-    /// The file cannot be created or written.
+    /// The file cannot be opened, or another running process holds it.
+    #[error("event log")]
+    Open(#[from] LogFileError),
+    /// The file cannot be written.
     #[error("event log {path}")]
     Io {
         /// The log's path.
@@ -38,17 +42,12 @@ pub fn now_ms() -> u64 {
 }
 
 impl EventLog {
-    /// An event log writing to `path` (created or truncated), or a silent one.
+    /// An event log writing to `path` (created, locked, then truncated), or a silent one.
+    /// Fails, the file untouched, while another running process holds it.
     pub fn open(path: Option<&Path>) -> Result<Self, EventError> {
         let out = match path {
             None => None,
-            Some(p) => {
-                let f = File::create(p).map_err(|source| EventError::Io {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
-                Some((p.to_path_buf(), BufWriter::new(f)))
-            }
+            Some(p) => Some((p.to_path_buf(), BufWriter::new(create_locked(p)?))),
         };
         Ok(Self { out })
     }
@@ -109,5 +108,27 @@ mod tests {
             .expect("silent")
             .emit("x", json!({}))
             .expect("no-op");
+    }
+
+    #[test]
+    fn a_second_log_on_the_same_file_is_refused_and_touches_nothing() {
+        let path = std::env::temp_dir().join(format!("ha-backup-events2-{}", std::process::id()));
+        let mut first = EventLog::open(Some(&path)).expect("create");
+        first.emit("listening", json!({})).expect("write");
+        let e = EventLog::open(Some(&path)).expect_err("the file is in use");
+        assert!(
+            matches!(e, EventError::Open(LogFileError::Locked { .. })),
+            "{e:?}"
+        );
+        first.emit("exit", json!({})).expect("write");
+        let text = std::fs::read_to_string(&path).expect("read back");
+        let events: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        assert_eq!(events.len(), 2, "{text}");
+        assert_eq!(events[0]["event"], "listening");
+        assert_eq!(events[1]["event"], "exit");
+        let _ = std::fs::remove_file(&path);
     }
 }

@@ -30,7 +30,7 @@ pub mod signal;
 pub mod stage;
 pub mod stats;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +90,9 @@ pub enum BackupError {
         #[source]
         source: std::io::Error,
     },
+    /// The ack log cannot be opened (or another running process holds it).
+    #[error("ack log")]
+    AckLogOpen(#[source] ha_common::logfile::LogFileError),
     /// The event log failed.
     #[error(transparent)]
     Events(#[from] EventError),
@@ -178,14 +181,7 @@ fn run_with(
     let ack_log = match &cfg.ack_log {
         None => None,
         Some(p) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| BackupError::AckLog {
-                    path: p.clone(),
-                    source,
-                })?;
+            let f = ha_common::logfile::append_locked(p).map_err(BackupError::AckLogOpen)?;
             Some((p.clone(), f))
         }
     };

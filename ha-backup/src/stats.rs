@@ -1,6 +1,7 @@
 //! The per-epoch statistics CSV (`--stats`): one row per committed epoch with what the
 //! backup can measure itself.
 
+use ha_common::logfile::{LogFileError, create_locked};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,10 @@ pub const HEADER: &str = "epoch,checkpoint,records,wire_bytes,stage_us,commit_us
 /// Errors writing the stats file.
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
-    /// The file cannot be created or written.
+    /// The file cannot be opened, or another running process holds it.
+    #[error("stats file")]
+    Open(#[from] LogFileError),
+    /// The file cannot be written.
     #[error("stats file {path}")]
     Io {
         /// The file's path.
@@ -50,19 +54,19 @@ pub struct StatsLog {
 }
 
 impl StatsLog {
-    /// A stats file at `path` (created or truncated, header written), or a silent one.
+    /// A stats file at `path` (created, locked, then truncated; header written), or a
+    /// silent one. Fails, the file untouched, while another running process holds it.
     pub fn open(path: Option<&Path>) -> Result<Self, StatsError> {
         let Some(p) = path else {
             return Ok(Self { out: None });
         };
-        let io = |source| StatsError::Io {
-            path: p.to_path_buf(),
-            source,
-        };
-        let mut w = BufWriter::new(File::create(p).map_err(io)?);
+        let mut w = BufWriter::new(create_locked(p)?);
         writeln!(w, "{HEADER}")
             .and_then(|()| w.flush())
-            .map_err(io)?;
+            .map_err(|source| StatsError::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
             out: Some((p.to_path_buf(), w)),
         })
@@ -114,6 +118,22 @@ mod tests {
         .expect("row");
         let text = std::fs::read_to_string(&path).expect("read back");
         assert_eq!(text, format!("{HEADER}\n3,1,10,999,1,2,3,7\n"));
+        let e = StatsLog::open(Some(&path)).expect_err("the file is in use");
+        assert!(
+            matches!(e, StatsError::Open(LogFileError::Locked { .. })),
+            "{e:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read back"),
+            text,
+            "a refused second log touches nothing"
+        );
+        drop(s);
+        StatsLog::open(Some(&path)).expect("free again");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read back"),
+            format!("{HEADER}\n")
+        );
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -13,7 +13,11 @@ use ha_sim::SimFactory;
 /// `GET path` on `addr`: (status line, body).
 fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -194,4 +198,71 @@ fn nonsense_values_stop_the_backup_naming_the_option() {
             "{args:?}: {err}"
         );
     }
+}
+
+#[test]
+fn a_refused_second_backup_leaves_the_running_ones_files_alone() {
+    let dir = scratch("second");
+    let mut b = Backup::start(&dir, &["--guest", "sim", "--memory", "4M"]);
+    let end = Instant::now() + DEADLINE;
+    while b.event("listening").is_none() {
+        assert!(Instant::now() < end, "never listening:\n{}", b.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    let (events, stats) = (read("events.jsonl"), read("stats.csv"));
+
+    // A second backup on another port with the same files: refused by their locks, and
+    // it says why. (On the same port it fails to listen before it opens any file.)
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_ha-backup"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--guest",
+            "sim",
+            "--memory",
+            "4M",
+        ])
+        .arg("--events")
+        .arg(dir.join("events.jsonl"))
+        .arg("--stats")
+        .arg(dir.join("stats.csv"))
+        .arg("--ack-log")
+        .arg(dir.join("ack.log"))
+        .arg("--key")
+        .arg(dir.join("pair.key"))
+        .output()
+        .expect("run a second ha-backup");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("in use by another running process"), "{err}");
+    assert_eq!(
+        read("events.jsonl"),
+        events,
+        "the first's events were touched"
+    );
+    assert_eq!(read("stats.csv"), stats, "the first's stats were touched");
+
+    // The first goes on writing its files whole: JSON lines and CSV rows, no holes.
+    let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
+    p.epoch(false, Verify::None);
+    p.epoch(true, Verify::Right);
+    // Rows are written after each ack: wait for both.
+    let end = Instant::now() + DEADLINE;
+    let stats_now = loop {
+        let now = read("stats.csv");
+        if now.lines().count() >= stats.lines().count() + 2 {
+            break now;
+        }
+        assert!(Instant::now() < end, "no rows:\n{now}\n{}", b.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(stats_now.starts_with(&stats), "{stats_now:?}");
+    assert!(!stats_now.contains('\0'), "{stats_now:?}");
+    // Every event line parses (no NUL bytes, no torn line).
+    assert!(b.event("checkpoint").is_some(), "{:?}", b.events());
+    assert!(
+        b.child.try_wait().expect("try_wait").is_none(),
+        "the first died"
+    );
 }

@@ -3,6 +3,7 @@
 
 use crate::encode::Encoded;
 use ha_common::codec::Encoding;
+use ha_common::logfile::{LogFileError, create_locked};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -40,6 +41,16 @@ pub struct EpochRow {
     pub progress: Option<u64>,
 }
 
+/// A [`LogFileError`] as the I/O error the engine reports for its files (the error's
+/// message stays, its kind says what happened).
+fn io_error(e: LogFileError) -> std::io::Error {
+    let kind = match &e {
+        LogFileError::Open { source, .. } | LogFileError::Lock { source, .. } => source.kind(),
+        LogFileError::Locked { .. } => std::io::ErrorKind::ResourceBusy,
+    };
+    std::io::Error::new(kind, e)
+}
+
 /// The `--stats` CSV file.
 #[derive(Debug)]
 pub struct StatsCsv {
@@ -47,9 +58,10 @@ pub struct StatsCsv {
 }
 
 impl StatsCsv {
-    /// Create the file and write the header.
+    /// Create the file (locked, then truncated) and write the header. Fails, the file
+    /// untouched, while another running process holds it.
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        let mut w = BufWriter::new(File::create(path)?);
+        let mut w = BufWriter::new(create_locked(path).map_err(io_error)?);
         writeln!(
             w,
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
@@ -113,10 +125,11 @@ pub struct Events {
 }
 
 impl Events {
-    /// Open (create) the events file.
+    /// Open the events file (created, locked, then truncated). Fails, the file untouched,
+    /// while another running process holds it.
     pub fn create(path: Option<&Path>) -> std::io::Result<Self> {
         Ok(Self {
-            w: path.map(File::create).transpose()?,
+            w: path.map(create_locked).transpose().map_err(io_error)?,
         })
     }
 
@@ -133,5 +146,57 @@ impl Events {
         if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
             tracing::warn!("cannot write the events file");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("ha-primary-report-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn a_second_events_file_is_refused_and_touches_nothing() {
+        let p = scratch("events");
+        let mut first = Events::create(Some(&p)).unwrap();
+        first.emit("start", serde_json::json!({}));
+        let before = std::fs::read_to_string(&p).unwrap();
+        let e = Events::create(Some(&p)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
+        assert!(e.to_string().contains("another running process"), "{e}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), before);
+        first.emit("exit", serde_json::json!({}));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.starts_with(&before) && text.lines().count() == 2,
+            "{text}"
+        );
+        drop(first);
+        Events::create(Some(&p)).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_second_stats_file_is_refused_and_touches_nothing() {
+        let p = scratch("stats");
+        let mut first = StatsCsv::create(&p).unwrap();
+        first
+            .row(&EpochRow {
+                epoch: 7,
+                ..EpochRow::default()
+            })
+            .unwrap();
+        let before = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(before.lines().count(), 2, "{before}");
+        let e = StatsCsv::create(&p).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), before);
+        drop(first);
+        StatsCsv::create(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 1);
+        let _ = std::fs::remove_file(&p);
     }
 }

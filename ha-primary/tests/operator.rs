@@ -77,7 +77,11 @@ fn fake_backup(l: TcpListener, key: PairKey) {
 /// `GET path` on `addr`: (status line, body).
 fn get(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -322,4 +326,78 @@ fn nonsense_values_stop_the_primary_naming_the_option() {
         assert!(err.contains(says), "{args:?}: {err}");
         assert!(!err.contains("ha-primary starting"), "{args:?}: {err}");
     }
+}
+
+/// A second primary given the running one's `--events` and `--stats` is refused before it
+/// touches them, and says why; the running one goes on writing them whole.
+#[test]
+fn a_refused_second_primary_leaves_the_running_ones_files_alone() {
+    let dir = std::env::temp_dir().join(format!("ha-primary-second-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let key_file = dir.join("pair.key");
+    let out = ha_primary(&["keygen", &key_file.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let key = PairKey::read(&key_file).expect("the new key reads back");
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backup = l.local_addr().expect("addr").to_string();
+    let b = std::thread::spawn(move || fake_backup(l, key));
+    let (events, stats) = (dir.join("events.jsonl"), dir.join("stats.csv"));
+    let primary = |backup: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ha-primary"));
+        c.args(["--backup", backup, "--guest", "sim", "--workload", "kv"])
+            .args(["--memory", "8M", "--interval", "20ms", "--run-for", "60s"])
+            .arg("--key")
+            .arg(&key_file)
+            .arg("--events")
+            .arg(&events)
+            .arg("--stats")
+            .arg(&stats)
+            .env("RUST_LOG", "info");
+        c
+    };
+    let first_err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
+    let mut first = primary(&backup)
+        .stdout(Stdio::null())
+        .stderr(first_err)
+        .spawn()
+        .expect("start ha-primary");
+    let log = || std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    let end = Instant::now() + DEADLINE;
+    while read(&stats).lines().count() < 3 {
+        assert!(Instant::now() < end, "no epochs:\n{}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (events_before, stats_before) = (read(&events), read(&stats));
+
+    // Its backup is not there: it fails to connect, and it opens its files only once a
+    // backup welcomed it, so it never touches them (the lock would refuse it too).
+    let nowhere = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let second = primary(&nowhere).output().expect("run a second ha-primary");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(err.contains("cannot connect to the backup"), "{err}");
+
+    // The first's files kept what they had and grew whole: no truncation, no NUL bytes.
+    let end = Instant::now() + DEADLINE;
+    while read(&stats).lines().count() <= stats_before.lines().count() {
+        assert!(Instant::now() < end, "no more epochs:\n{}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (events_now, stats_now) = (read(&events), read(&stats));
+    assert!(events_now.starts_with(&events_before), "{events_now:?}");
+    assert!(stats_now.starts_with(&stats_before), "{stats_now:?}");
+    assert!(!events_now.contains('\0') && !stats_now.contains('\0'));
+    for line in events_now.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("event line is JSON");
+    }
+    assert!(first.try_wait().expect("try_wait").is_none(), "{}", log());
+    let _ = first.kill();
+    let _ = first.wait();
+    let _ = b.join();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -656,30 +656,43 @@ fn judge(
     }
 }
 
+/// The head of the campaign's table of runs.
+pub const TABLE_HEAD: &str = "| run | seed | scenario | policy | at ms | length ms | outcome | verdict |\n\
+                              |---|---|---|---|---|---|---|---|";
+
+/// A run's row in the table of runs.
+pub fn table_row(r: &RunResult) -> String {
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} |{}",
+        r.run,
+        r.seed,
+        r.scenario.name(),
+        r.policy,
+        r.fault_at_ms,
+        r.fault_ms,
+        r.outcome,
+        verdict_text(r.verdict()),
+        r.dir.as_deref().map_or(String::new(), |d| format!(" {d}"))
+    )
+}
+
 /// The campaign's table: one row a run, then the tally by scenario and policy.
 pub fn table(results: &[RunResult]) -> String {
+    let mut s = String::from(TABLE_HEAD);
+    s.push('\n');
+    for r in results {
+        s.push_str(&table_row(r));
+        s.push('\n');
+    }
+    s.push('\n');
+    s.push_str(&tally(results));
+    s
+}
+
+/// Runs, ok, by-design and defect verdicts per scenario and policy.
+pub fn tally(results: &[RunResult]) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "| run | seed | scenario | policy | at ms | length ms | outcome | verdict |"
-    );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
-    for r in results {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            r.run,
-            r.seed,
-            r.scenario.name(),
-            r.policy,
-            r.fault_at_ms,
-            r.fault_ms,
-            r.outcome,
-            verdict_text(r.verdict())
-        );
-    }
-    let _ = writeln!(s);
     let _ = writeln!(s, "| scenario | policy | runs | ok | by design | defects |");
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for sc in Scenario::ALL {

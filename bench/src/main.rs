@@ -332,38 +332,26 @@ fn run_chaos(a: ChaosCli) -> Result<bool, String> {
     };
     if !a.json {
         println!(
-            "fault campaign: {} runs from seed {seed}, {} guest",
-            args.runs, args.guest
+            "fault campaign: {} runs from seed {seed}, {} guest\n\n{}",
+            args.runs,
+            args.guest,
+            chaos::TABLE_HEAD
         );
     }
     let results = chaos::run(&args, |r| {
         if a.json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {
-            println!(
-                "run {:>3} seed {} {:<14} {:<8} at {:>4} ms for {:>4} ms: {} -> {}{}",
-                r.run,
-                r.seed,
-                r.scenario.name(),
-                r.policy,
-                r.fault_at_ms,
-                r.fault_ms,
-                r.outcome,
-                chaos::verdict_text(r.verdict()),
-                r.dir
-                    .as_deref()
-                    .map_or(String::new(), |d| format!(" ({d})")),
-            );
+            println!("{}", chaos::table_row(r));
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
     })
     .map_err(|e| error_chain(&e))?;
-    let table = chaos::table(&results);
     if !a.json {
-        println!("\n{table}");
+        println!("\n{}", chaos::tally(&results));
     }
     if let Some(p) = &a.out {
-        std::fs::write(p, &table).map_err(|e| format!("{}: {e}", p.display()))?;
+        std::fs::write(p, chaos::table(&results)).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     let defects = results
         .iter()

@@ -553,8 +553,12 @@ fn judge(
         .and_then(|e| t(Some(e)));
     let active = first(b_ev, "active");
     let stood_down = first(b_ev, "primary_stood_down").is_some();
-    // Two copies at once: the backup released, and the primary released after that.
-    let overlap = world.backup_first_ms > 0 && world.primary_last_ms > world.backup_first_ms;
+    // Two copies speaking: the backup resumed from the checkpoint whose output head is H,
+    // and the primary released a record at or past H (before or after the takeover). A
+    // primary that flushes acknowledged output after the takeover releases records below
+    // H: the same records the backup re-releases, with the same content.
+    let resumed_head = active.and_then(|a| a["out_head"].as_u64());
+    let overlap = resumed_head.is_some_and(|h| world.primary_next > h);
     let split = overlap && continued_at.is_some();
 
     let one_copy = match (overlap, split) {
@@ -565,8 +569,11 @@ fn judge(
                 .into(),
         ),
         (true, false) => Verdict::Defect(format!(
-            "the primary released output {} ms after the backup began to",
-            world.primary_last_ms - world.backup_first_ms
+            "the primary released records up to {} past the checkpoint the backup resumed \
+             from (out_head {}); its last release came {} ms after the backup's first",
+            world.primary_next.saturating_sub(1),
+            resumed_head.unwrap_or(0),
+            world.primary_last_ms.saturating_sub(world.backup_first_ms)
         )),
     };
 
@@ -749,11 +756,12 @@ mod tests {
         let world = WorldView {
             backup_first_ms: 1000,
             primary_last_ms: 1500,
+            primary_next: 12,
             violations: vec!["Primary: output seq 7 repeated with different content".into()],
             violations_at_ms: vec![1400],
             ..WorldView::default()
         };
-        let b_ev = [json!({"event": "active", "epoch": 9, "t_ms": 990})];
+        let b_ev = [json!({"event": "active", "epoch": 9, "out_head": 5, "t_ms": 990})];
         let acks = [(9, 5)];
         // The primary never said it continued unprotected: a defect on two counts.
         let r = judge(id(false), &[], &b_ev, &acks, &world, (true, true, true));
@@ -765,6 +773,15 @@ mod tests {
         assert!(matches!(r.one_copy, Verdict::ByDesign(_)), "{r:?}");
         assert!(matches!(r.output, Verdict::ByDesign(_)), "{r:?}");
         assert!(matches!(r.verdict(), Verdict::ByDesign(_)));
+        // Records below the resumed head, flushed late by the primary: one copy speaking.
+        let late = WorldView {
+            backup_first_ms: 1000,
+            primary_last_ms: 1500,
+            primary_next: 5,
+            ..WorldView::default()
+        };
+        let r = judge(id(true), &[], &b_ev, &acks, &late, (true, true, true));
+        assert_eq!(r.one_copy, Verdict::Ok, "{r:?}");
     }
 
     #[test]

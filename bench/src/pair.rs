@@ -39,7 +39,40 @@ pub enum PairError {
 /// (fields 14 and 15, in clock ticks of 1/100 s, Linux's USER_HZ).
 pub fn cpu_ms(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    ticks_ms(stat.get(stat.rfind(')')? + 2..)?)
+}
+
+/// CPU time (user + system) of a process's threads in ms, split into the guest's vCPU
+/// threads (named `castor-vcpu…` by the KVM backend, `sim-vcpu` by the simulated one) and
+/// all the others (the checkpointing threads: engine, encoder, sender, receiver), from
+/// `/proc/<pid>/task/*/stat`. Returns (others, vCPUs).
+pub fn cpu_ms_split(pid: u32) -> Option<(u64, u64)> {
+    let mut split = (0, 0);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat.get(open + 1..close).unwrap_or_default();
+        let Some(ms) = stat.get(close + 2..).and_then(ticks_ms) else {
+            continue;
+        };
+        if name.starts_with("castor-vcpu") || name.starts_with("sim-vcpu") {
+            split.1 += ms;
+        } else {
+            split.0 += ms;
+        }
+    }
+    Some(split)
+}
+
+/// utime + stime (fields 14 and 15 of a stat line, counted from after the name) in ms.
+fn ticks_ms(rest: &str) -> Option<u64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
@@ -222,5 +255,59 @@ pub fn backup_addr(port_file: &Path, dir: &Path) -> Result<String, PairError> {
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CPU time of the calling thread, in ms.
+    fn thread_cpu_ms() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime(2) writes one timespec into `ts`, which lives on this stack
+        // frame for the call.
+        unsafe {
+            libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        }
+        u64::try_from(ts.tv_sec).unwrap_or(0) * 1000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1_000_000
+    }
+
+    #[test]
+    fn vcpu_threads_are_counted_apart() {
+        let pid = std::process::id();
+        let (_, vcpu0) = cpu_ms_split(pid).unwrap();
+        // A "vCPU" that burns 300 ms of its own CPU time.
+        std::thread::Builder::new()
+            .name("castor-vcpu9".into())
+            .spawn(|| {
+                let mut x = 0u64;
+                while thread_cpu_ms() < 300 {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+                // Still alive while the split is read below.
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            })
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        let (others, vcpu) = loop {
+            let s = cpu_ms_split(pid).unwrap();
+            if s.1 >= vcpu0 + 250 || t.elapsed() > std::time::Duration::from_secs(60) {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(vcpu >= vcpu0 + 250, "vCPU threads {vcpu} ms (was {vcpu0})");
+        // The other threads' share leaves those 300 ms out of the process's total.
+        let total = cpu_ms(pid).unwrap_or(0);
+        assert!(
+            others + 250 <= total,
+            "others {others} ms, total {total} ms"
+        );
     }
 }

@@ -167,9 +167,8 @@ struct Engine<'a> {
     done: crossbeam_channel::Receiver<Encoded>,
     link: crossbeam_channel::Receiver<LinkEvent>,
     held: HeldOutput,
-    inflight: BTreeMap<u64, EpochRow>,
-    inflight_since: BTreeMap<u64, Instant>,
-    encoded: BTreeMap<u64, Encoded>,
+    /// Epochs taken (or queued) and not yet acknowledged.
+    inflight: BTreeMap<u64, InFlight>,
     stats: Option<StatsCsv>,
     events: Events,
     epoch: u64,
@@ -193,6 +192,14 @@ struct Engine<'a> {
     /// Under the default policy, when the stand-down to a lost backup was queued: output
     /// stays held until it is on the wire (or the link is gone, or the wait runs out).
     standing_down: Option<Instant>,
+}
+
+/// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
+/// ack), and when it began to wait for its ack.
+#[derive(Debug)]
+struct InFlight {
+    row: EpochRow,
+    since: Instant,
 }
 
 /// A stall after which the backup may have taken over.
@@ -296,8 +303,6 @@ pub fn run_with_metrics(
         link: link.events,
         held: HeldOutput::new(sink),
         inflight: BTreeMap::new(),
-        inflight_since: BTreeMap::new(),
-        encoded: BTreeMap::new(),
         stats,
         events,
         epoch: welcome.next_epoch,
@@ -412,14 +417,16 @@ impl Engine<'_> {
         let n = pages.len();
         self.inflight.insert(
             epoch,
-            EpochRow {
-                epoch,
-                checkpoint: false,
-                dirty_pages: n,
-                ..Default::default()
+            InFlight {
+                row: EpochRow {
+                    epoch,
+                    checkpoint: false,
+                    dirty_pages: n,
+                    ..Default::default()
+                },
+                since: Instant::now(),
             },
         );
-        self.inflight_since.insert(epoch, Instant::now());
         self.submit(Job {
             epoch,
             pages,
@@ -452,18 +459,20 @@ impl Engine<'_> {
         self.metrics.pause_seconds.observe(cp.pause.as_secs_f64());
         self.inflight.insert(
             cp.epoch,
-            EpochRow {
-                epoch: cp.epoch,
-                checkpoint: true,
-                pause: cp.pause,
-                dirty_pages: cp.pages.len(),
-                at: Some(cp.taken.saturating_duration_since(self.born)),
-                progress: Some(cp.status.progress),
-                ..Default::default()
+            InFlight {
+                row: EpochRow {
+                    epoch: cp.epoch,
+                    checkpoint: true,
+                    pause: cp.pause,
+                    dirty_pages: cp.pages.len(),
+                    at: Some(cp.taken.saturating_duration_since(self.born)),
+                    progress: Some(cp.status.progress),
+                    ..Default::default()
+                },
+                since: cp.taken,
             },
         );
         let taken = cp.taken;
-        self.inflight_since.insert(cp.epoch, taken);
         self.submit(Job {
             epoch: cp.epoch,
             pages: cp.pages,
@@ -502,7 +511,7 @@ impl Engine<'_> {
                         continue;
                     }
                     let checkpoints_in_flight =
-                        self.inflight.values().filter(|r| r.checkpoint).count();
+                        self.inflight.values().filter(|f| f.row.checkpoint).count();
                     if Instant::now() >= next && checkpoints_in_flight < self.cfg.pipeline.max(1) {
                         dirty.clear();
                         let taken = self.checkpoint(&mut dirty)?;
@@ -527,9 +536,9 @@ impl Engine<'_> {
 
     /// How long an in-flight epoch has waited for its ack (since it was taken or queued).
     fn waited(&self, epoch: u64) -> Duration {
-        self.inflight_since
+        self.inflight
             .get(&epoch)
-            .map_or(Duration::ZERO, Instant::elapsed)
+            .map_or(Duration::ZERO, |f| f.since.elapsed())
     }
 
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
@@ -554,8 +563,8 @@ impl Engine<'_> {
                     self.acked(n, at)?;
                 }
                 LinkEvent::Sent(n, took) => {
-                    if let Some(row) = self.inflight.get_mut(&n) {
-                        row.send = Some(took);
+                    if let Some(f) = self.inflight.get_mut(&n) {
+                        f.row.send = Some(took);
                     }
                 }
                 LinkEvent::StoodDown => {
@@ -587,11 +596,14 @@ impl Engine<'_> {
         Ok(())
     }
 
-    /// Move the encoder's reports into `encoded`.
+    /// Put the encoder's reports into their epochs' rows (an epoch no longer in flight,
+    /// after the backup was lost, only counts in the metrics).
     fn take_encoded(&mut self) {
         while let Ok(enc) = self.done.try_recv() {
             self.count_encoded(&enc);
-            self.encoded.insert(enc.epoch, enc);
+            if let Some(f) = self.inflight.get_mut(&enc.epoch) {
+                f.row.encoded = Some(enc);
+            }
         }
     }
 
@@ -667,12 +679,10 @@ impl Engine<'_> {
         let held = self.held.held_records();
         let done: Vec<u64> = self.inflight.range(..=n).map(|(&e, _)| e).collect();
         for e in done {
-            let Some(mut row) = self.inflight.remove(&e) else {
+            let Some(InFlight { mut row, since }) = self.inflight.remove(&e) else {
                 continue;
             };
-            let since = self.inflight_since.remove(&e);
-            row.ack_latency = since.map(|s| at.saturating_duration_since(s));
-            row.encoded = self.encoded.remove(&e);
+            row.ack_latency = Some(at.saturating_duration_since(since));
             row.held = held;
             if row.checkpoint {
                 self.summary.epochs_committed += 1;
@@ -708,7 +718,6 @@ impl Engine<'_> {
         self.watch();
         self.summary.backup_lost = true;
         self.inflight.clear();
-        self.inflight_since.clear();
         let held = self.held.held_records();
         if let Some(s) = self.suspect {
             let stalled_ms = s.stalled.as_millis() as u64;

@@ -17,6 +17,7 @@
 //! | [`output`] | releasing guest output, the ack log, and the consumer's check |
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
+//! | [`envelope`] | the one envelope of every backend's saved state (magic, version, checksum) |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
@@ -28,6 +29,7 @@ pub mod block;
 pub mod cache;
 pub mod codec;
 pub mod domain;
+pub mod envelope;
 pub mod guest_abi;
 pub mod hashes;
 pub mod limits;

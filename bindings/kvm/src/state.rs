@@ -1,11 +1,13 @@
-//! Saving and restoring the vCPU and VM state of a paused guest as versioned bytes:
-//! `b"CASTKVM1"`, a little-endian u32 version, then the postcard encoding of [`SavedState`].
+//! Saving and restoring the vCPU and VM state of a paused guest as versioned bytes: the
+//! [`SavedState`] in the saved-state envelope (`ha_common::envelope`) of format
+//! [`FORMAT`] (`b"CASTKVM1"`).
 //!
 //! Save order: mp_state first, vcpu events last. Restore order: sregs, regs, xsave (or
 //! fpu) and xcrs, MSRs (the TSC among them), mp_state, debug registers, vcpu events last
 //! (setting registers clears pending exceptions), then the VM clock. MSRs the kernel
 //! refuses (PVM rejects some) are skipped with a debug log instead of failing the restore.
 
+use ha_common::envelope::{self, EnvelopeError, Format};
 use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -13,10 +15,12 @@ use kvm_bindings::{
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-/// Magic at the start of a state blob.
-pub const STATE_MAGIC: [u8; 8] = *b"CASTKVM1";
-/// Version of [`SavedState`]'s encoding.
-pub const STATE_VERSION: u32 = 1;
+/// The envelope format of a KVM state blob (version 2: the common envelope with its
+/// length and checksum).
+pub const FORMAT: Format = Format {
+    magic: *b"CASTKVM1",
+    version: 2,
+};
 
 /// Errors from saving or restoring state.
 #[derive(Debug, thiserror::Error)]
@@ -33,15 +37,9 @@ pub enum StateError {
     /// The MSR buffer could not be built.
     #[error("cannot build the MSR buffer")]
     MsrBuffer,
-    /// The blob is not a state blob of a version we read.
-    #[error("bad header (not a Castor KVM state blob, or version not {STATE_VERSION})")]
-    Header,
-    /// The blob's body does not decode.
-    #[error("cannot decode the state")]
-    Decode(#[source] postcard::Error),
-    /// The state could not be encoded.
-    #[error("cannot encode the state")]
-    Encode(#[source] postcard::Error),
+    /// The blob is refused by its envelope, or the state cannot be encoded.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
 }
 
 fn io(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
@@ -276,23 +274,14 @@ pub fn restore(kvm: &Kvm, vm: &VmFd, vcpu: &VcpuFd, s: &SavedState) -> Result<()
     Ok(())
 }
 
-/// Encode as magic + version + postcard.
+/// Seal in the envelope of [`FORMAT`].
 pub fn encode(s: &SavedState) -> Result<Vec<u8>, StateError> {
-    let mut out = STATE_MAGIC.to_vec();
-    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-    let body = postcard::to_allocvec(s).map_err(StateError::Encode)?;
-    out.extend_from_slice(&body);
-    Ok(out)
+    Ok(envelope::seal(FORMAT, s)?)
 }
 
-/// Decode bytes made by [`encode`].
+/// Open a blob made by [`encode`].
 pub fn decode(bytes: &[u8]) -> Result<SavedState, StateError> {
-    let (magic, rest) = bytes.split_at_checked(8).ok_or(StateError::Header)?;
-    let (version, body) = rest.split_at_checked(4).ok_or(StateError::Header)?;
-    if magic != STATE_MAGIC || version != STATE_VERSION.to_le_bytes() {
-        return Err(StateError::Header);
-    }
-    postcard::from_bytes(body).map_err(StateError::Decode)
+    Ok(envelope::open(FORMAT, bytes)?)
 }
 
 #[cfg(test)]
@@ -343,10 +332,16 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let bytes = encode(&sample()).expect("encode");
-        assert!(matches!(decode(b"nope"), Err(StateError::Header)));
+        assert!(matches!(
+            decode(b"nope"),
+            Err(StateError::Envelope(EnvelopeError::Short { got: 4 }))
+        ));
         let mut bad = bytes.clone();
         bad[8] = 9;
-        assert!(matches!(decode(&bad), Err(StateError::Header)));
+        assert!(matches!(
+            decode(&bad),
+            Err(StateError::Envelope(EnvelopeError::Version { got: 9, .. }))
+        ));
         assert!(decode(&bytes[..bytes.len() / 2]).is_err());
         for cut in 0..bytes.len().min(64) {
             let _ = decode(&bytes[..cut]);

@@ -270,7 +270,9 @@ impl Domain for SimDomain {
             memory_size: self.shared.mem.size(),
             pacing_age: last.map(|t| t.elapsed()),
         };
-        Ok(saved.encode())
+        saved
+            .encode()
+            .map_err(|e| DomainError::BadState(e.to_string()))
     }
 
     fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {

@@ -44,5 +44,5 @@ mod tests;
 
 pub use domain::{SimDomain, SimError, SimFactory};
 pub use ring::RingError;
-pub use state::{STATE_LEN, STATE_MAGIC, STATE_VERSION, StateError};
+pub use state::{FORMAT as STATE_FORMAT, StateError};
 pub use workload::GuestError;

@@ -1,11 +1,13 @@
-//! The state Castor saves of a Xen domain at each checkpoint, as versioned bytes:
-//! `b"CASTXEN1"`, a little-endian u32 version, then the postcard encoding of [`SavedState`].
+//! The state Castor saves of a Xen domain at each checkpoint, as versioned bytes: the
+//! [`SavedState`] in the saved-state envelope (`ha_common::envelope`) of format
+//! [`FORMAT`] (`b"CASTXEN1"`).
 //!
 //! It is what Xen's own migration stream carries besides memory for an x86 HVM/PVH guest:
 //! the HVM context blob (every vCPU's registers, the LAPICs, the platform timers, exactly as
 //! `XEN_DOMCTL_gethvmcontext` returns it), the HVM params the guest depends on, and the TSC
 //! info. Kept independent of the `xen` feature so it can be decoded (and tested) anywhere.
 
+use ha_common::envelope::{self, EnvelopeError, Format};
 use serde::{Deserialize, Serialize};
 
 /// Frames per window: Castor's linear image of a Xen guest is whole 2 MiB windows of its
@@ -25,10 +27,12 @@ pub fn image_len(windows: &[u64]) -> u64 {
     windows.len() as u64 * WINDOW * ha_common::PAGE_SIZE as u64
 }
 
-/// Magic at the start of a state blob.
-pub const STATE_MAGIC: [u8; 8] = *b"CASTXEN1";
-/// Version of [`SavedState`]'s encoding.
-pub const STATE_VERSION: u32 = 2;
+/// The envelope format of a Xen state blob (version 3: the common envelope with its
+/// length and checksum).
+pub const FORMAT: Format = Format {
+    magic: *b"CASTXEN1",
+    version: 3,
+};
 
 /// The HVM params saved with each checkpoint: the ones Xen's own save code
 /// (`xg_sr_save_x86_hvm.c`) writes into a migration stream. Zero values are not saved.
@@ -54,15 +58,9 @@ pub const SAVED_PARAMS: [u32; 16] = [
 /// Errors encoding or decoding a state blob.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// The blob is not a Xen state blob of a version we read.
-    #[error("bad header (not a Castor Xen state blob, or version not {STATE_VERSION})")]
-    Header,
-    /// The blob's body does not decode.
-    #[error("cannot decode the state")]
-    Decode(#[source] postcard::Error),
-    /// The state could not be encoded.
-    #[error("cannot encode the state")]
-    Encode(#[source] postcard::Error),
+    /// The blob is refused by its envelope, or the state cannot be encoded.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
 }
 
 /// `XEN_DOMCTL_gettscinfo`: how the guest's TSC is virtualised.
@@ -104,23 +102,14 @@ pub struct SavedState {
 }
 
 impl SavedState {
-    /// Encode as magic + version + postcard.
+    /// Seal in the envelope of [`FORMAT`].
     pub fn encode(&self) -> Result<Vec<u8>, StateError> {
-        let mut out = STATE_MAGIC.to_vec();
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        let body = postcard::to_allocvec(self).map_err(StateError::Encode)?;
-        out.extend_from_slice(&body);
-        Ok(out)
+        Ok(envelope::seal(FORMAT, self)?)
     }
 
-    /// Decode a blob made by [`SavedState::encode`].
+    /// Open a blob made by [`SavedState::encode`].
     pub fn decode(blob: &[u8]) -> Result<Self, StateError> {
-        let (magic, rest) = blob.split_at_checked(8).ok_or(StateError::Header)?;
-        let (version, body) = rest.split_at_checked(4).ok_or(StateError::Header)?;
-        if magic != STATE_MAGIC || version != STATE_VERSION.to_le_bytes() {
-            return Err(StateError::Header);
-        }
-        postcard::from_bytes(body).map_err(StateError::Decode)
+        Ok(envelope::open(FORMAT, blob)?)
     }
 
     /// The value of HVM param `param`, if saved.
@@ -159,19 +148,24 @@ mod tests {
         assert_eq!(back, s);
         assert_eq!(back.param(17), Some(0xfefff));
         assert_eq!(back.param(5), None);
+        // Another backend's blob (the same body under the KVM format's magic).
+        let kvm = Format {
+            magic: *b"CASTKVM1",
+            ..FORMAT
+        };
         assert!(matches!(
-            SavedState::decode(b"CASTKVM1\x01\0\0\0"),
-            Err(StateError::Header)
+            SavedState::decode(&envelope::seal(kvm, &s).expect("seal")),
+            Err(StateError::Envelope(EnvelopeError::Magic { .. }))
         ));
         assert!(matches!(
             SavedState::decode(b"CAST"),
-            Err(StateError::Header)
+            Err(StateError::Envelope(EnvelopeError::Short { got: 4 }))
         ));
         let mut cut = blob.clone();
         cut.truncate(blob.len() - 3);
         assert!(matches!(
             SavedState::decode(&cut),
-            Err(StateError::Decode(_))
+            Err(StateError::Envelope(EnvelopeError::Length { .. }))
         ));
     }
 }

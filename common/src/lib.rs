@@ -21,6 +21,7 @@
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
+//! | [`model`] | the workloads' one reference model: a unit of work over any guest memory |
 //! | [`web`] | the `web` workload's reference semantics (layout, document root, a request) |
 //! | [`bitmap`] | page bitmaps for dirty tracking |
 
@@ -34,6 +35,7 @@ pub mod guest_abi;
 pub mod hashes;
 pub mod limits;
 pub mod logfile;
+pub mod model;
 pub mod output;
 pub mod secure;
 pub mod serve;

@@ -14,6 +14,8 @@ use ha_common::domain::{Domain, DomainError, DomainFactory};
 use ha_common::guest_abi::{
     GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, page_count,
 };
+// The docs/GUESTS.md algorithms: the workloads' one model over a memory image.
+use ha_common::model::ImageModel as Model;
 use ha_kvm::KvmFactory;
 
 fn sleep_ms(ms: u64) {
@@ -109,15 +111,16 @@ fn check_against_model(w: Workload) {
     let records: BTreeMap<u64, u64> = out.iter().map(payload).collect();
     assert!(st.progress > 100, "{w:?}: {st:?}");
 
-    let mut m = Model::new(&s.params);
+    let mut m = Model::fresh(&s);
     let mut matched = 0;
-    while m.progress < st.progress {
-        m.step();
-        if let Some(c) = records.get(&m.progress) {
+    while m.cpu.progress() < st.progress {
+        m.unit();
+        if let Some(c) = records.get(&m.cpu.progress()) {
             assert_eq!(
-                *c, m.checksum,
+                *c,
+                m.cpu.checksum(),
                 "{w:?}: record at progress {} has a wrong checksum",
-                m.progress
+                m.cpu.progress()
             );
             matched += 1;
         }
@@ -134,17 +137,18 @@ fn check_against_model(w: Workload) {
     let mut guest_heap = vec![0u8; s.params.heap_size as usize];
     d.read_memory(s.params.heap_gpa, &mut guest_heap).unwrap();
     let mut next = m.clone();
-    next.step();
-    if st.checksum != m.checksum {
+    next.unit();
+    if st.checksum != m.cpu.checksum() {
         assert_eq!(
-            st.checksum, next.checksum,
+            st.checksum,
+            next.cpu.checksum(),
             "{w:?}: checksum at progress {} matches neither n nor n+1",
             st.progress
         );
     }
     for (i, (g, (a, b))) in guest_heap
         .chunks(8)
-        .zip(m.heap.chunks(8).zip(next.heap.chunks(8)))
+        .zip(m.heap().chunks(8).zip(next.heap().chunks(8)))
         .enumerate()
     {
         assert!(
@@ -335,14 +339,15 @@ fn save_restore_continues_the_guest() {
         .map(payload)
         .collect::<BTreeMap<_, _>>();
     let max = *last.keys().next_back().unwrap();
-    let mut m = Model::new(&s.params);
-    while m.progress < max {
-        m.step();
-        if let Some(c) = last.get(&m.progress) {
+    let mut m = Model::fresh(&s);
+    while m.cpu.progress() < max {
+        m.unit();
+        if let Some(c) = last.get(&m.cpu.progress()) {
             assert_eq!(
-                *c, m.checksum,
+                *c,
+                m.cpu.checksum(),
                 "checksum discontinuity at progress {}",
-                m.progress
+                m.cpu.progress()
             );
         }
     }

@@ -383,7 +383,7 @@ fn run_vcpu(shared: &Shared) -> Result<(), GuestError> {
                 let interval =
                     (params.rate > 0).then(|| Duration::from_nanos(1_000_000_000 / params.rate));
                 tracing::debug!(?params, "sim: vCPU starting");
-                let v = vcpu.insert((Vcpu::load(&params, &shared.mem), interval));
+                let v = vcpu.insert((workload::load(&params, &shared.mem), interval));
                 (&mut v.0, v.1)
             }
         };
@@ -396,7 +396,7 @@ fn run_vcpu(shared: &Shared) -> Result<(), GuestError> {
             }
             last = Some(Instant::now());
         }
-        cpu.unit(&shared.mem, &mut doorbell)?;
+        workload::unit(cpu, &shared.mem, &mut doorbell)?;
         tracing::trace!(progress = cpu.progress(), "sim: unit done");
     }
 }

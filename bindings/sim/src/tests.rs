@@ -7,8 +7,7 @@ use ha_common::PAGE_SIZE;
 use ha_common::bitmap::PageBitmap;
 use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 use ha_common::guest_abi::{
-    GuestParams, GuestStatus, HEAP_GPA, OUTPUT_RING_SLOTS, OutputRecord, PARAMS_GPA, STATUS_GPA,
-    Workload, checksum_step, status,
+    GuestParams, GuestStatus, HEAP_GPA, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload,
 };
 
 use crate::{SimDomain, SimFactory};
@@ -19,210 +18,8 @@ const MIB: u64 = 1 << 20;
 // Reference model: GUESTS.md as a plain function over a byte image.
 // ---------------------------------------------------------------------------------------
 
-/// The reference guest: a memory image plus the registers, the set of pages written
-/// (with any value) since the last `take_written`, and the records drained by doorbells.
-struct Model {
-    mem: Vec<u8>,
-    p: GuestParams,
-    progress: u64,
-    checksum: u64,
-    rng: u64,
-    head: u64,
-    written: Vec<bool>,
-    drained: Vec<OutputRecord>,
-}
-
-/// The model as the `web` reference semantics see it (heap offsets).
-struct ModelWeb<'a>(&'a mut Model);
-
-impl ha_common::web::Guest for ModelWeb<'_> {
-    fn next(&mut self) -> u64 {
-        self.0.next()
-    }
-    fn read(&self, off: u64) -> u64 {
-        self.0.rd(self.0.p.heap_gpa + off)
-    }
-    fn write(&mut self, off: u64, v: u64) {
-        let a = self.0.p.heap_gpa + off;
-        self.0.wr(a, v);
-    }
-}
-
-impl Model {
-    /// A fresh guest: zero memory with the params page written.
-    fn fresh(spec: &GuestSpec) -> Self {
-        let mut mem = vec![0u8; spec.memory_size as usize];
-        spec.params
-            .write_page(&mut mem[PARAMS_GPA as usize..][..PAGE_SIZE]);
-        let doc = ha_common::web::docroot(&spec.params);
-        if let Some((gpa, bytes)) = &doc {
-            mem[*gpa as usize..][..bytes.len()].copy_from_slice(bytes);
-        }
-        let mut m = Self::from_image(mem);
-        m.written[(PARAMS_GPA / 4096) as usize] = true;
-        if let Some((gpa, bytes)) = doc {
-            for page in gpa as usize / PAGE_SIZE..(gpa as usize + bytes.len()).div_ceil(PAGE_SIZE) {
-                m.written[page] = true;
-            }
-        }
-        m
-    }
-
-    /// A guest continuing from a memory image.
-    fn from_image(mem: Vec<u8>) -> Self {
-        let p = GuestParams::read_page(&mem[PARAMS_GPA as usize..][..PAGE_SIZE])
-            .expect("test image has a valid params page");
-        let rd = |off: usize| {
-            u64::from_le_bytes(mem[STATUS_GPA as usize + off..][..8].try_into().unwrap())
-        };
-        let (progress, checksum, rng, head) = (
-            rd(status::PROGRESS),
-            rd(status::CHECKSUM),
-            rd(status::RNG),
-            rd(status::OUT_HEAD),
-        );
-        let pages = mem.len() / PAGE_SIZE;
-        Self {
-            mem,
-            p,
-            progress,
-            checksum,
-            rng,
-            head,
-            written: vec![false; pages],
-            drained: vec![],
-        }
-    }
-
-    fn rd(&self, a: u64) -> u64 {
-        u64::from_le_bytes(self.mem[a as usize..][..8].try_into().unwrap())
-    }
-
-    fn st(&mut self, a: u64, v: u64) {
-        self.mem[a as usize..][..8].copy_from_slice(&v.to_le_bytes());
-        self.written[a as usize / PAGE_SIZE] = true;
-    }
-
-    fn wr(&mut self, a: u64, v: u64) {
-        self.st(a, v);
-        self.checksum = checksum_step(self.checksum, v);
-    }
-
-    fn next(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-
-    fn tail(&self) -> u64 {
-        self.rd(STATUS_GPA + status::OUT_TAIL as u64)
-    }
-
-    /// The VMM's drain (doorbell or engine): records tail..head, then store the tail.
-    fn drain(&mut self) -> Vec<OutputRecord> {
-        let tail = self.tail();
-        let recs: Vec<_> = (tail..self.head)
-            .map(|seq| {
-                let s = OutputRecord::slot_gpa(seq) as usize;
-                OutputRecord::read_slot(&self.mem[s..s + 64]).unwrap()
-            })
-            .collect();
-        if self.head != tail {
-            self.st(STATUS_GPA + status::OUT_TAIL as u64, self.head);
-        }
-        recs
-    }
-
-    fn doorbell(&mut self) {
-        let recs = self.drain();
-        self.drained.extend(recs);
-    }
-
-    fn unit(&mut self) {
-        if self.progress == 0 && self.rng == 0 {
-            self.rng = self.p.seed | 1;
-        }
-        let n = self.progress;
-        let h = self.p.heap_size;
-        let pages = h / 4096;
-        let base = self.p.heap_gpa;
-        match self.p.workload {
-            Workload::Idle => self.checksum = checksum_step(self.checksum, n + 1),
-            Workload::Memwrite => {
-                let a = base + (n * 64) % h;
-                let r = self.next();
-                for k in 0..8 {
-                    self.wr(a + 8 * k, r.wrapping_add(k));
-                }
-            }
-            Workload::Kv => {
-                let rr = h / 128;
-                let hot = std::cmp::max(1, rr / 10);
-                let i = if self.next() % 100 < 80 {
-                    self.next() % hot
-                } else {
-                    hot + self.next() % std::cmp::max(1, rr - hot)
-                };
-                for k in 0..4 {
-                    let v = self.next();
-                    self.wr(base + 128 * i + 8 * k, v);
-                }
-            }
-            Workload::Npb => {
-                let p = n % pages;
-                for k in 0..512 {
-                    let a = base + 4096 * p + 8 * k;
-                    let v = self.rd(a).wrapping_add(n + 1);
-                    self.wr(a, v);
-                }
-            }
-            Workload::Web => {
-                let mut g = ModelWeb(self);
-                ha_common::web::request(&mut g, n, pages);
-            }
-        }
-        self.progress = n + 1;
-        self.st(STATUS_GPA + status::PROGRESS as u64, self.progress);
-        self.st(STATUS_GPA + status::CHECKSUM as u64, self.checksum);
-        self.st(STATUS_GPA + status::RNG as u64, self.rng);
-        let oe = self.p.output_every;
-        if oe > 0 && (n + 1).is_multiple_of(oe) {
-            while self.head - self.tail() >= OUTPUT_RING_SLOTS {
-                self.doorbell();
-            }
-            let seq = self.head;
-            let s = OutputRecord::slot_gpa(seq);
-            self.st(s, seq);
-            self.st(s + 8, 16);
-            self.st(s + 16, n + 1);
-            self.st(s + 24, self.checksum);
-            self.head = seq + 1;
-            self.st(STATUS_GPA + status::OUT_HEAD as u64, self.head);
-            let pending = self.head - self.tail();
-            let de = self.p.doorbell_every;
-            if (de > 0 && pending >= de) || pending >= OUTPUT_RING_SLOTS {
-                self.doorbell();
-            }
-        }
-    }
-
-    fn run_to(&mut self, progress: u64) {
-        assert!(self.progress <= progress, "model is ahead of the guest");
-        while self.progress < progress {
-            self.unit();
-        }
-    }
-
-    fn take_written(&mut self) -> BTreeSet<usize> {
-        let set = (0..self.written.len())
-            .filter(|&p| self.written[p])
-            .collect();
-        self.written.fill(false);
-        set
-    }
-}
+/// The reference guest: the workloads' one model (`ha_common::model`) over a memory image.
+use ha_common::model::ImageModel as Model;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -344,21 +141,21 @@ fn matches_reference_model() {
             // Memory equal before any engine drain (doorbells are deterministic) ...
             assert_eq!(
                 read_all(d.as_ref()),
-                model.mem,
+                model.mem.bytes,
                 "{w:?} at progress {}",
                 st.progress
             );
-            assert_eq!(st.checksum, model.checksum);
+            assert_eq!(st.checksum, model.cpu.checksum());
             // ... and after the engine's drain at the pause.
             d.drain_output(&mut got).unwrap();
             let rest = model.drain();
             model.drained.extend(rest);
-            assert_eq!(read_all(d.as_ref()), model.mem);
+            assert_eq!(read_all(d.as_ref()), model.mem.bytes);
             assert_eq!(got, model.drained, "{w:?} output");
         }
         assert_contiguous(&got, 0);
         if w != Workload::Idle {
-            let n = model.progress;
+            let n = model.cpu.progress();
             assert_eq!(got.len() as u64, n / oe);
         }
     }
@@ -440,11 +237,14 @@ fn no_lost_dirty_pages() {
                 let recs = model.drain();
                 model.drained.extend(recs);
             }
-            assert!(model.mem == now, "{w:?} cycle {cycle}: model diverged");
+            assert!(
+                model.mem.bytes == now,
+                "{w:?} cycle {cycle}: model diverged"
+            );
             let dirty = set_of(&cycle_dirty);
             assert_eq!(
                 dirty,
-                model.take_written(),
+                model.mem.take_written(),
                 "{w:?} cycle {cycle}: dirty != written"
             );
             for p in 0..pages {
@@ -462,11 +262,11 @@ fn no_lost_dirty_pages() {
         let state = d.save_state().unwrap();
         let mut r = SimFactory::new().restore(&replica, &state).unwrap();
         assert_eq!(r.status().unwrap(), d.status().unwrap());
-        run_a_while(r.as_mut(), Duration::ZERO, model.progress + 50);
+        run_a_while(r.as_mut(), Duration::ZERO, model.cpu.progress() + 50);
         model.run_to(r.status().unwrap().progress);
         assert_eq!(
             r.status().unwrap().checksum,
-            model.checksum,
+            model.cpu.checksum(),
             "{w:?}: after restore"
         );
         // Written-with-identical-value pages: none expected with these workloads.
@@ -566,18 +366,18 @@ fn save_restore_continues() {
 
         let sb = b.status().unwrap();
         assert!(sb.progress > at.progress);
-        let mut cont = Model::from_image(image.clone());
+        let mut cont = Model::from_image(image.clone()).expect("a guest image");
         cont.run_to(sb.progress);
         let recs = cont.drain();
         cont.drained.extend(recs);
         assert!(
-            read_all(b.as_ref()) == cont.mem,
+            read_all(b.as_ref()) == cont.mem.bytes,
             "{w:?}: restored guest diverged"
         );
         assert_eq!(out_b, cont.drained);
         let mut scratch = Model::fresh(&sp);
         scratch.run_to(sb.progress);
-        assert_eq!(scratch.checksum, sb.checksum);
+        assert_eq!(scratch.cpu.checksum(), sb.checksum);
         let all: Vec<_> = scratch.drain();
         let all: Vec<_> = scratch.drained.iter().cloned().chain(all).collect();
         let joined: Vec<_> = before.iter().chain(&out_b).cloned().collect();
@@ -770,15 +570,16 @@ fn web_calibration_matches_the_httpd_targets() {
         },
     };
     let mut model = Model::fresh(&sp);
-    model.take_written();
-    let mut prev = model.mem.clone();
+    model.mem.take_written();
+    let mut prev = model.mem.bytes.clone();
     let units = sp.params.rate / 10;
     let heap =
         (HEAP_GPA as usize / PAGE_SIZE)..((HEAP_GPA + sp.params.heap_size) as usize / PAGE_SIZE);
     let (mut dirty, mut blocks) = (Vec::new(), Vec::new());
     for _ in 0..20 {
-        model.run_to(model.progress + units);
+        model.run_to(model.cpu.progress() + units);
         let pages: Vec<usize> = model
+            .mem
             .take_written()
             .into_iter()
             .filter(|p| heap.contains(p))
@@ -788,11 +589,11 @@ fn web_calibration_matches_the_httpd_targets() {
             let range = p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
             let changed = prev[range.clone()]
                 .chunks(64)
-                .zip(model.mem[range.clone()].chunks(64))
+                .zip(model.mem.bytes[range.clone()].chunks(64))
                 .filter(|(a, b)| a != b)
                 .count();
             blocks.push(changed);
-            prev[range.clone()].copy_from_slice(&model.mem[range]);
+            prev[range.clone()].copy_from_slice(&model.mem.bytes[range]);
         }
     }
     dirty.sort_unstable();

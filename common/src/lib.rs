@@ -11,6 +11,7 @@
 //! | [`cache`] | LRU cache of last-sent page content (encode) |
 //! | [`codec`] | hybrid per-page encoding and decoding (encode) |
 //! | [`serve`] | the metrics HTTP endpoint and port files |
+//! | [`metrics`] | what both daemons' Prometheus metrics share: the state gauge, exposition, serving |
 //! | [`session`] | handshake, acks and heartbeats between primary and backup |
 //! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`stream`] | the epoch stream format and the atomic applier (send, stage, commit) |
@@ -35,6 +36,7 @@ pub mod guest_abi;
 pub mod hashes;
 pub mod limits;
 pub mod logfile;
+pub mod metrics;
 pub mod model;
 pub mod output;
 pub mod secure;

@@ -1,10 +1,10 @@
 //! Prometheus metrics of the backup: the registry, the handles the run loop updates, and a
 //! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
 
-use ha_common::serve::{ServeError, serve_metrics};
-use prometheus_client::encoding::text::encode;
+pub use ha_common::metrics::{CONTENT_TYPE, Label};
+use ha_common::metrics::{StateGauge, render};
+use ha_common::serve::ServeError;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -12,9 +12,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-
-/// The content type of the exposition `prometheus-client` writes.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Commit-time buckets, seconds: 10 µs to 100 ms.
 const COMMIT_BUCKETS: [f64; 13] = [
@@ -24,9 +21,6 @@ const COMMIT_BUCKETS: [f64; 13] = [
 
 /// The states of `castor_state`.
 pub const STATES: [&str; 3] = ["listening", "receiving", "active"];
-
-/// A one-label label set.
-pub type Label = [(&'static str, &'static str); 1];
 
 /// Errors starting the metrics server.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +46,8 @@ pub struct Metrics {
     pub detection_seconds: Gauge<f64, AtomicU64>,
     /// Declared lost → guest resumed, seconds (set at failover).
     pub activation_seconds: Gauge<f64, AtomicU64>,
-    /// 1 for the current state, 0 for the others.
-    pub state: Family<Label, Gauge>,
+    /// `castor_state`: 1 for the current state, 0 for the others.
+    pub state: StateGauge,
 }
 
 impl Default for Metrics {
@@ -102,15 +96,7 @@ impl Metrics {
             "Failover: declaring the primary lost to the guest running here, seconds",
             activation_seconds.clone(),
         );
-        let state = Family::<Label, Gauge>::default();
-        for s in STATES {
-            state.get_or_create(&[("state", s)]).set(0);
-        }
-        r.register(
-            "castor_state",
-            "The daemon's state: 1 for the current one",
-            state.clone(),
-        );
+        let state = StateGauge::register(&mut r, &STATES);
         Self {
             registry: Arc::new(r),
             epochs_committed,
@@ -125,11 +111,7 @@ impl Metrics {
 
     /// Make `current` (one of [`STATES`]) the state.
     pub fn set_state(&self, current: &'static str) {
-        for s in STATES {
-            self.state
-                .get_or_create(&[("state", s)])
-                .set(i64::from(s == current));
-        }
+        self.state.set(current);
     }
 
     /// The whole exposition, as `GET /metrics` returns it.
@@ -144,19 +126,12 @@ impl Metrics {
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        let registry = Arc::clone(&self.registry);
-        Ok(serve_metrics(addr, port_file, CONTENT_TYPE, move || {
-            render(&registry)
-        })?)
+        Ok(ha_common::metrics::serve(
+            Arc::clone(&self.registry),
+            addr,
+            port_file,
+        )?)
     }
-}
-
-fn render(r: &Registry) -> String {
-    let mut body = String::new();
-    if let Err(e) = encode(&mut body, r) {
-        tracing::warn!(error = %e, "cannot encode the metrics");
-    }
-    body
 }
 
 #[cfg(test)]

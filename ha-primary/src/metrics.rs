@@ -2,8 +2,9 @@
 //! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
 
 use ha_common::codec::{EncodeStats, Encoding};
-use ha_common::serve::{ServeError, serve_metrics};
-use prometheus_client::encoding::text::encode;
+pub use ha_common::metrics::{CONTENT_TYPE, Label};
+use ha_common::metrics::{StateGauge, render};
+use ha_common::serve::ServeError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -13,9 +14,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-
-/// The content type of the exposition `prometheus-client` writes.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Pause-time buckets, seconds: 0.1 ms to 100 ms.
 const PAUSE_BUCKETS: [f64; 10] = [
@@ -28,9 +26,6 @@ const ACK_BUCKETS: [f64; 13] = [
 
 /// The states of `castor_state`.
 pub const STATES: [&str; 4] = ["syncing", "protected", "unprotected", "fenced"];
-
-/// A one-label label set.
-pub type Label = [(&'static str, &'static str); 1];
 
 /// Errors starting the metrics server.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +55,8 @@ pub struct Metrics {
     pub output_held: Gauge,
     /// Output records released to the world.
     pub output_released: Counter,
-    /// 1 for the current state, 0 for the others.
-    pub state: Family<Label, Gauge>,
+    /// `castor_state`: 1 for the current state, 0 for the others.
+    pub state: StateGauge,
 }
 
 impl Default for Metrics {
@@ -122,15 +117,7 @@ impl Metrics {
             "Guest output records released to the output sink",
             output_released.clone(),
         );
-        let state = Family::<Label, Gauge>::default();
-        for s in STATES {
-            state.get_or_create(&[("state", s)]).set(0);
-        }
-        r.register(
-            "castor_state",
-            "The daemon's state: 1 for the current one",
-            state.clone(),
-        );
+        let state = StateGauge::register(&mut r, &STATES);
         Self {
             registry: Arc::new(r),
             epochs_committed,
@@ -147,11 +134,7 @@ impl Metrics {
 
     /// Make `current` (one of [`STATES`]) the state.
     pub fn set_state(&self, current: &'static str) {
-        for s in STATES {
-            self.state
-                .get_or_create(&[("state", s)])
-                .set(i64::from(s == current));
-        }
+        self.state.set(current);
     }
 
     /// Count one encoded epoch's bytes: payload bytes per encoding, the rest as `other`.
@@ -182,19 +165,12 @@ impl Metrics {
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        let registry = Arc::clone(&self.registry);
-        Ok(serve_metrics(addr, port_file, CONTENT_TYPE, move || {
-            render(&registry)
-        })?)
+        Ok(ha_common::metrics::serve(
+            Arc::clone(&self.registry),
+            addr,
+            port_file,
+        )?)
     }
-}
-
-fn render(r: &Registry) -> String {
-    let mut body = String::new();
-    if let Err(e) = encode(&mut body, r) {
-        tracing::warn!(error = %e, "cannot encode the metrics");
-    }
-    body
 }
 
 #[cfg(test)]

@@ -494,6 +494,7 @@ impl Config {
             page_size: PAGE_SIZE as u32,
             block_size: self.block_size,
             mode: self.mode,
+            backend: self.guest,
         }
     }
 

@@ -130,6 +130,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         events: cli.events,
         key,
         link_rate: cli.link_rate,
+        backend: cli.guest,
     };
     let metrics = Metrics::new();
     let metrics_addr = match cli.metrics {

@@ -20,6 +20,7 @@
 
 use crate::pair::{BackupSpec, Kill, PairError, backup_addr, daemons, events, keygen, spawn};
 use crate::proxy::FaultProxy;
+use ha_backend::BackendKind;
 use ha_common::output::{Consumer, WorldView, unix_ms};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -118,8 +119,8 @@ pub struct ChaosArgs {
     pub seed: u64,
     /// The scenarios, taken in turn.
     pub scenarios: Vec<Scenario>,
-    /// kvm or sim.
-    pub guest: String,
+    /// The guest backend (kvm or sim).
+    pub guest: BackendKind,
     /// Guest memory ("32M").
     pub memory: String,
     /// Keep every run's directory (logs, events, ack log).
@@ -242,7 +243,7 @@ impl Run<'_> {
             dir: &self.dir,
             memory: &self.a.memory,
             mode: "fgbi",
-            guest: &self.a.guest,
+            guest: self.a.guest,
             interval: "25ms",
             detect_timeout: &format!("{DETECT_MS}ms"),
             key_args: &self.key,
@@ -277,7 +278,7 @@ impl Run<'_> {
             s("--backup"),
             s(target),
             s("--guest"),
-            self.a.guest.clone(),
+            self.a.guest.to_string(),
             s("--workload"),
             s("web"),
             s("--memory"),

@@ -12,7 +12,8 @@
 use crate::pair::{
     BackupSpec, PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
 };
-use ha_common::domain::{DomainFactory, GuestSpec};
+use ha_backend::{BackendKind, FactoryOptions};
+use ha_common::domain::GuestSpec;
 use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -81,8 +82,8 @@ impl Rate {
 /// What to compare.
 #[derive(Debug, Clone)]
 pub struct CompareArgs {
-    /// kvm or sim.
-    pub guest: String,
+    /// The guest backend (kvm or sim).
+    pub guest: BackendKind,
     /// Workloads.
     pub workloads: Vec<Workload>,
     /// Modes: none, remus, xbzrle, fgbi.
@@ -173,13 +174,6 @@ pub fn link_name(bits: Option<u64>) -> String {
     }
 }
 
-fn factory(guest: &str, dirty_log: bool) -> Box<dyn DomainFactory> {
-    match guest {
-        "sim" => Box::new(ha_sim::SimFactory::new()),
-        _ => Box::new(ha_kvm::KvmFactory::new().with_dirty_log(dirty_log)),
-    }
-}
-
 fn spec(a: &CompareArgs, w: Workload) -> Result<GuestSpec, CompareError> {
     let memory = ha_common::units::parse_size(&a.memory)
         .map_err(|e| CompareError::Setting(e.to_string()))?;
@@ -205,7 +199,13 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
         workload: w.name().into(),
         source,
     };
-    let f = factory(&a.guest, false);
+    let f = ha_backend::factory(
+        a.guest,
+        &FactoryOptions {
+            dirty_log: false,
+            ..FactoryOptions::default()
+        },
+    );
     let mut d = f.create(&spec(a, w)?).map_err(guest_err)?;
     d.resume().map_err(guest_err)?;
     let mut out = Vec::new();
@@ -317,7 +317,7 @@ fn run_protected(
         dir: &dir,
         memory: &a.memory,
         mode,
-        guest: &a.guest,
+        guest: a.guest,
         interval: &interval_s,
         detect_timeout: "5s",
         key_args: &key_args,
@@ -330,7 +330,7 @@ fn run_protected(
         s("--backup"),
         baddr,
         s("--guest"),
-        a.guest.clone(),
+        a.guest.to_string(),
         s("--workload"),
         s(w.name()),
         s("--memory"),

@@ -12,6 +12,7 @@ use crate::pair::{
     BackupSpec, backup_addr, cpu_ms, cpu_ms_split, daemons, events, keygen, percentile, spawn,
     unix_ms, wait_event,
 };
+use ha_backend::BackendKind;
 use ha_common::output::{Consumer, WorldView};
 use serde_json::Value;
 use std::io::Write;
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 /// Drill settings.
 #[derive(Debug, Clone)]
 pub struct DrillArgs {
-    /// kvm or sim.
-    pub guest: String,
+    /// The guest backend (kvm or sim).
+    pub guest: BackendKind,
     /// Workload name.
     pub workload: String,
     /// Guest memory ("256M").
@@ -172,7 +173,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         dir: &dir,
         memory: &a.memory,
         mode: &a.mode,
-        guest: &a.guest,
+        guest: a.guest,
         interval: &a.interval,
         detect_timeout: &a.detect_timeout,
         key_args: &key_args,
@@ -200,7 +201,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         s("--backup"),
         baddr,
         s("--guest"),
-        a.guest.clone(),
+        a.guest.to_string(),
         s("--workload"),
         a.workload.clone(),
         s("--memory"),
@@ -445,7 +446,7 @@ fn verdict(
     let continuity_ok = checks.iter().all(|c| c.1);
     let t_active = active["t_ms"].as_u64().unwrap_or(t_lost);
     DrillReport {
-        guest: a.guest.clone(),
+        guest: a.guest.to_string(),
         workload: a.workload.clone(),
         mode: a.mode.clone(),
         epochs_committed: rows.len() as u64,

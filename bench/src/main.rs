@@ -5,6 +5,7 @@
 //! page pairs.
 
 use clap::{Parser, Subcommand};
+use ha_backend::BackendKind;
 use ha_bench::codec::{self, Input, Knowledge, Row, Settings, Subject};
 use ha_bench::compare::{self, CompareArgs, Rate};
 use ha_bench::{cases, pgpairs, plot};
@@ -15,6 +16,10 @@ use ha_common::guest_abi::Workload;
 use ha_common::units::{parse_duration, parse_rate};
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// The backends the benchmarks run: they create built-in workload guests, which Xen has
+/// not (it protects an existing domain).
+const GUESTS: [BackendKind; 2] = [BackendKind::Kvm, BackendKind::Sim];
 
 /// Castor benchmarks. Figures are ratios measured in one run on this machine.
 #[derive(Parser, Debug)]
@@ -79,8 +84,8 @@ struct ChaosCli {
     #[arg(long, value_delimiter = ',', value_parser = ha_bench::chaos::Scenario::parse)]
     scenarios: Vec<ha_bench::chaos::Scenario>,
     /// Guest backend: kvm (real VMs) or sim (simulated).
-    #[arg(long, default_value = "kvm", value_parser = ["kvm", "sim"])]
-    guest: String,
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
     /// Guest memory.
     #[arg(long, default_value = "32M")]
     memory: String,
@@ -98,8 +103,8 @@ struct ChaosCli {
 #[derive(clap::Args, Debug)]
 struct CompareCli {
     /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
-    #[arg(long, default_value = "kvm", value_parser = ["kvm", "sim"])]
-    guest: String,
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
     /// Workloads, comma-separated: memwrite, web, kv, npb (also idle).
     #[arg(long, value_delimiter = ',', default_value = "memwrite,web,kv,npb")]
     workloads: Vec<Workload>,
@@ -173,8 +178,8 @@ fn parse_link(s: &str) -> Result<Option<u64>, String> {
 #[derive(clap::Args, Debug)]
 struct DrillCli {
     /// Guest backend: kvm (a real VM on /dev/kvm) or sim (simulated, where there is no KVM).
-    #[arg(long, default_value = "kvm", value_parser = ["kvm", "sim"])]
-    guest: String,
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
     /// Built-in workload: idle, memwrite, web, kv, npb.
     #[arg(long, default_value = "web")]
     workload: String,

@@ -2,6 +2,7 @@
 //! starting them as child processes that die with the benchmark, reading their JSON-lines
 //! events, and the CPU time a process has used.
 
+use ha_backend::BackendKind;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -182,7 +183,7 @@ pub struct BackupSpec<'a> {
     /// `--mode`.
     pub mode: &'a str,
     /// `--guest`.
-    pub guest: &'a str,
+    pub guest: BackendKind,
     /// `--interval`.
     pub interval: &'a str,
     /// `--detect-timeout`.
@@ -205,7 +206,7 @@ impl BackupSpec<'_> {
             "--mode",
             self.mode,
             "--guest",
-            self.guest,
+            self.guest.name(),
             "--interval",
             self.interval,
             "--detect-timeout",

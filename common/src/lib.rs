@@ -19,6 +19,7 @@
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
 //! | [`domain`] | the `Domain` trait: the hypervisor seam |
 //! | [`envelope`] | the one envelope of every backend's saved state (magic, version, checksum) |
+//! | [`backend`] | which hypervisor backend runs a guest (`BackendKind`) |
 //! | [`guest_abi`] | the layout shared by built-in workload guests and their VMMs |
 //! | [`units`] | sizes and durations on command lines |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
@@ -26,6 +27,7 @@
 //! | [`web`] | the `web` workload's reference semantics (layout, document root, a request) |
 //! | [`bitmap`] | page bitmaps for dirty tracking |
 
+pub mod backend;
 pub mod bitmap;
 pub mod block;
 pub mod cache;

@@ -3,7 +3,8 @@
 //! with frame types 16 and up.
 //!
 //! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
-//! reason names both values of any mismatch). Then the primary sends epochs and, when
+//! reason names both values of any mismatch, the guest backend's kind among them: a KVM
+//! primary and a Xen backup cannot fail over to each other). Then the primary sends epochs and, when
 //! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
 //! each committed epoch. The Welcome carries the backup's detection timeout, so that a
 //! primary can tell when it was silent long enough for the backup to have taken over.
@@ -14,14 +15,18 @@
 //! not take over a guest that still runs. A backup that fails on its own (its ack log
 //! cannot be written) ends the session with an abort that says why.
 
+use crate::backend::BackendKind;
 use crate::block::BlockSize;
 use crate::codec::Mode;
 use crate::stream::put_frame;
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 2;
+pub const SESSION_VERSION: u16 = 3;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
+/// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
+/// backend kind.
+const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1;
 
 /// Session frame types.
 pub mod frame_type {
@@ -88,18 +93,21 @@ pub struct Hello {
     pub block_size: BlockSize,
     /// Encoding mode.
     pub mode: Mode,
+    /// The hypervisor backend that runs the guest (the backup restores it with the same).
+    pub backend: BackendKind,
 }
 
 impl Hello {
     /// Encode as a frame.
     pub fn put(&self, out: &mut Vec<u8>) {
-        let mut b = Vec::with_capacity(27);
+        let mut b = Vec::with_capacity(HELLO_LEN);
         b.extend_from_slice(&HELLO_MAGIC.to_le_bytes());
         b.extend_from_slice(&self.version.to_le_bytes());
         b.extend_from_slice(&self.memory_size.to_le_bytes());
         b.extend_from_slice(&self.page_size.to_le_bytes());
         b.extend_from_slice(&(self.block_size.bytes() as u32).to_le_bytes());
         b.push(self.mode as u8);
+        b.push(self.backend.to_u8());
         put_frame(out, frame_type::HELLO, &b);
     }
 
@@ -120,7 +128,7 @@ impl Hello {
                 backup: SESSION_VERSION,
             });
         }
-        if b.len() != 27 {
+        if b.len() != HELLO_LEN {
             return Err(SessionError::Malformed("hello"));
         }
         let memory_size = u64::from_le_bytes(
@@ -141,17 +149,21 @@ impl Hello {
         let block_size =
             BlockSize::new(bs).map_err(|_| SessionError::Malformed("hello (block size)"))?;
         let mode = Mode::from_u8(b[26]).ok_or(SessionError::Malformed("hello (mode)"))?;
+        let backend =
+            BackendKind::from_u8(b[27]).map_err(|_| SessionError::Malformed("hello (backend)"))?;
         Ok(Self {
             version,
             memory_size,
             page_size,
             block_size,
             mode,
+            backend,
         })
     }
 
     /// Check the primary's Hello against what the backup was configured with; the error
-    /// names the first parameter that differs and both values.
+    /// names the first parameter that differs and both values. The backend comes first:
+    /// when it differs, the other differences follow from it.
     pub fn check_against(&self, backup: &Hello) -> Result<(), SessionError> {
         let mismatch = |what, p: String, b: String| {
             Err(SessionError::Mismatch {
@@ -160,6 +172,13 @@ impl Hello {
                 backup: b,
             })
         };
+        if self.backend != backup.backend {
+            return mismatch(
+                "backend",
+                self.backend.to_string(),
+                backup.backend.to_string(),
+            );
+        }
         if self.memory_size != backup.memory_size {
             return mismatch(
                 "guest memory size",
@@ -269,6 +288,7 @@ mod tests {
             page_size: 4096,
             block_size: BlockSize::DEFAULT,
             mode: Mode::Fgbi,
+            backend: BackendKind::Kvm,
         }
     }
 
@@ -300,6 +320,43 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_mismatch_names_both_kinds_before_anything_else() {
+        let mut out = Vec::new();
+        let xen = Hello {
+            backend: BackendKind::Xen,
+            ..hello()
+        };
+        xen.put(&mut out);
+        let (_, body, _) = split_frame(&out).unwrap().unwrap();
+        assert_eq!(body.len(), 28);
+        assert_eq!(body[27], 2);
+        assert_eq!(Hello::parse(body), Ok(xen));
+        let e = hello().check_against(&xen).unwrap_err();
+        assert_eq!(
+            e,
+            SessionError::Mismatch {
+                what: "backend",
+                primary: "kvm".into(),
+                backup: "xen".into(),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "backend mismatch: primary has kvm, backup has xen"
+        );
+        // The backend is named even when other parameters differ too.
+        let backup = Hello {
+            memory_size: 1 << 30,
+            mode: Mode::Remus,
+            ..xen
+        };
+        assert_eq!(
+            hello().check_against(&backup).unwrap_err().to_string(),
+            "backend mismatch: primary has kvm, backup has xen"
+        );
+    }
+
+    #[test]
     fn bad_hellos_are_refused_specifically() {
         let mut out = Vec::new();
         hello().put(&mut out);
@@ -325,6 +382,26 @@ mod tests {
         assert_eq!(
             Hello::parse(&v),
             Err(SessionError::Malformed("hello (mode)"))
+        );
+        let mut v = body.to_vec();
+        v[27] = 3;
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Malformed("hello (backend)"))
+        );
+        // A version 2 Hello (no backend byte) is refused for its version, not its length.
+        let mut v = body[..27].to_vec();
+        v[8..10].copy_from_slice(&2u16.to_le_bytes());
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Version {
+                primary: 2,
+                backup: SESSION_VERSION
+            })
+        );
+        assert_eq!(
+            Hello::parse(&body[..27]),
+            Err(SessionError::Malformed("hello"))
         );
         assert_eq!(Hello::parse(&[]), Err(SessionError::Malformed("hello")));
     }

@@ -521,6 +521,7 @@ pub fn handshake_ours() -> ha_common::session::Hello {
         page_size: PAGE_SIZE as u32,
         block_size: BlockSize::DEFAULT,
         mode: GUEST_MODE,
+        backend: ha_common::backend::BackendKind::Kvm,
     }
 }
 

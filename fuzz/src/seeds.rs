@@ -336,8 +336,8 @@ pub fn epoch_seeds() -> Vec<Seed> {
 }
 
 /// `handshake` seeds: raw peers (a plaintext Hello, garbage, a forged first message, a
-/// truncated one) and sealed openings (the right Hello, a mismatched one,
-/// a Hello followed by heartbeats, a damaged one).
+/// truncated one) and sealed openings (the right Hello, a mismatched one, one of another
+/// backend, a Hello followed by heartbeats, a damaged one).
 pub fn handshake_seeds() -> Vec<Seed> {
     use crate::checks::{HANDSHAKE_FLIP, HANDSHAKE_RAW, HANDSHAKE_SEALED, handshake_ours};
     use ha_common::secure::HANDSHAKE_LEN;
@@ -348,6 +348,10 @@ pub fn handshake_seeds() -> Vec<Seed> {
     other.memory_size *= 2;
     let mut other_hello = Vec::new();
     other.put(&mut other_hello);
+    let mut xen = handshake_ours();
+    xen.backend = ha_common::backend::BackendKind::Xen;
+    let mut xen_hello = Vec::new();
+    xen.put(&mut xen_hello);
     // A first message of the right length that was not made with the key (a real one
     // from another key looks the same to the responder: an ephemeral key and a tag).
     let forged: Vec<u8> = (0..HANDSHAKE_LEN as u8)
@@ -391,6 +395,10 @@ pub fn handshake_seeds() -> Vec<Seed> {
         (
             "bad-sealed-mismatch".into(),
             with(HANDSHAKE_SEALED, &other_hello),
+        ),
+        (
+            "bad-sealed-backend".into(),
+            with(HANDSHAKE_SEALED, &xen_hello),
         ),
         (
             "bad-sealed-flipped".into(),

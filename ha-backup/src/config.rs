@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, ValueEnum};
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
+use ha_backend::{BackendKind, BackendKindError};
 use ha_common::PAGE_SIZE;
 use ha_common::block::BlockSize;
 use ha_common::codec::Mode;
@@ -94,18 +95,6 @@ pub enum ConfigError {
     },
 }
 
-/// Which hypervisor backend restores the guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum GuestKind {
-    /// KVM (/dev/kvm).
-    Kvm,
-    /// The simulated backend (in-process workload thread).
-    Sim,
-    /// Xen: restore a new domain with `xl restore` (needs `--xen-config` and a build with
-    /// the `xen` feature, run in dom0).
-    Xen,
-}
-
 /// Castor backup: receives a primary's checkpoints, commits them atomically, and takes the
 /// guest over from the last committed checkpoint when the primary is lost.
 #[derive(Clone, Debug, clap::Parser)]
@@ -139,9 +128,12 @@ pub struct Cli {
     /// [default: max(3 x --interval, 50ms)].
     #[arg(long)]
     pub detect_timeout: Option<String>,
-    /// Hypervisor backend used to restore the guest on failover.
-    #[arg(long, value_enum, default_value_t = GuestKind::Kvm)]
-    pub guest: GuestKind,
+    /// Hypervisor backend used to restore the guest on failover; the primary's must be the
+    /// same. kvm: a VM on /dev/kvm; sim: the simulated guest, in this process; xen: a new
+    /// domain built with `xl restore` (needs --xen-config and a build with the `xen`
+    /// feature, run in dom0).
+    #[arg(long, default_value_t = BackendKind::Kvm, value_parser = ha_backend::value_parser())]
+    pub guest: BackendKind,
     /// With --guest xen: the protected domU's xl config file; the restored domain takes
     /// its name, kernel and devices from it.
     #[arg(long, value_name = "FILE")]
@@ -292,9 +284,8 @@ fn block_size(n: u32) -> Result<u32, String> {
     check_block_size(n).map_err(|e| e.rule())?;
     Ok(n)
 }
-fn guest(v: String) -> Result<GuestKind, String> {
-    GuestKind::from_str(&v, false)
-        .map_err(|_| format!("{v:?} is not a guest backend (kvm, sim, xen)"))
+fn guest(v: String) -> Result<BackendKind, String> {
+    v.parse().map_err(|e: BackendKindError| e.to_string())
 }
 
 /// Set `cli.$key` from the file for every key the command line did not give.
@@ -379,7 +370,7 @@ pub struct Config {
     /// Failure detection timeout.
     pub detect_timeout: Duration,
     /// Backend for the restore.
-    pub guest: GuestKind,
+    pub guest: BackendKind,
     /// The domU's xl config (Xen).
     pub xen_config: Option<PathBuf>,
     /// Output sink after failover.
@@ -446,6 +437,9 @@ impl Config {
                 max: max_memory,
             });
         }
+        if cli.guest == BackendKind::Xen && cli.xen_config.is_none() {
+            tracing::warn!("--guest xen without --xen-config: failover cannot restore the domain");
+        }
         let exit_after = cli
             .exit_after
             .as_deref()
@@ -500,6 +494,7 @@ impl Config {
             page_size: PAGE_SIZE as u32,
             block_size: self.block_size,
             mode: self.mode,
+            backend: self.guest,
         }
     }
 
@@ -526,7 +521,7 @@ mod tests {
         assert_eq!(c.mode, Mode::Fgbi);
         assert_eq!(c.block_size, BlockSize::DEFAULT);
         assert_eq!(c.detect_timeout, Duration::from_millis(75));
-        assert_eq!(c.guest, GuestKind::Kvm);
+        assert_eq!(c.guest, BackendKind::Kvm);
         assert_eq!(c.listen.port(), 7700);
     }
 
@@ -563,7 +558,7 @@ mod tests {
         assert_eq!(c.block_size.bytes(), 128);
         assert_eq!(c.memory_size, 64 << 20);
         assert_eq!(c.mode, Mode::Xbzrle);
-        assert_eq!(c.guest, GuestKind::Sim);
+        assert_eq!(c.guest, BackendKind::Sim);
         assert_eq!(c.listen.port(), 7800);
         assert_eq!(c.metrics.map(|a| a.port()), Some(9101));
         assert!(c.config.is_some());
@@ -579,7 +574,7 @@ mod tests {
         .expect("valid");
         let c = Config::from_cli(&c).expect("valid config");
         assert_eq!(c.detect_timeout, Duration::from_millis(120));
-        assert_eq!(c.guest, GuestKind::Kvm);
+        assert_eq!(c.guest, BackendKind::Kvm);
         assert_eq!(c.memory_size, 8 << 20);
     }
 

@@ -10,9 +10,10 @@ use ha_backup::commit::Committed;
 use ha_backup::config::{Cli, Config};
 use ha_backup::receive::Frame;
 use ha_backup::stage::Stager;
+use ha_common::backend::BackendKind;
 use ha_common::domain::DomainFactory;
 use ha_common::output::{OutputChecker, Source, committed_out_head};
-use ha_common::session::frame_type as st;
+use ha_common::session::{Hello, frame_type as st};
 use ha_common::stream::split_frame;
 use ha_sim::SimFactory;
 
@@ -22,6 +23,44 @@ fn sim_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["--guest", "sim", "--memory", MEM];
     v.extend_from_slice(extra);
     v
+}
+
+/// A primary of another backend is refused at the handshake, the refusal naming both kinds
+/// (the backup could not restore its checkpoints at failover), and the backup keeps
+/// listening for a primary of its own.
+#[test]
+fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
+    let dir = scratch("backend");
+    let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "100ms"]));
+    let mut reasons = Vec::new();
+    for kind in [BackendKind::Kvm, BackendKind::Xen] {
+        let h = Hello {
+            backend: kind,
+            ..hello(4 * MIB)
+        };
+        let (_s, _, (ty, body)) = open_session(b.addr, &h);
+        assert_eq!(ty, st::REFUSE, "{}", String::from_utf8_lossy(&body));
+        let reason = String::from_utf8_lossy(&body).to_string();
+        assert_eq!(
+            reason,
+            format!("backend mismatch: primary has {kind}, backup has sim")
+        );
+        reasons.push(reason);
+    }
+    let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
+    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    let refused: Vec<_> = b
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for (e, reason) in refused.iter().zip(&reasons) {
+        assert_eq!(e["reason"], reason.as_str());
+        assert_eq!(e["stage"], "session");
+    }
+    drop(s);
+    assert_eq!(b.wait().code(), Some(2), "stderr:\n{}", b.stderr());
 }
 
 #[test]

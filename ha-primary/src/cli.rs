@@ -4,6 +4,7 @@
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use ha_backend::BackendKind;
 use ha_common::block::BlockSize;
 use ha_common::codec::{GeneralCodec, Mode};
 use ha_common::guest_abi::Workload;
@@ -85,8 +86,8 @@ pub struct Cli {
     /// Guest backend: kvm (a real VM on /dev/kvm), sim (simulated, in this process) or xen
     /// (protect the existing Xen domain named by --xen-domain; needs a build with the `xen`
     /// feature, run in dom0).
-    #[arg(long, default_value = "kvm", value_parser = GUESTS)]
-    pub guest: String,
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser())]
+    pub guest: BackendKind,
     /// With --guest xen: the running domain to protect, by name or domain id (the
     /// built-in workload options do not apply to it).
     #[arg(long, value_name = "NAME_OR_DOMID")]
@@ -205,8 +206,6 @@ pub enum Command {
     },
 }
 
-/// The guest backends `--guest` accepts.
-const GUESTS: [&str; 3] = ["kvm", "sim", "xen"];
 /// The values of `--xen-hold`.
 const XEN_HOLDS: [&str; 2] = ["suspend", "pause"];
 
@@ -341,13 +340,6 @@ fn xen_hold(v: String) -> Result<String, String> {
         ))
     }
 }
-fn guest(v: String) -> Result<String, String> {
-    if GUESTS.contains(&v.as_str()) {
-        Ok(v)
-    } else {
-        Err(format!("{v:?} is not a guest backend (kvm, sim, xen)"))
-    }
-}
 
 /// Set `cli.$key` from the file for every key the command line did not give.
 macro_rules! overlay {
@@ -405,7 +397,7 @@ impl Cli {
         let cli = self;
         overlay!(cli, file, m, path;
             backup: same,
-            guest: guest,
+            guest: parsed::<BackendKind>,
             xen_domain: some,
             xen_hold: xen_hold,
             xen_suspend_timeout: |v| bounded(check_timeout("xen-suspend-timeout", duration(v)?)),
@@ -481,7 +473,7 @@ mod tests {
         assert!(c.fence);
         assert_eq!(c.memory, 64 << 20);
         assert_eq!(c.mode, Mode::Xbzrle);
-        assert_eq!(c.guest, "sim");
+        assert_eq!(c.guest, BackendKind::Sim);
         assert_eq!(c.run_for, Some(Duration::from_secs(3)));
         assert_eq!(c.cache_size, 1 << 20);
         assert_eq!(c.metrics.map(|a| a.port()), Some(9100));

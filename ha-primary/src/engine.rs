@@ -115,6 +115,8 @@ pub struct Config {
     /// Shape the replication stream to this many bits per second (a token bucket at the
     /// sender); None: as fast as the socket takes it.
     pub link_rate: Option<u64>,
+    /// The backend that runs the guest, announced in the Hello (the backup refuses another).
+    pub backend: ha_common::backend::BackendKind,
 }
 
 /// What a run achieved.
@@ -235,6 +237,7 @@ pub fn run_with_metrics(
         page_size: PAGE_SIZE as u32,
         block_size: cfg.codec.block_size,
         mode: cfg.codec.mode,
+        backend: cfg.backend,
     };
     let link = link::connect(
         cfg.backup,

@@ -1,7 +1,8 @@
 //! `ha-primary`: run a guest and protect it with a backup.
 
+use ha_backend::{PrimaryGuest, XenHold};
 use ha_common::codec::CodecConfig;
-use ha_common::domain::{DomainFactory, GuestSpec};
+use ha_common::domain::GuestSpec;
 use ha_common::error_chain as chain;
 use ha_common::guest_abi::{GuestParams, HEAP_GPA};
 use ha_common::secure::PairKey;
@@ -78,14 +79,6 @@ fn pair_key(cli: &Cli) -> Result<Option<PairKey>, Box<dyn Error>> {
     }
 }
 
-/// Errors choosing the Xen domain.
-#[derive(Debug, thiserror::Error)]
-enum XenError {
-    /// `--guest xen` without a domain.
-    #[error("--guest xen protects an existing domain: give --xen-domain NAME_OR_DOMID")]
-    NoDomain,
-}
-
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Keygen { file }) = &cli.command {
         PairKey::generate()?.write_new(file)?;
@@ -114,11 +107,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             doorbell_every: 256,
         },
     };
-    let factory: Box<dyn DomainFactory> = match cli.guest.as_str() {
-        "sim" => Box::new(ha_sim::SimFactory::new()),
-        "xen" => Box::new(ha_xen::XenFactory::new()),
-        _ => Box::new(ha_kvm::KvmFactory::new()),
-    };
     let cfg = Config {
         backup: cli.backup,
         codec: CodecConfig {
@@ -142,6 +130,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         events: cli.events,
         key,
         link_rate: cli.link_rate,
+        backend: cli.guest,
     };
     let metrics = Metrics::new();
     let metrics_addr = match cli.metrics {
@@ -151,7 +140,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = ?cli.config,
-        guest = factory.name(),
+        guest = %cli.guest,
         workload = cli.workload.name(),
         memory_mib = cli.memory >> 20,
         mode = %cli.mode,
@@ -170,26 +159,17 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(a) = metrics_addr {
         tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
     }
-    let mut domain = if cli.guest == "xen" {
-        // Xen: protect an existing domain; Castor does not build it.
-        let target = cli.xen_domain.as_deref().ok_or(XenError::NoDomain)?;
-        let hold = if cli.xen_hold == "pause" {
-            ha_xen::Hold::Pause
+    // KVM and sim build the guest from `spec`; Xen attaches to the named existing domain.
+    let guest = PrimaryGuest {
+        spec,
+        xen_domain: cli.xen_domain.clone(),
+        xen_hold: if cli.xen_hold == "pause" {
+            XenHold::Pause
         } else {
-            ha_xen::Hold::Suspend(cli.xen_suspend_timeout)
-        };
-        let d = ha_xen::attach_boxed(target, hold)?;
-        tracing::info!(
-            domain = target,
-            memory_size = d.memory_size(),
-            hold = %cli.xen_hold,
-            "protecting the Xen domain; give the backup --memory {}",
-            d.memory_size()
-        );
-        d
-    } else {
-        factory.create(&spec)?
+            XenHold::Suspend(cli.xen_suspend_timeout)
+        },
     };
+    let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     domain.resume()?;
     let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &STOP, &metrics)?;
     tracing::info!(

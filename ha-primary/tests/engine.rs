@@ -3,6 +3,7 @@
 //! may reach the world before its checkpoint is acknowledged.
 
 use ha_common::PAGE_SIZE;
+use ha_common::backend::BackendKind;
 use ha_common::bitmap::PageBitmap;
 use ha_common::block::BlockSize;
 use ha_common::codec::{CodecConfig, GeneralCodec, Mode};
@@ -38,6 +39,8 @@ struct BackupReport {
     errors: Vec<String>,
     /// The reason of a stand-down frame, if the primary sent one.
     stood_down: Option<String>,
+    /// The backend the primary's Hello announced.
+    hello_backend: Option<BackendKind>,
 }
 
 /// Accept one primary, stage and commit epochs, verify digests, ack; publish the committed
@@ -74,6 +77,7 @@ fn fake_backup(
             if !hello_done {
                 let h = Hello::parse(body).expect("hello");
                 assert_eq!(h.memory_size, MEM);
+                report.lock().unwrap().hello_backend = Some(h.backend);
                 let mut out = Vec::new();
                 session::Welcome {
                     next_epoch: 1,
@@ -169,6 +173,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         events: None,
         key: Some(pair_key()),
         link_rate: None,
+        backend: BackendKind::Sim,
     }
 }
 
@@ -259,16 +264,21 @@ fn protected_run_as(
     if outlives {
         d = Box::new(Outliving(d));
     }
-    let summary = engine::run(
-        &config(baddr, oaddr, mode),
-        d.as_mut(),
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let kind: BackendKind = factory.name().parse().expect("a backend's name");
+    let cfg = Config {
+        backend: kind,
+        ..config(baddr, oaddr, mode)
+    };
+    let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
     drop(d);
     let (released, violations) = consumer.join().unwrap();
     backup.join().unwrap();
     let r = std::mem::take(&mut *report.lock().unwrap());
+    assert_eq!(
+        r.hello_backend,
+        Some(kind),
+        "the Hello announces the guest's backend"
+    );
     (summary, r, released, violations)
 }
 
@@ -351,7 +361,8 @@ fn backup_lost_continues_or_fences() {
                 detect_timeout: Duration::from_secs(1),
             }
             .put(&mut out);
-            let mut hello = [0u8; 32];
+            // A Hello frame: 5 bytes of frame header, 28 of body.
+            let mut hello = [0u8; 33];
             s.read_exact(&mut hello).unwrap();
             s.write_all(&out).unwrap();
             let t = std::time::Instant::now();

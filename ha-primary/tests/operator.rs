@@ -401,3 +401,60 @@ fn a_refused_second_primary_leaves_the_running_ones_files_alone() {
     let _ = b.join();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backup of another backend refuses the primary at the handshake: the primary exits 1
+/// and its message names both kinds (what the backup's Refuse said).
+#[test]
+fn a_backup_of_another_backend_stops_the_primary_naming_both_kinds() {
+    use ha_common::backend::BackendKind;
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let backup = l.local_addr().expect("addr").to_string();
+    // A plaintext (--insecure) backup configured for Xen: it checks the Hello as ha-backup
+    // does and refuses with the reason.
+    let b = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("the primary connects");
+        s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 256];
+        let h = loop {
+            if let Some((ty, body, _)) = split_frame(&buf).expect("a frame") {
+                assert_eq!(ty, session::frame_type::HELLO);
+                break Hello::parse(body).expect("hello");
+            }
+            let n = s.read(&mut chunk).expect("the Hello");
+            assert!(n > 0, "the primary hung up before its Hello");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let ours = Hello {
+            backend: BackendKind::Xen,
+            ..h
+        };
+        let reason = h.check_against(&ours).expect_err("a mismatch").to_string();
+        let mut out = Vec::new();
+        session::put_refuse(&mut out, &reason);
+        s.write_all(&out).expect("refuse");
+        (h.backend, reason)
+    });
+    let out = ha_primary(&[
+        "--guest",
+        "sim",
+        "--insecure",
+        "--backup",
+        &backup,
+        "--memory",
+        "8M",
+        "--run-for",
+        "10s",
+    ]);
+    let (announced, reason) = b.join().expect("the fake backup");
+    assert_eq!(announced, BackendKind::Sim);
+    assert_eq!(reason, "backend mismatch: primary has sim, backup has xen");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "backup refused the session: backend mismatch: primary has sim, backup has xen"
+        ),
+        "{err}"
+    );
+}

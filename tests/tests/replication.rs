@@ -712,6 +712,40 @@ fn a_second_primary_is_refused_while_one_is_connected() {
     p.check_failover();
 }
 
+/// A primary and a backup of different backends never replicate: the backup refuses the
+/// Hello and the primary stops, both naming the two kinds. (The backup runs `--guest kvm`,
+/// which only warns where KVM is missing; the primary runs the simulated guest: no KVM is
+/// needed.)
+#[test]
+fn a_primary_of_another_backend_is_refused_and_both_sides_name_the_kinds() {
+    let backup = Opts {
+        guest: "kvm",
+        ..Opts::default()
+    };
+    let primary = Opts {
+        guest: "sim",
+        ..Opts::default()
+    };
+    let mut p = Pair::start_backup("backend", &backup);
+    let key = p.key_args(&primary);
+    let mut pr = p.spawn_primary(&primary, p.backup_addr(), "primary", &key);
+    let code = pr.wait_for(Duration::from_secs(30));
+    let log = pr.log_text();
+    p.primary = Some(pr);
+    let says = "backend mismatch: primary has sim, backup has kvm";
+    if code != Some(1) || !log.contains(&format!("backup refused the session: {says}")) {
+        p.fail(&format!("the primary exited {code:?}: {log}"));
+    }
+    // The backup records the refusal once its answer is sent: wait for it.
+    let refused = wait_event(&p.backup_events(), "refused", Duration::from_secs(20));
+    if refused.as_ref().map(|e| &e["reason"]) != Some(&says.into()) {
+        p.fail(&format!("the backup's refusal: {refused:?}"));
+    }
+    if !p.ack_log().is_empty() {
+        p.fail("the backup committed a checkpoint of another backend");
+    }
+}
+
 /// A key file others can read is refused by both daemons, naming the file and its mode.
 #[test]
 fn key_files_readable_by_others_are_refused() {

@@ -47,6 +47,10 @@ use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 /// Whether this build has the real backend (the `xen` feature).
 pub const BUILT_WITH_XEN: bool = cfg!(feature = "xen");
 
+/// The device every libxenctrl call goes through; dom0 of a Xen host has it (in every
+/// build, so that a build without the `xen` feature can still say what is missing).
+pub const PRIVCMD_DEVICE: &str = "/dev/xen/privcmd";
+
 /// The error every call returns in a build without the `xen` feature.
 pub fn not_built() -> DomainError {
     DomainError::Unavailable {

@@ -8,7 +8,7 @@ use std::ptr::{self, NonNull};
 use xenctrl_sys as sys;
 
 /// The device every libxenctrl call goes through.
-pub const PRIVCMD: &str = "/dev/xen/privcmd";
+pub const PRIVCMD: &str = crate::PRIVCMD_DEVICE;
 
 /// Errors from libxenctrl / libxenforeignmemory.
 #[derive(Debug, thiserror::Error)]

@@ -5,10 +5,10 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use ha_backup::config::{Cli, Config, ConfigError, GuestKind};
+use ha_backend::FactoryOptions;
+use ha_backup::config::{Cli, Config, ConfigError};
 use ha_backup::metrics::Metrics;
 use ha_backup::{chain, run_with_metrics, signal};
-use ha_common::domain::DomainFactory;
 
 fn main() -> ExitCode {
     let cli = match Cli::load(std::env::args_os()) {
@@ -41,44 +41,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let factory: Box<dyn DomainFactory> = match cfg.guest {
-        GuestKind::Kvm => {
-            let dev = ha_kvm::KVM_DEVICE;
-            if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
-                tracing::warn!(
-                    "KVM ({dev}) cannot be opened ({e}): failover will fail unless this is \
-                     fixed; use --guest sim to run without KVM"
-                );
-            }
-            Box::new(ha_kvm::KvmFactory::new())
-        }
-        GuestKind::Sim => Box::new(ha_sim::SimFactory::new()),
-        GuestKind::Xen => {
-            if !ha_xen::BUILT_WITH_XEN {
-                tracing::warn!(
-                    "this ha-backup was built without the `xen` feature: failover will fail \
-                     (rebuild with --features xen)"
-                );
-            } else if let Err(e) = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/xen/privcmd")
-            {
-                tracing::warn!(
-                    "Xen is not available: cannot open /dev/xen/privcmd ({e}): failover will \
-                     fail unless this runs in dom0 of a Xen host"
-                );
-            }
-            if cfg.xen_config.is_none() {
-                tracing::warn!(
-                    "--guest xen without --xen-config: failover cannot restore the domain"
-                );
-            }
-            let mut f = ha_xen::XenFactory::new();
-            f.xl_config = cfg.xen_config.clone();
-            Box::new(f)
-        }
-    };
+    if let Err(e) = ha_backend::probe(cfg.guest) {
+        tracing::warn!("{}: failover will fail unless this is fixed", chain(&e));
+    }
+    let factory = ha_backend::factory(
+        cfg.guest,
+        &FactoryOptions {
+            xl_config: cfg.xen_config.clone(),
+            ..FactoryOptions::default()
+        },
+    );
     let metrics = Metrics::new();
     let metrics_addr = match cfg.metrics {
         Some(a) => match metrics.serve(a, cfg.metrics_port_file.as_deref()) {

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ha_common::PAGE_SIZE;
+use ha_common::backend::BackendKind;
 use ha_common::bitmap::PageBitmap;
 use ha_common::block::BlockSize;
 use ha_common::cache::PageCache;
@@ -44,7 +45,8 @@ pub fn sim_spec() -> GuestSpec {
     }
 }
 
-/// The session parameters matching `memory_size` with the backup's defaults.
+/// The session parameters matching `memory_size` with the backup's defaults and
+/// `--guest sim` (how these tests run it).
 pub fn hello(memory_size: u64) -> Hello {
     Hello {
         version: SESSION_VERSION,
@@ -52,6 +54,7 @@ pub fn hello(memory_size: u64) -> Hello {
         page_size: PAGE_SIZE as u32,
         block_size: BlockSize::DEFAULT,
         mode: Mode::Fgbi,
+        backend: BackendKind::Sim,
     }
 }
 
@@ -307,7 +310,11 @@ impl FakePrimary {
         addr: SocketAddr,
         sink: Option<SocketAddr>,
     ) -> Self {
-        let (stream, buf, (ty, body)) = open_session(addr, &hello(spec.memory_size));
+        let h = Hello {
+            backend: factory.name().parse().expect("a backend's name"),
+            ..hello(spec.memory_size)
+        };
+        let (stream, buf, (ty, body)) = open_session(addr, &h);
         assert_eq!(
             ty,
             st::WELCOME,

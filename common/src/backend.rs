@@ -42,6 +42,13 @@ impl BackendKind {
         }
     }
 
+    /// Whether this backend's guests are the built-in workload guests, whose status page
+    /// and output ring sit at the guest ABI's addresses in memory (KVM and sim); a Xen
+    /// domain is the operator's own guest, and nothing is read at those addresses.
+    pub fn runs_builtin_guests(self) -> bool {
+        matches!(self, BackendKind::Kvm | BackendKind::Sim)
+    }
+
     /// The number the session's Hello carries.
     pub fn to_u8(self) -> u8 {
         self as u8

@@ -4,6 +4,13 @@
 //! [`DomainFactory`] to create guests: fresh ones on the primary, restored ones on the
 //! backup (from a committed memory image plus the saved vCPU/device state). The engine
 //! never names a backend type.
+//!
+//! [`Domain`] carries what every guest has. What only some guests have is a capability
+//! that a domain hands out or not: an [`OutputChannel`] (output that output commit holds
+//! back: the built-in guests' output ring) and a [`StatusProbe`] (the built-in guests'
+//! progress, checksum and output counters). A Xen Linux guest has neither, and says so
+//! by returning `None`, so nothing is drained from or read at a built-in guest's address
+//! in its memory.
 
 use crate::bitmap::PageBitmap;
 use crate::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
@@ -56,6 +63,9 @@ pub enum DomainError {
     /// The guest stopped on its own (a fault, an unexpected exit).
     #[error("guest stopped unexpectedly: {0}")]
     GuestFault(String),
+    /// The guest does not have this capability (a Xen Linux guest has no output ring).
+    #[error("the guest has no {0}")]
+    NoCapability(&'static str),
     /// The operation needs the guest paused (or running) and it is not.
     #[error("{op} needs the guest {needs}")]
     WrongState {
@@ -95,15 +105,32 @@ pub trait Domain: Send {
     /// Save vCPU and device state as versioned bytes. Needs the guest paused.
     fn save_state(&mut self) -> Result<Vec<u8>, DomainError>;
 
-    /// Move the output records the guest produced since the last drain into `out`,
-    /// in sequence order, advancing the ring's tail in guest memory.
-    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError>;
+    /// The guest's output channel, if output commit can hold its output back (the
+    /// built-in guests' output ring); `None` for a guest whose output Castor does not see.
+    fn output_channel(&mut self) -> Option<&mut dyn OutputChannel> {
+        None
+    }
 
-    /// Read the guest's status page (progress counter, checksum, output counters).
+    /// The guest's status probe, if it reports its progress (the built-in guests' status
+    /// page); `None` for a guest that reports nothing.
+    fn status_probe(&self) -> Option<&dyn StatusProbe> {
+        None
+    }
+
+    /// [`OutputChannel::drain`] of the guest's output channel; an error naming the
+    /// missing capability for a guest without one.
+    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
+        self.output_channel()
+            .ok_or(DomainError::NoCapability("an output channel"))?
+            .drain(out)
+    }
+
+    /// [`StatusProbe::read_status`] of the guest's status probe; an error naming the
+    /// missing capability for a guest without one.
     fn status(&self) -> Result<GuestStatus, DomainError> {
-        let mut page = vec![0u8; crate::PAGE_SIZE];
-        self.read_memory(STATUS_GPA, &mut page)?;
-        Ok(GuestStatus::read_page(&page))
+        self.status_probe()
+            .ok_or(DomainError::NoCapability("a status probe"))?
+            .read_status()
     }
 
     /// `Ok` while the guest is healthy; the error that stopped it otherwise.
@@ -116,6 +143,27 @@ pub trait Domain: Send {
     fn outlives_vmm(&self) -> bool {
         false
     }
+}
+
+/// A guest's output that output commit holds back: records in sequence, drained at each
+/// checkpoint and released once the checkpoint is acknowledged.
+pub trait OutputChannel {
+    /// Move the output records the guest produced since the last drain into `out`, in
+    /// sequence order (for the built-in guests: advancing the ring's tail in memory).
+    fn drain(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError>;
+}
+
+/// What a guest reports of its own work.
+pub trait StatusProbe {
+    /// The guest's status: progress counter, checksum, output counters.
+    fn read_status(&self) -> Result<GuestStatus, DomainError>;
+}
+
+/// The built-in guests' status probe over any domain's memory: their status page.
+pub fn read_status_page(d: &dyn Domain) -> Result<GuestStatus, DomainError> {
+    let mut page = vec![0u8; crate::PAGE_SIZE];
+    d.read_memory(STATUS_GPA, &mut page)?;
+    Ok(GuestStatus::read_page(&page))
 }
 
 /// What to create: memory size and the workload guest's parameters.

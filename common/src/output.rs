@@ -158,12 +158,22 @@ pub fn read_records(
     }
 }
 
-/// Append the line `epoch out_head` to the ack log and flush it to the OS before returning.
+/// Append the line `epoch out_head` to the ack log and flush it to the OS before returning;
+/// `epoch -` for a guest that reports no output head (not a built-in guest), which a
+/// reader skips.
 ///
 /// The line goes in one write; if that fails part-way (a full disk), the file is cut back
 /// to its length before it and the error returned, so no torn line is left behind.
-pub fn append_ack_log(log: &mut std::fs::File, epoch: u64, out_head: u64) -> std::io::Result<()> {
-    append_whole(log, format!("{epoch} {out_head}\n").as_bytes())
+pub fn append_ack_log(
+    log: &mut std::fs::File,
+    epoch: u64,
+    out_head: Option<u64>,
+) -> std::io::Result<()> {
+    let line = match out_head {
+        Some(h) => format!("{epoch} {h}\n"),
+        None => format!("{epoch} -\n"),
+    };
+    append_whole(log, line.as_bytes())
 }
 
 /// Something that grows at its end and can be cut back: the ack log, or a test's fake.
@@ -606,7 +616,7 @@ mod tests {
             assert!(append_whole(&mut log, b"540 371\n").is_err());
             assert_eq!(std::fs::read(&path).unwrap(), b"1 10\n", "append {append}");
             log.room = usize::MAX;
-            append_ack_log(&mut log.f, 2, 25).unwrap();
+            append_ack_log(&mut log.f, 2, Some(25)).unwrap();
             assert_eq!(
                 std::fs::read(&path).unwrap(),
                 b"1 10\n2 25\n",
@@ -647,9 +657,12 @@ mod tests {
     fn ack_log_gives_highest_out_head() {
         let path = std::env::temp_dir().join(format!("castor-acklog-{}", std::process::id()));
         let mut f = std::fs::File::create(&path).unwrap();
-        append_ack_log(&mut f, 1, 10).unwrap();
-        append_ack_log(&mut f, 2, 25).unwrap();
+        append_ack_log(&mut f, 1, Some(10)).unwrap();
+        append_ack_log(&mut f, 2, Some(25)).unwrap();
+        // A guest that reports no output head leaves a line the reader skips.
+        append_ack_log(&mut f, 3, None).unwrap();
         assert_eq!(committed_out_head(&path).unwrap(), 25);
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("3 -\n"));
         let _ = std::fs::remove_file(&path);
     }
 }

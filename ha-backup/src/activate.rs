@@ -53,8 +53,8 @@ pub struct Active {
     sink: Option<OutputSink>,
     /// The checkpoint resumed from.
     pub epoch: u64,
-    /// The status page of the checkpoint.
-    pub resumed_from: GuestStatus,
+    /// The restored guest's status before it ran (None: it has no status probe).
+    pub resumed_from: Option<GuestStatus>,
     /// Records re-released from the committed ring.
     pub rereleased: u64,
     /// Records released since (drained from the running guest).
@@ -78,6 +78,11 @@ impl std::fmt::Debug for Active {
 /// Take the guest over: restore it from `cp`, connect to the output sink (if any),
 /// re-release the records still in the committed ring up to the checkpoint's `out_head`,
 /// and resume it. `declared` is when the primary was declared dead.
+///
+/// What the backup learns of the guest comes from the restored domain's capabilities: a
+/// guest without an output channel gets no re-release, one without a status probe no
+/// status (`resumed_from` is None), rather than whatever its memory holds at the built-in
+/// guests' addresses.
 pub fn activate(
     factory: &dyn DomainFactory,
     cp: Checkpoint<'_>,
@@ -98,11 +103,21 @@ pub fn activate(
         .map_err(ActivateError::Output)?;
     // What the restored guest itself says, before it runs: the continuity check compares it
     // with the committed checkpoint.
-    let resumed_from = domain.status().map_err(|source| ActivateError::Guest {
-        op: "status",
-        source,
-    })?;
-    let records = ring_records(cp.image);
+    let resumed_from = domain
+        .status_probe()
+        .map(|p| p.read_status())
+        .transpose()
+        .map_err(|source| ActivateError::Guest {
+            op: "status",
+            source,
+        })?;
+    // A guest with an output channel is a built-in one: its committed ring holds the
+    // records to re-release.
+    let records = if domain.output_channel().is_some() {
+        ring_records(cp.image)
+    } else {
+        Vec::new()
+    };
     if let Some(s) = &mut sink {
         s.release(&records).map_err(ActivateError::Output)?;
     }
@@ -122,23 +137,28 @@ pub fn activate(
 }
 
 impl Active {
-    /// The running guest's status.
-    pub fn status(&self) -> Result<GuestStatus, ActivateError> {
-        self.domain.status().map_err(|source| ActivateError::Guest {
-            op: "status",
-            source,
-        })
+    /// The running guest's status (None: it has no status probe).
+    pub fn status(&self) -> Result<Option<GuestStatus>, ActivateError> {
+        self.domain
+            .status_probe()
+            .map(|p| p.read_status())
+            .transpose()
+            .map_err(|source| ActivateError::Guest {
+                op: "status",
+                source,
+            })
     }
 
-    /// Drain the guest's new output and release it; then check the guest's health.
+    /// Drain the guest's new output (if it has an output channel) and release it; then
+    /// check the guest's health.
     pub fn pump(&mut self, buf: &mut Vec<OutputRecord>) -> Result<(), ActivateError> {
         buf.clear();
-        self.domain
-            .drain_output(buf)
-            .map_err(|source| ActivateError::Guest {
+        if let Some(o) = self.domain.output_channel() {
+            o.drain(buf).map_err(|source| ActivateError::Guest {
                 op: "drain_output",
                 source,
             })?;
+        }
         if !buf.is_empty() {
             if let Some(s) = &mut self.sink {
                 s.release(buf).map_err(ActivateError::Output)?;
@@ -170,7 +190,9 @@ impl Active {
             self.pump(&mut buf)?;
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
-                let st = self.status()?;
+                let Some(st) = self.status()? else {
+                    continue; // the guest reports no progress
+                };
                 tracing::info!(
                     progress = st.progress,
                     out_head = st.out_head,

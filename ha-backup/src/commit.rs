@@ -40,8 +40,9 @@ pub struct Applied {
     pub checkpoint: bool,
     /// Pages written.
     pub records: u64,
-    /// The guest's output head in the committed image.
-    pub out_head: u64,
+    /// The guest's output head in the committed image (None: the guest is not a built-in
+    /// one and reports none).
+    pub out_head: Option<u64>,
     /// Commit (and Verify check) time in microseconds.
     pub commit_us: u64,
 }
@@ -50,6 +51,9 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct Committed {
     image: Vec<u8>,
+    /// Whether the image is a built-in guest's (its status page and output ring are at
+    /// the guest ABI's addresses); otherwise nothing is read at those addresses.
+    builtin: bool,
     state: Option<Vec<u8>>,
     epoch: u64,
     checkpoint: u64,
@@ -67,10 +71,12 @@ pub struct Checkpoint<'a> {
 }
 
 impl Committed {
-    /// An all-zero image of `memory_size` bytes; nothing committed.
-    pub fn new(memory_size: usize) -> Self {
+    /// An all-zero image of `memory_size` bytes; nothing committed. `builtin`: the guest
+    /// is a built-in workload guest, whose status page can be read from the image.
+    pub fn new(memory_size: usize, builtin: bool) -> Self {
         Self {
             image: vec![0; memory_size],
+            builtin,
             state: None,
             epoch: 0,
             checkpoint: 0,
@@ -122,14 +128,14 @@ impl Committed {
             epoch: staged.epoch,
             checkpoint,
             records: staged.pages.len() as u64,
-            out_head: self.status().out_head,
+            out_head: self.status().map(|s| s.out_head),
             commit_us: micros(t.elapsed()),
         })
     }
 
-    /// The guest's status page in the committed image.
-    pub fn status(&self) -> GuestStatus {
-        status_of(&self.image)
+    /// The guest's status page in the committed image (None: not a built-in guest).
+    pub fn status(&self) -> Option<GuestStatus> {
+        self.builtin.then(|| status_of(&self.image))
     }
 }
 
@@ -212,7 +218,7 @@ mod tests {
 
     #[test]
     fn apply_commits_checks_and_keeps_state() {
-        let mut c = Committed::new(64 * PAGE_SIZE);
+        let mut c = Committed::new(64 * PAGE_SIZE, true);
         let a = c.apply(staged(1, 10, 1, false, None)).expect("pre-copy");
         assert!(!a.checkpoint);
         assert!(c.checkpoint().is_none());

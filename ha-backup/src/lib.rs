@@ -52,6 +52,7 @@ use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
+use ha_common::guest_abi::GuestStatus;
 use ha_common::session::Hello;
 
 /// Errors that stop the backup (exit code 1).
@@ -247,7 +248,10 @@ fn serve(
     // One session at a time: later connections get a clear refusal, not a hang.
     let refuser = Refuser::start(listener, key, rx.peer());
 
-    let mut committed = Committed::new(usize::try_from(cfg.memory_size).unwrap_or(usize::MAX));
+    let mut committed = Committed::new(
+        usize::try_from(cfg.memory_size).unwrap_or(usize::MAX),
+        cfg.guest.runs_builtin_guests(),
+    );
     let mut stager = Stager::new(cfg, 1);
     let received = receive(&mut rx, &mut stager, &mut committed, sinks, stop);
     refuser.stop();
@@ -338,27 +342,41 @@ fn fail_over(
     let st = active.resumed_from;
     info!(
         checkpoint = active.epoch,
-        progress = st.progress,
-        out_head = st.out_head,
+        progress = st.map(|s| s.progress),
+        out_head = st.map(|s| s.out_head),
         rereleased = active.rereleased,
         detect_ms,
         activation_ms,
         "active: the guest runs on the backup"
     );
-    sinks.events.note(
-        "active",
-        json!({
-            "epoch": active.epoch,
-            "progress": st.progress,
-            "checksum": st.checksum,
-            "out_head": st.out_head,
-            "activation_ms": activation_ms,
-            "rereleased": active.rereleased,
-        }),
-    );
+    let mut ev = json!({
+        "epoch": active.epoch,
+        "activation_ms": activation_ms,
+        "rereleased": active.rereleased,
+    });
+    status_fields(&mut ev, st);
+    sinks.events.note("active", ev);
     active.run(sinks.events, stop, cfg.exit_after)?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)
+}
+
+/// Add a guest's status to an event: `progress`, `checksum`, `out_head`; or `status: "not
+/// reported"` for a guest without a status page (nothing is invented).
+fn status_fields(ev: &mut serde_json::Value, st: Option<GuestStatus>) {
+    let Some(obj) = ev.as_object_mut() else {
+        return;
+    };
+    match st {
+        Some(s) => {
+            obj.insert("progress".into(), s.progress.into());
+            obj.insert("checksum".into(), s.checksum.into());
+            obj.insert("out_head".into(), s.out_head.into());
+        }
+        None => {
+            obj.insert("status".into(), "not reported".into());
+        }
+    }
 }
 
 /// Handshakes in progress at most; a connection beyond them is closed at once.
@@ -618,16 +636,9 @@ fn receive(
                     }
                 })?;
             }
-            let st = committed.status();
-            sinks.events.note(
-                "checkpoint",
-                json!({
-                    "epoch": applied.epoch,
-                    "out_head": applied.out_head,
-                    "progress": st.progress,
-                    "checksum": st.checksum,
-                }),
-            );
+            let mut ev = json!({ "epoch": applied.epoch });
+            status_fields(&mut ev, committed.status());
+            sinks.events.note("checkpoint", ev);
         }
         // Counted before the ack: whoever sees the ack sees the commit in the metrics.
         let m = sinks.metrics;
@@ -669,11 +680,7 @@ fn receive(
             stage_us: verified.stage_us,
             commit_us: applied.commit_us,
             ack_us,
-            out_head: if applied.checkpoint {
-                applied.out_head
-            } else {
-                0
-            },
+            out_head: applied.out_head.filter(|_| applied.checkpoint),
         })?;
     }
 }

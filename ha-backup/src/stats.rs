@@ -43,8 +43,9 @@ pub struct EpochStats {
     pub commit_us: u64,
     /// Trailer verified → Ack written to the socket (commit and ack log included).
     pub ack_us: u64,
-    /// The guest's out_head in the committed image (checkpoints; 0 otherwise).
-    pub out_head: u64,
+    /// The guest's out_head in the committed image (checkpoints of a built-in guest;
+    /// written empty otherwise).
+    pub out_head: Option<u64>,
 }
 
 /// Where rows go: a file, or nowhere.
@@ -87,7 +88,7 @@ impl StatsLog {
             s.stage_us,
             s.commit_us,
             s.ack_us,
-            s.out_head
+            s.out_head.map_or(String::new(), |h| h.to_string())
         )
         .and_then(|()| w.flush())
         .map_err(|source| StatsError::Io {
@@ -113,7 +114,7 @@ mod tests {
             stage_us: 1,
             commit_us: 2,
             ack_us: 3,
-            out_head: 7,
+            out_head: Some(7),
         })
         .expect("row");
         let text = std::fs::read_to_string(&path).expect("read back");

@@ -11,7 +11,7 @@ use ha_backup::config::{Cli, Config};
 use ha_backup::receive::Frame;
 use ha_backup::stage::Stager;
 use ha_common::backend::BackendKind;
-use ha_common::domain::DomainFactory;
+use ha_common::domain::{DomainError, DomainFactory};
 use ha_common::output::{OutputChecker, Source, committed_out_head};
 use ha_common::session::{Hello, frame_type as st};
 use ha_common::stream::split_frame;
@@ -200,7 +200,7 @@ fn committed_image_equals_primary_memory_and_corrupt_epochs_leave_it() {
     let cli: Cli = clap::Parser::try_parse_from(["ha-backup", "--memory", MEM]).expect("cli");
     let cfg = Config::from_cli(&cli).expect("config");
     let mut stager = Stager::new(&cfg, 1);
-    let mut committed = Committed::new(spec.memory_size as usize);
+    let mut committed = Committed::new(spec.memory_size as usize, true);
     let mut src = Epochs::new(&SimFactory::new(), &spec);
     let feed = |stager: &mut Stager, committed: &mut Committed, bytes: &[u8]| {
         let mut at = 0;
@@ -738,4 +738,102 @@ fn a_stand_down_ends_the_session_without_a_takeover() {
     assert!(b.event("active").is_none(), "no takeover: {:?}", b.events());
     assert!(b.event("primary_lost").is_none(), "{:?}", b.events());
     assert!(b.stderr().contains("not taking over"), "{}", b.stderr());
+}
+
+/// A sim guest behind a backend that hides its capabilities: no output channel, no status
+/// probe (as a Xen Linux guest has none).
+struct Opaque(SimFactory);
+
+struct Hidden(Box<dyn ha_common::domain::Domain>);
+
+impl ha_common::domain::Domain for Hidden {
+    fn memory_size(&self) -> u64 {
+        self.0.memory_size()
+    }
+    fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+        self.0.read_memory(gpa, buf)
+    }
+    fn pause(&mut self) -> Result<(), DomainError> {
+        self.0.pause()
+    }
+    fn resume(&mut self) -> Result<(), DomainError> {
+        self.0.resume()
+    }
+    fn is_paused(&self) -> bool {
+        self.0.is_paused()
+    }
+    fn harvest_dirty(
+        &mut self,
+        dirty: &mut ha_common::bitmap::PageBitmap,
+    ) -> Result<(), DomainError> {
+        self.0.harvest_dirty(dirty)
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+        self.0.save_state()
+    }
+    fn check_health(&self) -> Result<(), DomainError> {
+        self.0.check_health()
+    }
+}
+
+impl DomainFactory for Opaque {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+    fn create(
+        &self,
+        spec: &ha_common::domain::GuestSpec,
+    ) -> Result<Box<dyn ha_common::domain::Domain>, DomainError> {
+        Ok(Box::new(Hidden(self.0.create(spec)?)))
+    }
+    fn restore(
+        &self,
+        image: &[u8],
+        state: &[u8],
+    ) -> Result<Box<dyn ha_common::domain::Domain>, DomainError> {
+        Ok(Box::new(Hidden(self.0.restore(image, state)?)))
+    }
+}
+
+/// The backup learns a guest's status and output only through the restored domain's
+/// capabilities: the same checkpoint restored on the sim re-releases its ring and reports
+/// its status; restored without an output channel or a status probe, nothing is
+/// re-released and no status is invented from what memory holds at the built-in guests'
+/// addresses.
+#[test]
+fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
+    use ha_backup::activate::activate;
+    use ha_backup::commit::Checkpoint;
+    let f = SimFactory::new();
+    let mut d = f.create(&sim_spec()).expect("create");
+    d.resume().expect("resume");
+    let end = Instant::now() + DEADLINE;
+    while d.status().expect("status").out_head < 5 {
+        assert!(Instant::now() < end, "no output");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    d.pause().expect("pause");
+    let state = d.save_state().expect("save");
+    let mut image = vec![0u8; usize::try_from(d.memory_size()).expect("size")];
+    d.read_memory(0, &mut image).expect("read");
+    let cp = Checkpoint {
+        image: &image,
+        state: &state,
+        epoch: 9,
+    };
+    let mut full = activate(&f, cp, None, Instant::now()).expect("activate on the sim");
+    assert!(full.rereleased >= 5, "{full:?}");
+    let st = full.resumed_from.expect("the sim reports its status");
+    assert!(st.out_head >= 5, "{st:?}");
+    assert!(full.status().expect("status").is_some());
+    full.pump(&mut Vec::new()).expect("pump");
+
+    let mut opaque =
+        activate(&Opaque(SimFactory::new()), cp, None, Instant::now()).expect("activate");
+    assert_eq!(opaque.rereleased, 0, "{opaque:?}");
+    assert!(opaque.resumed_from.is_none(), "{opaque:?}");
+    assert!(opaque.status().expect("status").is_none());
+    let mut buf = Vec::new();
+    opaque.pump(&mut buf).expect("pump");
+    assert!(buf.is_empty() && opaque.released == 0, "{opaque:?}");
 }

@@ -469,7 +469,7 @@ impl Engine<'_> {
                     pause: cp.pause,
                     dirty_pages: cp.pages.len(),
                     at: Some(cp.taken.saturating_duration_since(self.born)),
-                    progress: Some(cp.status.progress),
+                    progress: cp.status.map(|s| s.progress),
                     ..Default::default()
                 },
                 since: cp.taken,
@@ -526,7 +526,9 @@ impl Engine<'_> {
                 Phase::Unprotected => {
                     if Instant::now() >= next {
                         let mut recs = Vec::new();
-                        self.d.drain_output(&mut recs)?;
+                        if let Some(o) = self.d.output_channel() {
+                            o.drain(&mut recs)?;
+                        }
                         self.held.hold(self.epoch, recs);
                         self.release_if_stood_down()?;
                         next = Instant::now() + self.cfg.interval;

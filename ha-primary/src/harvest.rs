@@ -46,8 +46,8 @@ pub struct Checkpoint {
     pub outputs: Vec<OutputRecord>,
     /// Digest of the whole guest memory (verification mode).
     pub verify: Option<[u8; 32]>,
-    /// The guest's status at the checkpoint.
-    pub status: GuestStatus,
+    /// The guest's status at the checkpoint (None: the guest has no status probe).
+    pub status: Option<GuestStatus>,
     /// How long the guest was paused.
     pub pause: Duration,
     /// When the guest was paused.
@@ -120,7 +120,9 @@ fn take_paused(
     taken: Instant,
 ) -> Result<Checkpoint, DomainError> {
     let mut outputs = Vec::new();
-    d.drain_output(&mut outputs)?;
+    if let Some(o) = d.output_channel() {
+        o.drain(&mut outputs)?;
+    }
     d.harvest_dirty(dirty)?;
     let mut pages = Pages::default();
     copy_pages(d, dirty, false, &mut pages)?;
@@ -130,7 +132,7 @@ fn take_paused(
     } else {
         None
     };
-    let status = d.status()?;
+    let status = d.status_probe().map(|p| p.read_status()).transpose()?;
     Ok(Checkpoint {
         epoch,
         pages,

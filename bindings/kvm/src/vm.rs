@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use ha_common::PAGE_SIZE;
 use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{BoxError, Domain, DomainError};
+use ha_common::domain::{
+    BoxError, Domain, DomainError, OutputChannel, StatusProbe, read_status_page,
+};
 use ha_common::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -218,6 +220,20 @@ impl KvmDomain {
     }
 }
 
+impl OutputChannel for KvmDomain {
+    fn drain(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
+        self.output
+            .take_all(&self.ram, out)
+            .map_err(|e| DomainError::GuestFault(format!("bad output ring: {e}")))
+    }
+}
+
+impl StatusProbe for KvmDomain {
+    fn read_status(&self) -> Result<GuestStatus, DomainError> {
+        read_status_page(self)
+    }
+}
+
 impl Domain for KvmDomain {
     fn memory_size(&self) -> u64 {
         self.ram.size() as u64
@@ -286,10 +302,14 @@ impl Domain for KvmDomain {
         state::encode(&s).map_err(|e| backend("encode vCPU state", e))
     }
 
-    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
-        self.output
-            .take_all(&self.ram, out)
-            .map_err(|e| DomainError::GuestFault(format!("bad output ring: {e}")))
+    /// The built-in guest's output ring.
+    fn output_channel(&mut self) -> Option<&mut dyn OutputChannel> {
+        Some(self)
+    }
+
+    /// The built-in guest's status page.
+    fn status_probe(&self) -> Option<&dyn StatusProbe> {
+        Some(self)
     }
 
     fn check_health(&self) -> Result<(), DomainError> {

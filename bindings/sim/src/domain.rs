@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use ha_common::PAGE_SIZE;
 use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_common::domain::{
+    Domain, DomainError, DomainFactory, GuestSpec, OutputChannel, StatusProbe, read_status_page,
+};
 use ha_common::guest_abi::{GuestParams, OutputRecord, PARAMS_GPA};
 
 use crate::memory::GuestMemory;
@@ -203,6 +205,21 @@ impl Drop for SimDomain {
     }
 }
 
+impl OutputChannel for SimDomain {
+    fn drain(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
+        // Hand over what doorbells already drained even if the ring itself is broken.
+        let res = self.shared.output.drain_ring(&self.shared.mem);
+        self.shared.output.take(out);
+        res.map(|_| ()).map_err(|e| backend("sim drain_output", e))
+    }
+}
+
+impl StatusProbe for SimDomain {
+    fn read_status(&self) -> Result<ha_common::guest_abi::GuestStatus, DomainError> {
+        read_status_page(self)
+    }
+}
+
 impl Domain for SimDomain {
     fn memory_size(&self) -> u64 {
         self.shared.mem.size()
@@ -275,11 +292,14 @@ impl Domain for SimDomain {
             .map_err(|e| DomainError::BadState(e.to_string()))
     }
 
-    fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
-        // Hand over what doorbells already drained even if the ring itself is broken.
-        let res = self.shared.output.drain_ring(&self.shared.mem);
-        self.shared.output.take(out);
-        res.map(|_| ()).map_err(|e| backend("sim drain_output", e))
+    /// The built-in guest's output ring.
+    fn output_channel(&mut self) -> Option<&mut dyn OutputChannel> {
+        Some(self)
+    }
+
+    /// The built-in guest's status page.
+    fn status_probe(&self) -> Option<&dyn StatusProbe> {
+        Some(self)
     }
 
     fn check_health(&self) -> Result<(), DomainError> {

@@ -20,7 +20,6 @@ use std::cell::RefCell;
 use ha_common::PAGE_SIZE;
 use ha_common::bitmap::PageBitmap;
 use ha_common::domain::{BoxError, Domain, DomainError};
-use ha_common::guest_abi::{GuestStatus, OutputRecord};
 
 use crate::state::{SAVED_PARAMS, SavedState, WINDOW, gfn_of, image_len};
 use crate::xc::{DomInfo, HypercallBuffer, Mapping, Xc, XcError};
@@ -841,17 +840,8 @@ impl Domain for XenDomain {
             .map_err(|e| DomainError::BadState(e.to_string()))
     }
 
-    /// A Xen guest has no Castor output ring: its output (network, console) goes through
-    /// its own devices. Nothing is held back by output commit.
-    fn drain_output(&mut self, _out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
-        Ok(())
-    }
-
-    /// A Xen guest has no Castor status page: a default (all-zero) status, never guest
-    /// memory read at a Castor address.
-    fn status(&self) -> Result<GuestStatus, DomainError> {
-        Ok(GuestStatus::default())
-    }
+    // A Xen guest has no Castor output ring (its output goes through its own devices)
+    // and no Castor status page: no output channel and no status probe (the defaults).
 
     /// A Xen domain runs on when Castor ends.
     fn outlives_vmm(&self) -> bool {

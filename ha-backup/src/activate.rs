@@ -103,14 +103,7 @@ pub fn activate(
         .map_err(ActivateError::Output)?;
     // What the restored guest itself says, before it runs: the continuity check compares it
     // with the committed checkpoint.
-    let resumed_from = domain
-        .status_probe()
-        .map(|p| p.read_status())
-        .transpose()
-        .map_err(|source| ActivateError::Guest {
-            op: "status",
-            source,
-        })?;
+    let resumed_from = status_of(domain.as_ref())?;
     // A guest with an output channel is a built-in one: its committed ring holds the
     // records to re-release.
     let records = if domain.output_channel().is_some() {
@@ -136,17 +129,22 @@ pub fn activate(
     })
 }
 
+/// What `domain`'s status probe reads, if it has one.
+fn status_of(domain: &dyn Domain) -> Result<Option<GuestStatus>, ActivateError> {
+    domain
+        .status_probe()
+        .map(|p| p.read_status())
+        .transpose()
+        .map_err(|source| ActivateError::Guest {
+            op: "status",
+            source,
+        })
+}
+
 impl Active {
     /// The running guest's status (None: it has no status probe).
     pub fn status(&self) -> Result<Option<GuestStatus>, ActivateError> {
-        self.domain
-            .status_probe()
-            .map(|p| p.read_status())
-            .transpose()
-            .map_err(|source| ActivateError::Guest {
-                op: "status",
-                source,
-            })
+        status_of(self.domain.as_ref())
     }
 
     /// Drain the guest's new output (if it has an output channel) and release it; then

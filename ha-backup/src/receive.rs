@@ -17,10 +17,10 @@ use ha_common::secure::{self, Deadline, PairKey, SecureError, SecureStream};
 use ha_common::session::{self, Hello, SessionError, frame_type as session_type};
 use ha_common::stream::{StreamError, split_frame};
 
-/// How long a new connection may take to finish the Noise handshake and send its Hello.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 256 << 10;
+/// How long a new connection may take to finish the Noise handshake and send its Hello
+/// (the secure channel's handshake deadline).
+pub use ha_common::secure::HANDSHAKE_TIMEOUT;
+use ha_common::secure::READ_CHUNK;
 /// How long an Ack or a session answer may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 

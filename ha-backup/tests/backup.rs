@@ -49,11 +49,7 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
     }
     let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
     assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
-    let refused: Vec<_> = b
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "refused")
-        .collect();
+    let refused = b.events_named("refused", 2);
     assert_eq!(refused.len(), 2, "{refused:?}");
     for (e, reason) in refused.iter().zip(&reasons) {
         assert_eq!(e["reason"], reason.as_str());
@@ -89,11 +85,7 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
         ha_common::session::Welcome::parse(&body).map(|w| w.next_epoch),
         Ok(1)
     );
-    let refused: Vec<_> = b
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "refused")
-        .collect();
+    let refused = b.events_named("refused", 2);
     assert_eq!(refused.len(), 2);
     assert_eq!(refused[0]["reason"], reason);
     // It then loses that primary before any checkpoint: exit 2, with the message.
@@ -622,11 +614,7 @@ fn peers_without_the_pair_key_are_refused_before_any_frame() {
     let took = t0.elapsed();
     assert!(closed || wait_closed(&mut slow).is_empty());
     assert!(took >= Duration::from_secs(4), "{took:?}");
-    let refused: Vec<_> = b
-        .events()
-        .into_iter()
-        .filter(|e| e["event"] == "refused")
-        .collect();
+    let refused = b.events_named("refused", 4);
     assert_eq!(refused.len(), 4, "{refused:?}");
     assert!(refused.iter().all(|e| e["stage"] == "noise"), "{refused:?}");
     let reasons: Vec<&str> = refused

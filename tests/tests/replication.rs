@@ -627,10 +627,19 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
             p.fail(&format!("{name}: no handshake error in its log: {log}"));
         }
     }
-    let refused: Vec<_> = events(&p.backup_events())
-        .into_iter()
-        .filter(|e| e["event"] == "refused")
-        .collect();
+    // The backup records a refusal just after it closes the connection (handshakes run on
+    // their own threads): wait, bounded, for both to be written.
+    let refusals = || -> Vec<serde_json::Value> {
+        events(&p.backup_events())
+            .into_iter()
+            .filter(|e| e["event"] == "refused")
+            .collect()
+    };
+    let t = std::time::Instant::now();
+    while refusals().len() < 2 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refused = refusals();
     if refused.len() != 2 || refused.iter().any(|e| e["stage"] != "noise") {
         p.fail(&format!("expected two noise refusals: {refused:?}"));
     }

@@ -447,6 +447,24 @@ impl Backup {
             .collect()
     }
 
+    /// The events named `name`, once there are at least `n` of them (waiting at most
+    /// [`DEADLINE`]): handshakes run on their own threads, and the backup records a
+    /// refusal just after the peer got its answer.
+    pub fn events_named(&self, name: &str, n: usize) -> Vec<serde_json::Value> {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let found: Vec<_> = self
+                .events()
+                .into_iter()
+                .filter(|e| e["event"] == name)
+                .collect();
+            if found.len() >= n || Instant::now() > end {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn event(&self, name: &str) -> Option<serde_json::Value> {
         self.events().into_iter().find(|e| e["event"] == name)
     }

@@ -110,9 +110,18 @@ fn wait_for_file(p: &Path) -> String {
     }
 }
 
-#[test]
-fn config_file_and_metrics() {
-    let dir = std::env::temp_dir().join(format!("ha-primary-operator-{}", std::process::id()));
+/// A scratch directory `ha-primary-<tag>-<pid>` with a pair key made by `ha-primary
+/// keygen` (checked to read back), and a fake backup holding that key: (directory, key file,
+/// the backup's address, its thread).
+fn keyed_backup(
+    tag: &str,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::net::SocketAddr,
+    std::thread::JoinHandle<()>,
+) {
+    let dir = std::env::temp_dir().join(format!("ha-primary-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let key_file = dir.join("pair.key");
@@ -122,6 +131,12 @@ fn config_file_and_metrics() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let backup = l.local_addr().expect("addr");
     let b = std::thread::spawn(move || fake_backup(l, key));
+    (dir, key_file, backup, b)
+}
+
+#[test]
+fn config_file_and_metrics() {
+    let (dir, key_file, backup, b) = keyed_backup("operator");
 
     // The file sets the run; the command line's --interval beats the file's.
     let conf = dir.join("primary.toml");
@@ -332,16 +347,8 @@ fn nonsense_values_stop_the_primary_naming_the_option() {
 /// touches them, and says why; the running one goes on writing them whole.
 #[test]
 fn a_refused_second_primary_leaves_the_running_ones_files_alone() {
-    let dir = std::env::temp_dir().join(format!("ha-primary-second-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    let key_file = dir.join("pair.key");
-    let out = ha_primary(&["keygen", &key_file.display().to_string()]);
-    assert!(out.status.success(), "{out:?}");
-    let key = PairKey::read(&key_file).expect("the new key reads back");
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let backup = l.local_addr().expect("addr").to_string();
-    let b = std::thread::spawn(move || fake_backup(l, key));
+    let (dir, key_file, backup, b) = keyed_backup("second");
+    let backup = backup.to_string();
     let (events, stats) = (dir.join("events.jsonl"), dir.join("stats.csv"));
     let primary = |backup: &str| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_ha-primary"));

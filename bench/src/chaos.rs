@@ -21,7 +21,7 @@
 use crate::pair::{BackupSpec, Kill, PairError, backup_addr, daemons, events, keygen, spawn};
 use crate::proxy::FaultProxy;
 use ha_backend::BackendKind;
-use ha_common::output::{Consumer, WorldView, unix_ms};
+use ha_wire::output::{Consumer, WorldView, unix_ms};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -6,16 +6,16 @@
 //! its content (`warm`), only its block hashes (`hashes`), or nothing (`cold`).
 
 use crate::cases::PagePairs;
-use ha_common::PAGE_SIZE;
-use ha_common::block::{BlockSize, Page};
-use ha_common::cache::PageCache;
-use ha_common::codec::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::{BlockSize, Page};
+use ha_codec::cache::PageCache;
+use ha_codec::codec::{
     self, Batch, CodecConfig, EncodedBatch, Encoding, GeneralCodec, Mode, PageEncoder,
 };
-use ha_common::hashes::BlockHashes;
-use ha_common::share::PageView;
-use ha_common::stream::{EpochHeader, EpochWriter};
-use ha_common::xbzrle;
+use ha_codec::hashes::BlockHashes;
+use ha_codec::share::PageView;
+use ha_codec::xbzrle;
+use ha_wire::stream::{EpochHeader, EpochWriter};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -188,7 +188,7 @@ type Outcome = (
 fn page_of(bytes: &[u8], i: usize) -> &Page {
     bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
         .try_into()
-        .unwrap_or(&ha_common::block::ZERO_PAGE)
+        .unwrap_or(&ha_codec::block::ZERO_PAGE)
 }
 
 /// The bare delta encoder: what QEMU's `xbzrle_encode_buffer` does for each pair.
@@ -259,7 +259,7 @@ fn run_mode(input: &Input, mode: Mode, s: &Settings) -> Outcome {
     };
     let setup = || {
         let cache = (s.knowledge == Knowledge::Warm && mode != Mode::Remus)
-            .then(|| PageCache::lru((n * PAGE_SIZE).max(ha_common::cache::DEFAULT_CACHE_BYTES)))
+            .then(|| PageCache::lru((n * PAGE_SIZE).max(ha_codec::cache::DEFAULT_CACHE_BYTES)))
             .and_then(Result::ok);
         let hashes = (mode == Mode::Fgbi && s.knowledge != Knowledge::Cold)
             .then(|| BlockHashes::new(max_page, s.block_size));

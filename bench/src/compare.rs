@@ -13,8 +13,8 @@ use crate::pair::{
     BackupSpec, PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
 };
 use ha_backend::{BackendKind, FactoryOptions};
-use ha_common::domain::GuestSpec;
-use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
+use ha_guest::domain::GuestSpec;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ pub enum CompareError {
         workload: String,
         /// Why.
         #[source]
-        source: ha_common::domain::DomainError,
+        source: ha_guest::domain::DomainError,
     },
     /// A protected run produced too few checkpoints to measure.
     #[error("{0}: too few checkpoints in the measured window (see {1})")]
@@ -175,7 +175,7 @@ pub fn link_name(bits: Option<u64>) -> String {
 }
 
 fn spec(a: &CompareArgs, w: Workload) -> Result<GuestSpec, CompareError> {
-    let memory = ha_common::units::parse_size(&a.memory)
+    let memory = ha_daemon::units::parse_size(&a.memory)
         .map_err(|e| CompareError::Setting(e.to_string()))?;
     Ok(GuestSpec {
         memory_size: memory,
@@ -209,7 +209,7 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
     let mut d = f.create(&spec(a, w)?).map_err(guest_err)?;
     d.resume().map_err(guest_err)?;
     let mut out = Vec::new();
-    let mut drain_for = |d: &mut Box<dyn ha_common::domain::Domain>, secs: f64| {
+    let mut drain_for = |d: &mut Box<dyn ha_guest::domain::Domain>, secs: f64| {
         let end = Instant::now() + Duration::from_secs_f64(secs);
         while Instant::now() < end {
             std::thread::sleep(Duration::from_millis(25));

@@ -13,7 +13,7 @@ use crate::pair::{
     unix_ms, wait_event,
 };
 use ha_backend::BackendKind;
-use ha_common::output::{Consumer, WorldView};
+use ha_wire::output::{Consumer, WorldView};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};

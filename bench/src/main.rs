@@ -9,11 +9,11 @@ use ha_backend::BackendKind;
 use ha_bench::codec::{self, Input, Knowledge, Row, Settings, Subject};
 use ha_bench::compare::{self, CompareArgs, Rate};
 use ha_bench::{cases, pgpairs, plot};
-use ha_common::block::BlockSize;
-use ha_common::codec::{GeneralCodec, Mode};
-use ha_common::error_chain;
-use ha_common::guest_abi::Workload;
-use ha_common::units::{parse_duration, parse_rate};
+use ha_codec::block::BlockSize;
+use ha_codec::codec::{GeneralCodec, Mode};
+use ha_daemon::error_chain;
+use ha_daemon::units::{parse_duration, parse_rate};
+use ha_workloads::guest_abi::Workload;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -481,7 +481,7 @@ fn run_codec(a: CodecArgs) -> Result<bool, String> {
     let general: GeneralCodec = a
         .codec
         .parse()
-        .map_err(|e: ha_common::codec::ConfigError| e.to_string())?;
+        .map_err(|e: ha_codec::codec::ConfigError| e.to_string())?;
     let subjects = a
         .modes
         .iter()

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ha_common::domain::{Domain, DomainError, DomainFactory};
-use ha_common::guest_abi::{GuestStatus, OutputRecord};
-use ha_common::output::{OutputError, OutputSink, Source};
+use ha_guest::domain::{Domain, DomainError, DomainFactory};
+use ha_wire::output::{OutputError, OutputSink, Source};
+use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use serde_json::json;
 
 use crate::commit::{Checkpoint, ring_records};

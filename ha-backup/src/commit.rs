@@ -3,11 +3,11 @@
 
 use std::time::Instant;
 
-use ha_common::PAGE_SIZE;
-use ha_common::guest_abi::{
+use ha_codec::PAGE_SIZE;
+use ha_wire::stream::StagedEpoch;
+use ha_workloads::guest_abi::{
     GuestStatus, OUTPUT_RECORD_SIZE, OUTPUT_RING_SLOTS, OutputRecord, STATUS_GPA,
 };
-use ha_common::stream::StagedEpoch;
 
 use crate::stage::micros;
 
@@ -165,7 +165,7 @@ pub fn ring_records(image: &[u8]) -> Vec<OutputRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ha_common::guest_abi::status;
+    use ha_workloads::guest_abi::status;
     use std::collections::HashMap;
 
     fn put(image: &mut [u8], at: u64, v: u64) {

@@ -12,15 +12,15 @@ use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
 use ha_backend::{BackendKind, BackendKindError};
-use ha_common::PAGE_SIZE;
-use ha_common::block::BlockSize;
-use ha_common::codec::Mode;
-use ha_common::limits::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::BlockSize;
+use ha_codec::codec::Mode;
+use ha_daemon::limits::{
     LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
 };
-use ha_common::secure::{PairKey, SecureError};
-use ha_common::session::{Hello, SESSION_VERSION};
-use ha_common::units::{UnitError, parse_duration, parse_size};
+use ha_daemon::units::{UnitError, parse_duration, parse_size};
+use ha_wire::secure::{PairKey, SecureError};
+use ha_wire::session::{Hello, SESSION_VERSION};
 
 /// Smallest detection timeout the backup uses by default.
 pub const MIN_DETECT: Duration = Duration::from_millis(50);
@@ -37,7 +37,7 @@ pub enum ConfigError {
         #[source]
         source: UnitError,
     },
-    /// A value out of its option's bounds (the primary's rules, [`ha_common::limits`]).
+    /// A value out of its option's bounds (the primary's rules, [`ha_daemon::limits`]).
     #[error(transparent)]
     Limit(#[from] LimitError),
     /// A mode name that is unknown.
@@ -399,7 +399,7 @@ pub struct Config {
 
 impl Config {
     /// Check the options: each value parses and is within the bounds the primary applies
-    /// too ([`ha_common::limits`]: memory a positive multiple of 2 MiB, an interval from
+    /// too ([`ha_daemon::limits`]: memory a positive multiple of 2 MiB, an interval from
     /// 1 ms to 60 s, a detection timeout of at least 1 ms, a supported block size, a memory
     /// cap of at least 2 MiB), and `--memory` is not above `--max-memory`. A detection
     /// timeout not above the interval is allowed but warned about.

@@ -7,7 +7,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ha_common::logfile::{LogFileError, create_locked};
+use ha_daemon::logfile::{LogFileError, create_locked};
 use serde_json::{Map, Value};
 
 /// Errors writing the event log.

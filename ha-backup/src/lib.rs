@@ -5,7 +5,7 @@
 //! | module | stage |
 //! |---|---|
 //! | [`receive`] | socket → frames (heartbeats dropped), the Hello/Welcome/Refuse opening |
-//! | [`stage`] | epoch frames → a verified [`ha_common::stream::StagedEpoch`] |
+//! | [`stage`] | epoch frames → a verified [`ha_wire::stream::StagedEpoch`] |
 //! | [`commit`] | the committed image, the latest checkpoint's state, the epoch numbers |
 //! | [`detect`] | deciding the primary is lost, and how long that took |
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
@@ -37,9 +37,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ha_common::domain::DomainFactory;
-use ha_common::output::append_ack_log;
-use ha_common::secure::PairKey;
+use ha_guest::domain::DomainFactory;
+use ha_wire::output::append_ack_log;
+use ha_wire::secure::PairKey;
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
@@ -52,8 +52,8 @@ use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
-use ha_common::guest_abi::GuestStatus;
-use ha_common::session::Hello;
+use ha_wire::session::Hello;
+use ha_workloads::guest_abi::GuestStatus;
 
 /// Errors that stop the backup (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,7 @@ pub enum BackupError {
     },
     /// The ack log cannot be opened (or another running process holds it).
     #[error("ack log")]
-    AckLogOpen(#[source] ha_common::logfile::LogFileError),
+    AckLogOpen(#[source] ha_daemon::logfile::LogFileError),
     /// The event log failed.
     #[error(transparent)]
     Events(#[from] EventError),
@@ -128,7 +128,7 @@ impl Exit {
 }
 
 /// An error and its sources, joined with ": ".
-pub use ha_common::error_chain as chain;
+pub use ha_daemon::error_chain as chain;
 
 /// The files the receive loop writes besides the socket.
 #[derive(Debug)]
@@ -182,7 +182,7 @@ fn run_with(
     let ack_log = match &cfg.ack_log {
         None => None,
         Some(p) => {
-            let f = ha_common::logfile::append_locked(p).map_err(BackupError::AckLogOpen)?;
+            let f = ha_daemon::logfile::append_locked(p).map_err(BackupError::AckLogOpen)?;
             Some((p.clone(), f))
         }
     };
@@ -225,7 +225,7 @@ fn serve(
     (Listening { listener, addr }, key): (Listening, Option<PairKey>),
 ) -> Result<Exit, BackupError> {
     if let Some(p) = &cfg.port_file {
-        ha_common::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
+        ha_daemon::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
             path: p.clone(),
             source,
         })?;
@@ -261,7 +261,7 @@ fn serve(
         let why = format!("the backup cannot go on: {}", chain(e));
         error!(reason = %why, "ending the session");
         let mut out = Vec::new();
-        ha_common::session::put_abort(&mut out, &why);
+        ha_wire::session::put_abort(&mut out, &why);
         let _ = rx.send(&out);
         rx.close();
     }
@@ -548,7 +548,7 @@ fn refuse_others(
         // Read its Hello first (bounded), so the answer is not lost to a reset.
         let _ = rx.next_frame(done);
         let mut out = Vec::new();
-        ha_common::session::put_refuse(&mut out, &reason);
+        ha_wire::session::put_refuse(&mut out, &reason);
         let _ = rx.send(&out);
         rx.close();
         warn!(%peer, %serving, "refused a second primary: a session is in progress");
@@ -584,7 +584,7 @@ fn receive(
                 });
             }
         };
-        if frame.ty == ha_common::session::frame_type::STAND_DOWN {
+        if frame.ty == ha_wire::session::frame_type::STAND_DOWN {
             return Ok(Received::StoodDown(
                 String::from_utf8_lossy(frame.body()).into_owned(),
             ));

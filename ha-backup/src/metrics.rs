@@ -1,9 +1,9 @@
 //! Prometheus metrics of the backup: the registry, the handles the run loop updates, and a
 //! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
 
-pub use ha_common::metrics::{CONTENT_TYPE, Label};
-use ha_common::metrics::{StateGauge, render};
-use ha_common::serve::ServeError;
+pub use ha_daemon::metrics::{CONTENT_TYPE, Label};
+use ha_daemon::metrics::{StateGauge, render};
+use ha_daemon::serve::ServeError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -126,7 +126,7 @@ impl Metrics {
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        Ok(ha_common::metrics::serve(
+        Ok(ha_daemon::metrics::serve(
             Arc::clone(&self.registry),
             addr,
             port_file,

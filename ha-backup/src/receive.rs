@@ -13,14 +13,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ha_common::secure::{self, Deadline, PairKey, SecureError, SecureStream};
-use ha_common::session::{self, Hello, SessionError, frame_type as session_type};
-use ha_common::stream::{StreamError, split_frame};
+use ha_wire::secure::{self, Deadline, PairKey, SecureError, SecureStream};
+use ha_wire::session::{self, Hello, SessionError, frame_type as session_type};
+use ha_wire::stream::{StreamError, split_frame};
 
 /// How long a new connection may take to finish the Noise handshake and send its Hello
 /// (the secure channel's handshake deadline).
-pub use ha_common::secure::HANDSHAKE_TIMEOUT;
-use ha_common::secure::READ_CHUNK;
+pub use ha_wire::secure::HANDSHAKE_TIMEOUT;
+use ha_wire::secure::READ_CHUNK;
 /// How long an Ack or a session answer may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -371,7 +371,7 @@ pub fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ha_common::stream::put_frame;
+    use ha_wire::stream::put_frame;
     use std::net::TcpListener;
 
     fn pair(timeout: Duration) -> (TcpStream, Receiver) {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use ha_common::stream::{StagedEpoch, Staging, StreamError};
+use ha_wire::stream::{StagedEpoch, Staging, StreamError};
 
 use crate::config::Config;
 use crate::receive::Frame;

@@ -1,7 +1,7 @@
 //! The per-epoch statistics CSV (`--stats`): one row per committed epoch with what the
 //! backup can measure itself.
 
-use ha_common::logfile::{LogFileError, create_locked};
+use ha_daemon::logfile::{LogFileError, create_locked};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};

@@ -10,12 +10,12 @@ use ha_backup::commit::Committed;
 use ha_backup::config::{Cli, Config};
 use ha_backup::receive::Frame;
 use ha_backup::stage::Stager;
-use ha_common::backend::BackendKind;
-use ha_common::domain::{DomainError, DomainFactory};
-use ha_common::output::{OutputChecker, Source, committed_out_head};
-use ha_common::session::{Hello, frame_type as st};
-use ha_common::stream::split_frame;
+use ha_guest::backend::BackendKind;
+use ha_guest::domain::{DomainError, DomainFactory};
 use ha_sim::SimFactory;
+use ha_wire::output::{OutputChecker, Source, committed_out_head};
+use ha_wire::session::{Hello, frame_type as st};
+use ha_wire::stream::split_frame;
 
 const MEM: &str = "4M";
 
@@ -71,7 +71,7 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
         "guest memory size mismatch: primary has 8388608, backup has 4194304"
     );
     let mut bad = hello(4 * MIB);
-    bad.mode = ha_common::codec::Mode::Remus;
+    bad.mode = ha_codec::codec::Mode::Remus;
     let (_s, _, (ty, body)) = open_session(b.addr, &bad);
     assert_eq!(ty, st::REFUSE);
     assert_eq!(
@@ -82,7 +82,7 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
     let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
     assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
-        ha_common::session::Welcome::parse(&body).map(|w| w.next_epoch),
+        ha_wire::session::Welcome::parse(&body).map(|w| w.next_epoch),
         Ok(1)
     );
     let refused = b.events_named("refused", 2);
@@ -503,7 +503,7 @@ fn heartbeats_keep_the_primary_alive_even_inside_an_epoch() {
     p.epoch(false, Verify::None);
     p.epoch(true, Verify::Right);
     let mut hb = Vec::new();
-    ha_common::session::put_heartbeat(&mut hb);
+    ha_wire::session::put_heartbeat(&mut hb);
     // 400 ms of heartbeats only, then an epoch with heartbeats between its frames.
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(40));
@@ -585,17 +585,13 @@ fn peers_without_the_pair_key_are_refused_before_any_frame() {
     other
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("timeout");
-    let wrong = ha_common::secure::PairKey::from_bytes([9; 32]);
-    let e = ha_common::secure::initiate(
-        &mut other,
-        &wrong,
-        &ha_common::secure::Deadline::handshake(),
-    )
-    .expect_err("wrong key");
+    let wrong = ha_wire::secure::PairKey::from_bytes([9; 32]);
+    let e = ha_wire::secure::initiate(&mut other, &wrong, &ha_wire::secure::Deadline::handshake())
+        .expect_err("wrong key");
     assert!(
         matches!(
             e,
-            ha_common::secure::SecureError::Closed | ha_common::secure::SecureError::Io(_)
+            ha_wire::secure::SecureError::Closed | ha_wire::secure::SecureError::Io(_)
         ),
         "{e:?}"
     );
@@ -715,7 +711,7 @@ fn a_stand_down_ends_the_session_without_a_takeover() {
         last = p.epoch(true, Verify::Right).epoch;
     }
     let mut bye = Vec::new();
-    ha_common::session::put_stand_down(&mut bye, "protection stopped on request");
+    ha_wire::session::put_stand_down(&mut bye, "protection stopped on request");
     p.send(&bye);
     let _ = p.stream.get_ref().shutdown(std::net::Shutdown::Both);
     let status = b.wait();
@@ -732,9 +728,9 @@ fn a_stand_down_ends_the_session_without_a_takeover() {
 /// probe (as a Xen Linux guest has none).
 struct Opaque(SimFactory);
 
-struct Hidden(Box<dyn ha_common::domain::Domain>);
+struct Hidden(Box<dyn ha_guest::domain::Domain>);
 
-impl ha_common::domain::Domain for Hidden {
+impl ha_guest::domain::Domain for Hidden {
     fn memory_size(&self) -> u64 {
         self.0.memory_size()
     }
@@ -752,7 +748,7 @@ impl ha_common::domain::Domain for Hidden {
     }
     fn harvest_dirty(
         &mut self,
-        dirty: &mut ha_common::bitmap::PageBitmap,
+        dirty: &mut ha_codec::bitmap::PageBitmap,
     ) -> Result<(), DomainError> {
         self.0.harvest_dirty(dirty)
     }
@@ -770,15 +766,15 @@ impl DomainFactory for Opaque {
     }
     fn create(
         &self,
-        spec: &ha_common::domain::GuestSpec,
-    ) -> Result<Box<dyn ha_common::domain::Domain>, DomainError> {
+        spec: &ha_guest::domain::GuestSpec,
+    ) -> Result<Box<dyn ha_guest::domain::Domain>, DomainError> {
         Ok(Box::new(Hidden(self.0.create(spec)?)))
     }
     fn restore(
         &self,
         image: &[u8],
         state: &[u8],
-    ) -> Result<Box<dyn ha_common::domain::Domain>, DomainError> {
+    ) -> Result<Box<dyn ha_guest::domain::Domain>, DomainError> {
         Ok(Box::new(Hidden(self.0.restore(image, state)?)))
     }
 }

@@ -5,14 +5,14 @@
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 use ha_backend::BackendKind;
-use ha_common::block::BlockSize;
-use ha_common::codec::{GeneralCodec, Mode};
-use ha_common::guest_abi::Workload;
-use ha_common::limits::{
+use ha_codec::block::BlockSize;
+use ha_codec::codec::{GeneralCodec, Mode};
+use ha_daemon::limits::{
     LimitError, check_block_size, check_cache_size, check_heartbeat, check_interval, check_memory,
     check_pipeline, check_precopy_rounds, check_timeout,
 };
-use ha_common::units::{parse_duration, parse_rate, parse_size};
+use ha_daemon::units::{parse_duration, parse_rate, parse_size};
+use ha_workloads::guest_abi::Workload;
 use serde::Deserialize;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -53,7 +53,7 @@ pub enum CliError {
         /// Why.
         problem: String,
     },
-    /// A value out of its option's bounds (see [`ha_common::limits`]).
+    /// A value out of its option's bounds (see [`ha_daemon::limits`]).
     #[error(transparent)]
     Limit(#[from] LimitError),
 }
@@ -373,7 +373,7 @@ impl Cli {
         Ok(cli)
     }
 
-    /// Check every value against its bounds ([`ha_common::limits`], the rules the backup
+    /// Check every value against its bounds ([`ha_daemon::limits`], the rules the backup
     /// applies too) and the options against each other: an interval from 1 ms to 60 s,
     /// guest memory a positive multiple of 2 MiB, a page cache of at least one page in the
     /// modes that keep one, at least one checkpoint in flight and one pre-copy round,

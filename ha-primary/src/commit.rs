@@ -1,8 +1,8 @@
 //! Output commit on the primary: output produced in epoch n is held until the backup
 //! acknowledges checkpoint n, then released to the world.
 
-use ha_common::guest_abi::OutputRecord;
-use ha_common::output::{OutputError, OutputSink};
+use ha_wire::output::{OutputError, OutputSink};
+use ha_workloads::guest_abi::OutputRecord;
 use std::collections::VecDeque;
 
 /// Output held per checkpoint, and where released output goes.

@@ -4,9 +4,9 @@
 
 use crate::harvest::Pages;
 use crossbeam_channel::{Receiver, Sender};
-use ha_common::cache::CacheStats;
-use ha_common::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
-use ha_common::stream::{EpochHeader, EpochWriter};
+use ha_codec::cache::CacheStats;
+use ha_codec::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
+use ha_wire::stream::{EpochHeader, EpochWriter};
 use std::time::{Duration, Instant};
 
 /// Work for the encoder: one epoch.

@@ -21,16 +21,16 @@ use crate::metrics::Metrics;
 use crate::report::{EpochRow, Events, StatsCsv};
 use crate::stall::StallWatch;
 use crossbeam_channel::{Sender, bounded, unbounded};
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::block::is_zero;
-use ha_common::cache::PageCache;
-use ha_common::codec::{CodecConfig, ConfigError, Mode, PageEncoder};
-use ha_common::domain::{Domain, DomainError};
-use ha_common::guest_abi::page_count;
-use ha_common::hashes::BlockHashes;
-use ha_common::output::{OutputError, OutputSink, Source};
-use ha_common::session::{Hello, SESSION_VERSION};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_codec::block::is_zero;
+use ha_codec::cache::PageCache;
+use ha_codec::codec::{CodecConfig, ConfigError, Mode, PageEncoder};
+use ha_codec::hashes::BlockHashes;
+use ha_guest::domain::{Domain, DomainError};
+use ha_wire::output::{OutputError, OutputSink, Source};
+use ha_wire::session::{Hello, SESSION_VERSION};
+use ha_workloads::guest_abi::page_count;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,7 +67,7 @@ pub enum EngineError {
     },
     /// The page cache size is invalid.
     #[error("page cache")]
-    Cache(#[from] ha_common::cache::CacheError),
+    Cache(#[from] ha_codec::cache::CacheError),
     /// The encoder thread is gone.
     #[error("the encoder thread stopped")]
     EncoderGone,
@@ -111,12 +111,12 @@ pub struct Config {
     pub events: Option<PathBuf>,
     /// The pair key that encrypts and authenticates the link (None: `--insecure`, plain
     /// TCP).
-    pub key: Option<ha_common::secure::PairKey>,
+    pub key: Option<ha_wire::secure::PairKey>,
     /// Shape the replication stream to this many bits per second (a token bucket at the
     /// sender); None: as fast as the socket takes it.
     pub link_rate: Option<u64>,
     /// The backend that runs the guest, announced in the Hello (the backup refuses another).
-    pub backend: ha_common::backend::BackendKind,
+    pub backend: ha_guest::backend::BackendKind,
 }
 
 /// What a run achieved.
@@ -329,7 +329,7 @@ pub fn run_with_metrics(
     if e.d.outlives_vmm() && e.d.check_health().is_ok() {
         let why = match &run {
             Ok(()) => "protection stopped on request".to_string(),
-            Err(err) => format!("protection stopped: {}", ha_common::error_chain(err)),
+            Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
         };
         e.stand_down(&why);
     }
@@ -766,7 +766,7 @@ impl Engine<'_> {
                 json!({ "reason": why, "policy": "continue" }),
             );
             let mut frame = Vec::new();
-            ha_common::session::put_stand_down(
+            ha_wire::session::put_stand_down(
                 &mut frame,
                 &format!("the primary declared this backup lost ({why}) and runs on unprotected"),
             );
@@ -816,7 +816,7 @@ impl Engine<'_> {
             return; // the session has ended already
         }
         let mut buf = Vec::new();
-        ha_common::session::put_stand_down(&mut buf, why);
+        ha_wire::session::put_stand_down(&mut buf, why);
         // Sent, then the backup closes the session once it has read it.
         let mut sent = false;
         if self.ctl.send(Control::StandDown(buf)).is_ok() {

@@ -5,11 +5,11 @@
 //! pages, save the vCPU/device state, optionally hash the whole memory (verification), and
 //! resume. Everything after that (encoding, sending) happens while the next epoch runs.
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::block::is_zero;
-use ha_common::domain::{Domain, DomainError};
-use ha_common::guest_abi::{GuestStatus, OutputRecord};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_codec::block::is_zero;
+use ha_guest::domain::{Domain, DomainError};
+use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use std::time::{Duration, Instant};
 
 /// Dirty pages and their content: what an epoch carries.

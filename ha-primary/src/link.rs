@@ -9,15 +9,15 @@
 //! reading until the backup closes its side, so the socket is never closed with unread
 //! acks (which would reset the connection and could discard the stand-down).
 //!
-//! With a pair key the link first runs the Noise handshake (`ha_common::secure`) and every
+//! With a pair key the link first runs the Noise handshake (`ha_wire::secure`) and every
 //! byte after it, the session opening included, travels encrypted; without one (the
 //! operator gave `--insecure`) the frames go in the clear.
 
 use crate::shape::TokenBucket;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
-use ha_common::secure::{self, Deadline, PairKey, SecureError};
-use ha_common::session::{self, Hello, SessionError, Welcome};
-use ha_common::stream::split_frame;
+use ha_wire::secure::{self, Deadline, PairKey, SecureError};
+use ha_wire::session::{self, Hello, SessionError, Welcome};
+use ha_wire::stream::split_frame;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

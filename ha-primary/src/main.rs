@@ -1,14 +1,14 @@
 //! `ha-primary`: run a guest and protect it with a backup.
 
 use ha_backend::{PrimaryGuest, XenHold};
-use ha_common::codec::CodecConfig;
-use ha_common::domain::GuestSpec;
-use ha_common::error_chain as chain;
-use ha_common::guest_abi::{GuestParams, HEAP_GPA};
-use ha_common::secure::PairKey;
+use ha_codec::codec::CodecConfig;
+use ha_daemon::error_chain as chain;
+use ha_guest::domain::GuestSpec;
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
+use ha_wire::secure::PairKey;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA};
 use std::error::Error;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

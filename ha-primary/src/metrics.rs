@@ -1,10 +1,10 @@
 //! Prometheus metrics of the primary: the registry, the handles the engine updates, and a
 //! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
 
-use ha_common::codec::{EncodeStats, Encoding};
-pub use ha_common::metrics::{CONTENT_TYPE, Label};
-use ha_common::metrics::{StateGauge, render};
-use ha_common::serve::ServeError;
+use ha_codec::codec::{EncodeStats, Encoding};
+pub use ha_daemon::metrics::{CONTENT_TYPE, Label};
+use ha_daemon::metrics::{StateGauge, render};
+use ha_daemon::serve::ServeError;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -165,7 +165,7 @@ impl Metrics {
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        Ok(ha_common::metrics::serve(
+        Ok(ha_daemon::metrics::serve(
             Arc::clone(&self.registry),
             addr,
             port_file,

@@ -2,8 +2,8 @@
 //! state-change events (JSON lines).
 
 use crate::encode::Encoded;
-use ha_common::codec::Encoding;
-use ha_common::logfile::{LogFileError, create_locked};
+use ha_codec::codec::Encoding;
+use ha_daemon::logfile::{LogFileError, create_locked};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -85,7 +85,7 @@ impl StatsCsv {
             r.dirty_pages.to_string(),
             e.map_or(0, |e| e.stats.changed_blocks).to_string(),
             e.map_or(0, |e| e.stats.shared_blocks).to_string(),
-            (r.dirty_pages * ha_common::PAGE_SIZE).to_string(),
+            (r.dirty_pages * ha_codec::PAGE_SIZE).to_string(),
             e.map_or(0, |e| e.wire_bytes).to_string(),
         ];
         let kinds = [

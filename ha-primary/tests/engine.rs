@@ -2,20 +2,20 @@
 //! checkpoint's whole-memory digest must match the backup's committed image, and no output
 //! may reach the world before its checkpoint is acknowledged.
 
-use ha_common::PAGE_SIZE;
-use ha_common::backend::BackendKind;
-use ha_common::bitmap::PageBitmap;
-use ha_common::block::BlockSize;
-use ha_common::codec::{CodecConfig, GeneralCodec, Mode};
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
-use ha_common::guest_abi::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_codec::block::BlockSize;
+use ha_codec::codec::{CodecConfig, GeneralCodec, Mode};
+use ha_guest::backend::BackendKind;
+use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_primary::engine::{self, Config};
+use ha_wire::output::{OutputChecker, read_records};
+use ha_wire::secure::{self, Deadline, PairKey};
+use ha_wire::session::{self, Hello};
+use ha_wire::stream::{Staging, split_frame};
+use ha_workloads::guest_abi::{
     GuestParams, GuestStatus, HEAP_GPA, OutputRecord, STATUS_GPA, Workload,
 };
-use ha_common::output::{OutputChecker, read_records};
-use ha_common::secure::{self, Deadline, PairKey};
-use ha_common::session::{self, Hello};
-use ha_common::stream::{Staging, split_frame};
-use ha_primary::engine::{self, Config};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

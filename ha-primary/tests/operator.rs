@@ -2,12 +2,12 @@
 //! metrics served on `--metrics`, against a minimal in-test backup; `keygen` and the
 //! checks on the pair key.
 
-use ha_common::PAGE_SIZE;
-use ha_common::block::BlockSize;
-use ha_common::codec::Mode;
-use ha_common::secure::{self, Deadline, PairKey};
-use ha_common::session::{self, Hello};
-use ha_common::stream::{Staging, split_frame};
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::BlockSize;
+use ha_codec::codec::Mode;
+use ha_wire::secure::{self, Deadline, PairKey};
+use ha_wire::session::{self, Hello};
+use ha_wire::stream::{Staging, split_frame};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -413,7 +413,7 @@ fn a_refused_second_primary_leaves_the_running_ones_files_alone() {
 /// and its message names both kinds (what the backup's Refuse said).
 #[test]
 fn a_backup_of_another_backend_stops_the_primary_naming_both_kinds() {
-    use ha_common::backend::BackendKind;
+    use ha_guest::backend::BackendKind;
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let backup = l.local_addr().expect("addr").to_string();
     // A plaintext (--insecure) backup configured for Xen: it checks the Hello as ha-backup

@@ -256,7 +256,7 @@ pub fn wait_addr(path: &Path, limit: Duration) -> SocketAddr {
 }
 
 /// The world: the output consumer shared with the drill.
-pub use ha_common::output::{Consumer as World, WorldView};
+pub use ha_wire::output::{Consumer as World, WorldView};
 
 /// A fault to inject on the primary → backup direction, some time after the first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

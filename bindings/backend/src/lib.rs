@@ -21,9 +21,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 
-pub use ha_common::backend::{BackendKind, BackendKindError};
+pub use ha_guest::backend::{BackendKind, BackendKindError};
 pub use ha_xen::Hold as XenHold;
 
 /// Errors opening a backend.
@@ -220,8 +220,8 @@ pub fn value_parser_of(kinds: &[BackendKind]) -> impl TypedValueParser<Value = B
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ha_common::error_chain;
-    use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
+    use ha_daemon::error_chain;
+    use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 
     /// An idle 2 MiB guest.
     fn spec() -> GuestSpec {

@@ -20,7 +20,7 @@
 //! The status page is stored at the end of every unit in the order `CHECKSUM`, `RNG`,
 //! `PROGRESS`, and every output record carries the (progress, checksum) pair of its unit.
 
-use ha_common::guest_abi::{
+use ha_workloads::guest_abi::{
     DOORBELL_PORT, GuestParams, HEAP_GPA, OUTPUT_RING_GPA, OUTPUT_RING_SLOTS, PARAMS_GPA,
     STATUS_GPA, Workload, params, status,
 };
@@ -330,7 +330,7 @@ impl Gen {
     }
 
     /// `web`: `reg = doc = min(16, (P - Ph - Pl) / 2)` pages of document root
-    /// (`ha_common::web::Layout`); needs rbx = Ph, rbp = Pl; clobbers only `reg`.
+    /// (`ha_workloads::web::Layout`); needs rbx = Ph, rbp = Pl; clobbers only `reg`.
     fn doc_pages(&mut self, reg: AsmRegister64) -> Result<(), IcedError> {
         let a = &mut self.a;
         let mut ok = a.create_label();
@@ -339,9 +339,9 @@ impl Gen {
         a.sub(reg, rbx)?;
         a.sub(reg, rbp)?;
         a.shr(reg, 1)?;
-        a.cmp(reg, ha_common::web::DOC_PAGES_MAX as i32)?;
+        a.cmp(reg, ha_workloads::web::DOC_PAGES_MAX as i32)?;
         a.jbe(ok)?;
-        a.mov(reg, ha_common::web::DOC_PAGES_MAX)?;
+        a.mov(reg, ha_workloads::web::DOC_PAGES_MAX)?;
         a.set_label(&mut ok)?;
         Ok(())
     }
@@ -455,7 +455,7 @@ impl Gen {
         self.unit_end(top)
     }
 
-    /// `web` (docs/GUESTS.md, `ha_common::web::request`): per request a session record of
+    /// `web` (docs/GUESTS.md, `ha_workloads::web::request`): per request a session record of
     /// k = 1 + (t³ >> 14) scattered words at a Zipf-hot page, a 64-byte log append, and on
     /// odd requests a response in a buffer page: a fresh header block, then 0–63 blocks
     /// copied from the document root.
@@ -517,7 +517,7 @@ impl Gen {
         for k in 0..8i32 {
             self.write_next(qword_ptr(rdi + 8 * k))?;
         }
-        // 3. on odd requests, a response (ha_common::web::request): a fresh header
+        // 3. on odd requests, a response (ha_workloads::web::request): a fresh header
         // block, then `body` blocks copied from the document root.
         let a = &mut self.a;
         let mut skip = a.create_label();

@@ -30,7 +30,7 @@ pub mod vm;
 
 use std::path::PathBuf;
 
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 
 pub use vm::KvmDomain;
 

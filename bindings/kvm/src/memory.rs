@@ -3,7 +3,7 @@
 
 use std::num::NonZeroUsize;
 
-use ha_common::PAGE_SIZE;
+use ha_codec::PAGE_SIZE;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{Bytes, VolatileMemory};

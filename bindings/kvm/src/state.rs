@@ -1,5 +1,5 @@
 //! Saving and restoring the vCPU and VM state of a paused guest as versioned bytes: the
-//! [`SavedState`] in the saved-state envelope (`ha_common::envelope`) of format
+//! [`SavedState`] in the saved-state envelope (`ha_guest::envelope`) of format
 //! [`FORMAT`] (`b"CASTKVM1"`).
 //!
 //! Save order: mp_state first, vcpu events last. Restore order: sregs, regs, xsave (or
@@ -7,7 +7,7 @@
 //! (setting registers clears pending exceptions), then the VM clock. MSRs the kernel
 //! refuses (PVM rejects some) are skipped with a debug log instead of failing the restore.
 
-use ha_common::envelope::{self, EnvelopeError, Format};
+use ha_guest::envelope::{self, EnvelopeError, Format};
 use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,

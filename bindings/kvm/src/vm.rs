@@ -6,12 +6,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{
     BoxError, Domain, DomainError, OutputChannel, StatusProbe, read_status_page,
 };
-use ha_common::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
+use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -151,7 +151,7 @@ impl KvmDomain {
     /// Build a fresh guest for `spec`, paused.
     pub(crate) fn create(
         cfg: &VmConfig,
-        spec: &ha_common::domain::GuestSpec,
+        spec: &ha_guest::domain::GuestSpec,
     ) -> Result<Self, DomainError> {
         guest::validate(spec.memory_size, &spec.params)
             .map_err(|e| backend("check guest spec", e))?;
@@ -166,7 +166,7 @@ impl KvmDomain {
         bare.ram
             .write(PARAMS_GPA, &page)
             .map_err(|e| backend("write params page", e))?;
-        if let Some((gpa, doc)) = ha_common::web::docroot(&params) {
+        if let Some((gpa, doc)) = ha_workloads::web::docroot(&params) {
             bare.ram
                 .write(gpa, &doc)
                 .map_err(|e| backend("write the web document root", e))?;

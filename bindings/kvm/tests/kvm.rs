@@ -8,15 +8,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{Domain, DomainError, DomainFactory};
-use ha_common::guest_abi::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{Domain, DomainError, DomainFactory};
+use ha_workloads::guest_abi::{
     GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, page_count,
 };
 // The docs/GUESTS.md algorithms: the workloads' one model over a memory image.
-use ha_common::model::ImageModel as Model;
 use ha_kvm::KvmFactory;
+use ha_workloads::model::ImageModel as Model;
 
 fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
@@ -29,7 +29,7 @@ fn payload(r: &OutputRecord) -> (u64, u64) {
     (p, c)
 }
 
-fn heap_nonzero(d: &dyn Domain, spec: &ha_common::domain::GuestSpec) -> usize {
+fn heap_nonzero(d: &dyn Domain, spec: &ha_guest::domain::GuestSpec) -> usize {
     let mut heap = vec![0u8; spec.params.heap_size as usize];
     d.read_memory(spec.params.heap_gpa, &mut heap).unwrap();
     heap.chunks(PAGE_SIZE)
@@ -111,7 +111,7 @@ fn check_against_model(w: Workload) {
     let records: BTreeMap<u64, u64> = out.iter().map(payload).collect();
     assert!(st.progress > 100, "{w:?}: {st:?}");
 
-    let mut m = Model::fresh(&s);
+    let mut m = Model::fresh(s.memory_size, &s.params);
     let mut matched = 0;
     while m.cpu.progress() < st.progress {
         m.unit();
@@ -339,7 +339,7 @@ fn save_restore_continues_the_guest() {
         .map(payload)
         .collect::<BTreeMap<_, _>>();
     let max = *last.keys().next_back().unwrap();
-    let mut m = Model::fresh(&s);
+    let mut m = Model::fresh(s.memory_size, &s.params);
     while m.cpu.progress() < max {
         m.unit();
         if let Some(c) = last.get(&m.cpu.progress()) {
@@ -460,7 +460,7 @@ fn unexpected_exits_and_bad_rings_are_guest_faults() {
     }
     // A ring whose head is too far ahead of its tail.
     let mut img = image.clone();
-    let head = STATUS_GPA as usize + ha_common::guest_abi::status::OUT_HEAD;
+    let head = STATUS_GPA as usize + ha_workloads::guest_abi::status::OUT_HEAD;
     img[head..head + 8].copy_from_slice(&5000u64.to_le_bytes());
     let mut g = factory.restore(&img, &blob).unwrap();
     let mut out = Vec::new();

@@ -8,11 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{Domain, GuestSpec};
-use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload, page_count};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{Domain, GuestSpec};
 use ha_kvm::KvmFactory;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload, page_count};
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

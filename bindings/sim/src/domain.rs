@@ -10,12 +10,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{
     Domain, DomainError, DomainFactory, GuestSpec, OutputChannel, StatusProbe, read_status_page,
 };
-use ha_common::guest_abi::{GuestParams, OutputRecord, PARAMS_GPA};
+use ha_workloads::guest_abi::{GuestParams, OutputRecord, PARAMS_GPA};
 
 use crate::memory::GuestMemory;
 use crate::ring::OutputQueue;
@@ -115,7 +115,7 @@ impl SimDomain {
         let mut page = vec![0u8; PAGE_SIZE];
         spec.params.write_page(&mut page);
         mem.write_bytes(PARAMS_GPA, &page);
-        if let Some((gpa, doc)) = ha_common::web::docroot(&spec.params) {
+        if let Some((gpa, doc)) = ha_workloads::web::docroot(&spec.params) {
             mem.write_bytes(gpa, &doc);
         }
         tracing::debug!(memory_size, params = ?spec.params, "sim: creating guest");
@@ -215,7 +215,7 @@ impl OutputChannel for SimDomain {
 }
 
 impl StatusProbe for SimDomain {
-    fn read_status(&self) -> Result<ha_common::guest_abi::GuestStatus, DomainError> {
+    fn read_status(&self) -> Result<ha_workloads::guest_abi::GuestStatus, DomainError> {
         read_status_page(self)
     }
 }

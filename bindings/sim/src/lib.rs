@@ -3,15 +3,15 @@
 //! A [`SimDomain`] keeps guest memory in the process (atomic words, so the engine can read
 //! while the guest writes) and runs one of the built-in workloads of `docs/GUESTS.md` on a
 //! Rust thread, its single vCPU. It follows the same guest ABI as the KVM backend
-//! (`ha_common::guest_abi`): params and status pages, an output ring drained on a
+//! (`ha_workloads::guest_abi`): params and status pages, an output ring drained on a
 //! doorbell (here a direct call) and at every checkpoint, and pacing by a monotonic clock.
 //! Dirty tracking is in software: every guest and VMM write sets its page's bit in an
-//! atomic bitmap that [`Domain::harvest_dirty`](ha_common::domain::Domain::harvest_dirty)
+//! atomic bitmap that [`Domain::harvest_dirty`](ha_guest::domain::Domain::harvest_dirty)
 //! swaps out.
 //!
 //! ```no_run
-//! use ha_common::domain::{DomainFactory, GuestSpec};
-//! use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
+//! use ha_guest::domain::{DomainFactory, GuestSpec};
+//! use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 //!
 //! let spec = GuestSpec {
 //!     memory_size: 4 << 20,
@@ -30,7 +30,7 @@
 //! guest.resume()?;
 //! guest.pause()?;
 //! println!("{:?}", guest.status()?);
-//! # Ok::<(), ha_common::domain::DomainError>(())
+//! # Ok::<(), ha_guest::domain::DomainError>(())
 //! ```
 
 mod domain;

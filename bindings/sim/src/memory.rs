@@ -9,9 +9,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::DomainError;
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::DomainError;
 
 /// Words of 8 bytes in one page.
 const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;

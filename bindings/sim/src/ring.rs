@@ -3,7 +3,7 @@
 
 use std::sync::Mutex;
 
-use ha_common::guest_abi::{
+use ha_workloads::guest_abi::{
     OUTPUT_RECORD_SIZE, OUTPUT_RING_SLOTS, OutputRecord, STATUS_GPA, status,
 };
 

@@ -1,12 +1,12 @@
 //! The simulated vCPU's saved state: the guest's memory size and its pacing clock, in the
-//! saved-state envelope (`ha_common::envelope`) of format [`FORMAT`] (`b"CSIMVCPU"`).
+//! saved-state envelope (`ha_guest::envelope`) of format [`FORMAT`] (`b"CSIMVCPU"`).
 //! Guest memory holds the rest (every workload register is in the status page at a unit
 //! boundary).
 //!
 //! The pacing clock is monotonic and process-local, so it is saved as an age: a restored
 //! guest's next unit waits only for what was left of the interval at the save.
 
-use ha_common::envelope::{self, EnvelopeError, Format};
+use ha_guest::envelope::{self, EnvelopeError, Format};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ impl SavedState {
     /// Open and check a blob made by [`SavedState::encode`].
     pub(crate) fn decode(b: &[u8]) -> Result<Self, StateError> {
         let s: Self = envelope::open(FORMAT, b)?;
-        if s.memory_size == 0 || !s.memory_size.is_multiple_of(ha_common::PAGE_SIZE as u64) {
+        if s.memory_size == 0 || !s.memory_size.is_multiple_of(ha_codec::PAGE_SIZE as u64) {
             return Err(StateError::MemorySize(s.memory_size));
         }
         Ok(s)

@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
-use ha_common::guest_abi::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_workloads::guest_abi::{
     GuestParams, GuestStatus, HEAP_GPA, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload,
 };
 
@@ -18,8 +18,8 @@ const MIB: u64 = 1 << 20;
 // Reference model: GUESTS.md as a plain function over a byte image.
 // ---------------------------------------------------------------------------------------
 
-/// The reference guest: the workloads' one model (`ha_common::model`) over a memory image.
-use ha_common::model::ImageModel as Model;
+/// The reference guest: the workloads' one model (`ha_workloads::model`) over a memory image.
+use ha_workloads::model::ImageModel as Model;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -132,7 +132,7 @@ fn matches_reference_model() {
         let sp = spec(w, 0xC0FFEE + w as u64, 0, oe, de);
         let mut d = SimFactory::new().create(&sp).unwrap();
         // Several pause points from the same guest.
-        let mut model = Model::fresh(&sp);
+        let mut model = Model::fresh(sp.memory_size, &sp.params);
         let mut got = Vec::new();
         for round in 0..3 {
             run_a_while(d.as_mut(), Duration::from_millis(3), 1500 * (round + 1));
@@ -195,7 +195,7 @@ fn no_lost_dirty_pages() {
     ] {
         let sp = spec(w, 99, 0, oe, de);
         let mut d = SimFactory::new().create(&sp).unwrap();
-        let mut model = Model::fresh(&sp);
+        let mut model = Model::fresh(sp.memory_size, &sp.params);
         let pages = (sp.memory_size / 4096) as usize;
         let mut replica = vec![0u8; sp.memory_size as usize];
         let mut prev = replica.clone();
@@ -375,7 +375,7 @@ fn save_restore_continues() {
             "{w:?}: restored guest diverged"
         );
         assert_eq!(out_b, cont.drained);
-        let mut scratch = Model::fresh(&sp);
+        let mut scratch = Model::fresh(sp.memory_size, &sp.params);
         scratch.run_to(sb.progress);
         assert_eq!(scratch.cpu.checksum(), sb.checksum);
         let all: Vec<_> = scratch.drain();
@@ -570,7 +570,7 @@ fn web_calibration_matches_the_httpd_targets() {
             doorbell_every: 0,
         },
     };
-    let mut model = Model::fresh(&sp);
+    let mut model = Model::fresh(sp.memory_size, &sp.params);
     model.mem.take_written();
     let mut prev = model.mem.bytes.clone();
     let units = sp.params.rate / 10;

@@ -1,13 +1,13 @@
 //! The built-in workloads of `docs/GUESTS.md`, run by the simulated vCPU over guest memory:
-//! the checks of a guest's parameters, and the workload model of `ha_common::model` over
+//! the checks of a guest's parameters, and the workload model of `ha_workloads::model` over
 //! the sim's memory. At every unit boundary the vCPU's registers are all in the status
 //! page, so a guest paused there is fully described by its memory (plus the pacing clock,
 //! which the domain saves).
 
-use ha_common::PAGE_SIZE;
-use ha_common::guest_abi::{GuestParams, HEAP_GPA, PARAMS_GPA, Workload};
-pub(crate) use ha_common::model::Vcpu;
-use ha_common::model::{Memory, UnitError};
+use ha_codec::PAGE_SIZE;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, PARAMS_GPA, Workload};
+pub(crate) use ha_workloads::model::Vcpu;
+use ha_workloads::model::{Memory, UnitError};
 
 use crate::memory::{GuestMemory, PageWriter};
 use crate::ring::RingError;
@@ -121,7 +121,7 @@ pub(crate) fn load(params: &GuestParams, mem: &GuestMemory) -> Vcpu {
     )
 }
 
-/// Run one work unit of `cpu` over `mem` (the workload model's, `ha_common::model`);
+/// Run one work unit of `cpu` over `mem` (the workload model's, `ha_workloads::model`);
 /// `doorbell` drains the output ring.
 pub(crate) fn unit(
     cpu: &mut Vcpu,

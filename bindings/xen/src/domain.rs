@@ -17,9 +17,9 @@
 
 use std::cell::RefCell;
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{BoxError, Domain, DomainError};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{BoxError, Domain, DomainError};
 
 use crate::state::{SAVED_PARAMS, SavedState, WINDOW, gfn_of, image_len};
 use crate::xc::{DomInfo, HypercallBuffer, Mapping, Xc, XcError};

@@ -42,7 +42,7 @@ pub use domain::XenDomain;
 
 use std::path::PathBuf;
 
-use ha_common::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 
 /// Whether this build has the real backend (the `xen` feature).
 pub const BUILT_WITH_XEN: bool = cfg!(feature = "xen");
@@ -251,8 +251,8 @@ mod tests {
         );
         let spec = GuestSpec {
             memory_size: 2 << 20,
-            params: ha_common::guest_abi::GuestParams {
-                workload: ha_common::guest_abi::Workload::Idle,
+            params: ha_workloads::guest_abi::GuestParams {
+                workload: ha_workloads::guest_abi::Workload::Idle,
                 seed: 1,
                 heap_gpa: 0,
                 heap_size: 0,

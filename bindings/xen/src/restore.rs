@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ha_common::domain::DomainError;
+use ha_guest::domain::DomainError;
 
 use crate::XenFactory;
 use crate::domain::XenDomain;

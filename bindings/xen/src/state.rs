@@ -1,5 +1,5 @@
 //! The state Castor saves of a Xen domain at each checkpoint, as versioned bytes: the
-//! [`SavedState`] in the saved-state envelope (`ha_common::envelope`) of format
+//! [`SavedState`] in the saved-state envelope (`ha_guest::envelope`) of format
 //! [`FORMAT`] (`b"CASTXEN1"`).
 //!
 //! It is what Xen's own migration stream carries besides memory for an x86 HVM/PVH guest:
@@ -7,7 +7,7 @@
 //! `XEN_DOMCTL_gethvmcontext` returns it), the HVM params the guest depends on, and the TSC
 //! info. Kept independent of the `xen` feature so it can be decoded (and tested) anywhere.
 
-use ha_common::envelope::{self, EnvelopeError, Format};
+use ha_guest::envelope::{self, EnvelopeError, Format};
 use serde::{Deserialize, Serialize};
 
 /// Frames per window: Castor's linear image of a Xen guest is whole 2 MiB windows of its
@@ -24,7 +24,7 @@ pub fn gfn_of(windows: &[u64], page: u64) -> u64 {
 
 /// Bytes of the linear image made of `windows`.
 pub fn image_len(windows: &[u64]) -> u64 {
-    windows.len() as u64 * WINDOW * ha_common::PAGE_SIZE as u64
+    windows.len() as u64 * WINDOW * ha_codec::PAGE_SIZE as u64
 }
 
 /// The envelope format of a Xen state blob (version 3: the common envelope with its

@@ -19,7 +19,7 @@
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 
-use ha_common::PAGE_SIZE;
+use ha_codec::PAGE_SIZE;
 
 use crate::state::{SavedState, gfn_of, image_len};
 

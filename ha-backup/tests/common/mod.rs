@@ -11,18 +11,18 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ha_common::PAGE_SIZE;
-use ha_common::backend::BackendKind;
-use ha_common::bitmap::PageBitmap;
-use ha_common::block::BlockSize;
-use ha_common::cache::PageCache;
-use ha_common::codec::{Batch, CodecConfig, EncodedBatch, Mode, PageEncoder};
-use ha_common::domain::{Domain, DomainFactory, GuestSpec};
-use ha_common::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, OutputRecord, Workload};
-use ha_common::output::{OutputSink, Source, read_records};
-use ha_common::secure::{self, Deadline, PairKey, SecureStream};
-use ha_common::session::{self, Hello, SESSION_VERSION, frame_type as st};
-use ha_common::stream::{EpochHeader, EpochWriter, split_frame};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_codec::block::BlockSize;
+use ha_codec::cache::PageCache;
+use ha_codec::codec::{Batch, CodecConfig, EncodedBatch, Mode, PageEncoder};
+use ha_guest::backend::BackendKind;
+use ha_guest::domain::{Domain, DomainFactory, GuestSpec};
+use ha_wire::output::{OutputSink, Source, read_records};
+use ha_wire::secure::{self, Deadline, PairKey, SecureStream};
+use ha_wire::session::{self, Hello, SESSION_VERSION, frame_type as st};
+use ha_wire::stream::{EpochHeader, EpochWriter, split_frame};
+use ha_workloads::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, OutputRecord, Workload};
 
 pub const MIB: u64 = 1 << 20;
 /// Every loop in these tests gives up after this long.

@@ -2,9 +2,9 @@
 //! a plain-Rust model of docs/GUESTS.md.
 #![allow(dead_code)]
 
-use ha_common::domain::{Domain, GuestSpec};
-use ha_common::guest_abi::{GuestParams, HEAP_GPA, Workload};
+use ha_guest::domain::{Domain, GuestSpec};
 use ha_kvm::{KVM_DEVICE, KvmDomain, KvmFactory};
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 
 /// Whether KVM can be used; `false` means "skip". Panics with the reason when
 /// `CASTOR_REQUIRE_KVM=1`.
@@ -67,7 +67,7 @@ pub fn run_until(
     d: &mut dyn Domain,
     target: u64,
     min_ms: u64,
-) -> ha_common::guest_abi::GuestStatus {
+) -> ha_workloads::guest_abi::GuestStatus {
     let t = std::time::Instant::now();
     d.resume().expect("resume");
     std::thread::sleep(std::time::Duration::from_millis(min_ms));

@@ -15,13 +15,13 @@
 //!                                   guest held as ha-primary holds it (suspended)
 //! ```
 
-use ha_common::error_chain as chain;
+use ha_daemon::error_chain as chain;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ha_common::PAGE_SIZE;
-use ha_common::bitmap::PageBitmap;
-use ha_common::domain::{Domain, DomainError};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{Domain, DomainError};
 use ha_xen::XenDomain;
 use ha_xen::state::SavedState;
 

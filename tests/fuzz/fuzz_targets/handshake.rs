@@ -2,12 +2,12 @@
 //! (`secure::Responder`) on raw bytes from a peer, and — after a real handshake made by
 //! the harness — the decrypting stream, `stream::split_frame` and `Hello::parse` /
 //! `check_against` on sealed bytes, optionally with a flipped ciphertext bit.
-//! Invariants: see `ha_common_fuzz::checks::check_handshake`.
+//! Invariants: see `castor_fuzz::checks::check_handshake`.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ha_common_fuzz::checks::check_handshake(data);
+    castor_fuzz::checks::check_handshake(data);
 });

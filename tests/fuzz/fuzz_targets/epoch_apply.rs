@@ -1,12 +1,12 @@
 //! Fuzz the backup's epoch path: `stream::split_frame`, `Staging::push` and
 //! `StagedEpoch::commit` for a 16-page fgbi guest. The first byte picks a raw frame
 //! stream or records the harness frames into correctly digested epochs.
-//! Invariants: see `ha_common_fuzz::checks::check_epoch`.
+//! Invariants: see `castor_fuzz::checks::check_epoch`.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ha_common_fuzz::checks::check_epoch(data);
+    castor_fuzz::checks::check_epoch(data);
 });

@@ -1,25 +1,25 @@
-//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) through the same checks
+//! Replays the committed fuzz corpora (`tests/fuzz/corpus/<target>/`) through the same checks
 //! the libFuzzer targets run, on stable Rust with no fuzzer: every input the fuzzer ever
 //! kept, and every crash it found, stays a regression test of `cargo test`.
 //!
-//! The checks and the seed generator live in `fuzz/src/` and are included here with
+//! The checks and the seed generator live in `tests/fuzz/src/` and are included here with
 //! `#[path]`, so the fuzz targets and this test cannot drift apart. A missing or empty
 //! corpus directory fails the test. `docs/FUZZING.md` explains the corpus and how to grow
-//! it; `cargo test -p ha-common --test fuzz_corpus -- --ignored write_seed_corpus`
+//! it; `cargo test -p ha-wire --test fuzz_corpus -- --ignored write_seed_corpus`
 //! regenerates the seed files.
 
-#[path = "../../fuzz/src/checks.rs"]
+#[path = "../../../tests/fuzz/src/checks.rs"]
 mod checks;
-#[path = "../../fuzz/src/seeds.rs"]
+#[path = "../../../tests/fuzz/src/seeds.rs"]
 mod seeds;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 
-/// `fuzz/corpus/<target>`.
+/// `tests/fuzz/corpus/<target>`.
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../../tests/fuzz/corpus")
         .join(target)
 }
 

@@ -5,9 +5,9 @@
 //! [`LimitError`] that names the option and the rule it breaks. The daemons run them on the
 //! command line and on the `--config` file alike.
 
-use crate::PAGE_SIZE;
-use crate::block::BlockSize;
-use crate::codec::Mode;
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::BlockSize;
+use ha_codec::codec::Mode;
 use std::time::Duration;
 
 /// The shortest epoch interval: 1 ms. A checkpoint costs a pause, a harvest of the dirty

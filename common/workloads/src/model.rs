@@ -7,12 +7,11 @@
 //! boundary all of it is in the status page, so a guest paused there is fully described by
 //! its memory.
 
-use crate::PAGE_SIZE;
-use crate::domain::GuestSpec;
 use crate::guest_abi::{
     GuestParams, OUTPUT_RING_SLOTS, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, checksum_step,
     status,
 };
+use ha_codec::PAGE_SIZE;
 use std::collections::BTreeSet;
 
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -285,22 +284,22 @@ pub struct ImageModel {
 }
 
 impl ImageModel {
-    /// A new guest of `spec`: zero memory with the params page and (for `web`) the
-    /// document root written, as a VMM writes them.
-    pub fn fresh(spec: &GuestSpec) -> Self {
-        let size = usize::try_from(spec.memory_size).unwrap_or(usize::MAX);
+    /// A new guest of `memory_size` bytes running `params`: zero memory with the params
+    /// page and (for `web`) the document root written, as a VMM writes them.
+    pub fn fresh(memory_size: u64, params: &GuestParams) -> Self {
+        let size = usize::try_from(memory_size).unwrap_or(usize::MAX);
         let mut mem = Image::new(vec![0u8; size]);
         let mut page = vec![0u8; PAGE_SIZE];
-        spec.params.write_page(&mut page);
+        params.write_page(&mut page);
         mem.write_bytes(PARAMS_GPA, &page);
-        if let Some((gpa, bytes)) = crate::web::docroot(&spec.params) {
+        if let Some((gpa, bytes)) = crate::web::docroot(params) {
             mem.write_bytes(gpa, &bytes);
         }
-        let cpu = Vcpu::load(&spec.params, &mem);
+        let cpu = Vcpu::load(params, &mem);
         Self {
             mem,
             cpu,
-            params: spec.params.clone(),
+            params: params.clone(),
             drained: Vec::new(),
         }
     }
@@ -376,19 +375,16 @@ mod tests {
     use super::*;
     use crate::guest_abi::HEAP_GPA;
 
-    fn spec(w: Workload) -> GuestSpec {
-        GuestSpec {
-            memory_size: 4 << 20,
-            params: GuestParams {
-                workload: w,
-                seed: 5,
-                heap_gpa: HEAP_GPA,
-                heap_size: 64 * PAGE,
-                rate: 0,
-                tsc_khz: 0,
-                output_every: 3,
-                doorbell_every: 4,
-            },
+    fn params(w: Workload) -> GuestParams {
+        GuestParams {
+            workload: w,
+            seed: 5,
+            heap_gpa: HEAP_GPA,
+            heap_size: 64 * PAGE,
+            rate: 0,
+            tsc_khz: 0,
+            output_every: 3,
+            doorbell_every: 4,
         }
     }
 
@@ -401,7 +397,7 @@ mod tests {
             Workload::Npb,
             Workload::Web,
         ] {
-            let mut a = ImageModel::fresh(&spec(w));
+            let mut a = ImageModel::fresh(4 << 20, &params(w));
             a.run_to(50);
             // Continue from a copy of memory: the same as running on.
             let mut b = ImageModel::from_image(a.mem.bytes.clone()).unwrap();

@@ -1,24 +1,24 @@
 //! Seed inputs for the fuzz targets, made by the real encoders so the fuzzer starts from
 //! records and epochs that decode and commit.
 //!
-//! Shared like `checks.rs`: compiled as `ha_common_fuzz::seeds` and included into
-//! `common/tests/fuzz_corpus.rs`, whose ignored test `write_seed_corpus` writes these
-//! files into `fuzz/corpus/<target>/` (see `docs/FUZZING.md`). Everything here is
+//! Shared like `checks.rs`: compiled as `castor_fuzz::seeds` and included into
+//! `common/wire/tests/fuzz_corpus.rs`, whose ignored test `write_seed_corpus` writes these
+//! files into `tests/fuzz/corpus/<target>/` (see `docs/FUZZING.md`). Everything here is
 //! deterministic, so regenerating gives the same files.
 
 use super::checks::{
     EPOCH_RAW, EPOCH_REFRAMED, EPOCH_SEPARATOR, EPOCH_WITH_STATE, GUEST_MODE, GUEST_PAGES,
     STATE_BLOB, VIEW_PAGES, fixture_page, guest_block_size, guest_image, xbzrle_old_page,
 };
-use ha_common::PAGE_SIZE;
-use ha_common::block::{BlockSize, Page};
-use ha_common::cache::PageCache;
-use ha_common::codec::{
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::{BlockSize, Page};
+use ha_codec::cache::PageCache;
+use ha_codec::codec::{
     Batch, CodecConfig, EncodedBatch, Encoding, GeneralCodec, Mode, PageEncoder,
 };
-use ha_common::hashes::BlockHashes;
-use ha_common::stream::{EpochHeader, EpochWriter};
-use ha_common::{varint, xbzrle};
+use ha_codec::hashes::BlockHashes;
+use ha_codec::{varint, xbzrle};
+use ha_wire::stream::{EpochHeader, EpochWriter};
 use std::collections::HashSet;
 
 /// A named seed input.
@@ -340,8 +340,8 @@ pub fn epoch_seeds() -> Vec<Seed> {
 /// backend, a Hello followed by heartbeats, a damaged one).
 pub fn handshake_seeds() -> Vec<Seed> {
     use crate::checks::{HANDSHAKE_FLIP, HANDSHAKE_RAW, HANDSHAKE_SEALED, handshake_ours};
-    use ha_common::secure::HANDSHAKE_LEN;
-    use ha_common::session;
+    use ha_wire::secure::HANDSHAKE_LEN;
+    use ha_wire::session;
     let mut hello = Vec::new();
     handshake_ours().put(&mut hello);
     let mut other = handshake_ours();
@@ -349,7 +349,7 @@ pub fn handshake_seeds() -> Vec<Seed> {
     let mut other_hello = Vec::new();
     other.put(&mut other_hello);
     let mut xen = handshake_ours();
-    xen.backend = ha_common::backend::BackendKind::Xen;
+    xen.backend = ha_guest::backend::BackendKind::Xen;
     let mut xen_hello = Vec::new();
     xen.put(&mut xen_hello);
     // A first message of the right length that was not made with the key (a real one

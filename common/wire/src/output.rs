@@ -8,8 +8,8 @@
 //! before it acknowledges each checkpoint, so a consumer can check that every record it
 //! receives from the primary belongs to a committed checkpoint ([`OutputChecker`]).
 
-use crate::guest_abi::{OUTPUT_PAYLOAD, OutputRecord};
 use crate::stream::{put_frame, split_frame};
+use ha_workloads::guest_abi::{OUTPUT_PAYLOAD, OutputRecord};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek, Write};
 use std::net::{SocketAddr, TcpStream};

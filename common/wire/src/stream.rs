@@ -22,11 +22,11 @@
 //! [`StagedEpoch`] whose [`StagedEpoch::commit`] copies the pages into the image. Any error
 //! discards the overlay; the image is never touched by a rejected epoch.
 
-use crate::PAGE_SIZE;
-use crate::block::{BlockSize, Page};
-use crate::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
-use crate::share::PageView;
-use crate::varint;
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::{BlockSize, Page};
+use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
+use ha_codec::share::PageView;
+use ha_codec::varint;
 use std::collections::HashMap;
 
 /// Version of the epoch stream format.
@@ -616,8 +616,8 @@ fn stage_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::PageCache;
-    use crate::codec::{Batch, CodecConfig, PageEncoder};
+    use ha_codec::cache::PageCache;
+    use ha_codec::codec::{Batch, CodecConfig, PageEncoder};
 
     const PAGES: usize = 64;
 
@@ -708,7 +708,7 @@ mod tests {
         }
     }
 
-    use crate::codec::Record;
+    use ha_codec::codec::Record;
 
     fn frames(bytes: &[u8]) -> Vec<&[u8]> {
         let mut v = Vec::new();

@@ -15,10 +15,10 @@
 //! not take over a guest that still runs. A backup that fails on its own (its ack log
 //! cannot be written) ends the session with an abort that says why.
 
-use crate::backend::BackendKind;
-use crate::block::BlockSize;
-use crate::codec::Mode;
 use crate::stream::put_frame;
+use ha_codec::block::BlockSize;
+use ha_codec::codec::Mode;
+use ha_guest::backend::BackendKind;
 
 /// Version of the session protocol.
 pub const SESSION_VERSION: u16 = 3;

@@ -1,19 +1,19 @@
 //! The invariants every fuzz target checks, one `check_*` function per target.
 //!
-//! This file is shared: the fuzz crate compiles it as `ha_common_fuzz::checks`, and
-//! `common/tests/fuzz_corpus.rs` includes it with `#[path]` to replay the committed corpus
-//! on stable Rust without libFuzzer. It therefore uses nothing but `std` and `ha_common`.
+//! This file is shared: the fuzz crate compiles it as `castor_fuzz::checks`, and
+//! `common/wire/tests/fuzz_corpus.rs` includes it with `#[path]` to replay the committed corpus
+//! on stable Rust without libFuzzer. It therefore uses nothing but `std` and the codec and wire crates.
 //!
 //! A check returns normally when the input was handled correctly (accepted or rejected)
-//! and panics when an invariant breaks; a panic inside `ha_common` itself is a finding
+//! and panics when an invariant breaks; a panic inside those crates itself is a finding
 //! too. Every input is valid: there is no "reject this input" path.
 
-use ha_common::PAGE_SIZE;
-use ha_common::block::{BlockSize, Page};
-use ha_common::codec::{self, CodecError, EncodedBatch, Encoding, Mode, Record};
-use ha_common::share::PageView;
-use ha_common::stream::{self, EpochHeader, EpochWriter, StagedEpoch, Staging};
-use ha_common::{varint, xbzrle};
+use ha_codec::PAGE_SIZE;
+use ha_codec::block::{BlockSize, Page};
+use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode, Record};
+use ha_codec::share::PageView;
+use ha_codec::{varint, xbzrle};
+use ha_wire::stream::{self, EpochHeader, EpochWriter, StagedEpoch, Staging};
 use std::collections::HashMap;
 
 /// Page lengths, besides a whole page, that `check_xbzrle` decodes into.
@@ -514,14 +514,14 @@ pub const HANDSHAKE_SEALED: u8 = 1;
 pub const HANDSHAKE_FLIP: u8 = 2;
 
 /// The session the backup in `check_handshake` is configured for.
-pub fn handshake_ours() -> ha_common::session::Hello {
-    ha_common::session::Hello {
-        version: ha_common::session::SESSION_VERSION,
+pub fn handshake_ours() -> ha_wire::session::Hello {
+    ha_wire::session::Hello {
+        version: ha_wire::session::SESSION_VERSION,
         memory_size: (GUEST_PAGES * PAGE_SIZE) as u64,
         page_size: PAGE_SIZE as u32,
         block_size: BlockSize::DEFAULT,
         mode: GUEST_MODE,
-        backend: ha_common::backend::BackendKind::Kvm,
+        backend: ha_guest::backend::BackendKind::Kvm,
     }
 }
 
@@ -549,8 +549,8 @@ pub enum Opening {
 /// intact and nothing from it or after it delivered; a parsed Hello re-encodes to the
 /// same body.
 pub fn check_handshake(data: &[u8]) -> Opening {
-    use ha_common::secure::{HANDSHAKE_LEN, Initiator, PairKey, Responder};
-    use ha_common::session::{Hello, frame_type};
+    use ha_wire::secure::{HANDSHAKE_LEN, Initiator, PairKey, Responder};
+    use ha_wire::session::{Hello, frame_type};
     use std::io::Read;
 
     let key = PairKey::from_bytes(HANDSHAKE_KEY);

@@ -12,8 +12,8 @@
 //! by returning `None`, so nothing is drained from or read at a built-in guest's address
 //! in its memory.
 
-use crate::bitmap::PageBitmap;
-use crate::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
+use ha_codec::bitmap::PageBitmap;
+use ha_workloads::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
 
 /// A boxed error from a backend, kept as the source of a [`DomainError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -161,7 +161,7 @@ pub trait StatusProbe {
 
 /// The built-in guests' status probe over any domain's memory: their status page.
 pub fn read_status_page(d: &dyn Domain) -> Result<GuestStatus, DomainError> {
-    let mut page = vec![0u8; crate::PAGE_SIZE];
+    let mut page = vec![0u8; ha_codec::PAGE_SIZE];
     d.read_memory(STATUS_GPA, &mut page)?;
     Ok(GuestStatus::read_page(&page))
 }

@@ -12,7 +12,7 @@
 //! ```
 //! Addresses between the ring and the heap belong to the backend (page tables, code, stack).
 
-use crate::PAGE_SIZE;
+use ha_codec::PAGE_SIZE;
 
 /// Guest-physical address of the parameter page.
 pub const PARAMS_GPA: u64 = 0x1000;

@@ -1,0 +1,28 @@
+//! `ha-daemon`: the plumbing both daemons (`ha-primary`, `ha-backup`) share, so that they
+//! behave alike for an operator: the same units, bounds, files, metrics and messages.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`units`] | sizes and durations on command lines and in config files |
+//! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
+//! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
+//! | [`serve`] | the metrics HTTP endpoint and port files |
+//! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
+
+pub mod limits;
+pub mod logfile;
+pub mod metrics;
+pub mod serve;
+pub mod units;
+
+/// An error and its sources, joined with ": " (for one-line messages to operators).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

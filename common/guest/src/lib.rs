@@ -1,0 +1,17 @@
+//! `ha-guest`: the seam between the checkpoint engine and a hypervisor.
+//!
+//! The engine and the backup see a guest only through [`domain::Domain`] and the
+//! capabilities a domain hands out; the backends in `bindings/` implement it. What every
+//! guest has is in the trait; what only some guests have (an output channel, a status
+//! probe, and next a disk and a network interface) is a capability a domain returns or
+//! not, so a backend without one says so in its type.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`domain`] | `Domain`, its capabilities, `DomainFactory`, `GuestSpec` |
+//! | [`backend`] | which hypervisor backend runs a guest (`BackendKind`) |
+//! | [`envelope`] | the one envelope of every backend's saved state (magic, version, checksum) |
+
+pub mod backend;
+pub mod domain;
+pub mod envelope;

@@ -1,0 +1,14 @@
+//! `ha-wire`: everything that crosses the link between primary and backup, and the
+//! output that crosses to the world.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
+//! | [`session`] | handshake, acks, heartbeats and control messages between the daemons |
+//! | [`stream`] | the epoch stream format, the writer (send) and the staging area (stage, commit) |
+//! | [`output`] | released guest output: record frames, the ack log, the consumer's check |
+
+pub mod output;
+pub mod secure;
+pub mod session;
+pub mod stream;

@@ -13,7 +13,7 @@
 //! after the stall; if the backup is lost instead, the primary assumes it took over and
 //! fences under either policy.
 
-use crate::commit::HeldOutput;
+use crate::hold::HeldOutput;
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
 use crate::link::{self, Control, LinkEvent};

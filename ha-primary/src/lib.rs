@@ -7,18 +7,19 @@
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
-//! | [`commit`] | output commit: output held until its checkpoint is acknowledged |
+//! | [`hold`] | output commit: output held until its checkpoint is acknowledged, then released |
 //! | [`engine`] | the epoch loop tying them together, and the backup-lost policy |
 //! | [`stall`] | noticing that this process stood still long enough to be replaced |
 //! | [`report`] | per-epoch CSV statistics and JSON-lines events |
+//! | [`shape`] | link shaping: a token bucket holding the sender to a link rate |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
-pub mod commit;
 pub mod encode;
 pub mod engine;
 pub mod harvest;
+pub mod hold;
 pub mod link;
 pub mod metrics;
 pub mod report;

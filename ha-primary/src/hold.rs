@@ -1,5 +1,5 @@
-//! Output commit on the primary: output produced in epoch n is held until the backup
-//! acknowledges checkpoint n, then released to the world.
+//! Output commit on the primary (the *hold* stage): output produced in epoch n is held
+//! until the backup acknowledges checkpoint n, then released to the world.
 
 use ha_wire::output::{OutputError, OutputSink};
 use ha_workloads::guest_abi::OutputRecord;

@@ -13,9 +13,9 @@
 //! after the stall; if the backup is lost instead, the primary assumes it took over and
 //! fences under either policy.
 
-use crate::hold::HeldOutput;
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
+use crate::hold::HeldOutput;
 use crate::link::{self, Control, LinkEvent};
 use crate::metrics::Metrics;
 use crate::report::{EpochRow, Events, StatsCsv};

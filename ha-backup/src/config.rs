@@ -495,6 +495,7 @@ impl Config {
             block_size: self.block_size,
             mode: self.mode,
             backend: self.guest,
+            layout: self.guest.guest_layout(),
         }
     }
 

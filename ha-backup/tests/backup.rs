@@ -36,6 +36,7 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
     for kind in [BackendKind::Kvm, BackendKind::Xen] {
         let h = Hello {
             backend: kind,
+            layout: kind.guest_layout(),
             ..hello(4 * MIB)
         };
         let (_s, _, (ty, body)) = open_session(b.addr, &h);

@@ -238,6 +238,7 @@ pub fn run_with_metrics(
         block_size: cfg.codec.block_size,
         mode: cfg.codec.mode,
         backend: cfg.backend,
+        layout: cfg.backend.guest_layout(),
     };
     let link = link::connect(
         cfg.backup,

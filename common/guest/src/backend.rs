@@ -49,6 +49,17 @@ impl BackendKind {
         matches!(self, BackendKind::Kvm | BackendKind::Sim)
     }
 
+    /// The layout of this backend's guests, as the session's Hello carries it.
+    pub fn guest_layout(self) -> GuestLayout {
+        if self.runs_builtin_guests() {
+            GuestLayout::BuiltIn {
+                abi: ha_workloads::guest_abi::ABI_VERSION,
+            }
+        } else {
+            GuestLayout::Opaque
+        }
+    }
+
     /// The number the session's Hello carries.
     pub fn to_u8(self) -> u8 {
         self as u8
@@ -79,6 +90,50 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
+/// What the engine may know of a guest's memory besides its size: whether the guest is a
+/// built-in workload guest with a status page and an output ring at the addresses of a
+/// version of the guest ABI, or the operator's own guest whose memory is opaque.
+///
+/// Both sides of a session must agree: a backup of another ABI version would read the
+/// wrong words as progress and output after a failover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GuestLayout {
+    /// A built-in workload guest of guest ABI version `abi`.
+    BuiltIn {
+        /// The guest ABI version (never 0).
+        abi: u32,
+    },
+    /// A guest whose memory Castor copies but does not read (a Xen Linux guest).
+    Opaque,
+}
+
+impl GuestLayout {
+    /// The u32 the Hello carries: 0 for an opaque guest, else the ABI version.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            GuestLayout::BuiltIn { abi } => abi,
+            GuestLayout::Opaque => 0,
+        }
+    }
+
+    /// The layout the Hello's u32 names.
+    pub fn from_u32(n: u32) -> Self {
+        match n {
+            0 => GuestLayout::Opaque,
+            abi => GuestLayout::BuiltIn { abi },
+        }
+    }
+}
+
+impl std::fmt::Display for GuestLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestLayout::BuiltIn { abi } => write!(f, "built-in guest ABI v{abi}"),
+            GuestLayout::Opaque => f.write_str("opaque guest memory"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +160,27 @@ mod tests {
         assert_eq!(
             BackendKind::from_u8(3),
             Err(BackendKindError::UnknownNumber(3))
+        );
+    }
+
+    #[test]
+    fn layouts_round_trip_and_follow_the_backend() {
+        for l in [GuestLayout::Opaque, GuestLayout::BuiltIn { abi: 2 }] {
+            assert_eq!(GuestLayout::from_u32(l.to_u32()), l);
+        }
+        assert_eq!(BackendKind::Xen.guest_layout(), GuestLayout::Opaque);
+        assert_eq!(
+            BackendKind::Kvm.guest_layout(),
+            GuestLayout::BuiltIn {
+                abi: ha_workloads::guest_abi::ABI_VERSION
+            }
+        );
+        assert_eq!(
+            BackendKind::Sim.guest_layout().to_string(),
+            format!(
+                "built-in guest ABI v{}",
+                ha_workloads::guest_abi::ABI_VERSION
+            )
         );
     }
 }

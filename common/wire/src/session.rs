@@ -3,8 +3,9 @@
 //! with frame types 16 and up.
 //!
 //! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
-//! reason names both values of any mismatch, the guest backend's kind among them: a KVM
-//! primary and a Xen backup cannot fail over to each other). Then the primary sends epochs and, when
+//! reason names both values of any mismatch, the guest backend's kind and the guest's
+//! layout among them: a KVM primary and a Xen backup cannot fail over to each other, nor
+//! can two builds of different guest ABI versions). Then the primary sends epochs and, when
 //! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
 //! each committed epoch. The Welcome carries the backup's detection timeout, so that a
 //! primary can tell when it was silent long enough for the backup to have taken over.
@@ -18,15 +19,15 @@
 use crate::stream::put_frame;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
-use ha_guest::backend::BackendKind;
+use ha_guest::backend::{BackendKind, GuestLayout};
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 3;
+pub const SESSION_VERSION: u16 = 4;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
-/// backend kind.
-const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1;
+/// backend kind, guest layout.
+const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1 + 4;
 
 /// Session frame types.
 pub mod frame_type {
@@ -95,6 +96,8 @@ pub struct Hello {
     pub mode: Mode,
     /// The hypervisor backend that runs the guest (the backup restores it with the same).
     pub backend: BackendKind,
+    /// What the guest's memory holds besides its content (a built-in guest's ABI version).
+    pub layout: GuestLayout,
 }
 
 impl Hello {
@@ -108,6 +111,7 @@ impl Hello {
         b.extend_from_slice(&(self.block_size.bytes() as u32).to_le_bytes());
         b.push(self.mode as u8);
         b.push(self.backend.to_u8());
+        b.extend_from_slice(&self.layout.to_u32().to_le_bytes());
         put_frame(out, frame_type::HELLO, &b);
     }
 
@@ -151,6 +155,11 @@ impl Hello {
         let mode = Mode::from_u8(b[26]).ok_or(SessionError::Malformed("hello (mode)"))?;
         let backend =
             BackendKind::from_u8(b[27]).map_err(|_| SessionError::Malformed("hello (backend)"))?;
+        let layout = GuestLayout::from_u32(u32::from_le_bytes(
+            b[28..32]
+                .try_into()
+                .map_err(|_| SessionError::Malformed("hello"))?,
+        ));
         Ok(Self {
             version,
             memory_size,
@@ -158,12 +167,13 @@ impl Hello {
             block_size,
             mode,
             backend,
+            layout,
         })
     }
 
     /// Check the primary's Hello against what the backup was configured with; the error
     /// names the first parameter that differs and both values. The backend comes first:
-    /// when it differs, the other differences follow from it.
+    /// when it differs, the other differences follow from it; the guest layout next.
     pub fn check_against(&self, backup: &Hello) -> Result<(), SessionError> {
         let mismatch = |what, p: String, b: String| {
             Err(SessionError::Mismatch {
@@ -177,6 +187,13 @@ impl Hello {
                 "backend",
                 self.backend.to_string(),
                 backup.backend.to_string(),
+            );
+        }
+        if self.layout != backup.layout {
+            return mismatch(
+                "guest layout",
+                self.layout.to_string(),
+                backup.layout.to_string(),
             );
         }
         if self.memory_size != backup.memory_size {
@@ -289,6 +306,7 @@ mod tests {
             block_size: BlockSize::DEFAULT,
             mode: Mode::Fgbi,
             backend: BackendKind::Kvm,
+            layout: BackendKind::Kvm.guest_layout(),
         }
     }
 
@@ -328,7 +346,7 @@ mod tests {
         };
         xen.put(&mut out);
         let (_, body, _) = split_frame(&out).unwrap().unwrap();
-        assert_eq!(body.len(), 28);
+        assert_eq!(body.len(), 32);
         assert_eq!(body[27], 2);
         assert_eq!(Hello::parse(body), Ok(xen));
         let e = hello().check_against(&xen).unwrap_err();
@@ -353,6 +371,40 @@ mod tests {
         assert_eq!(
             hello().check_against(&backup).unwrap_err().to_string(),
             "backend mismatch: primary has kvm, backup has xen"
+        );
+    }
+
+    #[test]
+    fn a_guest_layout_mismatch_names_both_layouts() {
+        let mut out = Vec::new();
+        let next_abi = Hello {
+            layout: GuestLayout::BuiltIn { abi: 99 },
+            ..hello()
+        };
+        next_abi.put(&mut out);
+        let (_, body, _) = split_frame(&out).unwrap().unwrap();
+        assert_eq!(body[28..32], 99u32.to_le_bytes());
+        assert_eq!(Hello::parse(body), Ok(next_abi));
+        let ours = hello();
+        assert_eq!(
+            next_abi.check_against(&ours).unwrap_err().to_string(),
+            format!(
+                "guest layout mismatch: primary has built-in guest ABI v99, backup has \
+                 built-in guest ABI v{}",
+                ha_workloads::guest_abi::ABI_VERSION
+            )
+        );
+        let opaque = Hello {
+            layout: GuestLayout::Opaque,
+            ..hello()
+        };
+        assert_eq!(
+            opaque.check_against(&ours).unwrap_err().to_string(),
+            format!(
+                "guest layout mismatch: primary has opaque guest memory, backup has built-in \
+                 guest ABI v{}",
+                ha_workloads::guest_abi::ABI_VERSION
+            )
         );
     }
 
@@ -402,6 +454,16 @@ mod tests {
         assert_eq!(
             Hello::parse(&body[..27]),
             Err(SessionError::Malformed("hello"))
+        );
+        // So is a version 3 Hello (no guest layout).
+        let mut v = body[..28].to_vec();
+        v[8..10].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Version {
+                primary: 3,
+                backup: SESSION_VERSION
+            })
         );
         assert_eq!(Hello::parse(&[]), Err(SessionError::Malformed("hello")));
     }

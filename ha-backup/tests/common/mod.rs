@@ -55,6 +55,7 @@ pub fn hello(memory_size: u64) -> Hello {
         block_size: BlockSize::DEFAULT,
         mode: Mode::Fgbi,
         backend: BackendKind::Sim,
+        layout: BackendKind::Sim.guest_layout(),
     }
 }
 
@@ -310,8 +311,10 @@ impl FakePrimary {
         addr: SocketAddr,
         sink: Option<SocketAddr>,
     ) -> Self {
+        let backend: BackendKind = factory.name().parse().expect("a backend's name");
         let h = Hello {
-            backend: factory.name().parse().expect("a backend's name"),
+            backend,
+            layout: backend.guest_layout(),
             ..hello(spec.memory_size)
         };
         let (stream, buf, (ty, body)) = open_session(addr, &h);

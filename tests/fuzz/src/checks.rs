@@ -522,6 +522,7 @@ pub fn handshake_ours() -> ha_wire::session::Hello {
         block_size: BlockSize::DEFAULT,
         mode: GUEST_MODE,
         backend: ha_guest::backend::BackendKind::Kvm,
+        layout: ha_guest::backend::BackendKind::Kvm.guest_layout(),
     }
 }
 

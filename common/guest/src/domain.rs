@@ -7,10 +7,10 @@
 //!
 //! [`Domain`] carries what every guest has. What only some guests have is a capability
 //! that a domain hands out or not: an [`OutputChannel`] (output that output commit holds
-//! back: the built-in guests' output ring) and a [`StatusProbe`] (the built-in guests'
-//! progress, checksum and output counters). A Xen Linux guest has neither, and says so
-//! by returning `None`, so nothing is drained from or read at a built-in guest's address
-//! in its memory.
+//! back: the built-in guests' output ring), a [`StatusProbe`] (the built-in guests'
+//! progress, checksum and output counters) and a [`Disk`] (a disk whose writes commit
+//! with the checkpoint). A Xen Linux guest has none of them, and says so by returning
+//! `None`, so nothing is drained from or read at a built-in guest's address in its memory.
 
 use ha_codec::bitmap::PageBitmap;
 use ha_workloads::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
@@ -117,6 +117,12 @@ pub trait Domain: Send {
         None
     }
 
+    /// The guest's disk, if it has one whose writes commit with the checkpoint (a
+    /// virtio-blk disk of Castor's own VMM); `None` for a guest without one.
+    fn disk(&mut self) -> Option<&mut dyn Disk> {
+        None
+    }
+
     /// [`OutputChannel::drain`] of the guest's output channel; an error naming the
     /// missing capability for a guest without one.
     fn drain_output(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError> {
@@ -151,6 +157,27 @@ pub trait OutputChannel {
     /// Move the output records the guest produced since the last drain into `out`, in
     /// sequence order (for the built-in guests: advancing the ring's tail in memory).
     fn drain(&mut self, out: &mut Vec<OutputRecord>) -> Result<(), DomainError>;
+}
+
+/// One write a guest's disk completed: `data` at byte `offset` of the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskWrite {
+    /// Byte offset on the disk (a multiple of the 512-byte sector).
+    pub offset: u64,
+    /// The bytes written (a whole number of sectors).
+    pub data: Vec<u8>,
+}
+
+/// A guest's disk whose writes commit with the checkpoint (Remus's disk buffering): a write
+/// completes on the primary's disk at once, travels in the checkpoint of the epoch it
+/// completed in, and reaches the backup's replica when that checkpoint commits.
+pub trait Disk {
+    /// The disk's size in bytes.
+    fn disk_size(&self) -> u64;
+
+    /// Move the writes completed since the last drain into `out`, in completion order.
+    /// Called while the guest is paused, so the set is exactly the epoch's.
+    fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError>;
 }
 
 /// What a guest reports of its own work.

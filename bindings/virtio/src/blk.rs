@@ -1,0 +1,340 @@
+//! A virtio-blk disk over a raw image file, whose completed writes are kept for the
+//! checkpoint that replicates them.
+//!
+//! The device serves its queue synchronously when the driver rings the doorbell: every
+//! request the driver made available is read, checked, executed against the image file and
+//! completed before the doorbell's exit returns. So no request is ever in flight at a
+//! checkpoint, and the saved state is the transport's registers alone.
+//!
+//! Each completed write is also appended to the device's write log, which the backend
+//! drains at each checkpoint ([`Blk::drain_writes`]): the write is on the primary's disk at
+//! once, and on the backup's replica when its checkpoint commits (Remus's disk buffering).
+//!
+//! A request the device cannot make sense of — a descriptor outside guest memory, a chain
+//! with its parts in the wrong direction, sectors past the end, a size that is not whole
+//! sectors, an unknown type — is completed with an error status; it never touches memory
+//! outside the guest and never stops the VMM.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ha_guest::domain::DiskWrite;
+use tracing::{debug, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::QueueT;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestMemory};
+
+use crate::mmio::{MmioError, MmioEvent, MmioState, MmioTransport};
+
+/// Bytes in a sector, the unit of every request.
+pub const SECTOR_SIZE: u64 = 512;
+/// Entries of the device's virtqueue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most data one request may carry (larger ones get an I/O error).
+pub const MAX_REQUEST_BYTES: u32 = 4 << 20;
+/// What a GET_ID request answers (padded with zeros to 20 bytes).
+pub const DISK_ID: &[u8] = b"castor-disk";
+
+/// Request completed.
+pub const STATUS_OK: u8 = 0;
+/// Request failed: a bad request, or the image file failed.
+pub const STATUS_IOERR: u8 = 1;
+/// Request type not supported.
+pub const STATUS_UNSUPP: u8 = 2;
+
+/// Bytes of a request header: `u32 type | u32 reserved | u64 sector`.
+const HEADER_LEN: u32 = 16;
+
+/// Errors opening or restoring a disk.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The image file cannot be opened or measured.
+    #[error("disk image {path}")]
+    Open {
+        /// The image's path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image whose size is not a positive whole number of sectors.
+    #[error("disk image {path} is {size} bytes: not a positive multiple of 512")]
+    Size {
+        /// The image's path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// The transport refused the set-up or the saved state.
+    #[error("virtio-blk transport")]
+    Transport(#[source] MmioError),
+}
+
+/// A virtio-blk disk: the transport, the image file and the log of completed writes.
+#[derive(Debug)]
+pub struct Blk {
+    transport: MmioTransport,
+    file: File,
+    size: u64,
+    writes: Vec<DiskWrite>,
+}
+
+impl Blk {
+    /// A reset disk over the image at `path` (opened read-write; its size is the disk's).
+    pub fn open(path: &Path) -> Result<Self, BlkError> {
+        let (file, size) = open_image(path)?;
+        let transport = MmioTransport::new(VIRTIO_ID_BLOCK, features(), config(size), QUEUE_SIZE)
+            .map_err(BlkError::Transport)?;
+        Ok(Self {
+            transport,
+            file,
+            size,
+            writes: Vec::new(),
+        })
+    }
+
+    /// The disk over the image at `path` with the transport as `state` saved it (on the
+    /// backup: the replica, after the checkpoint's writes were applied to it).
+    pub fn restore(path: &Path, state: &MmioState) -> Result<Self, BlkError> {
+        let (file, size) = open_image(path)?;
+        let transport =
+            MmioTransport::restore(VIRTIO_ID_BLOCK, features(), config(size), QUEUE_SIZE, state)
+                .map_err(BlkError::Transport)?;
+        Ok(Self {
+            transport,
+            file,
+            size,
+            writes: Vec::new(),
+        })
+    }
+
+    /// The transport's registers, for the saved state.
+    pub fn state(&self) -> MmioState {
+        self.transport.state()
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A driver's read in the device's MMIO window.
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        self.transport.read(offset, data);
+    }
+
+    /// A driver's write in the device's MMIO window; a doorbell serves the queue at once.
+    /// Returns how many requests completed.
+    pub fn mmio_write<M: GuestMemory>(&mut self, mem: &M, offset: u64, data: &[u8]) -> usize {
+        match self.transport.write(offset, data) {
+            MmioEvent::Notify => self.serve(mem),
+            MmioEvent::Reset => {
+                debug!("virtio-blk: reset by the driver");
+                0
+            }
+            MmioEvent::None => 0,
+        }
+    }
+
+    /// Move the writes completed since the last drain into `out`, in completion order.
+    pub fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) {
+        out.append(&mut self.writes);
+    }
+
+    /// Complete every request the driver made available. Returns how many completed.
+    pub fn serve<M: GuestMemory>(&mut self, mem: &M) -> usize {
+        let mut done = 0;
+        while let Some(chain) = self.transport.queue_mut().pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<Descriptor> = chain.collect();
+            let written = self.request(mem, &descs);
+            if let Err(e) = self.transport.queue_mut().add_used(mem, head, written) {
+                warn!(error = %e, "virtio-blk: used ring not writable; request dropped");
+                continue;
+            }
+            done += 1;
+        }
+        if done > 0 {
+            self.transport.signal_used();
+        }
+        done
+    }
+
+    /// Check and execute one request; write its status byte when there is a place for it.
+    /// Returns the bytes the device wrote into the guest's buffers, the status included.
+    fn request<M: GuestMemory>(&mut self, mem: &M, descs: &[Descriptor]) -> u32 {
+        // The status byte goes into the last descriptor, which must be the device's to
+        // write; without one the request cannot even be failed.
+        let Some(status_desc) = descs.last().filter(|d| d.is_write_only() && d.len() >= 1) else {
+            debug!("virtio-blk: request without a status byte dropped");
+            return 0;
+        };
+        let (status, data_written) = match self.execute(mem, descs) {
+            Ok(n) => (STATUS_OK, n),
+            Err(status) => (status, 0),
+        };
+        if mem.write_obj(status, status_desc.addr()).is_err() {
+            debug!("virtio-blk: status byte outside guest memory");
+            return 0;
+        }
+        data_written.saturating_add(1)
+    }
+
+    /// Execute a request whose last descriptor is its status byte; the bytes written into
+    /// the guest's buffers, or the error status.
+    fn execute<M: GuestMemory>(&mut self, mem: &M, descs: &[Descriptor]) -> Result<u32, u8> {
+        let (header, rest) = descs.split_first().ok_or(STATUS_IOERR)?;
+        let data = rest.get(..rest.len().saturating_sub(1)).unwrap_or(&[]);
+        if header.is_write_only() || header.len() < HEADER_LEN || data.len() + 2 != descs.len() {
+            return Err(STATUS_IOERR);
+        }
+        let mut h = [0u8; HEADER_LEN as usize];
+        mem.read_slice(&mut h, header.addr())
+            .map_err(|_| STATUS_IOERR)?;
+        let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+        let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+        let total = data
+            .iter()
+            .try_fold(0u32, |n, d| n.checked_add(d.len()))
+            .filter(|n| *n <= MAX_REQUEST_BYTES)
+            .ok_or(STATUS_IOERR)?;
+        match kind {
+            VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+                let offset = self.range(sector, total)?;
+                if kind == VIRTIO_BLK_T_IN {
+                    self.read(mem, data, offset)?;
+                    Ok(total)
+                } else {
+                    self.write(mem, data, offset)?;
+                    Ok(0)
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                // Completes locally: output commit holds everything the guest says about
+                // the flush until the checkpoint that carries its writes is committed.
+                self.file.sync_data().map_err(|e| {
+                    warn!(error = %e, "virtio-blk: flush failed");
+                    STATUS_IOERR
+                })?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let d = data
+                    .first()
+                    .filter(|d| d.is_write_only())
+                    .ok_or(STATUS_IOERR)?;
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                id[..DISK_ID.len()].copy_from_slice(DISK_ID);
+                let n = d.len().min(VIRTIO_BLK_ID_BYTES);
+                mem.write_slice(&id[..n as usize], d.addr())
+                    .map_err(|_| STATUS_IOERR)?;
+                Ok(n)
+            }
+            other => {
+                debug!(kind = other, "virtio-blk: unsupported request type");
+                Err(STATUS_UNSUPP)
+            }
+        }
+    }
+
+    /// The byte offset of `bytes` at `sector`, when they are whole sectors on the disk.
+    fn range(&self, sector: u64, bytes: u32) -> Result<u64, u8> {
+        let bytes = u64::from(bytes);
+        if bytes % SECTOR_SIZE != 0 {
+            return Err(STATUS_IOERR);
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(STATUS_IOERR)?;
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.size => Ok(offset),
+            _ => Err(STATUS_IOERR),
+        }
+    }
+
+    /// IN: the disk's bytes at `offset` into the writable buffers `data`.
+    fn read<M: GuestMemory>(&self, mem: &M, data: &[Descriptor], offset: u64) -> Result<(), u8> {
+        let mut at = offset;
+        for d in data {
+            if !d.is_write_only() {
+                return Err(STATUS_IOERR);
+            }
+            let mut buf = vec![0u8; d.len() as usize];
+            self.file.read_exact_at(&mut buf, at).map_err(|e| {
+                warn!(error = %e, "virtio-blk: image read failed");
+                STATUS_IOERR
+            })?;
+            mem.write_slice(&buf, d.addr()).map_err(|_| STATUS_IOERR)?;
+            at += u64::from(d.len());
+        }
+        Ok(())
+    }
+
+    /// OUT: the readable buffers `data` onto the disk at `offset`, and into the write log.
+    /// The whole request is read from guest memory before anything is written, so a bad
+    /// buffer leaves the disk unchanged.
+    fn write<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        data: &[Descriptor],
+        offset: u64,
+    ) -> Result<(), u8> {
+        let mut bytes = Vec::new();
+        for d in data {
+            if d.is_write_only() {
+                return Err(STATUS_IOERR);
+            }
+            let start = bytes.len();
+            bytes.resize(start + d.len() as usize, 0);
+            mem.read_slice(&mut bytes[start..], d.addr())
+                .map_err(|_| STATUS_IOERR)?;
+        }
+        self.file.write_all_at(&bytes, offset).map_err(|e| {
+            warn!(error = %e, "virtio-blk: image write failed");
+            STATUS_IOERR
+        })?;
+        if !bytes.is_empty() {
+            self.writes.push(DiskWrite {
+                offset,
+                data: bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Open an image read-write and measure it.
+fn open_image(path: &Path) -> Result<(File, u64), BlkError> {
+    let open_err = |source| BlkError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(open_err)?;
+    let size = file.metadata().map_err(open_err)?.len();
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(BlkError::Size {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok((file, size))
+}
+
+/// The features the disk offers besides VERSION_1.
+fn features() -> u64 {
+    1u64 << VIRTIO_BLK_F_FLUSH
+}
+
+/// The configuration space: `u64 capacity` in sectors (the rest of `virtio_blk_config`
+/// belongs to features the disk does not offer).
+fn config(size: u64) -> Vec<u8> {
+    (size / SECTOR_SIZE).to_le_bytes().to_vec()
+}

@@ -102,16 +102,9 @@ impl Blk {
     /// The disk over the image at `path` with the transport as `state` saved it (on the
     /// backup: the replica, after the checkpoint's writes were applied to it).
     pub fn restore(path: &Path, state: &MmioState) -> Result<Self, BlkError> {
-        let (file, size) = open_image(path)?;
-        let transport =
-            MmioTransport::restore(VIRTIO_ID_BLOCK, features(), config(size), QUEUE_SIZE, state)
-                .map_err(BlkError::Transport)?;
-        Ok(Self {
-            transport,
-            file,
-            size,
-            writes: Vec::new(),
-        })
+        let mut blk = Self::open(path)?;
+        blk.transport.restore(state).map_err(BlkError::Transport)?;
+        Ok(blk)
     }
 
     /// The transport's registers, for the saved state.

@@ -128,23 +128,17 @@ impl MmioTransport {
         })
     }
 
-    /// The transport of `state`, for a device as [`MmioTransport::new`] describes it.
-    pub fn restore(
-        device_id: u32,
-        features: u64,
-        config: Vec<u8>,
-        queue_max: u16,
-        state: &MmioState,
-    ) -> Result<Self, MmioError> {
-        let mut t = Self::new(device_id, features, config, queue_max)?;
-        if state.driver_features & !t.device_features != 0 {
+    /// Put the registers back as `state` saved them (a reset transport of the same
+    /// device); on an error the transport is unchanged.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), MmioError> {
+        if state.driver_features & !self.device_features != 0 {
             return Err(MmioError::BadState(
                 "driver features the device never offered",
             ));
         }
         let q = state.queue;
-        t.queue = Queue::try_from(QueueState {
-            max_size: queue_max,
+        self.queue = Queue::try_from(QueueState {
+            max_size: self.queue.max_size(),
             next_avail: q.next_avail,
             next_used: q.next_used,
             event_idx_enabled: false,
@@ -155,11 +149,11 @@ impl MmioTransport {
             used_ring: q.used_ring,
         })
         .map_err(MmioError::Queue)?;
-        t.driver_features = state.driver_features;
-        (t.device_features_sel, t.driver_features_sel) = state.features_sel;
-        t.status = state.status;
-        t.interrupt_status = state.interrupt_status;
-        Ok(t)
+        self.driver_features = state.driver_features;
+        (self.device_features_sel, self.driver_features_sel) = state.features_sel;
+        self.status = state.status;
+        self.interrupt_status = state.interrupt_status;
+        Ok(())
     }
 
     /// The registers as the driver left them.

@@ -7,7 +7,7 @@
 
 use crate::cases::PagePairs;
 use ha_codec::PAGE_SIZE;
-use ha_codec::block::{BlockSize, Page};
+use ha_codec::block::{BlockSize, DiffMask, Page, SimdPath};
 use ha_codec::cache::PageCache;
 use ha_codec::codec::{
     self, Batch, CodecConfig, EncodedBatch, Encoding, GeneralCodec, Mode, PageEncoder,
@@ -34,18 +34,41 @@ pub enum Knowledge {
 /// What is measured: the bare XBZRLE encoder, or a full mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Subject {
-    /// `xbzrle::encode` alone, budget one page (QEMU's encoder's job).
-    Delta,
-    /// A `PageEncoder` in this mode.
+    /// `xbzrle::encode` alone, budget one page (QEMU's encoder's job), with its page
+    /// comparison on one SIMD path.
+    Delta(SimdPath),
+    /// A `PageEncoder` in this mode (its page comparisons on the best path).
     Mode(Mode),
 }
 
 impl Subject {
-    /// Name in reports.
+    /// Name in reports: the mode, or `delta/<path>`.
     pub fn name(self) -> &'static str {
         match self {
-            Subject::Delta => "delta",
+            Subject::Delta(SimdPath::Avx512) => "delta/avx512",
+            Subject::Delta(SimdPath::Avx2) => "delta/avx2",
+            Subject::Delta(SimdPath::Sse2) => "delta/sse2",
+            Subject::Delta(SimdPath::Portable) => "delta/portable",
             Subject::Mode(m) => m.name(),
+        }
+    }
+
+    /// The subject a `--mode` word names: a mode, `delta` (the best SIMD path this CPU
+    /// has) or `delta/<path>`; a path this CPU cannot run is an error.
+    pub fn parse(word: &str) -> Result<Self, String> {
+        match word.split_once('/') {
+            None if word == "delta" => Ok(Subject::Delta(SimdPath::best())),
+            Some(("delta", path)) => {
+                let p: SimdPath = path.parse()?;
+                if !p.available() {
+                    return Err(format!("this CPU cannot run the {} path", p.name()));
+                }
+                Ok(Subject::Delta(p))
+            }
+            _ => word
+                .parse::<Mode>()
+                .map(Subject::Mode)
+                .map_err(|e| e.to_string()),
         }
     }
 }
@@ -154,7 +177,7 @@ pub fn run(input: &Input, subject: Subject, s: &Settings, memcpy: f64) -> Row {
     let pages = input.pairs.len();
     let bytes_in = (pages * PAGE_SIZE) as u64;
     let (encode_t, decode_t, bytes_out, wire_bytes, ok, kinds) = match subject {
-        Subject::Delta => run_delta(input, s.reps),
+        Subject::Delta(path) => run_delta(input, path, s.reps),
         Subject::Mode(mode) => run_mode(input, mode, s),
     };
     let encode_gbps = gbps(bytes_in, encode_t);
@@ -192,7 +215,7 @@ fn page_of(bytes: &[u8], i: usize) -> &Page {
 }
 
 /// The bare delta encoder: what QEMU's `xbzrle_encode_buffer` does for each pair.
-fn run_delta(input: &Input, reps: usize) -> Outcome {
+fn run_delta(input: &Input, path: SimdPath, reps: usize) -> Outcome {
     let p = &input.pairs;
     let n = p.len();
     let mut lens = vec![0usize; n];
@@ -204,8 +227,10 @@ fn run_delta(input: &Input, reps: usize) -> Outcome {
         |_| {
             for i in 0..n {
                 let o = &mut out[i * stride..(i + 1) * stride];
-                lens[i] = xbzrle::encode(page_of(&p.old, i), page_of(&p.new, i), o, PAGE_SIZE)
-                    .map_or(usize::MAX, |l| l);
+                let (old, new) = (page_of(&p.old, i), page_of(&p.new, i));
+                let mask = DiffMask::with_path(path, old, new);
+                lens[i] =
+                    xbzrle::encode_with_mask(&mask, new, o, PAGE_SIZE).map_or(usize::MAX, |l| l);
             }
         },
     );

@@ -10,7 +10,7 @@ use ha_bench::codec::{self, Input, Knowledge, Row, Settings, Subject};
 use ha_bench::compare::{self, CompareArgs, Rate};
 use ha_bench::{cases, pgpairs, plot};
 use ha_codec::block::BlockSize;
-use ha_codec::codec::{GeneralCodec, Mode};
+use ha_codec::codec::GeneralCodec;
 use ha_daemon::error_chain;
 use ha_daemon::units::{parse_duration, parse_rate};
 use ha_workloads::guest_abi::Workload;
@@ -234,7 +234,8 @@ struct CodecArgs {
     /// Run no PGPAIRS files (not even the default ones).
     #[arg(long)]
     no_pairs: bool,
-    /// Modes to run: delta (the bare XBZRLE encoder), remus, xbzrle, fgbi.
+    /// Modes to run: delta (the bare XBZRLE encoder on the best SIMD path; delta/avx512,
+    /// delta/avx2, delta/sse2, delta/portable name a path), remus, xbzrle, fgbi.
     #[arg(long = "mode", value_name = "MODE", value_delimiter = ',', default_values_t = ["delta".to_string(), "remus".to_string(), "xbzrle".to_string(), "fgbi".to_string()])]
     modes: Vec<String>,
     /// What the primary knows of each old page: its content, its block hashes, nothing.
@@ -485,13 +486,7 @@ fn run_codec(a: CodecArgs) -> Result<bool, String> {
     let subjects = a
         .modes
         .iter()
-        .map(|m| match m.as_str() {
-            "delta" => Ok(Subject::Delta),
-            other => other
-                .parse::<Mode>()
-                .map(Subject::Mode)
-                .map_err(|e| e.to_string()),
-        })
+        .map(|m| Subject::parse(m))
         .collect::<Result<Vec<_>, _>>()?;
     let letters: Vec<char> = if a.cases.is_empty() {
         cases::CASES.iter().map(|c| c.0).collect()
@@ -523,7 +518,7 @@ fn run_codec(a: CodecArgs) -> Result<bool, String> {
     let mut all_ok = true;
     if !a.json {
         println!(
-            "{:<16} {:<7} {:<6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9}  kinds",
+            "{:<16} {:<14} {:<6} {:>6} {:>9} {:>9} {:>8} {:>8} {:>6} {:>9}  kinds",
             "case",
             "mode",
             "cache",
@@ -579,7 +574,7 @@ fn print_row(r: &Row, json: bool) {
     kinds.sort();
     let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!(
-        "{:<16} {:<7} {:<6} {:>6} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>6} {:>9.1}  {}",
+        "{:<16} {:<14} {:<6} {:>6} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>6} {:>9.1}  {}",
         r.case,
         r.mode,
         format!("{:?}", r.cache).to_lowercase(),

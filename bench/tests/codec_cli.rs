@@ -139,3 +139,55 @@ fn bad_arguments_are_named() {
     assert!(!ok);
     assert!(stderr.contains("/nonexistent.pgpairs"), "{stderr}");
 }
+
+#[test]
+fn every_simd_path_of_the_delta_encoder_sends_the_same_bytes_and_the_path_is_named() {
+    use ha_codec::block::SimdPath;
+    let paths: Vec<SimdPath> = SimdPath::ALL
+        .into_iter()
+        .filter(|p| p.available())
+        .collect();
+    let mut modes: Vec<String> = paths
+        .iter()
+        .map(|p| format!("delta/{}", p.name()))
+        .collect();
+    modes.push("delta".into());
+    let (ok, stdout, stderr) = run(&[
+        "codec",
+        "--pages",
+        "256",
+        "--reps",
+        "1",
+        "--json",
+        "--no-pairs",
+        "--mode",
+        &modes.join(","),
+    ]);
+    assert!(ok, "{stderr}");
+    let rows = rows(&stdout);
+    assert_eq!(rows.len(), 8 * modes.len());
+    let best = format!("delta/{}", SimdPath::best().name());
+    for case in rows
+        .iter()
+        .filter_map(|r| r["case"].as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let of_case: Vec<_> = rows.iter().filter(|r| r["case"] == case).collect();
+        // The plain `delta` row is the best path's, named after it.
+        assert_eq!(
+            of_case
+                .iter()
+                .filter(|r| r["mode"] == best.as_str())
+                .count(),
+            2,
+            "{case}"
+        );
+        for r in &of_case {
+            assert_eq!(r["roundtrip_ok"], true, "{r}");
+            assert_eq!(r["bytes_out"], of_case[0]["bytes_out"], "{case}: {r}");
+        }
+    }
+    let (ok, _, stderr) = run(&["codec", "--pages", "8", "--mode", "delta/avx3"]);
+    assert!(!ok);
+    assert!(stderr.contains("\"avx3\" is not a SIMD path"), "{stderr}");
+}

@@ -89,6 +89,39 @@ pub struct DiffMask {
     nonzero: u64,
 }
 
+/// The counts of a mask, added up word by word as the words are made (in the same pass as
+/// the compare, where the SIMD paths do it).
+#[derive(Default)]
+struct Tally {
+    changed: u32,
+    runs: u32,
+    /// The previous word's last bit (a run may continue across words).
+    carry: u64,
+    nonzero: u64,
+}
+
+impl Tally {
+    /// Count word `i`, `w`.
+    #[inline(always)]
+    fn add(&mut self, i: usize, w: u64) {
+        self.changed += w.count_ones();
+        self.runs += (w & !((w << 1) | self.carry)).count_ones();
+        self.carry = w >> 63;
+        self.nonzero |= u64::from(w != 0) << i;
+    }
+
+    /// The mask of `words`, which this tally counted.
+    #[inline(always)]
+    fn finish(self, words: [u64; PAGE_SIZE / 64]) -> DiffMask {
+        DiffMask {
+            words,
+            changed: self.changed,
+            runs: self.runs,
+            nonzero: self.nonzero,
+        }
+    }
+}
+
 impl std::fmt::Debug for DiffMask {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -218,19 +251,11 @@ impl DiffMask {
 
     /// A mask from its words, counting differing bytes and runs.
     fn from_words(words: [u64; PAGE_SIZE / 64]) -> Self {
-        let (mut changed, mut runs, mut carry, mut nonzero) = (0u32, 0u32, 0u64, 0u64);
+        let mut t = Tally::default();
         for (i, &w) in words.iter().enumerate() {
-            changed += w.count_ones();
-            runs += (w & !((w << 1) | carry)).count_ones();
-            carry = w >> 63;
-            nonzero |= u64::from(w != 0) << i;
+            t.add(i, w);
         }
-        Self {
-            words,
-            changed,
-            runs,
-            nonzero,
-        }
+        t.finish(words)
     }
 
     /// The mask of a page against an all-zero page: the page's non-zero bytes.
@@ -418,14 +443,14 @@ fn nonzero_bytes(x: u64) -> u8 {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{DiffMask, PAGE_SIZE, Page};
+    use super::{DiffMask, PAGE_SIZE, Page, Tally};
     use std::arch::x86_64::*;
 
     /// AVX-512BW: one 64-byte compare per word of the mask, whose result is the word.
     #[target_feature(enable = "avx512f,avx512bw,popcnt")]
     pub(super) fn diff_avx512(old: &Page, new: &Page) -> DiffMask {
         let mut words = [0u64; PAGE_SIZE / 64];
-        let (mut changed, mut runs, mut carry, mut nonzero) = (0u32, 0u32, 0u64, 0u64);
+        let mut tally = Tally::default();
         for (i, w) in words.iter_mut().enumerate() {
             let off = i * 64;
             // SAFETY: off + 64 <= PAGE_SIZE, so both 64-byte unaligned loads at off stay
@@ -436,17 +461,9 @@ mod simd {
                 _mm512_cmpneq_epi8_mask(a, b)
             };
             *w = d;
-            changed += d.count_ones();
-            runs += (d & !((d << 1) | carry)).count_ones();
-            carry = d >> 63;
-            nonzero |= u64::from(d != 0) << i;
+            tally.add(i, d);
         }
-        DiffMask {
-            words,
-            changed,
-            runs,
-            nonzero,
-        }
+        tally.finish(words)
     }
 
     /// AVX2: two 32-byte compares per 64-byte word of the mask; the counts use POPCNT
@@ -454,7 +471,7 @@ mod simd {
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) fn diff_avx2(old: &Page, new: &Page) -> DiffMask {
         let mut words = [0u64; PAGE_SIZE / 64];
-        let (mut changed, mut runs, mut carry, mut nonzero) = (0u32, 0u32, 0u64, 0u64);
+        let mut tally = Tally::default();
         for (i, w) in words.iter_mut().enumerate() {
             let off = i * 64;
             // SAFETY: off + 64 <= PAGE_SIZE, so both 32-byte unaligned loads at off and
@@ -473,17 +490,9 @@ mod simd {
             };
             let d = !(u64::from(lo) | u64::from(hi) << 32);
             *w = d;
-            changed += d.count_ones();
-            runs += (d & !((d << 1) | carry)).count_ones();
-            carry = d >> 63;
-            nonzero |= u64::from(d != 0) << i;
+            tally.add(i, d);
         }
-        DiffMask {
-            words,
-            changed,
-            runs,
-            nonzero,
-        }
+        tally.finish(words)
     }
 
     /// SSE2: four 16-byte compares per 64-byte word of the mask.

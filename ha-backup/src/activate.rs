@@ -11,7 +11,7 @@ use ha_wire::output::{OutputError, OutputSink, Source};
 use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use serde_json::json;
 
-use crate::commit::{Checkpoint, ring_records};
+use crate::commit::{Resumable, ring_records};
 use crate::events::EventLog;
 
 /// How often output is drained and released while active.
@@ -75,7 +75,8 @@ impl std::fmt::Debug for Active {
     }
 }
 
-/// Take the guest over: restore it from `cp`, connect to the output sink (if any),
+/// Take the guest over: restore it from `cp` (on the committed image itself, where the
+/// backend can take it over without a copy), connect to the output sink (if any),
 /// re-release the records still in the committed ring up to the checkpoint's `out_head`,
 /// and resume it. `declared` is when the primary was declared dead.
 ///
@@ -85,18 +86,20 @@ impl std::fmt::Debug for Active {
 /// guests' addresses.
 pub fn activate(
     factory: &dyn DomainFactory,
-    cp: Checkpoint<'_>,
+    cp: Resumable,
     output: Option<SocketAddr>,
     declared: Instant,
 ) -> Result<Active, ActivateError> {
-    let mut domain =
-        factory
-            .restore(cp.image, cp.state)
-            .map_err(|source| ActivateError::Restore {
-                epoch: cp.epoch,
-                backend: factory.name(),
-                source,
-            })?;
+    // The committed ring, read before the image becomes the running guest's memory.
+    let ring = ring_records(cp.image.as_slice());
+    let epoch = cp.epoch;
+    let mut domain = factory
+        .restore_image(cp.image, &cp.state)
+        .map_err(|source| ActivateError::Restore {
+            epoch,
+            backend: factory.name(),
+            source,
+        })?;
     let mut sink = output
         .map(|addr| OutputSink::connect(addr, Source::Backup))
         .transpose()
@@ -107,7 +110,7 @@ pub fn activate(
     // A guest with an output channel is a built-in one: its committed ring holds the
     // records to re-release.
     let records = if domain.output_channel().is_some() {
-        ring_records(cp.image)
+        ring
     } else {
         Vec::new()
     };
@@ -121,7 +124,7 @@ pub fn activate(
     Ok(Active {
         domain,
         sink,
-        epoch: cp.epoch,
+        epoch,
         resumed_from,
         rereleased: records.len() as u64,
         released: 0,

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use ha_codec::PAGE_SIZE;
+use ha_guest::image::{GuestImage, ImageError};
 use ha_wire::stream::StagedEpoch;
 use ha_workloads::guest_abi::{
     GuestStatus, OUTPUT_RECORD_SIZE, OUTPUT_RING_SLOTS, OutputRecord, STATUS_GPA,
@@ -47,10 +48,11 @@ pub struct Applied {
     pub commit_us: u64,
 }
 
-/// The backup's committed copy of the guest.
+/// The backup's committed copy of the guest. The image is a memfd ([`GuestImage`]), which
+/// a backend that can takes over as the restored guest's memory at failover.
 #[derive(Debug)]
 pub struct Committed {
-    image: Vec<u8>,
+    image: GuestImage,
     /// Whether the image is a built-in guest's (its status page and output ring are at
     /// the guest ABI's addresses); otherwise nothing is read at those addresses.
     builtin: bool,
@@ -70,22 +72,33 @@ pub struct Checkpoint<'a> {
     pub epoch: u64,
 }
 
+/// The latest checkpoint, given away to be resumed: the image itself, not a copy.
+#[derive(Debug)]
+pub struct Resumable {
+    /// Guest memory at the checkpoint.
+    pub image: GuestImage,
+    /// The vCPU/device state saved at the checkpoint.
+    pub state: Vec<u8>,
+    /// The checkpoint's epoch.
+    pub epoch: u64,
+}
+
 impl Committed {
     /// An all-zero image of `memory_size` bytes; nothing committed. `builtin`: the guest
     /// is a built-in workload guest, whose status page can be read from the image.
-    pub fn new(memory_size: usize, builtin: bool) -> Self {
-        Self {
-            image: vec![0; memory_size],
+    pub fn new(memory_size: usize, builtin: bool) -> Result<Self, ImageError> {
+        Ok(Self {
+            image: GuestImage::new(memory_size)?,
             builtin,
             state: None,
             epoch: 0,
             checkpoint: 0,
-        }
+        })
     }
 
     /// The committed image.
     pub fn image(&self) -> &[u8] {
-        &self.image
+        self.image.as_slice()
     }
 
     /// The last committed epoch (0: none).
@@ -96,7 +109,19 @@ impl Committed {
     /// The latest checkpoint, if one was committed.
     pub fn checkpoint(&self) -> Option<Checkpoint<'_>> {
         self.state.as_deref().map(|state| Checkpoint {
-            image: &self.image,
+            image: self.image.as_slice(),
+            state,
+            epoch: self.checkpoint,
+        })
+    }
+
+    /// The latest checkpoint, if one was committed, with the image itself: what failover
+    /// resumes. Whatever was committed after it (pre-copy cannot follow a checkpoint) is
+    /// in the image too, so image and state are of the same instant.
+    pub fn into_checkpoint(self) -> Option<Resumable> {
+        let state = self.state?;
+        Some(Resumable {
+            image: self.image,
             state,
             epoch: self.checkpoint,
         })
@@ -112,8 +137,8 @@ impl Committed {
                 checkpoint: self.checkpoint,
             });
         }
-        staged.commit(&mut self.image);
-        if staged.check_image(&self.image).is_err() {
+        staged.commit(self.image.as_mut_slice());
+        if staged.check_image(self.image.as_slice()).is_err() {
             return Err(CommitError::ImageMismatch {
                 epoch: staged.epoch,
             });
@@ -135,7 +160,7 @@ impl Committed {
 
     /// The guest's status page in the committed image (None: not a built-in guest).
     pub fn status(&self) -> Option<GuestStatus> {
-        self.builtin.then(|| status_of(&self.image))
+        self.builtin.then(|| status_of(self.image.as_slice()))
     }
 }
 
@@ -218,7 +243,7 @@ mod tests {
 
     #[test]
     fn apply_commits_checks_and_keeps_state() {
-        let mut c = Committed::new(64 * PAGE_SIZE, true);
+        let mut c = Committed::new(64 * PAGE_SIZE, true).expect("image");
         let a = c.apply(staged(1, 10, 1, false, None)).expect("pre-copy");
         assert!(!a.checkpoint);
         assert!(c.checkpoint().is_none());
@@ -234,7 +259,15 @@ mod tests {
         let e = c.apply(staged(3, 12, 3, false, None)).unwrap_err();
         assert!(matches!(e, CommitError::PrecopyAfterCheckpoint { .. }));
         assert!(c.image() == want, "a refused epoch leaves the image alone");
+        let cp = c.into_checkpoint().expect("a checkpoint");
+        assert_eq!((cp.epoch, cp.state.as_slice()), (2, &b"state"[..]));
+        assert!(
+            cp.image.as_slice() == want,
+            "the image itself is handed over"
+        );
+        let mut c = Committed::new(64 * PAGE_SIZE, true).expect("image");
         let e = c.apply(staged(3, 12, 3, true, Some([0; 32]))).unwrap_err();
         assert!(matches!(e, CommitError::ImageMismatch { epoch: 3 }));
+        assert!(c.into_checkpoint().is_none(), "nothing to resume");
     }
 }

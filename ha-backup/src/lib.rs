@@ -103,6 +103,9 @@ pub enum BackupError {
     /// Taking the guest over failed.
     #[error("failover failed")]
     Activate(#[from] ActivateError),
+    /// The committed image cannot be held.
+    #[error("no memory for the committed image")]
+    Image(#[from] ha_guest::image::ImageError),
 }
 
 /// How the backup ended, when it did not fail.
@@ -251,7 +254,7 @@ fn serve(
     let mut committed = Committed::new(
         usize::try_from(cfg.memory_size).unwrap_or(usize::MAX),
         cfg.guest.runs_builtin_guests(),
-    );
+    )?;
     let mut stager = Stager::new(cfg, 1);
     let received = receive(&mut rx, &mut stager, &mut committed, sinks, stop);
     refuser.stop();
@@ -310,7 +313,7 @@ fn serve(
         json!({"reason": loss.reason.to_string(), "last_epoch": last_epoch, "detect_ms": detect_ms}),
     );
 
-    fail_over(cfg, factory, stop, sinks, &committed, &loss)
+    fail_over(cfg, factory, stop, sinks, committed, &loss)
 }
 
 /// Activating → active: resume the guest from the last checkpoint and run it.
@@ -319,10 +322,10 @@ fn fail_over(
     factory: &dyn DomainFactory,
     stop: &AtomicBool,
     sinks: &mut Sinks<'_>,
-    committed: &Committed,
+    committed: Committed,
     loss: &Loss,
 ) -> Result<Exit, BackupError> {
-    let Some(cp) = committed.checkpoint() else {
+    let Some(cp) = committed.into_checkpoint() else {
         error!("primary lost before the first checkpoint: nothing to resume");
         return Ok(Exit::NoCheckpoint);
     };

@@ -193,7 +193,7 @@ fn committed_image_equals_primary_memory_and_corrupt_epochs_leave_it() {
     let cli: Cli = clap::Parser::try_parse_from(["ha-backup", "--memory", MEM]).expect("cli");
     let cfg = Config::from_cli(&cli).expect("config");
     let mut stager = Stager::new(&cfg, 1);
-    let mut committed = Committed::new(spec.memory_size as usize, true);
+    let mut committed = Committed::new(spec.memory_size as usize, true).expect("image");
     let mut src = Epochs::new(&SimFactory::new(), &spec);
     let feed = |stager: &mut Stager, committed: &mut Committed, bytes: &[u8]| {
         let mut at = 0;
@@ -788,7 +788,8 @@ impl DomainFactory for Opaque {
 #[test]
 fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
     use ha_backup::activate::activate;
-    use ha_backup::commit::Checkpoint;
+    use ha_backup::commit::Resumable;
+    use ha_guest::image::GuestImage;
     let f = SimFactory::new();
     let mut d = f.create(&sim_spec()).expect("create");
     d.resume().expect("resume");
@@ -799,22 +800,30 @@ fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
     }
     d.pause().expect("pause");
     let state = d.save_state().expect("save");
-    let mut image = vec![0u8; usize::try_from(d.memory_size()).expect("size")];
-    d.read_memory(0, &mut image).expect("read");
-    let cp = Checkpoint {
-        image: &image,
-        state: &state,
-        epoch: 9,
+    let checkpoint = || {
+        let mut image =
+            GuestImage::new(usize::try_from(d.memory_size()).expect("size")).expect("image");
+        d.read_memory(0, image.as_mut_slice()).expect("read");
+        Resumable {
+            image,
+            state: state.clone(),
+            epoch: 9,
+        }
     };
-    let mut full = activate(&f, cp, None, Instant::now()).expect("activate on the sim");
+    let mut full = activate(&f, checkpoint(), None, Instant::now()).expect("activate on the sim");
     assert!(full.rereleased >= 5, "{full:?}");
     let st = full.resumed_from.expect("the sim reports its status");
     assert!(st.out_head >= 5, "{st:?}");
     assert!(full.status().expect("status").is_some());
     full.pump(&mut Vec::new()).expect("pump");
 
-    let mut opaque =
-        activate(&Opaque(SimFactory::new()), cp, None, Instant::now()).expect("activate");
+    let mut opaque = activate(
+        &Opaque(SimFactory::new()),
+        checkpoint(),
+        None,
+        Instant::now(),
+    )
+    .expect("activate");
     assert_eq!(opaque.rereleased, 0, "{opaque:?}");
     assert!(opaque.resumed_from.is_none(), "{opaque:?}");
     assert!(opaque.status().expect("status").is_none());

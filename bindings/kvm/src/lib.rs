@@ -31,6 +31,7 @@ pub mod vm;
 use std::path::PathBuf;
 
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::image::GuestImage;
 
 pub use vm::KvmDomain;
 
@@ -95,5 +96,15 @@ impl DomainFactory for KvmFactory {
 
     fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError> {
         Ok(Box::new(self.restore_kvm(image, state)?))
+    }
+
+    fn restore_image(
+        &self,
+        image: GuestImage,
+        state: &[u8],
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        Ok(Box::new(KvmDomain::restore_in_place(
+            &self.cfg, image, state,
+        )?))
     }
 }

@@ -49,6 +49,19 @@ impl GuestRam {
         Ok(Self { region })
     }
 
+    /// Take over the `size` bytes of `file` (a committed image's memfd) as guest memory,
+    /// mapped shared: the guest runs on the image in place, with nothing copied.
+    pub fn from_file(file: std::fs::File, size: usize) -> Result<Self, MemoryError> {
+        let page = NonZeroUsize::new(PAGE_SIZE).unwrap_or(NonZeroUsize::MIN);
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, page))
+            .with_file_offset(vm_memory::FileOffset::new(file, 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size, source })?;
+        Ok(Self { region })
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.region.size()

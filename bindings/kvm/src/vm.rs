@@ -11,6 +11,7 @@ use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{
     BoxError, Domain, DomainError, OutputChannel, StatusProbe, read_status_page,
 };
+use ha_guest::image::GuestImage;
 use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -68,7 +69,13 @@ struct Bare {
     ram: Arc<GuestRam>,
 }
 
-fn build(cfg: &VmConfig, memory_size: u64) -> Result<Bare, DomainError> {
+/// A VM whose memory is fresh zeroed memory (`image` None) or the image's memfd, taken
+/// over in place.
+fn build(
+    cfg: &VmConfig,
+    memory_size: u64,
+    image: Option<std::fs::File>,
+) -> Result<Bare, DomainError> {
     let path =
         CString::new(cfg.device.as_os_str().as_bytes()).map_err(|e| backend("open KVM", e))?;
     let kvm = Kvm::new_with_path(&path).map_err(|e| unavailable(&cfg.device, "opening it", e))?;
@@ -76,7 +83,11 @@ fn build(cfg: &VmConfig, memory_size: u64) -> Result<Bare, DomainError> {
         .create_vm()
         .map_err(|e| unavailable(&cfg.device, "KVM_CREATE_VM", e))?;
     let size = usize::try_from(memory_size).map_err(|e| backend("guest memory size", e))?;
-    let ram = Arc::new(GuestRam::new(size).map_err(|e| backend("map guest memory", e))?);
+    let ram = match image {
+        None => GuestRam::new(size),
+        Some(file) => GuestRam::from_file(file, size),
+    };
+    let ram = Arc::new(ram.map_err(|e| backend("map guest memory", e))?);
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: if cfg.dirty_log {
@@ -88,7 +99,7 @@ fn build(cfg: &VmConfig, memory_size: u64) -> Result<Bare, DomainError> {
         memory_size,
         userspace_addr: ram.host_addr(),
     };
-    // SAFETY: `ram` is a live anonymous mapping of exactly `memory_size` bytes; it is the
+    // SAFETY: `ram` is a live mapping of exactly `memory_size` bytes; it is the
     // only slot of this VM, and the domain keeps `ram` alive (Arc) until after the VM fd is
     // closed (field order of `KvmDomain`).
     unsafe { vm.set_user_memory_region(region) }
@@ -102,6 +113,24 @@ fn build(cfg: &VmConfig, memory_size: u64) -> Result<Bare, DomainError> {
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| backend("KVM_SET_CPUID2", e))?;
     Ok(Bare { kvm, vm, vcpu, ram })
+}
+
+/// The saved state in `blob`, checked against an image of `image_len` bytes.
+fn restorable(blob: &[u8], image_len: usize) -> Result<state::SavedState, DomainError> {
+    let saved = state::decode(blob).map_err(|e| DomainError::BadState(e.to_string()))?;
+    if image_len as u64 != saved.memory_size {
+        return Err(DomainError::ImageSize {
+            got: image_len as u64,
+            expected: saved.memory_size,
+        });
+    }
+    if saved.memory_size == 0 || saved.memory_size % (2 << 20) != 0 {
+        return Err(DomainError::BadState(format!(
+            "memory size {:#x}",
+            saved.memory_size
+        )));
+    }
+    Ok(saved)
 }
 
 /// The host TSC frequency in kHz: KVM's view of the vCPU, else /proc/cpuinfo, else 0.
@@ -155,7 +184,7 @@ impl KvmDomain {
     ) -> Result<Self, DomainError> {
         guest::validate(spec.memory_size, &spec.params)
             .map_err(|e| backend("check guest spec", e))?;
-        let bare = build(cfg, spec.memory_size)?;
+        let bare = build(cfg, spec.memory_size, None)?;
         guest::write_boot_pages(&bare.ram).map_err(|e| backend("write boot pages", e))?;
         let mut params = spec.params.clone();
         if params.tsc_khz == 0 && params.rate > 0 {
@@ -187,26 +216,34 @@ impl KvmDomain {
 
     /// Build a guest from a memory image and saved state, paused.
     pub(crate) fn restore(cfg: &VmConfig, image: &[u8], blob: &[u8]) -> Result<Self, DomainError> {
-        let saved = state::decode(blob).map_err(|e| DomainError::BadState(e.to_string()))?;
-        if image.len() as u64 != saved.memory_size {
-            return Err(DomainError::ImageSize {
-                got: image.len() as u64,
-                expected: saved.memory_size,
-            });
-        }
-        if saved.memory_size == 0 || saved.memory_size % (2 << 20) != 0 {
-            return Err(DomainError::BadState(format!(
-                "memory size {:#x}",
-                saved.memory_size
-            )));
-        }
-        let bare = build(cfg, saved.memory_size)?;
+        let saved = restorable(blob, image.len())?;
+        let bare = build(cfg, saved.memory_size, None)?;
         bare.ram
             .load_image(image)
             .map_err(|e| backend("copy memory image", e))?;
-        state::restore(&bare.kvm, &bare.vm, &bare.vcpu, &saved)
+        Self::finish_restore(bare, &saved, cfg.dirty_log)
+    }
+
+    /// [`KvmDomain::restore`] on the image's own memory: the memfd becomes the guest's RAM,
+    /// so nothing is copied whatever the memory size.
+    pub(crate) fn restore_in_place(
+        cfg: &VmConfig,
+        image: GuestImage,
+        blob: &[u8],
+    ) -> Result<Self, DomainError> {
+        let saved = restorable(blob, image.len())?;
+        let bare = build(cfg, saved.memory_size, Some(image.into_file()))?;
+        Self::finish_restore(bare, &saved, cfg.dirty_log)
+    }
+
+    fn finish_restore(
+        bare: Bare,
+        saved: &state::SavedState,
+        dirty_log: bool,
+    ) -> Result<Self, DomainError> {
+        state::restore(&bare.kvm, &bare.vm, &bare.vcpu, saved)
             .map_err(|e| backend("restore vCPU state", e))?;
-        Self::finish(bare, cfg.dirty_log)
+        Self::finish(bare, dirty_log)
     }
 
     /// Doorbell exits the vCPU thread has served.

@@ -11,6 +11,7 @@ use common::*;
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{Domain, DomainError, DomainFactory};
+use ha_guest::image::GuestImage;
 use ha_workloads::guest_abi::{
     GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, page_count,
 };
@@ -352,12 +353,16 @@ fn save_restore_continues_the_guest() {
         }
     }
 
-    // Save a restored guest again and restore that (a second failover).
+    // Save a restored guest again and restore that (a second failover), this time the way
+    // the backup does: the guest takes the committed image over as its memory.
     let state2 = d2.save_state().unwrap();
     let image2 = snapshot(d2.as_ref());
     let st2 = d2.status().unwrap();
     drop(d2);
-    let mut d3 = factory.restore(&image2, &state2).unwrap();
+    let mut committed = GuestImage::new(image2.len()).unwrap();
+    committed.as_mut_slice().copy_from_slice(&image2);
+    let mut d3 = factory.restore_image(committed, &state2).unwrap();
+    assert!(snapshot(d3.as_ref()) == image2, "the image is the guest's memory");
     let st3 = run_until(d3.as_mut(), st2.progress + 500, 5);
     d3.check_health().unwrap();
     assert!(st3.progress > st2.progress);
@@ -381,6 +386,11 @@ fn restore_rejects_bad_input() {
     assert!(matches!(
         factory.restore(&image, b"garbage"),
         Err(DomainError::BadState(_))
+    ));
+    let short = GuestImage::new(image.len() / 2).unwrap();
+    assert!(matches!(
+        factory.restore_image(short, &state),
+        Err(DomainError::ImageSize { .. })
     ));
     let mut cut = state.clone();
     cut.truncate(state.len() / 2);

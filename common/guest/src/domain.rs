@@ -12,6 +12,7 @@
 //! with the checkpoint). A Xen Linux guest has none of them, and says so by returning
 //! `None`, so nothing is drained from or read at a built-in guest's address in its memory.
 
+use crate::image::GuestImage;
 use ha_codec::bitmap::PageBitmap;
 use ha_workloads::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
 
@@ -213,4 +214,15 @@ pub trait DomainFactory: Send + Sync {
     /// Build a guest from a memory image and the state saved by
     /// [`Domain::save_state`] at the same checkpoint, paused.
     fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError>;
+
+    /// [`DomainFactory::restore`] from an image the guest may take over as its memory: a
+    /// backend that can map it as the guest's RAM does so instead of copying it, so the
+    /// restore costs the same at any memory size. By default, a copy.
+    fn restore_image(
+        &self,
+        image: GuestImage,
+        state: &[u8],
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        self.restore(image.as_slice(), state)
+    }
 }

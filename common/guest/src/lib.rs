@@ -11,7 +11,9 @@
 //! | [`domain`] | `Domain`, its capabilities, `DomainFactory`, `GuestSpec` |
 //! | [`backend`] | which hypervisor backend runs a guest (`BackendKind`) |
 //! | [`envelope`] | the one envelope of every backend's saved state (magic, version, checksum) |
+//! | [`image`] | a memory image a backend can take over as a guest's RAM without a copy |
 
 pub mod backend;
 pub mod domain;
 pub mod envelope;
+pub mod image;

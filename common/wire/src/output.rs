@@ -3,20 +3,17 @@
 //!
 //! Output records are held by the primary until the checkpoint that produced them is
 //! committed at the backup (output commit), then *released*: sent to an output sink over
-//! TCP as frames of type [`OUTPUT_FRAME`]. After a failover the backup releases the
+//! TCP as frames of type [`FrameType::Output`]. After a failover the backup releases the
 //! guest's output itself. The backup appends a line `epoch out_head` to its *ack log*
 //! before it acknowledges each checkpoint, so a consumer can check that every record it
 //! receives from the primary belongs to a committed checkpoint ([`OutputChecker`]).
 
-use crate::stream::{put_frame, split_frame};
+use crate::frame::{FrameReader, FrameType, MAX_FRAME, put_frame};
 use ha_workloads::guest_abi::{OUTPUT_PAYLOAD, OutputRecord};
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Seek, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-
-/// Frame type of a released output record.
-pub const OUTPUT_FRAME: u8 = 32;
 
 /// Errors of the output path.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +98,7 @@ pub fn encode_record(out: &mut Vec<u8>, source: Source, r: &OutputRecord) {
     body.push(source as u8);
     body.extend_from_slice(&r.seq.to_le_bytes());
     body.extend_from_slice(&r.payload[..r.payload.len().min(OUTPUT_PAYLOAD)]);
-    put_frame(out, OUTPUT_FRAME, &body);
+    put_frame(out, FrameType::Output, &body);
 }
 
 /// Parse an output frame body.
@@ -130,31 +127,27 @@ pub fn decode_record(body: &[u8]) -> Result<(Source, OutputRecord), OutputError>
 
 /// Read output frames from `r` until EOF, calling `f` for each record.
 pub fn read_records(
-    mut r: impl Read,
+    r: impl Read,
     mut f: impl FnMut(Source, OutputRecord),
 ) -> Result<(), OutputError> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 64 << 10];
+    let mut frames = FrameReader::new(r, MAX_FRAME);
     loop {
-        let n = match r.read(&mut chunk) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return Ok(()), // the releasing side died: that is a normal end here
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        let mut at = 0;
-        while let Some((ty, body, len)) =
-            split_frame(&buf[at..]).map_err(|_| OutputError::Malformed("frame"))?
+        while let Some(frame) = frames
+            .next_buffered()
+            .map_err(|_| OutputError::Malformed("frame"))?
         {
-            if ty != OUTPUT_FRAME {
+            if !frame.is(FrameType::Output) {
                 return Err(OutputError::Malformed("frame type"));
             }
-            let (s, rec) = decode_record(body)?;
+            let (s, rec) = decode_record(frame.body())?;
             f(s, rec);
-            at += len;
         }
-        buf.drain(..at);
+        match frames.fill() {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(()), // the releasing side died: that is a normal end here
+        }
     }
 }
 

@@ -44,7 +44,7 @@ pub const MAX_PAYLOAD: usize = MAX_MESSAGE - TAG_LEN;
 pub const KEY_LEN: usize = 32;
 /// How long a peer has to complete the handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes read from the socket at a time (ciphertext here; the backup's frame reader uses
+/// Bytes read from the socket at a time (ciphertext here; the frame reader uses
 /// the same size).
 pub const READ_CHUNK: usize = 256 << 10;
 

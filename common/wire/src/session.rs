@@ -1,12 +1,13 @@
 //! Session messages between a primary and its backup: the handshake, acknowledgements and
 //! heartbeats. They travel as frames ([`crate::frame`]), with frame types 16 and up.
 //!
-//! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
-//! reason names both values of any mismatch, the guest backend's kind among them: a KVM
-//! primary and a Xen backup cannot fail over to each other). Then the primary sends epochs and, when
-//! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
-//! each committed epoch. The Welcome carries the backup's detection timeout, so that a
-//! primary can tell when it was silent long enough for the backup to have taken over.
+//! The primary opens with [`Hello`]; the backup answers [`Welcome`] or a Refuse
+//! ([`put_refuse`]; the reason names both values of any mismatch, the guest backend's kind
+//! among them: a KVM primary and a Xen backup cannot fail over to each other). Then the
+//! primary sends epochs and, when nothing else went out for a heartbeat interval, a
+//! heartbeat; the backup acknowledges each committed epoch. The Welcome carries the
+//! backup's detection timeout, so that a primary can tell when it was silent long enough
+//! for the backup to have taken over.
 //!
 //! A session ends on purpose with a stand-down from the primary — its guest goes on
 //! without this backup: a guest that outlives the primary (Xen) when protection stops, or

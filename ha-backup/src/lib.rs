@@ -587,7 +587,7 @@ fn receive(
                 });
             }
         };
-        if frame.ty == ha_wire::session::frame_type::STAND_DOWN {
+        if frame.is(ha_wire::frame::FrameType::StandDown) {
             return Ok(Received::StoodDown(
                 String::from_utf8_lossy(frame.body()).into_owned(),
             ));

@@ -1,4 +1,5 @@
-//! The *receive* stage: the primary's TCP connection turned into whole frames.
+//! The *receive* stage: the primary's TCP connection turned into whole frames (by the
+//! wire crate's [`FrameReader`]).
 //!
 //! [`Receiver::next_frame`] reads with a short socket timeout and returns the next frame
 //! that is not a heartbeat; heartbeats only prove the primary alive. When no frame at all
@@ -13,14 +14,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+pub use ha_wire::frame::Frame;
+use ha_wire::frame::{FrameError, FrameReader, FrameType, MAX_FRAME};
 use ha_wire::secure::{self, Deadline, PairKey, SecureError, SecureStream};
-use ha_wire::session::{self, Hello, SessionError, frame_type as session_type};
-use ha_wire::stream::{StreamError, split_frame};
+use ha_wire::session::{self, Hello, SessionError};
 
 /// How long a new connection may take to finish the Noise handshake and send its Hello
 /// (the secure channel's handshake deadline).
 pub use ha_wire::secure::HANDSHAKE_TIMEOUT;
-use ha_wire::secure::READ_CHUNK;
 /// How long an Ack or a session answer may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -38,7 +39,7 @@ pub enum ReceiveError {
     Io(#[source] std::io::Error),
     /// The byte stream is not made of valid frames.
     #[error("bad frame from the primary")]
-    Framing(#[source] StreamError),
+    Framing(#[source] FrameError),
     /// An encrypted message failed to authenticate (altered, replayed, reordered).
     #[error("encrypted channel")]
     Tampered(#[source] std::io::Error),
@@ -93,13 +94,6 @@ impl Wire {
         }
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Wire::Plain(s) => s.read(buf),
-            Wire::Secure(s) => s.read(buf),
-        }
-    }
-
     fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         match self {
             Wire::Plain(s) => s.write_all(buf).and_then(|()| s.flush()),
@@ -108,30 +102,21 @@ impl Wire {
     }
 }
 
-/// One whole frame: its type and its bytes on the wire (length prefix included).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
-    /// Frame type.
-    pub ty: u8,
-    /// The frame as received: `u32 length | u8 type | body`.
-    pub raw: Vec<u8>,
-}
-
-impl Frame {
-    /// The frame's body.
-    pub fn body(&self) -> &[u8] {
-        self.raw.get(5..).unwrap_or(&[])
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Secure(s) => s.read(buf),
+        }
     }
 }
 
 /// Reads frames from one primary connection.
 #[derive(Debug)]
 pub struct Receiver {
-    wire: Wire,
+    frames: FrameReader<Wire>,
     opened: Instant,
     peer: SocketAddr,
-    buf: Vec<u8>,
-    start: usize,
     timeout: Duration,
     last_frame: Instant,
     heartbeats: u64,
@@ -148,11 +133,9 @@ impl Receiver {
         stream.set_read_timeout(Some(poll))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         Ok(Self {
-            wire: Wire::Plain(stream),
+            frames: FrameReader::new(Wire::Plain(stream), MAX_FRAME),
             opened: Instant::now(),
             peer,
-            buf: Vec::with_capacity(READ_CHUNK * 2),
-            start: 0,
             timeout,
             last_frame: Instant::now(),
             heartbeats: 0,
@@ -181,14 +164,14 @@ impl Receiver {
 
     /// Whether the Noise channel is up.
     pub fn is_secure(&self) -> bool {
-        matches!(self.wire, Wire::Secure(_))
+        matches!(self.frames.get_ref(), Wire::Secure(_))
     }
 
     /// Run the responder's side of the Noise handshake with `key`; from then on every
     /// byte is decrypted (and authenticated) before it is read as a frame. It must finish
     /// within [`HANDSHAKE_TIMEOUT`] of the connection; `stop` abandons it.
     pub fn secure(&mut self, key: &PairKey, stop: &AtomicBool) -> Result<(), SecureError> {
-        let Wire::Plain(s) = &mut self.wire else {
+        let Wire::Plain(s) = self.frames.get_mut() else {
             return Ok(());
         };
         let d = Deadline {
@@ -197,24 +180,20 @@ impl Receiver {
         };
         let t = secure::respond(s, key, &d)?;
         let sock = s.try_clone().map_err(SecureError::Io)?;
-        self.wire = Wire::Secure(t.stream(sock));
+        *self.frames.get_mut() = Wire::Secure(t.stream(sock));
         Ok(())
     }
 
     /// The next frame that is not a heartbeat.
     pub fn next_frame(&mut self, stop: &AtomicBool) -> Result<Frame, ReceiveError> {
         loop {
-            if let Some((ty, _, len)) =
-                split_frame(&self.buf[self.start..]).map_err(ReceiveError::Framing)?
-            {
-                let raw = self.buf[self.start..self.start + len].to_vec();
-                self.start += len;
+            if let Some(frame) = self.frames.next_buffered().map_err(ReceiveError::Framing)? {
                 self.last_frame = Instant::now();
-                if ty == session_type::HEARTBEAT {
+                if frame.is(FrameType::Heartbeat) {
                     self.heartbeats += 1;
                     continue;
                 }
-                return Ok(Frame { ty, raw });
+                return Ok(frame);
             }
             self.fill(stop)?;
         }
@@ -222,23 +201,17 @@ impl Receiver {
 
     /// Read more bytes (at least one) or fail.
     fn fill(&mut self, stop: &AtomicBool) -> Result<(), ReceiveError> {
-        if self.start > 0 && self.start * 2 >= self.buf.len() {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let have = self.buf.len();
-        self.buf.resize(have + READ_CHUNK, 0);
         // Silence is declared only after a read that found nothing: a process stopped for a
         // while (SIGSTOP, a long stall) looks once more before believing its clock, so
         // frames that arrived meanwhile are read rather than taken for silence.
         let mut looked_again = false;
-        let res = loop {
+        loop {
             if stop.load(Ordering::Relaxed) {
-                break Err(ReceiveError::Stopped);
+                return Err(ReceiveError::Stopped);
             }
-            match self.wire.read(&mut self.buf[have..]) {
-                Ok(0) => break Err(ReceiveError::Closed),
-                Ok(n) => break Ok(n),
+            match self.frames.fill() {
+                Ok(0) => return Err(ReceiveError::Closed),
+                Ok(_) => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e)
                     if matches!(
@@ -249,32 +222,22 @@ impl Receiver {
                     let silent = self.last_frame.elapsed();
                     if silent >= self.timeout {
                         if looked_again {
-                            break Err(ReceiveError::Silent(silent));
+                            return Err(ReceiveError::Silent(silent));
                         }
                         looked_again = true;
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData && self.is_secure() => {
-                    break Err(ReceiveError::Tampered(e));
+                    return Err(ReceiveError::Tampered(e));
                 }
-                Err(e) => break Err(ReceiveError::Io(e)),
-            }
-        };
-        match res {
-            Ok(n) => {
-                self.buf.truncate(have + n);
-                Ok(())
-            }
-            Err(e) => {
-                self.buf.truncate(have);
-                Err(e)
+                Err(e) => return Err(ReceiveError::Io(e)),
             }
         }
     }
 
     /// Send bytes (an Ack, a Welcome, a Refuse) to the primary.
     pub fn send(&mut self, bytes: &[u8]) -> Result<(), std::io::Error> {
-        self.wire.write_all(bytes)
+        self.frames.get_mut().write_all(bytes)
     }
 
     /// Acknowledge a committed epoch.
@@ -286,7 +249,11 @@ impl Receiver {
 
     /// Close the connection both ways.
     pub fn close(&self) {
-        let _ = self.wire.sock().shutdown(std::net::Shutdown::Both);
+        let _ = self
+            .frames
+            .get_ref()
+            .sock()
+            .shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -327,7 +294,7 @@ pub fn handshake(
         let _ = rx.send(&out);
         rx.close();
     };
-    if frame.ty != session_type::HELLO {
+    if !frame.is(FrameType::Hello) {
         refuse(rx, &format!("expected Hello, got frame type {}", frame.ty));
         return Err(HandshakeError::NotHello(frame.ty));
     }
@@ -371,7 +338,7 @@ pub fn handshake(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ha_wire::stream::put_frame;
+    use ha_wire::frame::put_frame;
     use std::net::TcpListener;
 
     fn pair(timeout: Duration) -> (TcpStream, Receiver) {
@@ -388,9 +355,9 @@ mod tests {
         let (mut c, mut rx) = pair(Duration::from_millis(500));
         let mut out = Vec::new();
         session::put_heartbeat(&mut out);
-        put_frame(&mut out, 2, &[7; 1000]);
+        put_frame(&mut out, FrameType::Pages, &[7; 1000]);
         session::put_heartbeat(&mut out);
-        put_frame(&mut out, 4, &[1, 2, 3]);
+        put_frame(&mut out, FrameType::Trailer, &[1, 2, 3]);
         let (a, b) = out.split_at(700);
         c.write_all(a).expect("write");
         let t = std::thread::spawn({
@@ -431,7 +398,7 @@ mod tests {
         c.write_all(&[0, 0, 0, 0, 9]).expect("write");
         assert!(matches!(
             rx.next_frame(&stop),
-            Err(ReceiveError::Framing(StreamError::Truncated(_)))
+            Err(ReceiveError::Framing(FrameError::Empty))
         ));
     }
 }

@@ -13,9 +13,9 @@ use ha_backup::stage::Stager;
 use ha_guest::backend::BackendKind;
 use ha_guest::domain::{DomainError, DomainFactory};
 use ha_sim::SimFactory;
+use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputChecker, Source, committed_out_head};
-use ha_wire::session::{Hello, frame_type as st};
-use ha_wire::stream::split_frame;
+use ha_wire::session::Hello;
 
 const MEM: &str = "4M";
 
@@ -40,7 +40,12 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
             ..hello(4 * MIB)
         };
         let (_s, _, (ty, body)) = open_session(b.addr, &h);
-        assert_eq!(ty, st::REFUSE, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            ty,
+            FrameType::Refuse as u8,
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
         let reason = String::from_utf8_lossy(&body).to_string();
         assert_eq!(
             reason,
@@ -49,7 +54,12 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
         reasons.push(reason);
     }
     let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
-    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        ty,
+        FrameType::Welcome as u8,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let refused = b.events_named("refused", 2);
     assert_eq!(refused.len(), 2, "{refused:?}");
     for (e, reason) in refused.iter().zip(&reasons) {
@@ -65,7 +75,7 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
     let dir = scratch("refuse");
     let mut b = Backup::start(&dir, &sim_args(&["--detect-timeout", "100ms"]));
     let (_s, _, (ty, body)) = open_session(b.addr, &hello(8 * MIB));
-    assert_eq!(ty, st::REFUSE);
+    assert_eq!(ty, FrameType::Refuse as u8);
     let reason = String::from_utf8_lossy(&body).to_string();
     assert_eq!(
         reason,
@@ -74,14 +84,19 @@ fn mismatched_primary_is_refused_and_the_backup_keeps_listening() {
     let mut bad = hello(4 * MIB);
     bad.mode = ha_codec::codec::Mode::Remus;
     let (_s, _, (ty, body)) = open_session(b.addr, &bad);
-    assert_eq!(ty, st::REFUSE);
+    assert_eq!(ty, FrameType::Refuse as u8);
     assert_eq!(
         String::from_utf8_lossy(&body),
         "mode mismatch: primary has remus, backup has fgbi"
     );
     // A correct primary is welcomed.
     let (s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
-    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        ty,
+        FrameType::Welcome as u8,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert_eq!(
         ha_wire::session::Welcome::parse(&body).map(|w| w.next_epoch),
         Ok(1)
@@ -651,7 +666,7 @@ fn a_second_primary_is_refused_while_a_session_runs() {
     let mut p = FakePrimary::connect(&SimFactory::new(), &sim_spec(), b.addr, None);
     p.epoch(false, Verify::None);
     let (_s, _, (ty, body)) = open_session(b.addr, &hello(4 * MIB));
-    assert_eq!(ty, st::REFUSE);
+    assert_eq!(ty, FrameType::Refuse as u8);
     let reason = String::from_utf8_lossy(&body).to_string();
     assert!(
         reason.starts_with("another primary (127.0.0.1:")
@@ -670,7 +685,7 @@ fn a_hello_above_max_memory_is_refused() {
     let dir = scratch("max-memory");
     let _b = Backup::start(&dir, &sim_args(&["--max-memory", "4M"]));
     let (_s, _, (ty, body)) = open_session(_b.addr, &hello(1 << 40));
-    assert_eq!(ty, st::REFUSE);
+    assert_eq!(ty, FrameType::Refuse as u8);
     assert_eq!(
         String::from_utf8_lossy(&body),
         "guest memory 1099511627776 exceeds this backup's --max-memory 4194304"
@@ -687,7 +702,12 @@ fn insecure_backup_speaks_plain_tcp_and_warns() {
         &sim_args(&["--insecure", "--detect-timeout", "200ms"]),
     );
     let (s, (ty, body)) = open_session_plain(b.addr, &hello(4 * MIB));
-    assert_eq!(ty, st::WELCOME, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        ty,
+        FrameType::Welcome as u8,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     drop(s);
     assert_eq!(b.wait().code(), Some(2));
     assert!(

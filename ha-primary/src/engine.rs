@@ -766,12 +766,9 @@ impl Engine<'_> {
                 "backup_lost",
                 json!({ "reason": why, "policy": "continue" }),
             );
-            let mut frame = Vec::new();
-            ha_wire::session::put_stand_down(
-                &mut frame,
-                &format!("the primary declared this backup lost ({why}) and runs on unprotected"),
-            );
-            if self.ctl.send(Control::StandDown(frame)).is_ok() {
+            let reason =
+                format!("the primary declared this backup lost ({why}) and runs on unprotected");
+            if self.ctl.send(Control::StandDown(reason)).is_ok() {
                 self.standing_down = Some(Instant::now());
             }
             self.set_phase(Phase::Unprotected);
@@ -816,11 +813,9 @@ impl Engine<'_> {
         if !matches!(self.phase, Phase::Syncing | Phase::Protected) {
             return; // the session has ended already
         }
-        let mut buf = Vec::new();
-        ha_wire::session::put_stand_down(&mut buf, why);
         // Sent, then the backup closes the session once it has read it.
         let mut sent = false;
-        if self.ctl.send(Control::StandDown(buf)).is_ok() {
+        if self.ctl.send(Control::StandDown(why.to_owned())).is_ok() {
             let deadline = Instant::now() + STAND_DOWN_WAIT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 match self.link.recv_timeout(left) {

@@ -38,18 +38,23 @@ impl HeldOutput {
 
     /// Checkpoint `epoch` is committed: release everything held up to it.
     pub fn ack(&mut self, epoch: u64) -> Result<(), OutputError> {
-        while self.held.front().is_some_and(|(e, _)| *e <= epoch) {
-            if let Some((_, recs)) = self.held.pop_front() {
-                self.release(&recs)?;
-            }
-        }
-        Ok(())
+        self.release_while(|e| e <= epoch)
     }
 
     /// Release everything held, committed or not (the backup is gone and the policy is
     /// to continue unprotected).
     pub fn release_all(&mut self) -> Result<(), OutputError> {
-        self.ack(u64::MAX)
+        self.release_while(|_| true)
+    }
+
+    /// Release held output, oldest first, while its checkpoint is `due`.
+    fn release_while(&mut self, due: impl Fn(u64) -> bool) -> Result<(), OutputError> {
+        while self.held.front().is_some_and(|(e, _)| due(*e)) {
+            if let Some((_, recs)) = self.held.pop_front() {
+                self.release(&recs)?;
+            }
+        }
+        Ok(())
     }
 
     /// Release records at once (unprotected mode).

@@ -15,9 +15,9 @@
 
 use crate::shape::TokenBucket;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded, unbounded};
+use ha_wire::frame::{FrameReader, FrameType};
 use ha_wire::secure::{self, Deadline, PairKey, SecureError};
 use ha_wire::session::{self, Hello, SessionError, Welcome};
-use ha_wire::stream::split_frame;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -114,6 +114,9 @@ impl LinkError {
 /// The byte streams of a link: encrypted, or plain TCP.
 type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
 
+/// Largest frame the backup sends (its answers are small: Welcome, Refuse, Ack, Abort).
+const MAX_ANSWER: usize = 64 << 10;
+
 /// What the link reports to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
@@ -130,8 +133,9 @@ pub enum LinkEvent {
 /// How the engine ends a session; see the module's doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
-    /// Write this stand-down frame, report [`LinkEvent::StoodDown`], then half-close.
-    StandDown(Vec<u8>),
+    /// Write a stand-down with this reason, report [`LinkEvent::StoodDown`], then
+    /// half-close.
+    StandDown(String),
     /// Half-close now: no further epoch or heartbeat.
     Close,
 }
@@ -166,7 +170,7 @@ pub fn connect(
     let hs = |source| LinkError::Handshake { addr, source };
     s.set_nodelay(true).map_err(hs)?;
     s.set_read_timeout(Some(timeout)).map_err(hs)?;
-    let (mut rd, mut wr): Halves = match key {
+    let (rd, mut wr): Halves = match key {
         Some(k) => {
             let d = Deadline {
                 at: Instant::now() + timeout,
@@ -185,11 +189,16 @@ pub fn connect(
     let mut buf = Vec::new();
     hello.put(&mut buf);
     wr.write_all(&buf).map_err(hs)?;
-    let (ty, body) = read_frame(&mut rd).map_err(|e| LinkError::opening(addr, key.is_some(), e))?;
-    let welcome = match ty {
-        session::frame_type::WELCOME => Welcome::parse(&body)?,
-        session::frame_type::REFUSE => {
-            return Err(SessionError::Refused(String::from_utf8_lossy(&body).into_owned()).into());
+    let mut frames = FrameReader::new(rd, MAX_ANSWER);
+    let answer = frames
+        .read_frame()
+        .map_err(|e| LinkError::opening(addr, key.is_some(), e))?;
+    let welcome = match answer.kind() {
+        Ok(FrameType::Welcome) => Welcome::parse(answer.body())?,
+        Ok(FrameType::Refuse) => {
+            return Err(
+                SessionError::Refused(String::from_utf8_lossy(answer.body()).into_owned()).into(),
+            );
         }
         _ => return Err(SessionError::Malformed("handshake reply").into()),
     };
@@ -211,7 +220,7 @@ pub fn connect(
     }
     std::thread::Builder::new()
         .name("castor-acks".into())
-        .spawn(move || receiver(rd, etx))
+        .spawn(move || receiver(frames, etx))
         .map_err(hs)?;
     Ok(Link {
         tx,
@@ -276,7 +285,9 @@ fn sender(
             Next::Epoch(e, b) => (Some(e), b),
             Next::Heartbeat => (None, hb.clone()),
             Next::Control(Control::Close) | Next::Gone => return end(&sock),
-            Next::Control(Control::StandDown(frame)) => {
+            Next::Control(Control::StandDown(reason)) => {
+                let mut frame = Vec::new();
+                session::put_stand_down(&mut frame, &reason);
                 match write_shaped(&mut *s, &frame, shaper.as_mut()) {
                     Ok(()) => {
                         let _ = events.send(LinkEvent::StoodDown);
@@ -323,60 +334,33 @@ fn write_shaped(
     Ok(())
 }
 
-fn receiver(mut s: Box<dyn Read + Send>, events: Sender<LinkEvent>) {
+fn receiver(mut frames: FrameReader<Box<dyn Read + Send>>, events: Sender<LinkEvent>) {
     loop {
-        match read_frame(&mut s) {
-            Ok((session::frame_type::ACK, body)) => match session::parse_u64(&body, "ack") {
-                Ok(n) => {
-                    if events.send(LinkEvent::Ack(n, Instant::now())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = events.send(LinkEvent::Closed(e.to_string()));
-                    return;
-                }
-            },
-            Ok((session::frame_type::ABORT, body)) => {
-                let _ = events.send(LinkEvent::Closed(format!(
-                    "the backup ended the session: {}",
-                    String::from_utf8_lossy(&body)
-                )));
-                return;
-            }
-            Ok((ty, _)) => {
-                let _ = events.send(LinkEvent::Closed(format!(
-                    "unexpected frame type {ty} from the backup"
-                )));
-                return;
-            }
+        let frame = match frames.read_frame() {
+            Ok(f) => f,
             Err(e) => {
                 let _ = events.send(LinkEvent::Closed(format!("connection to the backup: {e}")));
                 return;
             }
-        }
-    }
-}
-
-/// Read one whole frame (small: session frames only).
-fn read_frame(s: &mut dyn Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let n = u32::from_le_bytes(len) as usize;
-    if n == 0 || n > 64 << 10 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("bad frame length {n}"),
-        ));
-    }
-    let mut frame = vec![0u8; 4 + n];
-    frame[..4].copy_from_slice(&len);
-    s.read_exact(&mut frame[4..])?;
-    match split_frame(&frame) {
-        Ok(Some((ty, body, _))) => Ok((ty, body.to_vec())),
-        _ => Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "bad frame",
-        )),
+        };
+        let closed = match frame.kind() {
+            Ok(FrameType::Ack) => match session::parse_u64(frame.body(), "ack") {
+                Ok(n) => {
+                    if events.send(LinkEvent::Ack(n, Instant::now())).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => e.to_string(),
+            },
+            Ok(FrameType::Abort) => format!(
+                "the backup ended the session: {}",
+                String::from_utf8_lossy(frame.body())
+            ),
+            Ok(other) => format!("unexpected frame type {other} from the backup"),
+            Err(unknown) => format!("{unknown} from the backup"),
+        };
+        let _ = events.send(LinkEvent::Closed(closed));
+        return;
     }
 }

@@ -9,10 +9,11 @@ use ha_codec::codec::{CodecConfig, GeneralCodec, Mode};
 use ha_guest::backend::BackendKind;
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 use ha_primary::engine::{self, Config};
+use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputChecker, read_records};
 use ha_wire::secure::{self, Deadline, PairKey};
 use ha_wire::session::{self, Hello};
-use ha_wire::stream::{Staging, split_frame};
+use ha_wire::stream::Staging;
 use ha_workloads::guest_abi::{
     GuestParams, GuestStatus, HEAP_GPA, OutputRecord, STATUS_GPA, Workload,
 };
@@ -88,10 +89,10 @@ fn fake_backup(
                 hello_done = true;
                 continue;
             }
-            if ty == session::frame_type::HEARTBEAT {
+            if ty == FrameType::Heartbeat as u8 {
                 continue;
             }
-            if ty == session::frame_type::STAND_DOWN {
+            if ty == FrameType::StandDown as u8 {
                 // Like ha-backup: the session ends here, without a takeover.
                 report.lock().unwrap().stood_down = Some(String::from_utf8_lossy(body).into());
                 return;

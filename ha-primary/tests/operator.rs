@@ -5,9 +5,10 @@
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
+use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::secure::{self, Deadline, PairKey};
 use ha_wire::session::{self, Hello};
-use ha_wire::stream::{Staging, split_frame};
+use ha_wire::stream::Staging;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -54,7 +55,7 @@ fn fake_backup(l: TcpListener, key: PairKey) {
                 hello_done = true;
                 continue;
             }
-            if ty == session::frame_type::HEARTBEAT {
+            if ty == FrameType::Heartbeat as u8 {
                 continue;
             }
             match staging.push(ty, &raw[5..], &raw, &image) {
@@ -425,7 +426,7 @@ fn a_backup_of_another_backend_stops_the_primary_naming_both_kinds() {
         let mut chunk = [0u8; 256];
         let h = loop {
             if let Some((ty, body, _)) = split_frame(&buf).expect("a frame") {
-                assert_eq!(ty, session::frame_type::HELLO);
+                assert_eq!(ty, FrameType::Hello as u8);
                 break Hello::parse(body).expect("hello");
             }
             let n = s.read(&mut chunk).expect("the Hello");

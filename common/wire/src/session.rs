@@ -1,14 +1,14 @@
 //! Session messages between a primary and its backup: the handshake, acknowledgements and
-//! heartbeats. They travel as frames of the epoch stream's format (`stream::put_frame`),
-//! with frame types 16 and up.
+//! heartbeats. They travel as frames ([`crate::frame`]), with frame types 16 and up.
 //!
-//! The primary opens with [`Hello`]; the backup answers [`Welcome`] or [`Refuse`] (the
-//! reason names both values of any mismatch, the guest backend's kind and the guest's
-//! layout among them: a KVM primary and a Xen backup cannot fail over to each other, nor
-//! can two builds of different guest ABI versions). Then the primary sends epochs and, when
-//! nothing else went out for a heartbeat interval, a heartbeat; the backup acknowledges
-//! each committed epoch. The Welcome carries the backup's detection timeout, so that a
-//! primary can tell when it was silent long enough for the backup to have taken over.
+//! The primary opens with [`Hello`]; the backup answers [`Welcome`] or a Refuse
+//! ([`put_refuse`]; the reason names both values of any mismatch, the guest backend's kind
+//! and the guest's layout among them: a KVM primary and a Xen backup cannot fail over to
+//! each other, nor can two builds of different guest ABI versions). Then the primary sends
+//! epochs and, when nothing else went out for a heartbeat interval, a heartbeat; the backup
+//! acknowledges each committed epoch. The Welcome carries the backup's detection timeout,
+//! so that a primary can tell when it was silent long enough for the backup to have taken
+//! over.
 //!
 //! A session ends on purpose with a stand-down from the primary — its guest goes on
 //! without this backup: a guest that outlives the primary (Xen) when protection stops, or
@@ -16,7 +16,7 @@
 //! not take over a guest that still runs. A backup that fails on its own (its ack log
 //! cannot be written) ends the session with an abort that says why.
 
-use crate::stream::put_frame;
+use crate::frame::{FrameType, put_frame};
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
 use ha_guest::backend::{BackendKind, GuestLayout};
@@ -28,26 +28,6 @@ pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
 /// backend kind, guest layout.
 const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1 + 4;
-
-/// Session frame types.
-pub mod frame_type {
-    /// Primary → backup: session parameters.
-    pub const HELLO: u8 = 16;
-    /// Backup → primary: accepted; the first epoch it expects and the backup's detection
-    /// timeout.
-    pub const WELCOME: u8 = 17;
-    /// Backup → primary: refused, with a reason.
-    pub const REFUSE: u8 = 18;
-    /// Backup → primary: epoch committed.
-    pub const ACK: u8 = 19;
-    /// Primary → backup: still alive.
-    pub const HEARTBEAT: u8 = 20;
-    /// Primary → backup: protection ends on purpose and the guest goes on without this
-    /// backup; do not take over (UTF-8 reason).
-    pub const STAND_DOWN: u8 = 21;
-    /// Backup → primary: the backup failed and ends the session (UTF-8 reason).
-    pub const ABORT: u8 = 22;
-}
 
 /// Errors parsing or checking session messages.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,7 +92,7 @@ impl Hello {
         b.push(self.mode as u8);
         b.push(self.backend.to_u8());
         b.extend_from_slice(&self.layout.to_u32().to_le_bytes());
-        put_frame(out, frame_type::HELLO, &b);
+        put_frame(out, FrameType::Hello, &b);
     }
 
     /// Parse a Hello body. The version is checked before anything else, so a peer of
@@ -241,7 +221,7 @@ impl Welcome {
         b[..8].copy_from_slice(&self.next_epoch.to_le_bytes());
         let us = u64::try_from(self.detect_timeout.as_micros()).unwrap_or(u64::MAX);
         b[8..].copy_from_slice(&us.to_le_bytes());
-        put_frame(out, frame_type::WELCOME, &b);
+        put_frame(out, FrameType::Welcome, &b);
     }
 
     /// Parse a Welcome body.
@@ -264,27 +244,27 @@ impl Welcome {
 
 /// Encode a Refuse with its reason.
 pub fn put_refuse(out: &mut Vec<u8>, reason: &str) {
-    put_frame(out, frame_type::REFUSE, reason.as_bytes());
+    put_frame(out, FrameType::Refuse, reason.as_bytes());
 }
 
 /// Encode an Ack of a committed epoch.
 pub fn put_ack(out: &mut Vec<u8>, epoch: u64) {
-    put_frame(out, frame_type::ACK, &epoch.to_le_bytes());
+    put_frame(out, FrameType::Ack, &epoch.to_le_bytes());
 }
 
 /// Encode a stand-down with its reason.
 pub fn put_stand_down(out: &mut Vec<u8>, reason: &str) {
-    put_frame(out, frame_type::STAND_DOWN, reason.as_bytes());
+    put_frame(out, FrameType::StandDown, reason.as_bytes());
 }
 
 /// Encode an abort with its reason (the backup failed and ends the session).
 pub fn put_abort(out: &mut Vec<u8>, reason: &str) {
-    put_frame(out, frame_type::ABORT, reason.as_bytes());
+    put_frame(out, FrameType::Abort, reason.as_bytes());
 }
 
 /// Encode a heartbeat.
 pub fn put_heartbeat(out: &mut Vec<u8>) {
-    put_frame(out, frame_type::HEARTBEAT, &[]);
+    put_frame(out, FrameType::Heartbeat, &[]);
 }
 
 /// Parse the u64 body of an Ack.
@@ -296,7 +276,7 @@ pub fn parse_u64(body: &[u8], what: &'static str) -> Result<u64, SessionError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream::split_frame;
+    use crate::frame::split_frame;
 
     fn hello() -> Hello {
         Hello {
@@ -315,7 +295,7 @@ mod tests {
         let mut out = Vec::new();
         hello().put(&mut out);
         let (ty, body, n) = split_frame(&out).unwrap().unwrap();
-        assert_eq!((ty, n), (frame_type::HELLO, out.len()));
+        assert_eq!((ty, n), (FrameType::Hello as u8, out.len()));
         let h = Hello::parse(body).unwrap();
         assert_eq!(h, hello());
         let backup = Hello {
@@ -477,7 +457,7 @@ mod tests {
         let mut out = Vec::new();
         w.put(&mut out);
         let (ty, body, _) = split_frame(&out).unwrap().unwrap();
-        assert_eq!(ty, frame_type::WELCOME);
+        assert_eq!(ty, FrameType::Welcome as u8);
         assert_eq!(Welcome::parse(body), Ok(w));
         assert_eq!(
             Welcome::parse(&body[..8]),
@@ -489,7 +469,7 @@ mod tests {
         let mut out = Vec::new();
         put_ack(&mut out, 42);
         let (ty, body, _) = split_frame(&out).unwrap().unwrap();
-        assert_eq!(ty, frame_type::ACK);
+        assert_eq!(ty, FrameType::Ack as u8);
         assert_eq!(parse_u64(body, "ack"), Ok(42));
         assert_eq!(
             parse_u64(&body[..3], "ack"),

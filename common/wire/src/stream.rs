@@ -22,6 +22,7 @@
 //! [`StagedEpoch`] whose [`StagedEpoch::commit`] copies the pages into the image. Any error
 //! discards the overlay; the image is never touched by a rejected epoch.
 
+use crate::frame::{FrameError, FrameType, put_frame};
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::{BlockSize, Page};
 use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
@@ -31,36 +32,17 @@ use std::collections::HashMap;
 
 /// Version of the epoch stream format.
 pub const STREAM_VERSION: u16 = 1;
-/// Largest frame accepted (type + body).
-pub const MAX_FRAME: usize = 8 << 20;
 /// Pages frames are cut at about this size.
 pub const PAGES_FRAME_TARGET: usize = 256 << 10;
 /// Largest state blob accepted.
 pub const MAX_STATE: usize = 4 << 20;
 
-/// Frame type numbers.
-pub mod frame_type {
-    /// Epoch header.
-    pub const HEADER: u8 = 1;
-    /// Page records.
-    pub const PAGES: u8 = 2;
-    /// vCPU/device state.
-    pub const STATE: u8 = 3;
-    /// Commit trailer.
-    pub const TRAILER: u8 = 4;
-    /// Digest of the whole guest memory (verification mode).
-    pub const VERIFY: u8 = 5;
-}
-
 /// Why an epoch was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
-    /// A frame shorter than its own header, or cut off.
-    #[error("frame truncated: {0}")]
-    Truncated(&'static str),
-    /// A frame longer than the cap.
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    FrameTooLarge(usize),
+    /// Bytes that are not a frame (see [`crate::frame`]).
+    #[error("bad frame")]
+    Frame(#[from] FrameError),
     /// A frame type that does not belong here.
     #[error("unexpected frame type {got} ({state})")]
     UnexpectedFrame {
@@ -156,35 +138,6 @@ pub struct EpochHeader {
     pub records: u32,
 }
 
-/// Append one frame (length, type, body).
-pub fn put_frame(out: &mut Vec<u8>, ty: u8, body: &[u8]) {
-    out.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
-    out.push(ty);
-    out.extend_from_slice(body);
-}
-
-/// One frame split off a buffer: its type, its body, and its whole length on the wire.
-pub type SplitFrame<'a> = (u8, &'a [u8], usize);
-
-/// Split one frame off the front of `buf`. `Ok(None)` when `buf` does not yet hold a
-/// whole frame.
-pub fn split_frame(buf: &[u8]) -> Result<Option<SplitFrame<'_>>, StreamError> {
-    let Some(len) = buf.get(..4) else {
-        return Ok(None);
-    };
-    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    if len == 0 {
-        return Err(StreamError::Truncated("zero-length frame"));
-    }
-    if len > MAX_FRAME {
-        return Err(StreamError::FrameTooLarge(len));
-    }
-    let Some(frame) = buf.get(4..4 + len) else {
-        return Ok(None);
-    };
-    Ok(Some((frame[0], &frame[1..], 4 + len)))
-}
-
 /// Writes one epoch's frames, keeping the running digest.
 #[derive(Debug)]
 pub struct EpochWriter {
@@ -211,7 +164,7 @@ impl EpochWriter {
         b.push(h.mode as u8);
         b.extend_from_slice(&(h.block_size.bytes() as u16).to_le_bytes());
         b.extend_from_slice(&h.records.to_le_bytes());
-        w.frame(out, frame_type::HEADER, &b);
+        w.frame(out, FrameType::Header, &b);
         w
     }
 
@@ -244,14 +197,14 @@ impl EpochWriter {
     /// Append the state blob.
     pub fn state(&mut self, out: &mut Vec<u8>, blob: &[u8]) {
         self.flush_pages(out);
-        self.frame(out, frame_type::STATE, blob);
+        self.frame(out, FrameType::State, blob);
     }
 
     /// Append the blake3 digest of the whole guest memory at this checkpoint, for the
     /// backup to check against its image after the commit (verification mode).
     pub fn verify(&mut self, out: &mut Vec<u8>, digest: &[u8; 32]) {
         self.flush_pages(out);
-        self.frame(out, frame_type::VERIFY, digest);
+        self.frame(out, FrameType::Verify, digest);
     }
 
     /// Write the trailer. Fails (writing nothing) if the records written differ from the
@@ -268,20 +221,20 @@ impl EpochWriter {
         b.extend_from_slice(&(self.records as u32).to_le_bytes());
         b.extend_from_slice(&self.bytes.to_le_bytes());
         b.extend_from_slice(self.hasher.finalize().as_bytes());
-        put_frame(out, frame_type::TRAILER, &b);
+        put_frame(out, FrameType::Trailer, &b);
         Ok(())
     }
 
     fn flush_pages(&mut self, out: &mut Vec<u8>) {
         if !self.body.is_empty() {
             let body = std::mem::take(&mut self.body);
-            self.frame(out, frame_type::PAGES, &body);
+            self.frame(out, FrameType::Pages, &body);
             self.body = body;
             self.body.clear();
         }
     }
 
-    fn frame(&mut self, out: &mut Vec<u8>, ty: u8, body: &[u8]) {
+    fn frame(&mut self, out: &mut Vec<u8>, ty: FrameType, body: &[u8]) {
         let start = out.len();
         put_frame(out, ty, body);
         self.hasher.update(&out[start..]);
@@ -418,7 +371,7 @@ impl Staging {
         image: &[u8],
     ) -> Result<Option<StagedEpoch>, StreamError> {
         let Some(cur) = &mut self.cur else {
-            if ty != frame_type::HEADER {
+            if ty != FrameType::Header as u8 {
                 return Err(StreamError::UnexpectedFrame {
                     got: ty,
                     state: "expected an epoch header",
@@ -438,14 +391,14 @@ impl Staging {
             });
             return Ok(None);
         };
-        match ty {
-            frame_type::PAGES => {
+        match FrameType::try_from(ty) {
+            Ok(FrameType::Pages) => {
                 cur.hasher.update(raw);
                 cur.bytes += raw.len() as u64;
                 stage_pages(cur, body, self.bs, self.pages, image)?;
                 Ok(None)
             }
-            frame_type::STATE => {
+            Ok(FrameType::State) => {
                 cur.hasher.update(raw);
                 cur.bytes += raw.len() as u64;
                 if cur.state.is_some() {
@@ -457,7 +410,7 @@ impl Staging {
                 cur.state = Some(body.to_vec());
                 Ok(None)
             }
-            frame_type::VERIFY => {
+            Ok(FrameType::Verify) => {
                 cur.hasher.update(raw);
                 cur.bytes += raw.len() as u64;
                 let d: [u8; 32] = body
@@ -470,7 +423,7 @@ impl Staging {
                 }
                 Ok(None)
             }
-            frame_type::TRAILER => {
+            Ok(FrameType::Trailer) => {
                 if body.len() != 44 {
                     return Err(StreamError::Malformed("trailer"));
                 }
@@ -515,8 +468,8 @@ impl Staging {
                     wire_bytes: cur.bytes,
                 }))
             }
-            other => Err(StreamError::UnexpectedFrame {
-                got: other,
+            _ => Err(StreamError::UnexpectedFrame {
+                got: ty,
                 state: "inside an epoch",
             }),
         }
@@ -616,6 +569,7 @@ fn stage_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frame::{MAX_FRAME, split_frame};
     use ha_codec::cache::PageCache;
     use ha_codec::codec::{Batch, CodecConfig, PageEncoder};
 
@@ -812,7 +766,7 @@ mod tests {
         assert_eq!(
             err,
             StreamError::UnexpectedFrame {
-                got: frame_type::PAGES,
+                got: FrameType::Pages as u8,
                 state: "expected an epoch header"
             }
         );
@@ -876,7 +830,10 @@ mod tests {
         huge.extend_from_slice(&(MAX_FRAME as u32 + 1).to_le_bytes());
         assert_eq!(
             split_frame(&huge),
-            Err(StreamError::FrameTooLarge(MAX_FRAME + 1))
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME + 1,
+                max: MAX_FRAME
+            })
         );
     }
 

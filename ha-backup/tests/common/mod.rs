@@ -18,10 +18,11 @@ use ha_codec::cache::PageCache;
 use ha_codec::codec::{Batch, CodecConfig, EncodedBatch, Mode, PageEncoder};
 use ha_guest::backend::BackendKind;
 use ha_guest::domain::{Domain, DomainFactory, GuestSpec};
+use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputSink, Source, read_records};
 use ha_wire::secure::{self, Deadline, PairKey, SecureStream};
-use ha_wire::session::{self, Hello, SESSION_VERSION, frame_type as st};
-use ha_wire::stream::{EpochHeader, EpochWriter, split_frame};
+use ha_wire::session::{self, Hello, SESSION_VERSION};
+use ha_wire::stream::{EpochHeader, EpochWriter};
 use ha_workloads::guest_abi::{GuestParams, GuestStatus, HEAP_GPA, OutputRecord, Workload};
 
 pub const MIB: u64 = 1 << 20;
@@ -320,7 +321,7 @@ impl FakePrimary {
         let (stream, buf, (ty, body)) = open_session(addr, &h);
         assert_eq!(
             ty,
-            st::WELCOME,
+            FrameType::Welcome as u8,
             "expected Welcome, got {ty}: {:?}",
             String::from_utf8_lossy(&body)
         );
@@ -341,7 +342,7 @@ impl FakePrimary {
     /// Wait for the next Ack.
     pub fn ack(&mut self) -> std::io::Result<u64> {
         let (ty, body) = read_frame(&mut self.stream, &mut self.buf)?;
-        assert_eq!(ty, st::ACK, "expected an Ack");
+        assert_eq!(ty, FrameType::Ack as u8, "expected an Ack");
         Ok(session::parse_u64(&body, "ack").expect("ack body"))
     }
 

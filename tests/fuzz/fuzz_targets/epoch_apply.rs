@@ -1,4 +1,4 @@
-//! Fuzz the backup's epoch path: `stream::split_frame`, `Staging::push` and
+//! Fuzz the backup's epoch path: `frame::split_frame`, `Staging::push` and
 //! `StagedEpoch::commit` for a 16-page fgbi guest. The first byte picks a raw frame
 //! stream or records the harness frames into correctly digested epochs.
 //! Invariants: see `castor_fuzz::checks::check_epoch`.

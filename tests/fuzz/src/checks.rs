@@ -13,7 +13,8 @@ use ha_codec::block::{BlockSize, Page};
 use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode, Record};
 use ha_codec::share::PageView;
 use ha_codec::{varint, xbzrle};
-use ha_wire::stream::{self, EpochHeader, EpochWriter, StagedEpoch, Staging};
+use ha_wire::frame::{self, FrameType};
+use ha_wire::stream::{EpochHeader, EpochWriter, StagedEpoch, Staging};
 use std::collections::HashMap;
 
 /// Page lengths, besides a whole page, that `check_xbzrle` decodes into.
@@ -285,7 +286,7 @@ fn feed(st: &mut Staging, bytes: &[u8], image: &mut Vec<u8>, stop_on_error: bool
     let mut last = Fed::Open;
     let mut commits = 0;
     let mut at = 0;
-    while let Ok(Some((ty, body, n))) = stream::split_frame(&bytes[at..]) {
+    while let Ok(Some((ty, body, n))) = frame::split_frame(&bytes[at..]) {
         let raw = &bytes[at..at + n];
         assert!(
             n >= 5 && raw[4] == ty && raw[5..] == *body,
@@ -303,7 +304,7 @@ fn feed(st: &mut Staging, bytes: &[u8], image: &mut Vec<u8>, stop_on_error: bool
                 }
             }
             Ok(Some(staged)) => {
-                assert_eq!(ty, stream::frame_type::TRAILER);
+                assert_eq!(ty, FrameType::Trailer as u8);
                 assert_eq!(staged.epoch, next, "committed an unexpected epoch");
                 assert_eq!(st.next_epoch(), next + 1);
                 assert!(!st.in_progress());
@@ -541,7 +542,7 @@ pub enum Opening {
 }
 
 /// The backup's opening on `data`: the Noise responder with [`HANDSHAKE_KEY`]
-/// (`secure::Responder`), the decrypting stream, `stream::split_frame` on the decrypted
+/// (`secure::Responder`), the decrypting stream, `frame::split_frame` on the decrypted
 /// bytes (so `MAX_FRAME` holds there too), `Hello::parse` and `check_against`.
 ///
 /// Invariants: raw bytes never pass the Noise handshake (only the key's holder can make a
@@ -551,7 +552,7 @@ pub enum Opening {
 /// same body.
 pub fn check_handshake(data: &[u8]) -> Opening {
     use ha_wire::secure::{HANDSHAKE_LEN, Initiator, PairKey, Responder};
-    use ha_wire::session::{Hello, frame_type};
+    use ha_wire::session::Hello;
     use std::io::Read;
 
     let key = PairKey::from_bytes(HANDSHAKE_KEY);
@@ -636,10 +637,10 @@ pub fn check_handshake(data: &[u8]) -> Opening {
             assert_eq!(got[..], plaintext[..clean]);
         }
     }
-    let Ok(Some((ty, body, _))) = stream::split_frame(&got) else {
+    let Ok(Some((ty, body, _))) = frame::split_frame(&got) else {
         return Opening::NoFrame;
     };
-    if ty != frame_type::HELLO {
+    if ty != FrameType::Hello as u8 {
         return Opening::HelloRefused;
     }
     let Ok(h) = Hello::parse(body) else {

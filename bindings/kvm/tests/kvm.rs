@@ -362,7 +362,10 @@ fn save_restore_continues_the_guest() {
     let mut committed = GuestImage::new(image2.len()).unwrap();
     committed.as_mut_slice().copy_from_slice(&image2);
     let mut d3 = factory.restore_image(committed, &state2).unwrap();
-    assert!(snapshot(d3.as_ref()) == image2, "the image is the guest's memory");
+    assert!(
+        snapshot(d3.as_ref()) == image2,
+        "the image is the guest's memory"
+    );
     let st3 = run_until(d3.as_mut(), st2.progress + 500, 5);
     d3.check_health().unwrap();
     assert!(st3.progress > st2.progress);

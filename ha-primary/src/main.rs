@@ -2,6 +2,7 @@
 
 use ha_backend::{PrimaryGuest, XenHold};
 use ha_codec::codec::CodecConfig;
+use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
 use ha_guest::domain::GuestSpec;
 use ha_primary::cli::{Cli, CliError, Command};
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         .init();
     let cli = match Cli::load(std::env::args_os()) {
         Ok(c) => c,
-        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Load(LoadError::Clap(e))) => e.exit(),
         Err(e) => {
             eprintln!("ha-primary: {}", chain(&e));
             return ExitCode::FAILURE;

@@ -3,12 +3,14 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`config`] | the command line with a `--config` TOML file merged under it |
 //! | [`units`] | sizes and durations on command lines and in config files |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
 //! | [`serve`] | the metrics HTTP endpoint and port files |
 //! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
 
+pub mod config;
 pub mod limits;
 pub mod logfile;
 pub mod metrics;

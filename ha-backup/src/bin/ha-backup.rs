@@ -9,11 +9,12 @@ use ha_backend::FactoryOptions;
 use ha_backup::config::{Cli, Config, ConfigError};
 use ha_backup::metrics::Metrics;
 use ha_backup::{chain, run_with_metrics, signal};
+use ha_daemon::config::LoadError;
 
 fn main() -> ExitCode {
     let cli = match Cli::load(std::env::args_os()) {
         Ok(c) => c,
-        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(ConfigError::Load(LoadError::Clap(e))) => e.exit(),
         Err(e) => {
             eprintln!("ha-backup: error: {}", chain(&e));
             return ExitCode::from(1);

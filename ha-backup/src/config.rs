@@ -16,12 +16,13 @@ use ha_codec::codec::Mode;
 use ha_daemon::config::{
     Given, LoadError, Options, Overlay, Size, duration, parsed, rule, same, size, some,
 };
+use ha_daemon::keys::{self, KeyError};
 use ha_daemon::limits::{
     LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{UnitError, parse_duration, parse_size};
-use ha_wire::secure::{PairKey, SecureError};
+use ha_wire::secure::PairKey;
 use ha_wire::session::{Hello, SESSION_VERSION};
 
 /// Smallest detection timeout the backup uses by default.
@@ -53,17 +54,9 @@ pub enum ConfigError {
         /// `--max-memory` in bytes.
         max: u64,
     },
-    /// Neither a key nor `--insecure`.
-    #[error(
-        "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
-    )]
-    NoKey,
-    /// Both a key and `--insecure`.
-    #[error("--key and --insecure contradict each other: give one")]
-    KeyAndInsecure,
-    /// The key file is refused.
+    /// Neither a key nor `--insecure`, both, or a refused key file.
     #[error(transparent)]
-    Key(#[from] SecureError),
+    Key(#[from] KeyError),
     /// The command line does not parse (this includes `--help` and `--version`), or the
     /// config file cannot be read or has a refused value.
     #[error(transparent)]
@@ -381,18 +374,11 @@ impl Config {
     /// The pair key to require of the primary, or None when `--insecure` (announced with a
     /// warning). Refused: neither or both, and a key file that is not private or not a key.
     pub fn pair_key(&self) -> Result<Option<PairKey>, ConfigError> {
-        match (&self.key, self.insecure) {
-            (Some(_), true) => Err(ConfigError::KeyAndInsecure),
-            (None, false) => Err(ConfigError::NoKey),
-            (Some(p), false) => Ok(Some(PairKey::read(p)?)),
-            (None, true) => {
-                tracing::warn!(
-                    "--insecure: replication is NOT encrypted or authenticated; any host that \
-                     reaches the listen address can feed this backup"
-                );
-                Ok(None)
-            }
-        }
+        Ok(keys::pair_key(
+            self.key.as_deref(),
+            self.insecure,
+            "any host that reaches the listen address can feed this backup",
+        )?)
     }
 
     /// The session parameters a primary must match.
@@ -574,7 +560,10 @@ mod tests {
             "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
         );
         let both = Config::from_cli(&cli(&["--key", "/nonexistent", "--insecure"])).expect("ok");
-        assert!(matches!(both.pair_key(), Err(ConfigError::KeyAndInsecure)));
+        assert!(matches!(
+            both.pair_key(),
+            Err(ConfigError::Key(KeyError::Both))
+        ));
         let missing = Config::from_cli(&cli(&["--key", "/nonexistent/pair.key"])).expect("ok");
         let e = missing.pair_key().unwrap_err();
         assert!(

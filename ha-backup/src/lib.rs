@@ -26,7 +26,6 @@ pub mod detect;
 pub mod events;
 pub mod metrics;
 pub mod receive;
-pub mod signal;
 pub mod stage;
 pub mod stats;
 

@@ -10,7 +10,6 @@
 //! | [`detect`] | deciding the primary is lost, and how long that took |
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
 //! | [`stats`] | per-epoch CSV |
-//! | [`events`] | JSON-lines event log |
 //! | [`config`] | the options: command line and `--config` file |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //!
@@ -23,7 +22,6 @@ pub mod activate;
 pub mod commit;
 pub mod config;
 pub mod detect;
-pub mod events;
 pub mod metrics;
 pub mod receive;
 pub mod stage;
@@ -46,11 +44,11 @@ use crate::activate::ActivateError;
 use crate::commit::{CommitError, Committed};
 use crate::config::Config;
 use crate::detect::{Loss, LossReason, classify};
-use crate::events::{EventError, EventLog};
 use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
+use ha_daemon::events::{EventError, EventLog};
 use ha_wire::session::Hello;
 use ha_workloads::guest_abi::GuestStatus;
 

@@ -10,10 +10,12 @@
 //! | [`units`] | sizes and durations on command lines and in config files |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
+//! | [`events`] | the JSON-lines event log |
 //! | [`serve`] | the metrics HTTP endpoint and port files |
 //! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
 
 pub mod config;
+pub mod events;
 pub mod keys;
 pub mod limits;
 pub mod logfile;

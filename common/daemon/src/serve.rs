@@ -167,7 +167,7 @@ pub fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Read;
     use std::net::TcpStream;
@@ -177,7 +177,8 @@ mod tests {
     /// Far beyond any scrape, so that a broken endpoint fails the test instead of hanging it.
     const PATIENCE: Duration = Duration::from_secs(60);
 
-    fn get(addr: SocketAddr, path: &str) -> String {
+    /// The whole answer to `GET path` on `addr`.
+    pub(crate) fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(PATIENCE)).expect("timeout");
         write!(

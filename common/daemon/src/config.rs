@@ -93,6 +93,18 @@ where
     Ok(opts)
 }
 
+/// The ids of `cmd`'s options that a config file can set (every option but `config`,
+/// `help` and `version`; the file's keys are these ids), sorted.
+pub fn file_keys(cmd: &clap::Command) -> Vec<&str> {
+    let mut ids: Vec<&str> = cmd
+        .get_arguments()
+        .map(|a| a.get_id().as_str())
+        .filter(|id| !matches!(*id, CONFIG | "help" | "version"))
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// Read and parse the TOML file `path`; unknown keys and ill-typed values are refused.
 pub fn read<F: DeserializeOwned>(path: &Path) -> Result<F, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
@@ -280,6 +292,7 @@ mod tests {
         assert_eq!(o.interval, Duration::from_millis(10));
         assert_eq!(o.memory, Given::Parsed(2 << 20));
         assert_eq!(o.name.as_deref(), Some("b"));
+        assert_eq!(file_keys(&Opts::command()), ["interval", "memory", "name"]);
         let o: Opts = load(["opts"]).expect("defaults");
         assert_eq!(o.memory, Given::Text("1M".into()));
         assert_eq!(o.memory.resolve(parse_size), Ok(1 << 20));

@@ -90,10 +90,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         backend: cli.guest,
     };
     let metrics = Metrics::new();
-    let metrics_addr = match cli.metrics {
-        Some(a) => Some(metrics.serve(a, cli.metrics_port_file.as_deref())?),
-        None => None,
-    };
+    let metrics_addr = cli
+        .metrics
+        .map(|a| metrics.serve(a, cli.metrics_port_file.as_deref()))
+        .transpose()?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = ?cli.config,
@@ -113,9 +113,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         link = if cfg.key.is_some() { "noise" } else { "INSECURE" },
         "ha-primary starting"
     );
-    if let Some(a) = metrics_addr {
-        tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
-    }
     // KVM and sim build the guest from `spec`; Xen attaches to the named existing domain.
     let guest = PrimaryGuest {
         spec,

@@ -76,14 +76,16 @@ impl<F> Metrics<F> {
         render(&self.registry)
     }
 
-    /// Serve `GET /metrics` on `addr` from background threads; returns the bound address
-    /// (and writes it to `port_file`, if given).
+    /// Serve `GET /metrics` on `addr` from background threads and log its URL; returns the
+    /// bound address (and writes it to `port_file`, if given).
     pub fn serve(
         &self,
         addr: SocketAddr,
         port_file: Option<&Path>,
     ) -> Result<SocketAddr, MetricsError> {
-        Ok(serve(Arc::clone(&self.registry), addr, port_file)?)
+        let bound = serve(Arc::clone(&self.registry), addr, port_file)?;
+        tracing::info!(url = %format!("http://{bound}/metrics"), "serving metrics");
+        Ok(bound)
     }
 }
 

@@ -71,9 +71,6 @@ fn main() -> ExitCode {
         metrics = ?metrics_addr,
         "ha-backup starting"
     );
-    if let Some(a) = metrics_addr {
-        tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
-    }
     match run_with_metrics(&cfg, factory.as_ref(), &stop, &metrics) {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {

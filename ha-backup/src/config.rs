@@ -1,6 +1,11 @@
 //! The backup's options: the command line ([`Cli`]), the `--config` TOML file
 //! ([`FileConfig`]) merged under it, and the checked configuration ([`Config`]) the rest of
 //! the crate reads. A flag on the command line beats the file; the file beats the defaults.
+//!
+//! Each value is parsed once: the command line's sizes, durations and mode stay text in
+//! [`Cli`] until [`Config::from_cli`] parses and checks them (so a refusal names the
+//! option), the file's are parsed and checked as the file is merged (so a refusal names the
+//! file and the key) and kept parsed ([`Given`]).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -188,15 +193,6 @@ pub struct FileConfig {
     pub max_memory: Option<Size>,
 }
 
-/// A file value through its option's `parse` and `check`, kept parsed.
-fn checked<T>(
-    v: &str,
-    parse: fn(&str) -> Result<T, UnitError>,
-    check: impl FnOnce(T) -> Result<T, LimitError>,
-) -> Result<Given<T>, String> {
-    let t = parse(v).map_err(|e| e.to_string())?;
-    rule(check(t)).map(Given::Parsed)
-}
 fn mode(v: String) -> Result<Given<Mode>, String> {
     v.parse()
         .map(Given::Parsed)
@@ -225,9 +221,9 @@ impl Options for Cli {
             memory: |v| rule(check_memory(size(v)?)).map(Given::Parsed),
             mode: mode,
             block_size: |n| rule(check_block_size(n)).map(|_| n),
-            interval: |v: String| checked(&v, parse_duration, check_interval),
-            detect_timeout: |v: String| {
-                checked(&v, parse_duration, |d| check_timeout("detect-timeout", d)).map(Some)
+            interval: |v| rule(check_interval(duration(v)?)).map(Given::Parsed),
+            detect_timeout: |v| {
+                rule(check_timeout("detect-timeout", duration(v)?)).map(|d| Some(Given::Parsed(d)))
             },
             guest: parsed::<BackendKind>,
             xen_config: some,

@@ -71,14 +71,8 @@ pub enum BackupError {
     #[error("accepting a connection failed")]
     Accept(#[source] std::io::Error),
     /// The port file cannot be written.
-    #[error("cannot write the port file {path}")]
-    PortFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    PortFile(#[from] ha_daemon::port_file::PortFileError),
     /// The ack log cannot be opened or written (no ack is sent without it).
     #[error("ack log {path}")]
     AckLog {
@@ -222,10 +216,7 @@ fn serve(
     (Listening { listener, addr }, key): (Listening, Option<PairKey>),
 ) -> Result<Exit, BackupError> {
     if let Some(p) = &cfg.port_file {
-        ha_daemon::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
-            path: p.clone(),
-            source,
-        })?;
+        ha_daemon::port_file::write(p, addr)?;
     }
     info!(
         %addr,

@@ -11,7 +11,8 @@
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
 //! | [`events`] | the JSON-lines event log |
-//! | [`serve`] | the metrics HTTP endpoint and port files |
+//! | [`serve`] | the metrics HTTP endpoint |
+//! | [`port_file`] | the address a daemon bound, in a file |
 //! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
 
 pub mod config;
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod logfile;
 pub mod logging;
 pub mod metrics;
+pub mod port_file;
 pub mod serve;
 pub mod signal;
 pub mod units;

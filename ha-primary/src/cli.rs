@@ -362,13 +362,7 @@ mod tests {
     }
 
     fn chain(e: &CliError) -> String {
-        let mut s = e.to_string();
-        let mut cur = std::error::Error::source(e);
-        while let Some(c) = cur {
-            s.push_str(&format!(": {c}"));
-            cur = c.source();
-        }
-        s
+        ha_daemon::error_chain(e)
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! | [`events`] | the JSON-lines event log |
 //! | [`serve`] | the metrics HTTP endpoint |
 //! | [`port_file`] | the address a daemon bound, in a file |
-//! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
+//! | [`metrics`] | the registry, state gauge, exposition and serving of both daemons' metrics; each daemon adds its own families |
 
 pub mod config;
 pub mod events;

@@ -256,10 +256,7 @@ struct CodecArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    ha_daemon::logging::init("error");
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Codec(a) => run_codec(a),

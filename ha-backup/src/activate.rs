@@ -12,7 +12,7 @@ use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use serde_json::json;
 
 use crate::commit::{Resumable, ring_records};
-use crate::events::EventLog;
+use ha_daemon::events::EventLog;
 
 /// How often output is drained and released while active.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);

@@ -1,25 +1,33 @@
 //! The backup's options: the command line ([`Cli`]), the `--config` TOML file
 //! ([`FileConfig`]) merged under it, and the checked configuration ([`Config`]) the rest of
 //! the crate reads. A flag on the command line beats the file; the file beats the defaults.
+//!
+//! Each value is parsed once: the command line's sizes, durations and mode stay text in
+//! [`Cli`] until [`Config::from_cli`] parses and checks them (so a refusal names the
+//! option), the file's are parsed and checked as the file is merged (so a refusal names the
+//! file and the key) and kept parsed ([`Given`]).
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use serde::Deserialize;
 
-use ha_backend::{BackendKind, BackendKindError};
+use ha_backend::BackendKind;
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
+use ha_daemon::config::{
+    Given, LoadError, Options, Overlay, Size, duration, parsed, rule, same, size, some,
+};
+use ha_daemon::keys::{self, KeyError};
 use ha_daemon::limits::{
     LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
 };
+use ha_daemon::overlay;
 use ha_daemon::units::{UnitError, parse_duration, parse_size};
-use ha_wire::secure::{PairKey, SecureError};
+use ha_wire::secure::PairKey;
 use ha_wire::session::{Hello, SESSION_VERSION};
 
 /// Smallest detection timeout the backup uses by default.
@@ -51,48 +59,13 @@ pub enum ConfigError {
         /// `--max-memory` in bytes.
         max: u64,
     },
-    /// Neither a key nor `--insecure`.
-    #[error(
-        "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
-    )]
-    NoKey,
-    /// Both a key and `--insecure`.
-    #[error("--key and --insecure contradict each other: give one")]
-    KeyAndInsecure,
-    /// The key file is refused.
+    /// Neither a key nor `--insecure`, both, or a refused key file.
     #[error(transparent)]
-    Key(#[from] SecureError),
-    /// The command line does not parse (this includes `--help` and `--version`).
+    Key(#[from] KeyError),
+    /// The command line does not parse (this includes `--help` and `--version`), or the
+    /// config file cannot be read or has a refused value.
     #[error(transparent)]
-    Clap(#[from] clap::Error),
-    /// The config file cannot be read.
-    #[error("cannot read the config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("config file {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why (names the key).
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-    /// A value in the config file is refused.
-    #[error("config file {path}: {key}: {problem}")]
-    Value {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// Why.
-        problem: String,
-    },
+    Load(#[from] LoadError),
 }
 
 /// Castor backup: receives a primary's checkpoints, commits them atomically, and takes the
@@ -113,21 +86,21 @@ pub struct Cli {
     pub port_file: Option<PathBuf>,
     /// Guest memory size, a positive multiple of 2M; must equal the primary's (e.g. 256M,
     /// 1G).
-    #[arg(long, default_value = "256M")]
-    pub memory: String,
+    #[arg(long, default_value = "256M", value_parser = Given::<u64>::text)]
+    pub memory: Given<u64>,
     /// Encoding mode; must equal the primary's: remus, xbzrle or fgbi.
-    #[arg(long, default_value = "fgbi")]
-    pub mode: String,
+    #[arg(long, default_value = "fgbi", value_parser = Given::<Mode>::text)]
+    pub mode: Given<Mode>,
     /// Block size in bytes for fine-grained blocks; must equal the primary's.
     #[arg(long, default_value_t = 64)]
     pub block_size: u32,
     /// The primary's epoch interval (1ms to 60s); sets the default detection timeout.
-    #[arg(long, default_value = "25ms")]
-    pub interval: String,
+    #[arg(long, default_value = "25ms", value_parser = Given::<Duration>::text)]
+    pub interval: Given<Duration>,
     /// Declare the primary dead after this long without a frame (at least 1ms)
     /// [default: max(3 x --interval, 50ms)].
-    #[arg(long)]
-    pub detect_timeout: Option<String>,
+    #[arg(long, value_parser = Given::<Duration>::text)]
+    pub detect_timeout: Option<Given<Duration>>,
     /// Hypervisor backend used to restore the guest on failover; the primary's must be the
     /// same. kvm: a VM on /dev/kvm; sim: the simulated guest, in this process; xen: a new
     /// domain built with `xl restore` (needs --xen-config and a build with the `xen`
@@ -153,8 +126,8 @@ pub struct Cli {
     pub stats: Option<PathBuf>,
     /// After failover, stop the guest and exit 0 once this long has passed (e.g. 2s);
     /// without it the backup runs until SIGTERM or SIGINT.
-    #[arg(long, value_name = "DURATION")]
-    pub exit_after: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = Given::<Duration>::text)]
+    pub exit_after: Option<Given<Duration>>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; port 0 picks
     /// a free port). Off by default.
     #[arg(long, value_name = "ADDR")]
@@ -172,18 +145,8 @@ pub struct Cli {
     pub insecure: bool,
     /// Refuse a primary announcing more guest memory than this (also caps --memory; at
     /// least 2M).
-    #[arg(long, default_value = "64G")]
-    pub max_memory: String,
-}
-
-/// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    /// Bytes.
-    Bytes(u64),
-    /// A size with a unit suffix.
-    Text(String),
+    #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
+    pub max_memory: Given<u64>,
 }
 
 /// The `--config` file: every option of [`Cli`] (but `config`), all optional.
@@ -230,77 +193,10 @@ pub struct FileConfig {
     pub max_memory: Option<Size>,
 }
 
-impl FileConfig {
-    /// Read and parse `path`; unknown keys and ill-typed values are refused.
-    pub fn read(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })
-    }
-}
-
-fn same<T>(v: T) -> Result<T, String> {
-    Ok(v)
-}
-fn some<T>(v: T) -> Result<Option<T>, String> {
-    Ok(Some(v))
-}
-/// A size, checked, kept as text for [`Config::from_cli`].
-fn size(v: Size) -> Result<String, String> {
-    let s = match v {
-        Size::Bytes(n) => n.to_string(),
-        Size::Text(s) => s,
-    };
-    parse_size(&s).map_err(|e| e.to_string())?;
-    Ok(s)
-}
-/// A duration, checked, kept as text for [`Config::from_cli`].
-fn duration(v: String) -> Result<String, String> {
-    parse_duration(&v).map_err(|e| e.to_string())?;
-    Ok(v)
-}
-/// A file value through its option's bounds (`check` on the parsed value), kept as text;
-/// the problem without the option, which the key names.
-fn bounded<T>(
-    v: String,
-    parse: fn(&str) -> Result<T, UnitError>,
-    check: impl Fn(T) -> Result<T, LimitError>,
-) -> Result<String, String> {
-    let t = parse(&v).map_err(|e| e.to_string())?;
-    check(t).map_err(|e| e.rule())?;
-    Ok(v)
-}
-fn mode(v: String) -> Result<String, String> {
-    v.parse::<Mode>()
-        .map_err(|_| format!("{v:?} is unknown (remus, xbzrle, fgbi)"))?;
-    Ok(v)
-}
-fn block_size(n: u32) -> Result<u32, String> {
-    check_block_size(n).map_err(|e| e.rule())?;
-    Ok(n)
-}
-fn guest(v: String) -> Result<BackendKind, String> {
-    v.parse().map_err(|e: BackendKindError| e.to_string())
-}
-
-/// Set `cli.$key` from the file for every key the command line did not give.
-macro_rules! overlay {
-    ($cli:ident, $file:ident, $m:ident, $path:ident; $($key:ident: $conv:expr),* $(,)?) => {$(
-        if let Some(v) = $file.$key
-            && $m.value_source(stringify!($key)) != Some(ValueSource::CommandLine)
-        {
-            $cli.$key = ($conv)(v).map_err(|problem| ConfigError::Value {
-                path: $path.to_path_buf(),
-                key: stringify!($key),
-                problem,
-            })?;
-        }
-    )*};
+fn mode(v: String) -> Result<Given<Mode>, String> {
+    v.parse()
+        .map(Given::Parsed)
+        .map_err(|_| format!("{v:?} is unknown (remus, xbzrle, fgbi)"))
 }
 
 impl Cli {
@@ -310,45 +206,37 @@ impl Cli {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let m = Self::command().try_get_matches_from(args)?;
-        let mut cli = Self::from_arg_matches(&m)?;
-        if let Some(path) = cli.config.clone() {
-            let file = FileConfig::read(&path)?;
-            cli.merge(file, &m, &path)?;
-        }
-        Ok(cli)
+        Ok(ha_daemon::config::load(args)?)
     }
+}
 
-    /// Take every value of `file` whose option `m` did not get from the command line.
-    pub fn merge(
-        &mut self,
-        file: FileConfig,
-        m: &ArgMatches,
-        path: &Path,
-    ) -> Result<(), ConfigError> {
-        let cli = self;
-        overlay!(cli, file, m, path;
+impl Options for Cli {
+    type File = FileConfig;
+
+    /// Take every value of `file` whose option the command line did not give.
+    fn merge(&mut self, file: FileConfig, o: &Overlay<'_>) -> Result<(), LoadError> {
+        overlay!(o, self, file;
             listen: same,
             port_file: some,
-            memory: |v| bounded(size(v)?, parse_size, check_memory),
+            memory: |v| rule(check_memory(size(v)?)).map(Given::Parsed),
             mode: mode,
-            block_size: block_size,
-            interval: |v| bounded(v, parse_duration, check_interval),
+            block_size: |n| rule(check_block_size(n)).map(|_| n),
+            interval: |v| rule(check_interval(duration(v)?)).map(Given::Parsed),
             detect_timeout: |v| {
-                bounded(v, parse_duration, |d| check_timeout("detect-timeout", d)).map(Some)
+                rule(check_timeout("detect-timeout", duration(v)?)).map(|d| Some(Given::Parsed(d)))
             },
-            guest: guest,
+            guest: parsed::<BackendKind>,
             xen_config: some,
             output: some,
             ack_log: some,
             events: some,
             stats: some,
-            exit_after: |v| duration(v).map(Some),
+            exit_after: |v| duration(v).map(|d| Some(Given::Parsed(d))),
             metrics: some,
             metrics_port_file: some,
             key: some,
             insecure: same,
-            max_memory: |v| bounded(size(v)?, parse_size, check_max_memory),
+            max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
         );
         Ok(())
     }
@@ -405,17 +293,24 @@ impl Config {
     /// timeout not above the interval is allowed but warned about.
     pub fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
         let unit = |option| move |source| ConfigError::Unit { option, source };
-        let memory_size = check_memory(parse_size(&cli.memory).map_err(unit("memory"))?)?;
-        let mode: Mode = cli
+        let memory_size = cli.memory.resolve(|s| {
+            Ok::<_, ConfigError>(check_memory(parse_size(s).map_err(unit("memory"))?)?)
+        })?;
+        let mode = cli
             .mode
-            .parse()
-            .map_err(|_| ConfigError::Mode(cli.mode.clone()))?;
+            .resolve(|s| s.parse().map_err(|_| ConfigError::Mode(s.to_owned())))?;
         let block_size = check_block_size(cli.block_size)?;
-        let interval = check_interval(parse_duration(&cli.interval).map_err(unit("interval"))?)?;
+        let interval = cli.interval.resolve(|s| {
+            Ok::<_, ConfigError>(check_interval(
+                parse_duration(s).map_err(unit("interval"))?,
+            )?)
+        })?;
         let detect_timeout = match &cli.detect_timeout {
-            Some(s) => {
-                let d = parse_duration(s).map_err(unit("detect-timeout"))?;
-                let d = check_timeout("detect-timeout", d)?;
+            Some(given) => {
+                let d = given.resolve(|s| {
+                    let d = parse_duration(s).map_err(unit("detect-timeout"))?;
+                    Ok::<_, ConfigError>(check_timeout("detect-timeout", d)?)
+                })?;
                 if d <= interval {
                     tracing::warn!(
                         detect_timeout = ?d,
@@ -429,8 +324,11 @@ impl Config {
             }
             None => (interval * 3).max(MIN_DETECT),
         };
-        let max_memory =
-            check_max_memory(parse_size(&cli.max_memory).map_err(unit("max-memory"))?)?;
+        let max_memory = cli.max_memory.resolve(|s| {
+            Ok::<_, ConfigError>(check_max_memory(
+                parse_size(s).map_err(unit("max-memory"))?,
+            )?)
+        })?;
         if memory_size > max_memory {
             return Err(ConfigError::AboveMax {
                 memory: memory_size,
@@ -442,8 +340,8 @@ impl Config {
         }
         let exit_after = cli
             .exit_after
-            .as_deref()
-            .map(parse_duration)
+            .as_ref()
+            .map(|g| g.resolve(parse_duration))
             .transpose()
             .map_err(unit("exit-after"))?;
         Ok(Self {
@@ -472,18 +370,11 @@ impl Config {
     /// The pair key to require of the primary, or None when `--insecure` (announced with a
     /// warning). Refused: neither or both, and a key file that is not private or not a key.
     pub fn pair_key(&self) -> Result<Option<PairKey>, ConfigError> {
-        match (&self.key, self.insecure) {
-            (Some(_), true) => Err(ConfigError::KeyAndInsecure),
-            (None, false) => Err(ConfigError::NoKey),
-            (Some(p), false) => Ok(Some(PairKey::read(p)?)),
-            (None, true) => {
-                tracing::warn!(
-                    "--insecure: replication is NOT encrypted or authenticated; any host that \
-                     reaches the listen address can feed this backup"
-                );
-                Ok(None)
-            }
-        }
+        Ok(keys::pair_key(
+            self.key.as_deref(),
+            self.insecure,
+            "any host that reaches the listen address can feed this backup",
+        )?)
     }
 
     /// The session parameters a primary must match.
@@ -508,7 +399,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
+    use clap::{CommandFactory, Parser};
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("ha-backup").chain(args.iter().copied()))
@@ -640,16 +531,9 @@ mod tests {
             "insecure",
             "max_memory",
         ];
-        let cmd = Cli::command();
-        let mut ids: Vec<&str> = cmd
-            .get_arguments()
-            .map(|a| a.get_id().as_str())
-            .filter(|id| !matches!(*id, "config" | "help" | "version"))
-            .collect();
-        ids.sort_unstable();
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();
-        assert_eq!(ids, keys);
+        assert_eq!(ha_daemon::config::file_keys(&Cli::command()), keys);
     }
 
     #[test]
@@ -666,7 +550,10 @@ mod tests {
             "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
         );
         let both = Config::from_cli(&cli(&["--key", "/nonexistent", "--insecure"])).expect("ok");
-        assert!(matches!(both.pair_key(), Err(ConfigError::KeyAndInsecure)));
+        assert!(matches!(
+            both.pair_key(),
+            Err(ConfigError::Key(KeyError::Both))
+        ));
         let missing = Config::from_cli(&cli(&["--key", "/nonexistent/pair.key"])).expect("ok");
         let e = missing.pair_key().unwrap_err();
         assert!(

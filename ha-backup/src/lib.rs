@@ -10,7 +10,6 @@
 //! | [`detect`] | deciding the primary is lost, and how long that took |
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
 //! | [`stats`] | per-epoch CSV |
-//! | [`events`] | JSON-lines event log |
 //! | [`config`] | the options: command line and `--config` file |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //!
@@ -23,10 +22,8 @@ pub mod activate;
 pub mod commit;
 pub mod config;
 pub mod detect;
-pub mod events;
 pub mod metrics;
 pub mod receive;
-pub mod signal;
 pub mod stage;
 pub mod stats;
 
@@ -47,11 +44,11 @@ use crate::activate::ActivateError;
 use crate::commit::{CommitError, Committed};
 use crate::config::Config;
 use crate::detect::{Loss, LossReason, classify};
-use crate::events::{EventError, EventLog};
 use crate::metrics::Metrics;
 use crate::receive::{HandshakeError, Receiver, handshake};
 use crate::stage::{Stager, micros};
 use crate::stats::{EpochStats, StatsError, StatsLog};
+use ha_daemon::events::{EventError, EventLog};
 use ha_wire::session::Hello;
 use ha_workloads::guest_abi::GuestStatus;
 
@@ -74,14 +71,8 @@ pub enum BackupError {
     #[error("accepting a connection failed")]
     Accept(#[source] std::io::Error),
     /// The port file cannot be written.
-    #[error("cannot write the port file {path}")]
-    PortFile {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    PortFile(#[from] ha_daemon::port_file::PortFileError),
     /// The ack log cannot be opened or written (no ack is sent without it).
     #[error("ack log {path}")]
     AckLog {
@@ -228,10 +219,7 @@ fn serve(
     (Listening { listener, addr }, key): (Listening, Option<PairKey>),
 ) -> Result<Exit, BackupError> {
     if let Some(p) = &cfg.port_file {
-        ha_daemon::serve::write_port_file(p, addr).map_err(|source| BackupError::PortFile {
-            path: p.clone(),
-            source,
-        })?;
+        ha_daemon::port_file::write(p, addr)?;
     }
     info!(
         %addr,

@@ -1,16 +1,13 @@
-//! Prometheus metrics of the backup: the registry, the handles the run loop updates, and a
-//! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
+//! Prometheus metrics of the backup: its metric families, the handles the run loop
+//! updates. The registry, the state gauge and the `GET /metrics` server are
+//! [`ha_daemon::metrics`]'s.
 
-pub use ha_daemon::metrics::{CONTENT_TYPE, Label};
-use ha_daemon::metrics::{StateGauge, render};
-use ha_daemon::serve::ServeError;
+use ha_daemon::metrics::Families;
+pub use ha_daemon::metrics::{CONTENT_TYPE, Label, MetricsError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 /// Commit-time buckets, seconds: 10 µs to 100 ms.
@@ -22,18 +19,12 @@ const COMMIT_BUCKETS: [f64; 13] = [
 /// The states of `castor_state`.
 pub const STATES: [&str; 3] = ["listening", "receiving", "active"];
 
-/// Errors starting the metrics server.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    /// The endpoint could not start.
-    #[error("metrics endpoint")]
-    Serve(#[from] ServeError),
-}
+/// The backup's metrics: its families (below), the state gauge ([`STATES`]), the registry.
+pub type Metrics = ha_daemon::metrics::Metrics<BackupFamilies>;
 
-/// The backup's metrics: cheap handles (clones share their values) and their registry.
+/// The backup's own metric families: cheap handles (clones share their values).
 #[derive(Debug)]
-pub struct Metrics {
-    registry: Arc<Registry>,
+pub struct BackupFamilies {
     /// Epochs committed (pre-copy rounds and checkpoints).
     pub epochs_committed: Counter,
     /// Checkpoints committed (what a failover can resume from).
@@ -46,20 +37,12 @@ pub struct Metrics {
     pub detection_seconds: Gauge<f64, AtomicU64>,
     /// Declared lost → guest resumed, seconds (set at failover).
     pub activation_seconds: Gauge<f64, AtomicU64>,
-    /// `castor_state`: 1 for the current state, 0 for the others.
-    pub state: StateGauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+impl Families for BackupFamilies {
+    const STATES: &'static [&'static str] = &STATES;
 
-impl Metrics {
-    /// Register every metric.
-    pub fn new() -> Self {
-        let mut r = Registry::default();
+    fn register(r: &mut Registry) -> Self {
         let epochs_committed = Counter::default();
         r.register(
             "castor_backup_epochs_committed",
@@ -96,74 +79,29 @@ impl Metrics {
             "Failover: declaring the primary lost to the guest running here, seconds",
             activation_seconds.clone(),
         );
-        let state = StateGauge::register(&mut r, &STATES);
         Self {
-            registry: Arc::new(r),
             epochs_committed,
             checkpoints,
             commit_seconds,
             wire_bytes,
             detection_seconds,
             activation_seconds,
-            state,
         }
-    }
-
-    /// Make `current` (one of [`STATES`]) the state.
-    pub fn set_state(&self, current: &'static str) {
-        self.state.set(current);
-    }
-
-    /// The whole exposition, as `GET /metrics` returns it.
-    pub fn render(&self) -> String {
-        render(&self.registry)
-    }
-
-    /// Serve `GET /metrics` on `addr` from a background thread; returns the bound address
-    /// (and writes it to `port_file`, if given).
-    pub fn serve(
-        &self,
-        addr: SocketAddr,
-        port_file: Option<&Path>,
-    ) -> Result<SocketAddr, MetricsError> {
-        Ok(ha_daemon::metrics::serve(
-            Arc::clone(&self.registry),
-            addr,
-            port_file,
-        )?)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
-
-    fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    }
 
     #[test]
-    fn serves_metrics_and_404() {
+    fn the_exposition_has_the_families_and_the_state() {
         let m = Metrics::new();
         m.epochs_committed.inc_by(3);
         m.set_state("receiving");
         m.commit_seconds.observe(0.002);
-        let addr = m
-            .serve("127.0.0.1:0".parse().expect("addr"), None)
-            .expect("serve");
-        let r = get(addr, "/metrics");
-        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
-        assert!(r.contains(CONTENT_TYPE), "{r}");
+        // Serving it (200, its content type, 404 elsewhere) is ha_daemon::metrics's test.
+        let r = m.render();
         assert!(r.contains("castor_backup_epochs_committed_total 3"), "{r}");
         assert!(r.contains("castor_state{state=\"receiving\"} 1"), "{r}");
         assert!(r.contains("castor_state{state=\"listening\"} 0"), "{r}");
@@ -171,7 +109,5 @@ mod tests {
             r.contains("castor_backup_commit_seconds_bucket{le=\"0.0025\"} 1"),
             "{r}"
         );
-        let r = get(addr, "/other");
-        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     }
 }

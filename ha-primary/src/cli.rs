@@ -2,57 +2,33 @@
 //! ([`FileConfig`]) and how they merge. A flag given on the command line beats the file; the
 //! file beats the built-in defaults.
 
-use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use ha_backend::BackendKind;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::{GeneralCodec, Mode};
+use ha_daemon::config::{
+    LoadError, Options, Overlay, Size, duration, parsed, rule as bounded, same, size, some,
+};
 use ha_daemon::limits::{
     LimitError, check_block_size, check_cache_size, check_heartbeat, check_interval, check_memory,
     check_pipeline, check_precopy_rounds, check_timeout,
 };
+use ha_daemon::overlay;
 use ha_daemon::units::{parse_duration, parse_rate, parse_size};
 use ha_workloads::guest_abi::Workload;
 use serde::Deserialize;
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Errors reading the options.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The command line does not parse (this includes `--help` and `--version`).
+    /// The command line does not parse (this includes `--help` and `--version`), or the
+    /// config file cannot be read or has a refused value.
     #[error(transparent)]
-    Clap(#[from] clap::Error),
-    /// The config file cannot be read.
-    #[error("cannot read the config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid TOML, has an unknown key, or a value of the wrong type.
-    #[error("config file {path}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// Why (names the key).
-        #[source]
-        source: Box<toml::de::Error>,
-    },
-    /// A value in the config file is refused.
-    #[error("config file {path}: {key}: {problem}")]
-    Value {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// Why.
-        problem: String,
-    },
+    Load(#[from] LoadError),
     /// A value out of its option's bounds (see [`ha_daemon::limits`]).
     #[error(transparent)]
     Limit(#[from] LimitError),
@@ -214,16 +190,6 @@ fn parse_block_size(s: &str) -> Result<BlockSize, String> {
     check_block_size(n).map_err(|e| e.to_string())
 }
 
-/// A size in the config file: bytes (`memory = 268435456`) or text (`memory = "256M"`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    /// Bytes.
-    Bytes(u64),
-    /// A size with a unit suffix.
-    Text(String),
-}
-
 /// The `--config` file: every option of [`Cli`] (but `config`), all optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -294,43 +260,6 @@ pub struct FileConfig {
     pub link_rate: Option<String>,
 }
 
-impl FileConfig {
-    /// Read and parse `path`; unknown keys and ill-typed values are refused.
-    pub fn read(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| CliError::Parse {
-            path: path.to_path_buf(),
-            source: Box::new(source),
-        })
-    }
-}
-
-fn same<T>(v: T) -> Result<T, String> {
-    Ok(v)
-}
-fn some<T>(v: T) -> Result<Option<T>, String> {
-    Ok(Some(v))
-}
-fn size(v: Size) -> Result<u64, String> {
-    match v {
-        Size::Bytes(n) => Ok(n),
-        Size::Text(s) => parse_size(&s).map_err(|e| e.to_string()),
-    }
-}
-fn duration(v: String) -> Result<Duration, String> {
-    parse_duration(&v).map_err(|e| e.to_string())
-}
-/// A file value through its option's bounds; the problem without the option, which the
-/// key names.
-fn bounded<T>(r: Result<T, LimitError>) -> Result<T, String> {
-    r.map_err(|e| e.rule())
-}
-fn parsed<T: std::str::FromStr<Err: std::fmt::Display>>(v: String) -> Result<T, String> {
-    v.parse().map_err(|e: T::Err| e.to_string())
-}
 fn xen_hold(v: String) -> Result<String, String> {
     if XEN_HOLDS.contains(&v.as_str()) {
         Ok(v)
@@ -341,34 +270,14 @@ fn xen_hold(v: String) -> Result<String, String> {
     }
 }
 
-/// Set `cli.$key` from the file for every key the command line did not give.
-macro_rules! overlay {
-    ($cli:ident, $file:ident, $m:ident, $path:ident; $($key:ident: $conv:expr),* $(,)?) => {$(
-        if let Some(v) = $file.$key
-            && $m.value_source(stringify!($key)) != Some(ValueSource::CommandLine)
-        {
-            $cli.$key = ($conv)(v).map_err(|problem| CliError::Value {
-                path: $path.to_path_buf(),
-                key: stringify!($key),
-                problem,
-            })?;
-        }
-    )*};
-}
-
 impl Cli {
-    /// Parse the command line, then merge the `--config` file under it.
+    /// Parse the command line, then merge the `--config` file under it, and check.
     pub fn load<I, T>(args: I) -> Result<Self, CliError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let m = Self::command().try_get_matches_from(args)?;
-        let mut cli = Self::from_arg_matches(&m)?;
-        if let Some(path) = cli.config.clone() {
-            let file = FileConfig::read(&path)?;
-            cli.merge(file, &m, &path)?;
-        }
+        let cli: Self = ha_daemon::config::load(args)?;
         cli.check()?;
         Ok(cli)
     }
@@ -391,11 +300,14 @@ impl Cli {
         check_timeout("xen-suspend-timeout", self.xen_suspend_timeout)?;
         Ok(())
     }
+}
 
-    /// Take every value of `file` whose option `m` did not get from the command line.
-    pub fn merge(&mut self, file: FileConfig, m: &ArgMatches, path: &Path) -> Result<(), CliError> {
-        let cli = self;
-        overlay!(cli, file, m, path;
+impl Options for Cli {
+    type File = FileConfig;
+
+    /// Take every value of `file` whose option the command line did not give.
+    fn merge(&mut self, file: FileConfig, o: &Overlay<'_>) -> Result<(), LoadError> {
+        overlay!(o, self, file;
             backup: same,
             guest: parsed::<BackendKind>,
             xen_domain: some,
@@ -436,6 +348,7 @@ impl Cli {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     fn with_file(name: &str, text: &str, args: &[&str]) -> Result<Cli, CliError> {
         let dir = std::env::temp_dir().join(format!("castor-primary-cli-{}", std::process::id()));
@@ -449,13 +362,7 @@ mod tests {
     }
 
     fn chain(e: &CliError) -> String {
-        let mut s = e.to_string();
-        let mut cur = std::error::Error::source(e);
-        while let Some(c) = cur {
-            s.push_str(&format!(": {c}"));
-            cur = c.source();
-        }
-        s
+        ha_daemon::error_chain(e)
     }
 
     #[test]
@@ -734,15 +641,8 @@ mod tests {
             "insecure",
             "link_rate",
         ];
-        let cmd = Cli::command();
-        let mut ids: Vec<&str> = cmd
-            .get_arguments()
-            .map(|a| a.get_id().as_str())
-            .filter(|id| !matches!(*id, "config" | "help" | "version"))
-            .collect();
-        ids.sort_unstable();
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();
-        assert_eq!(ids, keys);
+        assert_eq!(ha_daemon::config::file_keys(&Cli::command()), keys);
     }
 }

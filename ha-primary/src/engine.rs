@@ -18,7 +18,7 @@ use crate::harvest::{self, Pages};
 use crate::hold::HeldOutput;
 use crate::link::{self, Control, LinkEvent};
 use crate::metrics::Metrics;
-use crate::report::{EpochRow, Events, StatsCsv};
+use crate::report::{EpochRow, StatsCsv};
 use crate::stall::StallWatch;
 use crossbeam_channel::{Sender, bounded, unbounded};
 use ha_codec::PAGE_SIZE;
@@ -27,6 +27,7 @@ use ha_codec::block::is_zero;
 use ha_codec::cache::PageCache;
 use ha_codec::codec::{CodecConfig, ConfigError, Mode, PageEncoder};
 use ha_codec::hashes::BlockHashes;
+use ha_daemon::events::{EventError, EventLog};
 use ha_guest::domain::{Domain, DomainError};
 use ha_wire::output::{OutputError, OutputSink, Source};
 use ha_wire::session::{Hello, SESSION_VERSION};
@@ -56,6 +57,9 @@ pub enum EngineError {
     /// Releasing output failed.
     #[error("releasing output")]
     Output(#[from] OutputError),
+    /// The event log cannot be opened (or another running process holds it).
+    #[error(transparent)]
+    Events(#[from] EventError),
     /// A report file cannot be written.
     #[error("cannot write {path}")]
     Report {
@@ -172,7 +176,7 @@ struct Engine<'a> {
     /// Epochs taken (or queued) and not yet acknowledged.
     inflight: BTreeMap<u64, InFlight>,
     stats: Option<StatsCsv>,
-    events: Events,
+    events: EventLog,
     epoch: u64,
     first_checkpoint: Option<u64>,
     phase: Phase,
@@ -257,11 +261,7 @@ pub fn run_with_metrics(
     );
     // Files are opened once the backup welcomed this primary: a primary it refuses (a
     // second one) touches nothing of a running one's.
-    let mut events =
-        Events::create(cfg.events.as_deref()).map_err(|source| EngineError::Report {
-            path: cfg.events.clone().unwrap_or_default(),
-            source,
-        })?;
+    let mut events = EventLog::open(cfg.events.as_deref())?;
     let stats = match &cfg.stats {
         Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
             path: p.clone(),
@@ -269,7 +269,7 @@ pub fn run_with_metrics(
         })?),
         None => None,
     };
-    events.emit(
+    events.note(
         "connected",
         json!({
             "backup": cfg.backup.to_string(),
@@ -348,7 +348,7 @@ impl Engine<'_> {
             memory_mib = self.d.memory_size() >> 20,
             "syncing: pre-copy while the guest runs"
         );
-        self.events.emit("syncing", json!({}));
+        self.events.note("syncing", json!({}));
         if self.d.is_paused() {
             self.d.resume()?;
         }
@@ -402,7 +402,7 @@ impl Engine<'_> {
             ms = t.elapsed().as_millis() as u64,
             "pre-copy done; taking the first checkpoint"
         );
-        self.events.emit(
+        self.events.note(
             "synced",
             json!({ "rounds": rounds, "pages": sent, "ms": t.elapsed().as_millis() as u64 }),
         );
@@ -660,7 +660,7 @@ impl Engine<'_> {
              nothing until the backup acknowledges epoch {} or later",
             self.epoch
         );
-        self.events.emit(
+        self.events.note(
             "stalled",
             json!({ "ms": stalled.as_millis() as u64, "clears_at": self.epoch }),
         );
@@ -713,7 +713,7 @@ impl Engine<'_> {
                 epoch = n,
                 "protected: the backup holds a committed checkpoint"
             );
-            self.events.emit("protected", json!({ "epoch": n }));
+            self.events.note("protected", json!({ "epoch": n }));
         }
         Ok(())
     }
@@ -735,7 +735,7 @@ impl Engine<'_> {
                  backup took over the guest; fencing it here (paused; held output is never \
                  released)"
             );
-            self.events.emit(
+            self.events.note(
                 "backup_lost",
                 json!({
                     "reason": why,
@@ -753,7 +753,7 @@ impl Engine<'_> {
                  is closed so a live backup takes over)"
             );
             self.events
-                .emit("backup_lost", json!({ "reason": why, "policy": "fence" }));
+                .note("backup_lost", json!({ "reason": why, "policy": "fence" }));
             self.fence()?;
         } else {
             tracing::warn!(
@@ -762,7 +762,7 @@ impl Engine<'_> {
                 "backup lost: continuing unprotected (telling the backup to stand down; held \
                  output is released once that is on the wire)"
             );
-            self.events.emit(
+            self.events.note(
                 "backup_lost",
                 json!({ "reason": why, "policy": "continue" }),
             );
@@ -825,7 +825,7 @@ impl Engine<'_> {
                             reason = why,
                             "the backup stood down: the guest goes on here, unprotected"
                         );
-                        self.events.emit("stood_down", json!({ "reason": why }));
+                        self.events.note("stood_down", json!({ "reason": why }));
                         return;
                     }
                     Ok(LinkEvent::Closed(_)) | Err(_) => break,
@@ -840,7 +840,7 @@ impl Engine<'_> {
                 STAND_DOWN_WAIT
             );
             self.events
-                .emit("stood_down", json!({ "reason": why, "confirmed": false }));
+                .note("stood_down", json!({ "reason": why, "confirmed": false }));
             return;
         }
         tracing::error!(
@@ -861,7 +861,7 @@ impl Engine<'_> {
         self.summary.pause_ms_p99 = pct(99);
         self.summary.outputs_released = self.held.released;
         self.count_output();
-        self.events.emit(
+        self.events.note(
             "stopped",
             serde_json::to_value(&self.summary).unwrap_or_default(),
         );

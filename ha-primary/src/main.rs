@@ -2,45 +2,27 @@
 
 use ha_backend::{PrimaryGuest, XenHold};
 use ha_codec::codec::CodecConfig;
+use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
+use ha_daemon::keys;
 use ha_guest::domain::GuestSpec;
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
-use ha_wire::secure::PairKey;
 use ha_workloads::guest_abi::{GuestParams, HEAP_GPA};
 use std::error::Error;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    ha_daemon::logging::init("info");
     let cli = match Cli::load(std::env::args_os()) {
         Ok(c) => c,
-        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Load(LoadError::Clap(e))) => e.exit(),
         Err(e) => {
             eprintln!("ha-primary: {}", chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: `on_signal` only stores to an atomic, which is async-signal-safe, and
-        // has the signature `signal` expects.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -50,39 +32,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Errors choosing how the link is secured.
-#[derive(Debug, thiserror::Error)]
-enum KeyError {
-    /// Neither a key nor `--insecure`.
-    #[error(
-        "no pair key: give --key FILE (create one with `ha-primary keygen FILE`) or --insecure"
-    )]
-    Missing,
-    /// Both a key and `--insecure`.
-    #[error("--key and --insecure contradict each other: give one")]
-    Both,
-}
-
-/// The pair key the options name, or None for `--insecure` (announced loudly).
-fn pair_key(cli: &Cli) -> Result<Option<PairKey>, Box<dyn Error>> {
-    match (&cli.key, cli.insecure) {
-        (Some(_), true) => Err(KeyError::Both.into()),
-        (None, false) => Err(KeyError::Missing.into()),
-        (Some(p), false) => Ok(Some(PairKey::read(p)?)),
-        (None, true) => {
-            tracing::warn!(
-                "--insecure: replication is NOT encrypted or authenticated; anyone on the \
-                 path can read guest memory and feed the backup"
-            );
-            Ok(None)
-        }
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Keygen { file }) = &cli.command {
-        PairKey::generate()?.write_new(file)?;
-        tracing::info!(file = %file.display(), "wrote a new pair key (mode 0600)");
+        keys::keygen(file)?;
         println!(
             "wrote a new pair key to {} (mode 0600); copy it to the backup host over a trusted \
              channel and give both daemons --key",
@@ -90,7 +42,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         );
         return Ok(());
     }
-    let key = pair_key(&cli)?;
+    let stop = ha_daemon::signal::stop_flag()?;
+    let key = keys::pair_key(
+        cli.key.as_deref(),
+        cli.insecure,
+        "anyone on the path can read guest memory and feed the backup",
+    )?;
     let heap = cli
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
@@ -133,10 +90,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         backend: cli.guest,
     };
     let metrics = Metrics::new();
-    let metrics_addr = match cli.metrics {
-        Some(a) => Some(metrics.serve(a, cli.metrics_port_file.as_deref())?),
-        None => None,
-    };
+    let metrics_addr = cli
+        .metrics
+        .map(|a| metrics.serve(a, cli.metrics_port_file.as_deref()))
+        .transpose()?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         config = ?cli.config,
@@ -156,9 +113,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         link = if cfg.key.is_some() { "noise" } else { "INSECURE" },
         "ha-primary starting"
     );
-    if let Some(a) = metrics_addr {
-        tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
-    }
     // KVM and sim build the guest from `spec`; Xen attaches to the named existing domain.
     let guest = PrimaryGuest {
         spec,
@@ -171,7 +125,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     };
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     domain.resume()?;
-    let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &STOP, &metrics)?;
+    let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &stop, &metrics)?;
     tracing::info!(
         epochs = summary.epochs_committed,
         pause_p50_ms = summary.pause_ms_p50,

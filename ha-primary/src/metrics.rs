@@ -1,18 +1,15 @@
-//! Prometheus metrics of the primary: the registry, the handles the engine updates, and a
-//! tiny HTTP server answering `GET /metrics` (OpenMetrics text) on `--metrics ADDR`.
+//! Prometheus metrics of the primary: its metric families, the handles the engine
+//! updates. The registry, the state gauge and the `GET /metrics` server are
+//! [`ha_daemon::metrics`]'s.
 
 use ha_codec::codec::{EncodeStats, Encoding};
-pub use ha_daemon::metrics::{CONTENT_TYPE, Label};
-use ha_daemon::metrics::{StateGauge, render};
-use ha_daemon::serve::ServeError;
+use ha_daemon::metrics::Families;
+pub use ha_daemon::metrics::{CONTENT_TYPE, Label, MetricsError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 /// Pause-time buckets, seconds: 0.1 ms to 100 ms.
@@ -27,18 +24,12 @@ const ACK_BUCKETS: [f64; 13] = [
 /// The states of `castor_state`.
 pub const STATES: [&str; 4] = ["syncing", "protected", "unprotected", "fenced"];
 
-/// Errors starting the metrics server.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    /// The endpoint could not start.
-    #[error("metrics endpoint")]
-    Serve(#[from] ServeError),
-}
+/// The primary's metrics: its families (below), the state gauge ([`STATES`]), the registry.
+pub type Metrics = ha_daemon::metrics::Metrics<PrimaryFamilies>;
 
-/// The primary's metrics: cheap handles (clones share their values) and their registry.
+/// The primary's own metric families: cheap handles (clones share their values).
 #[derive(Debug)]
-pub struct Metrics {
-    registry: Arc<Registry>,
+pub struct PrimaryFamilies {
     /// Checkpoints acknowledged by the backup.
     pub epochs_committed: Counter,
     /// Guest pause per checkpoint, seconds.
@@ -55,20 +46,12 @@ pub struct Metrics {
     pub output_held: Gauge,
     /// Output records released to the world.
     pub output_released: Counter,
-    /// `castor_state`: 1 for the current state, 0 for the others.
-    pub state: StateGauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+impl Families for PrimaryFamilies {
+    const STATES: &'static [&'static str] = &STATES;
 
-impl Metrics {
-    /// Register every metric.
-    pub fn new() -> Self {
-        let mut r = Registry::default();
+    fn register(r: &mut Registry) -> Self {
         let epochs_committed = Counter::default();
         r.register(
             "castor_primary_epochs_committed",
@@ -117,9 +100,7 @@ impl Metrics {
             "Guest output records released to the output sink",
             output_released.clone(),
         );
-        let state = StateGauge::register(&mut r, &STATES);
         Self {
-            registry: Arc::new(r),
             epochs_committed,
             pause_seconds,
             wire_bytes,
@@ -128,15 +109,11 @@ impl Metrics {
             ack_latency_seconds,
             output_held,
             output_released,
-            state,
         }
     }
+}
 
-    /// Make `current` (one of [`STATES`]) the state.
-    pub fn set_state(&self, current: &'static str) {
-        self.state.set(current);
-    }
-
+impl PrimaryFamilies {
     /// Count one encoded epoch's bytes: payload bytes per encoding, the rest as `other`.
     pub fn add_wire(&self, stats: &EncodeStats, wire_bytes: u64) {
         for e in Encoding::ALL {
@@ -152,57 +129,20 @@ impl Metrics {
             .get_or_create(&[("encoding", "other")])
             .inc_by(other);
     }
-
-    /// The whole exposition, as `GET /metrics` returns it.
-    pub fn render(&self) -> String {
-        render(&self.registry)
-    }
-
-    /// Serve `GET /metrics` on `addr` from a background thread; returns the bound address
-    /// (and writes it to `port_file`, if given).
-    pub fn serve(
-        &self,
-        addr: SocketAddr,
-        port_file: Option<&Path>,
-    ) -> Result<SocketAddr, MetricsError> {
-        Ok(ha_daemon::metrics::serve(
-            Arc::clone(&self.registry),
-            addr,
-            port_file,
-        )?)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
-
-    fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    }
 
     #[test]
-    fn serves_metrics_and_404() {
+    fn the_exposition_has_the_families_and_the_state() {
         let m = Metrics::new();
         m.epochs_committed.inc_by(3);
         m.set_state("protected");
         m.pause_seconds.observe(0.002);
-        let addr = m
-            .serve("127.0.0.1:0".parse().expect("addr"), None)
-            .expect("serve");
-        let r = get(addr, "/metrics");
-        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
-        assert!(r.contains(CONTENT_TYPE), "{r}");
+        // Serving it (200, its content type, 404 elsewhere) is ha_daemon::metrics's test.
+        let r = m.render();
         assert!(r.contains("castor_primary_epochs_committed_total 3"), "{r}");
         assert!(r.contains("castor_state{state=\"protected\"} 1"), "{r}");
         assert!(r.contains("castor_state{state=\"syncing\"} 0"), "{r}");
@@ -210,7 +150,5 @@ mod tests {
             r.contains("castor_primary_pause_seconds_bucket{le=\"0.0025\"} 1"),
             "{r}"
         );
-        let r = get(addr, "/other");
-        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     }
 }

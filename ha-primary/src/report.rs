@@ -1,5 +1,5 @@
-//! What the primary tells its operator and its tests: per-epoch statistics (CSV) and
-//! state-change events (JSON lines).
+//! What the primary tells its operator and its tests: per-epoch statistics (CSV). Its
+//! state-change events go to [`ha_daemon::events`].
 
 use crate::encode::Encoded;
 use ha_codec::codec::Encoding;
@@ -7,14 +7,7 @@ use ha_daemon::logfile::{LogFileError, create_locked};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use std::time::Duration;
 
 /// One epoch's figures.
 #[derive(Debug, Clone, Default)]
@@ -118,65 +111,12 @@ impl StatsCsv {
     }
 }
 
-/// The `--events` JSON-lines file (absent: events only go to the log).
-#[derive(Debug, Default)]
-pub struct Events {
-    w: Option<File>,
-}
-
-impl Events {
-    /// Open the events file (created, locked, then truncated). Fails, the file untouched,
-    /// while another running process holds it.
-    pub fn create(path: Option<&Path>) -> std::io::Result<Self> {
-        Ok(Self {
-            w: path.map(create_locked).transpose().map_err(io_error)?,
-        })
-    }
-
-    /// Write one event: `{"event": name, "t_ms": …, …fields}`.
-    pub fn emit(&mut self, name: &str, fields: serde_json::Value) {
-        let Some(w) = &mut self.w else { return };
-        let mut obj = serde_json::Map::new();
-        obj.insert("event".into(), name.into());
-        obj.insert("t_ms".into(), unix_ms().into());
-        if let serde_json::Value::Object(m) = fields {
-            obj.extend(m);
-        }
-        let line = serde_json::Value::Object(obj).to_string();
-        if writeln!(w, "{line}").and_then(|()| w.flush()).is_err() {
-            tracing::warn!("cannot write the events file");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn scratch(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("ha-primary-report-{}-{name}", std::process::id()))
-    }
-
-    #[test]
-    fn a_second_events_file_is_refused_and_touches_nothing() {
-        let p = scratch("events");
-        let mut first = Events::create(Some(&p)).unwrap();
-        first.emit("start", serde_json::json!({}));
-        let before = std::fs::read_to_string(&p).unwrap();
-        let e = Events::create(Some(&p)).unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::ResourceBusy, "{e}");
-        assert!(e.to_string().contains("another running process"), "{e}");
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), before);
-        first.emit("exit", serde_json::json!({}));
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert!(
-            text.starts_with(&before) && text.lines().count() == 2,
-            "{text}"
-        );
-        drop(first);
-        Events::create(Some(&p)).unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "");
-        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

@@ -3,16 +3,28 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`config`] | the command line with a `--config` TOML file merged under it |
+//! | [`keys`] | the pair key or `--insecure`, and `keygen` |
+//! | [`signal`] | SIGTERM and SIGINT as a stop flag |
+//! | [`logging`] | the daemons' log lines on stderr, `RUST_LOG` for the level |
 //! | [`units`] | sizes and durations on command lines and in config files |
 //! | [`limits`] | the bounds both daemons put on intervals, timeouts and sizes |
 //! | [`logfile`] | a daemon's own files, opened under an exclusive lock |
-//! | [`serve`] | the metrics HTTP endpoint and port files |
-//! | [`metrics`] | the state gauge, exposition and serving of both daemons' metrics |
+//! | [`events`] | the JSON-lines event log |
+//! | [`serve`] | the metrics HTTP endpoint |
+//! | [`port_file`] | the address a daemon bound, in a file |
+//! | [`metrics`] | the registry, state gauge, exposition and serving of both daemons' metrics; each daemon adds its own families |
 
+pub mod config;
+pub mod events;
+pub mod keys;
 pub mod limits;
 pub mod logfile;
+pub mod logging;
 pub mod metrics;
+pub mod port_file;
 pub mod serve;
+pub mod signal;
 pub mod units;
 
 /// An error and its sources, joined with ": " (for one-line messages to operators).

@@ -1,6 +1,7 @@
 //! What both daemons' Prometheus metrics share: the `castor_state{state}` gauge, the
-//! OpenMetrics exposition of a registry, and serving it on `GET /metrics` (through
-//! [`crate::serve`]). Each daemon registers its own metrics beside these.
+//! registry, its OpenMetrics exposition, and serving it on `GET /metrics` (through
+//! [`crate::serve`]). Each daemon defines only its own metric families ([`Families`]) and
+//! uses them as [`Metrics`]`<its families>`.
 
 use crate::serve::{ServeError, serve_metrics};
 use prometheus_client::encoding::text::encode;
@@ -8,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -16,6 +18,84 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// A one-label label set.
 pub type Label = [(&'static str, &'static str); 1];
+
+/// Errors starting the metrics server.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The endpoint could not start.
+    #[error("metrics endpoint")]
+    Serve(#[from] ServeError),
+}
+
+/// A daemon's own metric families, registered beside the state gauge.
+pub trait Families {
+    /// The daemon's states (`castor_state{state}`).
+    const STATES: &'static [&'static str];
+
+    /// Register every family in `r`.
+    fn register(r: &mut Registry) -> Self;
+}
+
+/// A daemon's metrics: its families `F` (reached through `Deref`; the handles are cheap,
+/// clones share their values), the state gauge, and the registry they are all in.
+#[derive(Debug)]
+pub struct Metrics<F> {
+    registry: Arc<Registry>,
+    state: StateGauge,
+    families: F,
+}
+
+impl<F: Families> Default for Metrics<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<F: Families> Metrics<F> {
+    /// Register the daemon's families, then the state gauge with every state at 0.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let families = F::register(&mut r);
+        let state = StateGauge::register(&mut r, F::STATES);
+        Self {
+            registry: Arc::new(r),
+            state,
+            families,
+        }
+    }
+}
+
+impl<F> Metrics<F> {
+    /// Make `current` (one of the daemon's states) the state.
+    pub fn set_state(&self, current: &'static str) {
+        self.state.set(current);
+    }
+
+    /// The whole exposition, as `GET /metrics` returns it.
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+
+    /// Serve `GET /metrics` on `addr` from background threads and log its URL; returns the
+    /// bound address (and writes it to `port_file`, if given).
+    pub fn serve(
+        &self,
+        addr: SocketAddr,
+        port_file: Option<&Path>,
+    ) -> Result<SocketAddr, MetricsError> {
+        let bound = serve(Arc::clone(&self.registry), addr, port_file)?;
+        tracing::info!(url = %format!("http://{bound}/metrics"), "serving metrics");
+        Ok(bound)
+    }
+}
+
+impl<F> Deref for Metrics<F> {
+    type Target = F;
+
+    fn deref(&self) -> &F {
+        &self.families
+    }
+}
 
 /// `castor_state{state}`: 1 for the daemon's current state, 0 for its other states.
 #[derive(Debug, Clone)]
@@ -71,6 +151,42 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::serve::tests::get;
+    use prometheus_client::metrics::counter::Counter;
+
+    /// A daemon's families in small.
+    #[derive(Debug)]
+    struct Mine {
+        done: Counter,
+    }
+
+    impl Families for Mine {
+        const STATES: &'static [&'static str] = &["idle", "busy"];
+        fn register(r: &mut Registry) -> Self {
+            let done = Counter::default();
+            r.register("castor_test_done", "Things done", done.clone());
+            Self { done }
+        }
+    }
+
+    #[test]
+    fn serves_metrics_and_404() {
+        let m = Metrics::<Mine>::new();
+        m.done.inc_by(3);
+        m.set_state("busy");
+        let addr = m
+            .serve("127.0.0.1:0".parse().expect("addr"), None)
+            .expect("serve");
+        let r = get(addr, "/metrics");
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains(CONTENT_TYPE), "{r}");
+        assert!(r.contains("castor_test_done_total 3"), "{r}");
+        assert!(r.contains("castor_state{state=\"busy\"} 1"), "{r}");
+        assert!(r.contains("castor_state{state=\"idle\"} 0"), "{r}");
+        let r = get(addr, "/other");
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
 
     #[test]
     fn one_state_at_a_time() {

@@ -1,5 +1,5 @@
-//! The daemons' Prometheus metrics endpoint (HTTP on the `tiny_http` crate), and the port
-//! file the daemons write when they bind port 0.
+//! The daemons' Prometheus metrics endpoint (HTTP on the `tiny_http` crate), with its
+//! port file ([`crate::port_file`]) when it binds port 0.
 //!
 //! `GET /metrics` answers 200 with what the render closure returns, anything else 404.
 //! tiny_http reads every connection on a thread of its own, so a client that sends slowly,
@@ -11,13 +11,14 @@
 //! read its answer holds a handler no longer than that. Connections stay open between
 //! requests (HTTP/1.1 keep-alive) unless the client sends `Connection: close`.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::port_file::{self, PortFileError};
 
 /// Threads answering parsed requests (reading them is tiny_http's, a thread per connection).
 pub const HANDLERS: usize = 4;
@@ -42,14 +43,8 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// The port file cannot be written.
-    #[error("cannot write the port file {path}")]
-    PortFile {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    PortFile(#[from] PortFileError),
     /// The content type is not a valid header value.
     #[error("invalid content type {0:?}")]
     ContentType(&'static str),
@@ -75,10 +70,7 @@ pub fn serve_metrics(
     // A second handle on the listening socket, to start the server again from.
     let spare = l.try_clone().map_err(bind)?;
     if let Some(p) = port_file {
-        write_port_file(p, bound).map_err(|source| ServeError::PortFile {
-            path: p.to_path_buf(),
-            source,
-        })?;
+        port_file::write(p, bound)?;
     }
     let server = start(l).map_err(bind)?;
     std::thread::Builder::new()
@@ -153,23 +145,10 @@ fn answer<F: Fn() -> String>(rq: Request, ctype: &Header, render: &Mutex<F>) {
     }
 }
 
-/// Write `addr` to `path` through a temp file and a rename, so readers never see part.
-pub fn write_port_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{addr}")?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -177,7 +156,8 @@ mod tests {
     /// Far beyond any scrape, so that a broken endpoint fails the test instead of hanging it.
     const PATIENCE: Duration = Duration::from_secs(60);
 
-    fn get(addr: SocketAddr, path: &str) -> String {
+    /// The whole answer to `GET path` on `addr`.
+    pub(crate) fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(PATIENCE)).expect("timeout");
         write!(

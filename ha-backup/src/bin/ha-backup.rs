@@ -2,30 +2,24 @@
 //! backend, and run the backup. Exit codes: 0 stopped, 1 error, 2 primary lost before the
 //! first checkpoint, 3 Verify mismatch.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use ha_backend::FactoryOptions;
 use ha_backup::config::{Cli, Config, ConfigError};
 use ha_backup::metrics::Metrics;
-use ha_backup::{chain, run_with_metrics, signal};
+use ha_backup::{chain, run_with_metrics};
+use ha_daemon::config::LoadError;
 
 fn main() -> ExitCode {
     let cli = match Cli::load(std::env::args_os()) {
         Ok(c) => c,
-        Err(ConfigError::Clap(e)) => e.exit(),
+        Err(ConfigError::Load(LoadError::Clap(e))) => e.exit(),
         Err(e) => {
             eprintln!("ha-backup: error: {}", chain(&e));
             return ExitCode::from(1);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    ha_daemon::logging::init("info");
 
     let cfg = match Config::from_cli(&cli) {
         Ok(c) => c,
@@ -34,10 +28,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let stop = match signal::install() {
+    let stop = match ha_daemon::signal::stop_flag() {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("ha-backup: error: cannot install signal handlers: {e}");
+            eprintln!("ha-backup: error: {}", chain(&e));
             return ExitCode::from(1);
         }
     };
@@ -77,10 +71,7 @@ fn main() -> ExitCode {
         metrics = ?metrics_addr,
         "ha-backup starting"
     );
-    if let Some(a) = metrics_addr {
-        tracing::info!(url = %format!("http://{a}/metrics"), "serving metrics");
-    }
-    match run_with_metrics(&cfg, factory.as_ref(), stop, &metrics) {
+    match run_with_metrics(&cfg, factory.as_ref(), &stop, &metrics) {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
             eprintln!("ha-backup: error: {}", chain(&e));

@@ -1,14 +1,16 @@
-//! The JSON-lines event log (`--events`): one object per line, each with `"event"` and
-//! `"t_ms"` (milliseconds since the Unix epoch), flushed line by line so a reader sees
-//! every event as soon as it happens.
+//! The daemons' JSON-lines event log (`--events`): one object per line, each with
+//! `"event"` and `"t_ms"` (milliseconds since the Unix epoch), flushed line by line so a
+//! reader sees every event as soon as it happens. The file is opened under its lock
+//! ([`crate::logfile`]): a second daemon given it is refused and leaves it alone.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use ha_daemon::logfile::{LogFileError, create_locked};
+use ha_wire::output::unix_ms;
 use serde_json::{Map, Value};
+
+use crate::logfile::{LogFileError, create_locked};
 
 /// Errors writing the event log.
 #[derive(Debug, thiserror::Error)]
@@ -33,14 +35,6 @@ pub struct EventLog {
     out: Option<(PathBuf, BufWriter<File>)>,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 impl EventLog {
     /// An event log writing to `path` (created, locked, then truncated), or a silent one.
     /// Fails, the file untouched, while another running process holds it.
@@ -59,7 +53,7 @@ impl EventLog {
         };
         let mut obj = Map::new();
         obj.insert("event".into(), Value::from(event));
-        obj.insert("t_ms".into(), Value::from(now_ms()));
+        obj.insert("t_ms".into(), Value::from(unix_ms()));
         if let Value::Object(f) = fields {
             obj.extend(f);
         }
@@ -73,10 +67,10 @@ impl EventLog {
     }
 
     /// Like [`EventLog::emit`], but a failure is only logged: an event log that cannot be
-    /// written must not stop a failover.
+    /// written must not stop a failover, nor the guest's protection.
     pub fn note(&mut self, event: &str, fields: Value) {
         if let Err(e) = self.emit(event, fields) {
-            tracing::warn!(error = %crate::chain(&e), "cannot write event {event}");
+            tracing::warn!(error = %crate::error_chain(&e), "cannot write event {event}");
         }
     }
 }
@@ -120,6 +114,10 @@ mod tests {
             matches!(e, EventError::Open(LogFileError::Locked { .. })),
             "{e:?}"
         );
+        assert!(
+            crate::error_chain(&e).contains("another running process"),
+            "{e}"
+        );
         first.emit("exit", json!({})).expect("write");
         let text = std::fs::read_to_string(&path).expect("read back");
         let events: Vec<Value> = text
@@ -129,6 +127,9 @@ mod tests {
         assert_eq!(events.len(), 2, "{text}");
         assert_eq!(events[0]["event"], "listening");
         assert_eq!(events[1]["event"], "exit");
+        drop(first);
+        EventLog::open(Some(&path)).expect("free once the first is closed");
+        assert_eq!(std::fs::read_to_string(&path).expect("read back"), "");
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::receive::ReceiveError;
+use crate::link::ReceiveError;
 
 /// Why the primary is considered lost.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use ha_wire::stream::{StagedEpoch, Staging, StreamError};
 
 use crate::config::Config;
-use crate::receive::Frame;
+use ha_wire::frame::Frame;
 
 /// An epoch whose trailer verified, ready for [`crate::commit::Committed::apply`].
 #[derive(Debug)]

@@ -1,0 +1,80 @@
+//! *Activating → active*: the guest resumed from the last committed checkpoint (through
+//! [`crate::activate`]), and run until the backup is told to stop.
+
+use std::sync::atomic::AtomicBool;
+
+use ha_guest::domain::DomainFactory;
+use ha_workloads::guest_abi::GuestStatus;
+use serde_json::json;
+use tracing::{error, info};
+
+use crate::commit::Committed;
+use crate::config::Config;
+use crate::detect::Loss;
+use crate::{BackupError, Exit, Sinks, activate};
+
+/// Activating → active: resume the guest from the last checkpoint and run it.
+pub(crate) fn fail_over(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    sinks: &mut Sinks<'_>,
+    committed: Committed,
+    loss: &Loss,
+) -> Result<Exit, BackupError> {
+    let Some(cp) = committed.into_checkpoint() else {
+        error!("primary lost before the first checkpoint: nothing to resume");
+        return Ok(Exit::NoCheckpoint);
+    };
+    info!(
+        checkpoint = cp.epoch,
+        backend = factory.name(),
+        "failing over: activating the guest from the last checkpoint"
+    );
+    let mut active = activate::activate(factory, cp, cfg.output, loss.declared)?;
+    let activation_ms = active.activation.as_millis() as u64;
+    sinks
+        .metrics
+        .activation_seconds
+        .set(active.activation.as_secs_f64());
+    sinks.metrics.set_state("active");
+    let detect_ms = loss.detection().as_millis() as u64;
+    let st = active.resumed_from;
+    info!(
+        checkpoint = active.epoch,
+        progress = st.map(|s| s.progress),
+        out_head = st.map(|s| s.out_head),
+        rereleased = active.rereleased,
+        detect_ms,
+        activation_ms,
+        "active: the guest runs on the backup"
+    );
+    let mut ev = json!({
+        "epoch": active.epoch,
+        "activation_ms": activation_ms,
+        "rereleased": active.rereleased,
+    });
+    status_fields(&mut ev, st);
+    sinks.events.note("active", ev);
+    active.run(sinks.events, stop, cfg.exit_after)?;
+    info!(released = active.released, "stopping the guest and exiting");
+    Ok(Exit::Stopped)
+}
+
+/// Add a guest's status to an event: `progress`, `checksum`, `out_head`; or `status: "not
+/// reported"` for a guest without a status page (nothing is invented).
+pub(crate) fn status_fields(ev: &mut serde_json::Value, st: Option<GuestStatus>) {
+    let Some(obj) = ev.as_object_mut() else {
+        return;
+    };
+    match st {
+        Some(s) => {
+            obj.insert("progress".into(), s.progress.into());
+            obj.insert("checksum".into(), s.checksum.into());
+            obj.insert("out_head".into(), s.out_head.into());
+        }
+        None => {
+            obj.insert("status".into(), "not reported".into());
+        }
+    }
+}

@@ -1,39 +1,47 @@
-//! The daemons' Prometheus metrics endpoint (HTTP on the `tiny_http` crate), with its
-//! port file ([`crate::port_file`]) when it binds port 0.
+//! The daemons' Prometheus metrics endpoint: HTTP/1.1 on std sockets, requests parsed by
+//! `httparse`, with its port file ([`crate::port_file`]) when it binds port 0.
 //!
 //! `GET /metrics` answers 200 with what the render closure returns, anything else 404.
-//! tiny_http reads every connection on a thread of its own, so a client that sends slowly,
-//! or nothing at all, holds only its own thread and never the scrapes of others; a few
-//! handler threads ([`HANDLERS`]) answer the requests once they are whole. Every accepted
-//! socket inherits [`IO_TIMEOUT`] for reads and writes from the listening socket (Linux
-//! copies `SO_RCVTIMEO` and `SO_SNDTIMEO` to accepted sockets; tiny_http has no timeouts of
-//! its own), so an idle connection is closed after that long and a client that does not
-//! read its answer holds a handler no longer than that. Connections stay open between
-//! requests (HTTP/1.1 keep-alive) unless the client sends `Connection: close`.
+//! Every connection is read and answered on a thread of its own, at most
+//! [`MAX_CONNECTIONS`] at a time (one beyond is closed at once), so a client that sends
+//! slowly, or nothing at all, holds only its own thread and never the scrapes of others.
+//! A request must arrive whole within [`IO_TIMEOUT`] of its first byte being awaited (a
+//! client dribbling a header a byte at a time is cut off then, with 408), and an answer
+//! must be written within it too. Connections stay open between requests (HTTP/1.1
+//! keep-alive) unless the client sends `Connection: close` or speaks HTTP/1.0.
+//!
+//! (Until issue 14 this was tiny_http, whose connection pool can leave a new connection
+//! queued behind busy threads with none woken for it: a few clients that never finish a
+//! request then starve every scrape. The test below caught it one run in five.)
 
-use std::net::{SocketAddr, TcpListener};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
-use std::time::Duration;
-
-use tiny_http::{Header, Method, Request, Response, Server};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::port_file::{self, PortFileError};
 
-/// Threads answering parsed requests (reading them is tiny_http's, a thread per connection).
-pub const HANDLERS: usize = 4;
+/// Connections served at once; one more is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 64;
 
-/// Read and write timeout of every connection: an idle or stalled client is dropped after it.
+/// How long a request may take to arrive whole, and an answer to be written.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Pause before the endpoint starts again after its accept loop failed (tiny_http ends
-/// its accept loop on any error of `accept`, e.g. when the process runs out of files).
-const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// The longest request head read (request line and headers).
+const MAX_HEAD: usize = 8192;
+
+/// Headers parsed at most per request.
+const MAX_HEADERS: usize = 32;
+
+/// Pause after a failed accept (e.g. the process is out of file descriptors).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Errors starting the endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The address cannot be bound (or the server cannot start).
+    /// The address cannot be bound (or the server thread cannot start).
     #[error("cannot serve metrics on {addr}")]
     Bind {
         /// The address asked for.
@@ -50,6 +58,13 @@ pub enum ServeError {
     ContentType(&'static str),
 }
 
+/// What the connections share: the content type and the render closure.
+struct Endpoint<F> {
+    content_type: &'static str,
+    render: Mutex<F>,
+    live: AtomicUsize,
+}
+
 /// Serve `GET /metrics` on `addr` with `content_type` and the body `render` returns.
 /// Returns the bound address, also written to `port_file` if given.
 pub fn serve_metrics(
@@ -59,90 +74,177 @@ pub fn serve_metrics(
     render: impl Fn() -> String + Send + 'static,
 ) -> Result<SocketAddr, ServeError> {
     let bind = |source| ServeError::Bind { addr, source };
-    let ctype = Header::from_bytes("Content-Type", content_type)
-        .map_err(|()| ServeError::ContentType(content_type))?;
-    let l = TcpListener::bind(addr).map_err(bind)?;
-    let bound = l.local_addr().map_err(bind)?;
-    let sock = socket2::SockRef::from(&l);
-    sock.set_read_timeout(Some(IO_TIMEOUT))
-        .and_then(|()| sock.set_write_timeout(Some(IO_TIMEOUT)))
-        .map_err(bind)?;
-    // A second handle on the listening socket, to start the server again from.
-    let spare = l.try_clone().map_err(bind)?;
+    if content_type.bytes().any(|b| b.is_ascii_control()) {
+        return Err(ServeError::ContentType(content_type));
+    }
+    let listener = TcpListener::bind(addr).map_err(bind)?;
+    let bound = listener.local_addr().map_err(bind)?;
     if let Some(p) = port_file {
         port_file::write(p, bound)?;
     }
-    let server = start(l).map_err(bind)?;
+    let endpoint = Arc::new(Endpoint {
+        content_type,
+        render: Mutex::new(render),
+        live: AtomicUsize::new(0),
+    });
     std::thread::Builder::new()
         .name("castor-metrics".into())
-        .spawn(move || {
-            let render = Mutex::new(render);
-            let mut server = server;
-            loop {
-                run(&server, &ctype, &render);
-                drop(server);
-                server = loop {
-                    std::thread::sleep(RESTART_PAUSE);
-                    match spare.try_clone().and_then(start) {
-                        Ok(s) => break s,
-                        Err(e) => tracing::warn!(error = %e, "cannot restart the metrics endpoint"),
-                    }
-                };
-                tracing::info!(addr = %bound, "metrics endpoint restarted");
-            }
-        })
+        .spawn(move || accept_loop(&listener, &endpoint))
         .map_err(bind)?;
     Ok(bound)
 }
 
-/// A tiny_http server on `l`.
-fn start(l: TcpListener) -> std::io::Result<Server> {
-    Server::from_listener(l, None).map_err(std::io::Error::other)
-}
-
-/// Answer `server`'s requests on this thread and [`HANDLERS`]` - 1` more until its accept
-/// loop ends.
-fn run<F: Fn() -> String + Send>(server: &Server, ctype: &Header, render: &Mutex<F>) {
-    std::thread::scope(|s| {
-        for i in 1..HANDLERS {
-            if let Err(e) = std::thread::Builder::new()
-                .name(format!("castor-metrics-{i}"))
-                .spawn_scoped(s, || handle(server, ctype, render))
-            {
-                tracing::warn!(error = %e, "cannot start a metrics handler thread");
-            }
-        }
-        handle(server, ctype, render);
-    });
-}
-
-/// Answer requests until the server stops; then wake the next handler so that it stops too.
-fn handle<F: Fn() -> String>(server: &Server, ctype: &Header, render: &Mutex<F>) {
+/// Accept connections for ever, each onto a thread of its own.
+fn accept_loop<F: Fn() -> String + Send + 'static>(
+    listener: &TcpListener,
+    endpoint: &Arc<Endpoint<F>>,
+) {
     loop {
-        match server.recv() {
-            Ok(rq) => answer(rq, ctype, render),
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::debug!(error = %e, "metrics handler stops");
-                server.unblock();
-                return;
+                tracing::warn!(error = %e, "metrics endpoint: accept failed; retrying");
+                std::thread::sleep(ACCEPT_PAUSE);
+                continue;
             }
+        };
+        if endpoint.live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            endpoint.live.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!("metrics endpoint: too many connections; closed one at once");
+            continue;
+        }
+        let ep = Arc::clone(endpoint);
+        let spawned = std::thread::Builder::new()
+            .name("castor-metrics-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection(stream, &ep) {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
+                ep.live.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            endpoint.live.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(error = %e, "metrics endpoint: cannot start a connection thread");
         }
     }
 }
 
-/// Answer one request: 200 with the metrics for `GET /metrics`, 404 otherwise.
-fn answer<F: Fn() -> String>(rq: Request, ctype: &Header, render: &Mutex<F>) {
-    let path = rq.url().split('?').next().unwrap_or("");
-    let response = if *rq.method() == Method::Get && path == "/metrics" {
-        let body = (render.lock().unwrap_or_else(PoisonError::into_inner))();
-        Response::from_string(body).with_header(ctype.clone())
-    } else {
-        Response::from_string("not found; try GET /metrics\n").with_status_code(404)
-    };
-    // Always a Content-Length, never chunks: simple clients read the body as it comes.
-    if let Err(e) = rq.respond(response.with_chunked_threshold(usize::MAX)) {
-        tracing::debug!(error = %e, "metrics answer failed");
+/// One parsed request: what the answer depends on.
+struct Head {
+    /// The request's length in the buffer.
+    len: usize,
+    /// Whether it asks for the metrics.
+    metrics: bool,
+    /// Whether the connection ends after the answer.
+    close: bool,
+}
+
+/// Serve one connection: read requests, answer each, until the client closes, asks to,
+/// or is too slow.
+fn connection<F: Fn() -> String>(mut s: TcpStream, ep: &Endpoint<F>) -> std::io::Result<()> {
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let Some(head) = read_head(&mut s, &mut buf)? else {
+            return Ok(());
+        };
+        buf.drain(..head.len);
+        let (status, ctype, body) = if head.metrics {
+            let body = (ep.render.lock().unwrap_or_else(PoisonError::into_inner))();
+            ("200 OK", ep.content_type, body)
+        } else {
+            (
+                "404 Not Found",
+                "text/plain",
+                "not found; try GET /metrics\n".to_string(),
+            )
+        };
+        respond(&mut s, status, ctype, &body, head.close)?;
+        if head.close {
+            return Ok(());
+        }
     }
+}
+
+/// Read until `buf` holds a whole request head, within [`IO_TIMEOUT`]. `None`: the client
+/// closed between requests, or was answered 400/408/431 and is to be dropped.
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Head>> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut rq = httparse::Request::new(&mut headers);
+        match rq.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let path = rq.path.unwrap_or("").split('?').next().unwrap_or("");
+                let connection = rq
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("connection"))
+                    .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase());
+                let has_body = rq.headers.iter().any(|h| {
+                    h.name.eq_ignore_ascii_case("transfer-encoding")
+                        || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+                });
+                let close = has_body
+                    || rq.version != Some(1)
+                    || connection.is_some_and(|c| c.contains("close"));
+                return Ok(Some(Head {
+                    len,
+                    metrics: rq.method == Some("GET") && path == "/metrics",
+                    close,
+                }));
+            }
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+                respond(s, "431 Request Header Fields Too Large", "text/plain", "", true)?;
+                return Ok(None);
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => {
+                respond(s, "400 Bad Request", "text/plain", "", true)?;
+                return Ok(None);
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            respond(s, "408 Request Timeout", "text/plain", "", true)?;
+            return Ok(None);
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if !buf.is_empty() {
+                    respond(s, "408 Request Timeout", "text/plain", "", true)?;
+                }
+                return Ok(None);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Write one answer, always with a Content-Length (simple clients read the body as it
+/// comes).
+fn respond(
+    s: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+    close: bool,
+) -> std::io::Result<()> {
+    let connection = if close { "close" } else { "keep-alive" };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: {connection}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body.as_bytes())?;
+    s.flush()
 }
 
 #[cfg(test)]
@@ -253,7 +355,7 @@ pub(crate) mod tests {
             || "m 3\n".into(),
         )
         .expect("serve");
-        let n = HANDLERS + 2;
+        let n = 8;
         // Connected, silent.
         let idle: Vec<TcpStream> = (0..n)
             .map(|_| TcpStream::connect(addr).expect("connect"))
@@ -300,5 +402,38 @@ pub(crate) mod tests {
         stop.store(true, Ordering::Relaxed);
         dribble.join().expect("dribbler");
         drop((idle, deaf));
+    }
+
+    #[test]
+    fn a_request_dribbled_a_byte_at_a_time_is_cut_off() {
+        let addr = serve_metrics(
+            "127.0.0.1:0".parse().expect("addr"),
+            None,
+            "text/x-test",
+            || "m 4\n".into(),
+        )
+        .expect("serve");
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").expect("partial request");
+        let mut w = s.try_clone().expect("clone");
+        let stop = Arc::new(AtomicBool::new(false));
+        let dribble = {
+            let stop = Arc::clone(&stop);
+            // Each byte well within any per-read timeout: only a whole-request deadline ends it.
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) && w.write_all(b"a").is_ok() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        stop.store(true, Ordering::Relaxed);
+        dribble.join().expect("dribbler");
+        let rest = String::from_utf8_lossy(&rest);
+        assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
+        // And the endpoint still answers.
+        assert!(get(addr, "/metrics").ends_with("m 4\n"));
     }
 }

@@ -197,7 +197,13 @@ fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Hea
                 }));
             }
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
-                respond(s, "431 Request Header Fields Too Large", "text/plain", "", true)?;
+                respond(
+                    s,
+                    "431 Request Header Fields Too Large",
+                    "text/plain",
+                    "",
+                    true,
+                )?;
                 return Ok(None);
             }
             Ok(httparse::Status::Partial) => {}
@@ -414,7 +420,8 @@ pub(crate) mod tests {
         )
         .expect("serve");
         let mut s = TcpStream::connect(addr).expect("connect");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").expect("partial request");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            .expect("partial request");
         let mut w = s.try_clone().expect("clone");
         let stop = Arc::new(AtomicBool::new(false));
         let dribble = {

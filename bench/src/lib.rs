@@ -6,6 +6,7 @@
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
 //! | [`drill`] | the failover drill |
+//! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
 //! | [`plot`] | PNG plots of a comparison |
 //! | [`pair`] | starting and watching the daemons |
@@ -17,6 +18,7 @@ pub mod chaos;
 pub mod codec;
 pub mod compare;
 pub mod drill;
+pub mod failover;
 pub mod pair;
 pub mod pgpairs;
 pub mod plot;

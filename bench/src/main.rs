@@ -40,6 +40,14 @@ enum Cmd {
     /// times and a continuity verdict (resumed checkpoint, progress counter, memory checksum,
     /// output sequence). Exits non-zero when continuity fails.
     Drill(DrillCli),
+    /// The drill across guest memory sizes: detection, activation and failover time
+    /// against memory.
+    ///
+    /// Runs the drill at every size of --memory, --repeat passes (the sizes taken in turn
+    /// within each pass), prints the medians per size, and with --out writes every drill
+    /// to failover.csv and the medians against memory to failover.png. Exits non-zero when
+    /// any drill fails its continuity checks.
+    Failover(FailoverCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -221,6 +229,43 @@ struct DrillCli {
 }
 
 #[derive(clap::Args, Debug)]
+struct FailoverCli {
+    /// Guest memory sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256M,1G,4G")]
+    memory: Vec<String>,
+    /// Passes over the sizes.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Write failover.csv and failover.png into this directory.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Guest backend: kvm (a real VM on /dev/kvm) or sim (simulated, where there is no KVM).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Built-in workload: idle, memwrite, web, kv, npb.
+    #[arg(long, default_value = "memwrite")]
+    workload: String,
+    /// Encoding mode: remus, xbzrle, fgbi.
+    #[arg(long, default_value = "fgbi")]
+    mode: String,
+    /// Epoch interval.
+    #[arg(long, default_value = "25ms")]
+    interval: String,
+    /// The backup's timeout for a silent primary.
+    #[arg(long, default_value = "500ms")]
+    detect_timeout: String,
+    /// Seconds of protection before each kill (plus a random part of a second).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Seconds the backup runs the guest after taking over.
+    #[arg(long, default_value_t = 1.0)]
+    after: f64,
+    /// Seed of the first kill moment (drill i uses seed + i; default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
 struct CodecArgs {
     /// Generated cases to run (letters a..h); default all eight.
     #[arg(long = "case", value_name = "LETTER")]
@@ -261,6 +306,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Codec(a) => run_codec(a),
         Cmd::Drill(a) => run_drill(a),
+        Cmd::Failover(a) => run_failover(a),
         Cmd::Compare(a) => run_compare(a),
         Cmd::Chaos(a) => run_chaos(a),
     };
@@ -312,6 +358,57 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
     } else {
         Err("continuity failed".into())
     }
+}
+
+fn run_failover(a: FailoverCli) -> Result<bool, String> {
+    use ha_bench::failover;
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let sweep = failover::SweepArgs {
+        drill: ha_bench::drill::DrillArgs {
+            guest: a.guest,
+            workload: a.workload,
+            memory: String::new(),
+            mode: a.mode,
+            interval: a.interval,
+            detect_timeout: a.detect_timeout,
+            rate: None,
+            seconds: a.seconds,
+            after: a.after,
+            seed,
+            live: false,
+            keep: false,
+            insecure: false,
+        },
+        sizes: a.memory,
+        repeat: a.repeat,
+    };
+    let points = failover::run(&sweep, |p| {
+        eprintln!(
+            "pass {} at {}: detection {} ms, activation {} ms, failover {} ms{}",
+            p.pass,
+            p.memory,
+            p.detection_ms,
+            p.activation_ms,
+            p.failover_ms,
+            if p.continuity_ok {
+                ""
+            } else {
+                ", CONTINUITY FAILED"
+            }
+        );
+    })
+    .map_err(|e| error_chain(&e))?;
+    print!("{}", failover::table(&points));
+    if let Some(dir) = &a.out {
+        for f in failover::write(&points, dir).map_err(|e| error_chain(&e))? {
+            println!("wrote {}", f.display());
+        }
+    }
+    Ok(points.iter().all(|p| p.continuity_ok))
 }
 
 fn run_chaos(a: ChaosCli) -> Result<bool, String> {

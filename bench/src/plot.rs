@@ -200,8 +200,8 @@ fn grouped_bars(
     Ok(())
 }
 
-/// Lines: x against y, one series per (workload, mode) key.
-fn lines(
+/// Lines: x against y, one series per key (a workload and mode, or a figure).
+pub(crate) fn lines(
     file: &Path,
     title: &str,
     (xlabel, ylabel): (&str, &str),

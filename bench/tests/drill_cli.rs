@@ -49,3 +49,50 @@ fn short_drill_fails_over_with_continuity() {
     let wire = r["wire_bytes_per_epoch"].as_f64().unwrap_or(f64::MAX);
     assert!(wire < raw, "fgbi sends less than the raw dirty pages: {r}");
 }
+
+#[test]
+fn the_failover_sweep_runs_every_size_and_writes_its_table_csv_and_plot() {
+    if !ha_tests::kvm_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ha-bench-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_ha-bench"))
+        .args([
+            "failover",
+            "--memory",
+            "32M,64M",
+            "--repeat",
+            "1",
+            "--seconds",
+            "1",
+            "--after",
+            "0.5",
+            "--seed",
+            "3",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("ha-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "sweep failed:\n{stdout}\n{stderr}");
+    for size in ["32M", "64M"] {
+        assert!(
+            stdout.contains(&format!("| {size} | 1 |")) && stdout.contains("| ok |"),
+            "{stdout}"
+        );
+    }
+    let csv = std::fs::read_to_string(dir.join("failover.csv")).expect("csv");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 3, "{csv}");
+    assert!(
+        rows[1].starts_with("32M,32,1,") && rows[2].starts_with("64M,64,1,"),
+        "{csv}"
+    );
+    assert!(rows[1..].iter().all(|r| r.ends_with(",true")), "{csv}");
+    let png = std::fs::read(dir.join("failover.png")).expect("png");
+    assert_eq!(&png[1..4], b"PNG");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -385,7 +385,12 @@ fn verdict(
     let mut checks: Vec<(String, bool, String)> = Vec::new();
     let mut check =
         |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
-    let t_lost = lost["t_ms"].as_u64().unwrap_or(t_kill);
+    // The moment the backup declared the loss (activation is measured from it), else when
+    // it wrote the event.
+    let t_lost = lost["declared_ms"]
+        .as_u64()
+        .or_else(|| lost["t_ms"].as_u64())
+        .unwrap_or(t_kill);
     check(
         "no false failover: the backup took over only after the kill",
         t_lost >= t_kill,

@@ -1,6 +1,6 @@
 //! Failure detection: deciding the primary is lost, why, and how long it took to notice.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::link::ReceiveError;
 
@@ -37,6 +37,9 @@ pub struct Loss {
     pub last_frame: Instant,
     /// When the primary was declared dead.
     pub declared: Instant,
+    /// The same moment on the wall clock, for the event log (an operator or a drill lines
+    /// it up with what it did, e.g. when it killed the primary).
+    pub declared_at: SystemTime,
 }
 
 impl Loss {
@@ -46,7 +49,15 @@ impl Loss {
             reason,
             last_frame,
             declared: Instant::now(),
+            declared_at: SystemTime::now(),
         }
+    }
+
+    /// When the primary was declared dead, in milliseconds since the Unix epoch.
+    pub fn declared_unix_ms(&self) -> u64 {
+        self.declared_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Detection time: last frame received → declared dead.

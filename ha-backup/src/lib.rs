@@ -282,7 +282,12 @@ fn serve(
     );
     sinks.events.note(
         "primary_lost",
-        json!({"reason": loss.reason.to_string(), "last_epoch": last_epoch, "detect_ms": detect_ms}),
+        json!({
+            "reason": loss.reason.to_string(),
+            "last_epoch": last_epoch,
+            "detect_ms": detect_ms,
+            "declared_ms": loss.declared_unix_ms(),
+        }),
     );
 
     fail_over(cfg, factory, stop, sinks, committed, &loss)

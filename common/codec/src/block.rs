@@ -227,6 +227,8 @@ impl DiffMask {
                 _ => {}
             }
         }
+        // Elsewhere there is only the portable path.
+        #[cfg(not(target_arch = "x86_64"))]
         let _ = path;
         Self::new_portable(old, new)
     }

@@ -188,7 +188,9 @@ fn spec(a: &CompareArgs, w: Workload) -> Result<GuestSpec, CompareError> {
             tsc_khz: 0,
             output_every: 64,
             doorbell_every: 256,
+            disk_size: 0,
         },
+        devices: Default::default(),
     })
 }
 

@@ -94,7 +94,7 @@ pub fn activate(
     let ring = ring_records(cp.image.as_slice());
     let epoch = cp.epoch;
     let mut domain = factory
-        .restore_image(cp.image, &cp.state)
+        .restore_image(cp.image, &cp.state, &ha_guest::domain::Devices::default())
         .map_err(|source| ActivateError::Restore {
             epoch,
             backend: factory.name(),

@@ -795,8 +795,9 @@ impl DomainFactory for Opaque {
         &self,
         image: &[u8],
         state: &[u8],
+        devices: &ha_guest::domain::Devices,
     ) -> Result<Box<dyn ha_guest::domain::Domain>, DomainError> {
-        Ok(Box::new(Hidden(self.0.restore(image, state)?)))
+        Ok(Box::new(Hidden(self.0.restore(image, state, devices)?)))
     }
 }
 

@@ -62,7 +62,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             tsc_khz: 0,
             output_every: cli.output_every,
             doorbell_every: 256,
+            disk_size: 0,
         },
+        devices: Default::default(),
     };
     let cfg = Config {
         backup: cli.backup,

@@ -146,7 +146,9 @@ fn spec(workload: Workload) -> GuestSpec {
             tsc_khz: 0,
             output_every: 16,
             doorbell_every: 64,
+            disk_size: 0,
         },
+        devices: Default::default(),
     }
 }
 

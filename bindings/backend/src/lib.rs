@@ -236,7 +236,9 @@ mod tests {
                 tsc_khz: 0,
                 output_every: 0,
                 doorbell_every: 256,
+                disk_size: 0,
             },
+            devices: Default::default(),
         }
     }
 

@@ -115,6 +115,12 @@ pub fn validate(memory_size: u64, p: &GuestParams) -> Result<(), GuestError> {
     if p.workload == Workload::Web && p.heap_size / 4096 < 16 {
         return bad("web needs a heap of at least 16 pages".into());
     }
+    if p.workload.needs_disk() {
+        return bad(format!(
+            "workload {} needs a disk, which the KVM guest program does not drive yet",
+            p.workload.name()
+        ));
+    }
     Ok(())
 }
 
@@ -627,7 +633,8 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     a.or(rax, rdx)?;
     a.mov(r11, rax)?;
     a.mov(eax, dword_ptr(PARAMS_GPA + params::WORKLOAD as u64))?;
-    for (w, label) in Workload::ALL.iter().zip(entries.iter()) {
+    // The disk workloads have no entry yet (issue 15): they fall through to the panic.
+    for (w, label) in Workload::MEMORY.iter().zip(entries.iter()) {
         a.cmp(eax, *w as i32)?;
         a.je(*label)?;
     }
@@ -637,13 +644,14 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     a.out(dx, eax)?;
     a.jmp(panic)?;
 
-    for (w, label) in Workload::ALL.iter().zip(entries.iter_mut()) {
+    for (w, label) in Workload::MEMORY.iter().zip(entries.iter_mut()) {
         match w {
             Workload::Idle => g.idle(label)?,
             Workload::Memwrite => g.memwrite(label)?,
             Workload::Web => g.web(label)?,
             Workload::Kv => g.kv(label)?,
             Workload::Npb => g.npb(label)?,
+            Workload::Db => {}
         }
     }
     let code = g.a.assemble(CODE_GPA)?;
@@ -680,6 +688,7 @@ mod tests {
             tsc_khz: 0,
             output_every: 0,
             doorbell_every: 0,
+            disk_size: 0,
         };
         assert!(validate(4 << 20, &p).is_ok());
         assert!(validate(3 << 20, &p).is_err());

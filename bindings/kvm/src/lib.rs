@@ -30,7 +30,7 @@ pub mod vm;
 
 use std::path::PathBuf;
 
-use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory, GuestSpec};
 use ha_guest::image::GuestImage;
 
 pub use vm::KvmDomain;
@@ -85,16 +85,36 @@ impl KvmFactory {
     }
 }
 
+/// The KVM backend's disk is not wired in yet (issue 15): a guest given one is refused.
+fn no_disk_yet(devices: &Devices) -> Result<(), DomainError> {
+    match &devices.disk {
+        None => Ok(()),
+        Some(p) => Err(DomainError::Unavailable {
+            what: format!("a disk ({}) on the KVM backend", p.display()),
+            hint: "the KVM backend's virtio-blk device is not wired in yet; use --backend sim"
+                .into(),
+            source: None,
+        }),
+    }
+}
+
 impl DomainFactory for KvmFactory {
     fn name(&self) -> &'static str {
         "kvm"
     }
 
     fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Domain>, DomainError> {
+        no_disk_yet(&spec.devices)?;
         Ok(Box::new(self.create_kvm(spec)?))
     }
 
-    fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError> {
+    fn restore(
+        &self,
+        image: &[u8],
+        state: &[u8],
+        devices: &Devices,
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        no_disk_yet(devices)?;
         Ok(Box::new(self.restore_kvm(image, state)?))
     }
 
@@ -102,7 +122,9 @@ impl DomainFactory for KvmFactory {
         &self,
         image: GuestImage,
         state: &[u8],
+        devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
+        no_disk_yet(devices)?;
         Ok(Box::new(KvmDomain::restore_in_place(
             &self.cfg, image, state,
         )?))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
-use ha_guest::domain::{Domain, DomainError, DomainFactory};
+use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory};
 use ha_guest::image::GuestImage;
 use ha_workloads::guest_abi::{
     GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, page_count,
@@ -43,7 +43,7 @@ fn every_workload_runs_and_makes_progress() {
     if !kvm_available() {
         return;
     }
-    for w in Workload::ALL {
+    for w in Workload::MEMORY {
         let mut s = spec(w, 16, 0);
         s.params.output_every = 64;
         s.params.doorbell_every = 16;
@@ -175,7 +175,7 @@ fn guests_match_the_reference_model() {
     if !kvm_available() {
         return;
     }
-    for w in Workload::ALL {
+    for w in Workload::MEMORY {
         check_against_model(w);
     }
 }
@@ -311,7 +311,9 @@ fn save_restore_continues_the_guest() {
 
     // A backup-style restore while the original keeps running.
     d1.resume().unwrap();
-    let mut d2 = factory.restore(&image, &state).unwrap();
+    let mut d2 = factory
+        .restore(&image, &state, &Devices::default())
+        .unwrap();
     assert!(d2.is_paused());
     assert_eq!(d2.status().unwrap(), saved);
     run_until(d2.as_mut(), saved.progress + 2000, 20);
@@ -361,7 +363,9 @@ fn save_restore_continues_the_guest() {
     drop(d2);
     let mut committed = GuestImage::new(image2.len()).unwrap();
     committed.as_mut_slice().copy_from_slice(&image2);
-    let mut d3 = factory.restore_image(committed, &state2).unwrap();
+    let mut d3 = factory
+        .restore_image(committed, &state2, &Devices::default())
+        .unwrap();
     assert!(
         snapshot(d3.as_ref()) == image2,
         "the image is the guest's memory"
@@ -383,22 +387,22 @@ fn restore_rejects_bad_input() {
     let state = d.save_state().unwrap();
     let image = snapshot(&d);
     assert!(matches!(
-        factory.restore(&image[..4096], &state),
+        factory.restore(&image[..4096], &state, &Devices::default()),
         Err(DomainError::ImageSize { .. })
     ));
     assert!(matches!(
-        factory.restore(&image, b"garbage"),
+        factory.restore(&image, b"garbage", &Devices::default()),
         Err(DomainError::BadState(_))
     ));
     let short = GuestImage::new(image.len() / 2).unwrap();
     assert!(matches!(
-        factory.restore_image(short, &state),
+        factory.restore_image(short, &state, &Devices::default()),
         Err(DomainError::ImageSize { .. })
     ));
     let mut cut = state.clone();
     cut.truncate(state.len() / 2);
     assert!(matches!(
-        factory.restore(&image, &cut),
+        factory.restore(&image, &cut, &Devices::default()),
         Err(DomainError::BadState(_))
     ));
     let mut buf = [0u8; 16];
@@ -452,7 +456,11 @@ fn unexpected_exits_and_bad_rings_are_guest_faults() {
         let mut st = ha_kvm::state::decode(&blob).unwrap();
         st.regs.rip = 0x60000;
         let mut g = factory
-            .restore(&img, &ha_kvm::state::encode(&st).unwrap())
+            .restore(
+                &img,
+                &ha_kvm::state::encode(&st).unwrap(),
+                &Devices::default(),
+            )
             .unwrap();
         g.check_health().unwrap();
         g.resume().unwrap();
@@ -475,7 +483,7 @@ fn unexpected_exits_and_bad_rings_are_guest_faults() {
     let mut img = image.clone();
     let head = STATUS_GPA as usize + ha_workloads::guest_abi::status::OUT_HEAD;
     img[head..head + 8].copy_from_slice(&5000u64.to_le_bytes());
-    let mut g = factory.restore(&img, &blob).unwrap();
+    let mut g = factory.restore(&img, &blob, &Devices::default()).unwrap();
     let mut out = Vec::new();
     assert!(matches!(
         g.drain_output(&mut out),

@@ -121,7 +121,7 @@ fn measure() {
 
     // Progress rate with dirty logging on (harvest every 100 ms) vs off, rate 0; npb also
     // on a 32 MiB guest whose first sweep ends within the warm-up.
-    let cases = Workload::ALL
+    let cases = Workload::MEMORY
         .iter()
         .map(|w| (*w, 256))
         .chain([(Workload::Npb, 32)]);
@@ -169,7 +169,7 @@ fn measure() {
     }
 
     // Dirty pages per 100 ms at a paced rate of 100 000 units/s (256 MiB guest).
-    for w in Workload::ALL {
+    for w in Workload::MEMORY {
         let s = spec(w, 256, 100_000);
         let mut d = start(&s);
         std::thread::sleep(Duration::from_millis(200));
@@ -218,7 +218,9 @@ fn web_calibration() {
             tsc_khz: 0,
             output_every: 0,
             doorbell_every: 0,
+            disk_size: 0,
         },
+        devices: Default::default(),
     };
     let heap =
         (HEAP_GPA as usize / PAGE_SIZE)..((HEAP_GPA + s.params.heap_size) as usize / PAGE_SIZE);

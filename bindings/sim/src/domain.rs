@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{
-    Domain, DomainError, DomainFactory, GuestSpec, OutputChannel, StatusProbe, read_status_page,
+    Devices, Disk, DiskWrite, Domain, DomainError, DomainFactory, GuestSpec, OutputChannel,
+    StatusProbe, read_status_page,
 };
 use ha_workloads::guest_abi::{GuestParams, OutputRecord, PARAMS_GPA};
 
+use crate::disk::{DiskError, SimDisk};
 use crate::memory::GuestMemory;
 use crate::ring::OutputQueue;
 use crate::state::SavedState;
@@ -46,6 +48,18 @@ pub enum SimError {
     /// The vCPU thread could not be started.
     #[error("cannot spawn the vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// The disk image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Reading the disk for the VMM failed.
+    #[error("cannot read the disk at {offset:#x}")]
+    DiskRead {
+        /// Byte offset.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn backend(op: &'static str, e: impl Into<SimError>) -> DomainError {
@@ -77,6 +91,8 @@ struct Control {
 struct Shared {
     mem: GuestMemory,
     output: OutputQueue,
+    /// The guest's disk, if it has one (the vCPU's batches and the domain's drains).
+    disk: Option<Mutex<SimDisk>>,
     ctl: Mutex<Control>,
     cv: Condvar,
     /// Raised (under `ctl`) when the vCPU must park or stop; read lock-free per unit.
@@ -107,6 +123,13 @@ impl SimDomain {
     /// document root) written and dirty, the vCPU thread started and parked.
     pub fn create(spec: &GuestSpec) -> Result<Self, DomainError> {
         let memory_size = spec.memory_size;
+        let disk = open_disk(&spec.devices)?;
+        let mut params = spec.params.clone();
+        params.disk_size = disk.as_ref().map_or(0, SimDisk::size);
+        let spec = &GuestSpec {
+            params,
+            ..spec.clone()
+        };
         workload::validate(&spec.params, memory_size).map_err(|e| match e {
             GuestError::HeapOutside { gpa, size, .. } => DomainError::OutOfRange { gpa, len: size },
             e => backend("sim create", e),
@@ -119,7 +142,7 @@ impl SimDomain {
             mem.write_bytes(gpa, &doc);
         }
         tracing::debug!(memory_size, params = ?spec.params, "sim: creating guest");
-        Self::start(mem, None)
+        Self::start(mem, disk, None)
     }
 
     /// Build a guest from a memory image and the blob [`Domain::save_state`] returned at
@@ -127,7 +150,7 @@ impl SimDomain {
     ///
     /// Errors: `BadState` for a blob that is not a valid sim state or an image whose
     /// params page cannot run; `ImageSize` when the image is not the saved memory size.
-    pub fn restore(image: &[u8], state: &[u8]) -> Result<Self, DomainError> {
+    pub fn restore(image: &[u8], state: &[u8], devices: &Devices) -> Result<Self, DomainError> {
         let saved = SavedState::decode(state).map_err(|e| DomainError::BadState(e.to_string()))?;
         if image.len() as u64 != saved.memory_size {
             return Err(DomainError::ImageSize {
@@ -138,6 +161,14 @@ impl SimDomain {
         let mem = GuestMemory::from_image(image);
         let params = workload::read_params(&mem)
             .map_err(|e| DomainError::BadState(format!("memory image: {e}")))?;
+        let disk = open_disk(devices)?;
+        let size = disk.as_ref().map_or(0, SimDisk::size);
+        if size != params.disk_size {
+            return Err(DomainError::BadState(format!(
+                "the guest's disk was {} bytes, the disk given is {size} bytes",
+                params.disk_size
+            )));
+        }
         let now = Instant::now();
         let last = saved.pacing_age.and_then(|age| now.checked_sub(age));
         tracing::debug!(
@@ -145,13 +176,18 @@ impl SimDomain {
             ?params,
             "sim: restoring guest"
         );
-        Self::start(mem, last)
+        Self::start(mem, disk, last)
     }
 
-    fn start(mem: GuestMemory, last: Option<Instant>) -> Result<Self, DomainError> {
+    fn start(
+        mem: GuestMemory,
+        disk: Option<SimDisk>,
+        last: Option<Instant>,
+    ) -> Result<Self, DomainError> {
         let shared = Arc::new(Shared {
             mem,
             output: OutputQueue::default(),
+            disk: disk.map(Mutex::new),
             ctl: Mutex::new(Control {
                 run: false,
                 stop: false,
@@ -211,6 +247,46 @@ impl OutputChannel for SimDomain {
         let res = self.shared.output.drain_ring(&self.shared.mem);
         self.shared.output.take(out);
         res.map(|_| ()).map_err(|e| backend("sim drain_output", e))
+    }
+}
+
+/// Open the disk `devices` names, if any.
+fn open_disk(devices: &Devices) -> Result<Option<SimDisk>, DomainError> {
+    devices
+        .disk
+        .as_deref()
+        .map(SimDisk::open)
+        .transpose()
+        .map_err(|e| backend("sim open disk", e))
+}
+
+impl SimDomain {
+    fn disk_lock(&self) -> Option<MutexGuard<'_, SimDisk>> {
+        self.shared
+            .disk
+            .as_ref()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl Disk for SimDomain {
+    fn disk_size(&self) -> u64 {
+        self.disk_lock().map_or(0, |d| d.size())
+    }
+
+    fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError> {
+        if let Some(mut d) = self.disk_lock() {
+            d.drain(out);
+        }
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+        let Some(d) = self.disk_lock() else {
+            return Err(DomainError::NoCapability("disk"));
+        };
+        d.read_at(offset, buf)
+            .map_err(|source| backend("sim read disk", SimError::DiskRead { offset, source }))
     }
 }
 
@@ -302,6 +378,15 @@ impl Domain for SimDomain {
         Some(self)
     }
 
+    /// The guest's disk, when it was given one.
+    fn disk(&mut self) -> Option<&mut dyn Disk> {
+        if self.shared.disk.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
     fn check_health(&self) -> Result<(), DomainError> {
         let c = self.shared.lock();
         match &c.fault {
@@ -334,8 +419,13 @@ impl DomainFactory for SimFactory {
         Ok(Box::new(SimDomain::create(spec)?))
     }
 
-    fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError> {
-        Ok(Box::new(SimDomain::restore(image, state)?))
+    fn restore(
+        &self,
+        image: &[u8],
+        state: &[u8],
+        devices: &Devices,
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        Ok(Box::new(SimDomain::restore(image, state, devices)?))
     }
 }
 
@@ -416,7 +506,7 @@ fn run_vcpu(shared: &Shared) -> Result<(), GuestError> {
             }
             last = Some(Instant::now());
         }
-        workload::unit(cpu, &shared.mem, &mut doorbell)?;
+        workload::unit(cpu, &shared.mem, &mut doorbell, shared.disk.as_ref())?;
         tracing::trace!(progress = cpu.progress(), "sim: unit done");
     }
 }

@@ -24,7 +24,9 @@
 //!         tsc_khz: 0,
 //!         output_every: 16,
 //!         doorbell_every: 8,
+//!         disk_size: 0,
 //!     },
+//!     devices: Default::default(),
 //! };
 //! let mut guest = ha_sim::SimFactory::new().create(&spec)?;
 //! guest.resume()?;
@@ -33,6 +35,7 @@
 //! # Ok::<(), ha_guest::domain::DomainError>(())
 //! ```
 
+mod disk;
 mod domain;
 mod memory;
 mod ring;
@@ -42,6 +45,7 @@ mod workload;
 #[cfg(test)]
 mod tests;
 
+pub use disk::DiskError;
 pub use domain::{SimDomain, SimError, SimFactory};
 pub use ring::RingError;
 pub use state::{FORMAT as STATE_FORMAT, StateError};

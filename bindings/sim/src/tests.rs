@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
-use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory, GuestSpec};
 use ha_workloads::guest_abi::{
     GuestParams, GuestStatus, HEAP_GPA, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload,
 };
@@ -43,7 +43,9 @@ fn spec(
             tsc_khz: 0,
             output_every,
             doorbell_every,
+            disk_size: 0,
         },
+        devices: Default::default(),
     }
 }
 
@@ -96,7 +98,7 @@ fn assert_contiguous(recs: &[OutputRecord], from: u64) {
 
 #[test]
 fn every_workload_progresses_and_idle_writes_no_heap() {
-    for w in Workload::ALL {
+    for w in Workload::MEMORY {
         let mut d = SimFactory::new().create(&spec(w, 11, 0, 0, 0)).unwrap();
         assert!(d.is_paused());
         assert_eq!(d.status().unwrap().progress, 0);
@@ -260,7 +262,9 @@ fn no_lost_dirty_pages() {
         assert_eq!(out, model.drained[..out.len()]);
         // The replica is a checkpoint: a guest restored from it continues from the pause.
         let state = d.save_state().unwrap();
-        let mut r = SimFactory::new().restore(&replica, &state).unwrap();
+        let mut r = SimFactory::new()
+            .restore(&replica, &state, &Devices::default())
+            .unwrap();
         assert_eq!(r.status().unwrap(), d.status().unwrap());
         run_a_while(r.as_mut(), Duration::ZERO, model.cpu.progress() + 50);
         model.run_to(r.status().unwrap().progress);
@@ -340,7 +344,7 @@ fn save_restore_continues() {
         let at = a.status().unwrap();
         // The original keeps running while the backup restores from the copy.
         a.resume().unwrap();
-        let mut b = f.restore(&image, &state).unwrap();
+        let mut b = f.restore(&image, &state, &Devices::default()).unwrap();
         assert!(b.is_paused());
         assert_eq!(b.status().unwrap(), at);
         assert_eq!(
@@ -386,7 +390,7 @@ fn save_restore_continues() {
         // Restoring again from the restored guest's own save point works the same way.
         let st2 = b.save_state().unwrap();
         let img2 = read_all(b.as_ref());
-        let mut c = SimDomain::restore(&img2, &st2).unwrap();
+        let mut c = SimDomain::restore(&img2, &st2, &Devices::default()).unwrap();
         run_a_while(&mut c, Duration::from_millis(1), sb.progress + 10);
         let mut out_c = Vec::new();
         c.drain_output(&mut out_c).unwrap();
@@ -423,7 +427,7 @@ fn pacing_holds_the_rate_and_survives_restore() {
     let saved = crate::state::SavedState::decode(&state).unwrap();
     assert!(saved.pacing_age.is_some(), "pacing timestamp saved");
     let image = read_all(&d);
-    let mut r = SimDomain::restore(&image, &state).unwrap();
+    let mut r = SimDomain::restore(&image, &state, &Devices::default()).unwrap();
     paced_run(&mut r, 2000, 50);
     // A pause during the pacing wait returns promptly.
     let mut slow = SimDomain::create(&spec(Workload::Kv, 1, 2, 0, 0)).unwrap();
@@ -444,7 +448,7 @@ fn restore_rejects_bad_input() {
     let state = d.save_state().unwrap();
     let image = read_all(d.as_ref());
 
-    match f.restore(&image[..image.len() - 4096], &state) {
+    match f.restore(&image[..image.len() - 4096], &state, &Devices::default()) {
         Err(DomainError::ImageSize { got, expected }) => {
             assert_eq!((got, expected), (4 * MIB - 4096, 4 * MIB));
         }
@@ -453,11 +457,11 @@ fn restore_rejects_bad_input() {
     let mut bigger = image.clone();
     bigger.extend_from_slice(&[0; 4096]);
     assert!(matches!(
-        f.restore(&bigger, &state),
+        f.restore(&bigger, &state, &Devices::default()),
         Err(DomainError::ImageSize { .. })
     ));
 
-    let bad = |s: &[u8]| match f.restore(&image, s) {
+    let bad = |s: &[u8]| match f.restore(&image, s, &Devices::default()) {
         Err(DomainError::BadState(msg)) => msg,
         other => panic!("expected BadState, got {:?}", other.map(|_| ())),
     };
@@ -482,12 +486,12 @@ fn restore_rejects_bad_input() {
     assert!(bad_image(&f, &img, &state).contains("params"));
 
     // The valid pair still restores.
-    let r = f.restore(&image, &state).unwrap();
+    let r = f.restore(&image, &state, &Devices::default()).unwrap();
     assert_eq!(r.status().unwrap(), d.status().unwrap());
 }
 
 fn bad_image(f: &SimFactory, img: &[u8], state: &[u8]) -> String {
-    match f.restore(img, state) {
+    match f.restore(img, state, &Devices::default()) {
         Err(DomainError::BadState(msg)) => msg,
         other => panic!("expected BadState, got {:?}", other.map(|_| ())),
     }
@@ -568,7 +572,9 @@ fn web_calibration_matches_the_httpd_targets() {
             tsc_khz: 0,
             output_every: 0,
             doorbell_every: 0,
+            disk_size: 0,
         },
+        devices: Default::default(),
     };
     let mut model = Model::fresh(sp.memory_size, &sp.params);
     model.mem.take_written();
@@ -623,4 +629,129 @@ fn web_calibration_matches_the_httpd_targets() {
         blocks.iter().all(|&b| b > 0),
         "a written heap page did not change"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The disk
+// ---------------------------------------------------------------------------------------
+
+/// A zero disk image of `pages` 4 KiB pages in a fresh temporary directory.
+fn disk_file(pages: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(pages * 4096)
+        .unwrap();
+    (dir, path)
+}
+
+fn db_spec(disk: &std::path::Path) -> GuestSpec {
+    let mut s = spec(Workload::Db, 0xD15C, 0, 48, 8);
+    s.devices.disk = Some(disk.to_owned());
+    s
+}
+
+#[test]
+fn db_disk_matches_the_model_and_its_drained_writes() {
+    let (_dir, path) = disk_file(24);
+    let sp = db_spec(&path);
+    let mut d = SimFactory::new().create(&sp).unwrap();
+    assert_eq!(d.disk().unwrap().disk_size(), 24 * 4096);
+    let mut replica = vec![0u8; 24 * 4096];
+    let mut params = sp.params.clone();
+    params.disk_size = 24 * 4096;
+    let mut model = Model::fresh(sp.memory_size, &params);
+    for round in 1..=3 {
+        run_a_while(d.as_mut(), Duration::from_millis(3), 700 * round);
+        let st = d.status().unwrap();
+        // The epoch's writes, applied to a replica, give the disk the guest has.
+        let mut writes = Vec::new();
+        d.disk().unwrap().drain_writes(&mut writes).unwrap();
+        assert!(!writes.is_empty(), "round {round}: no disk writes");
+        for w in &writes {
+            let at = w.offset as usize;
+            replica[at..at + w.data.len()].copy_from_slice(&w.data);
+        }
+        let mut disk = vec![0u8; replica.len()];
+        d.disk().unwrap().read_at(0, &mut disk).unwrap();
+        assert_eq!(disk, std::fs::read(&path).unwrap());
+        assert!(disk == replica, "round {round}: drained writes miss some");
+        // Paused at a unit boundary: memory and disk are the model's after as many units.
+        model.run_to(st.progress);
+        assert!(
+            disk == model.disk,
+            "round {round}: disk differs from the model"
+        );
+        let mem = read_all(d.as_ref());
+        let heap = HEAP_GPA as usize..(HEAP_GPA + sp.params.heap_size) as usize;
+        assert!(
+            mem[heap.clone()] == model.mem.bytes[heap],
+            "round {round}: heap"
+        );
+        assert_eq!(st.disk_errors, 0);
+    }
+}
+
+#[test]
+fn db_restores_on_a_replica_and_refuses_a_wrong_one() {
+    let (dir, path) = disk_file(24);
+    let mut d = SimFactory::new().create(&db_spec(&path)).unwrap();
+    run_a_while(d.as_mut(), Duration::from_millis(3), 1000);
+    let (image, state) = (read_all(d.as_ref()), d.save_state().unwrap());
+    let progress = d.status().unwrap().progress;
+    let replica = dir.path().join("replica.img");
+    std::fs::copy(&path, &replica).unwrap();
+    drop(d);
+
+    let devices = Devices {
+        disk: Some(replica.clone()),
+    };
+    let mut r = SimFactory::new().restore(&image, &state, &devices).unwrap();
+    run_a_while(r.as_mut(), Duration::from_millis(3), progress + 1000);
+    let st = r.status().unwrap();
+    assert_eq!(st.disk_errors, 0);
+    let mut model = Model::from_image(image.clone())
+        .unwrap()
+        .with_disk(std::fs::read(&path).unwrap());
+    model.run_to(st.progress);
+    assert!(std::fs::read(&replica).unwrap() == model.disk);
+
+    let err = |devices: &Devices| match SimFactory::new().restore(&image, &state, devices) {
+        Ok(_) => panic!("restored"),
+        Err(e) => chain(&e),
+    };
+    let short = dir.path().join("short.img");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(8 * 4096)
+        .unwrap();
+    let e = err(&Devices { disk: Some(short) });
+    assert!(e.contains("98304") && e.contains("32768"), "{e}");
+    let e = err(&Devices::default());
+    assert!(e.contains("98304 bytes"), "{e}");
+    let e = err(&Devices {
+        disk: Some(dir.path().join("missing.img")),
+    });
+    assert!(e.contains("missing.img"), "{e}");
+}
+
+#[test]
+fn db_without_a_disk_is_refused() {
+    let e = SimFactory::new()
+        .create(&spec(Workload::Db, 1, 0, 48, 8))
+        .err()
+        .expect("created");
+    let e = chain(&e);
+    assert!(e.contains("needs a disk"), "{e}");
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s = format!("{s}: {c}");
+        cur = c.source();
+    }
+    s
 }

@@ -7,8 +7,9 @@
 use ha_codec::PAGE_SIZE;
 use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, PARAMS_GPA, Workload};
 pub(crate) use ha_workloads::model::Vcpu;
-use ha_workloads::model::{Memory, UnitError};
+use ha_workloads::model::{DiskRequest, Memory, Ports, UnitError};
 
+use crate::disk::SimDisk;
 use crate::memory::{GuestMemory, PageWriter};
 use crate::ring::RingError;
 
@@ -42,6 +43,18 @@ pub enum GuestError {
     /// `web` needs at least 16 heap pages.
     #[error("workload web needs at least 16 heap pages, the heap has {0}")]
     WebTooSmall(u64),
+    /// A disk workload without a disk, or a disk or heap too small for its layout.
+    #[error(
+        "workload {workload} needs a disk and room for its table (heap {heap} bytes, disk {disk} bytes)"
+    )]
+    DiskLayout {
+        /// The workload's name.
+        workload: &'static str,
+        /// Heap size.
+        heap: u64,
+        /// Disk size (0: none).
+        disk: u64,
+    },
     /// The doorbell drain failed.
     #[error("doorbell: {0}")]
     Doorbell(#[from] RingError),
@@ -71,6 +84,13 @@ pub(crate) fn validate(params: &GuestParams, memory_size: u64) -> Result<(), Gue
     }
     if params.workload == Workload::Web && size / PAGE < 16 {
         return Err(GuestError::WebTooSmall(size / PAGE));
+    }
+    if params.workload.needs_disk() && ha_workloads::db::Layout::of(params).is_none() {
+        return Err(GuestError::DiskLayout {
+            workload: params.workload.name(),
+            heap: size,
+            disk: params.disk_size,
+        });
     }
     Ok(())
 }
@@ -121,20 +141,53 @@ pub(crate) fn load(params: &GuestParams, mem: &GuestMemory) -> Vcpu {
     )
 }
 
+/// The sim vCPU's ports: the doorbell is a call, the disk requests run at once.
+struct SimPorts<'a, D: ?Sized> {
+    doorbell: &'a mut D,
+    disk: Option<&'a std::sync::Mutex<SimDisk>>,
+}
+
+impl<'a, D: FnMut() -> Result<(), GuestError> + ?Sized> Ports<SimMemory<'a>> for SimPorts<'_, D> {
+    type Error = GuestError;
+
+    fn doorbell(&mut self, _: &mut SimMemory<'a>) -> Result<(), GuestError> {
+        (self.doorbell)()
+    }
+
+    fn disk(
+        &mut self,
+        mem: &mut SimMemory<'a>,
+        batch: &[DiskRequest],
+        ok: &mut [bool],
+    ) -> Result<(), GuestError> {
+        // A guest without a disk sees every request fail, as with a missing device.
+        let Some(disk) = self.disk else {
+            ok.fill(false);
+            return Ok(());
+        };
+        let mut d = disk.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, ok) in batch.iter().zip(ok.iter_mut()) {
+            *ok = d.io(mem.mem, r);
+        }
+        Ok(())
+    }
+}
+
 /// Run one work unit of `cpu` over `mem` (the workload model's, `ha_workloads::model`);
-/// `doorbell` drains the output ring.
+/// `doorbell` drains the output ring, `disk` is the guest's disk if it has one.
 pub(crate) fn unit(
     cpu: &mut Vcpu,
     mem: &GuestMemory,
     doorbell: &mut dyn FnMut() -> Result<(), GuestError>,
+    disk: Option<&std::sync::Mutex<SimDisk>>,
 ) -> Result<(), GuestError> {
     let mut m = SimMemory {
         mem,
         w: PageWriter::new(mem),
     };
-    cpu.unit(&mut m, &mut |_: &mut SimMemory<'_>| doorbell())
-        .map_err(|e| match e {
-            UnitError::Doorbell(e) => e,
-            UnitError::RingStuck => GuestError::RingStuck,
-        })
+    let mut ports = SimPorts { doorbell, disk };
+    cpu.unit(&mut m, &mut ports).map_err(|e| match e {
+        UnitError::Doorbell(e) | UnitError::Disk(e) => e,
+        UnitError::RingStuck => GuestError::RingStuck,
+    })
 }

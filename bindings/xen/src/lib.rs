@@ -42,7 +42,7 @@ pub use domain::XenDomain;
 
 use std::path::PathBuf;
 
-use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory, GuestSpec};
 
 /// Whether this build has the real backend (the `xen` feature).
 pub const BUILT_WITH_XEN: bool = cfg!(feature = "xen");
@@ -218,7 +218,17 @@ impl DomainFactory for XenFactory {
 
     /// Build a new domain from a committed checkpoint with `xl restore` (see
     /// `restore.rs`); it comes back paused.
-    fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError> {
+    fn restore(
+        &self,
+        image: &[u8],
+        state: &[u8],
+        devices: &Devices,
+    ) -> Result<Box<dyn Domain>, DomainError> {
+        if devices.disk.is_some() {
+            return Err(DomainError::NoCapability(
+                "disk on the Xen backend (issue 20)",
+            ));
+        }
         #[cfg(feature = "xen")]
         {
             Ok(Box::new(restore::restore(self, image, state)?))
@@ -244,7 +254,10 @@ mod tests {
     #[test]
     fn without_the_feature_every_call_says_so() {
         let f = XenFactory::new().with_domain("guest");
-        let e = f.restore(&[], &[]).err().expect("unavailable");
+        let e = f
+            .restore(&[], &[], &Devices::default())
+            .err()
+            .expect("unavailable");
         assert_eq!(
             e.to_string(),
             "Xen is not available: Xen support not built: rebuild with --features xen"
@@ -260,7 +273,9 @@ mod tests {
                 tsc_khz: 0,
                 output_every: 0,
                 doorbell_every: 0,
+                disk_size: 0,
             },
+            devices: Default::default(),
         };
         assert!(matches!(
             f.create(&spec),

@@ -176,6 +176,10 @@ pub trait Disk {
     /// The disk's size in bytes.
     fn disk_size(&self) -> u64;
 
+    /// Read `buf.len()` bytes of the disk at byte `offset` (for digests and the initial
+    /// synchronisation; the guest's own reads go through its device).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DomainError>;
+
     /// Move the writes completed since the last drain into `out`, in completion order.
     /// Called while the guest is paused, so the set is exactly the epoch's.
     fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError>;
@@ -201,6 +205,18 @@ pub struct GuestSpec {
     pub memory_size: u64,
     /// Workload parameters written into the params page.
     pub params: GuestParams,
+    /// The host's resources the guest is attached to.
+    #[serde(default)]
+    pub devices: Devices,
+}
+
+/// The host resources a guest's devices are backed by. They belong to a host, not to the
+/// guest: a guest restored on the backup is attached to the backup's replica, not to the
+/// primary's disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Devices {
+    /// A raw disk image (its size is the disk's); `None`: the guest has no disk.
+    pub disk: Option<std::path::PathBuf>,
 }
 
 /// Creates guests of one backend.
@@ -212,8 +228,14 @@ pub trait DomainFactory: Send + Sync {
     fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Domain>, DomainError>;
 
     /// Build a guest from a memory image and the state saved by
-    /// [`Domain::save_state`] at the same checkpoint, paused.
-    fn restore(&self, image: &[u8], state: &[u8]) -> Result<Box<dyn Domain>, DomainError>;
+    /// [`Domain::save_state`] at the same checkpoint, paused, attached to `devices` (a
+    /// disk there must hold the disk of the same checkpoint).
+    fn restore(
+        &self,
+        image: &[u8],
+        state: &[u8],
+        devices: &Devices,
+    ) -> Result<Box<dyn Domain>, DomainError>;
 
     /// [`DomainFactory::restore`] from an image the guest may take over as its memory: a
     /// backend that can map it as the guest's RAM does so instead of copying it, so the
@@ -222,7 +244,8 @@ pub trait DomainFactory: Send + Sync {
         &self,
         image: GuestImage,
         state: &[u8],
+        devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
-        self.restore(image.as_slice(), state)
+        self.restore(image.as_slice(), state, devices)
     }
 }

@@ -8,9 +8,11 @@
 //! 0x0000_1000  params page   written by the VMM before the first run, read-only to the guest
 //! 0x0000_2000  status page   progress counter, checksum, output head (guest) / tail (VMM)
 //! 0x0000_4000  output ring   OUTPUT_RING_SLOTS records of 64 bytes
+//! 0x0006_0000  disk queue    the virtqueue of the disk driver (KVM; see `disk`)
 //! 0x0010_0000  heap          the workload's working set starts here (HEAP_GPA)
+//! 0x4_0000_0000 disk window  the virtio-mmio registers of the disk (KVM; no memory there)
 //! ```
-//! Addresses between the ring and the heap belong to the backend (page tables, code, stack).
+//! Other addresses below the heap belong to the backend (page tables, code, stack).
 
 use ha_codec::PAGE_SIZE;
 
@@ -33,7 +35,7 @@ pub const DOORBELL_PORT: u16 = 0xC45;
 /// Magic number at the start of the params page: "CASTORG1".
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"CASTORG1");
 /// Version of this ABI.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Byte offsets inside the params page.
 pub mod params {
@@ -57,6 +59,37 @@ pub mod params {
     pub const OUTPUT_EVERY: usize = 56;
     /// u64 ring the doorbell after this many undrained records.
     pub const DOORBELL_EVERY: usize = 64;
+    /// u64 size of the guest's disk in bytes (0: no disk), written by the VMM.
+    pub const DISK_SIZE: usize = 72;
+}
+
+/// The disk as the built-in guests use it: 512-byte sectors, 4 KiB requests. On KVM the
+/// guest drives a virtio-blk device (virtio-mmio) through one virtqueue at fixed addresses
+/// below the heap; the transport's registers sit in a window above any guest memory.
+pub mod disk {
+    /// Bytes per sector (virtio-blk's unit of `sector`).
+    pub const SECTOR: u64 = 512;
+    /// Bytes per disk page, the unit the disk workloads read and write.
+    pub const PAGE: u64 = 4096;
+    /// Guest-physical address of the virtio-mmio register window (16 GiB: above the
+    /// largest guest memory, so every access exits to the VMM).
+    pub const MMIO_GPA: u64 = 0x4_0000_0000;
+    /// Size of the register window.
+    pub const MMIO_SIZE: u64 = 0x1000;
+    /// Entries of the virtqueue.
+    pub const QUEUE_SIZE: u16 = 16;
+    /// The descriptor table (16 bytes per entry).
+    pub const DESC_GPA: u64 = 0x6_0000;
+    /// The available ring.
+    pub const AVAIL_GPA: u64 = 0x6_1000;
+    /// The used ring.
+    pub const USED_GPA: u64 = 0x6_2000;
+    /// Request headers, 16 bytes per request slot.
+    pub const HEADERS_GPA: u64 = 0x6_3000;
+    /// Status bytes, 16 bytes apart, one per request slot.
+    pub const STATUS_GPA: u64 = 0x6_3800;
+    /// Most requests the driver puts in one batch (one doorbell).
+    pub const MAX_BATCH: u64 = 4;
 }
 
 /// Byte offsets inside the status page.
@@ -69,6 +102,11 @@ pub mod status {
     pub const OUT_HEAD: usize = 16;
     /// u64 PRNG state of the workload (guest-owned).
     pub const RNG: usize = 24;
+    /// u64 disk requests that completed with an error status or read back wrong
+    /// (guest-owned; the disk workloads go on after one).
+    pub const DISK_ERRORS: usize = 32;
+    /// u64 non-zero once the guest's disk driver has set its device up (guest-owned).
+    pub const DISK_READY: usize = 40;
     /// u64 number of output records drained by the VMM (VMM-owned; own cache line).
     pub const OUT_TAIL: usize = 64;
 }
@@ -89,17 +127,36 @@ pub enum Workload {
     Kv = 3,
     /// Dense array sweeps (NPB-like).
     Npb = 4,
+    /// A write-ahead-logged key-value store on the guest's disk: record updates in memory,
+    /// a log page written and flushed every `output_every` updates, table pages written
+    /// back in place and read back and checked (needs a disk; docs/GUESTS.md).
+    Db = 5,
 }
 
 impl Workload {
     /// All workloads, in ABI order.
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
+        Workload::Idle,
+        Workload::Memwrite,
+        Workload::Web,
+        Workload::Kv,
+        Workload::Npb,
+        Workload::Db,
+    ];
+
+    /// The workloads that need nothing but memory (every one but the disk workloads).
+    pub const MEMORY: [Workload; 5] = [
         Workload::Idle,
         Workload::Memwrite,
         Workload::Web,
         Workload::Kv,
         Workload::Npb,
     ];
+
+    /// Whether the workload needs a disk.
+    pub fn needs_disk(self) -> bool {
+        self == Workload::Db
+    }
 
     /// The workload with ABI number `n`.
     pub fn from_u32(n: u32) -> Option<Self> {
@@ -114,6 +171,7 @@ impl Workload {
             Workload::Web => "web",
             Workload::Kv => "kv",
             Workload::Npb => "npb",
+            Workload::Db => "db",
         }
     }
 
@@ -127,6 +185,9 @@ impl Workload {
         match self {
             Workload::Web => 2_500,
             Workload::Idle | Workload::Memwrite | Workload::Kv | Workload::Npb => 20_000,
+            // Every 16th update writes a table page back and every 32nd reads one, through
+            // the disk's doorbell (an MMIO exit of ~30 µs on the PVM host).
+            Workload::Db => 2_000,
         }
     }
 
@@ -148,7 +209,7 @@ impl std::str::FromStr for Workload {
         Self::ALL
             .into_iter()
             .find(|w| w.name() == s)
-            .ok_or_else(|| format!("unknown workload {s:?} (idle, memwrite, web, kv, npb)"))
+            .ok_or_else(|| format!("unknown workload {s:?} (idle, memwrite, web, kv, npb, db)"))
     }
 }
 
@@ -171,6 +232,10 @@ pub struct GuestParams {
     pub output_every: u64,
     /// Doorbell after this many undrained records.
     pub doorbell_every: u64,
+    /// Size of the guest's disk in bytes (0: none). The backend fills it in from the disk
+    /// it attaches, as it does `tsc_khz`.
+    #[serde(default)]
+    pub disk_size: u64,
 }
 
 impl GuestParams {
@@ -187,6 +252,7 @@ impl GuestParams {
         put_u64(page, params::TSC_KHZ, self.tsc_khz);
         put_u64(page, params::OUTPUT_EVERY, self.output_every);
         put_u64(page, params::DOORBELL_EVERY, self.doorbell_every);
+        put_u64(page, params::DISK_SIZE, self.disk_size);
     }
 
     /// Parse a params page; `None` if the magic or version is wrong.
@@ -213,6 +279,7 @@ impl GuestParams {
             tsc_khz: get_u64(page, params::TSC_KHZ),
             output_every: get_u64(page, params::OUTPUT_EVERY),
             doorbell_every: get_u64(page, params::DOORBELL_EVERY),
+            disk_size: get_u64(page, params::DISK_SIZE),
         })
     }
 }
@@ -228,6 +295,9 @@ pub struct GuestStatus {
     pub out_head: u64,
     /// Output records drained by the VMM.
     pub out_tail: u64,
+    /// Disk requests that failed or read back wrong (the disk workloads).
+    #[serde(default)]
+    pub disk_errors: u64,
 }
 
 impl GuestStatus {
@@ -238,6 +308,7 @@ impl GuestStatus {
             checksum: get_u64(page, status::CHECKSUM),
             out_head: get_u64(page, status::OUT_HEAD),
             out_tail: get_u64(page, status::OUT_TAIL),
+            disk_errors: get_u64(page, status::DISK_ERRORS),
         }
     }
 }
@@ -320,6 +391,7 @@ mod tests {
             tsc_khz: 2_000_000,
             output_every: 64,
             doorbell_every: 32,
+            disk_size: 1 << 20,
         };
         let mut page = vec![0u8; PAGE_SIZE];
         p.write_page(&mut page);
@@ -361,6 +433,11 @@ mod tests {
         ] {
             assert_eq!(w.default_rate(), 20_000);
         }
+        assert!(
+            Workload::ALL
+                .iter()
+                .all(|w| w.needs_disk() != Workload::MEMORY.contains(w))
+        );
         for w in Workload::ALL {
             assert_eq!(w.default_heap(256 << 20), 254 << 20);
             assert_eq!(w.default_heap((2 << 20) + 5000), 4096);

@@ -7,9 +7,10 @@
 //! boundary all of it is in the status page, so a guest paused there is fully described by
 //! its memory.
 
+use crate::db;
 use crate::guest_abi::{
     GuestParams, OUTPUT_RING_SLOTS, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, checksum_step,
-    status,
+    disk, status,
 };
 use ha_codec::PAGE_SIZE;
 use std::collections::BTreeSet;
@@ -36,12 +37,61 @@ pub trait Memory {
     fn flush(&mut self) {}
 }
 
+/// What a disk request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskOp {
+    /// Disk to memory.
+    Read,
+    /// Memory to disk.
+    Write,
+    /// Make the writes before it durable.
+    Flush,
+}
+
+/// One request of a batch the guest's disk driver submits: `len` bytes between guest
+/// memory at `gpa` and the disk at `sector` (512-byte units); a flush has neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRequest {
+    /// What it does.
+    pub op: DiskOp,
+    /// First sector on the disk.
+    pub sector: u64,
+    /// Guest-physical address of the buffer.
+    pub gpa: u64,
+    /// Bytes (a multiple of 512; 0 for a flush).
+    pub len: u64,
+}
+
+/// What a workload unit reaches beyond its memory: the output ring's doorbell and the
+/// disk. On KVM these are the port write and the virtio-blk device's doorbell; in the
+/// model and the sim, calls.
+pub trait Ports<M> {
+    /// The error a port can fail with (the unit stops with it).
+    type Error: std::error::Error + 'static;
+
+    /// Drain the output ring (the memory is flushed first).
+    fn doorbell(&mut self, mem: &mut M) -> Result<(), Self::Error>;
+
+    /// Carry out `batch` in order, reads landing in `mem` before it returns; set `ok[i]`
+    /// to whether request `i` succeeded (a failed request is the guest's I/O error, not
+    /// the port's).
+    fn disk(
+        &mut self,
+        mem: &mut M,
+        batch: &[DiskRequest],
+        ok: &mut [bool],
+    ) -> Result<(), Self::Error>;
+}
+
 /// Why a unit stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum UnitError<E: std::error::Error + 'static> {
     /// The doorbell (the VMM's drain of the output ring) failed.
     #[error("doorbell")]
     Doorbell(#[source] E),
+    /// The disk port failed.
+    #[error("disk")]
+    Disk(#[source] E),
     /// The ring was still full after a doorbell.
     #[error("output ring still full after the doorbell")]
     RingStuck,
@@ -57,6 +107,7 @@ pub struct Vcpu {
     pages: u64,
     output_every: u64,
     doorbell_every: u64,
+    disk_size: u64,
     progress: u64,
     checksum: u64,
     rng: u64,
@@ -79,6 +130,7 @@ impl Vcpu {
             pages: params.heap_size / PAGE,
             output_every: params.output_every,
             doorbell_every: params.doorbell_every,
+            disk_size: params.disk_size,
             progress,
             checksum: st(status::CHECKSUM),
             rng,
@@ -116,13 +168,13 @@ impl Vcpu {
         self.checksum = checksum_step(self.checksum, v);
     }
 
-    /// Run one work unit (steps 1–3 of GUESTS.md; pacing is the caller's). `doorbell`
-    /// drains the output ring (it gets the memory, flushed).
-    pub fn unit<M: Memory, E: std::error::Error + 'static>(
+    /// Run one work unit (steps 1–3 of GUESTS.md; pacing is the caller's) over `mem`,
+    /// reaching the doorbell and the disk through `ports`.
+    pub fn unit<M: Memory, P: Ports<M>>(
         &mut self,
         mem: &mut M,
-        doorbell: &mut dyn FnMut(&mut M) -> Result<(), E>,
-    ) -> Result<(), UnitError<E>> {
+        ports: &mut P,
+    ) -> Result<(), UnitError<P::Error>> {
         let n = self.progress;
         let (base, h, p) = (self.base, self.heap, self.pages);
 
@@ -161,6 +213,7 @@ impl Vcpu {
                 let mut g = WebGuest { cpu: self, mem };
                 crate::web::request(&mut g, n, p);
             }
+            Workload::Db => self.db_update(mem, ports, n)?,
         }
 
         // 2. Progress and the guest-owned status words.
@@ -174,7 +227,7 @@ impl Vcpu {
             let tail_gpa = STATUS_GPA + status::OUT_TAIL as u64;
             if self.out_head.wrapping_sub(mem.load_acquire(tail_gpa)) >= OUTPUT_RING_SLOTS {
                 mem.flush();
-                doorbell(mem).map_err(UnitError::Doorbell)?;
+                ports.doorbell(mem).map_err(UnitError::Doorbell)?;
                 if self.out_head.wrapping_sub(mem.load_acquire(tail_gpa)) >= OUTPUT_RING_SLOTS {
                     return Err(UnitError::RingStuck);
                 }
@@ -192,10 +245,104 @@ impl Vcpu {
             if (self.doorbell_every > 0 && pending >= self.doorbell_every)
                 || pending >= OUTPUT_RING_SLOTS
             {
-                doorbell(mem).map_err(UnitError::Doorbell)?;
+                ports.doorbell(mem).map_err(UnitError::Doorbell)?;
             }
         }
         mem.flush();
+        Ok(())
+    }
+
+    /// One `db` update `n` (docs/GUESTS.md, "`db`"): the record into the table and the log
+    /// buffer, then the unit's disk batch (log page, write-back, read-back, flush) and the
+    /// read-back's check.
+    fn db_update<M: Memory, P: Ports<M>>(
+        &mut self,
+        mem: &mut M,
+        ports: &mut P,
+        n: u64,
+    ) -> Result<(), UnitError<P::Error>> {
+        let Some(l) = db::Layout::new(self.heap, self.disk_size) else {
+            // Never started: the backends refuse such a guest.
+            return Ok(());
+        };
+        let u = n.wrapping_add(1);
+        let records = l.records();
+        let hot = (records / 10).max(1);
+        let i = if self.next() % 100 < 80 {
+            self.next() % hot
+        } else {
+            hot + self.next() % records.saturating_sub(hot).max(1)
+        };
+        let mut rec = [u, i, 0, 0, 0, 0, 0, 0];
+        for w in &mut rec[2..7] {
+            *w = self.next();
+        }
+        rec[7] = db::check_word(&rec);
+        let page = |p: u64| self.base + disk::PAGE * p;
+        let (table, logbuf, readbuf) = (page(0), page(l.log_buffer()), page(l.read_buffer()));
+        for (k, &w) in (0..).zip(&rec) {
+            self.write(mem, table + 64 * i + 8 * k, w);
+        }
+        for (k, &w) in (0..).zip(&rec) {
+            self.write(mem, logbuf + 64 * (n % db::RECORDS_PER_PAGE) + 8 * k, w);
+        }
+
+        let flush = self.output_every > 0 && u.is_multiple_of(self.output_every);
+        let sectors = disk::PAGE / disk::SECTOR;
+        let req = |op, disk_page: u64, gpa| DiskRequest {
+            op,
+            sector: disk_page * sectors,
+            gpa,
+            len: disk::PAGE,
+        };
+        let mut batch = Vec::with_capacity(disk::MAX_BATCH as usize);
+        if u.is_multiple_of(db::RECORDS_PER_PAGE) || flush {
+            batch.push(req(DiskOp::Write, l.log_page(u), logbuf));
+        }
+        if u.is_multiple_of(db::WRITEBACK_EVERY) {
+            let q = (n / db::WRITEBACK_EVERY) % l.table;
+            batch.push(req(DiskOp::Write, q, table + disk::PAGE * q));
+        }
+        let read = u
+            .is_multiple_of(db::READBACK_EVERY)
+            .then(|| self.next() % l.table);
+        if let Some(r) = read {
+            batch.push(req(DiskOp::Read, r, readbuf));
+        }
+        if flush {
+            batch.push(DiskRequest {
+                op: DiskOp::Flush,
+                sector: 0,
+                gpa: 0,
+                len: 0,
+            });
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut ok = [false; disk::MAX_BATCH as usize];
+        let ok = &mut ok[..batch.len()];
+        mem.flush();
+        ports.disk(mem, &batch, ok).map_err(UnitError::Disk)?;
+        let mut errors = ok.iter().filter(|&&o| !o).count() as u64;
+        if let Some(r) = read
+            && batch
+                .iter()
+                .zip(ok.iter())
+                .any(|(q, &o)| q.op == DiskOp::Read && o)
+        {
+            let words: Vec<u64> = (0..disk::PAGE / 8)
+                .map(|k| mem.load(readbuf + 8 * k))
+                .collect();
+            if !db::table_page_ok(r, &words) {
+                errors += 1;
+            }
+        }
+        if errors > 0 {
+            let at = STATUS_GPA + status::DISK_ERRORS as u64;
+            let e = mem.load(at).wrapping_add(errors);
+            mem.store(at, e);
+        }
         Ok(())
     }
 }
@@ -281,6 +428,66 @@ pub struct ImageModel {
     pub params: GuestParams,
     /// Records drained at doorbells, in order.
     pub drained: Vec<OutputRecord>,
+    /// The guest's disk (`params.disk_size` bytes; empty without one).
+    pub disk: Vec<u8>,
+}
+
+/// The model's ports: the doorbell drains the ring into `drained`, the disk is `disk`.
+struct ModelPorts<'a> {
+    drained: &'a mut Vec<OutputRecord>,
+    disk: &'a mut [u8],
+}
+
+impl Ports<Image> for ModelPorts<'_> {
+    type Error = std::convert::Infallible;
+
+    fn doorbell(&mut self, mem: &mut Image) -> Result<(), Self::Error> {
+        self.drained.extend(drain(mem));
+        Ok(())
+    }
+
+    fn disk(
+        &mut self,
+        mem: &mut Image,
+        batch: &[DiskRequest],
+        ok: &mut [bool],
+    ) -> Result<(), Self::Error> {
+        for (r, ok) in batch.iter().zip(ok.iter_mut()) {
+            *ok = disk_io(mem, self.disk, r);
+        }
+        Ok(())
+    }
+}
+
+/// Carry out one request between `mem` and `disk` as a device does; false for a request
+/// outside either (the guest's I/O error).
+pub fn disk_io(mem: &mut Image, disk: &mut [u8], r: &DiskRequest) -> bool {
+    let Ok(len) = usize::try_from(r.len) else {
+        return false;
+    };
+    let (Some(at), Ok(gpa)) = (
+        r.sector
+            .checked_mul(disk::SECTOR)
+            .and_then(|b| usize::try_from(b).ok()),
+        usize::try_from(r.gpa),
+    ) else {
+        return false;
+    };
+    let (Some(d), Some(m)) = (
+        at.checked_add(len).filter(|&e| e <= disk.len()),
+        gpa.checked_add(len).filter(|&e| e <= mem.bytes.len()),
+    ) else {
+        return r.op == DiskOp::Flush;
+    };
+    match r.op {
+        DiskOp::Flush => {}
+        DiskOp::Write => disk[at..d].copy_from_slice(&mem.bytes[gpa..m]),
+        DiskOp::Read => {
+            let data = disk[at..d].to_vec();
+            mem.write_bytes(r.gpa, &data);
+        }
+    }
+    true
 }
 
 impl ImageModel {
@@ -301,34 +508,41 @@ impl ImageModel {
             cpu,
             params: params.clone(),
             drained: Vec::new(),
+            disk: vec![0u8; usize::try_from(params.disk_size).unwrap_or(0)],
         }
     }
 
-    /// A guest continuing from a memory image (None: its params page is not a guest's).
+    /// A guest continuing from a memory image (None: its params page is not a guest's),
+    /// on a zero disk; see [`ImageModel::with_disk`].
     pub fn from_image(bytes: Vec<u8>) -> Option<Self> {
         let params = GuestParams::read_page(bytes.get(PARAMS_GPA as usize..)?.get(..PAGE_SIZE)?)?;
         let mem = Image::new(bytes);
         let cpu = Vcpu::load(&params, &mem);
+        let disk = vec![0u8; usize::try_from(params.disk_size).unwrap_or(0)];
         Some(Self {
             mem,
             cpu,
             params,
             drained: Vec::new(),
+            disk,
         })
     }
 
-    /// One unit; doorbells drain into [`ImageModel::drained`].
+    /// The same guest on `disk` (the disk of the instant its memory is from).
+    pub fn with_disk(mut self, disk: Vec<u8>) -> Self {
+        self.disk = disk;
+        self
+    }
+
+    /// One unit; doorbells drain into [`ImageModel::drained`], disk requests go to
+    /// [`ImageModel::disk`].
     pub fn unit(&mut self) {
-        let mut drained = std::mem::take(&mut self.drained);
-        let res = self.cpu.unit(&mut self.mem, &mut |m: &mut Image| -> Result<
-            (),
-            std::convert::Infallible,
-        > {
-            drained.extend(drain(m));
-            Ok(())
-        });
-        self.drained = drained;
-        debug_assert!(res.is_ok(), "a model's doorbell always drains the ring");
+        let mut ports = ModelPorts {
+            drained: &mut self.drained,
+            disk: &mut self.disk,
+        };
+        let res = self.cpu.unit(&mut self.mem, &mut ports);
+        debug_assert!(res.is_ok(), "a model's ports never fail");
     }
 
     /// Run units until progress reaches `progress`.
@@ -385,18 +599,77 @@ mod tests {
             tsc_khz: 0,
             output_every: 3,
             doorbell_every: 4,
+            disk_size: 0,
+        }
+    }
+
+    fn db_params() -> GuestParams {
+        GuestParams {
+            output_every: 48,
+            disk_size: 24 * PAGE,
+            ..params(Workload::Db)
         }
     }
 
     #[test]
+    fn db_logs_writes_back_and_continues_from_memory_and_disk() {
+        let mut a = ImageModel::fresh(4 << 20, &db_params());
+        let l = db::Layout::of(&a.params).unwrap();
+        assert_eq!((l.table, l.log), (12, 12));
+        a.run_to(1000);
+        // Continue from copies of memory and disk: the same as running on.
+        let mut b = ImageModel::from_image(a.mem.bytes.clone())
+            .unwrap()
+            .with_disk(a.disk.clone());
+        a.run_to(3000);
+        b.run_to(3000);
+        assert_eq!(a.mem.bytes, b.mem.bytes);
+        assert_eq!(a.disk, b.disk);
+        let errors = STATUS_GPA + status::DISK_ERRORS as u64;
+        assert_eq!(a.mem.load(errors), 0, "read-backs all check");
+        // Every update committed by the last flush is in the log, whole.
+        let committed = 3000 - 3000 % 48;
+        let window = db::log_window(&l, committed);
+        assert_eq!(window.clone().count(), 11 * 64 + 32);
+        for seq in window {
+            let r = db::log_record(&l, &a.disk, seq).unwrap();
+            assert_eq!(r[0], seq);
+            assert_eq!(r[7], db::check_word(&r), "update {seq}");
+            assert!(r[1] < l.records());
+        }
+        // Written-back table pages hold records that check.
+        let page = |p: u64| -> Vec<u64> {
+            a.disk[(p * PAGE) as usize..((p + 1) * PAGE) as usize]
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        assert!((0..l.table).all(|p| db::table_page_ok(p, &page(p))));
+        assert!(page(0).iter().any(|&w| w != 0), "table page 0 written back");
+    }
+
+    #[test]
+    fn db_counts_a_bad_page_read_back() {
+        let mut a = ImageModel::fresh(4 << 20, &db_params());
+        a.run_to(200);
+        let errors = STATUS_GPA + status::DISK_ERRORS as u64;
+        assert_eq!(a.mem.load(errors), 0);
+        // Tear one record of every written-back table page (it is written back again only
+        // every 16 * T updates), then run through a few read-backs.
+        let l = db::Layout::of(&a.params).unwrap();
+        for p in 0..l.table {
+            a.disk[(p * PAGE) as usize + 8 * 8 + 16] ^= 0xFF;
+        }
+        a.run_to(200 + 4 * db::READBACK_EVERY);
+        assert!(
+            a.mem.load(errors) > 0,
+            "a torn record read back is an error"
+        );
+    }
+
+    #[test]
     fn units_are_deterministic_and_continue_from_an_image() {
-        for w in [
-            Workload::Idle,
-            Workload::Memwrite,
-            Workload::Kv,
-            Workload::Npb,
-            Workload::Web,
-        ] {
+        for w in Workload::MEMORY {
             let mut a = ImageModel::fresh(4 << 20, &params(w));
             a.run_to(50);
             // Continue from a copy of memory: the same as running on.

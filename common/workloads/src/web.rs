@@ -165,6 +165,7 @@ mod tests {
             tsc_khz: 0,
             output_every: 0,
             doorbell_every: 0,
+            disk_size: 0,
         };
         let (at, bytes) = docroot(&p).expect("web has a docroot");
         assert_eq!(at, 4096 * l.doc_first());

@@ -42,7 +42,9 @@ pub fn sim_spec() -> GuestSpec {
             tsc_khz: 0,
             output_every: 20,
             doorbell_every: 8,
+            disk_size: 0,
         },
+        devices: Default::default(),
     }
 }
 

@@ -40,7 +40,9 @@ pub fn spec(workload: Workload, memory_mib: u64, rate: u64) -> GuestSpec {
             tsc_khz: 0,
             output_every: 0,
             doorbell_every: 0,
+            disk_size: 0,
         },
+        devices: Default::default(),
     }
 }
 

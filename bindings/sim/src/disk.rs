@@ -1,0 +1,139 @@
+//! The sim guest's disk: a raw image file on the host, read and written at once when the
+//! guest's batch is carried out, every completed write logged for the checkpoint (the same
+//! semantics as the KVM backend's virtio-blk device, without a transport).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use ha_guest::domain::DiskWrite;
+use ha_workloads::guest_abi::disk::{PAGE, SECTOR};
+use ha_workloads::model::{DiskOp, DiskRequest};
+
+use crate::memory::GuestMemory;
+
+/// Errors opening a disk image.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The file cannot be opened for reading and writing.
+    #[error("cannot open disk image {path}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's size is not a positive multiple of 4 KiB.
+    #[error("disk image {path} is {size} bytes, not a positive multiple of 4096")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// An open disk image and the writes completed since the last drain.
+#[derive(Debug)]
+pub(crate) struct SimDisk {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    writes: Vec<DiskWrite>,
+}
+
+impl SimDisk {
+    /// Open `path` for reading and writing; the disk's size is the file's.
+    pub(crate) fn open(path: &Path) -> Result<Self, DiskError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let size = file
+            .metadata()
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .len();
+        if size == 0 || !size.is_multiple_of(PAGE) {
+            return Err(DiskError::Size {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            size,
+            writes: Vec::new(),
+        })
+    }
+
+    /// The disk's size in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Carry out `r` between guest memory and the disk; false is the guest's I/O error
+    /// (a range outside memory or the disk, or the host's write failing).
+    pub(crate) fn io(&mut self, mem: &GuestMemory, r: &DiskRequest) -> bool {
+        if r.op == DiskOp::Flush {
+            return match self.file.sync_data() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(disk = %self.path.display(), error = %e, "sim: disk flush failed");
+                    false
+                }
+            };
+        }
+        let Some(offset) = r.sector.checked_mul(SECTOR) else {
+            return false;
+        };
+        let inside_disk = offset.checked_add(r.len).is_some_and(|e| e <= self.size);
+        let inside_mem = r.gpa.checked_add(r.len).is_some_and(|e| e <= mem.size());
+        let Ok(len) = usize::try_from(r.len) else {
+            return false;
+        };
+        // Memory is stored in words: buffers are word aligned, as the workloads' pages are.
+        if !inside_disk || !inside_mem || !r.gpa.is_multiple_of(8) || !r.len.is_multiple_of(SECTOR)
+        {
+            tracing::debug!(?r, "sim: disk request outside memory or disk");
+            return false;
+        }
+        let mut buf = vec![0u8; len];
+        let res = match r.op {
+            DiskOp::Read => self.file.read_exact_at(&mut buf, offset).map(|()| {
+                mem.write_bytes(r.gpa, &buf);
+            }),
+            DiskOp::Write => mem
+                .read(r.gpa, &mut buf)
+                .map_err(std::io::Error::other)
+                .and_then(|()| self.file.write_all_at(&buf, offset))
+                .map(|()| self.writes.push(DiskWrite { offset, data: buf })),
+            DiskOp::Flush => Ok(()),
+        };
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(disk = %self.path.display(), offset, len, error = %e, "sim: disk I/O failed; the guest gets an I/O error");
+                false
+            }
+        }
+    }
+
+    /// Move the writes completed since the last drain into `out`.
+    pub(crate) fn drain(&mut self, out: &mut Vec<DiskWrite>) {
+        out.append(&mut self.writes);
+    }
+
+    /// Read the disk's bytes at `offset`.
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}

@@ -3,12 +3,14 @@
 //!
 //! | module | what |
 //! |---|---|
+//! | [`disksync`] | the initial synchronisation of a disk replica: fingerprints coarse to fine, the blocks that differ |
 //! | [`frame`] | the frame: every type byte ([`frame::FrameType`]), writing one, and the one reader both daemons use |
 //! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`session`] | handshake, acks, heartbeats and control messages between the daemons |
 //! | [`stream`] | the epoch stream format, the writer (send) and the staging area (stage, commit) |
 //! | [`output`] | released guest output: record frames, the ack log, the consumer's check |
 
+pub mod disksync;
 pub mod frame;
 pub mod output;
 pub mod secure;

@@ -651,7 +651,7 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
             Workload::Web => g.web(label)?,
             Workload::Kv => g.kv(label)?,
             Workload::Npb => g.npb(label)?,
-            Workload::Db => {}
+            Workload::Db | Workload::Files => {}
         }
     }
     let code = g.a.assemble(CODE_GPA)?;

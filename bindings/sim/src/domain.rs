@@ -141,6 +141,9 @@ impl SimDomain {
         if let Some((gpa, doc)) = ha_workloads::web::docroot(&spec.params) {
             mem.write_bytes(gpa, &doc);
         }
+        if let Some((gpa, table)) = ha_workloads::files::file_table(&spec.params) {
+            mem.write_bytes(gpa, &table);
+        }
         tracing::debug!(memory_size, params = ?spec.params, "sim: creating guest");
         Self::start(mem, disk, None)
     }

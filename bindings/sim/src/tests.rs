@@ -652,16 +652,17 @@ fn db_spec(disk: &std::path::Path) -> GuestSpec {
     s
 }
 
-#[test]
-fn db_disk_matches_the_model_and_its_drained_writes() {
-    let (_dir, path) = disk_file(24);
-    let sp = db_spec(&path);
-    let mut d = SimFactory::new().create(&sp).unwrap();
-    assert_eq!(d.disk().unwrap().disk_size(), 24 * 4096);
-    let mut replica = vec![0u8; 24 * 4096];
+/// A disk workload's guest against the model, over three pause points: memory, disk and
+/// the drained writes replayed on the disk as it was created.
+fn disk_guest_matches_the_model(sp: &GuestSpec, path: &std::path::Path) {
+    let created = std::fs::read(path).unwrap();
+    let mut replica = created.clone();
+    let mut d = SimFactory::new().create(sp).unwrap();
+    assert_eq!(d.disk().unwrap().disk_size(), created.len() as u64);
     let mut params = sp.params.clone();
-    params.disk_size = 24 * 4096;
+    params.disk_size = created.len() as u64;
     let mut model = Model::fresh(sp.memory_size, &params);
+    assert!(model.disk == created, "the disk is the model's fresh disk");
     for round in 1..=3 {
         run_a_while(d.as_mut(), Duration::from_millis(3), 700 * round);
         let st = d.status().unwrap();
@@ -675,7 +676,7 @@ fn db_disk_matches_the_model_and_its_drained_writes() {
         }
         let mut disk = vec![0u8; replica.len()];
         d.disk().unwrap().read_at(0, &mut disk).unwrap();
-        assert_eq!(disk, std::fs::read(&path).unwrap());
+        assert!(disk == std::fs::read(path).unwrap());
         assert!(disk == replica, "round {round}: drained writes miss some");
         // Paused at a unit boundary: memory and disk are the model's after as many units.
         model.run_to(st.progress);
@@ -691,6 +692,33 @@ fn db_disk_matches_the_model_and_its_drained_writes() {
         );
         assert_eq!(st.disk_errors, 0);
     }
+}
+
+#[test]
+fn db_disk_matches_the_model_and_its_drained_writes() {
+    let (_dir, path) = disk_file(24);
+    disk_guest_matches_the_model(&db_spec(&path), &path);
+}
+
+#[test]
+fn files_serves_its_tree_like_the_model() {
+    let (_dir, path) = disk_file(256);
+    let mut sp = spec(Workload::Files, 0xF1E5, 0, 16, 8);
+    sp.devices.disk = Some(path.clone());
+    let mut img = std::fs::read(&path).unwrap();
+    ha_workloads::files::format_disk(
+        sp.params.seed,
+        sp.params.heap_size,
+        img.len() as u64,
+        |at, b| {
+            img[at as usize..at as usize + b.len()].copy_from_slice(b);
+            Ok::<(), ()>(())
+        },
+    )
+    .unwrap()
+    .unwrap();
+    std::fs::write(&path, &img).unwrap();
+    disk_guest_matches_the_model(&sp, &path);
 }
 
 #[test]

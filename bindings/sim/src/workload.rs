@@ -45,7 +45,7 @@ pub enum GuestError {
     WebTooSmall(u64),
     /// A disk workload without a disk, or a disk or heap too small for its layout.
     #[error(
-        "workload {workload} needs a disk and room for its table (heap {heap} bytes, disk {disk} bytes)"
+        "workload {workload} needs a disk and room for its layout (heap {heap} bytes, disk {disk} bytes)"
     )]
     DiskLayout {
         /// The workload's name.
@@ -85,7 +85,7 @@ pub(crate) fn validate(params: &GuestParams, memory_size: u64) -> Result<(), Gue
     if params.workload == Workload::Web && size / PAGE < 16 {
         return Err(GuestError::WebTooSmall(size / PAGE));
     }
-    if params.workload.needs_disk() && ha_workloads::db::Layout::of(params).is_none() {
+    if !ha_workloads::model::disk_layout_fits(params) {
         return Err(GuestError::DiskLayout {
             workload: params.workload.name(),
             heap: size,

@@ -131,17 +131,23 @@ pub enum Workload {
     /// a log page written and flushed every `output_every` updates, table pages written
     /// back in place and read back and checked (needs a disk; docs/GUESTS.md).
     Db = 5,
+    /// A file server over a document tree on the guest's disk: files read into a bounded
+    /// page cache in guest memory and served (their content hashed into a response),
+    /// an access log appended to the disk, now and then a file rewritten (needs a disk
+    /// holding the tree; docs/GUESTS.md).
+    Files = 6,
 }
 
 impl Workload {
     /// All workloads, in ABI order.
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Idle,
         Workload::Memwrite,
         Workload::Web,
         Workload::Kv,
         Workload::Npb,
         Workload::Db,
+        Workload::Files,
     ];
 
     /// The workloads that need nothing but memory (every one but the disk workloads).
@@ -155,7 +161,7 @@ impl Workload {
 
     /// Whether the workload needs a disk.
     pub fn needs_disk(self) -> bool {
-        self == Workload::Db
+        matches!(self, Workload::Db | Workload::Files)
     }
 
     /// The workload with ABI number `n`.
@@ -172,6 +178,7 @@ impl Workload {
             Workload::Kv => "kv",
             Workload::Npb => "npb",
             Workload::Db => "db",
+            Workload::Files => "files",
         }
     }
 
@@ -188,6 +195,8 @@ impl Workload {
             // Every 16th update writes a table page back and every 32nd reads one, through
             // the disk's doorbell (an MMIO exit of ~30 µs on the PVM host).
             Workload::Db => 2_000,
+            // A request hashes a whole file (1 to 16 pages) and misses now and then.
+            Workload::Files => 1_000,
         }
     }
 
@@ -209,7 +218,9 @@ impl std::str::FromStr for Workload {
         Self::ALL
             .into_iter()
             .find(|w| w.name() == s)
-            .ok_or_else(|| format!("unknown workload {s:?} (idle, memwrite, web, kv, npb, db)"))
+            .ok_or_else(|| {
+                format!("unknown workload {s:?} (idle, memwrite, web, kv, npb, db, files)")
+            })
     }
 }
 

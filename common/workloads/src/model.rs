@@ -7,11 +7,11 @@
 //! boundary all of it is in the status page, so a guest paused there is fully described by
 //! its memory.
 
-use crate::db;
 use crate::guest_abi::{
     GuestParams, OUTPUT_RING_SLOTS, OutputRecord, PARAMS_GPA, STATUS_GPA, Workload, checksum_step,
     disk, status,
 };
+use crate::{db, files};
 use ha_codec::PAGE_SIZE;
 use std::collections::BTreeSet;
 
@@ -35,6 +35,16 @@ pub trait Memory {
     /// Make the stores so far complete (dirty bits included) before the VMM looks: called
     /// before a doorbell and at the end of a unit.
     fn flush(&mut self) {}
+}
+
+/// Whether a guest's heap and disk can hold its workload's layout on the disk (always
+/// for the workloads without a disk).
+pub fn disk_layout_fits(p: &GuestParams) -> bool {
+    match p.workload {
+        Workload::Db => db::Layout::of(p).is_some(),
+        Workload::Files => files::Layout::of(p).is_some(),
+        Workload::Idle | Workload::Memwrite | Workload::Web | Workload::Kv | Workload::Npb => true,
+    }
 }
 
 /// What a disk request does.
@@ -108,6 +118,7 @@ pub struct Vcpu {
     output_every: u64,
     doorbell_every: u64,
     disk_size: u64,
+    seed: u64,
     progress: u64,
     checksum: u64,
     rng: u64,
@@ -131,6 +142,7 @@ impl Vcpu {
             output_every: params.output_every,
             doorbell_every: params.doorbell_every,
             disk_size: params.disk_size,
+            seed: params.seed,
             progress,
             checksum: st(status::CHECKSUM),
             rng,
@@ -214,6 +226,7 @@ impl Vcpu {
                 crate::web::request(&mut g, n, p);
             }
             Workload::Db => self.db_update(mem, ports, n)?,
+            Workload::Files => self.files_request(mem, ports, n)?,
         }
 
         // 2. Progress and the guest-owned status words.
@@ -337,6 +350,121 @@ impl Vcpu {
             if !db::table_page_ok(r, &words) {
                 errors += 1;
             }
+        }
+        if errors > 0 {
+            let at = STATUS_GPA + status::DISK_ERRORS as u64;
+            let e = mem.load(at).wrapping_add(errors);
+            mem.store(at, e);
+        }
+        Ok(())
+    }
+}
+
+impl Vcpu {
+    /// One `files` request `n` (docs/GUESTS.md, "`files`"): pick a file, read it into its
+    /// cache slot on a miss (and check it), hash it into the response and the access log,
+    /// then the unit's disk batch (a full log page, a file rewritten every 256 requests).
+    fn files_request<M: Memory, P: Ports<M>>(
+        &mut self,
+        mem: &mut M,
+        ports: &mut P,
+        n: u64,
+    ) -> Result<(), UnitError<P::Error>> {
+        let Some(l) = files::Layout::new(self.seed, self.heap, self.disk_size) else {
+            return Ok(());
+        };
+        let u = n.wrapping_add(1);
+        let base = self.base;
+        let page = |p: u64| base + disk::PAGE * p;
+        let (table, resp, logbuf, tags) = (
+            page(0),
+            page(l.response()),
+            page(l.log_buffer()),
+            page(l.tags_first()),
+        );
+        let sectors = disk::PAGE / disk::SECTOR;
+        let mut errors = 0u64;
+        let hot = (l.files / 10).max(1);
+        let f = if self.next() % 100 < 80 {
+            self.next() % hot
+        } else {
+            hot + self.next() % l.files.saturating_sub(hot).max(1)
+        };
+        let (start, pages) = files::entry(mem.load(table + files::ENTRY_BYTES * f));
+        let v = mem.load(table + files::ENTRY_BYTES * f + 8);
+        let slot = f % l.slots;
+        let (tag, cache) = (tags + 16 * slot, page(l.slot_first(slot)));
+        let words = pages * disk::PAGE / 8;
+        if mem.load(tag) != f + 1 || mem.load(tag + 8) != v {
+            let read = [DiskRequest {
+                op: DiskOp::Read,
+                sector: start * sectors,
+                gpa: cache,
+                len: pages * disk::PAGE,
+            }];
+            let mut ok = [false];
+            mem.flush();
+            ports.disk(mem, &read, &mut ok).map_err(UnitError::Disk)?;
+            if ok[0] {
+                if (0..words)
+                    .any(|j| mem.load(cache + 8 * j) != files::content_word(self.seed, f, v, j))
+                {
+                    errors += 1;
+                }
+                self.write(mem, tag, f + 1);
+                self.write(mem, tag + 8, v);
+            } else {
+                errors += 1;
+            }
+        }
+        let hash = (0..words).fold(0, |h, j| checksum_step(h, mem.load(cache + 8 * j)));
+        for (k, w) in (0..).zip([f, v, hash, u]) {
+            self.write(mem, resp + 8 * k, w);
+        }
+        let rec = logbuf + 64 * (n % files::LOG_RECORDS_PER_PAGE);
+        for (k, w) in (0..).zip([u, f, v, hash]) {
+            self.write(mem, rec + 8 * k, w);
+        }
+
+        let mut batch = Vec::with_capacity(2);
+        if u.is_multiple_of(files::LOG_RECORDS_PER_PAGE) {
+            let lp = l.log_first + (n / files::LOG_RECORDS_PER_PAGE) % l.log;
+            batch.push(DiskRequest {
+                op: DiskOp::Write,
+                sector: lp * sectors,
+                gpa: logbuf,
+                len: disk::PAGE,
+            });
+        }
+        if u.is_multiple_of(files::REWRITE_EVERY) {
+            let g = self.next() % l.files;
+            let (gstart, gpages) = files::entry(mem.load(table + files::ENTRY_BYTES * g));
+            let gv = mem.load(table + files::ENTRY_BYTES * g + 8).wrapping_add(1);
+            self.write(mem, table + files::ENTRY_BYTES * g + 8, gv);
+            let gslot = g % l.slots;
+            let (gtag, gcache) = (tags + 16 * gslot, page(l.slot_first(gslot)));
+            for j in 0..gpages * disk::PAGE / 8 {
+                self.write(
+                    mem,
+                    gcache + 8 * j,
+                    files::content_word(self.seed, g, gv, j),
+                );
+            }
+            self.write(mem, gtag, g + 1);
+            self.write(mem, gtag + 8, gv);
+            batch.push(DiskRequest {
+                op: DiskOp::Write,
+                sector: gstart * sectors,
+                gpa: gcache,
+                len: gpages * disk::PAGE,
+            });
+        }
+        if !batch.is_empty() {
+            let mut ok = [false; 2];
+            let ok = &mut ok[..batch.len()];
+            mem.flush();
+            ports.disk(mem, &batch, ok).map_err(UnitError::Disk)?;
+            errors += ok.iter().filter(|&&o| !o).count() as u64;
         }
         if errors > 0 {
             let at = STATUS_GPA + status::DISK_ERRORS as u64;
@@ -492,7 +620,8 @@ pub fn disk_io(mem: &mut Image, disk: &mut [u8], r: &DiskRequest) -> bool {
 
 impl ImageModel {
     /// A new guest of `memory_size` bytes running `params`: zero memory with the params
-    /// page and (for `web`) the document root written, as a VMM writes them.
+    /// page and (for `web`) the document root or (for `files`) the file table written, as
+    /// a VMM writes them, on a zero disk or (for `files`) one holding the document tree.
     pub fn fresh(memory_size: u64, params: &GuestParams) -> Self {
         let size = usize::try_from(memory_size).unwrap_or(usize::MAX);
         let mut mem = Image::new(vec![0u8; size]);
@@ -502,13 +631,24 @@ impl ImageModel {
         if let Some((gpa, bytes)) = crate::web::docroot(params) {
             mem.write_bytes(gpa, &bytes);
         }
+        if let Some((gpa, bytes)) = files::file_table(params) {
+            mem.write_bytes(gpa, &bytes);
+        }
+        let mut disk = vec![0u8; usize::try_from(params.disk_size).unwrap_or(0)];
+        if params.workload == Workload::Files {
+            let _ = files::format_disk(params.seed, params.heap_size, params.disk_size, |at, b| {
+                let at = usize::try_from(at).map_err(|_| ())?;
+                disk.get_mut(at..at + b.len()).ok_or(())?.copy_from_slice(b);
+                Ok::<(), ()>(())
+            });
+        }
         let cpu = Vcpu::load(params, &mem);
         Self {
             mem,
             cpu,
             params: params.clone(),
             drained: Vec::new(),
-            disk: vec![0u8; usize::try_from(params.disk_size).unwrap_or(0)],
+            disk,
         }
     }
 
@@ -646,6 +786,62 @@ mod tests {
         };
         assert!((0..l.table).all(|p| db::table_page_ok(p, &page(p))));
         assert!(page(0).iter().any(|&w| w != 0), "table page 0 written back");
+    }
+
+    fn files_params() -> GuestParams {
+        GuestParams {
+            output_every: 16,
+            disk_size: 256 * PAGE,
+            heap_size: 200 * PAGE,
+            ..params(Workload::Files)
+        }
+    }
+
+    #[test]
+    fn files_serves_rewrites_and_continues_from_memory_and_disk() {
+        let p = files_params();
+        let mut a = ImageModel::fresh(4 << 20, &p);
+        let l = files::Layout::of(&p).unwrap();
+        assert!(
+            l.slots < l.files,
+            "the cache is smaller than the tree: {l:?}"
+        );
+        a.run_to(700);
+        let mut b = ImageModel::from_image(a.mem.bytes.clone())
+            .unwrap()
+            .with_disk(a.disk.clone());
+        a.run_to(2000);
+        b.run_to(2000);
+        assert_eq!(a.mem.bytes, b.mem.bytes);
+        assert_eq!(a.disk, b.disk);
+        assert_eq!(a.mem.load(STATUS_GPA + status::DISK_ERRORS as u64), 0);
+        // Seven rewrites: the files rewritten carry their new version on the disk.
+        let table = a.params.heap_gpa;
+        let mut rewritten = 0;
+        for f in 0..l.files {
+            let v = a.mem.load(table + 16 * f + 8);
+            let (start, pages) = files::entry(a.mem.load(table + 16 * f));
+            let at = (start * PAGE) as usize;
+            let bytes = &a.disk[at..at + (pages * PAGE) as usize];
+            assert!(
+                bytes == files::file_bytes(p.seed, f, v, pages),
+                "file {f} v{v}"
+            );
+            rewritten += v;
+        }
+        assert_eq!(rewritten, 2000 / files::REWRITE_EVERY);
+        // The access log's pages are on the disk.
+        let log = (l.log_first * PAGE) as usize;
+        assert!(a.disk[log..log + 8] == 1u64.to_le_bytes());
+    }
+
+    #[test]
+    fn files_counts_a_wrong_file_read() {
+        let p = files_params();
+        let mut a = ImageModel::fresh(4 << 20, &p);
+        a.disk[..(PAGE * 64) as usize].fill(0xEE);
+        a.run_to(200);
+        assert!(a.mem.load(STATUS_GPA + status::DISK_ERRORS as u64) > 0);
     }
 
     #[test]

@@ -1,0 +1,381 @@
+//! Leases against real etcd members (Debian's `etcd-server`), started by the tests on
+//! loopback: claiming, keeping past the TTL, a dead holder's key passing on only after its
+//! lease could have expired, release, a holder cut off from etcd, and TLS with client
+//! certificates. Skipped when `etcd` is not installed, unless `CASTOR_REQUIRE_ETCD=1`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ha_lease::{Claim, Lease, LeaseConfig, LeaseError, TlsFiles, claim, wait_claim};
+
+/// Whether etcd can be started here; panics if it is required and missing.
+fn etcd_available() -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CASTOR_REQUIRE_ETCD").as_deref() != Ok("1"),
+            "CASTOR_REQUIRE_ETCD=1 but etcd is not installed (apt-get install etcd-server)"
+        );
+        eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback, killed with the value.
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start(tls: Option<&Certs>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=n1")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=n1={peer_url}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap());
+        if let Some(c) = tls {
+            cmd.arg(format!("--cert-file={}", c.server.display()))
+                .arg(format!("--key-file={}", c.server_key.display()))
+                .arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", c.ca.display()));
+        }
+        let child = cmd.spawn().unwrap();
+        let e = Self {
+            child,
+            url,
+            _dir: dir,
+        };
+        e.wait_ready(tls);
+        e
+    }
+
+    /// Wait (bounded) until the member answers a claim of a throwaway key.
+    fn wait_ready(&self, tls: Option<&Certs>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut cfg = config(self, "/castor/ready", "probe");
+        cfg.tls = tls.map(Certs::client);
+        loop {
+            match claim(&cfg) {
+                Ok(Claim::Ours(l)) => {
+                    l.release().unwrap();
+                    return;
+                }
+                Ok(Claim::Theirs { .. }) => return,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("etcd did not come up: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(e: &Etcd, key: &str, holder: &str) -> LeaseConfig {
+    LeaseConfig {
+        ttl: Duration::from_secs(2),
+        margin: Duration::from_millis(500),
+        ..LeaseConfig::new(vec![e.url.clone()], key, holder)
+    }
+}
+
+fn ours(c: Claim) -> Lease {
+    match c {
+        Claim::Ours(l) => l,
+        Claim::Theirs { holder } => panic!("key held by {holder}"),
+    }
+}
+
+fn theirs(c: Claim) -> String {
+    match c {
+        Claim::Ours(_) => panic!("claimed a held key"),
+        Claim::Theirs { holder } => holder,
+    }
+}
+
+#[test]
+fn a_key_is_claimed_once_and_kept_past_its_ttl() {
+    if !etcd_available() {
+        return;
+    }
+    let e = Etcd::start(None);
+    let a = ours(claim(&config(&e, "/castor/guests/g1", "primary-a")).unwrap());
+    assert!(a.is_held());
+    let b = config(&e, "/castor/guests/g1", "backup-b");
+    assert_eq!(theirs(claim(&b).unwrap()), "primary-a");
+    // Three TTLs later the keep-alives still hold it.
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(a.is_held(), "lost: {:?}", a.lost());
+    assert_eq!(theirs(claim(&b).unwrap()), "primary-a");
+    // Another guest's key is free.
+    let other = ours(claim(&config(&e, "/castor/guests/g2", "backup-b")).unwrap());
+    other.release().unwrap();
+}
+
+#[test]
+fn a_dead_holders_key_passes_on_only_after_it_stopped_trusting_it() {
+    if !etcd_available() {
+        return;
+    }
+    let e = Etcd::start(None);
+    let a = ours(claim(&config(&e, "/castor/guests/g1", "primary-a")).unwrap());
+    std::thread::sleep(Duration::from_secs(1));
+    let trusted_until = a.held_until().unwrap();
+    drop(a); // the primary dies: no more keep-alives, no revoke
+    let b = wait_claim(
+        &config(&e, "/castor/guests/g1", "backup-b"),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let claimed = Instant::now();
+    assert!(
+        claimed > trusted_until,
+        "the backup claimed the key {:?} before the dead primary stopped trusting it",
+        trusted_until - claimed
+    );
+    assert!(b.is_held());
+}
+
+#[test]
+fn release_hands_the_key_over_at_once() {
+    if !etcd_available() {
+        return;
+    }
+    let e = Etcd::start(None);
+    let a = ours(claim(&config(&e, "/castor/guests/g1", "primary-a")).unwrap());
+    a.release().unwrap();
+    let b = ours(claim(&config(&e, "/castor/guests/g1", "backup-b")).unwrap());
+    assert!(b.is_held());
+}
+
+#[test]
+fn a_holder_cut_off_from_etcd_stops_trusting_its_lease_in_time() {
+    if !etcd_available() {
+        return;
+    }
+    let e = Etcd::start(None);
+    let a = ours(claim(&config(&e, "/castor/guests/g1", "primary-a")).unwrap());
+    // etcd stands still for two TTLs: the keep-alives go unanswered.
+    e.signal("STOP");
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !a.is_held(),
+        "still trusted {:?} after etcd stopped",
+        stopped.elapsed()
+    );
+    e.signal("CONT");
+    // Either etcd expired the lease (lost for good, the key free), or a keep-alive got in
+    // first (held again, the key still ours): never trusted while someone else holds it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.lost().is_none() && !a.is_held() {
+        assert!(
+            Instant::now() < deadline,
+            "neither lost nor held again: {:?}",
+            a.failing()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b = claim(&config(&e, "/castor/guests/g1", "backup-b")).unwrap();
+    match (a.lost(), b) {
+        (Some(_), Claim::Ours(b)) => assert!(!a.is_held() && b.is_held()),
+        (None, Claim::Theirs { holder }) => {
+            assert_eq!(holder, "primary-a");
+            assert!(a.is_held());
+        }
+        (lost, b) => panic!("inconsistent: primary lost = {lost:?}, backup's claim = {b:?}"),
+    }
+}
+
+#[test]
+fn etcd_out_of_reach_is_a_clear_error() {
+    if !etcd_available() {
+        return;
+    }
+    let port = free_port();
+    let cfg = LeaseConfig {
+        ttl: Duration::from_secs(2),
+        margin: Duration::from_millis(500),
+        ..LeaseConfig::new(vec![format!("http://127.0.0.1:{port}")], "/k", "me")
+    };
+    let e = match claim(&cfg) {
+        Err(e) => e,
+        Ok(c) => panic!("claimed without etcd: {c:?}"),
+    };
+    assert!(
+        matches!(
+            e,
+            LeaseError::Connect { .. } | LeaseError::Etcd { .. } | LeaseError::Timeout(_)
+        ),
+        "{e:?}"
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+struct Certs {
+    dir: tempfile::TempDir,
+    ca: PathBuf,
+    server: PathBuf,
+    server_key: PathBuf,
+}
+
+impl Certs {
+    fn make() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let ssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=castor-test-ca",
+        ]);
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        for name in ["server", "client"] {
+            ssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ]);
+            ssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ]);
+        }
+        Self {
+            ca: p("ca.pem"),
+            server: p("server.pem"),
+            server_key: p("server.key"),
+            dir,
+        }
+    }
+
+    fn client(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.dir.path().join("client.pem"),
+            key: self.dir.path().join("client.key"),
+        }
+    }
+}
+
+#[test]
+fn tls_with_client_certificates() {
+    if !etcd_available() {
+        return;
+    }
+    let certs = Certs::make();
+    let e = Etcd::start(Some(&certs));
+    let mut cfg = config(&e, "/castor/guests/g1", "primary-a");
+    cfg.tls = Some(certs.client());
+    let a = ours(claim(&cfg).unwrap());
+    assert!(a.is_held());
+    // A client whose certificate etcd's CA did not sign is refused.
+    let other = Certs::make();
+    let mut stranger = config(&e, "/castor/guests/g1", "stranger");
+    stranger.tls = Some(TlsFiles {
+        ca: certs.ca.clone(),
+        ..other.client()
+    });
+    assert!(
+        claim(&stranger).is_err(),
+        "a stranger's certificate was accepted"
+    );
+    // A missing file is named.
+    let mut missing = cfg.clone();
+    missing.tls = Some(TlsFiles {
+        key: Path::new("/nonexistent/client.key").to_owned(),
+        ..certs.client()
+    });
+    let err = claim(&missing).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/client.key"), "{err}");
+    a.release().unwrap();
+}

@@ -22,7 +22,7 @@
 
 use ha_workloads::guest_abi::{
     DOORBELL_PORT, GuestParams, HEAP_GPA, OUTPUT_RING_GPA, OUTPUT_RING_SLOTS, PARAMS_GPA,
-    STATUS_GPA, Workload, params, status,
+    STATUS_GPA, Workload, disk, params, status,
 };
 use iced_x86::IcedError;
 use iced_x86::code_asm::*;
@@ -40,6 +40,10 @@ pub const PDPT_GPA: u64 = 0x16000;
 pub const PD_GPA: u64 = 0x17000;
 /// Most GiB of guest memory the page tables can map.
 pub const MAX_GIB: u64 = 16;
+/// The page directory of the GiB holding the disk's register window
+/// (`guest_abi::disk::MMIO_GPA`, 16 GiB: just above the largest guest memory). Its one
+/// 2 MiB page has no memory slot behind it, so every access exits as MMIO.
+pub const MMIO_PD_GPA: u64 = PD_GPA + MAX_GIB * 0x1000;
 /// Where the guest program is loaded (and where it starts).
 pub const CODE_GPA: u64 = 0x30000;
 /// Most bytes of guest program.
@@ -115,10 +119,12 @@ pub fn validate(memory_size: u64, p: &GuestParams) -> Result<(), GuestError> {
     if p.workload == Workload::Web && p.heap_size / 4096 < 16 {
         return bad("web needs a heap of at least 16 pages".into());
     }
-    if p.workload.needs_disk() {
+    if p.workload.needs_disk() && ha_workloads::db::Layout::of(p).is_none() {
         return bad(format!(
-            "workload {} needs a disk, which the KVM guest program does not drive yet",
-            p.workload.name()
+            "workload {} needs a disk and room for its table (heap {} bytes, disk {} bytes)",
+            p.workload.name(),
+            p.heap_size,
+            p.disk_size
         ));
     }
     Ok(())
@@ -145,6 +151,15 @@ pub fn write_boot_pages(ram: &GuestRam) -> Result<(), GuestError> {
             .collect();
         ram.write(pd, &entries).map_err(GuestError::Memory)?;
     }
+    // The disk's register window: one 2 MiB page at 16 GiB, no memory behind it.
+    let window = disk::MMIO_GPA;
+    ram.write_u64(PDPT_GPA + (window >> 30) * 8, MMIO_PD_GPA | PRW_USER)
+        .map_err(GuestError::Memory)?;
+    ram.write_u64(
+        MMIO_PD_GPA + ((window >> 21) & 511) * 8,
+        window | 0x83 | 0x4,
+    )
+    .map_err(GuestError::Memory)?;
     let code = assemble()?;
     ram.write(CODE_GPA, &code).map_err(GuestError::Memory)?;
     Ok(())

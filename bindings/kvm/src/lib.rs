@@ -15,9 +15,9 @@
 //! | [`state`] | saving and restoring vCPU and VM state |
 //! | [`vm`] | one guest: [`KvmDomain`], the `Domain` implementation |
 //!
-//! Tests in `tests/kvm.rs` run real guests (skipped without `/dev/kvm` unless
-//! `CASTOR_REQUIRE_KVM=1`), including a plain-Rust model of docs/GUESTS.md that the generated
-//! code is checked against. Measurements (pause latency, dirty-log cost, save/restore,
+//! Tests in `tests/kvm.rs` and `tests/disk.rs` (the disk and the `db` guest) run real
+//! guests (skipped without `/dev/kvm` unless `CASTOR_REQUIRE_KVM=1`), checked against the
+//! workloads' reference model of docs/GUESTS.md, heap and disk alike. Measurements (pause latency, dirty-log cost, save/restore,
 //! dirty rates): `cargo test -p ha-kvm --release --test measure -- --ignored --nocapture`.
 
 #![warn(missing_docs)]

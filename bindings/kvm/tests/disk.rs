@@ -9,10 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory, GuestSpec};
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::domain::{Devices, DiskWrite, Domain, DomainError, DomainFactory, GuestSpec};
 use ha_guest::image::GuestImage;
 use ha_kvm::KvmFactory;
-use ha_workloads::guest_abi::{GuestParams, PARAMS_GPA, Workload, disk};
+use ha_workloads::db;
+use ha_workloads::guest_abi::{GuestParams, GuestStatus, PARAMS_GPA, Workload, disk, page_count};
+use ha_workloads::model::ImageModel as Model;
 use iced_x86::code_asm::*;
 
 /// A disk image of `pages` 4 KiB pages holding a pattern, in a fresh temporary directory.
@@ -263,4 +267,279 @@ fn malformed_mmio_never_crashes_the_vmm() {
     assert_eq!(word(1), 24 * 4096 / 512, "capacity in sectors");
     assert_eq!(word(2), 1, "the program went on after the bad accesses");
     assert!(std::fs::read(&path).unwrap() == before, "the disk changed");
+}
+
+// ---------------------------------------------------------------------------------------
+// The `db` guest
+// ---------------------------------------------------------------------------------------
+
+/// Disk pages of the `db` tests' disk: a 12-page table and a 12-page log.
+const DB_PAGES: u64 = 24;
+
+/// A zero disk image of `pages` 4 KiB pages in a fresh temporary directory.
+fn zero_disk(pages: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(pages * 4096)
+        .unwrap();
+    (dir, path)
+}
+
+/// An 8 MiB `db` guest on `path`, flushing (and reporting) every 48 updates.
+fn db_spec(path: &Path) -> GuestSpec {
+    let mut s = with_disk(spec(Workload::Db, 8, 0), path);
+    s.params.output_every = 48;
+    s.params.doorbell_every = 8;
+    s
+}
+
+/// The params the guest runs with: the spec's, with the disk's size the VMM fills in.
+fn db_params(s: &GuestSpec) -> GuestParams {
+    GuestParams {
+        disk_size: DB_PAGES * 4096,
+        ..s.params.clone()
+    }
+}
+
+/// The whole disk as the domain's `Disk` capability reads it.
+fn read_disk(d: &mut dyn Domain) -> Vec<u8> {
+    let dk = d.disk().expect("a disk");
+    let mut buf = vec![0u8; dk.disk_size() as usize];
+    dk.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// Batches (doorbells of the disk) in updates `1..=n`: the units with a request due.
+fn batches(n: u64, flush_every: u64) -> u64 {
+    (1..=n)
+        .filter(|u| {
+            u % db::RECORDS_PER_PAGE == 0
+                || u % flush_every == 0
+                || u % db::WRITEBACK_EVERY == 0
+                || u % db::READBACK_EVERY == 0
+        })
+        .count() as u64
+}
+
+/// Check a paused `db` guest against the model from its very start: the checksum, every
+/// heap word and every 4 KiB disk page are the model's after `n = progress` units or, for
+/// the unit in flight, after `n + 1`; no disk errors. Returns the status and the model at
+/// `n`.
+fn check_db_against_model(d: &mut dyn Domain, params: &GuestParams) -> (GuestStatus, Model) {
+    let st = d.status().unwrap();
+    assert_eq!(st.disk_errors, 0, "{st:?}");
+    let mut m = Model::fresh(d.memory_size(), params);
+    m.run_to(st.progress);
+    let mut next = m.clone();
+    next.unit();
+    assert!(
+        st.checksum == m.cpu.checksum() || st.checksum == next.cpu.checksum(),
+        "checksum at progress {} matches neither n nor n+1",
+        st.progress
+    );
+    let mut heap = vec![0u8; params.heap_size as usize];
+    d.read_memory(params.heap_gpa, &mut heap).unwrap();
+    for (i, (g, (a, b))) in heap
+        .chunks(8)
+        .zip(m.heap().chunks(8).zip(next.heap().chunks(8)))
+        .enumerate()
+    {
+        assert!(
+            g == a || g == b,
+            "heap word {i} differs from the model at progress {}",
+            st.progress
+        );
+    }
+    let disk = read_disk(d);
+    for (p, (g, (a, b))) in disk
+        .chunks(PAGE_SIZE)
+        .zip(m.disk.chunks(PAGE_SIZE).zip(next.disk.chunks(PAGE_SIZE)))
+        .enumerate()
+    {
+        assert!(
+            g == a || g == b,
+            "disk page {p} differs from the model at progress {}",
+            st.progress
+        );
+    }
+    (st, m)
+}
+
+fn apply(replica: &mut [u8], writes: &[DiskWrite]) {
+    for w in writes {
+        let at = w.offset as usize;
+        replica[at..at + w.data.len()].copy_from_slice(&w.data);
+    }
+}
+
+#[test]
+fn db_matches_the_model_and_its_drained_writes_rebuild_the_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let (_dir, path) = zero_disk(DB_PAGES);
+    let s = db_spec(&path);
+    let params = db_params(&s);
+    let mut d = KvmFactory::new().create_kvm(&s).unwrap();
+    let mut replica = vec![0u8; (DB_PAGES * 4096) as usize];
+    let mut records = Vec::new();
+    let mut last = None;
+    for round in 1..=3u64 {
+        let st = run_until(&mut d, 1500 * round, 5);
+        d.check_health().unwrap();
+        assert!(st.progress > 200 * round, "round {round}: {st:?}");
+        // The epoch's completed writes, applied to a replica, give the guest's disk.
+        let mut writes = Vec::new();
+        d.disk().unwrap().drain_writes(&mut writes).unwrap();
+        assert!(!writes.is_empty(), "round {round}: no disk writes");
+        apply(&mut replica, &writes);
+        let disk = read_disk(&mut d);
+        assert!(disk == std::fs::read(&path).unwrap(), "read_at is the file");
+        assert!(disk == replica, "round {round}: drained writes miss some");
+        let (st, m) = check_db_against_model(&mut d, &params);
+        // One doorbell per batch: the batches of n updates, or of n + 1.
+        let flush = s.params.output_every;
+        let n = d.disk_notifies();
+        assert!(
+            n == batches(st.progress, flush) || n == batches(st.progress + 1, flush),
+            "round {round}: {n} disk notifies at progress {}",
+            st.progress
+        );
+        d.drain_output(&mut records).unwrap();
+        eprintln!(
+            "db round {round}: model matches at progress {} ({} writes, {n} batches)",
+            st.progress,
+            writes.len()
+        );
+        last = Some((st, m));
+    }
+    // Every record's checksum is the model's at its progress: the flushes it reports.
+    assert!(!records.is_empty());
+    let mut m = Model::fresh(s.memory_size, &params);
+    for r in &records {
+        let (p, c) = payload(r);
+        assert_eq!(p % 48, 0);
+        m.run_to(p);
+        assert_eq!(c, m.cpu.checksum(), "record at progress {p}");
+    }
+    // ... and the disk holds the log of every update up to its last flush: the one of the
+    // last record, or of the unit in flight at the pause (which may have overwritten the
+    // oldest page of the circle).
+    let l = db::Layout::of(&params).unwrap();
+    let (st, m) = last.unwrap();
+    let disk = std::fs::read(&path).unwrap();
+    let at = if disk == m.disk {
+        st.progress
+    } else {
+        st.progress + 1
+    };
+    let flushed = at - at % 48;
+    assert!(flushed >= payload(records.last().unwrap()).0);
+    let window = db::log_window(&l, flushed);
+    assert_eq!(
+        window.clone().count(),
+        11 * 64 + (flushed as usize - 1) % 64 + 1
+    );
+    for seq in window {
+        let rec = db::log_record(&l, &disk, seq).unwrap();
+        assert_eq!(rec[0], seq);
+        assert_eq!(rec[7], db::check_word(&rec), "update {seq}");
+    }
+}
+
+#[test]
+fn db_device_writes_are_harvested_as_dirty() {
+    if !kvm_available() {
+        return;
+    }
+    let (_dir, path) = zero_disk(DB_PAGES);
+    let s = db_spec(&path);
+    let l = db::Layout::of(&db_params(&s)).unwrap();
+    let mut d = KvmFactory::new().create_kvm(&s).unwrap();
+    let pages = page_count(s.memory_size);
+    d.harvest_dirty(&mut PageBitmap::new(pages)).unwrap();
+    let mut prev = snapshot(&d);
+    // Pages only the device writes: the used ring and the read buffer.
+    let used = (disk::USED_GPA as usize) / PAGE_SIZE;
+    let readbuf = (s.params.heap_gpa as usize) / PAGE_SIZE + l.read_buffer() as usize;
+    let (mut used_seen, mut readbuf_seen) = (0, 0);
+    for cycle in 0..20u64 {
+        d.resume().unwrap();
+        std::thread::sleep(Duration::from_micros(500 + 300 * cycle));
+        d.pause().unwrap();
+        let mut dirty = PageBitmap::new(pages);
+        d.harvest_dirty(&mut dirty).unwrap();
+        let now = snapshot(&d);
+        for (i, (a, b)) in prev
+            .chunks(PAGE_SIZE)
+            .zip(now.chunks(PAGE_SIZE))
+            .enumerate()
+        {
+            if a != b {
+                assert!(
+                    dirty.get(i),
+                    "cycle {cycle}: page {i:#x} changed but was not harvested"
+                );
+                used_seen += usize::from(i == used);
+                readbuf_seen += usize::from(i == readbuf);
+            }
+        }
+        prev = now;
+    }
+    d.check_health().unwrap();
+    let st = d.status().unwrap();
+    assert!(st.progress > 64, "{st:?}");
+    assert!(used_seen > 0, "the used ring never changed");
+    assert!(readbuf_seen > 0, "the read buffer never changed");
+}
+
+#[test]
+fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
+    if !kvm_available() {
+        return;
+    }
+    let (dir, path) = zero_disk(DB_PAGES);
+    let s = db_spec(&path);
+    let params = db_params(&s);
+    let factory = KvmFactory::new();
+    let mut d = factory.create_kvm(&s).unwrap();
+    let st = run_until(&mut d, 2000, 5);
+    let state = d.save_state().unwrap();
+    let image = snapshot(&d);
+    let replica = dir.path().join("replica.img");
+    std::fs::copy(&path, &replica).unwrap();
+    // The original goes on, on its own disk.
+    d.resume().unwrap();
+
+    let mut r = factory
+        .restore(&image, &state, &devices(Some(&replica)))
+        .unwrap();
+    assert_eq!(r.status().unwrap(), st);
+    let after = run_until(r.as_mut(), st.progress + 2000, 5);
+    r.check_health().unwrap();
+    assert!(after.progress > st.progress, "{after:?}");
+    let mut writes = Vec::new();
+    r.disk().unwrap().drain_writes(&mut writes).unwrap();
+    assert!(!writes.is_empty(), "the restored driver wrote nothing");
+    check_db_against_model(r.as_mut(), &params);
+    d.pause().unwrap();
+    d.check_health().unwrap();
+    drop(d);
+
+    // Again the backup's way, on the committed image itself.
+    let state2 = r.save_state().unwrap();
+    let image2 = snapshot(r.as_ref());
+    let saved2 = r.status().unwrap();
+    drop(r);
+    let mut committed = GuestImage::new(image2.len()).unwrap();
+    committed.as_mut_slice().copy_from_slice(&image2);
+    let mut r2 = factory
+        .restore_image(committed, &state2, &devices(Some(&replica)))
+        .unwrap();
+    let after2 = run_until(r2.as_mut(), saved2.progress + 2000, 5);
+    r2.check_health().unwrap();
+    assert!(after2.progress > saved2.progress, "{after2:?}");
+    check_db_against_model(r2.as_mut(), &params);
 }

@@ -543,3 +543,52 @@ fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
     assert!(after2.progress > saved2.progress, "{after2:?}");
     check_db_against_model(r2.as_mut(), &params);
 }
+
+#[test]
+fn db_counts_torn_pages_and_failed_requests_as_disk_errors() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let (_dir, path) = zero_disk(DB_PAGES);
+    let s = db_spec(&path);
+    let l = db::Layout::of(&db_params(&s)).unwrap();
+    let mut d = KvmFactory::new().create_kvm(&s).unwrap();
+    let st = run_until(&mut d, 400, 1);
+    assert_eq!(st.disk_errors, 0, "{st:?}");
+    // Tear one word of record 8 of every table page behind the guest's back: a read-back
+    // of such a page (before its next write-back heals it) fails the record check.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for p in 0..l.table {
+        file.write_all_at(&[0xA5], p * 4096 + 8 * 64 + 16).unwrap();
+    }
+    let torn = run_until(&mut d, st.progress + 4 * db::READBACK_EVERY, 1);
+    d.check_health().unwrap();
+    assert!(torn.disk_errors > 0, "no torn page seen: {torn:?}");
+    // A guest whose params page claims a disk twice the size: its log pages are past the
+    // disk's end, so every log write completes with an I/O error status; the guest counts
+    // them and goes on, and the VMM with it.
+    let state = d.save_state().unwrap();
+    let mut image = snapshot(&d);
+    let at = PARAMS_GPA as usize + ha_workloads::guest_abi::params::DISK_SIZE;
+    image[at..at + 8].copy_from_slice(&(2 * DB_PAGES * 4096).to_le_bytes());
+    drop(d);
+    let mut r = KvmFactory::new()
+        .restore(&image, &state, &devices(Some(&path)))
+        .unwrap();
+    let bad = run_until(r.as_mut(), torn.progress + 8 * db::RECORDS_PER_PAGE, 1);
+    r.check_health().unwrap();
+    let log_writes = (torn.progress + 2..=bad.progress)
+        .filter(|u| u % db::RECORDS_PER_PAGE == 0 || u % 48 == 0)
+        .count() as u64;
+    assert!(log_writes >= 8, "{torn:?} {bad:?}");
+    assert!(
+        bad.disk_errors >= torn.disk_errors + log_writes,
+        "{log_writes} failed log writes, errors {torn:?} -> {bad:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        DB_PAGES * 4096,
+        "nothing written past the disk's end"
+    );
+}

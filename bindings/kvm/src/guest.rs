@@ -13,20 +13,42 @@
 //! | r12 | `out_head` |
 //! | r11 | `last` rdtsc value (pacing) |
 //! | r10 | TSC ticks per unit (0: no pacing) |
-//! | r9, r8 | heap base, heap size `H` |
-//! | rbx, rbp | per-workload constants (kv: cold span, hot; npb: `P`; web: `Ph`, `Pl`) |
+//! | r9, r8 | heap base, heap size `H` (`db`: scratch during a read-back's check, reloaded at every unit) |
+//! | rbx, rbp | per-workload constants (kv: cold span, hot; npb: `P`; web: `Ph`, `Pl`; db: `T`, `L`) |
 //! | rax, rcx, rdx, rsi, rdi | scratch |
+//!
+//! `db` drives the virtio-blk disk (docs/GUESTS.md, "The disk as the guest drives it"):
+//! set up once (`DISK_READY`), then per batch up to four requests in descriptors
+//! `3k, 3k+1, 3k+2` (a flush: `3k, 3k+2`), one `QueueNotify` write, a poll of the used
+//! index, and the status bytes (pre-set to 0xFF, so a request the device never completed
+//! counts as failed) into `DISK_ERRORS`. The driver's own state is the rings in memory and
+//! the device's registers; nothing in vCPU registers outlives a unit.
 //!
 //! The status page is stored at the end of every unit in the order `CHECKSUM`, `RNG`,
 //! `PROGRESS`, and every output record carries the (progress, checksum) pair of its unit.
 
 use ha_workloads::guest_abi::{
     DOORBELL_PORT, GuestParams, HEAP_GPA, OUTPUT_RING_GPA, OUTPUT_RING_SLOTS, PARAMS_GPA,
-    STATUS_GPA, Workload, params, status,
+    STATUS_GPA, Workload, disk, params, status,
 };
 use iced_x86::IcedError;
 use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_QUEUE_AVAIL_HIGH,
+    VIRTIO_MMIO_QUEUE_AVAIL_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH, VIRTIO_MMIO_QUEUE_DESC_LOW,
+    VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM, VIRTIO_MMIO_QUEUE_READY,
+    VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_HIGH, VIRTIO_MMIO_QUEUE_USED_LOW,
+    VIRTIO_MMIO_STATUS,
+};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
 use crate::memory::{GuestRam, MemoryError};
 
@@ -40,6 +62,10 @@ pub const PDPT_GPA: u64 = 0x16000;
 pub const PD_GPA: u64 = 0x17000;
 /// Most GiB of guest memory the page tables can map.
 pub const MAX_GIB: u64 = 16;
+/// The page directory of the GiB holding the disk's register window
+/// (`guest_abi::disk::MMIO_GPA`, 16 GiB: just above the largest guest memory). Its one
+/// 2 MiB page has no memory slot behind it, so every access exits as MMIO.
+pub const MMIO_PD_GPA: u64 = PD_GPA + MAX_GIB * 0x1000;
 /// Where the guest program is loaded (and where it starts).
 pub const CODE_GPA: u64 = 0x30000;
 /// Most bytes of guest program.
@@ -50,6 +76,10 @@ pub const STACK_TOP: u64 = 0x50000;
 pub const PANIC_PORT: u16 = DOORBELL_PORT + 1;
 /// Panic code: the params page names no known workload.
 pub const PANIC_BAD_WORKLOAD: u32 = 1;
+/// How many times the `db` driver reads the used index after a notify before it counts
+/// the batch's unfinished requests as failed (the device serves the queue before the
+/// notify's exit returns, so the first read normally finds it caught up).
+pub const DISK_POLLS: u32 = 1 << 16;
 
 /// Selector of the code segment (GDT entry 1, RPL 3).
 const CS_SEL: u16 = 0x8 | 3;
@@ -115,10 +145,15 @@ pub fn validate(memory_size: u64, p: &GuestParams) -> Result<(), GuestError> {
     if p.workload == Workload::Web && p.heap_size / 4096 < 16 {
         return bad("web needs a heap of at least 16 pages".into());
     }
-    if p.workload.needs_disk() {
+    if p.workload == Workload::Files {
+        return bad("workload files has no KVM guest program yet (use --backend sim)".into());
+    }
+    if !ha_workloads::model::disk_layout_fits(p) {
         return bad(format!(
-            "workload {} needs a disk, which the KVM guest program does not drive yet",
-            p.workload.name()
+            "workload {} needs a disk and room for its layout (heap {} bytes, disk {} bytes)",
+            p.workload.name(),
+            p.heap_size,
+            p.disk_size
         ));
     }
     Ok(())
@@ -145,6 +180,15 @@ pub fn write_boot_pages(ram: &GuestRam) -> Result<(), GuestError> {
             .collect();
         ram.write(pd, &entries).map_err(GuestError::Memory)?;
     }
+    // The disk's register window: one 2 MiB page at 16 GiB, no memory behind it.
+    let window = disk::MMIO_GPA;
+    ram.write_u64(PDPT_GPA + (window >> 30) * 8, MMIO_PD_GPA | PRW_USER)
+        .map_err(GuestError::Memory)?;
+    ram.write_u64(
+        MMIO_PD_GPA + ((window >> 21) & 511) * 8,
+        window | 0x83 | 0x4,
+    )
+    .map_err(GuestError::Memory)?;
     let code = assemble()?;
     ram.write(CODE_GPA, &code).map_err(GuestError::Memory)?;
     Ok(())
@@ -378,54 +422,74 @@ impl Gen {
         self.unit_end(top)
     }
 
-    fn kv(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
+    /// The split of `kv` and `db` records: `hot = max(1, R / 10)`, `cold = max(1, R -
+    /// hot)` for `R` in `records` (not rax, rdx, `hot` or `cold`); clobbers rax, rdx.
+    fn hot_cold(
+        &mut self,
+        records: AsmRegister64,
+        hot: AsmRegister64,
+        cold: AsmRegister64,
+    ) -> Result<(), IcedError> {
         let a = &mut self.a;
-        a.set_label(entry)?;
         let mut hot_ok = a.create_label();
         let mut cold_ok = a.create_label();
-        // R = H / 128; rbp = hot = max(1, R / 10); rbx = max(1, R - hot).
-        a.mov(rax, r8)?;
-        a.shr(rax, 7)?;
-        a.mov(rsi, rax)?;
+        a.mov(rax, records)?;
         a.xor(edx, edx)?;
-        a.mov(ecx, 10)?;
-        a.div(rcx)?;
-        a.mov(rbp, rax)?;
-        a.test(rbp, rbp)?;
+        a.mov(hot, 10u64)?;
+        a.div(hot)?;
+        a.mov(hot, rax)?;
+        a.test(hot, hot)?;
         a.jnz(hot_ok)?;
-        a.mov(ebp, 1)?;
+        a.mov(hot, 1u64)?;
         a.set_label(&mut hot_ok)?;
-        a.mov(rbx, rsi)?;
-        a.sub(rbx, rbp)?;
-        a.test(rbx, rbx)?;
+        a.mov(cold, records)?;
+        a.sub(cold, hot)?;
         a.jnz(cold_ok)?;
-        a.mov(ebx, 1)?;
+        a.mov(cold, 1u64)?;
         a.set_label(&mut cold_ok)?;
         a.nop()?;
+        Ok(())
+    }
 
-        let mut top = a.create_label();
-        let mut cold = a.create_label();
+    /// `rdx = i`, a record picked as `kv` picks one: if `next() % 100 < 80` then
+    /// `next() % hot` else `hot + next() % cold`; clobbers rax, rcx.
+    fn pick_record(&mut self, hot: AsmRegister64, cold: AsmRegister64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut cold_pick = a.create_label();
         let mut have = a.create_label();
-        a.set_label(&mut top)?;
         self.next()?;
         let a = &mut self.a;
         a.xor(edx, edx)?;
         a.mov(ecx, 100)?;
         a.div(rcx)?;
         a.cmp(rdx, 80)?;
-        a.jae(cold)?;
+        a.jae(cold_pick)?;
         self.next()?;
         let a = &mut self.a;
         a.xor(edx, edx)?;
-        a.div(rbp)?;
+        a.div(hot)?;
         a.jmp(have)?;
-        a.set_label(&mut cold)?;
+        a.set_label(&mut cold_pick)?;
         self.next()?;
         let a = &mut self.a;
         a.xor(edx, edx)?;
-        a.div(rbx)?;
-        a.add(rdx, rbp)?;
+        a.div(cold)?;
+        a.add(rdx, hot)?;
         a.set_label(&mut have)?;
+        a.nop()?;
+        Ok(())
+    }
+
+    fn kv(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
+        self.a.set_label(entry)?;
+        // R = H / 128; rbp = hot, rbx = cold.
+        self.a.mov(rsi, r8)?;
+        self.a.shr(rsi, 7)?;
+        self.hot_cold(rsi, rbp, rbx)?;
+        let mut top = self.a.create_label();
+        self.a.set_label(&mut top)?;
+        self.pick_record(rbp, rbx)?;
+        let a = &mut self.a;
         a.mov(rdi, rdx)?;
         a.shl(rdi, 7)?;
         a.add(rdi, r9)?;
@@ -591,6 +655,374 @@ impl Gen {
     }
 }
 
+/// The `db` driver's requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Req {
+    /// Memory to disk.
+    Write,
+    /// Disk to memory.
+    Read,
+    /// No data.
+    Flush,
+}
+
+/// A guest address or register offset constant as the assembler's displacement.
+fn disp(gpa: u64) -> i32 {
+    // Every constant used this way is below the heap (1 MiB) or a register offset.
+    i32::try_from(gpa).unwrap_or(i32::MAX)
+}
+
+impl Gen {
+    /// `db`'s layout (`ha_workloads::db::Layout`): r8 = H (reloaded), rbx = T =
+    /// min(P - 2, D / 2), rbp = L = D - T; clobbers rax.
+    fn db_layout(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(r8, p(params::HEAP_SIZE))?;
+        a.mov(rbx, r8)?;
+        a.shr(rbx, 12)?;
+        a.sub(rbx, 2)?;
+        a.mov(rbp, p(params::DISK_SIZE))?;
+        a.shr(rbp, 12)?;
+        a.mov(rax, rbp)?;
+        a.shr(rax, 1)?;
+        a.cmp(rax, rbx)?;
+        a.cmovb(rbx, rax)?;
+        a.sub(rbp, rbx)?;
+        Ok(())
+    }
+
+    /// At the very first start (`DISK_READY` 0): reset the device, negotiate VERSION_1 and
+    /// FLUSH, set up the queue at `guest_abi::disk`'s addresses, DRIVER_OK, then
+    /// `DISK_READY = 1`. Clobbers rdi.
+    fn disk_setup(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut ready = a.create_label();
+        a.cmp(s(status::DISK_READY), 0)?;
+        a.jne(ready)?;
+        a.mov(rdi, disk::MMIO_GPA)?;
+        let ack = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
+        let features_ok = ack | VIRTIO_CONFIG_S_FEATURES_OK;
+        let regs: [(u32, u32); 17] = [
+            (VIRTIO_MMIO_STATUS, 0),
+            (VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE),
+            (VIRTIO_MMIO_STATUS, ack),
+            (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0),
+            (VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH),
+            (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1),
+            (VIRTIO_MMIO_DRIVER_FEATURES, 1 << (VIRTIO_F_VERSION_1 - 32)),
+            (VIRTIO_MMIO_STATUS, features_ok),
+            (VIRTIO_MMIO_QUEUE_SEL, 0),
+            (VIRTIO_MMIO_QUEUE_NUM, u32::from(disk::QUEUE_SIZE)),
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, disk::DESC_GPA as u32),
+            (VIRTIO_MMIO_QUEUE_DESC_HIGH, 0),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, disk::AVAIL_GPA as u32),
+            (VIRTIO_MMIO_QUEUE_AVAIL_HIGH, 0),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, disk::USED_GPA as u32),
+            (VIRTIO_MMIO_QUEUE_USED_HIGH, 0),
+            (VIRTIO_MMIO_QUEUE_READY, 1),
+        ];
+        for (reg, v) in regs {
+            a.mov(dword_ptr(rdi + disp(u64::from(reg))), v)?;
+        }
+        a.mov(
+            dword_ptr(rdi + disp(u64::from(VIRTIO_MMIO_STATUS))),
+            features_ok | VIRTIO_CONFIG_S_DRIVER_OK,
+        )?;
+        a.mov(s(status::DISK_READY), 1)?;
+        a.set_label(&mut ready)?;
+        a.nop()?;
+        Ok(())
+    }
+
+    /// `rcx = step(rcx, v)`: the record's check word, as `checksum_step`; clobbers rdx.
+    fn check_step(&mut self, acc: AsmRegister64, v: AsmRegister64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.rol(acc, 5)?;
+        a.xor(acc, v)?;
+        a.mov(rdx, GOLDEN)?;
+        a.imul_2(acc, rdx)?;
+        Ok(())
+    }
+
+    /// Jump to `skip` unless a flush is due (`F > 0` and `(n + 1) % F == 0`); clobbers
+    /// rax, rdx, rsi.
+    fn unless_flush(&mut self, skip: CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rsi, p(params::OUTPUT_EVERY))?;
+        a.test(rsi, rsi)?;
+        a.jz(skip)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.xor(edx, edx)?;
+        a.div(rsi)?;
+        a.test(rdx, rdx)?;
+        a.jnz(skip)?;
+        Ok(())
+    }
+
+    /// Put request `k = rcx` of the batch in its slot: header (type, sector = rsi), a 4 KiB
+    /// buffer at rdi (not for a flush), the status byte pre-set to 0xFF, descriptors
+    /// `3k, 3k+1, 3k+2` and the head in the available ring after the published index;
+    /// then `rcx += 1`. Clobbers rax, rdx.
+    fn disk_request(&mut self, req: Req) -> Result<(), IcedError> {
+        let kind = match req {
+            Req::Write => VIRTIO_BLK_T_OUT,
+            Req::Read => VIRTIO_BLK_T_IN,
+            Req::Flush => VIRTIO_BLK_T_FLUSH,
+        };
+        let (desc, headers, st) = (
+            disp(disk::DESC_GPA),
+            disp(disk::HEADERS_GPA),
+            disp(disk::STATUS_GPA),
+        );
+        let (next, write) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
+        let a = &mut self.a;
+        a.mov(rdx, rcx)?;
+        a.shl(rdx, 4)?;
+        a.mov(dword_ptr(rdx + headers), kind)?;
+        a.mov(dword_ptr(rdx + headers + 4), 0)?;
+        a.mov(qword_ptr(rdx + headers + 8), rsi)?;
+        a.mov(byte_ptr(rdx + st), 0xFF)?;
+        a.lea(rax, qword_ptr(rdx + headers))?;
+        a.lea(rdx, qword_ptr(rdx + rdx * 2))?;
+        // Descriptor 3k: the header.
+        a.mov(qword_ptr(rdx + desc), rax)?;
+        a.mov(dword_ptr(rdx + desc + 8), 16)?;
+        a.mov(word_ptr(rdx + desc + 12), next)?;
+        let status_desc = if req == Req::Flush { 2 } else { 1 };
+        a.lea(rax, qword_ptr(rcx + rcx * 2 + status_desc))?;
+        a.mov(word_ptr(rdx + desc + 14), ax)?;
+        // Descriptor 3k + 1: the data.
+        if req != Req::Flush {
+            let flags = if req == Req::Read { next | write } else { next };
+            a.mov(qword_ptr(rdx + desc + 16), rdi)?;
+            a.mov(dword_ptr(rdx + desc + 24), disk::PAGE as u32)?;
+            a.mov(word_ptr(rdx + desc + 28), flags)?;
+            a.lea(rax, qword_ptr(rcx + rcx * 2 + 2))?;
+            a.mov(word_ptr(rdx + desc + 30), ax)?;
+        }
+        // Descriptor 3k + 2: the status byte.
+        a.mov(rax, rcx)?;
+        a.shl(rax, 4)?;
+        a.add(rax, st)?;
+        a.mov(qword_ptr(rdx + desc + 32), rax)?;
+        a.mov(dword_ptr(rdx + desc + 40), 1)?;
+        a.mov(word_ptr(rdx + desc + 44), write)?;
+        a.mov(word_ptr(rdx + desc + 46), 0)?;
+        // The head into the available ring, after the published index.
+        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
+        a.add(eax, ecx)?;
+        a.and(eax, u32::from(disk::QUEUE_SIZE) - 1)?;
+        a.lea(rdx, qword_ptr(rcx + rcx * 2))?;
+        a.mov(word_ptr(rax * 2 + disp(disk::AVAIL_GPA + 4)), dx)?;
+        a.inc(ecx)?;
+        Ok(())
+    }
+
+    /// Whether the 64 records of the table page at rdi hold keys from r8 up with good
+    /// check words, or are all zero (`db::table_page_ok`); jumps to `bad` if not. Clobbers
+    /// rax, rdx, rdi, r8.
+    fn table_page_check(&mut self, bad: CodeLabel) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut rec = a.create_label();
+        let mut written = a.create_label();
+        let mut next_rec = a.create_label();
+        a.set_label(&mut rec)?;
+        a.mov(rax, qword_ptr(rdi))?;
+        a.test(rax, rax)?;
+        a.jnz(written)?;
+        for k in 1..8i32 {
+            a.or(rax, qword_ptr(rdi + 8 * k))?;
+        }
+        a.jnz(bad)?;
+        a.jmp(next_rec)?;
+        a.set_label(&mut written)?;
+        a.cmp(qword_ptr(rdi + 8), r8)?;
+        a.jne(bad)?;
+        a.xor(eax, eax)?;
+        for k in 0..7i32 {
+            let a = &mut self.a;
+            a.rol(rax, 5)?;
+            a.xor(rax, qword_ptr(rdi + 8 * k))?;
+            a.mov(rdx, GOLDEN)?;
+            a.imul_2(rax, rdx)?;
+        }
+        let a = &mut self.a;
+        a.cmp(rax, qword_ptr(rdi + 56))?;
+        a.jne(bad)?;
+        a.set_label(&mut next_rec)?;
+        a.add(rdi, 64)?;
+        a.inc(r8)?;
+        a.test(r8b, 63)?;
+        a.jnz(rec)?;
+        Ok(())
+    }
+
+    /// `db` (docs/GUESTS.md, the `Workload::Db` arm of `ha_workloads::model`): one update
+    /// into the table and the log buffer, then the unit's disk batch through the virtio-blk
+    /// driver and the read-back's check.
+    fn db(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
+        self.a.set_label(entry)?;
+        self.disk_setup()?;
+        let mut top = self.a.create_label();
+        self.a.set_label(&mut top)?;
+        self.db_layout()?;
+        // 1. The key: rsi = hot, rdi = cold for R = 64 T; rdx = i.
+        self.a.mov(rcx, rbx)?;
+        self.a.shl(rcx, 6)?;
+        self.hot_cold(rcx, rsi, rdi)?;
+        self.pick_record(rsi, rdi)?;
+        let a = &mut self.a;
+        // 2. The record u, i, next() x5, check at rdi = base + 64 i (rcx: the check word).
+        a.mov(rdi, rdx)?;
+        a.shl(rdi, 6)?;
+        a.add(rdi, r9)?;
+        a.xor(ecx, ecx)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        self.write(qword_ptr(rdi), rax)?;
+        self.check_step(rcx, rax)?;
+        let a = &mut self.a;
+        a.mov(rax, rdi)?;
+        a.sub(rax, r9)?;
+        a.shr(rax, 6)?;
+        self.write(qword_ptr(rdi + 8), rax)?;
+        self.check_step(rcx, rax)?;
+        for k in 2..7i32 {
+            self.write_next(qword_ptr(rdi + 8 * k))?;
+            self.check_step(rcx, rax)?;
+        }
+        self.write(qword_ptr(rdi + 56), rcx)?;
+        // ... then into the log buffer at base + 4096 T + 64 (n % 64).
+        let a = &mut self.a;
+        a.mov(rsi, rbx)?;
+        a.shl(rsi, 12)?;
+        a.add(rsi, r9)?;
+        a.mov(rax, r15)?;
+        a.and(eax, 63)?;
+        a.shl(eax, 6)?;
+        a.add(rsi, rax)?;
+        for k in 0..8i32 {
+            self.a.mov(rax, qword_ptr(rdi + 8 * k))?;
+            self.write(qword_ptr(rsi + 8 * k), rax)?;
+        }
+
+        // 3. The batch (rcx requests; rsi = sector, rdi = buffer of the next one).
+        let a = &mut self.a;
+        let (mut do_log, mut skip_log) = (a.create_label(), a.create_label());
+        let (mut skip_wb, mut skip_rb) = (a.create_label(), a.create_label());
+        let (mut skip_flush, mut end) = (a.create_label(), a.create_label());
+        a.xor(ecx, ecx)?;
+        // The log page: if u % 64 == 0 or a flush is due; disk page T + (n / 64) % L.
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, 63)?;
+        a.jz(do_log)?;
+        self.unless_flush(skip_log)?;
+        let a = &mut self.a;
+        a.set_label(&mut do_log)?;
+        a.mov(rax, r15)?;
+        a.shr(rax, 6)?;
+        a.xor(edx, edx)?;
+        a.div(rbp)?;
+        a.add(rdx, rbx)?;
+        a.lea(rsi, qword_ptr(rdx * 8))?;
+        a.mov(rdi, rbx)?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r9)?;
+        self.disk_request(Req::Write)?;
+        // The write-back: if u % 16 == 0, table page q = (n / 16) % T to disk page q.
+        let a = &mut self.a;
+        a.set_label(&mut skip_log)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, 15)?;
+        a.jnz(skip_wb)?;
+        a.mov(rax, r15)?;
+        a.shr(rax, 4)?;
+        a.xor(edx, edx)?;
+        a.div(rbx)?;
+        a.lea(rsi, qword_ptr(rdx * 8))?;
+        a.mov(rdi, rdx)?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r9)?;
+        self.disk_request(Req::Write)?;
+        // The read-back: if u % 32 == 0, disk page r = next() % T into the read buffer.
+        let a = &mut self.a;
+        a.set_label(&mut skip_wb)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, 31)?;
+        a.jnz(skip_rb)?;
+        self.next()?;
+        let a = &mut self.a;
+        a.xor(edx, edx)?;
+        a.div(rbx)?;
+        a.lea(rsi, qword_ptr(rdx * 8))?;
+        a.lea(rdi, qword_ptr(rbx + 1))?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r9)?;
+        self.disk_request(Req::Read)?;
+        // The flush.
+        self.a.set_label(&mut skip_rb)?;
+        self.unless_flush(skip_flush)?;
+        self.a.xor(esi, esi)?;
+        self.disk_request(Req::Flush)?;
+        let a = &mut self.a;
+        a.set_label(&mut skip_flush)?;
+        a.test(ecx, ecx)?;
+        a.jz(end)?;
+
+        // Publish the heads, ring the doorbell once, poll the used index (ax: the
+        // published index).
+        let (mut poll, mut caught) = (a.create_label(), a.create_label());
+        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
+        a.add(eax, ecx)?;
+        a.mov(word_ptr(disk::AVAIL_GPA + 2), ax)?;
+        a.mov(rdx, disk::MMIO_GPA)?;
+        a.mov(
+            dword_ptr(rdx + disp(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY))),
+            0,
+        )?;
+        a.mov(esi, DISK_POLLS)?;
+        a.set_label(&mut poll)?;
+        a.movzx(edx, word_ptr(disk::USED_GPA + 2))?;
+        a.cmp(dx, ax)?;
+        a.je(caught)?;
+        a.pause()?;
+        a.dec(esi)?;
+        a.jnz(poll)?;
+        a.set_label(&mut caught)?;
+
+        // The status bytes, last request first (rsi: errors); a read that completed is
+        // checked as a table page of keys 64 r ...
+        let (mut check, mut bad, mut counted) =
+            (a.create_label(), a.create_label(), a.create_label());
+        let mut status_ok = a.create_label();
+        a.xor(esi, esi)?;
+        a.set_label(&mut check)?;
+        a.dec(ecx)?;
+        a.js(counted)?;
+        a.mov(rdx, rcx)?;
+        a.shl(rdx, 4)?;
+        a.cmp(byte_ptr(rdx + disp(disk::STATUS_GPA)), 0)?;
+        a.je(status_ok)?;
+        a.set_label(&mut bad)?;
+        a.inc(rsi)?;
+        a.jmp(check)?;
+        a.set_label(&mut status_ok)?;
+        a.cmp(dword_ptr(rdx + disp(disk::HEADERS_GPA)), VIRTIO_BLK_T_IN)?;
+        a.jne(check)?;
+        a.mov(r8, qword_ptr(rdx + disp(disk::HEADERS_GPA) + 8))?;
+        a.shl(r8, 3)?;
+        a.lea(rdi, qword_ptr(rbx + 1))?;
+        a.shl(rdi, 12)?;
+        a.add(rdi, r9)?;
+        self.table_page_check(bad)?;
+        let a = &mut self.a;
+        a.jmp(check)?;
+        a.set_label(&mut counted)?;
+        a.add(s(status::DISK_ERRORS), rsi)?;
+        a.set_label(&mut end)?;
+        self.unit_end(top)
+    }
+}
+
 /// Assemble the guest program for [`CODE_GPA`]: start-up, then a dispatch on the params'
 /// workload number into that workload's endless loop.
 pub fn assemble() -> Result<Vec<u8>, GuestError> {
@@ -600,7 +1032,7 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     let mut started = g.a.create_label();
     let mut no_pace = g.a.create_label();
     let mut panic = g.a.create_label();
-    let mut entries: Vec<CodeLabel> = (0..5).map(|_| g.a.create_label()).collect();
+    let mut entries: Vec<CodeLabel> = Workload::ALL.iter().map(|_| g.a.create_label()).collect();
 
     let a = &mut g.a;
     a.mov(r9, p(params::HEAP_GPA))?;
@@ -633,8 +1065,11 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     a.or(rax, rdx)?;
     a.mov(r11, rax)?;
     a.mov(eax, dword_ptr(PARAMS_GPA + params::WORKLOAD as u64))?;
-    // The disk workloads have no entry yet (issue 15): they fall through to the panic.
-    for (w, label) in Workload::MEMORY.iter().zip(entries.iter()) {
+    // Every workload with a program (not `files` yet) has an entry.
+    for (w, label) in Workload::ALL.iter().zip(entries.iter()) {
+        if *w == Workload::Files {
+            continue;
+        }
         a.cmp(eax, *w as i32)?;
         a.je(*label)?;
     }
@@ -644,14 +1079,15 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     a.out(dx, eax)?;
     a.jmp(panic)?;
 
-    for (w, label) in Workload::MEMORY.iter().zip(entries.iter_mut()) {
+    for (w, label) in Workload::ALL.iter().zip(entries.iter_mut()) {
         match w {
             Workload::Idle => g.idle(label)?,
             Workload::Memwrite => g.memwrite(label)?,
             Workload::Web => g.web(label)?,
             Workload::Kv => g.kv(label)?,
             Workload::Npb => g.npb(label)?,
-            Workload::Db | Workload::Files => {}
+            Workload::Db => g.db(label)?,
+            Workload::Files => {}
         }
     }
     let code = g.a.assemble(CODE_GPA)?;

@@ -1,8 +1,9 @@
 //! `ha-kvm`: Castor's KVM backend behind the `Domain` trait.
 //!
 //! A minimal VMM on the rust-vmm crates: one memory slot with KVM's dirty log, one vCPU
-//! thread, and a built-in workload guest (docs/GUESTS.md) generated at start-up with
-//! iced-x86. The guest runs in 64-bit long mode at CPL3 with no kernel, which is what runs
+//! thread, an optional virtio-blk disk (`ha-virtio`, its registers at
+//! `guest_abi::disk::MMIO_GPA`), and a built-in workload guest (docs/GUESTS.md) generated
+//! at start-up with iced-x86. The guest runs in 64-bit long mode at CPL3 with no kernel, which is what runs
 //! at native speed on PVM (nested) KVM.
 //!
 //! | module | concern |
@@ -14,9 +15,9 @@
 //! | [`state`] | saving and restoring vCPU and VM state |
 //! | [`vm`] | one guest: [`KvmDomain`], the `Domain` implementation |
 //!
-//! Tests in `tests/kvm.rs` run real guests (skipped without `/dev/kvm` unless
-//! `CASTOR_REQUIRE_KVM=1`), including a plain-Rust model of docs/GUESTS.md that the generated
-//! code is checked against. Measurements (pause latency, dirty-log cost, save/restore,
+//! Tests in `tests/kvm.rs` and `tests/disk.rs` (the disk and the `db` guest) run real
+//! guests (skipped without `/dev/kvm` unless `CASTOR_REQUIRE_KVM=1`), checked against the
+//! workloads' reference model of docs/GUESTS.md, heap and disk alike. Measurements (pause latency, dirty-log cost, save/restore,
 //! dirty rates): `cargo test -p ha-kvm --release --test measure -- --ignored --nocapture`.
 
 #![warn(missing_docs)]
@@ -79,22 +80,14 @@ impl KvmFactory {
         KvmDomain::create(&self.cfg, spec)
     }
 
-    /// Restore a guest and return the concrete type.
-    pub fn restore_kvm(&self, image: &[u8], state: &[u8]) -> Result<KvmDomain, DomainError> {
-        KvmDomain::restore(&self.cfg, image, state)
-    }
-}
-
-/// The KVM backend's disk is not wired in yet (issue 15): a guest given one is refused.
-fn no_disk_yet(devices: &Devices) -> Result<(), DomainError> {
-    match &devices.disk {
-        None => Ok(()),
-        Some(p) => Err(DomainError::Unavailable {
-            what: format!("a disk ({}) on the KVM backend", p.display()),
-            hint: "the KVM backend's virtio-blk device is not wired in yet; use --backend sim"
-                .into(),
-            source: None,
-        }),
+    /// Restore a guest attached to `devices` and return the concrete type.
+    pub fn restore_kvm(
+        &self,
+        image: &[u8],
+        state: &[u8],
+        devices: &Devices,
+    ) -> Result<KvmDomain, DomainError> {
+        KvmDomain::restore(&self.cfg, image, state, devices)
     }
 }
 
@@ -104,7 +97,6 @@ impl DomainFactory for KvmFactory {
     }
 
     fn create(&self, spec: &GuestSpec) -> Result<Box<dyn Domain>, DomainError> {
-        no_disk_yet(&spec.devices)?;
         Ok(Box::new(self.create_kvm(spec)?))
     }
 
@@ -114,8 +106,7 @@ impl DomainFactory for KvmFactory {
         state: &[u8],
         devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
-        no_disk_yet(devices)?;
-        Ok(Box::new(self.restore_kvm(image, state)?))
+        Ok(Box::new(self.restore_kvm(image, state, devices)?))
     }
 
     fn restore_image(
@@ -124,9 +115,8 @@ impl DomainFactory for KvmFactory {
         state: &[u8],
         devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
-        no_disk_yet(devices)?;
         Ok(Box::new(KvmDomain::restore_in_place(
-            &self.cfg, image, state,
+            &self.cfg, image, state, devices,
         )?))
     }
 }

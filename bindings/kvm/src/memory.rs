@@ -1,12 +1,21 @@
 //! Guest memory: one anonymous mapping backing the VM's single memory slot, plus a bitmap
 //! of the pages the VMM itself wrote through that mapping (KVM's dirty log cannot see them).
+//!
+//! The same mapping, with the same bitmap, is also a `vm_memory::GuestMemory`
+//! ([`GuestRam::guest_memory`]) for the devices: what a device writes into the guest (a
+//! disk's read data, its used ring, status bytes) is a VMM write like any other and shows
+//! up in the next harvest.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 use ha_codec::PAGE_SIZE;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
-use vm_memory::{Bytes, VolatileMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, VolatileMemory};
+
+/// Guest memory as the devices see it: the guest's one region, dirty-tracked.
+pub type DeviceMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors from guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +28,12 @@ pub enum MemoryError {
         /// The mmap error.
         #[source]
         source: vm_memory::mmap::MmapRegionError,
+    },
+    /// The mapping could not be made a guest memory for the devices.
+    #[error("cannot make {size:#x} bytes of guest memory a device's guest memory")]
+    Devices {
+        /// The mapping's size.
+        size: usize,
     },
     /// A range outside guest memory.
     #[error("guest memory range {gpa:#x}+{len:#x} is out of range")]
@@ -33,7 +48,8 @@ pub enum MemoryError {
 /// Guest RAM starting at guest-physical address 0.
 #[derive(Debug)]
 pub struct GuestRam {
-    region: MmapRegion<AtomicBitmap>,
+    region: Arc<MmapRegion<AtomicBitmap>>,
+    devices: DeviceMemory,
 }
 
 impl GuestRam {
@@ -46,7 +62,7 @@ impl GuestRam {
             .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryError::Map { size, source })?;
-        Ok(Self { region })
+        Self::over(region)
     }
 
     /// Take over the `size` bytes of `file` (a committed image's memfd) as guest memory,
@@ -59,7 +75,23 @@ impl GuestRam {
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryError::Map { size, source })?;
-        Ok(Self { region })
+        Self::over(region)
+    }
+
+    /// The RAM over `region`, shared with the devices' view of it.
+    fn over(region: MmapRegion<AtomicBitmap>) -> Result<Self, MemoryError> {
+        let size = region.size();
+        let region = Arc::new(region);
+        let devices = GuestRegionMmap::with_arc(Arc::clone(&region), GuestAddress(0))
+            .and_then(|r| DeviceMemory::from_regions(vec![r]).ok())
+            .ok_or(MemoryError::Devices { size })?;
+        Ok(Self { region, devices })
+    }
+
+    /// The same memory as a `vm_memory::GuestMemory` for the devices; their writes through
+    /// it are marked in the bitmap [`GuestRam::take_vmm_dirty`] harvests.
+    pub fn guest_memory(&self) -> &DeviceMemory {
+        &self.devices
     }
 
     /// Size in bytes.
@@ -173,6 +205,22 @@ mod tests {
         assert!(ram.take_vmm_dirty().iter().all(|w| *w == 0));
         assert!(ram.read_u64((1 << 20) - 4).is_err());
         assert!(ram.read(u64::MAX, &mut [0u8; 2]).is_err());
+    }
+
+    #[test]
+    fn device_writes_share_the_vmm_bitmap() {
+        let ram = GuestRam::new(1 << 20).expect("map");
+        let mem = ram.guest_memory();
+        mem.write_obj(7u8, GuestAddress(0x5001)).expect("write");
+        mem.store(
+            9u16,
+            GuestAddress(0x9002),
+            std::sync::atomic::Ordering::Release,
+        )
+        .expect("store");
+        assert_eq!(ram.read_u64(0x5000).expect("read"), 7 << 8);
+        assert_eq!(ram.take_vmm_dirty()[0], (1 << 5) | (1 << 9));
+        assert!(mem.write_obj(1u8, GuestAddress(1 << 20)).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Saving and restoring the vCPU and VM state of a paused guest as versioned bytes: the
 //! [`SavedState`] in the saved-state envelope (`ha_guest::envelope`) of format
-//! [`FORMAT`] (`b"CASTKVM1"`).
+//! [`FORMAT`] (`b"CASTKVM1"`). A guest with a disk also carries its device's state
+//! ([`DiskState`]: the virtio-mmio registers and the disk's size); the disk's content is
+//! not in it, it is the image the restore is given.
 //!
 //! Save order: mp_state first, vcpu events last. Restore order: sregs, regs, xsave (or
 //! fpu) and xcrs, MSRs (the TSC among them), mp_state, debug registers, vcpu events last
@@ -8,6 +10,7 @@
 //! refuses (PVM rejects some) are skipped with a debug log instead of failing the restore.
 
 use ha_guest::envelope::{self, EnvelopeError, Format};
+use ha_virtio::mmio::MmioState;
 use kvm_bindings::{
     KVM_MAX_MSR_ENTRIES, Msrs, kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
@@ -16,10 +19,10 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 /// The envelope format of a KVM state blob (version 2: the common envelope with its
-/// length and checksum).
+/// length and checksum; version 3: the disk device's state).
 pub const FORMAT: Format = Format {
     magic: *b"CASTKVM1",
-    version: 2,
+    version: 3,
 };
 
 /// Errors from saving or restoring state.
@@ -93,7 +96,18 @@ impl From<&FpuState> for kvm_fpu {
     }
 }
 
-/// Everything needed to continue a paused guest elsewhere, besides its memory.
+/// The disk device of a saved guest: what its driver programmed, and the size of the disk
+/// it was driving (a restore must be given a disk of that size).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskState {
+    /// The disk's size in bytes.
+    pub size: u64,
+    /// The virtio-mmio transport's registers and queue.
+    pub mmio: MmioState,
+}
+
+/// Everything needed to continue a paused guest elsewhere, besides its memory (and its
+/// disk's content).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SavedState {
     /// Guest memory size the state belongs to.
@@ -118,6 +132,8 @@ pub struct SavedState {
     pub events: kvm_vcpu_events,
     /// The VM's kvmclock (`KVM_GET_CLOCK`), when supported.
     pub clock: Option<kvm_clock_data>,
+    /// The disk device, when the guest has one.
+    pub disk: Option<DiskState>,
 }
 
 /// The MSRs to save: the kernel's index list.
@@ -186,7 +202,7 @@ fn write_msrs(vcpu: &VcpuFd, msrs: &[(u32, u64)]) -> Result<usize, StateError> {
     Ok(skipped)
 }
 
-/// Read the state of a paused vCPU and its VM.
+/// Read the state of a paused vCPU and its VM (the device state is the caller's to add).
 pub fn save(
     kvm: &Kvm,
     vm: &VmFd,
@@ -225,6 +241,7 @@ pub fn save(
         debugregs,
         events,
         clock,
+        disk: None,
     })
 }
 
@@ -314,6 +331,7 @@ mod tests {
                 clock: 77,
                 ..Default::default()
             }),
+            disk: None,
         }
     }
 
@@ -327,6 +345,39 @@ mod tests {
         assert_eq!(s.msrs, vec![(0x10, 12345)]);
         assert_eq!(s.fpu.map(|f| f.mxcsr), Some(0x1f80));
         assert_eq!(s.clock.map(|c| c.clock), Some(77));
+        assert_eq!(s.disk, None);
+    }
+
+    #[test]
+    fn the_disk_device_roundtrips() {
+        let mmio = MmioState {
+            driver_features: 1 << 32,
+            status: 0xF,
+            features_sel: (1, 1),
+            interrupt_status: 1,
+            queue: ha_virtio::mmio::SavedQueue {
+                size: 16,
+                ready: true,
+                desc_table: 0x6_0000,
+                avail_ring: 0x6_1000,
+                used_ring: 0x6_2000,
+                next_avail: 7,
+                next_used: 7,
+            },
+        };
+        let mut st = sample();
+        st.disk = Some(DiskState {
+            size: 1 << 20,
+            mmio: mmio.clone(),
+        });
+        let s = decode(&encode(&st).expect("encode")).expect("decode");
+        assert_eq!(
+            s.disk,
+            Some(DiskState {
+                size: 1 << 20,
+                mmio
+            })
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The vCPU thread: runs `KVM_RUN` in a loop, serves the guest's doorbell by draining the
-//! output ring, records unexpected exits as faults, and parks when asked to pause.
+//! output ring and its disk's register window by calling the virtio-blk device (a
+//! `QueueNotify` serves the queue before the exit returns), records unexpected exits as
+//! faults, and parks when asked to pause.
 //!
 //! Pausing: the controller sets `want = Pause` and a kick flag, then signals the thread
 //! (a real-time signal whose handler sets `kvm_run.immediate_exit`, so a kick that lands just
@@ -12,7 +14,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ha_workloads::guest_abi::DOORBELL_PORT;
+use ha_virtio::blk::Blk;
+use ha_workloads::guest_abi::{DOORBELL_PORT, disk};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -89,13 +92,22 @@ struct Shared {
     kick: AtomicBool,
     fault: Mutex<Option<String>>,
     doorbells: AtomicU64,
+    disk_notifies: AtomicU64,
     ram: Arc<GuestRam>,
     output: Arc<OutputQueue>,
+    disk: Option<Arc<Mutex<Blk>>>,
 }
 
 impl Shared {
     fn ctl(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The disk, when `addr` is in its register window: the device and the offset.
+    fn disk_at(&self, addr: u64) -> Option<(MutexGuard<'_, Blk>, u64)> {
+        let off = addr.checked_sub(disk::MMIO_GPA)?;
+        let blk = self.disk.as_ref().filter(|_| off < disk::MMIO_SIZE)?;
+        Some((blk.lock().unwrap_or_else(|e| e.into_inner()), off))
     }
 }
 
@@ -111,15 +123,18 @@ pub struct Vcpu {
 enum Step {
     Go,
     Doorbell,
+    /// An MMIO access the disk served (KVM completes it on the next `KVM_RUN`).
+    Mmio,
     Fault(String),
 }
 
 impl Vcpu {
-    /// Start the thread for `fd`, parked.
+    /// Start the thread for `fd`, parked; MMIO in the disk's window goes to `disk`.
     pub fn spawn(
         fd: VcpuFd,
         ram: Arc<GuestRam>,
         output: Arc<OutputQueue>,
+        disk: Option<Arc<Mutex<Blk>>>,
     ) -> Result<Self, VcpuError> {
         let signal = kick_signal()?;
         let shared = Arc::new(Shared {
@@ -132,8 +147,10 @@ impl Vcpu {
             kick: AtomicBool::new(false),
             fault: Mutex::new(None),
             doorbells: AtomicU64::new(0),
+            disk_notifies: AtomicU64::new(0),
             ram,
             output,
+            disk,
         });
         let fd = Arc::new(Mutex::new(fd));
         let (s, f) = (Arc::clone(&shared), Arc::clone(&fd));
@@ -204,6 +221,11 @@ impl Vcpu {
         self.shared.doorbells.load(Ordering::Relaxed)
     }
 
+    /// Writes to the disk's registers that completed requests (batches served) so far.
+    pub fn disk_notifies(&self) -> u64 {
+        self.shared.disk_notifies.load(Ordering::Relaxed)
+    }
+
     /// Lock the vCPU fd. Only call while paused (otherwise this waits for a pause).
     pub fn fd(&self) -> MutexGuard<'_, VcpuFd> {
         self.fd.lock().unwrap_or_else(|e| e.into_inner())
@@ -263,8 +285,9 @@ fn run(shared: &Shared, v: &mut VcpuFd) -> Option<String> {
     loop {
         if shared.kick.load(Ordering::SeqCst) {
             if io_pending {
-                // KVM finishes an I/O instruction (advances RIP) on the next KVM_RUN; do that
-                // now, with immediate_exit set, so saved state never holds a half-done `out`.
+                // KVM finishes an I/O or MMIO instruction (advances RIP, loads an MMIO read's
+                // data) on the next KVM_RUN; do that now, with immediate_exit set, so saved
+                // state never holds a half-done `out` or register access.
                 v.set_kvm_immediate_exit(1);
                 match v.run() {
                     Err(e) if e.errno() == libc::EINTR => {}
@@ -294,8 +317,22 @@ fn run(shared: &Shared, v: &mut VcpuFd) -> Option<String> {
             Ok(VcpuExit::IoIn(port, _)) => {
                 Step::Fault(format!("read from unknown I/O port {port:#x}"))
             }
-            Ok(VcpuExit::MmioRead(addr, _)) => Step::Fault(format!("MMIO read at {addr:#x}")),
-            Ok(VcpuExit::MmioWrite(addr, _)) => Step::Fault(format!("MMIO write at {addr:#x}")),
+            Ok(VcpuExit::MmioRead(addr, data)) => match shared.disk_at(addr) {
+                Some((blk, off)) => {
+                    blk.mmio_read(off, data);
+                    Step::Mmio
+                }
+                None => Step::Fault(format!("MMIO read at {addr:#x}")),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => match shared.disk_at(addr) {
+                Some((mut blk, off)) => {
+                    if blk.mmio_write(shared.ram.guest_memory(), off, data) > 0 {
+                        shared.disk_notifies.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Step::Mmio
+                }
+                None => Step::Fault(format!("MMIO write at {addr:#x}")),
+            },
             Ok(VcpuExit::Intr) => Step::Go,
             Ok(VcpuExit::Shutdown) => Step::Fault("shutdown (triple fault)".into()),
             Ok(VcpuExit::InternalError) => Step::Fault("KVM internal error".into()),
@@ -308,6 +345,7 @@ fn run(shared: &Shared, v: &mut VcpuFd) -> Option<String> {
         };
         match step {
             Step::Go => v.set_kvm_immediate_exit(0),
+            Step::Mmio => io_pending = true,
             Step::Doorbell => {
                 io_pending = true;
                 shared.doorbells.fetch_add(1, Ordering::Relaxed);

@@ -3,15 +3,17 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{
-    BoxError, Domain, DomainError, OutputChannel, StatusProbe, read_status_page,
+    BoxError, Devices, Disk, DiskWrite, Domain, DomainError, OutputChannel, StatusProbe,
+    read_status_page,
 };
 use ha_guest::image::GuestImage;
+use ha_virtio::blk::{Blk, BlkError};
 use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -21,6 +23,44 @@ use crate::memory::GuestRam;
 use crate::output::OutputQueue;
 use crate::state;
 use crate::vcpu::Vcpu;
+
+/// Why a guest's disk cannot be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The disk image cannot be opened as a virtio-blk disk, or its device refuses the
+    /// saved state (the path or the reason is in the source).
+    #[error("the guest's disk")]
+    Device(#[source] BlkError),
+    /// The saved guest had a disk and the restore was given none.
+    #[error("the saved guest has a {size}-byte disk and no disk was given")]
+    NoDisk {
+        /// The saved guest's disk size.
+        size: u64,
+    },
+    /// The restore was given a disk and the saved guest had none.
+    #[error("a disk ({path}) was given and the saved guest has none")]
+    UnexpectedDisk {
+        /// The disk given.
+        path: PathBuf,
+    },
+    /// The disk given is not the size of the saved guest's.
+    #[error("disk {path} is {got} bytes, the saved guest's disk was {expected} bytes")]
+    Size {
+        /// The disk given.
+        path: PathBuf,
+        /// Its size.
+        got: u64,
+        /// The saved guest's disk size.
+        expected: u64,
+    },
+}
+
+fn attach(e: AttachError) -> DomainError {
+    match e {
+        AttachError::Device(_) => backend("attach the disk", e),
+        e => DomainError::BadState(e.to_string()),
+    }
+}
 
 fn backend(op: &'static str, e: impl Into<BoxError>) -> DomainError {
     DomainError::Backend {
@@ -38,6 +78,7 @@ pub struct KvmDomain {
     kvm: Kvm,
     ram: Arc<GuestRam>,
     output: Arc<OutputQueue>,
+    disk: Option<Arc<Mutex<Blk>>>,
     msr_indices: Vec<u32>,
     paused: bool,
     dirty_log: bool,
@@ -159,34 +200,69 @@ fn mhz_to_khz(s: &str) -> Option<u64> {
         .checked_add(frac.parse().ok()?)
 }
 
+/// The disk a restore is given, opened with the device state `saved` has; either both or
+/// neither, and of the saved size.
+fn reattach(saved: &state::SavedState, devices: &Devices) -> Result<Option<Blk>, AttachError> {
+    match (&saved.disk, &devices.disk) {
+        (None, None) => Ok(None),
+        (Some(d), None) => Err(AttachError::NoDisk { size: d.size }),
+        (None, Some(path)) => Err(AttachError::UnexpectedDisk { path: path.clone() }),
+        (Some(d), Some(path)) => {
+            let blk = Blk::restore(path, &d.mmio).map_err(AttachError::Device)?;
+            if blk.size() != d.size {
+                return Err(AttachError::Size {
+                    path: path.clone(),
+                    got: blk.size(),
+                    expected: d.size,
+                });
+            }
+            Ok(Some(blk))
+        }
+    }
+}
+
 impl KvmDomain {
-    fn finish(bare: Bare, dirty_log: bool) -> Result<Self, DomainError> {
+    fn finish(bare: Bare, dirty_log: bool, disk: Option<Blk>) -> Result<Self, DomainError> {
         let msr_indices = state::msr_list(&bare.kvm).map_err(|e| backend("list MSRs", e))?;
         let output = Arc::new(OutputQueue::default());
-        let vcpu = Vcpu::spawn(bare.vcpu, Arc::clone(&bare.ram), Arc::clone(&output))
-            .map_err(|e| backend("start vCPU", e))?;
+        let disk = disk.map(|b| Arc::new(Mutex::new(b)));
+        let vcpu = Vcpu::spawn(
+            bare.vcpu,
+            Arc::clone(&bare.ram),
+            Arc::clone(&output),
+            disk.clone(),
+        )
+        .map_err(|e| backend("start vCPU", e))?;
         Ok(Self {
             vcpu,
             vm: bare.vm,
             kvm: bare.kvm,
             ram: bare.ram,
             output,
+            disk,
             msr_indices,
             paused: true,
             dirty_log,
         })
     }
 
-    /// Build a fresh guest for `spec`, paused.
+    /// Build a fresh guest for `spec`, paused, attached to the disk its devices name (whose
+    /// size goes into the params page).
     pub(crate) fn create(
         cfg: &VmConfig,
         spec: &ha_guest::domain::GuestSpec,
     ) -> Result<Self, DomainError> {
-        guest::validate(spec.memory_size, &spec.params)
-            .map_err(|e| backend("check guest spec", e))?;
+        let disk = spec
+            .devices
+            .disk
+            .as_deref()
+            .map(|p| Blk::open(p).map_err(|e| attach(AttachError::Device(e))))
+            .transpose()?;
+        let mut params = spec.params.clone();
+        params.disk_size = disk.as_ref().map_or(0, Blk::size);
+        guest::validate(spec.memory_size, &params).map_err(|e| backend("check guest spec", e))?;
         let bare = build(cfg, spec.memory_size, None)?;
         guest::write_boot_pages(&bare.ram).map_err(|e| backend("write boot pages", e))?;
-        let mut params = spec.params.clone();
         if params.tsc_khz == 0 && params.rate > 0 {
             params.tsc_khz = tsc_khz(&bare.vcpu);
         }
@@ -210,18 +286,25 @@ impl KvmDomain {
         bare.vcpu
             .set_regs(&guest::boot_regs())
             .map_err(|e| backend("KVM_SET_REGS", e))?;
-        tracing::debug!(target: "ha_kvm", workload = params.workload.name(), memory = spec.memory_size, tsc_khz = params.tsc_khz, "created KVM guest");
-        Self::finish(bare, cfg.dirty_log)
+        tracing::debug!(target: "ha_kvm", workload = params.workload.name(), memory = spec.memory_size, tsc_khz = params.tsc_khz, disk_size = params.disk_size, "created KVM guest");
+        Self::finish(bare, cfg.dirty_log, disk)
     }
 
-    /// Build a guest from a memory image and saved state, paused.
-    pub(crate) fn restore(cfg: &VmConfig, image: &[u8], blob: &[u8]) -> Result<Self, DomainError> {
+    /// Build a guest from a memory image and saved state, paused, attached to the disk
+    /// `devices` names (which must hold the disk of the same checkpoint).
+    pub(crate) fn restore(
+        cfg: &VmConfig,
+        image: &[u8],
+        blob: &[u8],
+        devices: &Devices,
+    ) -> Result<Self, DomainError> {
         let saved = restorable(blob, image.len())?;
+        let disk = reattach(&saved, devices).map_err(attach)?;
         let bare = build(cfg, saved.memory_size, None)?;
         bare.ram
             .load_image(image)
             .map_err(|e| backend("copy memory image", e))?;
-        Self::finish_restore(bare, &saved, cfg.dirty_log)
+        Self::finish_restore(bare, &saved, cfg.dirty_log, disk)
     }
 
     /// [`KvmDomain::restore`] on the image's own memory: the memfd becomes the guest's RAM,
@@ -230,25 +313,39 @@ impl KvmDomain {
         cfg: &VmConfig,
         image: GuestImage,
         blob: &[u8],
+        devices: &Devices,
     ) -> Result<Self, DomainError> {
         let saved = restorable(blob, image.len())?;
+        let disk = reattach(&saved, devices).map_err(attach)?;
         let bare = build(cfg, saved.memory_size, Some(image.into_file()))?;
-        Self::finish_restore(bare, &saved, cfg.dirty_log)
+        Self::finish_restore(bare, &saved, cfg.dirty_log, disk)
     }
 
     fn finish_restore(
         bare: Bare,
         saved: &state::SavedState,
         dirty_log: bool,
+        disk: Option<Blk>,
     ) -> Result<Self, DomainError> {
         state::restore(&bare.kvm, &bare.vm, &bare.vcpu, saved)
             .map_err(|e| backend("restore vCPU state", e))?;
-        Self::finish(bare, dirty_log)
+        Self::finish(bare, dirty_log, disk)
     }
 
     /// Doorbell exits the vCPU thread has served.
     pub fn doorbells(&self) -> u64 {
         self.vcpu.doorbells()
+    }
+
+    /// Disk notifications (`QueueNotify` writes) that completed requests.
+    pub fn disk_notifies(&self) -> u64 {
+        self.vcpu.disk_notifies()
+    }
+
+    fn blk(&self) -> Option<MutexGuard<'_, Blk>> {
+        self.disk
+            .as_ref()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The guest's status page, read directly.
@@ -262,6 +359,26 @@ impl OutputChannel for KvmDomain {
         self.output
             .take_all(&self.ram, out)
             .map_err(|e| DomainError::GuestFault(format!("bad output ring: {e}")))
+    }
+}
+
+impl Disk for KvmDomain {
+    fn disk_size(&self) -> u64 {
+        self.blk().map_or(0, |b| b.size())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+        self.blk()
+            .ok_or(DomainError::NoCapability("disk"))?
+            .read_at(offset, buf)
+            .map_err(|e| backend("read the disk", e))
+    }
+
+    fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError> {
+        if let Some(mut b) = self.blk() {
+            b.drain_writes(out);
+        }
+        Ok(())
     }
 }
 
@@ -327,7 +444,7 @@ impl Domain for KvmDomain {
             });
         }
         let fd = self.vcpu.fd();
-        let s = state::save(
+        let mut s = state::save(
             &self.kvm,
             &self.vm,
             &fd,
@@ -336,6 +453,10 @@ impl Domain for KvmDomain {
         )
         .map_err(|e| backend("save vCPU state", e))?;
         drop(fd);
+        s.disk = self.blk().map(|b| state::DiskState {
+            size: b.size(),
+            mmio: b.state(),
+        });
         state::encode(&s).map_err(|e| backend("encode vCPU state", e))
     }
 
@@ -347,6 +468,15 @@ impl Domain for KvmDomain {
     /// The built-in guest's status page.
     fn status_probe(&self) -> Option<&dyn StatusProbe> {
         Some(self)
+    }
+
+    /// The virtio-blk disk, when the guest was given one.
+    fn disk(&mut self) -> Option<&mut dyn Disk> {
+        if self.disk.is_some() {
+            Some(self)
+        } else {
+            None
+        }
     }
 
     fn check_health(&self) -> Result<(), DomainError> {

@@ -23,13 +23,6 @@ fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
-fn payload(r: &OutputRecord) -> (u64, u64) {
-    assert_eq!(r.payload.len(), 16, "record {} payload length", r.seq);
-    let p = u64::from_le_bytes(r.payload[..8].try_into().unwrap());
-    let c = u64::from_le_bytes(r.payload[8..].try_into().unwrap());
-    (p, c)
-}
-
 fn heap_nonzero(d: &dyn Domain, spec: &ha_guest::domain::GuestSpec) -> usize {
     let mut heap = vec![0u8; spec.params.heap_size as usize];
     d.read_memory(spec.params.heap_gpa, &mut heap).unwrap();

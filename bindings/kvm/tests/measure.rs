@@ -101,7 +101,7 @@ fn measure() {
         let mut restore = Vec::new();
         for _ in 0..5 {
             let t = Instant::now();
-            let r = f.restore_kvm(&image, &state).unwrap();
+            let r = f.restore_kvm(&image, &state, &Default::default()).unwrap();
             restore.push(t.elapsed());
             drop(r);
         }
@@ -111,7 +111,7 @@ fn measure() {
         );
         let zero = vec![0u8; image.len()];
         let t = Instant::now();
-        let r = f.restore_kvm(&zero, &state).unwrap();
+        let r = f.restore_kvm(&zero, &state, &Default::default()).unwrap();
         println!(
             "restore with an all-zero 256 MiB image (VM + vCPU state only): {:.2} ms",
             ms(t.elapsed())

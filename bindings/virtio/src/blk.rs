@@ -74,6 +74,25 @@ pub enum BlkError {
     /// The transport refused the set-up or the saved state.
     #[error("virtio-blk transport")]
     Transport(#[source] MmioError),
+    /// A read of the image for the VMM (not the guest) past the disk's end.
+    #[error("disk range {offset:#x}+{len:#x} is past the end of the {size}-byte disk")]
+    Range {
+        /// Byte offset asked for.
+        offset: u64,
+        /// Bytes asked for.
+        len: u64,
+        /// The disk's size.
+        size: u64,
+    },
+    /// The image file failed a read for the VMM.
+    #[error("cannot read the disk image at {offset:#x}")]
+    Read {
+        /// Byte offset of the read.
+        offset: u64,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A virtio-blk disk: the transport, the image file and the log of completed writes.
@@ -133,6 +152,22 @@ impl Blk {
             }
             MmioEvent::None => 0,
         }
+    }
+
+    /// Read `buf.len()` bytes of the disk at byte `offset` for the VMM (digests, the
+    /// initial synchronisation): not a guest request, so nothing is logged.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlkError> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(BlkError::Range {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| BlkError::Read { offset, source })
     }
 
     /// Move the writes completed since the last drain into `out`, in completion order.

@@ -531,3 +531,23 @@ fn images_that_are_not_whole_sectors_or_missing_are_refused_by_name() {
     let e = Blk::open(&missing).unwrap_err();
     assert_eq!(e.to_string(), format!("disk image {}", missing.display()));
 }
+
+#[test]
+fn the_vmm_reads_the_image_without_logging_and_not_past_its_end() {
+    let path = image("read-at", DISK);
+    let blk = Blk::open(&path).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let mut buf = vec![0u8; 1000];
+    blk.read_at(DISK - 1000, &mut buf).unwrap();
+    assert_eq!(buf, file[(DISK - 1000) as usize..]);
+    let mut blk = blk;
+    let mut writes = Vec::new();
+    blk.drain_writes(&mut writes);
+    assert!(writes.is_empty());
+    let e = blk.read_at(DISK - 999, &mut buf).unwrap_err();
+    assert!(matches!(e, BlkError::Range { size: DISK, .. }), "{e}");
+    assert!(matches!(
+        blk.read_at(u64::MAX, &mut buf),
+        Err(BlkError::Range { .. })
+    ));
+}

@@ -4,7 +4,7 @@
 
 use ha_guest::domain::{Domain, GuestSpec};
 use ha_kvm::{KVM_DEVICE, KvmDomain, KvmFactory};
-use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, OutputRecord, Workload};
 
 /// Whether KVM can be used; `false` means "skip". Panics with the reason when
 /// `CASTOR_REQUIRE_KVM=1`.
@@ -78,4 +78,12 @@ pub fn run_until(
     }
     d.pause().expect("pause");
     d.status().expect("status")
+}
+
+/// An output record's payload: (progress, checksum).
+pub fn payload(r: &OutputRecord) -> (u64, u64) {
+    assert_eq!(r.payload.len(), 16, "record {} payload length", r.seq);
+    let p = u64::from_le_bytes(r.payload[..8].try_into().unwrap());
+    let c = u64::from_le_bytes(r.payload[8..].try_into().unwrap());
+    (p, c)
 }

@@ -10,6 +10,7 @@
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
 //! | [`plot`] | PNG plots of a comparison |
 //! | [`pair`] | starting and watching the daemons |
+//! | [`pause`] | pause per checkpoint against dirty pages (`ha-bench pause`) |
 //! | [`chaos`] | the fault campaign (`ha-bench chaos`) |
 //! | [`proxy`] | the fault proxy the campaign puts on the link |
 
@@ -20,6 +21,7 @@ pub mod compare;
 pub mod drill;
 pub mod failover;
 pub mod pair;
+pub mod pause;
 pub mod pgpairs;
 pub mod plot;
 pub mod proxy;

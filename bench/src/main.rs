@@ -48,6 +48,13 @@ enum Cmd {
     /// to failover.csv and the medians against memory to failover.png. Exits non-zero when
     /// any drill fails its continuity checks.
     Failover(FailoverCli),
+    /// Pause per checkpoint against the pages dirtied in the epoch.
+    ///
+    /// Runs the npb guest (one whole page dirtied per unit) at each --memory, --rates and
+    /// --intervals under each mode, with a real backup, and reports the dirty pages per
+    /// checkpoint it measured beside the pause p50/p99. Writes pause.md, pause.csv and
+    /// pause-dirty.png into --out.
+    Pause(PauseCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -77,6 +84,34 @@ enum Cmd {
     /// that the default policy gives up by design (split brain when the link fails) or
     /// that --fence stops by design are reported as such.
     Chaos(ChaosCli),
+}
+
+#[derive(clap::Args, Debug)]
+struct PauseCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Guest memory sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1G")]
+    memory: Vec<String>,
+    /// npb units per second (each dirties one page), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4000,16000,64000")]
+    rates: Vec<u64>,
+    /// Epoch intervals, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "25ms,250ms,1s", value_parser = parse_duration)]
+    intervals: Vec<std::time::Duration>,
+    /// Modes, comma-separated (remus copies every dirty page during the pause).
+    #[arg(long, value_delimiter = ',', default_value = "remus,fgbi")]
+    modes: Vec<String>,
+    /// Measured seconds per run (at least a few checkpoints at the longest interval).
+    #[arg(long, default_value_t = 8.0)]
+    seconds: f64,
+    /// Seconds skipped once a run is protected.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Where pause.md, pause.csv and pause-dirty.png go.
+    #[arg(long, default_value = "target/pause")]
+    out: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -309,6 +344,7 @@ fn main() -> ExitCode {
         Cmd::Failover(a) => run_failover(a),
         Cmd::Compare(a) => run_compare(a),
         Cmd::Chaos(a) => run_chaos(a),
+        Cmd::Pause(a) => run_pause(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -409,6 +445,48 @@ fn run_failover(a: FailoverCli) -> Result<bool, String> {
         }
     }
     Ok(points.iter().all(|p| p.continuity_ok))
+}
+
+fn run_pause(a: PauseCli) -> Result<bool, String> {
+    use ha_bench::pause;
+    let args = pause::PauseArgs {
+        guest: a.guest,
+        memories: a.memory,
+        rates: a.rates,
+        intervals: a.intervals,
+        modes: a.modes,
+        seconds: a.seconds,
+        warmup: a.warmup,
+    };
+    let rows = pause::run(&args, |r| {
+        eprintln!(
+            "{} {} {} ms npb {}/s: {:.0} dirty pages per checkpoint, pause p50 {:.2} ms p99 {:.2} ms",
+            r.memory,
+            r.run.mode,
+            r.run.interval_ms,
+            r.run.rate,
+            r.dirty_pages(),
+            r.run.pause_ms_p50,
+            r.run.pause_ms_p99
+        );
+    })
+    .map_err(|e| error_chain(&e))?;
+    let table = pause::markdown(&rows);
+    print!("{table}");
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    let write = |name: &str, text: &str| {
+        let f = a.out.join(name);
+        std::fs::write(&f, text).map_err(|e| format!("{}: {e}", f.display()))?;
+        println!("wrote {}", f.display());
+        Ok::<(), String>(())
+    };
+    write("pause.md", &table)?;
+    write("pause.csv", &pause::csv(&rows))?;
+    match pause::plot(&rows, &a.out) {
+        Ok(f) => println!("wrote {}", f.display()),
+        Err(e) => eprintln!("ha-bench: no plot: {e}"),
+    }
+    Ok(true)
 }
 
 fn run_chaos(a: ChaosCli) -> Result<bool, String> {

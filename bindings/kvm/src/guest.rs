@@ -76,7 +76,7 @@ pub const STACK_TOP: u64 = 0x50000;
 pub const PANIC_PORT: u16 = DOORBELL_PORT + 1;
 /// Panic code: the params page names no known workload.
 pub const PANIC_BAD_WORKLOAD: u32 = 1;
-/// How many times the `db` driver reads the used index after a notify before it counts
+/// How many times the disk driver reads the used index after a notify before it counts
 /// the batch's unfinished requests as failed (the device serves the queue before the
 /// notify's exit returns, so the first read normally finds it caught up).
 pub const DISK_POLLS: u32 = 1 << 16;
@@ -260,6 +260,13 @@ impl Gen {
         a.mov(rax, GOLDEN)?;
         a.add(r13, rax)?;
         a.mov(rax, r13)?;
+        self.mix()
+    }
+
+    /// `rax = mix(rax)`, splitmix64's finaliser (as `next()` and `web::doc_word` end);
+    /// clobbers rdx.
+    fn mix(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
         a.mov(rdx, rax)?;
         a.shr(rdx, 30)?;
         a.xor(rax, rdx)?;
@@ -666,6 +673,9 @@ enum Req {
     Flush,
 }
 
+/// Code checking a read that completed (see [`Gen::disk_batch`]).
+type ReadCheck = fn(&mut Gen, CodeLabel) -> Result<(), IcedError>;
+
 /// A guest address or register offset constant as the assembler's displacement.
 fn disp(gpa: u64) -> i32 {
     // Every constant used this way is below the heap (1 MiB) or a register offset.
@@ -776,30 +786,33 @@ impl Gen {
         );
         let (next, write) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
         let a = &mut self.a;
-        a.mov(rdx, rcx)?;
+        // rdx = 48 k: descriptor 3k's offset in the table.
+        a.lea(rdx, qword_ptr(rcx + rcx * 2))?;
         a.shl(rdx, 4)?;
-        a.mov(dword_ptr(rdx + headers), kind)?;
-        a.mov(dword_ptr(rdx + headers + 4), 0)?;
-        a.mov(qword_ptr(rdx + headers + 8), rsi)?;
-        a.mov(byte_ptr(rdx + st), 0xFF)?;
-        a.lea(rax, qword_ptr(rdx + headers))?;
-        a.lea(rdx, qword_ptr(rdx + rdx * 2))?;
+        // Descriptor 3k + 1: the data.
+        if req != Req::Flush {
+            a.mov(dword_ptr(rdx + desc + 24), disk::PAGE as u32)?;
+            let flags = if req == Req::Read { next | write } else { next };
+            a.mov(qword_ptr(rdx + desc + 16), rdi)?;
+            a.mov(word_ptr(rdx + desc + 28), flags)?;
+            a.lea(eax, qword_ptr(rcx + rcx * 2 + 2))?;
+            a.mov(word_ptr(rdx + desc + 30), ax)?;
+        }
+        // The header and the status byte of slot k.
+        a.mov(rax, rcx)?;
+        a.shl(rax, 4)?;
+        a.mov(dword_ptr(rax + headers), kind)?;
+        a.mov(dword_ptr(rax + headers + 4), 0)?;
+        a.mov(qword_ptr(rax + headers + 8), rsi)?;
+        a.mov(byte_ptr(rax + st), 0xFF)?;
         // Descriptor 3k: the header.
+        a.add(rax, headers)?;
         a.mov(qword_ptr(rdx + desc), rax)?;
         a.mov(dword_ptr(rdx + desc + 8), 16)?;
         a.mov(word_ptr(rdx + desc + 12), next)?;
         let status_desc = if req == Req::Flush { 2 } else { 1 };
-        a.lea(rax, qword_ptr(rcx + rcx * 2 + status_desc))?;
+        a.lea(eax, qword_ptr(rcx + rcx * 2 + status_desc))?;
         a.mov(word_ptr(rdx + desc + 14), ax)?;
-        // Descriptor 3k + 1: the data.
-        if req != Req::Flush {
-            let flags = if req == Req::Read { next | write } else { next };
-            a.mov(qword_ptr(rdx + desc + 16), rdi)?;
-            a.mov(dword_ptr(rdx + desc + 24), disk::PAGE as u32)?;
-            a.mov(word_ptr(rdx + desc + 28), flags)?;
-            a.lea(rax, qword_ptr(rcx + rcx * 2 + 2))?;
-            a.mov(word_ptr(rdx + desc + 30), ax)?;
-        }
         // Descriptor 3k + 2: the status byte.
         a.mov(rax, rcx)?;
         a.shl(rax, 4)?;
@@ -812,9 +825,77 @@ impl Gen {
         a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
         a.add(eax, ecx)?;
         a.and(eax, u32::from(disk::QUEUE_SIZE) - 1)?;
-        a.lea(rdx, qword_ptr(rcx + rcx * 2))?;
+        a.lea(edx, qword_ptr(rcx + rcx * 2))?;
         a.mov(word_ptr(rax * 2 + disp(disk::AVAIL_GPA + 4)), dx)?;
         a.inc(ecx)?;
+        Ok(())
+    }
+
+    /// Submit the `rcx` requests put in their slots: publish the heads, ring the doorbell
+    /// once (one `QueueNotify` exit), poll the used index until it is the published one
+    /// (at most [`DISK_POLLS`] reads). Clobbers rax, rdx, rsi.
+    fn disk_submit(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let (mut poll, mut caught) = (a.create_label(), a.create_label());
+        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
+        a.add(eax, ecx)?;
+        a.mov(word_ptr(disk::AVAIL_GPA + 2), ax)?;
+        a.mov(rdx, disk::MMIO_GPA)?;
+        a.mov(
+            dword_ptr(rdx + disp(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY))),
+            0,
+        )?;
+        a.mov(esi, DISK_POLLS)?;
+        a.set_label(&mut poll)?;
+        a.movzx(edx, word_ptr(disk::USED_GPA + 2))?;
+        a.cmp(dx, ax)?;
+        a.je(caught)?;
+        a.pause()?;
+        a.dec(esi)?;
+        a.jnz(poll)?;
+        a.set_label(&mut caught)?;
+        a.nop()?;
+        Ok(())
+    }
+
+    /// The batch of `rcx` requests put in their slots, if any: submitted
+    /// ([`Gen::disk_submit`]), then its status bytes, last request first, into
+    /// `DISK_ERRORS` (a request not completed OK counts one). A read that completed is
+    /// handed to `read_check` with rdx = 16 k (its slot's offset), which may clobber rax,
+    /// rdx, rdi and r8 but must keep rcx and rsi, and jumps to the label it gets for a bad
+    /// read (one more error). Clobbers rax, rcx, rdx, rsi, plus what `read_check` does.
+    fn disk_batch(&mut self, read_check: Option<ReadCheck>) -> Result<(), IcedError> {
+        let mut end = self.a.create_label();
+        self.a.test(ecx, ecx)?;
+        self.a.jz(end)?;
+        self.disk_submit()?;
+        let a = &mut self.a;
+        let (mut check, mut bad, mut counted) =
+            (a.create_label(), a.create_label(), a.create_label());
+        let mut status_ok = a.create_label();
+        a.xor(esi, esi)?;
+        a.set_label(&mut check)?;
+        a.dec(ecx)?;
+        a.js(counted)?;
+        a.mov(rdx, rcx)?;
+        a.shl(rdx, 4)?;
+        a.cmp(byte_ptr(rdx + disp(disk::STATUS_GPA)), 0)?;
+        a.je(status_ok)?;
+        a.set_label(&mut bad)?;
+        a.inc(rsi)?;
+        a.jmp(check)?;
+        a.set_label(&mut status_ok)?;
+        if let Some(read_check) = read_check {
+            a.cmp(dword_ptr(rdx + disp(disk::HEADERS_GPA)), VIRTIO_BLK_T_IN)?;
+            a.jne(check)?;
+            read_check(self, bad)?;
+        }
+        let a = &mut self.a;
+        a.jmp(check)?;
+        a.set_label(&mut counted)?;
+        a.add(s(status::DISK_ERRORS), rsi)?;
+        a.set_label(&mut end)?;
+        a.nop()?;
         Ok(())
     }
 
@@ -909,7 +990,7 @@ impl Gen {
         let a = &mut self.a;
         let (mut do_log, mut skip_log) = (a.create_label(), a.create_label());
         let (mut skip_wb, mut skip_rb) = (a.create_label(), a.create_label());
-        let (mut skip_flush, mut end) = (a.create_label(), a.create_label());
+        let mut skip_flush = a.create_label();
         a.xor(ecx, ecx)?;
         // The log page: if u % 64 == 0 or a flush is due; disk page T + (n / 64) % L.
         a.lea(rax, qword_ptr(r15 + 1))?;
@@ -963,62 +1044,17 @@ impl Gen {
         self.unless_flush(skip_flush)?;
         self.a.xor(esi, esi)?;
         self.disk_request(Req::Flush)?;
-        let a = &mut self.a;
-        a.set_label(&mut skip_flush)?;
-        a.test(ecx, ecx)?;
-        a.jz(end)?;
-
-        // Publish the heads, ring the doorbell once, poll the used index (ax: the
-        // published index).
-        let (mut poll, mut caught) = (a.create_label(), a.create_label());
-        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
-        a.add(eax, ecx)?;
-        a.mov(word_ptr(disk::AVAIL_GPA + 2), ax)?;
-        a.mov(rdx, disk::MMIO_GPA)?;
-        a.mov(
-            dword_ptr(rdx + disp(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY))),
-            0,
-        )?;
-        a.mov(esi, DISK_POLLS)?;
-        a.set_label(&mut poll)?;
-        a.movzx(edx, word_ptr(disk::USED_GPA + 2))?;
-        a.cmp(dx, ax)?;
-        a.je(caught)?;
-        a.pause()?;
-        a.dec(esi)?;
-        a.jnz(poll)?;
-        a.set_label(&mut caught)?;
-
-        // The status bytes, last request first (rsi: errors); a read that completed is
-        // checked as a table page of keys 64 r ...
-        let (mut check, mut bad, mut counted) =
-            (a.create_label(), a.create_label(), a.create_label());
-        let mut status_ok = a.create_label();
-        a.xor(esi, esi)?;
-        a.set_label(&mut check)?;
-        a.dec(ecx)?;
-        a.js(counted)?;
-        a.mov(rdx, rcx)?;
-        a.shl(rdx, 4)?;
-        a.cmp(byte_ptr(rdx + disp(disk::STATUS_GPA)), 0)?;
-        a.je(status_ok)?;
-        a.set_label(&mut bad)?;
-        a.inc(rsi)?;
-        a.jmp(check)?;
-        a.set_label(&mut status_ok)?;
-        a.cmp(dword_ptr(rdx + disp(disk::HEADERS_GPA)), VIRTIO_BLK_T_IN)?;
-        a.jne(check)?;
-        a.mov(r8, qword_ptr(rdx + disp(disk::HEADERS_GPA) + 8))?;
-        a.shl(r8, 3)?;
-        a.lea(rdi, qword_ptr(rbx + 1))?;
-        a.shl(rdi, 12)?;
-        a.add(rdi, r9)?;
-        self.table_page_check(bad)?;
-        let a = &mut self.a;
-        a.jmp(check)?;
-        a.set_label(&mut counted)?;
-        a.add(s(status::DISK_ERRORS), rsi)?;
-        a.set_label(&mut end)?;
+        self.a.set_label(&mut skip_flush)?;
+        // ... submitted, each read that completed checked as a table page of keys 64 r.
+        self.disk_batch(Some(|g: &mut Self, bad| {
+            let a = &mut g.a;
+            a.mov(r8, qword_ptr(rdx + disp(disk::HEADERS_GPA) + 8))?;
+            a.shl(r8, 3)?;
+            a.lea(rdi, qword_ptr(rbx + 1))?;
+            a.shl(rdi, 12)?;
+            a.add(rdi, r9)?;
+            g.table_page_check(bad)
+        }))?;
         self.unit_end(top)
     }
 }

@@ -14,11 +14,11 @@ use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{Devices, DiskWrite, Domain, DomainError, DomainFactory, GuestSpec};
 use ha_guest::image::GuestImage;
 use ha_kvm::KvmFactory;
-use ha_workloads::db;
 use ha_workloads::guest_abi::{
     GuestParams, GuestStatus, PARAMS_GPA, STATUS_GPA, Workload, disk, page_count, status,
 };
-use ha_workloads::model::{ImageModel as Model, Memory};
+use ha_workloads::model::{DiskOp, DiskRequest, Image, ImageModel as Model, Memory, Ports};
+use ha_workloads::{db, files};
 use iced_x86::code_asm::*;
 
 /// A disk image of `pages` 4 KiB pages holding a pattern, in a fresh temporary directory.
@@ -645,5 +645,198 @@ fn db_counts_torn_pages_and_failed_requests_as_disk_errors() {
         std::fs::metadata(&path).unwrap().len(),
         DB_PAGES * 4096,
         "nothing written past the disk's end"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The `files` guest
+// ---------------------------------------------------------------------------------------
+
+/// Disk pages of the `files` tests' disk: a tree of 224 pages and a 32-page log.
+const FILES_PAGES: u64 = 256;
+
+/// A 4 MiB `files` guest on `path` whose 200-page heap caches fewer files than the tree
+/// holds (as the model's `files_params`), reporting every 16 requests.
+fn files_spec(path: &Path) -> GuestSpec {
+    let mut s = with_disk(spec(Workload::Files, 4, 0), path);
+    s.params.heap_size = 200 * 4096;
+    s.params.output_every = 16;
+    s.params.doorbell_every = 8;
+    s
+}
+
+/// The params a guest of `s` runs with (the disk's size filled in), and its layout: the cache
+/// is smaller than the tree, so requests miss.
+fn files_params(s: &GuestSpec) -> (GuestParams, files::Layout) {
+    let p = GuestParams {
+        disk_size: FILES_PAGES * 4096,
+        ..s.params.clone()
+    };
+    let l = files::Layout::of(&p).unwrap();
+    assert!(
+        l.slots < l.files,
+        "the cache is smaller than the tree: {l:?}"
+    );
+    (p, l)
+}
+
+/// A disk of [`FILES_PAGES`] formatted for `p` (`files::format_disk`) in a fresh
+/// temporary directory, and its bytes.
+fn files_disk(p: &GuestParams) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let mut bytes = vec![0u8; (FILES_PAGES * 4096) as usize];
+    files::format_disk(p.seed, p.heap_size, FILES_PAGES * 4096, |at, b| {
+        bytes[at as usize..at as usize + b.len()].copy_from_slice(b);
+        Ok::<(), ()>(())
+    })
+    .unwrap()
+    .unwrap();
+    let (dir, path) = zero_disk(FILES_PAGES);
+    std::fs::write(&path, &bytes).unwrap();
+    (dir, path, bytes)
+}
+
+/// The model's ports, counting its disk batches and the reads (misses) among them; the
+/// doorbell drops the records.
+struct Counting<'a> {
+    disk: &'a mut [u8],
+    batches: u64,
+    reads: u64,
+}
+
+impl Ports<Image> for Counting<'_> {
+    type Error = std::convert::Infallible;
+
+    fn doorbell(&mut self, mem: &mut Image) -> Result<(), Self::Error> {
+        let head = mem.load(STATUS_GPA + status::OUT_HEAD as u64);
+        mem.store(STATUS_GPA + status::OUT_TAIL as u64, head);
+        Ok(())
+    }
+
+    fn disk(
+        &mut self,
+        mem: &mut Image,
+        batch: &[DiskRequest],
+        ok: &mut [bool],
+    ) -> Result<(), Self::Error> {
+        self.batches += 1;
+        self.reads += u64::from(batch.iter().any(|r| r.op == DiskOp::Read));
+        for (r, ok) in batch.iter().zip(ok.iter_mut()) {
+            *ok = ha_workloads::model::disk_io(mem, self.disk, r);
+        }
+        Ok(())
+    }
+}
+
+/// The model's (batches, reads) after each of units `0..=n` of a fresh guest.
+fn model_batches(memory_size: u64, p: &GuestParams, n: u64) -> Vec<(u64, u64)> {
+    let mut m = Model::fresh(memory_size, p);
+    let mut ports = Counting {
+        disk: &mut m.disk,
+        batches: 0,
+        reads: 0,
+    };
+    let mut out = vec![(0, 0)];
+    for _ in 0..n {
+        m.cpu.unit(&mut m.mem, &mut ports).unwrap();
+        out.push((ports.batches, ports.reads));
+    }
+    out
+}
+
+#[test]
+fn files_matches_the_model_and_its_drained_writes_rebuild_the_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let (params, _) = files_params(&files_spec(Path::new("")));
+    let (_dir, path, mut replica) = files_disk(&params);
+    let s = files_spec(&path);
+    // One doorbell per batch, a miss's read or a request's writes: the model's batches of
+    // n requests, or of n + 1.
+    rounds_match_the_model(&s, &params, &mut replica, 300, |round, st, n| {
+        let counts = model_batches(s.memory_size, &params, st.progress + 1);
+        let (at_n, at_next) = (
+            counts[st.progress as usize],
+            counts[st.progress as usize + 1],
+        );
+        assert!(
+            n == at_n.0 || n == at_next.0,
+            "{n} disk notifies at progress {}, the model's (batches, reads) {at_n:?}",
+            st.progress
+        );
+        assert!(at_n.1 > 10 * round, "round {round}: misses {at_n:?}");
+        assert!(
+            at_n.0 - at_n.1 >= st.progress / files::LOG_RECORDS_PER_PAGE,
+            "round {round}: write batches {at_n:?}"
+        );
+        eprintln!("files round {round}: {} misses", at_n.1);
+    });
+}
+
+#[test]
+fn files_restored_on_a_copy_of_its_disk_continues_as_the_model() {
+    if !kvm_available() {
+        return;
+    }
+    let (params, _) = files_params(&files_spec(Path::new("")));
+    let (dir, path, _) = files_disk(&params);
+    // 1000 requests each side: misses, log pages and rewrites before and after.
+    let s = files_spec(&path);
+    restored_on_a_copy_continues_as_the_model(&s, &params, dir.path(), &path, 1000);
+}
+
+#[test]
+fn files_counts_failed_and_wrong_reads_as_disk_errors() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    // No disk, or one too small for a file and a log: refused.
+    let e = match KvmFactory::new().create(&spec(Workload::Files, 4, 0)) {
+        Ok(_) => panic!("created files without a disk"),
+        Err(e) => chain(&e),
+    };
+    assert!(e.contains("needs a disk"), "{e}");
+    // A zero disk, never formatted: every file read is wrong, and the guest goes on.
+    let (_zdir, zero) = zero_disk(FILES_PAGES);
+    let mut z = KvmFactory::new().create_kvm(&files_spec(&zero)).unwrap();
+    let st = run_until(&mut z, 300, 1);
+    z.check_health().unwrap();
+    assert!(st.progress >= 300, "{st:?}");
+    assert!(st.disk_errors >= 12, "files read wrong not counted: {st:?}");
+    drop(z);
+
+    // A new guest whose table puts hot file 1 past the disk's end: each request for it
+    // misses (no tag is written) and its read fails, one error each, as in the model.
+    let (params, l) = files_params(&files_spec(Path::new("")));
+    let (_dir, path, formatted) = files_disk(&params);
+    let mut d = KvmFactory::new().create_kvm(&files_spec(&path)).unwrap();
+    let (state, mut image) = (d.save_state().unwrap(), snapshot(&d));
+    drop(d);
+    let entry = params.heap_gpa as usize + files::ENTRY_BYTES as usize;
+    let word = u64::from_le_bytes(image[entry..entry + 8].try_into().unwrap());
+    let (_, pages) = files::entry(word);
+    image[entry..entry + 8].copy_from_slice(&(FILES_PAGES | pages << 48).to_le_bytes());
+    let model = Model::from_image(image.clone())
+        .unwrap()
+        .with_disk(formatted);
+    let mut d = KvmFactory::new()
+        .restore(&image, &state, &devices(Some(&path)))
+        .unwrap();
+    let st = run_until(d.as_mut(), 1000, 1);
+    d.check_health().unwrap();
+    assert!(st.disk_errors > 50, "failed reads not counted: {st:?}");
+    check_against(d.as_mut(), &model);
+
+    // The tree corrupted behind the guest's back: files read wrong from then on.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for p in 0..l.file_pages {
+        file.write_all_at(&[0xEE; 8], p * 4096 + 8).unwrap();
+    }
+    let bad = run_until(d.as_mut(), st.progress + 300, 1);
+    d.check_health().unwrap();
+    assert!(
+        bad.disk_errors > st.disk_errors + 10,
+        "no corrupted file seen: {st:?} -> {bad:?}"
     );
 }

@@ -387,6 +387,7 @@ impl Config {
             mode: self.mode,
             backend: self.guest,
             layout: self.guest.guest_layout(),
+            disk_size: 0,
         }
     }
 

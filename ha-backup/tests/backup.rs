@@ -37,6 +37,7 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
         let h = Hello {
             backend: kind,
             layout: kind.guest_layout(),
+            disk_size: 0,
             ..hello(4 * MIB)
         };
         let (_s, _, (ty, body)) = open_session(b.addr, &h);

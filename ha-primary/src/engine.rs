@@ -243,6 +243,7 @@ pub fn run_with_metrics(
         mode: cfg.codec.mode,
         backend: cfg.backend,
         layout: cfg.backend.guest_layout(),
+        disk_size: 0,
     };
     let link = link::connect(
         cfg.backup,

@@ -524,6 +524,7 @@ pub fn handshake_ours() -> ha_wire::session::Hello {
         mode: GUEST_MODE,
         backend: ha_guest::backend::BackendKind::Kvm,
         layout: ha_guest::backend::BackendKind::Kvm.guest_layout(),
+        disk_size: 0,
     }
 }
 

@@ -85,6 +85,11 @@ pub struct Cli {
     /// Guest memory size (a positive multiple of 2M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K). Its
+    /// writes travel with each checkpoint to the backup's replica (its --disk), which must
+    /// start equal to it (a copy). Needed by the db workload.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
     #[arg(long, value_parser = parse_size)]
     pub heap: Option<u64>,
@@ -208,6 +213,8 @@ pub struct FileConfig {
     pub workload: Option<String>,
     /// `--memory`.
     pub memory: Option<Size>,
+    /// `--disk`.
+    pub disk: Option<PathBuf>,
     /// `--heap`.
     pub heap: Option<Size>,
     /// `--rate`.
@@ -315,6 +322,7 @@ impl Options for Cli {
             xen_suspend_timeout: |v| bounded(check_timeout("xen-suspend-timeout", duration(v)?)),
             workload: parsed::<Workload>,
             memory: |v| bounded(check_memory(size(v)?)),
+            disk: some,
             heap: |v| size(v).map(Some),
             rate: some,
             seed: same,
@@ -615,6 +623,7 @@ mod tests {
             "xen_suspend_timeout",
             "workload",
             "memory",
+            "disk",
             "heap",
             "rate",
             "seed",

@@ -239,9 +239,11 @@ impl EpochWriter {
     }
 
     /// Append an epoch's disk records as Disk frames (cut at record boundaries near
-    /// [`PAGES_FRAME_TARGET`]). Their count belongs in the header's record count.
-    pub fn disk(&mut self, out: &mut Vec<u8>, recs: &DiskRecords) {
+    /// [`PAGES_FRAME_TARGET`]). Their count belongs in the header's record count. Returns
+    /// the bytes of the Disk frames written.
+    pub fn disk(&mut self, out: &mut Vec<u8>, recs: &DiskRecords) -> u64 {
         self.flush_pages(out);
+        let from = out.len();
         let mut start = 0;
         for (i, &end) in recs.ends.iter().enumerate() {
             if end - start >= PAGES_FRAME_TARGET || i + 1 == recs.ends.len() {
@@ -250,6 +252,7 @@ impl EpochWriter {
             }
         }
         self.records += u64::from(recs.records());
+        (out.len() - from) as u64
     }
 
     /// Write the trailer. Fails (writing nothing) if the records written differ from the

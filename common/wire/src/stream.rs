@@ -335,10 +335,41 @@ impl StagedEpoch {
         }
     }
 
-    /// After the epoch's disk writes reached the replica: `Ok` when the epoch carried no
-    /// disk digest or `replica` (the digest of the whole replica) matches it.
-    pub fn check_disk(&self, replica: &[u8; 32]) -> Result<(), StreamError> {
-        match &self.verify_disk {
+    /// Take the epoch's disk half apart from its memory: the replica commits it on its own
+    /// ([`StagedEpoch::commit`] touches memory only).
+    pub fn take_disk(&mut self) -> StagedDisk {
+        StagedDisk {
+            epoch: self.epoch,
+            writes: std::mem::take(&mut self.disk),
+            verify: self.verify_disk,
+            wire_bytes: self.disk_wire_bytes,
+        }
+    }
+}
+
+/// The disk half of a verified epoch, for the backup's replica.
+#[derive(Debug, Default)]
+pub struct StagedDisk {
+    /// Epoch number.
+    pub epoch: u64,
+    /// The writes, in the order to apply them.
+    pub writes: Vec<DiskWrite>,
+    /// The primary's digest of its whole disk at this checkpoint, if it sent one.
+    pub verify: Option<[u8; 32]>,
+    /// Bytes of the epoch's Disk frames.
+    pub wire_bytes: u64,
+}
+
+impl StagedDisk {
+    /// Bytes the writes write.
+    pub fn bytes(&self) -> u64 {
+        self.writes.iter().map(|w| w.data.len() as u64).sum()
+    }
+
+    /// After the writes reached the replica: `Ok` when the epoch carried no disk digest
+    /// or `replica` (the digest of the whole replica) matches it.
+    pub fn check(&self, replica: &[u8; 32]) -> Result<(), StreamError> {
+        match &self.verify {
             Some(want) if want != replica => Err(StreamError::DiskMismatch { epoch: self.epoch }),
             _ => Ok(()),
         }
@@ -1030,14 +1061,17 @@ mod tests {
             let (ty, body, _) = split_frame(f).unwrap().unwrap();
             staged = st.push(ty, body, f, &image).unwrap().or(staged);
         }
-        let staged = staged.unwrap();
+        let mut staged = staged.unwrap();
         assert_eq!(staged.pages.len(), 3);
-        assert_eq!(staged.disk, writes);
-        assert_eq!(staged.verify_disk, Some([2; 32]));
-        assert!(staged.disk_wire_bytes > 0);
-        assert_eq!(staged.check_disk(&[2; 32]), Ok(()));
+        let disk = staged.take_disk();
+        assert!(staged.disk.is_empty());
+        assert_eq!(disk.writes, writes);
+        assert_eq!(disk.bytes(), 4096 + 512);
+        assert_eq!(disk.verify, Some([2; 32]));
+        assert!(disk.wire_bytes > 0);
+        assert_eq!(disk.check(&[2; 32]), Ok(()));
         assert_eq!(
-            staged.check_disk(&[3; 32]),
+            disk.check(&[3; 32]),
             Err(StreamError::DiskMismatch { epoch: 1 })
         );
         // A session without a disk refuses the records.

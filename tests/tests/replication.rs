@@ -36,6 +36,10 @@ struct Opts<'a> {
     net: Option<&'a NetPair>,
     /// The backup's ack log (default: `ack.log` in the scratch directory).
     ack_log: Option<&'a str>,
+    /// The primary's disk (`primary.img`, zeros) of this many bytes (0: none).
+    disk: u64,
+    /// The backup's replica (`replica.img`, zeros) of this many bytes (0: none).
+    replica: u64,
 }
 
 impl Default for Opts<'_> {
@@ -53,12 +57,24 @@ impl Default for Opts<'_> {
             insecure: false,
             net: None,
             ack_log: None,
+            disk: 0,
+            replica: 0,
         }
     }
 }
 
 fn s(v: &str) -> String {
     v.to_string()
+}
+
+/// A disk image of `bytes` zeros at `path` (kept if it exists); its path as an argument.
+fn zero_image(path: &std::path::Path, bytes: u64) -> String {
+    if !path.exists() {
+        std::fs::File::create(path)
+            .and_then(|f| f.set_len(bytes))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    path.display().to_string()
 }
 
 /// The world's address as a daemon reaches it: on loopback, or through its host's link.
@@ -131,6 +147,9 @@ impl Pair {
         } else {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
+        if o.replica > 0 {
+            args.extend([s("--disk"), zero_image(&dir.file("replica.img"), o.replica)]);
+        }
         let ns = o.net.map(|n| n.backup_ns.as_str());
         let backup = Proc::spawn_in(ns, "ha-backup", &args, dir.file("backup.log"));
         wait_addr(&dir.file("port"), Duration::from_secs(20));
@@ -200,6 +219,9 @@ impl Pair {
             s("1s"),
         ];
         args.extend_from_slice(key);
+        if o.disk > 0 {
+            args.extend([s("--disk"), zero_image(&dir.file("primary.img"), o.disk)]);
+        }
         if let Some(r) = o.run_for {
             args.extend([s("--run-for"), s(r)]);
         }
@@ -244,6 +266,38 @@ impl Pair {
             self.backup.log_text(),
             events(&self.backup_events()),
         )
+    }
+
+    /// A verified run of `--run-for`: the primary exits 0 with at least 10 checkpoints
+    /// acknowledged, the backup logged each and no digest failed. The primary's summary.
+    fn check_verified_run(&mut self) -> serde_json::Value {
+        let mut primary = self
+            .primary
+            .take()
+            .unwrap_or_else(|| self.fail("no primary"));
+        let code = primary.wait_for(Duration::from_secs(60));
+        let out = primary.stdout();
+        self.primary = Some(primary);
+        if code != Some(0) {
+            self.fail(&format!("primary exited {code:?}: {out}"));
+        }
+        let summary: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| self.fail(&format!("summary {out:?}: {e}")));
+        let committed = summary["epochs_committed"].as_u64().unwrap_or(0);
+        if committed < 10 {
+            self.fail(&format!("only {committed} checkpoints committed"));
+        }
+        let ev = events(&self.backup_events());
+        if ev.iter().any(|e| e["event"] == "verify_failed") {
+            self.fail("a checkpoint's digest did not match");
+        }
+        let checkpoints = ev.iter().filter(|e| e["event"] == "checkpoint").count() as u64;
+        if checkpoints < committed {
+            self.fail(&format!(
+                "backup logged {checkpoints} checkpoints, primary saw {committed} acks"
+            ));
+        }
+        summary
     }
 
     /// After the backup took over: check it resumed from its last commit and went on.
@@ -329,30 +383,7 @@ fn kvm_pair_commits_verified_checkpoints() {
             ..Opts::default()
         },
     );
-    let mut primary = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
-    let code = primary.wait_for(Duration::from_secs(60));
-    let out = primary.stdout();
-    if code != Some(0) {
-        p.fail(&format!("primary exited {code:?}: {out}"));
-    }
-    let summary: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| p.fail(&format!("summary {out:?}: {e}")));
-    let committed = summary["epochs_committed"].as_u64().unwrap_or(0);
-    if committed < 10 {
-        p.fail(&format!("only {committed} checkpoints committed in 1.5 s"));
-    }
-    let ev = events(&p.backup_events());
-    let verified = events(&p.primary_events()).len();
-    let _ = verified;
-    if ev.iter().any(|e| e["event"] == "verify_failed") {
-        p.fail("a checkpoint's digest did not match");
-    }
-    let checkpoints = ev.iter().filter(|e| e["event"] == "checkpoint").count() as u64;
-    if checkpoints < committed {
-        p.fail(&format!(
-            "backup logged {checkpoints} checkpoints, primary saw {committed} acks"
-        ));
-    }
+    p.check_verified_run();
     // The primary stopping looks like its death to the backup: it fails over cleanly.
     p.check_failover();
 }
@@ -991,4 +1022,181 @@ fn a_backup_whose_disk_is_full_says_so_to_the_primary() {
             && reason.contains("No space left on device"),
         "{reason}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Disks: the db workload on the sim, the primary's disk replicated to the backup's replica
+// ---------------------------------------------------------------------------------------
+
+/// 32M of guest memory and a 1 MiB disk, as `--guest sim --workload db` runs them here.
+fn db_opts<'a>(disk: u64) -> Opts<'a> {
+    Opts {
+        guest: "sim",
+        workload: "db",
+        disk,
+        replica: disk,
+        ..Opts::default()
+    }
+}
+
+/// With a Verify frame every checkpoint, the backup checks its replica against the
+/// primary's disk digest after each commit (and exits 3 on a mismatch): over a run, every
+/// checkpoint's replica equals the primary's disk. Then the primary stops, and the backup
+/// takes the db guest over on its replica.
+#[test]
+fn db_replica_equals_the_primary_disk_at_every_verified_checkpoint() {
+    let mut p = Pair::start(
+        "dbverify",
+        &Opts {
+            verify_every: 1,
+            run_for: Some("1500ms"),
+            ..db_opts(1 << 20)
+        },
+    );
+    let summary = p.check_verified_run();
+    let writes = summary["disk_writes"].as_u64().unwrap_or(0);
+    let disk_bytes = summary["disk_wire_bytes"].as_u64().unwrap_or(0);
+    if writes == 0 || disk_bytes == 0 {
+        p.fail(&format!("no disk writes replicated: {summary}"));
+    }
+    p.check_failover();
+}
+
+/// The check above is live: a replica that does not start equal to the primary's disk
+/// fails the first verified checkpoint (exit 3, `verify_failed` for the disk).
+#[test]
+fn a_replica_that_differs_from_the_primary_disk_fails_verification() {
+    let o = Opts {
+        verify_every: 1,
+        run_for: Some("3s"),
+        ..db_opts(1 << 20)
+    };
+    let mut p = Pair::start_backup("dbdiffer", &o);
+    // The last page: the db's log reaches it only after 16k updates.
+    std::fs::write(p.dir.file("replica.img"), {
+        let mut d = vec![0u8; 1 << 20];
+        d[(1 << 20) - 1] = 1;
+        d
+    })
+    .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    let code = p.backup.wait_for(Duration::from_secs(30));
+    let failed = events(&p.backup_events())
+        .into_iter()
+        .find(|e| e["event"] == "verify_failed");
+    match failed {
+        Some(e) if code == Some(3) && e["what"] == "disk" => {}
+        other => p.fail(&format!("backup exited {code:?}, verify_failed: {other:?}")),
+    }
+}
+
+/// A replica of another size, and a disk on one side only, are refused at the handshake
+/// with both sizes (or the missing disk) named, on both sides.
+#[test]
+fn a_disk_size_mismatch_is_refused_naming_both_sizes() {
+    for (disk, replica, says) in [
+        (
+            1 << 20,
+            2 << 20,
+            "disk size mismatch: primary has 1048576, backup has 2097152",
+        ),
+        (
+            1 << 20,
+            0,
+            "disk size mismatch: primary has 1048576, backup has no disk (no --disk)",
+        ),
+        (
+            0,
+            1 << 20,
+            "disk size mismatch: primary has no disk (no --disk), backup has 1048576",
+        ),
+    ] {
+        let o = Opts {
+            workload: if disk > 0 { "db" } else { "kv" },
+            disk,
+            replica,
+            ..db_opts(0)
+        };
+        let mut p = Pair::start_backup("dbsize", &o);
+        let key = p.key_args(&o);
+        let mut pr = p.spawn_primary(&o, p.backup_addr(), "primary", &key);
+        let code = pr.wait_for(Duration::from_secs(30));
+        let log = pr.log_text();
+        p.primary = Some(pr);
+        if code != Some(1) || !log.contains(&format!("backup refused the session: {says}")) {
+            p.fail(&format!("the primary exited {code:?}: {log}"));
+        }
+        let refused = wait_event(&p.backup_events(), "refused", Duration::from_secs(20));
+        if refused.as_ref().map(|e| &e["reason"]) != Some(&says.into()) {
+            p.fail(&format!("the backup's refusal: {refused:?}"));
+        }
+    }
+}
+
+/// kill -9 of a db primary at seeded random moments: the backup takes over on its
+/// replica, and every update the world saw acknowledged (an output record with progress
+/// p: updates 1..=p are durable) is in the replica's log, as the reference model wrote it.
+#[test]
+fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
+    use ha_workloads::db::{Layout, check_word, log_record, log_window};
+    let runs: u64 = std::env::var("CASTOR_KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    // Large enough that the log does not wrap in the few seconds a run lasts.
+    let disk: u64 = 16 << 20;
+    let mut rng = Rng(0xD15C);
+    for i in 0..runs {
+        let mut p = Pair::start(&format!("dbkill{i}"), &db_opts(disk));
+        p.wait_protected();
+        let delay = rng.range(100, 800);
+        std::thread::sleep(Duration::from_millis(delay));
+        if let Some(pr) = p.primary.as_mut() {
+            pr.kill9();
+        }
+        p.check_failover();
+        let seen = p.world.view().primary_last_payload;
+        let acked = seen
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes);
+        if acked == 0 {
+            p.fail("the world saw no acknowledged update");
+        }
+        let replica = std::fs::read(p.dir.file("replica.img"))
+            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+        // The primary's guest, as `ha-primary` builds it (see its main).
+        let memory = 32u64 << 20;
+        let params = ha_workloads::guest_abi::GuestParams {
+            workload: ha_workloads::guest_abi::Workload::Db,
+            seed: 1,
+            heap_gpa: ha_workloads::guest_abi::HEAP_GPA,
+            heap_size: memory - ha_workloads::guest_abi::HEAP_GPA - (1 << 20),
+            rate: 20000,
+            tsc_khz: 0,
+            output_every: 32,
+            doorbell_every: 256,
+            disk_size: disk,
+        };
+        let l = Layout::of(&params).unwrap_or_else(|| p.fail("no db layout"));
+        let mut model = ha_workloads::model::ImageModel::fresh(memory, &params);
+        model.run_to(acked);
+        let window = log_window(&l, acked);
+        if window.start != 1 {
+            p.fail(&format!("the log wrapped: {window:?}"));
+        }
+        for seq in window {
+            let got = log_record(&l, &replica, seq);
+            let want = log_record(&l, &model.disk, seq);
+            let ok = got.is_some_and(|r| r[0] == seq && r[7] == check_word(&r)) && got == want;
+            if !ok {
+                p.fail(&format!(
+                    "acknowledged update {seq} of {acked} is not on the replica: {got:?}, \
+                     the model wrote {want:?}"
+                ));
+            }
+        }
+        eprintln!("run {i}: killed after {delay} ms; updates 1..={acked} on the replica");
+    }
 }

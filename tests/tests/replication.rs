@@ -300,6 +300,28 @@ impl Pair {
         summary
     }
 
+    /// Protected, then `fault` on the link: the backup declares the primary lost (the
+    /// event, returned) and no digest failed (a damaged epoch never reached the image or
+    /// the replica).
+    fn wait_lost_after(&self, fault: Fault) -> serde_json::Value {
+        self.wait_protected();
+        let lost = wait_event(
+            &self.backup_events(),
+            "primary_lost",
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| self.fail(&format!("{fault:?}: the backup never noticed")));
+        if events(&self.backup_events())
+            .iter()
+            .any(|e| e["event"] == "verify_failed")
+        {
+            self.fail(&format!(
+                "{fault:?}: a damaged epoch reached the image or replica"
+            ));
+        }
+        lost
+    }
+
     /// After the backup took over: check it resumed from its last commit and went on.
     fn check_failover(&mut self) -> serde_json::Value {
         let active = wait_event(&self.backup_events(), "active", Duration::from_secs(20))
@@ -450,15 +472,7 @@ fn corrupted_or_cut_stream_fails_over_to_the_previous_commit() {
                 ..Opts::default()
             },
         );
-        p.wait_protected();
-        let lost = wait_event(&p.backup_events(), "primary_lost", Duration::from_secs(20))
-            .unwrap_or_else(|| p.fail(&format!("{fault:?}: the backup never noticed")));
-        if events(&p.backup_events())
-            .iter()
-            .any(|e| e["event"] == "verify_failed")
-        {
-            p.fail(&format!("{fault:?}: a damaged epoch reached the image"));
-        }
+        let lost = p.wait_lost_after(fault);
         let reason = lost["reason"].as_str().unwrap_or_default();
         if !matches!(fault, Fault::CutAfter(_))
             && !reason.contains("encrypted message")
@@ -1139,7 +1153,6 @@ fn a_disk_size_mismatch_is_refused_naming_both_sizes() {
 /// p: updates 1..=p are durable) is in the replica's log, as the reference model wrote it.
 #[test]
 fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
-    use ha_workloads::db::{Layout, check_word, log_record, log_window};
     let runs: u64 = std::env::var("CASTOR_KILL_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -1156,47 +1169,167 @@ fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
             pr.kill9();
         }
         p.check_failover();
-        let seen = p.world.view().primary_last_payload;
-        let acked = seen
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_le_bytes);
-        if acked == 0 {
-            p.fail("the world saw no acknowledged update");
+        let acked = check_acked_updates(&p, disk);
+        eprintln!("run {i}: killed after {delay} ms; updates 1..={acked} on the replica");
+    }
+}
+
+/// After a failover of a db pair with a `disk`-byte disk: every update the world saw
+/// acknowledged (the progress word of the last record the primary released) is in the
+/// replica's log, as the reference model wrote it. Returns that progress.
+fn check_acked_updates(p: &Pair, disk: u64) -> u64 {
+    use ha_workloads::db::{Layout, check_word, log_record, log_window};
+    let seen = p.world.view().primary_last_payload;
+    let acked = seen
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    if acked == 0 {
+        p.fail("the world saw no acknowledged update");
+    }
+    let replica = std::fs::read(p.dir.file("replica.img"))
+        .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    // The primary's guest, as `ha-primary` builds it (see its main).
+    let memory = 32u64 << 20;
+    let params = ha_workloads::guest_abi::GuestParams {
+        workload: ha_workloads::guest_abi::Workload::Db,
+        seed: 1,
+        heap_gpa: ha_workloads::guest_abi::HEAP_GPA,
+        heap_size: memory - ha_workloads::guest_abi::HEAP_GPA - (1 << 20),
+        rate: 20000,
+        tsc_khz: 0,
+        output_every: 32,
+        doorbell_every: 256,
+        disk_size: disk,
+    };
+    let l = Layout::of(&params).unwrap_or_else(|| p.fail("no db layout"));
+    let mut model = ha_workloads::model::ImageModel::fresh(memory, &params);
+    model.run_to(acked);
+    let window = log_window(&l, acked);
+    if window.start != 1 {
+        p.fail(&format!("the log wrapped: {window:?}"));
+    }
+    for seq in window {
+        let got = log_record(&l, &replica, seq);
+        let want = log_record(&l, &model.disk, seq);
+        let ok = got.is_some_and(|r| r[0] == seq && r[7] == check_word(&r)) && got == want;
+        if !ok {
+            p.fail(&format!(
+                "acknowledged update {seq} of {acked} is not on the replica: {got:?}, \
+             the model wrote {want:?}"
+            ));
         }
-        let replica = std::fs::read(p.dir.file("replica.img"))
-            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
-        // The primary's guest, as `ha-primary` builds it (see its main).
-        let memory = 32u64 << 20;
-        let params = ha_workloads::guest_abi::GuestParams {
-            workload: ha_workloads::guest_abi::Workload::Db,
-            seed: 1,
-            heap_gpa: ha_workloads::guest_abi::HEAP_GPA,
-            heap_size: memory - ha_workloads::guest_abi::HEAP_GPA - (1 << 20),
-            rate: 20000,
-            tsc_khz: 0,
-            output_every: 32,
-            doorbell_every: 256,
-            disk_size: disk,
-        };
-        let l = Layout::of(&params).unwrap_or_else(|| p.fail("no db layout"));
-        let mut model = ha_workloads::model::ImageModel::fresh(memory, &params);
-        model.run_to(acked);
-        let window = log_window(&l, acked);
-        if window.start != 1 {
-            p.fail(&format!("the log wrapped: {window:?}"));
-        }
-        for seq in window {
-            let got = log_record(&l, &replica, seq);
-            let want = log_record(&l, &model.disk, seq);
-            let ok = got.is_some_and(|r| r[0] == seq && r[7] == check_word(&r)) && got == want;
-            if !ok {
-                p.fail(&format!(
-                    "acknowledged update {seq} of {acked} is not on the replica: {got:?}, \
-                     the model wrote {want:?}"
-                ));
+    }
+    acked
+}
+
+/// A flipped bit (on a plain-TCP link, past the channel: the epoch's digest or frame checks
+/// refuse it, or a flipped length stalls the epoch until the primary gives up and closes),
+/// a cut connection, and a replayed message (on the encrypted link) in a stream carrying
+/// disk records: the damaged epoch never commits, every earlier checkpoint's replica
+/// matched the primary's disk (verified each time), and the backup takes over on a replica
+/// holding every update the world saw acknowledged. `--fence`, as both sides live on.
+#[test]
+fn a_damaged_epoch_with_disk_records_leaves_the_replica_at_the_last_commit() {
+    let disk: u64 = 16 << 20;
+    for (fault, insecure) in [
+        (Fault::FlipAfter(Duration::from_millis(700)), true),
+        (Fault::CutAfter(Duration::from_millis(700)), true),
+        (Fault::DuplicateAfter(Duration::from_millis(700)), false),
+    ] {
+        let mut p = Pair::start(
+            "dbfault",
+            &Opts {
+                fault,
+                insecure,
+                verify_every: 1,
+                fence: true,
+                ..db_opts(disk)
+            },
+        );
+        let lost = p.wait_lost_after(fault);
+        let active = p.check_failover();
+        let acked = check_acked_updates(&p, disk);
+        eprintln!(
+            "{fault:?}: lost ({}), resumed from epoch {}, updates 1..={acked} on the replica",
+            lost["reason"], active["epoch"]
+        );
+    }
+}
+
+/// A backup killed while it applied checkpoint 7's disk writes (its journal marked
+/// committed, the replica half written) replays the journal at its next start; one
+/// killed before the memory commit (the journal only staged) discards it.
+#[test]
+fn a_restarted_backup_replays_a_committed_journal_and_discards_a_staged_one() {
+    use ha_backup::replica::Replica;
+    use ha_guest::domain::DiskWrite;
+    let o = Opts {
+        insecure: true,
+        ..db_opts(0)
+    };
+    for committed in [true, false] {
+        let dir = Scratch::new("journal");
+        let img = dir.file("replica.img");
+        std::fs::write(&img, vec![0u8; 64 << 10]).unwrap_or_else(|e| panic!("{e}"));
+        let writes = [
+            DiskWrite {
+                offset: 4096,
+                data: vec![7; 4096],
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![8; 512],
+            },
+        ];
+        {
+            let (mut r, _) = Replica::open(&img).unwrap_or_else(|e| panic!("{e}"));
+            r.stage(7, &writes).unwrap_or_else(|e| panic!("{e}"));
+            if committed {
+                r.mark_committed().unwrap_or_else(|e| panic!("{e}"));
             }
         }
-        eprintln!("run {i}: killed after {delay} ms; updates 1..={acked} on the replica");
+        // Committed: half of the apply happened before the kill. Staged: none of it.
+        let mut half = vec![0u8; 64 << 10];
+        if committed {
+            half[4096..8192].fill(7);
+        }
+        std::fs::write(&img, &half).unwrap_or_else(|e| panic!("{e}"));
+        let args = vec![
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--port-file"),
+            dir.file("port").display().to_string(),
+            s("--memory"),
+            s(o.memory),
+            s("--guest"),
+            s("sim"),
+            s("--insecure"),
+            s("--disk"),
+            img.display().to_string(),
+            s("--events"),
+            dir.file("backup.events").display().to_string(),
+        ];
+        let mut backup = Proc::spawn("ha-backup", &args, dir.file("backup.log"));
+        wait_addr(&dir.file("port"), Duration::from_secs(20));
+        let ev = events(&dir.file("backup.events"))
+            .into_iter()
+            .find(|e| e["event"] == "disk_journal");
+        let replica = std::fs::read(&img).unwrap_or_else(|e| panic!("{e}"));
+        let journal = std::fs::metadata(dir.file("replica.img.journal")).map(|m| m.len());
+        backup.kill9();
+        let want_action = if committed { "replayed" } else { "discarded" };
+        let mut want = half.clone();
+        if committed {
+            want[..512].fill(8);
+        }
+        assert!(
+            ev.as_ref()
+                .is_some_and(|e| e["action"] == want_action && e["epoch"] == 7),
+            "{ev:?}\n{}",
+            backup.log_text()
+        );
+        assert!(replica == want, "committed {committed}: the replica");
+        assert_eq!(journal.ok(), Some(0), "the journal is emptied");
     }
 }

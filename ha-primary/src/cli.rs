@@ -133,7 +133,8 @@ pub struct Cli {
     /// When the backup is lost, pause the guest instead of continuing unprotected.
     #[arg(long)]
     pub fence: bool,
-    /// Send a digest of the whole memory every N checkpoints; the backup checks it (0: off).
+    /// Send a digest of the whole memory (and disk) every N checkpoints; the backup checks
+    /// it (0: off).
     #[arg(long, default_value_t = 0)]
     pub verify_every: u64,
     /// Pre-copy rounds at most before the first checkpoint (at least 1: the first round

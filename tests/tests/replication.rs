@@ -699,8 +699,8 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
         .as_str()
         .unwrap_or("")
         // The plaintext Hello frame's length prefix read as a Noise message length: its
-        // 1-byte type and 32-byte body (session v4: backend kind and guest layout).
-        .contains("handshake message of 33 bytes")
+        // 1-byte type and 40-byte body (session v5: backend kind, guest layout, disk size).
+        .contains("handshake message of 41 bytes")
     {
         p.fail(&format!("plaintext Hello reason: {}", refused[1]["reason"]));
     }

@@ -60,7 +60,8 @@ impl StatsCsv {
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
-             encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us"
+             encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us,\
+             disk_writes,disk_raw_bytes,disk_wire_bytes"
         )?;
         Ok(Self { w })
     }
@@ -106,6 +107,9 @@ impl StatsCsv {
         cols.push(us(r.at));
         cols.push(r.progress.map_or(String::new(), |p| p.to_string()));
         cols.push(us(e.map(|e| e.encode_cpu)));
+        cols.push(e.map_or(0, |e| e.disk.writes).to_string());
+        cols.push(e.map_or(0, |e| e.disk.raw_bytes).to_string());
+        cols.push(e.map_or(0, |e| e.disk.wire_bytes).to_string());
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

@@ -5,6 +5,7 @@
 //! | [`cases`] | the generated page-pair cases of `shared/bench/PAGE-CASES.md` |
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
+//! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
 //! | [`drill`] | the failover drill |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
@@ -18,6 +19,7 @@ pub mod cases;
 pub mod chaos;
 pub mod codec;
 pub mod compare;
+pub mod disksync;
 pub mod drill;
 pub mod failover;
 pub mod pair;

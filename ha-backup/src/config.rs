@@ -23,7 +23,8 @@ use ha_daemon::config::{
 };
 use ha_daemon::keys::{self, KeyError};
 use ha_daemon::limits::{
-    LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
+    LimitError, check_block_size, check_disk_size, check_interval, check_max_memory, check_memory,
+    check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{UnitError, parse_duration, parse_size};
@@ -65,6 +66,12 @@ pub enum ConfigError {
     /// The disk replica cannot be used.
     #[error("--disk")]
     Disk(#[from] crate::replica::ReplicaError),
+    /// The replica file is not of `--disk-size`.
+    #[error("--disk")]
+    DiskFile(#[from] ha_daemon::diskfile::DiskFileError),
+    /// `--disk-size` without `--disk`.
+    #[error("--disk-size needs --disk (the replica to create)")]
+    DiskSizeWithoutDisk,
     /// The command line does not parse (this includes `--help` and `--version`), or the
     /// config file cannot be read or has a refused value.
     #[error(transparent)]
@@ -146,11 +153,17 @@ pub struct Cli {
     /// trusted links only).
     #[arg(long)]
     pub insecure: bool,
-    /// The disk replica: a raw image file of the primary's disk size, starting equal to
-    /// the primary's disk (a copy). Checkpoints' disk writes reach it at commit, through a
+    /// The disk replica: a raw image file of the primary's disk size. It need not start
+    /// equal to the primary's disk: before protection the pair brings it level (only the
+    /// blocks that differ cross). Checkpoints' disk writes reach it at commit, through a
     /// journal beside it (PATH.journal); the failed-over guest runs on it.
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
+    /// Create the --disk replica empty (sparse, all zero) at this size when the file does
+    /// not exist yet; an existing one must be this size. A positive multiple of 4K, at
+    /// most 16G.
+    #[arg(long, value_parser = Given::<u64>::text)]
+    pub disk_size: Option<Given<u64>>,
     /// Refuse a primary announcing more guest memory than this (also caps --memory; at
     /// least 2M).
     #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
@@ -199,6 +212,8 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// `--disk`.
     pub disk: Option<PathBuf>,
+    /// `--disk-size`.
+    pub disk_size: Option<Size>,
     /// `--max-memory`.
     pub max_memory: Option<Size>,
 }
@@ -247,6 +262,7 @@ impl Options for Cli {
             key: some,
             insecure: same,
             disk: some,
+            disk_size: |v| rule(check_disk_size(size(v)?)).map(|d| Some(Given::Parsed(d))),
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
         );
         Ok(())
@@ -298,6 +314,8 @@ pub struct Config {
     pub disk: Option<PathBuf>,
     /// Its size in bytes when the options were checked (0: no disk).
     pub disk_size: u64,
+    /// `--disk-size`: create a missing replica empty at this size.
+    pub create_disk: Option<u64>,
 }
 
 impl Config {
@@ -359,9 +377,34 @@ impl Config {
             .map(|g| g.resolve(parse_duration))
             .transpose()
             .map_err(unit("exit-after"))?;
-        let disk_size = match &cli.disk {
-            Some(p) => crate::replica::replica_size(p)?,
-            None => 0,
+        let create_disk = cli
+            .disk_size
+            .as_ref()
+            .map(|g| {
+                g.resolve(|s| {
+                    Ok::<_, ConfigError>(check_disk_size(
+                        parse_size(s).map_err(unit("disk-size"))?,
+                    )?)
+                })
+            })
+            .transpose()?;
+        let disk_size = match (&cli.disk, create_disk) {
+            (None, None) => 0,
+            (None, Some(_)) => return Err(ConfigError::DiskSizeWithoutDisk),
+            (Some(p), Some(want)) if !p.exists() => want,
+            (Some(p), want) => {
+                let have = crate::replica::replica_size(p)?;
+                if let Some(want) = want.filter(|&w| w != have) {
+                    return Err(ConfigError::DiskFile(
+                        ha_daemon::diskfile::DiskFileError::Size {
+                            path: p.clone(),
+                            have,
+                            want,
+                        },
+                    ));
+                }
+                have
+            }
         };
         Ok(Self {
             listen: cli.listen,
@@ -385,6 +428,7 @@ impl Config {
             max_memory,
             disk: cli.disk.clone(),
             disk_size,
+            create_disk,
         })
     }
 
@@ -552,6 +596,7 @@ mod tests {
             "key",
             "insecure",
             "disk",
+            "disk_size",
             "max_memory",
         ];
         let mut keys = file_keys.to_vec();

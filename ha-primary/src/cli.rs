@@ -10,8 +10,8 @@ use ha_daemon::config::{
     LoadError, Options, Overlay, Size, duration, parsed, rule as bounded, same, size, some,
 };
 use ha_daemon::limits::{
-    LimitError, check_block_size, check_cache_size, check_heartbeat, check_interval, check_memory,
-    check_pipeline, check_precopy_rounds, check_timeout,
+    LimitError, check_block_size, check_cache_size, check_disk_size, check_heartbeat,
+    check_interval, check_memory, check_pipeline, check_precopy_rounds, check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{parse_duration, parse_rate, parse_size};
@@ -85,11 +85,17 @@ pub struct Cli {
     /// Guest memory size (a positive multiple of 2M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
-    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K). Its
-    /// writes travel with each checkpoint to the backup's replica (its --disk), which must
-    /// start equal to it (a copy). Needed by the db workload.
+    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K).
+    /// Before protection the backup's replica (its --disk) is brought level with it (only
+    /// the blocks that differ cross); then its writes travel with each checkpoint. Needed
+    /// by the db and files workloads.
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
+    /// Create the --disk image at this size (empty and sparse; the files workload's
+    /// document tree written into it) when the file does not exist yet. An existing image
+    /// must be this size. A positive multiple of 4K, at most 16G.
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
     #[arg(long, value_parser = parse_size)]
     pub heap: Option<u64>,
@@ -216,6 +222,8 @@ pub struct FileConfig {
     pub memory: Option<Size>,
     /// `--disk`.
     pub disk: Option<PathBuf>,
+    /// `--disk-size`.
+    pub disk_size: Option<Size>,
     /// `--heap`.
     pub heap: Option<Size>,
     /// `--rate`.
@@ -298,6 +306,9 @@ impl Cli {
     pub fn check(&self) -> Result<(), LimitError> {
         check_interval(self.interval)?;
         check_memory(self.memory)?;
+        if let Some(d) = self.disk_size {
+            check_disk_size(d)?;
+        }
         check_cache_size(self.cache_size, self.mode)?;
         check_pipeline(self.pipeline)?;
         check_timeout("ack-timeout", self.ack_timeout)?;
@@ -324,6 +335,7 @@ impl Options for Cli {
             workload: parsed::<Workload>,
             memory: |v| bounded(check_memory(size(v)?)),
             disk: some,
+            disk_size: |v| bounded(check_disk_size(size(v)?)).map(Some),
             heap: |v| size(v).map(Some),
             rate: some,
             seed: same,
@@ -625,6 +637,7 @@ mod tests {
             "workload",
             "memory",
             "disk",
+            "disk_size",
             "heap",
             "rate",
             "seed",

@@ -78,6 +78,9 @@ pub enum EngineError {
     /// The stall watch thread cannot start.
     #[error("cannot start the stall watch thread")]
     Watch(#[source] std::io::Error),
+    /// The initial sync of the disk failed.
+    #[error(transparent)]
+    DiskSync(#[from] crate::disksync::SyncError),
 }
 
 /// How the primary runs.
@@ -149,6 +152,34 @@ pub struct Summary {
     pub outputs_released: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
+    /// The initial sync of the disk (a guest with a disk).
+    pub disk_sync: Option<DiskSyncSummary>,
+}
+
+/// What the initial sync of the disk cost.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskSyncSummary {
+    /// The disk's size in bytes.
+    pub disk_bytes: u64,
+    /// 4 KiB blocks of the replica that differed.
+    pub blocks: u64,
+    /// Fingerprint bytes both ways (requests and answers).
+    pub fingerprint_bytes: u64,
+    /// Round trips of the comparison.
+    pub round_trips: u32,
+    /// Wire bytes of the differing blocks' disk records (acknowledged epochs).
+    pub block_wire_bytes: u64,
+    /// Milliseconds the comparison took.
+    pub compare_ms: u64,
+    /// Milliseconds from the comparison's start until the blocks were all queued.
+    pub ms: u64,
+}
+
+impl DiskSyncSummary {
+    /// Bytes that crossed for the disk (fingerprints and blocks) per byte of disk.
+    pub fn sent_ratio(&self) -> f64 {
+        (self.fingerprint_bytes + self.block_wire_bytes) as f64 / self.disk_bytes.max(1) as f64
+    }
 }
 
 /// The engine's state, for logs and events.
@@ -204,6 +235,9 @@ struct Engine<'a> {
     /// Under the default policy, when the stand-down to a lost backup was queued: output
     /// stays held until it is on the wire (or the link is gone, or the wait runs out).
     standing_down: Option<Instant>,
+    /// The next checkpoint carries the digests whatever `verify_every` says (the first
+    /// after a disk sync: protection starts when they agree).
+    verify_next: bool,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -330,6 +364,7 @@ pub fn run_with_metrics(
         stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
         suspect: None,
         standing_down: None,
+        verify_next: false,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -360,6 +395,7 @@ impl Engine<'_> {
         if self.d.is_paused() {
             self.d.resume()?;
         }
+        self.sync_disk()?;
         let mut dirty = PageBitmap::new(pages);
         self.d.harvest_dirty(&mut dirty)?; // tracking starts now
         // Round 0: every non-zero page, in chunks.
@@ -423,7 +459,78 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Bring the backup's disk replica level with this disk ([`crate::disksync`]): the
+    /// differing blocks go in pre-copy epochs; writes from now on go with the checkpoints.
+    fn sync_disk(&mut self) -> Result<(), EngineError> {
+        let Some(size) = self.d.disk().map(|k| k.disk_size()) else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        // Writes completed before this are on the disk the comparison reads; the ones
+        // after it are drained at the first checkpoint.
+        self.d.pause()?;
+        let mut before = Vec::new();
+        let drained = self
+            .d
+            .disk()
+            .map_or(Ok(()), |k| k.drain_writes(&mut before));
+        self.d.resume()?;
+        drained?;
+        tracing::info!(
+            disk_mib = size >> 20,
+            "disk sync: comparing the backup's replica with this disk"
+        );
+        let wait = crate::disksync::answer_wait(self.cfg.ack_timeout, size);
+        let outcome = match self.d.disk() {
+            Some(k) => crate::disksync::compare(&*k, &self.ctl, &self.link, wait)?,
+            None => return Ok(()),
+        };
+        let c = match outcome {
+            crate::disksync::Outcome::Compared(c) => c,
+            crate::disksync::Outcome::Closed(why) => return self.backup_lost(&why),
+        };
+        tracing::info!(
+            blocks = c.blocks.len(),
+            mib = (c.blocks.len() as u64 * crate::disksync::BLOCK) >> 20,
+            fingerprint_bytes = c.fingerprint_bytes,
+            round_trips = c.round_trips,
+            ms = c.took.as_millis() as u64,
+            "disk sync: sending the blocks that differ"
+        );
+        for runs in crate::disksync::epochs(&c.blocks) {
+            if self.phase != Phase::Syncing {
+                break;
+            }
+            let writes = match self.d.disk() {
+                Some(k) => crate::disksync::read_runs(&*k, &runs)?,
+                None => break,
+            };
+            self.send_precopy_with(Pages::default(), writes)?;
+            self.pump(Duration::ZERO)?;
+        }
+        self.verify_next = true;
+        self.summary.disk_sync = Some(DiskSyncSummary {
+            disk_bytes: size,
+            blocks: c.blocks.len() as u64,
+            fingerprint_bytes: c.fingerprint_bytes,
+            round_trips: c.round_trips,
+            block_wire_bytes: 0,
+            compare_ms: c.took.as_millis() as u64,
+            ms: t.elapsed().as_millis() as u64,
+        });
+        Ok(())
+    }
+
     fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
+        self.send_precopy_with(pages, Vec::new())
+    }
+
+    /// A pre-copy epoch: `pages` and the initial disk sync's blocks `disk`.
+    fn send_precopy_with(
+        &mut self,
+        pages: Pages,
+        disk: Vec<ha_guest::domain::DiskWrite>,
+    ) -> Result<(), EngineError> {
         let epoch = self.epoch;
         self.epoch += 1;
         let n = pages.len();
@@ -443,7 +550,7 @@ impl Engine<'_> {
             epoch,
             pages,
             state: None,
-            disk: Vec::new(),
+            disk,
             verify: None,
             verify_disk: None,
         })
@@ -464,8 +571,9 @@ impl Engine<'_> {
 
     fn checkpoint(&mut self, dirty: &mut PageBitmap) -> Result<Instant, EngineError> {
         self.checkpoints += 1;
-        let verify =
-            self.cfg.verify_every > 0 && self.checkpoints.is_multiple_of(self.cfg.verify_every);
+        let verify = std::mem::take(&mut self.verify_next)
+            || (self.cfg.verify_every > 0
+                && self.checkpoints.is_multiple_of(self.cfg.verify_every));
         let cp = harvest::take(self.d, self.epoch, dirty, verify)?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
@@ -588,6 +696,9 @@ impl Engine<'_> {
                     if let Some(f) = self.inflight.get_mut(&n) {
                         f.row.send = Some(took);
                     }
+                }
+                LinkEvent::Sums(_) => {
+                    tracing::warn!("the backup sent disk sync fingerprints nobody asked for");
                 }
                 LinkEvent::StoodDown => {
                     if self.standing_down.take().is_some() {
@@ -721,6 +832,8 @@ impl Engine<'_> {
                     self.summary.disk_writes += enc.disk.writes;
                 }
                 self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
+            } else if let (Some(enc), Some(sync)) = (&row.encoded, &mut self.summary.disk_sync) {
+                sync.block_wire_bytes += enc.disk.wire_bytes;
             }
             if let Some(s) = &mut self.stats
                 && let Err(err) = s.row(&row)
@@ -735,6 +848,17 @@ impl Engine<'_> {
                 "protected: the backup holds a committed checkpoint"
             );
             self.events.note("protected", json!({ "epoch": n }));
+            if let Some(sync) = &self.summary.disk_sync {
+                tracing::info!(
+                    epoch = n,
+                    blocks = sync.blocks,
+                    disk_bytes = sync.disk_bytes,
+                    sent_bytes = sync.fingerprint_bytes + sync.block_wire_bytes,
+                    percent_of_disk = format!("{:.2}", 100.0 * sync.sent_ratio()),
+                    "disk in sync: the backup checked its replica against this disk's digest"
+                );
+                self.events.note("disk_synced", json!(sync));
+            }
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 //!
 //! | module | stage |
 //! |---|---|
+//! | [`disksync`] | the initial sync of the guest's disk: only the blocks the backup's replica lacks |
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
@@ -16,6 +17,7 @@
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
+pub mod disksync;
 pub mod encode;
 pub mod engine;
 pub mod harvest;

@@ -4,12 +4,13 @@ use ha_backend::{PrimaryGuest, XenHold};
 use ha_codec::codec::CodecConfig;
 use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
-use ha_daemon::keys;
+use ha_daemon::{diskfile, keys};
 use ha_guest::domain::{Devices, GuestSpec};
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
-use ha_workloads::guest_abi::{GuestParams, HEAP_GPA};
+use ha_workloads::files;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use std::error::Error;
 use std::process::ExitCode;
 
@@ -28,6 +29,49 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("ha-primary: {}", chain(e.as_ref()));
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// With `--disk-size`, create a missing `--disk` image (the files workload's document
+/// tree written into it), or check an existing one's size.
+fn provision_disk(cli: &Cli, heap: u64) -> Result<(), Box<dyn Error>> {
+    let (path, size) = match (&cli.disk, cli.disk_size) {
+        (_, None) => return Ok(()),
+        (None, Some(_)) => return Err("--disk-size needs --disk (the image to create)".into()),
+        (Some(p), Some(s)) => (p, s),
+    };
+    if diskfile::prepare(path, Some(size))? == diskfile::Prepared::Existing {
+        return Ok(());
+    }
+    tracing::info!(disk = %path.display(), bytes = size, "created an empty disk image");
+    if cli.workload != Workload::Files {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let formatted = files::format_disk(cli.seed, heap, size, |at, b: &[u8]| {
+        std::os::unix::fs::FileExt::write_all_at(&file, b, at)
+    });
+    match formatted {
+        Some(Ok(l)) => {
+            file.sync_all()?;
+            tracing::info!(
+                files = l.files,
+                pages = l.file_pages,
+                "wrote the files workload's document tree"
+            );
+            Ok(())
+        }
+        Some(Err(e)) => {
+            Err(format!("writing the document tree into {}: {e}", path.display()).into())
+        }
+        None => {
+            let _ = std::fs::remove_file(path);
+            Err(format!(
+                "--disk-size {size} is too small for the files workload's document tree and log \
+                 (or --heap too small for its page cache)"
+            )
+            .into())
         }
     }
 }
@@ -51,6 +95,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     let heap = cli
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
+    provision_disk(&cli, heap)?;
     let spec = GuestSpec {
         memory_size: cli.memory,
         params: GuestParams {

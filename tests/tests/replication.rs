@@ -40,6 +40,8 @@ struct Opts<'a> {
     disk: u64,
     /// The backup's replica (`replica.img`, zeros) of this many bytes (0: none).
     replica: u64,
+    /// Leave the disk files to the daemons: `--disk-size` instead of a file made here.
+    create_disks: bool,
 }
 
 impl Default for Opts<'_> {
@@ -59,8 +61,18 @@ impl Default for Opts<'_> {
             ack_log: None,
             disk: 0,
             replica: 0,
+            create_disks: false,
         }
     }
+}
+
+/// `--disk PATH` for a disk of `bytes`: the file made here (zeros, kept if it exists), or
+/// with `create` left to the daemon (`--disk-size`).
+fn disk_args(path: &std::path::Path, bytes: u64, create: bool) -> [String; 2] {
+    if create {
+        return [s("--disk-size"), bytes.to_string()];
+    }
+    [s("--disk"), zero_image(path, bytes)]
 }
 
 fn s(v: &str) -> String {
@@ -148,7 +160,11 @@ impl Pair {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
         if o.replica > 0 {
-            args.extend([s("--disk"), zero_image(&dir.file("replica.img"), o.replica)]);
+            let path = dir.file("replica.img");
+            if o.create_disks {
+                args.extend([s("--disk"), path.display().to_string()]);
+            }
+            args.extend(disk_args(&path, o.replica, o.create_disks));
         }
         let ns = o.net.map(|n| n.backup_ns.as_str());
         let backup = Proc::spawn_in(ns, "ha-backup", &args, dir.file("backup.log"));
@@ -220,7 +236,11 @@ impl Pair {
         ];
         args.extend_from_slice(key);
         if o.disk > 0 {
-            args.extend([s("--disk"), zero_image(&dir.file("primary.img"), o.disk)]);
+            let path = dir.file("primary.img");
+            if o.create_disks {
+                args.extend([s("--disk"), path.display().to_string()]);
+            }
+            args.extend(disk_args(&path, o.disk, o.create_disks));
         }
         if let Some(r) = o.run_for {
             args.extend([s("--run-for"), s(r)]);
@@ -699,7 +719,7 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
         .as_str()
         .unwrap_or("")
         // The plaintext Hello frame's length prefix read as a Noise message length: its
-        // 1-byte type and 40-byte body (session v5: backend kind, guest layout, disk size).
+        // 1-byte type and 40-byte body (session v6: backend kind, guest layout, disk size).
         .contains("handshake message of 41 bytes")
     {
         p.fail(&format!("plaintext Hello reason: {}", refused[1]["reason"]));
@@ -1076,25 +1096,113 @@ fn db_replica_equals_the_primary_disk_at_every_verified_checkpoint() {
     p.check_failover();
 }
 
-/// The check above is live: a replica that does not start equal to the primary's disk
-/// fails the first verified checkpoint (exit 3, `verify_failed` for the disk).
+/// A replica need not start equal: scattered blocks of it differ from the primary's disk,
+/// and before protection the pair compares fingerprints and sends only the blocks that
+/// differ. Every checkpoint's replica then equals the primary's disk (verified each time),
+/// and the bytes that crossed for the disk are a small part of it.
 #[test]
-fn a_replica_that_differs_from_the_primary_disk_fails_verification() {
+fn a_replica_that_differs_is_brought_level_with_the_blocks_that_differ() {
+    let disk: u64 = 16 << 20;
     let o = Opts {
         verify_every: 1,
-        run_for: Some("3s"),
-        ..db_opts(1 << 20)
+        run_for: Some("1500ms"),
+        ..db_opts(disk)
     };
     let mut p = Pair::start_backup("dbdiffer", &o);
-    // The last page: the db's log reaches it only after 16k updates.
-    std::fs::write(p.dir.file("replica.img"), {
-        let mut d = vec![0u8; 1 << 20];
-        d[(1 << 20) - 1] = 1;
-        d
-    })
-    .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    // 40 blocks scattered over the replica hold something else than the primary's zeros.
+    let mut replica = vec![0u8; disk as usize];
+    let mut rng = Rng(0x5EED);
+    let mut differ = std::collections::BTreeSet::new();
+    while differ.len() < 40 {
+        differ.insert(rng.range(0, disk / 4096 - 1));
+    }
+    for &b in &differ {
+        let at = (b * 4096) as usize;
+        for (i, x) in replica[at..at + 4096].iter_mut().enumerate() {
+            *x = (i as u64 ^ b).wrapping_mul(0x9E37_79B9) as u8 | 1;
+        }
+    }
+    std::fs::write(p.dir.file("replica.img"), &replica)
+        .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
     let key = p.key_args(&o);
     p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    let summary = p.check_verified_run();
+    let sync = &summary["disk_sync"];
+    let blocks = sync["blocks"].as_u64().unwrap_or(0);
+    let sent = sync["fingerprint_bytes"].as_u64().unwrap_or(u64::MAX)
+        + sync["block_wire_bytes"].as_u64().unwrap_or(u64::MAX);
+    // The guest's own early writes differ too; the 40 blocks at least.
+    if blocks < 40 || sent > disk / 20 {
+        p.fail(&format!(
+            "{blocks} blocks, {sent} bytes sent for the disk: {sync}"
+        ));
+    }
+    let synced = wait_event(&p.primary_events(), "disk_synced", Duration::from_secs(5));
+    if synced.is_none() {
+        p.fail("no disk_synced event");
+    }
+}
+
+/// The files workload with both disk files created by the daemons (`--disk-size`): the
+/// primary's image gets the document tree, the backup's replica starts empty, the sync
+/// sends the tree, every checkpoint verifies, and the backup takes over on the replica.
+/// On the sim and on KVM.
+#[test]
+fn files_disks_created_by_the_daemons_sync_and_fail_over() {
+    let disk: u64 = 4 << 20;
+    for guest in ["sim", "kvm"] {
+        if guest == "kvm" && !kvm_or_skip() {
+            continue;
+        }
+        let mut p = Pair::start(
+            &format!("filescreate-{guest}"),
+            &Opts {
+                guest,
+                workload: "files",
+                verify_every: 1,
+                run_for: Some("2s"),
+                create_disks: true,
+                ..db_opts(disk)
+            },
+        );
+        let summary = p.check_verified_run();
+        let sync = &summary["disk_sync"];
+        let image = std::fs::read(p.dir.file("primary.img"))
+            .unwrap_or_else(|e| p.fail(&format!("primary image: {e}")));
+        let tree = image
+            .chunks(4096)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .count() as u64;
+        if tree < 64 || sync["blocks"].as_u64().unwrap_or(0) < tree / 2 {
+            p.fail(&format!(
+                "{guest}: {tree} non-zero blocks on the primary's disk; sync: {sync}"
+            ));
+        }
+        p.check_failover();
+    }
+}
+
+/// The check above is live: a replica changed behind the backup's back (its last page,
+/// which the db's log reaches only after 16k updates) fails the next verified checkpoint
+/// (exit 3, `verify_failed` for the disk).
+#[test]
+fn a_replica_changed_behind_the_backup_fails_verification() {
+    let o = Opts {
+        verify_every: 1,
+        run_for: Some("20s"),
+        ..db_opts(1 << 20)
+    };
+    let mut p = Pair::start("dbtamper", &o);
+    p.wait_protected();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.dir.file("replica.img"))
+            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+        f.write_all_at(&[1], (1 << 20) - 1)
+            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    }
     let code = p.backup.wait_for(Duration::from_secs(30));
     let failed = events(&p.backup_events())
         .into_iter()

@@ -63,7 +63,11 @@ pub(crate) fn receive(
                 Some(reason) => return Ok(Received::Lost(Loss::now(reason, rx.last_frame()))),
             }
         }
-        let mut verified = match stager.push(&frame, committed.image()) {
+        let replica = sinks
+            .replica
+            .as_ref()
+            .map(|r| r as &dyn ha_wire::disksync::ReadAt);
+        let mut verified = match stager.push(&frame, committed.image(), replica) {
             Ok(None) => continue,
             Ok(Some(v)) => v,
             Err(e) => {

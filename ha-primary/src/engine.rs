@@ -665,10 +665,13 @@ impl Engine<'_> {
     }
 
     /// How long an in-flight epoch has waited for its ack (since it was taken or queued).
+    /// How long `epoch` has waited for its ack since it was taken, its pause not counted
+    /// (a long pause, such as the first checkpoint's digests after a disk sync, is this
+    /// side's time, not the backup's).
     fn waited(&self, epoch: u64) -> Duration {
-        self.inflight
-            .get(&epoch)
-            .map_or(Duration::ZERO, |f| f.since.elapsed())
+        self.inflight.get(&epoch).map_or(Duration::ZERO, |f| {
+            f.since.elapsed().saturating_sub(f.row.pause)
+        })
     }
 
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.

@@ -102,6 +102,15 @@ impl ReadAt for [u8] {
     }
 }
 
+impl ReadAt for Vec<u8> {
+    fn size(&self) -> u64 {
+        self.as_slice().size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
 /// Chunks of `level` on a disk of `size` bytes (the last may be short).
 fn chunks_of(level: u8, size: u64) -> u64 {
     size.div_ceil(LEVELS[usize::from(level)])

@@ -69,6 +69,9 @@ pub enum ConfigError {
     /// The replica file is not of `--disk-size`.
     #[error("--disk")]
     DiskFile(#[from] ha_daemon::diskfile::DiskFileError),
+    /// The lease options are refused.
+    #[error(transparent)]
+    Lease(#[from] ha_lease::config::ConfigError),
     /// `--disk-size` without `--disk`.
     #[error("--disk-size needs --disk (the replica to create)")]
     DiskSizeWithoutDisk,
@@ -164,6 +167,29 @@ pub struct Cli {
     /// most 16G.
     #[arg(long, value_parser = Given::<u64>::text)]
     pub disk_size: Option<Given<u64>>,
+    /// etcd client URLs, comma-separated (http://host:2379; https with --etcd-ca,
+    /// --etcd-cert, --etcd-key). On losing the primary this backup activates the guest
+    /// only once it holds the guest's key (--lease-key) there — after the primary's lease
+    /// expired or was given up — and keeps it while the guest runs. Without --etcd a cut
+    /// link can run the guest on both hosts (see OPERATIONS.md, Leases).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// The guest's key in etcd, the same on both daemons (e.g. /castor/guests/web1).
+    #[arg(long, value_name = "KEY")]
+    pub lease_key: Option<String>,
+    /// The lease's time to live (whole seconds, at least 2s); the same on both daemons.
+    /// A failing-over backup waits up to twice this for the primary's lease to expire.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// etcd's CA certificate (PEM), for https endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This daemon's client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// This daemon's client key for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
     /// Refuse a primary announcing more guest memory than this (also caps --memory; at
     /// least 2M).
     #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
@@ -214,6 +240,18 @@ pub struct FileConfig {
     pub disk: Option<PathBuf>,
     /// `--disk-size`.
     pub disk_size: Option<Size>,
+    /// `--etcd`.
+    pub etcd: Option<String>,
+    /// `--lease-key`.
+    pub lease_key: Option<String>,
+    /// `--lease-ttl`.
+    pub lease_ttl: Option<String>,
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
     /// `--max-memory`.
     pub max_memory: Option<Size>,
 }
@@ -263,6 +301,12 @@ impl Options for Cli {
             insecure: same,
             disk: some,
             disk_size: |v| rule(check_disk_size(size(v)?)).map(|d| Some(Given::Parsed(d))),
+            etcd: some,
+            lease_key: some,
+            lease_ttl: duration,
+            etcd_ca: some,
+            etcd_cert: some,
+            etcd_key: some,
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
         );
         Ok(())
@@ -316,6 +360,8 @@ pub struct Config {
     pub disk_size: u64,
     /// `--disk-size`: create a missing replica empty at this size.
     pub create_disk: Option<u64>,
+    /// The guest's lease in etcd (`--etcd`): claimed before activating.
+    pub lease: Option<ha_lease::LeaseConfig>,
 }
 
 impl Config {
@@ -377,6 +423,21 @@ impl Config {
             .map(|g| g.resolve(parse_duration))
             .transpose()
             .map_err(unit("exit-after"))?;
+        let lease = ha_lease::LeaseOptions {
+            etcd: cli.etcd.as_deref(),
+            key: cli.lease_key.as_deref(),
+            ttl: cli.lease_ttl,
+            ca: cli.etcd_ca.as_deref(),
+            cert: cli.etcd_cert.as_deref(),
+            tls_key: cli.etcd_key.as_deref(),
+        }
+        .config(&format!(
+            "ha-backup on {} (pid {})",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            std::process::id()
+        ))?;
         let create_disk = cli
             .disk_size
             .as_ref()
@@ -429,6 +490,7 @@ impl Config {
             disk: cli.disk.clone(),
             disk_size,
             create_disk,
+            lease,
         })
     }
 
@@ -597,6 +659,12 @@ mod tests {
             "insecure",
             "disk",
             "disk_size",
+            "etcd",
+            "lease_key",
+            "lease_ttl",
+            "etcd_ca",
+            "etcd_cert",
+            "etcd_key",
             "max_memory",
         ];
         let mut keys = file_keys.to_vec();

@@ -126,6 +126,9 @@ pub enum Exit {
     NoCheckpoint,
     /// The committed image did not match the primary's Verify digest (code 3).
     VerifyFailed,
+    /// The primary was lost, but the guest's key in etcd could not be claimed: the primary
+    /// (or another host) still holds it, so the guest runs there (code 4).
+    NotTakingOver,
 }
 
 impl Exit {
@@ -135,6 +138,7 @@ impl Exit {
             Exit::Stopped => 0,
             Exit::NoCheckpoint => 2,
             Exit::VerifyFailed => 3,
+            Exit::NotTakingOver => 4,
         }
     }
 }

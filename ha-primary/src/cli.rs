@@ -181,6 +181,44 @@ pub struct Cli {
     /// bucket at the sender, for comparing with slower links). Default: unlimited.
     #[arg(long, value_parser = parse_rate)]
     pub link_rate: Option<u64>,
+    /// etcd client URLs, comma-separated (http://host:2379; https with --etcd-ca,
+    /// --etcd-cert, --etcd-key). This primary runs the guest only while it holds the
+    /// guest's key (--lease-key) under a lease there: it claims the key before the guest
+    /// starts, and pauses the guest and holds its output when it cannot keep the lease
+    /// alive. Without --etcd a cut link can run the guest on both hosts (see
+    /// OPERATIONS.md, Leases).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// The guest's key in etcd, the same on both daemons (e.g. /castor/guests/web1).
+    #[arg(long, value_name = "KEY")]
+    pub lease_key: Option<String>,
+    /// The lease's time to live (whole seconds, at least 2s): a dead holder's key passes
+    /// on after this long; a holder stops its guest a fifth of it (at least 1s) earlier.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// etcd's CA certificate (PEM), for https endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This daemon's client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// This daemon's client key for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The lease options as given (see [`ha_lease::LeaseOptions`]).
+    pub fn lease_options(&self) -> ha_lease::LeaseOptions<'_> {
+        ha_lease::LeaseOptions {
+            etcd: self.etcd.as_deref(),
+            key: self.lease_key.as_deref(),
+            ttl: self.lease_ttl,
+            ca: self.etcd_ca.as_deref(),
+            cert: self.etcd_cert.as_deref(),
+            tls_key: self.etcd_key.as_deref(),
+        }
+    }
 }
 
 /// `ha-primary` subcommands.
@@ -274,6 +312,18 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// `--link-rate`.
     pub link_rate: Option<String>,
+    /// `--etcd`.
+    pub etcd: Option<String>,
+    /// `--lease-key`.
+    pub lease_key: Option<String>,
+    /// `--lease-ttl`.
+    pub lease_ttl: Option<String>,
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
 }
 
 fn xen_hold(v: String) -> Result<String, String> {
@@ -361,6 +411,12 @@ impl Options for Cli {
             key: some,
             insecure: same,
             link_rate: |v: String| parse_rate(&v).map(Some).map_err(|e| e.to_string()),
+            etcd: some,
+            lease_key: some,
+            lease_ttl: duration,
+            etcd_ca: some,
+            etcd_cert: some,
+            etcd_key: some,
         );
         Ok(())
     }
@@ -663,6 +719,12 @@ mod tests {
             "key",
             "insecure",
             "link_rate",
+            "etcd",
+            "lease_key",
+            "lease_ttl",
+            "etcd_ca",
+            "etcd_cert",
+            "etcd_key",
         ];
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();

@@ -81,6 +81,13 @@ pub enum EngineError {
     /// The initial sync of the disk failed.
     #[error(transparent)]
     DiskSync(#[from] crate::disksync::SyncError),
+    /// The guest's lease was lost while this primary was self-fenced: the backup may take
+    /// the guest over, so this side must not resume it.
+    #[error(
+        "the guest's lease in etcd was lost ({0}); the guest stays paused here and the \
+         backup may take it over"
+    )]
+    LeaseLost(String),
 }
 
 /// How the primary runs.
@@ -238,6 +245,8 @@ struct Engine<'a> {
     /// The next checkpoint carries the digests whatever `verify_every` says (the first
     /// after a disk sync: protection starts when they agree).
     verify_next: bool,
+    /// The guest's key in etcd, held while this primary runs it.
+    lease: Option<ha_lease::Lease>,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -271,6 +280,22 @@ pub fn run_with_metrics(
     d: &mut dyn Domain,
     stop: &AtomicBool,
     metrics: &Metrics,
+) -> Result<Summary, EngineError> {
+    run_leased(cfg, d, stop, metrics, None)
+}
+
+/// [`run_with_metrics`] for a guest whose key this primary holds under `lease` (claimed
+/// before the guest started): the guest runs only while the lease may be trusted. When it
+/// cannot be refreshed in time the guest is paused and its output held (self-fenced) until
+/// the same lease is refreshed again; if it is lost instead, the run ends with
+/// [`EngineError::LeaseLost`] and the guest stays paused. A guest that ends with this
+/// process gives the key up at the end, so the backup can claim it at once.
+pub fn run_leased(
+    cfg: &Config,
+    d: &mut dyn Domain,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    lease: Option<ha_lease::Lease>,
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
@@ -365,17 +390,32 @@ pub fn run_with_metrics(
         suspect: None,
         standing_down: None,
         verify_next: false,
+        lease,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
+    let lease_lost = matches!(run, Err(EngineError::LeaseLost(_)));
     // Stand the backup down only while the guest still runs here: a domain that died or
-    // crashed is the backup's to bring back.
-    if e.d.outlives_vmm() && e.d.check_health().is_ok() {
+    // crashed is the backup's to bring back, and so is one whose lease was lost.
+    if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost {
         let why = match &run {
             Ok(()) => "protection stopped on request".to_string(),
             Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
         };
         e.stand_down(&why);
+    }
+    if let Some(l) = e.lease.take()
+        && !lease_lost
+        && !e.d.outlives_vmm()
+    {
+        // The guest ends with this process: the backup may claim its key at once.
+        match l.release() {
+            Ok(()) => tracing::info!("lease: released the guest's key"),
+            Err(err) => tracing::warn!(
+                error = %ha_daemon::error_chain(&err),
+                "lease: cannot release the guest's key; it passes on when the lease expires"
+            ),
+        }
     }
     run?;
     e.finish();
@@ -622,6 +662,9 @@ impl Engine<'_> {
             {
                 return Ok(());
             }
+            if !self.lease_ok(stop)? {
+                return Ok(());
+            }
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(5));
@@ -669,7 +712,68 @@ impl Engine<'_> {
         }
     }
 
-    /// How long an in-flight epoch has waited for its ack (since it was taken or queued).
+    /// With a lease: true while it may be trusted. When it may not (no keep-alive answered
+    /// in time) the guest is paused and its output held (self-fenced) before the lease can
+    /// expire in etcd, until the same lease is refreshed (resumed, true), it is lost for
+    /// good ([`EngineError::LeaseLost`]), or this primary is asked to stop (false).
+    fn lease_ok(&mut self, stop: &AtomicBool) -> Result<bool, EngineError> {
+        let Some(lease) = &self.lease else {
+            return Ok(true);
+        };
+        if lease.is_held() {
+            return Ok(true);
+        }
+        let why = lease
+            .failing()
+            .or_else(|| lease.lost())
+            .unwrap_or_else(|| "no keep-alive answered in time".into());
+        tracing::error!(
+            reason = %why,
+            held = self.held.held_records(),
+            "lease: not refreshed in time: pausing the guest and holding its output \
+             (self-fenced) before the lease can expire in etcd"
+        );
+        self.events.note("self_fenced", json!({ "reason": why }));
+        let was_paused = self.d.is_paused();
+        if !was_paused {
+            self.d.pause()?;
+        }
+        self.metrics.set_state(Phase::Fenced.name());
+        let t = Instant::now();
+        loop {
+            let Some(lease) = &self.lease else {
+                return Ok(true);
+            };
+            if let Some(lost) = lease.lost() {
+                tracing::error!(
+                    reason = %lost,
+                    "lease: lost; the backup may take the guest over: it stays paused here"
+                );
+                self.events.note("lease_lost", json!({ "reason": lost }));
+                return Err(EngineError::LeaseLost(lost));
+            }
+            if lease.is_held() {
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::warn!(
+                    fenced_ms = ms,
+                    "lease: refreshed again (nobody else can have taken the key): resuming \
+                     the guest"
+                );
+                self.events
+                    .note("lease_recovered", json!({ "fenced_ms": ms }));
+                if !was_paused {
+                    self.d.resume()?;
+                }
+                self.metrics.set_state(self.phase.name());
+                return Ok(true);
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// How long `epoch` has waited for its ack since it was taken, its pause not counted
     /// (a long pause, such as the first checkpoint's digests after a disk sync, is this
     /// side's time, not the backup's).
@@ -878,7 +982,28 @@ impl Engine<'_> {
         self.summary.backup_lost = true;
         self.inflight.clear();
         let held = self.held.held_records();
-        if let Some(s) = self.suspect {
+        // Holding the guest's key, this primary knows the backup cannot have taken over:
+        // it runs on (the lease, not the policy, fences it if it loses etcd too).
+        let leased = self.lease.as_ref().is_some_and(ha_lease::Lease::is_held);
+        if leased {
+            tracing::warn!(
+                reason = why,
+                held,
+                "backup lost: this primary holds the guest's key in etcd, so the backup cannot \
+                 take over; continuing unprotected"
+            );
+            self.events
+                .note("backup_lost", json!({ "reason": why, "policy": "lease" }));
+            let reason = format!(
+                "the primary declared this backup lost ({why}) and runs on unprotected, holding \
+                 the guest's key"
+            );
+            if self.ctl.send(Control::StandDown(reason)).is_ok() {
+                self.standing_down = Some(Instant::now());
+            }
+            self.set_phase(Phase::Unprotected);
+            self.release_if_stood_down()?;
+        } else if let Some(s) = self.suspect {
             let stalled_ms = s.stalled.as_millis() as u64;
             tracing::error!(
                 reason = why,

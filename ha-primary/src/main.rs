@@ -76,6 +76,12 @@ fn provision_disk(cli: &Cli, heap: u64) -> Result<(), Box<dyn Error>> {
     }
 }
 
+/// Who holds a lease: the daemon, this host's name and the process id.
+fn holder(daemon: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{daemon} on {} (pid {})", host.trim(), std::process::id())
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Keygen { file }) = &cli.command {
         keys::keygen(file)?;
@@ -96,6 +102,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
     provision_disk(&cli, heap)?;
+    let lease_cfg = cli.lease_options().config(&holder("ha-primary"))?;
     let spec = GuestSpec {
         memory_size: cli.memory,
         params: GuestParams {
@@ -173,9 +180,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             XenHold::Suspend(cli.xen_suspend_timeout)
         },
     };
+    // The key first: a guest another host runs (the backup took it over) is not started
+    // here.
+    let lease = match lease_cfg {
+        None => None,
+        Some(lc) => match ha_lease::claim(&lc)? {
+            ha_lease::Claim::Ours(l) => Some(l),
+            ha_lease::Claim::Theirs { holder } => {
+                return Err(format!(
+                    "the guest's key {} in etcd is held by {holder}: it runs there; not \
+                     starting it here",
+                    lc.key
+                )
+                .into());
+            }
+        },
+    };
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     domain.resume()?;
-    let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &stop, &metrics)?;
+    let summary = engine::run_leased(&cfg, domain.as_mut(), &stop, &metrics, lease)?;
     tracing::info!(
         epochs = summary.epochs_committed,
         pause_p50_ms = summary.pause_ms_p50,

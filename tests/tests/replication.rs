@@ -5,8 +5,8 @@
 //! runs the `--insecure` path.
 
 use ha_tests::{
-    Fault, NetPair, Proc, Proxy, Rng, Scratch, World, events, keygen, kvm_or_skip, wait_addr,
-    wait_event,
+    Etcd, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
+    kvm_or_skip, wait_addr, wait_event,
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -42,6 +42,8 @@ struct Opts<'a> {
     replica: u64,
     /// Leave the disk files to the daemons: `--disk-size` instead of a file made here.
     create_disks: bool,
+    /// Both daemons keep the guest's key under a lease in this etcd (`--etcd`), TTL 3 s.
+    etcd: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -62,8 +64,23 @@ impl Default for Opts<'_> {
             disk: 0,
             replica: 0,
             create_disks: false,
+            etcd: None,
         }
     }
+}
+
+/// `--etcd URL --lease-key … --lease-ttl 3s`, the same on both daemons.
+fn lease_args(o: &Opts) -> Vec<String> {
+    o.etcd.map_or_else(Vec::new, |url| {
+        vec![
+            s("--etcd"),
+            s(url),
+            s("--lease-key"),
+            s("/castor/tests/guest"),
+            s("--lease-ttl"),
+            s("3s"),
+        ]
+    })
 }
 
 /// `--disk PATH` for a disk of `bytes`: the file made here (zeros, kept if it exists), or
@@ -159,6 +176,7 @@ impl Pair {
         } else {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
+        args.extend(lease_args(o));
         if o.replica > 0 {
             let path = dir.file("replica.img");
             if o.create_disks {
@@ -235,6 +253,7 @@ impl Pair {
             s("1s"),
         ];
         args.extend_from_slice(key);
+        args.extend(lease_args(o));
         if o.disk > 0 {
             let path = dir.file("primary.img");
             if o.create_disks {
@@ -1441,4 +1460,165 @@ fn a_restarted_backup_replays_a_committed_journal_and_discards_a_staged_one() {
         assert!(replica == want, "committed {committed}: the replica");
         assert_eq!(journal.ok(), Some(0), "the journal is emptied");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Leases on etcd: who runs the guest is decided by its key
+// ---------------------------------------------------------------------------------------
+
+/// With etcd, kill -9 of the primary: its lease is neither refreshed nor given up, so the
+/// backup claims the guest's key only once it expired, and only then activates, with
+/// continuity.
+#[test]
+fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-kill-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-kill",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(300));
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    let claimed = wait_event(&p.backup_events(), "lease_claimed", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("the backup never claimed the guest's key"));
+    // The primary's last keep-alive was at most a third of the TTL before the kill: the
+    // key cannot pass on much sooner than the TTL.
+    let waited = claimed["waited_ms"].as_u64().unwrap_or(0);
+    if waited < 1000 {
+        p.fail(&format!(
+            "the key passed on after {waited} ms, before the lease expired"
+        ));
+    }
+    p.check_failover();
+}
+
+/// With etcd, the link between the two is cut while both live and reach etcd: the backup
+/// cannot claim the key the primary holds, so it does not activate (exit 4,
+/// `not_taking_over`), and the primary runs on unprotected instead of fencing its healthy
+/// guest, although it was started with --fence.
+#[test]
+fn with_etcd_a_cut_link_runs_the_guest_once() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-cut-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-cut",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            fence: true,
+            fault: Fault::CutAfter(Duration::from_millis(1500)),
+            run_for: Some("12s"),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    let code = p.backup.wait_for(Duration::from_secs(30));
+    let ev = events(&p.backup_events());
+    let refused = ev.iter().find(|e| e["event"] == "not_taking_over");
+    if code != Some(4) || refused.is_none() || ev.iter().any(|e| e["event"] == "active") {
+        p.fail(&format!("backup exited {code:?}; events {ev:?}"));
+    }
+    let lost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("the primary never noticed"));
+    if lost["policy"] != "lease" {
+        p.fail(&format!("the primary's policy: {lost}"));
+    }
+    let mut pr = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    let code = pr.wait_for(Duration::from_secs(30));
+    let out = pr.stdout();
+    p.primary = Some(pr);
+    if code != Some(0) || primary_fenced(&p) {
+        p.fail(&format!("primary exited {code:?}: {out}"));
+    }
+}
+
+/// Whether the primary's events say it fenced or self-fenced its guest.
+fn primary_fenced(p: &Pair) -> bool {
+    events(&p.primary_events())
+        .iter()
+        .any(|e| e["event"] == "self_fenced" || e["policy"] == "fence")
+}
+
+/// With etcd, the primary cut off from etcd (the member stopped) cannot refresh its lease:
+/// it pauses the guest and holds its output before the lease can expire (`self_fenced`),
+/// and releases nothing meanwhile. When etcd answers again it either finds the same lease
+/// alive and resumes (`lease_recovered`, output flows again) or finds it gone and stays
+/// paused, exiting non-zero (`lease_lost`) — never running on with a lost lease.
+#[test]
+fn with_etcd_a_primary_cut_off_from_etcd_fences_itself() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-fence-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-fence",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            run_for: Some("20s"),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    etcd.signal("STOP");
+    let fenced = wait_event(&p.primary_events(), "self_fenced", Duration::from_secs(10));
+    let seen_at_fence = p.world.view().from_primary;
+    std::thread::sleep(Duration::from_millis(300));
+    let seen_later = p.world.view().from_primary;
+    etcd.signal("CONT");
+    if fenced.is_none() {
+        p.fail("the primary never fenced itself");
+    }
+    if seen_later != seen_at_fence {
+        p.fail(&format!(
+            "output released while fenced: {seen_at_fence} then {seen_later} records"
+        ));
+    }
+    let t = std::time::Instant::now();
+    let outcome = loop {
+        let ev = events(&p.primary_events());
+        if let Some(e) = ev
+            .iter()
+            .find(|e| e["event"] == "lease_recovered" || e["event"] == "lease_lost")
+        {
+            break e["event"].as_str().unwrap_or("").to_string();
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            p.fail("neither recovered nor lost after etcd came back");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut pr = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    let code = pr.wait_for(Duration::from_secs(40));
+    let log = pr.log_text();
+    p.primary = Some(pr);
+    match outcome.as_str() {
+        "lease_recovered" => {
+            if code != Some(0) || p.world.view().from_primary <= seen_later {
+                p.fail(&format!(
+                    "recovered, then exited {code:?}, no new output: {log}"
+                ));
+            }
+        }
+        _ => {
+            if code == Some(0) || !log.contains("lease in etcd was lost") {
+                p.fail(&format!("lost the lease, then exited {code:?}: {log}"));
+            }
+        }
+    }
+    eprintln!("after etcd came back: {outcome}");
 }

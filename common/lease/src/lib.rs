@@ -21,5 +21,5 @@
 pub mod config;
 pub mod lease;
 
-pub use config::{LeaseConfig, TlsFiles};
+pub use config::{LeaseConfig, LeaseOptions, TlsFiles};
 pub use lease::{Claim, Lease, LeaseError, claim, wait_claim};

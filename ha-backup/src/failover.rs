@@ -28,7 +28,7 @@ pub(crate) fn fail_over(
     };
     // With etcd, the guest's key first: a primary that still holds it still runs the guest
     // (only the link between the two broke), and the backup must not run it too.
-    let _lease = match &cfg.lease {
+    let lease = match &cfg.lease {
         None => None,
         Some(lc) => match claim_key(lc, sinks) {
             Some(l) => Some(l),
@@ -71,7 +71,7 @@ pub(crate) fn fail_over(
     });
     status_fields(&mut ev, st);
     sinks.events.note("active", ev);
-    active.run(sinks.events, stop, cfg.exit_after)?;
+    active.run(sinks.events, stop, cfg.exit_after, lease.as_ref())?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)
 }

@@ -1468,7 +1468,7 @@ fn a_restarted_backup_replays_a_committed_journal_and_discards_a_staged_one() {
 
 /// With etcd, kill -9 of the primary: its lease is neither refreshed nor given up, so the
 /// backup claims the guest's key only once it expired, and only then activates, with
-/// continuity.
+/// continuity. Running the guest, the backup then fences itself when etcd stops answering.
 #[test]
 fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
     if !etcd_or_skip() {

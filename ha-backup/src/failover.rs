@@ -71,6 +71,20 @@ pub(crate) fn fail_over(
     });
     status_fields(&mut ev, st);
     sinks.events.note("active", ev);
+    if let Some(l) = &lease {
+        let status = json!({
+            "role": "backup",
+            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            "state": "active (failed over, unprotected)",
+            "last_epoch": active.epoch,
+        });
+        l.publish(
+            &ha_lease::status_key(l.key()),
+            status.to_string().into_bytes(),
+        );
+    }
     active.run(sinks.events, stop, cfg.exit_after, lease.as_ref())?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)

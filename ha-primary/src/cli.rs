@@ -230,6 +230,29 @@ pub enum Command {
         /// The key file to create.
         file: PathBuf,
     },
+    /// List every protected guest recorded in etcd: which host runs it, its backup, state,
+    /// last committed checkpoint, lag and bytes/s (as the runner last published them, once
+    /// a second), as a table or JSON.
+    Cluster {
+        /// etcd client URLs, comma-separated.
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        /// Where the guests' keys are (the common prefix of their --lease-key).
+        #[arg(long, default_value = "/castor/")]
+        prefix: String,
+        /// One JSON object per guest, one per line, instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// etcd's CA certificate (PEM), for https endpoints.
+        #[arg(long, value_name = "FILE")]
+        etcd_ca: Option<PathBuf>,
+        /// This client's certificate for etcd (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_cert: Option<PathBuf>,
+        /// This client's key for etcd (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_key: Option<PathBuf>,
+    },
 }
 
 /// The values of `--xen-hold`.

@@ -247,6 +247,10 @@ struct Engine<'a> {
     verify_next: bool,
     /// The guest's key in etcd, held while this primary runs it.
     lease: Option<ha_lease::Lease>,
+    /// The last checkpoint the backup acknowledged.
+    last_acked: u64,
+    /// When the status was last published, and the checkpoint wire bytes then.
+    published: Option<(Instant, u64)>,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -391,6 +395,8 @@ pub fn run_leased(
         standing_down: None,
         verify_next: false,
         lease,
+        last_acked: 0,
+        published: None,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -665,6 +671,7 @@ impl Engine<'_> {
             if !self.lease_ok(stop)? {
                 return Ok(());
             }
+            self.publish_status();
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(5));
@@ -710,6 +717,46 @@ impl Engine<'_> {
                 Phase::Fenced => std::thread::sleep(Duration::from_millis(5)),
             }
         }
+    }
+
+    /// With a lease, once a second: this pair's status under the guest's key, for the
+    /// cluster view (`ha-primary cluster`); it goes with the lease.
+    fn publish_status(&mut self) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let now = Instant::now();
+        let bytes = self.summary.wire_bytes;
+        let rate = match self.published {
+            Some((at, _)) if now.duration_since(at) < Duration::from_secs(1) => return,
+            Some((at, b)) => bytes.saturating_sub(b) as f64 / now.duration_since(at).as_secs_f64(),
+            None => 0.0,
+        };
+        self.published = Some((now, bytes));
+        let lag_ms = self
+            .inflight
+            .keys()
+            .next()
+            .map_or(0, |&e| self.waited(e).as_millis() as u64);
+        let status = json!({
+            "role": "primary",
+            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            "backup": self.cfg.backup.to_string(),
+            "state": self.phase.name(),
+            "last_epoch": self.last_acked,
+            "lag_ms": lag_ms,
+            "bytes_per_s": rate.round(),
+            "mode": self.cfg.codec.mode.to_string(),
+            "updated_unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
+        lease.publish(
+            &ha_lease::status_key(lease.key()),
+            status.to_string().into_bytes(),
+        );
     }
 
     /// With a lease: true while it may be trusted. When it may not (no keep-alive answered
@@ -932,6 +979,7 @@ impl Engine<'_> {
             row.ack_latency = Some(at.saturating_duration_since(since));
             row.held = held;
             if row.checkpoint {
+                self.last_acked = e;
                 self.summary.epochs_committed += 1;
                 self.metrics.epochs_committed.inc();
                 if let Some(l) = row.ack_latency {

@@ -14,9 +14,11 @@
 //! | [`report`] | per-epoch CSV statistics and JSON-lines events |
 //! | [`shape`] | link shaping: a token bucket holding the sender to a link rate |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
+//! | [`cluster`] | the cluster view: every protected guest recorded in etcd |
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
+pub mod cluster;
 pub mod disksync;
 pub mod encode;
 pub mod engine;

@@ -12,6 +12,7 @@ use ha_primary::metrics::Metrics;
 use ha_workloads::files;
 use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use std::error::Error;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -76,6 +77,35 @@ fn provision_disk(cli: &Cli, heap: u64) -> Result<(), Box<dyn Error>> {
     }
 }
 
+/// `ha-primary cluster`: the guests recorded in etcd under `prefix`.
+fn cluster_view(
+    etcd: &str,
+    prefix: &str,
+    json: bool,
+    (ca, cert, key): (&Option<PathBuf>, &Option<PathBuf>, &Option<PathBuf>),
+) -> Result<(), Box<dyn Error>> {
+    let opts = ha_lease::LeaseOptions {
+        etcd: Some(etcd),
+        key: Some(prefix),
+        ttl: std::time::Duration::from_secs(5),
+        ca: ca.as_deref(),
+        cert: cert.as_deref(),
+        tls_key: key.as_deref(),
+    };
+    let Some(cfg) = opts.config("ha-primary cluster")? else {
+        return Err("--etcd is empty".into());
+    };
+    let rows = ha_primary::cluster::rows(&ha_lease::list(&cfg, prefix)?);
+    if json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", ha_primary::cluster::table(&rows));
+    }
+    Ok(())
+}
+
 /// Who holds a lease: the daemon, this host's name and the process id.
 fn holder(daemon: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -83,6 +113,17 @@ fn holder(daemon: &str) -> String {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
+    if let Some(Command::Cluster {
+        etcd,
+        prefix,
+        json,
+        etcd_ca,
+        etcd_cert,
+        etcd_key,
+    }) = &cli.command
+    {
+        return cluster_view(etcd, prefix, *json, (etcd_ca, etcd_cert, etcd_key));
+    }
     if let Some(Command::Keygen { file }) = &cli.command {
         keys::keygen(file)?;
         println!(

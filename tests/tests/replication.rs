@@ -1485,7 +1485,18 @@ fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
         },
     );
     p.wait_protected();
-    std::thread::sleep(Duration::from_millis(300));
+    // The cluster view lists the guest with the status its primary publishes each second.
+    let row = cluster_row(&p, &etcd.url, |r| {
+        r["status"]["last_epoch"].as_u64().unwrap_or(0) > 0
+    });
+    if row["status"]["state"] != "protected"
+        || !row["holder"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ha-primary on")
+    {
+        p.fail(&format!("cluster view row: {row}"));
+    }
     if let Some(pr) = p.primary.as_mut() {
         pr.kill9();
     }
@@ -1621,4 +1632,32 @@ fn with_etcd_a_primary_cut_off_from_etcd_fences_itself() {
         }
     }
     eprintln!("after etcd came back: {outcome}");
+}
+
+/// The test guest's row of `ha-primary cluster --json` once `ready` holds (at most 10 s).
+fn cluster_row(
+    p: &Pair,
+    url: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new(ha_tests::bin("ha-primary"))
+            .args(["cluster", "--etcd", url, "--json"])
+            .output()
+            .unwrap_or_else(|e| p.fail(&format!("ha-primary cluster: {e}")));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["key"] == "/castor/tests/guest");
+        match row {
+            Some(r) if ready(&r) => return r,
+            _ if t.elapsed() > Duration::from_secs(10) => p.fail(&format!(
+                "cluster view: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }

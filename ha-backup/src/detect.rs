@@ -15,6 +15,8 @@ pub enum LossReason {
     Io(String),
     /// The stream was corrupt or violated the protocol: the primary cannot be trusted.
     Corrupt(String),
+    /// A planned switchover: the primary handed the guest over (its reason).
+    Handover(String),
 }
 
 impl std::fmt::Display for LossReason {
@@ -24,6 +26,7 @@ impl std::fmt::Display for LossReason {
             LossReason::Closed => f.write_str("connection closed"),
             LossReason::Io(e) => write!(f, "connection failed: {e}"),
             LossReason::Corrupt(e) => write!(f, "corrupt stream: {e}"),
+            LossReason::Handover(r) => write!(f, "handed over: {r}"),
         }
     }
 }

@@ -52,6 +52,14 @@ pub(crate) fn receive(
                 });
             }
         };
+        if frame.is(ha_wire::frame::FrameType::Handover) {
+            let why = String::from_utf8_lossy(frame.body()).into_owned();
+            info!(reason = %why, "the primary hands the guest over (planned switchover)");
+            return Ok(Received::Lost(Loss::now(
+                LossReason::Handover(why),
+                rx.last_frame(),
+            )));
+        }
         if frame.is(ha_wire::frame::FrameType::StandDown) {
             return Ok(Received::StoodDown(
                 String::from_utf8_lossy(frame.body()).into_owned(),

@@ -88,6 +88,9 @@ pub enum EngineError {
          backup may take it over"
     )]
     LeaseLost(String),
+    /// A switchover's handover frame could not be written (the guest stays paused).
+    #[error("the switchover's handover could not be sent to the backup; the guest stays paused")]
+    Handover,
 }
 
 /// How the primary runs.
@@ -251,6 +254,10 @@ struct Engine<'a> {
     last_acked: u64,
     /// When the status was last published, and the checkpoint wire bytes then.
     published: Option<(Instant, u64)>,
+    /// Raised by the operator (SIGUSR1): switch over to the backup.
+    switchover: Option<&'a AtomicBool>,
+    /// The handover is on the wire: the backup takes the guest over.
+    handed_over: bool,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -285,7 +292,7 @@ pub fn run_with_metrics(
     stop: &AtomicBool,
     metrics: &Metrics,
 ) -> Result<Summary, EngineError> {
-    run_leased(cfg, d, stop, metrics, None)
+    run_leased(cfg, d, stop, metrics, None, None)
 }
 
 /// [`run_with_metrics`] for a guest whose key this primary holds under `lease` (claimed
@@ -300,6 +307,7 @@ pub fn run_leased(
     stop: &AtomicBool,
     metrics: &Metrics,
     lease: Option<ha_lease::Lease>,
+    switchover: Option<&AtomicBool>,
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
@@ -397,13 +405,15 @@ pub fn run_leased(
         lease,
         last_acked: 0,
         published: None,
+        switchover,
+        handed_over: false,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
     let lease_lost = matches!(run, Err(EngineError::LeaseLost(_)));
     // Stand the backup down only while the guest still runs here: a domain that died or
     // crashed is the backup's to bring back, and so is one whose lease was lost.
-    if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost {
+    if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost && !e.handed_over {
         let why = match &run {
             Ok(()) => "protection stopped on request".to_string(),
             Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
@@ -412,7 +422,7 @@ pub fn run_leased(
     }
     if let Some(l) = e.lease.take()
         && !lease_lost
-        && !e.d.outlives_vmm()
+        && (!e.d.outlives_vmm() || e.handed_over)
     {
         // The guest ends with this process: the backup may claim its key at once.
         match l.release() {
@@ -672,6 +682,14 @@ impl Engine<'_> {
                 return Ok(());
             }
             self.publish_status();
+            if self.phase == Phase::Protected
+                && self
+                    .switchover
+                    .is_some_and(|f| f.swap(false, Ordering::Relaxed))
+                && self.switch_over()?
+            {
+                return Ok(());
+            }
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(5));
@@ -717,6 +735,67 @@ impl Engine<'_> {
                 Phase::Fenced => std::thread::sleep(Duration::from_millis(5)),
             }
         }
+    }
+
+    /// A planned switchover: take a last checkpoint and keep the guest paused from then
+    /// on (what it does after that checkpoint is not kept: the backup resumes from it),
+    /// wait for its ack (its output is released with it), then hand the guest over. True
+    /// once handed over; false when the backup was lost on the way (the guest resumes
+    /// here, unprotected or fenced as the policy says).
+    fn switch_over(&mut self) -> Result<bool, EngineError> {
+        let t = Instant::now();
+        tracing::info!("switchover requested: taking the last checkpoint");
+        let mut dirty = PageBitmap::new(page_count(self.d.memory_size()));
+        let last = self.epoch;
+        self.checkpoint(&mut dirty)?;
+        self.d.pause()?;
+        let paused = Instant::now();
+        while self.last_acked < last {
+            self.pump(Duration::from_millis(2))?;
+            if self.phase != Phase::Protected {
+                tracing::error!("switchover failed: the backup was lost; the guest goes on here");
+                if self.phase == Phase::Unprotected {
+                    self.d.resume()?;
+                }
+                return Ok(false);
+            }
+            if self.waited(last) > self.cfg.ack_timeout {
+                let why = format!("no ack for the switchover's checkpoint {last}");
+                self.backup_lost(&why)?;
+            }
+        }
+        let reason = format!("planned switchover at checkpoint {last}");
+        let _ = self.ctl.send(Control::Handover(reason));
+        let deadline = Instant::now() + self.cfg.ack_timeout;
+        while !self.handed_over && Instant::now() < deadline {
+            self.pump(Duration::from_millis(2))?;
+        }
+        if !self.handed_over {
+            tracing::error!(
+                "switchover: the handover could not be written; the guest stays paused"
+            );
+            return Err(EngineError::Handover);
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        tracing::info!(
+            epoch = last,
+            paused_ms = format!("{:.1}", ms(paused.elapsed())),
+            total_ms = format!("{:.1}", ms(t.elapsed())),
+            "switched over: the backup takes the guest over from checkpoint {last}"
+        );
+        self.events.note(
+            "switched_over",
+            json!({
+                "epoch": last,
+                "paused_ms": ms(paused.elapsed()),
+                "paused_unix_ms": std::time::SystemTime::now()
+                    .checked_sub(paused.elapsed())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64),
+            }),
+        );
+        self.set_phase(Phase::Fenced);
+        Ok(true)
     }
 
     /// With a lease, once a second: this pair's status under the guest's key, for the
@@ -859,6 +938,7 @@ impl Engine<'_> {
                 LinkEvent::Sums(_) => {
                     tracing::warn!("the backup sent disk sync fingerprints nobody asked for");
                 }
+                LinkEvent::HandedOver => self.handed_over = true,
                 LinkEvent::StoodDown => {
                     if self.standing_down.take().is_some() {
                         tracing::info!(

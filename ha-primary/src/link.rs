@@ -128,6 +128,8 @@ pub enum LinkEvent {
     Sent(u64, Duration),
     /// The stand-down frame is written to the socket (the session then ends).
     StoodDown,
+    /// The handover frame is written to the socket (the session then ends).
+    HandedOver,
     /// The backup's answer to a disk sync request (the Sums frame's body).
     Sums(Vec<u8>),
     /// The link is gone (with the reason).
@@ -140,6 +142,9 @@ pub enum Control {
     /// Write a stand-down with this reason, report [`LinkEvent::StoodDown`], then
     /// half-close.
     StandDown(String),
+    /// Write a handover (planned switchover) with this reason, report
+    /// [`LinkEvent::HandedOver`], then half-close.
+    Handover(String),
     /// Half-close now: no further epoch or heartbeat.
     Close,
     /// Write this session frame (a disk sync request) ahead of queued epochs; the session
@@ -293,6 +298,16 @@ fn sender(
             Next::Heartbeat => (None, hb.clone(), "heartbeat"),
             Next::Control(Control::Close) | Next::Gone => return end(&sock),
             Next::Control(Control::Frame(frame)) => (None, frame, "disk sync request"),
+            Next::Control(Control::Handover(reason)) => {
+                let mut frame = Vec::new();
+                session::put_handover(&mut frame, &reason);
+                let ev = match write_shaped(&mut *s, &frame, shaper.as_mut()) {
+                    Ok(()) => LinkEvent::HandedOver,
+                    Err(e) => LinkEvent::Closed(format!("sending handover: {e}")),
+                };
+                let _ = events.send(ev);
+                return end(&sock);
+            }
             Next::Control(Control::StandDown(reason)) => {
                 let mut frame = Vec::new();
                 session::put_stand_down(&mut frame, &reason);

@@ -239,7 +239,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     };
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     domain.resume()?;
-    let summary = engine::run_leased(&cfg, domain.as_mut(), &stop, &metrics, lease)?;
+    let switchover = ha_daemon::signal::switchover_flag()?;
+    let summary = engine::run_leased(
+        &cfg,
+        domain.as_mut(),
+        &stop,
+        &metrics,
+        lease,
+        Some(&switchover),
+    )?;
     tracing::info!(
         epochs = summary.epochs_committed,
         pause_p50_ms = summary.pause_ms_p50,

@@ -24,6 +24,15 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>, SignalError> {
     Ok(stop)
 }
 
+/// Install a handler for SIGUSR1 that raises the returned flag: `ha-primary` takes it as
+/// the operator's request for a planned switchover.
+pub fn switchover_flag() -> Result<Arc<AtomicBool>, SignalError> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&flag))
+        .map_err(SignalError::Install)?;
+    Ok(flag)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,13 +61,16 @@ pub enum FrameType {
     /// Backup → primary: initial disk sync, the fingerprints asked for
     /// (`ha_wire::disksync::Sums`).
     Sums = 24,
+    /// Primary → backup: planned switchover. Every checkpoint sent is acknowledged and the
+    /// guest is stopped here: take over from the last one now (UTF-8 reason).
+    Handover = 25,
     /// Daemon → output sink: a released output record.
     Output = 32,
 }
 
 impl FrameType {
     /// Every frame type, in byte order.
-    pub const ALL: [FrameType; 16] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Header,
         FrameType::Pages,
         FrameType::State,
@@ -83,6 +86,7 @@ impl FrameType {
         FrameType::Abort,
         FrameType::SumRequest,
         FrameType::Sums,
+        FrameType::Handover,
         FrameType::Output,
     ];
 
@@ -104,6 +108,7 @@ impl FrameType {
             FrameType::Abort => "Abort",
             FrameType::SumRequest => "SumRequest",
             FrameType::Sums => "Sums",
+            FrameType::Handover => "Handover",
             FrameType::Output => "Output",
         }
     }
@@ -332,7 +337,7 @@ mod tests {
         let known: Vec<u8> = FrameType::ALL.iter().map(|t| *t as u8).collect();
         assert_eq!(
             known,
-            [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32]
+            [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 32]
         );
         for b in (0..=u8::MAX).filter(|b| !known.contains(b)) {
             assert_eq!(FrameType::try_from(b), Err(FrameError::UnknownType(b)));

@@ -22,7 +22,7 @@ use ha_codec::codec::Mode;
 use ha_guest::backend::{BackendKind, GuestLayout};
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 6;
+pub const SESSION_VERSION: u16 = 7;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
@@ -278,6 +278,11 @@ pub fn put_ack(out: &mut Vec<u8>, epoch: u64) {
     put_frame(out, FrameType::Ack, &epoch.to_le_bytes());
 }
 
+/// Encode a Handover (planned switchover) with its reason.
+pub fn put_handover(out: &mut Vec<u8>, reason: &str) {
+    put_frame(out, FrameType::Handover, reason.as_bytes());
+}
+
 /// Encode a stand-down with its reason.
 pub fn put_stand_down(out: &mut Vec<u8>, reason: &str) {
     put_frame(out, FrameType::StandDown, reason.as_bytes());
@@ -421,11 +426,11 @@ mod tests {
         hello().put(&mut out);
         let body = &out[5..];
         let mut v = body.to_vec();
-        v[8] = 7;
+        v[8] = 4;
         assert_eq!(
             Hello::parse(&v),
             Err(SessionError::Version {
-                primary: 7,
+                primary: 4,
                 backup: SESSION_VERSION
             })
         );

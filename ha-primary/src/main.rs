@@ -186,7 +186,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         link_rate: cli.link_rate,
         backend: cli.guest,
     };
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_pair(cli.lease_key.as_deref());
     let metrics_addr = cli
         .metrics
         .map(|a| metrics.serve(a, cli.metrics_port_file.as_deref()))

@@ -54,7 +54,19 @@ impl<F: Families> Default for Metrics<F> {
 impl<F: Families> Metrics<F> {
     /// Register the daemon's families, then the state gauge with every state at 0.
     pub fn new() -> Self {
-        let mut r = Registry::default();
+        Self::for_pair(None)
+    }
+
+    /// [`Metrics::new`] with every series labelled `pair="<name>"` (the guest's key), so
+    /// that one Prometheus scraping many daemons tells the pairs apart.
+    pub fn for_pair(pair: Option<&str>) -> Self {
+        let labels = pair.map(|p| {
+            (
+                std::borrow::Cow::Borrowed("pair"),
+                std::borrow::Cow::Owned(p.to_owned()),
+            )
+        });
+        let mut r = Registry::with_labels(labels.into_iter());
         let families = F::register(&mut r);
         let state = StateGauge::register(&mut r, F::STATES);
         Self {
@@ -186,6 +198,22 @@ mod tests {
         assert!(r.contains("castor_state{state=\"idle\"} 0"), "{r}");
         let r = get(addr, "/other");
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
+
+    #[test]
+    fn a_pair_label_goes_on_every_series() {
+        let m = Metrics::<Mine>::for_pair(Some("/castor/guests/web1"));
+        m.done.inc();
+        m.set_state("idle");
+        let text = m.render();
+        assert!(
+            text.contains("castor_test_done_total{pair=\"/castor/guests/web1\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("castor_state{pair=\"/castor/guests/web1\",state=\"idle\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

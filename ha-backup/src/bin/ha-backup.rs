@@ -45,7 +45,7 @@ fn main() -> ExitCode {
             ..FactoryOptions::default()
         },
     );
-    let metrics = Metrics::new();
+    let metrics = Metrics::for_pair(cfg.lease.as_ref().map(|l| l.key.as_str()));
     let metrics_addr = match cfg.metrics {
         Some(a) => match metrics.serve(a, cfg.metrics_port_file.as_deref()) {
             Ok(bound) => Some(bound),

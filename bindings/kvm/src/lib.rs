@@ -9,6 +9,7 @@
 //! | module | concern |
 //! |---|---|
 //! | [`memory`] | guest RAM and the bitmap of the VMM's own writes |
+//! | [`cow`] | copy-on-write checkpoints: userfaultfd write-protection of guest RAM |
 //! | [`guest`] | memory layout, boot registers, the generated guest program |
 //! | [`vcpu`] | the vCPU thread, pause/resume, exits, doorbell |
 //! | [`output`] | draining the guest's output ring |
@@ -22,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cow;
 pub mod guest;
 pub mod memory;
 pub mod output;

@@ -1,0 +1,493 @@
+//! Copy-on-write checkpoints on KVM: guest RAM registered with a userfaultfd in
+//! write-protect mode, once, when the VM is built.
+//!
+//! [`CowRam::arm`] (guest paused) write-protects the checkpoint's dirty pages in runs and
+//! returns a [`Pending`] copy; the guest resumes. [`Pending::complete`] then walks the runs
+//! in chunks: copy the chunk's pages that are still pending, unprotect the chunk. A guest
+//! write to a protected page stops the writing thread in the kernel (KVM's fault on the
+//! host page goes through `get_user_pages`, which raises the userfault) and the fault
+//! thread copies the page, if it is still pending, before unprotecting it and waking the
+//! writer. One lock orders the three (arm, chunk, fault), so a page is always copied
+//! before it is unprotected, and never unprotected under a newer arm without being copied.
+//!
+//! Works on anonymous RAM and on a restored guest's shared memfd (shmem needs a kernel
+//! with uffd-wp PTE markers); when the kernel refuses either, the domain offers no
+//! [`CowMemory`] and every checkpoint copies in the pause.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use ha_codec::PAGE_SIZE;
+use ha_codec::bitmap::PageBitmap;
+use ha_guest::cow::{CopiedPages, CowMemory, PendingCopy};
+use ha_guest::domain::DomainError;
+use libc::c_void;
+use userfaultfd::{Event, EventBuffer, FaultKind, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::memory::GuestRam;
+
+/// Protected ranges closer than this many pages are merged into one run (one ioctl); a
+/// guest write to a page in the gap costs a fault that only unprotects it.
+const MERGE_GAP: u64 = 8;
+
+/// Pages the background copy handles per lock hold: a write fault waits at most this long.
+const CHUNK: u64 = 64;
+
+/// Errors of copy-on-write memory.
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    /// The userfaultfd cannot be created (no `/dev/userfaultfd` access, old kernel).
+    #[error("cannot create a userfaultfd")]
+    Create(#[source] userfaultfd::Error),
+    /// Guest RAM cannot be registered for write-protection faults.
+    #[error("cannot register {len:#x} bytes of guest RAM for write-protect faults")]
+    Register {
+        /// Bytes of RAM.
+        len: usize,
+        /// The ioctl's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// The registration succeeded but the kernel offers no `UFFDIO_WRITEPROTECT` on this
+    /// kind of memory.
+    #[error("the kernel cannot write-protect this guest RAM (ioctls {0:?})")]
+    NoWriteProtect(IoctlFlags),
+    /// (Un)protecting a range failed.
+    #[error("cannot {op} guest pages {first:#x}+{pages}")]
+    Protect {
+        /// "write-protect" or "unprotect".
+        op: &'static str,
+        /// First page.
+        first: u64,
+        /// Pages.
+        pages: u64,
+        /// The ioctl's error.
+        #[source]
+        source: userfaultfd::Error,
+    },
+    /// A page could not be copied out of guest RAM.
+    #[error("cannot copy guest page {0:#x}")]
+    Copy(u64),
+    /// The fault thread or its stop signal cannot be set up.
+    #[error("cannot start the write-fault thread")]
+    Thread(#[source] std::io::Error),
+    /// The pending copy was taken over and lost (a bug).
+    #[error("pending copy {0} is gone")]
+    Lost(u64),
+}
+
+fn domain(e: CowError) -> DomainError {
+    DomainError::Backend {
+        op: "copy-on-write checkpoint",
+        source: e.into(),
+    }
+}
+
+/// One armed copy: the pages, their content as copied so far, and how far the background
+/// copy has got through the protected runs.
+#[derive(Debug)]
+struct Gen {
+    id: u64,
+    index: Vec<u64>,
+    data: Vec<u8>,
+    done: Vec<bool>,
+    /// Protected runs `[start, end)` in pages, increasing.
+    runs: Vec<(u64, u64)>,
+    /// The run the background copy is in, and the page it continues from.
+    run: usize,
+    at: u64,
+    faulted: usize,
+}
+
+impl Gen {
+    fn finished(&self) -> bool {
+        self.run >= self.runs.len()
+    }
+
+    fn into_copied(self) -> CopiedPages {
+        CopiedPages {
+            index: self.index,
+            data: self.data,
+            faulted: self.faulted,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    /// The copy armed last, while it is incomplete.
+    current: Option<Gen>,
+    /// A copy the next arm completed (in its pause) before its owner did.
+    finished: Option<Gen>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    uffd: Uffd,
+    ram: Arc<GuestRam>,
+    state: Mutex<State>,
+    /// Write-protect faults served.
+    faults: AtomicU64,
+    /// Pages copied in the fault path.
+    fault_copies: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn addr(&self, page: u64) -> *mut c_void {
+        (self.ram.host_addr() + page * PAGE_SIZE as u64) as *mut c_void
+    }
+
+    fn protect(&self, first: u64, pages: u64) -> Result<(), CowError> {
+        let len = (pages as usize) * PAGE_SIZE;
+        retry(|| self.uffd.write_protect(self.addr(first), len)).map_err(|source| {
+            CowError::Protect {
+                op: "write-protect",
+                first,
+                pages,
+                source,
+            }
+        })
+    }
+
+    /// Unprotect pages and wake any thread waiting on them.
+    fn unprotect(&self, first: u64, pages: u64) -> Result<(), CowError> {
+        let len = (pages as usize) * PAGE_SIZE;
+        retry(|| {
+            self.uffd
+                .remove_write_protection(self.addr(first), len, true)
+        })
+        .map_err(|source| CowError::Protect {
+            op: "unprotect",
+            first,
+            pages,
+            source,
+        })
+    }
+
+    fn copy(&self, g: &mut Gen, slot: usize) -> Result<(), CowError> {
+        let page = g.index[slot];
+        let dst = &mut g.data[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE];
+        self.ram
+            .read(page * PAGE_SIZE as u64, dst)
+            .map_err(|_| CowError::Copy(page))?;
+        g.done[slot] = true;
+        Ok(())
+    }
+
+    /// The background copy's next chunk of `g`: copy its pending pages, unprotect it.
+    fn step(&self, g: &mut Gen) -> Result<(), CowError> {
+        let Some(&(_, end)) = g.runs.get(g.run) else {
+            return Ok(());
+        };
+        let from = g.at;
+        let to = end.min(from + CHUNK);
+        let mut slot = g.index.partition_point(|&p| p < from);
+        while slot < g.index.len() && g.index[slot] < to {
+            if !g.done[slot] {
+                self.copy(g, slot)?;
+            }
+            slot += 1;
+        }
+        self.unprotect(from, to - from)?;
+        if to >= end {
+            g.run += 1;
+            g.at = g.runs.get(g.run).map_or(0, |r| r.0);
+        } else {
+            g.at = to;
+        }
+        Ok(())
+    }
+
+    fn finish(&self, g: &mut Gen) -> Result<(), CowError> {
+        while !g.finished() {
+            self.step(g)?;
+        }
+        Ok(())
+    }
+
+    /// A write fault on `page`: copy it if it is pending, then unprotect it (waking the
+    /// writer). Under the lock, so no arm can protect it again in between.
+    fn fault(&self, page: u64) -> Result<(), CowError> {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        if let Some(g) = st.current.as_mut()
+            && let Ok(slot) = g.index.binary_search(&page)
+            && !g.done[slot]
+        {
+            self.copy(g, slot)?;
+            g.faulted += 1;
+            self.fault_copies.fetch_add(1, Ordering::Relaxed);
+        }
+        self.unprotect(page, 1)
+    }
+}
+
+/// An ioctl that the kernel may refuse with EAGAIN while the address space changes.
+fn retry(mut f: impl FnMut() -> userfaultfd::Result<()>) -> userfaultfd::Result<()> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN && tries < 100 => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Guest RAM registered for write-protect faults, with the thread that serves them.
+#[derive(Debug)]
+pub struct CowRam {
+    shared: Arc<Shared>,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CowRam {
+    /// Register all of `ram` with a new userfaultfd in write-protect mode and start the
+    /// fault thread. An error means this RAM cannot be checkpointed copy-on-write.
+    pub fn new(ram: Arc<GuestRam>) -> Result<Self, CowError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(CowError::Create)?;
+        let len = ram.size();
+        let ioctls = uffd
+            .register_with_mode(
+                ram.host_addr() as *mut c_void,
+                len,
+                RegisterMode::WRITE_PROTECT,
+            )
+            .map_err(|source| CowError::Register { len, source })?;
+        if !ioctls.contains(IoctlFlags::WRITE_PROTECT) {
+            return Err(CowError::NoWriteProtect(ioctls));
+        }
+        let shared = Arc::new(Shared {
+            uffd,
+            ram,
+            state: Mutex::new(State::default()),
+            faults: AtomicU64::new(0),
+            fault_copies: AtomicU64::new(0),
+        });
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(CowError::Thread)?;
+        let stop2 = stop.try_clone().map_err(CowError::Thread)?;
+        let s = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("castor-cow-fault".into())
+            .spawn(move || serve(&s, &stop2))
+            .map_err(CowError::Thread)?;
+        Ok(Self {
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Write-protect faults served so far (a fault on a page already copied or not in the
+    /// copy counts too).
+    pub fn faults(&self) -> u64 {
+        self.shared.faults.load(Ordering::Relaxed)
+    }
+
+    /// Pages copied in the fault path so far.
+    pub fn fault_copies(&self) -> u64 {
+        self.shared.fault_copies.load(Ordering::Relaxed)
+    }
+
+    fn arm_pages(&self, pages: &PageBitmap) -> Result<Pending, CowError> {
+        let index: Vec<u64> = pages.iter_set().map(|p| p as u64).collect();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &p in &index {
+            match runs.last_mut() {
+                Some(r) if p <= r.1 + MERGE_GAP => r.1 = p + 1,
+                _ => runs.push((p, p + 1)),
+            }
+        }
+        let mut st = self.shared.lock();
+        if let Some(mut prev) = st.current.take() {
+            self.shared.finish(&mut prev)?;
+            st.finished = Some(prev);
+        }
+        st.next_id += 1;
+        let id = st.next_id;
+        for (i, &(a, b)) in runs.iter().enumerate() {
+            if let Err(e) = self.shared.protect(a, b - a) {
+                // Leave nothing protected that no copy covers.
+                for &(a, b) in &runs[..i] {
+                    let _ = self.shared.unprotect(a, b - a);
+                }
+                return Err(e);
+            }
+        }
+        let n = index.len();
+        st.current = Some(Gen {
+            id,
+            data: vec![0u8; n * PAGE_SIZE],
+            done: vec![false; n],
+            at: runs.first().map_or(0, |r| r.0),
+            index,
+            runs,
+            run: 0,
+            faulted: 0,
+        });
+        tracing::trace!(target: "ha_kvm", id, pages = n, "armed a copy-on-write checkpoint");
+        Ok(Pending {
+            shared: Arc::clone(&self.shared),
+            id,
+            pages: n,
+            completed: false,
+        })
+    }
+}
+
+impl CowMemory for CowRam {
+    fn arm(&mut self, pages: &PageBitmap) -> Result<Box<dyn PendingCopy>, DomainError> {
+        Ok(Box::new(self.arm_pages(pages).map_err(domain)?))
+    }
+}
+
+impl Drop for CowRam {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The fault thread: wait for write-protect faults (or the stop signal) and serve them.
+fn serve(s: &Shared, stop: &EventFd) {
+    let mut buf = EventBuffer::new(64);
+    let fds: [RawFd; 2] = [s.uffd.as_raw_fd(), stop.as_raw_fd()];
+    loop {
+        let mut pfd = fds.map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: `pfd` is a live array of two pollfd structs over fds this thread's owners
+        // keep open until it is joined; poll writes only their `revents`.
+        let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(target: "ha_kvm", error = %e, "poll on the userfaultfd failed; write faults are no longer served");
+            return;
+        }
+        if pfd[1].revents != 0 {
+            return;
+        }
+        let events = match s.uffd.read_events(&mut buf) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(target: "ha_kvm", error = %e, "reading the userfaultfd failed; write faults are no longer served");
+                return;
+            }
+        };
+        for ev in events {
+            match ev {
+                Ok(Event::Pagefault {
+                    kind: FaultKind::WriteProtected,
+                    addr,
+                    ..
+                }) => {
+                    let page = (addr as u64).saturating_sub(s.ram.host_addr()) / PAGE_SIZE as u64;
+                    if let Err(e) = s.fault(page) {
+                        tracing::error!(target: "ha_kvm", page, error = %e, "serving a write fault failed");
+                    }
+                }
+                Ok(other) => {
+                    tracing::warn!(target: "ha_kvm", event = ?other, "unexpected userfaultfd event");
+                }
+                Err(e) => {
+                    tracing::warn!(target: "ha_kvm", error = %e, "bad userfaultfd event");
+                }
+            }
+        }
+    }
+}
+
+/// A copy armed by [`CowRam`], completed by [`PendingCopy::complete`] on any thread.
+#[derive(Debug)]
+pub struct Pending {
+    shared: Arc<Shared>,
+    id: u64,
+    pages: usize,
+    completed: bool,
+}
+
+impl Pending {
+    fn run(&mut self) -> Result<CopiedPages, CowError> {
+        loop {
+            let mut st = self.shared.lock();
+            let mine = |g: &Option<Gen>| g.as_ref().is_some_and(|g| g.id == self.id);
+            let slot = if mine(&st.finished) {
+                &mut st.finished
+            } else if mine(&st.current) {
+                &mut st.current
+            } else {
+                return Err(CowError::Lost(self.id));
+            };
+            if let Some(g) = slot.as_mut() {
+                self.shared.step(g)?;
+            }
+            if slot.as_ref().is_some_and(Gen::finished) {
+                self.completed = true;
+                return slot
+                    .take()
+                    .map(Gen::into_copied)
+                    .ok_or(CowError::Lost(self.id));
+            }
+            // Let a waiting fault in between chunks.
+            drop(st);
+        }
+    }
+}
+
+impl PendingCopy for Pending {
+    fn pages(&self) -> usize {
+        self.pages
+    }
+
+    fn complete(mut self: Box<Self>) -> Result<CopiedPages, DomainError> {
+        self.run().map_err(domain)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.completed {
+            return;
+        }
+        let mut st = self.shared.lock();
+        if st.finished.as_ref().is_some_and(|g| g.id == self.id) {
+            st.finished = None;
+        }
+        if st.current.as_ref().is_some_and(|g| g.id == self.id)
+            && let Some(g) = st.current.take()
+        {
+            // Unprotect what the copy has not reached; nothing more is copied.
+            let mut at = g.at;
+            for &(a, b) in g.runs.iter().skip(g.run) {
+                let from = at.max(a);
+                if let Err(e) = self.shared.unprotect(from, b - from) {
+                    tracing::error!(target: "ha_kvm", error = %e, "cannot unprotect a dropped copy's pages");
+                }
+                at = b;
+            }
+        }
+    }
+}

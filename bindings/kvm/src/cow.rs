@@ -18,16 +18,17 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::cow::{CopiedPages, CowMemory, PendingCopy};
 use ha_guest::domain::DomainError;
 use libc::c_void;
-use userfaultfd::{Event, EventBuffer, FaultKind, IoctlFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestRam;
+use crate::uffd::{Uffd, WpFault};
 
 /// Protected ranges closer than this many pages are merged into one run (one ioctl); a
 /// guest write to a page in the gap costs a fault that only unprotects it.
@@ -36,12 +37,15 @@ const MERGE_GAP: u64 = 8;
 /// Pages the background copy handles per lock hold: a write fault waits at most this long.
 const CHUNK: u64 = 64;
 
+/// Write faults timed on a scratch mapping when the RAM is registered.
+const CALIBRATE_FAULTS: usize = 16;
+
 /// Errors of copy-on-write memory.
 #[derive(Debug, thiserror::Error)]
 pub enum CowError {
     /// The userfaultfd cannot be created (no `/dev/userfaultfd` access, old kernel).
     #[error("cannot create a userfaultfd")]
-    Create(#[source] userfaultfd::Error),
+    Create(#[source] std::io::Error),
     /// Guest RAM cannot be registered for write-protection faults.
     #[error("cannot register {len:#x} bytes of guest RAM for write-protect faults")]
     Register {
@@ -49,12 +53,12 @@ pub enum CowError {
         len: usize,
         /// The ioctl's error.
         #[source]
-        source: userfaultfd::Error,
+        source: std::io::Error,
     },
     /// The registration succeeded but the kernel offers no `UFFDIO_WRITEPROTECT` on this
     /// kind of memory.
-    #[error("the kernel cannot write-protect this guest RAM (ioctls {0:?})")]
-    NoWriteProtect(IoctlFlags),
+    #[error("the kernel cannot write-protect this guest RAM")]
+    NoWriteProtect,
     /// (Un)protecting a range failed.
     #[error("cannot {op} guest pages {first:#x}+{pages}")]
     Protect {
@@ -66,7 +70,7 @@ pub enum CowError {
         pages: u64,
         /// The ioctl's error.
         #[source]
-        source: userfaultfd::Error,
+        source: std::io::Error,
     },
     /// A page could not be copied out of guest RAM.
     #[error("cannot copy guest page {0:#x}")]
@@ -134,6 +138,12 @@ struct Shared {
     faults: AtomicU64,
     /// Pages copied in the fault path.
     fault_copies: AtomicU64,
+    /// A writer's round trip through a write-protect fault on this host, measured once on
+    /// a scratch mapping (kernel fault path, the two wake-ups, a minimal service), ns.
+    roundtrip_ns: u64,
+    /// Mean time the fault thread spends serving a fault here (the copy, the unprotect),
+    /// ns; a running average.
+    service_ns: AtomicU64,
 }
 
 impl Shared {
@@ -141,35 +151,33 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn addr(&self, page: u64) -> *mut c_void {
-        (self.ram.host_addr() + page * PAGE_SIZE as u64) as *mut c_void
+    fn addr(&self, page: u64) -> u64 {
+        self.ram.host_addr() + page * PAGE_SIZE as u64
     }
 
     fn protect(&self, first: u64, pages: u64) -> Result<(), CowError> {
         let len = (pages as usize) * PAGE_SIZE;
-        retry(|| self.uffd.write_protect(self.addr(first), len)).map_err(|source| {
-            CowError::Protect {
+        self.uffd
+            .protect(self.addr(first), len)
+            .map_err(|source| CowError::Protect {
                 op: "write-protect",
                 first,
                 pages,
                 source,
-            }
-        })
+            })
     }
 
     /// Unprotect pages and wake any thread waiting on them.
     fn unprotect(&self, first: u64, pages: u64) -> Result<(), CowError> {
         let len = (pages as usize) * PAGE_SIZE;
-        retry(|| {
-            self.uffd
-                .remove_write_protection(self.addr(first), len, true)
-        })
-        .map_err(|source| CowError::Protect {
-            op: "unprotect",
-            first,
-            pages,
-            source,
-        })
+        self.uffd
+            .unprotect(self.addr(first), len)
+            .map_err(|source| CowError::Protect {
+                op: "unprotect",
+                first,
+                pages,
+                source,
+            })
     }
 
     fn copy(&self, g: &mut Gen, slot: usize) -> Result<(), CowError> {
@@ -216,6 +224,17 @@ impl Shared {
     /// A write fault on `page`: copy it if it is pending, then unprotect it (waking the
     /// writer). Under the lock, so no arm can protect it again in between.
     fn fault(&self, page: u64) -> Result<(), CowError> {
+        let t = Instant::now();
+        let r = self.fault_locked(page);
+        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        // A running average (weight 1/8): one thread writes it.
+        let old = self.service_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { old - old / 8 + ns / 8 };
+        self.service_ns.store(new, Ordering::Relaxed);
+        r
+    }
+
+    fn fault_locked(&self, page: u64) -> Result<(), CowError> {
         self.faults.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         if let Some(g) = st.current.as_mut()
@@ -227,20 +246,6 @@ impl Shared {
             self.fault_copies.fetch_add(1, Ordering::Relaxed);
         }
         self.unprotect(page, 1)
-    }
-}
-
-/// An ioctl that the kernel may refuse with EAGAIN while the address space changes.
-fn retry(mut f: impl FnMut() -> userfaultfd::Result<()>) -> userfaultfd::Result<()> {
-    let mut tries = 0;
-    loop {
-        match f() {
-            Err(userfaultfd::Error::SystemError(e)) if e as i32 == libc::EAGAIN && tries < 100 => {
-                tries += 1;
-                std::thread::yield_now();
-            }
-            r => return r,
-        }
     }
 }
 
@@ -256,29 +261,29 @@ impl CowRam {
     /// Register all of `ram` with a new userfaultfd in write-protect mode and start the
     /// fault thread. An error means this RAM cannot be checkpointed copy-on-write.
     pub fn new(ram: Arc<GuestRam>) -> Result<Self, CowError> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(CowError::Create)?;
+        let uffd = Uffd::new().map_err(CowError::Create)?;
         let len = ram.size();
-        let ioctls = uffd
-            .register_with_mode(
-                ram.host_addr() as *mut c_void,
-                len,
-                RegisterMode::WRITE_PROTECT,
-            )
+        let wp = uffd
+            .register_wp(ram.host_addr(), len)
             .map_err(|source| CowError::Register { len, source })?;
-        if !ioctls.contains(IoctlFlags::WRITE_PROTECT) {
-            return Err(CowError::NoWriteProtect(ioctls));
+        if !wp {
+            return Err(CowError::NoWriteProtect);
         }
+        let roundtrip = calibrate().map_or_else(
+            |e| {
+                tracing::info!(target: "ha_kvm", error = %e, "cannot time a write fault; the engine estimates it");
+                0
+            },
+            |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+        );
         let shared = Arc::new(Shared {
             uffd,
             ram,
             state: Mutex::new(State::default()),
             faults: AtomicU64::new(0),
             fault_copies: AtomicU64::new(0),
+            roundtrip_ns: roundtrip,
+            service_ns: AtomicU64::new(0),
         });
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(CowError::Thread)?;
         let stop2 = stop.try_clone().map_err(CowError::Thread)?;
@@ -355,6 +360,107 @@ impl CowMemory for CowRam {
     fn arm(&mut self, pages: &PageBitmap) -> Result<Box<dyn PendingCopy>, DomainError> {
         Ok(Box::new(self.arm_pages(pages).map_err(domain)?))
     }
+
+    /// The round trip timed at registration plus the mean service time of the faults
+    /// served since (`None` when the round trip could not be timed).
+    fn fault_cost(&self) -> Option<Duration> {
+        let rt = self.shared.roundtrip_ns;
+        (rt > 0).then(|| {
+            Duration::from_nanos(rt.saturating_add(self.shared.service_ns.load(Ordering::Relaxed)))
+        })
+    }
+}
+
+/// Anonymous scratch pages, unmapped on drop.
+struct Scratch {
+    addr: *mut c_void,
+    len: usize,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` are exactly the mapping `calibrate` created, and nothing
+        // refers to it any more (the server thread has been joined).
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Time a writer's round trip through a write-protect fault on this host: write-protect
+/// scratch pages, write each from this thread while a helper thread serves the faults as
+/// the fault thread does (unprotect and wake). Returns the median.
+fn calibrate() -> Result<Duration, CowError> {
+    let len = CALIBRATE_FAULTS * PAGE_SIZE;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(CowError::Thread(std::io::Error::last_os_error()));
+    }
+    let scratch = Scratch { addr, len };
+    let base = scratch.addr.cast::<u8>();
+    for i in 0..CALIBRATE_FAULTS {
+        // SAFETY: inside the mapping made above, which is readable and writable.
+        unsafe { base.add(i * PAGE_SIZE).write_volatile(1) };
+    }
+    let uffd = Uffd::new().map_err(CowError::Create)?;
+    let at = scratch.addr as u64;
+    let wp = uffd
+        .register_wp(at, len)
+        .map_err(|source| CowError::Register { len, source })?;
+    if !wp {
+        return Err(CowError::NoWriteProtect);
+    }
+    uffd.protect(at, len).map_err(|source| CowError::Protect {
+        op: "write-protect",
+        first: 0,
+        pages: CALIBRATE_FAULTS as u64,
+        source,
+    })?;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut times = Vec::with_capacity(CALIBRATE_FAULTS);
+    std::thread::scope(|sc| {
+        let (uffd, done) = (&uffd, &done);
+        sc.spawn(move || {
+            let mut faults = Vec::new();
+            while !done.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: uffd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd over the userfaultfd, open for this scope.
+                if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+                    continue;
+                }
+                faults.clear();
+                if uffd.read_faults(&mut faults).is_err() {
+                    return;
+                }
+                for f in &faults {
+                    let _ = uffd.unprotect(f.addr & !(PAGE_SIZE as u64 - 1), PAGE_SIZE);
+                }
+            }
+        });
+        for i in 0..CALIBRATE_FAULTS {
+            let t = Instant::now();
+            // SAFETY: inside the scratch mapping; the write blocks until the helper thread
+            // unprotects the page.
+            unsafe { base.add(i * PAGE_SIZE).write_volatile(2) };
+            times.push(t.elapsed());
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    drop(uffd);
+    times.sort();
+    Ok(times[times.len() / 2])
 }
 
 impl Drop for CowRam {
@@ -368,7 +474,7 @@ impl Drop for CowRam {
 
 /// The fault thread: wait for write-protect faults (or the stop signal) and serve them.
 fn serve(s: &Shared, stop: &EventFd) {
-    let mut buf = EventBuffer::new(64);
+    let mut faults: Vec<WpFault> = Vec::new();
     let fds: [RawFd; 2] = [s.uffd.as_raw_fd(), stop.as_raw_fd()];
     loop {
         let mut pfd = fds.map(|fd| libc::pollfd {
@@ -390,31 +496,21 @@ fn serve(s: &Shared, stop: &EventFd) {
         if pfd[1].revents != 0 {
             return;
         }
-        let events = match s.uffd.read_events(&mut buf) {
-            Ok(ev) => ev,
+        faults.clear();
+        let other = match s.uffd.read_faults(&mut faults) {
+            Ok(n) => n,
             Err(e) => {
                 tracing::error!(target: "ha_kvm", error = %e, "reading the userfaultfd failed; write faults are no longer served");
                 return;
             }
         };
-        for ev in events {
-            match ev {
-                Ok(Event::Pagefault {
-                    kind: FaultKind::WriteProtected,
-                    addr,
-                    ..
-                }) => {
-                    let page = (addr as u64).saturating_sub(s.ram.host_addr()) / PAGE_SIZE as u64;
-                    if let Err(e) = s.fault(page) {
-                        tracing::error!(target: "ha_kvm", page, error = %e, "serving a write fault failed");
-                    }
-                }
-                Ok(other) => {
-                    tracing::warn!(target: "ha_kvm", event = ?other, "unexpected userfaultfd event");
-                }
-                Err(e) => {
-                    tracing::warn!(target: "ha_kvm", error = %e, "bad userfaultfd event");
-                }
+        if other > 0 {
+            tracing::warn!(target: "ha_kvm", other, "unexpected userfaultfd messages");
+        }
+        for f in &faults {
+            let page = f.addr.saturating_sub(s.ram.host_addr()) / PAGE_SIZE as u64;
+            if let Err(e) = s.fault(page) {
+                tracing::error!(target: "ha_kvm", page, error = %e, "serving a write fault failed");
             }
         }
     }

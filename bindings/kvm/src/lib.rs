@@ -10,6 +10,7 @@
 //! |---|---|
 //! | [`memory`] | guest RAM and the bitmap of the VMM's own writes |
 //! | [`cow`] | copy-on-write checkpoints: userfaultfd write-protection of guest RAM |
+//! | `uffd` | the userfaultfd calls `cow` needs, on the kernel ABI (no bindgen) |
 //! | [`guest`] | memory layout, boot registers, the generated guest program |
 //! | [`vcpu`] | the vCPU thread, pause/resume, exits, doorbell |
 //! | [`output`] | draining the guest's output ring |
@@ -28,6 +29,7 @@ pub mod guest;
 pub mod memory;
 pub mod output;
 pub mod state;
+mod uffd;
 pub mod vcpu;
 pub mod vm;
 

@@ -99,10 +99,12 @@ fn copies_are_the_memory_at_the_checkpoint_with_the_guest_writing() {
         let before = d.status().unwrap().progress;
         let (faulted, total) = cycles(&mut d, 40, &format!("{w:?}"));
         let (faults, fault_copies) = d.cow_faults();
+        let cost = d.cow_memory().and_then(|c| c.fault_cost());
         eprintln!(
             "{w:?}: {total} pages copied over 40 checkpoints, {faulted} in the fault path \
-             ({faults} write faults served)"
+             ({faults} write faults served; a fault costs {cost:?})"
         );
+        assert!(cost.is_some_and(|c| !c.is_zero()), "the fault cost is measured");
         assert!(faulted > 0, "{w:?}: no write fault copied a page");
         assert_eq!(fault_copies, faulted as u64);
         assert!(faults >= fault_copies);

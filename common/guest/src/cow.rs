@@ -18,6 +18,12 @@ pub trait CowMemory {
     /// this instant is what the copy yields. A copy armed earlier and not yet completed is
     /// completed first (inside the pause).
     fn arm(&mut self, pages: &PageBitmap) -> Result<Box<dyn PendingCopy>, DomainError>;
+
+    /// What one write fault on a protected page costs the writer, as measured by the
+    /// backend (`None`: not measured; the caller falls back to its own estimate).
+    fn fault_cost(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The content of write-protected pages as of the pause that armed them, being copied out

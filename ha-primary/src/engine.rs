@@ -13,6 +13,7 @@
 //! after the stall; if the backup is lost instead, the primary assumes it took over and
 //! fences under either policy.
 
+use crate::cow::{Chooser, CopyPolicy};
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
 use crate::hold::HeldOutput;
@@ -121,6 +122,9 @@ pub struct Config {
     pub link_rate: Option<u64>,
     /// The backend that runs the guest, announced in the Hello (the backup refuses another).
     pub backend: ha_guest::backend::BackendKind,
+    /// How checkpoints copy their pages: in the pause, copy-on-write, or chosen per
+    /// checkpoint from measured costs ([`crate::cow`]).
+    pub copy: CopyPolicy,
 }
 
 /// What a run achieved.
@@ -143,6 +147,12 @@ pub struct Summary {
     pub outputs_released: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
+    /// Checkpoints that copied their pages in the pause.
+    pub pause_copies: u64,
+    /// Checkpoints that took their pages copy-on-write.
+    pub cow_copies: u64,
+    /// Pages of copy-on-write checkpoints the guest wrote before their copy.
+    pub cow_faulted: u64,
 }
 
 /// The engine's state, for logs and events.
@@ -198,6 +208,8 @@ struct Engine<'a> {
     /// Under the default policy, when the stand-down to a lost backup was queued: output
     /// stays held until it is on the wire (or the link is gone, or the wait runs out).
     standing_down: Option<Instant>,
+    /// Picks each checkpoint's copy path.
+    cow: Chooser,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -322,6 +334,7 @@ pub fn run_with_metrics(
         stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
         suspect: None,
         standing_down: None,
+        cow: Chooser::new(cfg.copy),
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -456,7 +469,7 @@ impl Engine<'_> {
         self.checkpoints += 1;
         let verify =
             self.cfg.verify_every > 0 && self.checkpoints.is_multiple_of(self.cfg.verify_every);
-        let cp = harvest::take(self.d, self.epoch, dirty, verify)?;
+        let cp = harvest::take(self.d, self.epoch, dirty, verify, &mut self.cow)?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
         self.summary.pauses_us.push(cp.pause.as_micros() as u64);
@@ -468,6 +481,7 @@ impl Engine<'_> {
                     epoch: cp.epoch,
                     checkpoint: true,
                     pause: cp.pause,
+                    copy: Some(cp.path),
                     dirty_pages: cp.pages.len(),
                     at: Some(cp.taken.saturating_duration_since(self.born)),
                     progress: cp.status.map(|s| s.progress),
@@ -860,6 +874,8 @@ impl Engine<'_> {
         self.summary.pause_ms_p50 = pct(50);
         self.summary.pause_ms_p99 = pct(99);
         self.summary.outputs_released = self.held.released;
+        [self.summary.pause_copies, self.summary.cow_copies] = self.cow.taken;
+        self.summary.cow_faulted = self.cow.faulted();
         self.count_output();
         self.events.note(
             "stopped",
@@ -886,6 +902,7 @@ fn split(p: Pages) -> Vec<Pages> {
         .map(|(i, d)| Pages {
             index: i.to_vec(),
             data: d.to_vec(),
+            pending: None,
         })
         .collect()
 }

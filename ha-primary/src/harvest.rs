@@ -4,7 +4,11 @@
 //! a VMM write, so it is harvested with the rest), harvest the dirty-page log, copy the dirty
 //! pages, save the vCPU/device state, optionally hash the whole memory (verification), and
 //! resume. Everything after that (encoding, sending) happens while the next epoch runs.
+//!
+//! A checkpoint may instead take its pages copy-on-write ([`crate::cow`]): armed in the
+//! pause, copied behind the running guest, completed by the encoder before it encodes.
 
+use crate::cow::{Chooser, CopyPath};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_codec::block::is_zero;
@@ -19,17 +23,32 @@ pub struct Pages {
     pub index: Vec<u64>,
     /// Their content, back to back.
     pub data: Vec<u8>,
+    /// Pages still being copied behind the running guest (a copy-on-write checkpoint):
+    /// `index` and `data` hold them once [`Pages::complete`] has run.
+    pub pending: Option<crate::cow::Pending>,
 }
 
 impl Pages {
-    /// Number of pages.
+    /// Number of pages (a pending copy's included).
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.index.len() + self.pending.as_ref().map_or(0, |p| p.pages())
     }
 
     /// True when there are none.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
+    }
+
+    /// Wait for a pending copy and take it into `index` and `data` (a no-op without one).
+    /// Returns the pages the guest wrote before the copy reached them.
+    pub fn complete(&mut self) -> Result<usize, DomainError> {
+        let Some(p) = self.pending.take() else {
+            return Ok(0);
+        };
+        let c = p.complete()?;
+        self.index = c.index;
+        self.data = c.data;
+        Ok(c.faulted)
     }
 }
 
@@ -48,6 +67,8 @@ pub struct Checkpoint {
     pub verify: Option<[u8; 32]>,
     /// The guest's status at the checkpoint (None: the guest has no status probe).
     pub status: Option<GuestStatus>,
+    /// How its pages were copied.
+    pub path: CopyPath,
     /// How long the guest was paused.
     pub pause: Duration,
     /// When the guest was paused.
@@ -92,18 +113,22 @@ pub fn memory_digest(d: &dyn Domain) -> Result<[u8; 32], DomainError> {
     Ok(*h.finalize().as_bytes())
 }
 
-/// Take checkpoint `epoch`: pause, drain output, harvest, copy, save, (digest), resume.
-/// The harvest is ORed into `dirty`, so pages the caller already knows to be dirty (a
-/// pre-copy round's last harvest) are sent too; the caller clears it between checkpoints.
+/// Take checkpoint `epoch`: pause, drain output, harvest, copy (or arm a copy-on-write,
+/// as `cow` chooses), save, (digest), resume. The harvest is ORed into `dirty`, so pages
+/// the caller already knows to be dirty (a pre-copy round's last harvest) are sent too; the
+/// caller clears it between checkpoints.
 pub fn take(
     d: &mut dyn Domain,
     epoch: u64,
     dirty: &mut PageBitmap,
     verify: bool,
+    cow: &mut Chooser,
 ) -> Result<Checkpoint, DomainError> {
+    // The previous copy-on-write copy finishes with the guest running, not in this pause.
+    cow.settle();
     let taken = Instant::now();
     d.pause()?;
-    let r = take_paused(d, epoch, dirty, verify, taken);
+    let r = take_paused(d, epoch, dirty, verify, cow, taken);
     // Resume whatever happened: a failed checkpoint must not leave the guest stopped.
     let resumed = d.resume();
     let mut cp = r?;
@@ -117,6 +142,7 @@ fn take_paused(
     epoch: u64,
     dirty: &mut PageBitmap,
     verify: bool,
+    cow: &mut Chooser,
     taken: Instant,
 ) -> Result<Checkpoint, DomainError> {
     let mut outputs = Vec::new();
@@ -125,7 +151,27 @@ fn take_paused(
     }
     d.harvest_dirty(dirty)?;
     let mut pages = Pages::default();
-    copy_pages(d, dirty, false, &mut pages)?;
+    let path = cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost()));
+    let t = Instant::now();
+    match path {
+        CopyPath::Pause => {
+            copy_pages(d, dirty, false, &mut pages)?;
+            cow.copied(pages.len(), t.elapsed());
+        }
+        CopyPath::Cow => {
+            let armed = d
+                .cow_memory()
+                .ok_or(DomainError::NoCapability("copy-on-write memory"))?
+                .arm(dirty)?;
+            let pending = cow
+                .armed(armed, t.elapsed())
+                .map_err(|e| DomainError::Backend {
+                    op: "copy-on-write checkpoint",
+                    source: e.into(),
+                })?;
+            pages.pending = Some(pending);
+        }
+    }
     let state = d.save_state()?;
     let verify = if verify {
         Some(memory_digest(d)?)
@@ -140,6 +186,7 @@ fn take_paused(
         outputs,
         verify,
         status,
+        path,
         pause: Duration::ZERO,
         taken,
     })

@@ -5,6 +5,7 @@
 //! | module | stage |
 //! |---|---|
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
+//! | [`cow`] | copy-on-write checkpoints: which path each checkpoint's pages take |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
 //! | [`hold`] | output commit: output held until its checkpoint is acknowledged, then released |
@@ -16,6 +17,7 @@
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
+pub mod cow;
 pub mod encode;
 pub mod engine;
 pub mod harvest;

@@ -90,6 +90,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         key,
         link_rate: cli.link_rate,
         backend: cli.guest,
+        copy: cli.copy,
     };
     let metrics = Metrics::new();
     let metrics_addr = cli

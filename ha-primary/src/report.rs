@@ -18,6 +18,9 @@ pub struct EpochRow {
     pub checkpoint: bool,
     /// Pause time.
     pub pause: Duration,
+    /// How a checkpoint's pages were copied: in the pause or copy-on-write (None: a
+    /// pre-copy round).
+    pub copy: Option<crate::cow::CopyPath>,
     /// Dirty pages.
     pub dirty_pages: usize,
     /// Encoder output.
@@ -60,7 +63,8 @@ impl StatsCsv {
             "epoch,checkpoint,pause_us,dirty_pages,changed_blocks,shared_blocks,raw_bytes,wire_bytes,\
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
-             encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us"
+             encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us,\
+             copy,cow_faulted,cow_wait_us"
         )?;
         Ok(Self { w })
     }
@@ -106,6 +110,9 @@ impl StatsCsv {
         cols.push(us(r.at));
         cols.push(r.progress.map_or(String::new(), |p| p.to_string()));
         cols.push(us(e.map(|e| e.encode_cpu)));
+        cols.push(r.copy.map_or("", |c| c.name()).to_string());
+        cols.push(e.map_or(0, |e| e.cow_faulted).to_string());
+        cols.push(us(e.map(|e| e.cow_wait)));
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

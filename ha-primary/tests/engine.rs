@@ -8,6 +8,7 @@ use ha_codec::block::BlockSize;
 use ha_codec::codec::{CodecConfig, GeneralCodec, Mode};
 use ha_guest::backend::BackendKind;
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_primary::cow::CopyPolicy;
 use ha_primary::engine::{self, Config};
 use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputChecker, read_records};
@@ -177,6 +178,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         key: Some(pair_key()),
         link_rate: None,
         backend: BackendKind::Sim,
+        copy: CopyPolicy::Auto,
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ha_guest::domain::{Domain, DomainError, DomainFactory};
+use ha_guest::domain::{Devices, Domain, DomainError, DomainFactory};
 use ha_wire::output::{OutputError, OutputSink, Source};
 use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use serde_json::json;
@@ -76,7 +76,8 @@ impl std::fmt::Debug for Active {
 }
 
 /// Take the guest over: restore it from `cp` (on the committed image itself, where the
-/// backend can take it over without a copy), connect to the output sink (if any),
+/// backend can take it over without a copy, attached to `devices`: the disk replica of the
+/// same checkpoint), connect to the output sink (if any),
 /// re-release the records still in the committed ring up to the checkpoint's `out_head`,
 /// and resume it. `declared` is when the primary was declared dead.
 ///
@@ -87,6 +88,7 @@ impl std::fmt::Debug for Active {
 pub fn activate(
     factory: &dyn DomainFactory,
     cp: Resumable,
+    devices: &Devices,
     output: Option<SocketAddr>,
     declared: Instant,
 ) -> Result<Active, ActivateError> {
@@ -94,7 +96,7 @@ pub fn activate(
     let ring = ring_records(cp.image.as_slice());
     let epoch = cp.epoch;
     let mut domain = factory
-        .restore_image(cp.image, &cp.state, &ha_guest::domain::Devices::default())
+        .restore_image(cp.image, &cp.state, devices)
         .map_err(|source| ActivateError::Restore {
             epoch,
             backend: factory.name(),

@@ -217,7 +217,10 @@ mod tests {
             pages,
             state: state.then(|| b"state".to_vec()),
             verify,
+            disk: Vec::new(),
+            verify_disk: None,
             wire_bytes: 0,
+            disk_wire_bytes: 0,
         }
     }
 

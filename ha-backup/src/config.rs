@@ -62,6 +62,9 @@ pub enum ConfigError {
     /// Neither a key nor `--insecure`, both, or a refused key file.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The disk replica cannot be used.
+    #[error("--disk")]
+    Disk(#[from] crate::replica::ReplicaError),
     /// The command line does not parse (this includes `--help` and `--version`), or the
     /// config file cannot be read or has a refused value.
     #[error(transparent)]
@@ -143,6 +146,11 @@ pub struct Cli {
     /// trusted links only).
     #[arg(long)]
     pub insecure: bool,
+    /// The disk replica: a raw image file of the primary's disk size, starting equal to
+    /// the primary's disk (a copy). Checkpoints' disk writes reach it at commit, through a
+    /// journal beside it (PATH.journal); the failed-over guest runs on it.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
     /// Refuse a primary announcing more guest memory than this (also caps --memory; at
     /// least 2M).
     #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
@@ -189,6 +197,8 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// `--insecure`.
     pub insecure: Option<bool>,
+    /// `--disk`.
+    pub disk: Option<PathBuf>,
     /// `--max-memory`.
     pub max_memory: Option<Size>,
 }
@@ -236,6 +246,7 @@ impl Options for Cli {
             metrics_port_file: some,
             key: some,
             insecure: same,
+            disk: some,
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
         );
         Ok(())
@@ -283,6 +294,10 @@ pub struct Config {
     pub insecure: bool,
     /// The largest guest memory a primary may announce.
     pub max_memory: u64,
+    /// The disk replica.
+    pub disk: Option<PathBuf>,
+    /// Its size in bytes when the options were checked (0: no disk).
+    pub disk_size: u64,
 }
 
 impl Config {
@@ -344,6 +359,10 @@ impl Config {
             .map(|g| g.resolve(parse_duration))
             .transpose()
             .map_err(unit("exit-after"))?;
+        let disk_size = match &cli.disk {
+            Some(p) => crate::replica::replica_size(p)?,
+            None => 0,
+        };
         Ok(Self {
             listen: cli.listen,
             port_file: cli.port_file.clone(),
@@ -364,6 +383,8 @@ impl Config {
             key: cli.key.clone(),
             insecure: cli.insecure,
             max_memory,
+            disk: cli.disk.clone(),
+            disk_size,
         })
     }
 
@@ -387,6 +408,7 @@ impl Config {
             mode: self.mode,
             backend: self.guest,
             layout: self.guest.guest_layout(),
+            disk_size: self.disk_size,
         }
     }
 
@@ -529,6 +551,7 @@ mod tests {
             "metrics_port_file",
             "key",
             "insecure",
+            "disk",
             "max_memory",
         ];
         let mut keys = file_keys.to_vec();

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use ha_guest::domain::DomainFactory;
+use ha_guest::domain::{Devices, DomainFactory};
 use ha_workloads::guest_abi::GuestStatus;
 use serde_json::json;
 use tracing::{error, info};
@@ -31,7 +31,13 @@ pub(crate) fn fail_over(
         backend = factory.name(),
         "failing over: activating the guest from the last checkpoint"
     );
-    let mut active = activate::activate(factory, cp, cfg.output, loss.declared)?;
+    // The replica holds the disk of the same checkpoint: every committed epoch's writes
+    // were applied before the next frame was read.
+    drop(sinks.replica.take());
+    let devices = Devices {
+        disk: cfg.disk.clone(),
+    };
+    let mut active = activate::activate(factory, cp, &devices, cfg.output, loss.declared)?;
     let activation_ms = active.activation.as_millis() as u64;
     sinks
         .metrics

@@ -15,6 +15,7 @@
 //! | [`link`] | socket → frames (heartbeats dropped), the Hello/Welcome/Refuse opening |
 //! | [`stage`] | epoch frames → a verified [`ha_wire::stream::StagedEpoch`] |
 //! | [`commit`] | the committed image, the latest checkpoint's state, the epoch numbers |
+//! | [`replica`] | the disk replica and its journal: checkpoints' disk writes, crash-safe |
 //! | [`detect`] | deciding the primary is lost, and how long that took |
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
 //! | [`stats`] | per-epoch CSV |
@@ -34,6 +35,7 @@ pub mod failover;
 pub mod link;
 pub mod metrics;
 pub mod receive;
+pub mod replica;
 pub mod stage;
 pub mod stats;
 
@@ -103,6 +105,10 @@ pub enum BackupError {
     /// The committed image cannot be held.
     #[error("no memory for the committed image")]
     Image(#[from] ha_guest::image::ImageError),
+    /// The disk replica or its journal cannot be written (a full disk, an I/O error): no
+    /// further epoch is taken; the committed state is kept (see [`replica`]).
+    #[error("disk replica")]
+    Replica(#[from] replica::ReplicaError),
 }
 
 /// How the backup ended, when it did not fail.
@@ -137,6 +143,7 @@ struct Sinks<'a> {
     metrics: &'a Metrics,
     stats: StatsLog,
     ack_log: Option<(PathBuf, File)>,
+    replica: Option<replica::Replica>,
 }
 
 /// Run the backup to the end: listen, receive, and on the primary's loss fail over with
@@ -186,13 +193,56 @@ fn run_with(
             Some((p.clone(), f))
         }
     };
+    let replica = match &cfg.disk {
+        None => None,
+        Some(p) => Some(open_replica(p, events)?),
+    };
     let mut sinks = Sinks {
         events,
         metrics,
         stats,
         ack_log,
+        replica,
     };
     serve(cfg, factory, stop, &mut sinks, listening)
+}
+
+/// Open the disk replica, replaying or discarding the journal a killed backup left.
+fn open_replica(
+    path: &std::path::Path,
+    events: &mut EventLog,
+) -> Result<replica::Replica, BackupError> {
+    let (r, recovery) = replica::Replica::open(path)?;
+    match recovery {
+        replica::Recovery::Clean => {}
+        replica::Recovery::Replayed { epoch, writes } => {
+            warn!(
+                epoch,
+                writes,
+                replica = %path.display(),
+                "replayed the disk journal of checkpoint {epoch} (its apply was cut): the \
+                 replica is at checkpoint {epoch}"
+            );
+            events.note(
+                "disk_journal",
+                json!({ "action": "replayed", "epoch": epoch, "writes": writes }),
+            );
+        }
+        replica::Recovery::Discarded { epoch, why } => {
+            warn!(
+                epoch,
+                why,
+                replica = %path.display(),
+                "discarded the disk journal: the replica stays at the checkpoint before it"
+            );
+            events.note(
+                "disk_journal",
+                json!({ "action": "discarded", "epoch": epoch, "why": why }),
+            );
+        }
+    }
+    info!(replica = %path.display(), bytes = r.size(), "disk replica ready");
+    Ok(r)
 }
 
 fn serve(

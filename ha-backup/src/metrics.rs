@@ -16,6 +16,11 @@ const COMMIT_BUCKETS: [f64; 13] = [
     0.1,
 ];
 
+/// Disk bytes per epoch buckets: 512 B to 64 MiB.
+const DISK_BUCKETS: [f64; 9] = [
+    512.0, 4096.0, 32768.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 33554432.0, 67108864.0,
+];
+
 /// The states of `castor_state`.
 pub const STATES: [&str; 3] = ["listening", "receiving", "active"];
 
@@ -37,6 +42,16 @@ pub struct BackupFamilies {
     pub detection_seconds: Gauge<f64, AtomicU64>,
     /// Declared lost → guest resumed, seconds (set at failover).
     pub activation_seconds: Gauge<f64, AtomicU64>,
+    /// Bytes of disk records received in committed epochs (part of `wire_bytes`).
+    pub disk_wire_bytes: Counter,
+    /// Disk writes applied to the replica.
+    pub disk_writes: Counter,
+    /// Bytes written to the replica per checkpoint that carried disk writes.
+    pub disk_epoch_bytes: Histogram,
+    /// Bytes of the disk journal as last written (0 once an apply cleared it).
+    pub journal_bytes: Gauge,
+    /// The replica or its journal could not be written (the backup then takes no epoch).
+    pub disk_errors: Counter,
 }
 
 impl Families for BackupFamilies {
@@ -79,6 +94,36 @@ impl Families for BackupFamilies {
             "Failover: declaring the primary lost to the guest running here, seconds",
             activation_seconds.clone(),
         );
+        let disk_wire_bytes = Counter::default();
+        r.register(
+            "castor_backup_disk_wire_bytes",
+            "Bytes of disk records in committed epochs (part of castor_backup_wire_bytes)",
+            disk_wire_bytes.clone(),
+        );
+        let disk_writes = Counter::default();
+        r.register(
+            "castor_backup_disk_writes",
+            "Disk writes applied to the replica",
+            disk_writes.clone(),
+        );
+        let disk_epoch_bytes = Histogram::new(DISK_BUCKETS);
+        r.register(
+            "castor_backup_disk_epoch_bytes",
+            "Bytes written to the replica per checkpoint that carried disk writes",
+            disk_epoch_bytes.clone(),
+        );
+        let journal_bytes = Gauge::default();
+        r.register(
+            "castor_backup_journal_bytes",
+            "Bytes of the disk journal as last written (0 once the apply cleared it)",
+            journal_bytes.clone(),
+        );
+        let disk_errors = Counter::default();
+        r.register(
+            "castor_backup_disk_errors",
+            "Failures writing the disk replica or its journal (no epoch is taken after one)",
+            disk_errors.clone(),
+        );
         Self {
             epochs_committed,
             checkpoints,
@@ -86,6 +131,11 @@ impl Families for BackupFamilies {
             wire_bytes,
             detection_seconds,
             activation_seconds,
+            disk_wire_bytes,
+            disk_writes,
+            disk_epoch_bytes,
+            journal_bytes,
+            disk_errors,
         }
     }
 }

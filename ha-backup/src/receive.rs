@@ -1,6 +1,10 @@
 //! *Receiving*: epochs from the primary's link staged, committed, written to the ack log
 //! and acknowledged, one after another, until the primary is lost, stands down, or the
 //! backup is stopped.
+//!
+//! With a disk, an epoch's writes are journaled (staged) before its memory commits, the
+//! journal marked committed before the ack, and the writes applied to the replica after
+//! it, before the next frame is read ([`crate::replica`] has the rule).
 
 use std::sync::atomic::AtomicBool;
 
@@ -12,9 +16,11 @@ use crate::commit::{CommitError, Committed};
 use crate::detect::{Loss, LossReason, classify};
 use crate::failover::status_fields;
 use crate::link::Receiver;
+use crate::replica::ReplicaError;
 use crate::stage::{Stager, micros};
 use crate::stats::EpochStats;
 use crate::{BackupError, Sinks, chain};
+use ha_wire::stream::StagedDisk;
 
 /// How the receive loop ended.
 #[derive(Debug)]
@@ -50,7 +56,7 @@ pub(crate) fn receive(
                 String::from_utf8_lossy(frame.body()).into_owned(),
             ));
         }
-        let verified = match stager.push(&frame, committed.image()) {
+        let mut verified = match stager.push(&frame, committed.image()) {
             Ok(None) => continue,
             Ok(Some(v)) => v,
             Err(e) => {
@@ -66,7 +72,25 @@ pub(crate) fn receive(
             }
         };
         let wire_bytes = verified.staged.wire_bytes;
-        let applied = match committed.apply(verified.staged) {
+        let disk = verified.staged.take_disk();
+        // Journaled before memory commits: a full disk refuses the epoch with the image
+        // untouched.
+        let journaled = match &mut sinks.replica {
+            Some(r) if !disk.writes.is_empty() => {
+                disk_step(r.stage(disk.epoch, &disk.writes), sinks.metrics)?;
+                sinks.metrics.journal_bytes.set(gauge(r.journal_bytes()));
+                true
+            }
+            _ => false,
+        };
+        let applied = committed.apply(verified.staged);
+        if applied.is_err()
+            && journaled
+            && let Some(r) = &mut sinks.replica
+        {
+            disk_step(r.abandon(), sinks.metrics)?;
+        }
+        let applied = match applied {
             Ok(a) => a,
             Err(CommitError::ImageMismatch { epoch }) => {
                 error!(
@@ -87,6 +111,10 @@ pub(crate) fn receive(
                 )));
             }
         };
+        if journaled && let Some(r) = &mut sinks.replica {
+            // The durable mark that the checkpoint committed, before its ack.
+            disk_step(r.mark_committed(), sinks.metrics)?;
+        }
         if applied.checkpoint {
             // No ack without its line in the ack log.
             if let Some((path, f)) = &mut sinks.ack_log {
@@ -116,6 +144,9 @@ pub(crate) fn receive(
             )));
         }
         let ack_us = micros(verified.at.elapsed());
+        if !apply_disk(&disk, sinks)? {
+            return Ok(Received::VerifyFailed);
+        }
         debug!(
             epoch = applied.epoch,
             checkpoint = applied.checkpoint,
@@ -144,4 +175,57 @@ pub(crate) fn receive(
             out_head: applied.out_head.filter(|_| applied.checkpoint),
         })?;
     }
+}
+
+/// Apply a committed epoch's disk writes to the replica (clearing the journal), then check
+/// the replica against the epoch's disk digest. False: the replica differs (fatal).
+fn apply_disk(disk: &StagedDisk, sinks: &mut Sinks<'_>) -> Result<bool, BackupError> {
+    let m = sinks.metrics;
+    let Some(r) = &mut sinks.replica else {
+        return Ok(true);
+    };
+    if !disk.writes.is_empty() {
+        disk_step(r.apply(&disk.writes), m)?;
+        m.journal_bytes.set(gauge(r.journal_bytes()));
+        m.disk_writes.inc_by(disk.writes.len() as u64);
+        m.disk_epoch_bytes.observe(disk.bytes() as f64);
+        m.disk_wire_bytes.inc_by(disk.wire_bytes);
+    }
+    if disk.verify.is_some() {
+        let digest = disk_step(r.digest(), m)?;
+        if let Err(e) = disk.check(&digest) {
+            error!(
+                epoch = disk.epoch,
+                error = %e,
+                "VERIFY FAILED: the disk replica differs from the primary's disk; this backup \
+                 cannot be trusted"
+            );
+            sinks.events.note(
+                "verify_failed",
+                json!({ "epoch": disk.epoch, "what": "disk" }),
+            );
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// A replica or journal step: on failure, counted and logged; the backup takes no further
+/// epoch (the error ends the session with an Abort), and what it committed stays as the
+/// journal rule leaves it.
+fn disk_step<T>(r: Result<T, ReplicaError>, m: &crate::metrics::Metrics) -> Result<T, BackupError> {
+    r.map_err(|e| {
+        m.disk_errors.inc();
+        error!(
+            error = %chain(&e),
+            "the disk replica cannot be written: refusing further epochs; the committed \
+             checkpoint stays as it was"
+        );
+        BackupError::Replica(e)
+    })
+}
+
+/// A byte count as a gauge value.
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }

@@ -31,7 +31,8 @@ impl Stager {
     /// A stager for the session `cfg` describes, expecting `next_epoch` first.
     pub fn new(cfg: &Config, next_epoch: u64) -> Self {
         Self {
-            staging: Staging::new(cfg.mode, cfg.block_size, cfg.pages(), next_epoch),
+            staging: Staging::new(cfg.mode, cfg.block_size, cfg.pages(), next_epoch)
+                .with_disk(cfg.disk_size),
             started: None,
         }
     }

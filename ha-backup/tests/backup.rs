@@ -37,6 +37,7 @@ fn a_primary_of_another_backend_is_refused_naming_both_kinds() {
         let h = Hello {
             backend: kind,
             layout: kind.guest_layout(),
+            disk_size: 0,
             ..hello(4 * MIB)
         };
         let (_s, _, (ty, body)) = open_session(b.addr, &h);
@@ -831,7 +832,8 @@ fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
             epoch: 9,
         }
     };
-    let mut full = activate(&f, checkpoint(), None, Instant::now()).expect("activate on the sim");
+    let mut full = activate(&f, checkpoint(), &Default::default(), None, Instant::now())
+        .expect("activate on the sim");
     assert!(full.rereleased >= 5, "{full:?}");
     let st = full.resumed_from.expect("the sim reports its status");
     assert!(st.out_head >= 5, "{st:?}");
@@ -841,6 +843,7 @@ fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
     let mut opaque = activate(
         &Opaque(SimFactory::new()),
         checkpoint(),
+        &Default::default(),
         None,
         Instant::now(),
     )

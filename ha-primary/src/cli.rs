@@ -86,6 +86,11 @@ pub struct Cli {
     /// Guest memory size (a positive multiple of 2M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K). Its
+    /// writes travel with each checkpoint to the backup's replica (its --disk), which must
+    /// start equal to it (a copy). Needed by the db workload.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
     #[arg(long, value_parser = parse_size)]
     pub heap: Option<u64>,
@@ -135,7 +140,8 @@ pub struct Cli {
     /// (per checkpoint, from the copy, arming and write-fault costs measured in this run).
     #[arg(long, default_value = "auto")]
     pub copy: CopyPolicy,
-    /// Send a digest of the whole memory every N checkpoints; the backup checks it (0: off).
+    /// Send a digest of the whole memory (and disk) every N checkpoints; the backup checks
+    /// it (0: off).
     #[arg(long, default_value_t = 0)]
     pub verify_every: u64,
     /// Pre-copy rounds at most before the first checkpoint (at least 1: the first round
@@ -215,6 +221,8 @@ pub struct FileConfig {
     pub workload: Option<String>,
     /// `--memory`.
     pub memory: Option<Size>,
+    /// `--disk`.
+    pub disk: Option<PathBuf>,
     /// `--heap`.
     pub heap: Option<Size>,
     /// `--rate`.
@@ -324,6 +332,7 @@ impl Options for Cli {
             xen_suspend_timeout: |v| bounded(check_timeout("xen-suspend-timeout", duration(v)?)),
             workload: parsed::<Workload>,
             memory: |v| bounded(check_memory(size(v)?)),
+            disk: some,
             heap: |v| size(v).map(Some),
             rate: some,
             seed: same,
@@ -625,6 +634,7 @@ mod tests {
             "xen_suspend_timeout",
             "workload",
             "memory",
+            "disk",
             "heap",
             "rate",
             "seed",
@@ -638,6 +648,7 @@ mod tests {
             "heartbeat",
             "ack_timeout",
             "fence",
+            "copy",
             "verify_every",
             "precopy_rounds",
             "precopy_threshold",

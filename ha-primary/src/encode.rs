@@ -1,11 +1,15 @@
 //! The *identify*, *share* and *encode* stages on the primary: an encoder thread that turns
-//! each epoch's dirty pages into epoch-stream bytes with the session's `PageEncoder`, while
-//! the guest runs the next epoch.
+//! each epoch's dirty pages into epoch-stream bytes with the session's `PageEncoder`, and
+//! its disk writes into disk records with a `DiskEncoder` (zero, the session's general
+//! codec, or raw), while the guest runs the next epoch.
 
 use crate::harvest::Pages;
 use crossbeam_channel::{Receiver, Sender};
 use ha_codec::cache::CacheStats;
+use ha_codec::codec::disk::DiskEncoder;
 use ha_codec::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
+use ha_guest::domain::DiskWrite;
+use ha_wire::disk::DiskRecords;
 use ha_wire::stream::{EpochHeader, EpochWriter};
 use std::time::{Duration, Instant};
 
@@ -18,8 +22,25 @@ pub struct Job {
     pub pages: Pages,
     /// State blob: present for checkpoints, absent for pre-copy rounds.
     pub state: Option<Vec<u8>>,
+    /// The disk writes of the epoch (checkpoints only).
+    pub disk: Vec<DiskWrite>,
     /// Whole-memory digest (verification mode).
     pub verify: Option<[u8; 32]>,
+    /// Whole-disk digest (verification mode, a guest with a disk).
+    pub verify_disk: Option<[u8; 32]>,
+}
+
+/// What an epoch's disk records cost, apart from its pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStats {
+    /// Writes the guest's disk completed in the epoch.
+    pub writes: u64,
+    /// Bytes those writes wrote.
+    pub raw_bytes: u64,
+    /// Disk records sent.
+    pub records: u64,
+    /// Bytes of the Disk frames on the wire.
+    pub wire_bytes: u64,
 }
 
 /// What the encoder reports for each epoch.
@@ -31,8 +52,10 @@ pub struct Encoded {
     pub pages: usize,
     /// Encoder counters for this epoch alone.
     pub stats: EncodeStats,
-    /// Bytes of the epoch on the wire.
+    /// Bytes of the epoch on the wire (disk frames included).
     pub wire_bytes: u64,
+    /// The disk's share of the epoch.
+    pub disk: DiskStats,
     /// Time spent encoding (wall clock).
     pub encode: Duration,
     /// CPU time the encoder thread spent on it.
@@ -55,6 +78,7 @@ pub fn run(
     done: Sender<Encoded>,
 ) {
     let mut batch = EncodedBatch::default();
+    let mut disk_enc = DiskEncoder::new(enc.config().general, enc.config().zlib_level);
     for mut job in jobs {
         // A copy-on-write checkpoint's pages are being copied behind the running guest.
         let waited = Instant::now();
@@ -77,21 +101,35 @@ pub fn run(
             },
             &mut batch,
         );
+        let recs = match DiskRecords::encode(&mut disk_enc, &job.disk) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(epoch = job.epoch, error = %e, "the disk's writes cannot be sent");
+                return;
+            }
+        };
         let cfg = *enc.config();
-        let mut out = Vec::with_capacity(batch.bytes.len() + batch.records.len() * 8 + 256);
+        let mut out = Vec::with_capacity(
+            batch.bytes.len() + batch.records.len() * 8 + recs.bytes.len() + 256,
+        );
         let h = EpochHeader {
             epoch: job.epoch,
             mode: cfg.mode,
             block_size: cfg.block_size,
-            records: EpochWriter::records_in(&batch),
+            records: EpochWriter::records_in(&batch) + recs.records(),
         };
         let mut w = EpochWriter::begin(&mut out, h);
         w.pages(&mut out, &batch);
+        let disk_frames = if recs.is_empty() {
+            0
+        } else {
+            w.disk(&mut out, &recs)
+        };
         if let Some(s) = &job.state {
             w.state(&mut out, s);
         }
         if let Some(d) = &job.verify {
-            w.verify(&mut out, d);
+            w.verify_with_disk(&mut out, d, job.verify_disk.as_ref());
         }
         if let Err(e) = w.finish(&mut out) {
             tracing::error!(epoch = job.epoch, error = %e, "epoch writer refused the epoch");
@@ -104,6 +142,12 @@ pub fn run(
             pages: job.pages.len(),
             stats,
             wire_bytes: out.len() as u64,
+            disk: DiskStats {
+                writes: recs.writes,
+                raw_bytes: recs.raw_bytes,
+                records: u64::from(recs.records()),
+                wire_bytes: disk_frames,
+            },
             encode: t.elapsed(),
             encode_cpu: thread_cpu().saturating_sub(cpu0),
             cache: enc.cache().map(|c| c.stats()),

@@ -139,8 +139,14 @@ pub struct Summary {
     pub pause_ms_p50: f64,
     /// Pause time p99, ms.
     pub pause_ms_p99: f64,
-    /// Wire bytes of the checkpoints.
+    /// Wire bytes of the checkpoints (their disk records included).
     pub wire_bytes: u64,
+    /// Wire bytes of the checkpoints' disk records (part of `wire_bytes`).
+    pub disk_wire_bytes: u64,
+    /// Bytes the guest wrote to its disk in the checkpoints' epochs.
+    pub disk_raw_bytes: u64,
+    /// Disk writes the checkpoints carried.
+    pub disk_writes: u64,
     /// Raw bytes (dirty pages × 4096) of the checkpoints.
     pub raw_bytes: u64,
     /// Output records released.
@@ -247,6 +253,7 @@ pub fn run_with_metrics(
     metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
     let stall = StallWatch::start().map_err(EngineError::Watch)?;
+    let disk_size = d.disk().map_or(0, |k| k.disk_size());
     let hello = Hello {
         version: SESSION_VERSION,
         memory_size: d.memory_size(),
@@ -255,6 +262,7 @@ pub fn run_with_metrics(
         mode: cfg.codec.mode,
         backend: cfg.backend,
         layout: cfg.backend.guest_layout(),
+        disk_size,
     };
     let link = link::connect(
         cfg.backup,
@@ -448,7 +456,9 @@ impl Engine<'_> {
             epoch,
             pages,
             state: None,
+            disk: Vec::new(),
             verify: None,
+            verify_disk: None,
         })
     }
 
@@ -495,7 +505,9 @@ impl Engine<'_> {
             epoch: cp.epoch,
             pages: cp.pages,
             state: Some(cp.state),
+            disk: cp.disk,
             verify: cp.verify,
+            verify_disk: cp.verify_disk,
         })?;
         Ok(taken)
     }
@@ -543,6 +555,10 @@ impl Engine<'_> {
                         let mut recs = Vec::new();
                         if let Some(o) = self.d.output_channel() {
                             o.drain(&mut recs)?;
+                        }
+                        // Unprotected, the disk's writes go nowhere: drop them.
+                        if let Some(k) = self.d.disk() {
+                            k.drain_writes(&mut Vec::new())?;
                         }
                         self.held.hold(self.epoch, recs);
                         self.release_if_stood_down()?;
@@ -629,7 +645,9 @@ impl Engine<'_> {
 
     /// An epoch left the encoder: its bytes and the cache's hit rate.
     fn count_encoded(&self, enc: &Encoded) {
-        self.metrics.add_wire(&enc.stats, enc.wire_bytes);
+        self.metrics
+            .add_wire(&enc.stats, enc.wire_bytes - enc.disk.wire_bytes);
+        self.metrics.add_disk(&enc.disk);
         self.metrics
             .raw_bytes
             .inc_by((enc.pages * PAGE_SIZE) as u64);
@@ -712,6 +730,9 @@ impl Engine<'_> {
                 }
                 if let Some(enc) = &row.encoded {
                     self.summary.wire_bytes += enc.wire_bytes;
+                    self.summary.disk_wire_bytes += enc.disk.wire_bytes;
+                    self.summary.disk_raw_bytes += enc.disk.raw_bytes;
+                    self.summary.disk_writes += enc.disk.writes;
                 }
                 self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
             }

@@ -1,18 +1,18 @@
 //! The *harvest* stage: stop the guest, take what changed, let it run again.
 //!
 //! A checkpoint is taken with the guest paused: drain its output (the ring's tail store is
-//! a VMM write, so it is harvested with the rest), harvest the dirty-page log, copy the dirty
-//! pages, save the vCPU/device state, optionally hash the whole memory (verification), and
-//! resume. Everything after that (encoding, sending) happens while the next epoch runs.
+//! a VMM write, so it is harvested with the rest), drain the writes its disk completed
+//! during the epoch, harvest the dirty-page log, copy the dirty pages, save the vCPU/device
+//! state, optionally hash the whole memory and disk (verification), and resume. Everything after that (encoding, sending) happens while the next epoch runs.
 //!
 //! A checkpoint may instead take its pages copy-on-write ([`crate::cow`]): armed in the
-//! pause, copied behind the running guest, completed by the encoder before it encodes.
+//! pause, copied behind the running guest by the copier thread, waited for by the encoder.
 
 use crate::cow::{Chooser, CopyPath};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_codec::block::is_zero;
-use ha_guest::domain::{Domain, DomainError};
+use ha_guest::domain::{Disk, DiskWrite, Domain, DomainError};
 use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,12 @@ pub struct Checkpoint {
     pub state: Vec<u8>,
     /// Output produced during the epoch, held until the ack.
     pub outputs: Vec<OutputRecord>,
+    /// The writes the guest's disk completed during the epoch, in completion order.
+    pub disk: Vec<DiskWrite>,
     /// Digest of the whole guest memory (verification mode).
     pub verify: Option<[u8; 32]>,
+    /// Digest of the whole disk (verification mode, a guest with a disk).
+    pub verify_disk: Option<[u8; 32]>,
     /// The guest's status at the checkpoint (None: the guest has no status probe).
     pub status: Option<GuestStatus>,
     /// How its pages were copied.
@@ -100,13 +104,25 @@ pub fn copy_pages(
 
 /// blake3 of the whole guest memory.
 pub fn memory_digest(d: &dyn Domain) -> Result<[u8; 32], DomainError> {
+    digest(d.memory_size(), |at, buf| d.read_memory(at, buf))
+}
+
+/// blake3 of the whole disk, read through [`Disk::read_at`] (the guest paused).
+pub fn disk_digest(disk: &dyn Disk) -> Result<[u8; 32], DomainError> {
+    digest(disk.disk_size(), |at, buf| disk.read_at(at, buf))
+}
+
+/// blake3 of `size` bytes read in 1 MiB pieces by `read(offset, buf)`.
+fn digest(
+    size: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), DomainError>,
+) -> Result<[u8; 32], DomainError> {
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
-    let size = d.memory_size();
     let mut at = 0u64;
     while at < size {
         let n = (size - at).min(buf.len() as u64) as usize;
-        d.read_memory(at, &mut buf[..n])?;
+        read(at, &mut buf[..n])?;
         h.update(&buf[..n]);
         at += n as u64;
     }
@@ -149,6 +165,14 @@ fn take_paused(
     if let Some(o) = d.output_channel() {
         o.drain(&mut outputs)?;
     }
+    let mut disk = Vec::new();
+    let mut verify_disk = None;
+    if let Some(k) = d.disk() {
+        k.drain_writes(&mut disk)?;
+        if verify {
+            verify_disk = Some(disk_digest(k)?);
+        }
+    }
     d.harvest_dirty(dirty)?;
     let mut pages = Pages::default();
     let path = cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost()));
@@ -184,7 +208,9 @@ fn take_paused(
         pages,
         state,
         outputs,
+        disk,
         verify,
+        verify_disk,
         status,
         path,
         pause: Duration::ZERO,

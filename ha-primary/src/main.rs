@@ -5,7 +5,7 @@ use ha_codec::codec::CodecConfig;
 use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
 use ha_daemon::keys;
-use ha_guest::domain::GuestSpec;
+use ha_guest::domain::{Devices, GuestSpec};
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
@@ -64,7 +64,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             doorbell_every: 256,
             disk_size: 0,
         },
-        devices: Default::default(),
+        devices: Devices {
+            disk: cli.disk.clone(),
+        },
     };
     let cfg = Config {
         backup: cli.backup,
@@ -103,6 +105,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         guest = %cli.guest,
         workload = cli.workload.name(),
         memory_mib = cli.memory >> 20,
+        disk = ?cli.disk,
         mode = %cli.mode,
         block = %cli.block_size,
         codec = cli.codec.name(),

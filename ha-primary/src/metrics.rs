@@ -46,6 +46,12 @@ pub struct PrimaryFamilies {
     pub output_held: Gauge,
     /// Output records released to the world.
     pub output_released: Counter,
+    /// Bytes of disk records sent to the backup (apart from `wire_bytes`).
+    pub disk_wire_bytes: Counter,
+    /// Bytes the guest wrote to its disk in the epochs sent.
+    pub disk_raw_bytes: Counter,
+    /// Disk writes sent to the backup.
+    pub disk_writes: Counter,
 }
 
 impl Families for PrimaryFamilies {
@@ -100,6 +106,24 @@ impl Families for PrimaryFamilies {
             "Guest output records released to the output sink",
             output_released.clone(),
         );
+        let disk_wire_bytes = Counter::default();
+        r.register(
+            "castor_primary_disk_wire_bytes",
+            "Bytes of disk records sent to the backup (not in castor_primary_wire_bytes)",
+            disk_wire_bytes.clone(),
+        );
+        let disk_raw_bytes = Counter::default();
+        r.register(
+            "castor_primary_disk_raw_bytes",
+            "Bytes the guest wrote to its disk in the epochs sent",
+            disk_raw_bytes.clone(),
+        );
+        let disk_writes = Counter::default();
+        r.register(
+            "castor_primary_disk_writes",
+            "Disk writes sent to the backup",
+            disk_writes.clone(),
+        );
         Self {
             epochs_committed,
             pause_seconds,
@@ -109,6 +133,9 @@ impl Families for PrimaryFamilies {
             ack_latency_seconds,
             output_held,
             output_released,
+            disk_wire_bytes,
+            disk_raw_bytes,
+            disk_writes,
         }
     }
 }
@@ -128,6 +155,13 @@ impl PrimaryFamilies {
         self.wire_bytes
             .get_or_create(&[("encoding", "other")])
             .inc_by(other);
+    }
+
+    /// Count one encoded epoch's disk records.
+    pub fn add_disk(&self, d: &crate::encode::DiskStats) {
+        self.disk_wire_bytes.inc_by(d.wire_bytes);
+        self.disk_raw_bytes.inc_by(d.raw_bytes);
+        self.disk_writes.inc_by(d.writes);
     }
 }
 

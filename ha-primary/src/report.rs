@@ -64,7 +64,7 @@ impl StatsCsv {
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
              encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us,\
-             copy,cow_faulted,cow_wait_us"
+             disk_writes,disk_raw_bytes,disk_wire_bytes,copy,cow_faulted,cow_wait_us"
         )?;
         Ok(Self { w })
     }
@@ -110,6 +110,9 @@ impl StatsCsv {
         cols.push(us(r.at));
         cols.push(r.progress.map_or(String::new(), |p| p.to_string()));
         cols.push(us(e.map(|e| e.encode_cpu)));
+        cols.push(e.map_or(0, |e| e.disk.writes).to_string());
+        cols.push(e.map_or(0, |e| e.disk.raw_bytes).to_string());
+        cols.push(e.map_or(0, |e| e.disk.wire_bytes).to_string());
         cols.push(r.copy.map_or("", |c| c.name()).to_string());
         cols.push(e.map_or(0, |e| e.cow_faulted).to_string());
         cols.push(us(e.map(|e| e.cow_wait)));

@@ -436,6 +436,7 @@ fn a_backup_of_another_backend_stops_the_primary_naming_both_kinds() {
         let ours = Hello {
             backend: BackendKind::Xen,
             layout: BackendKind::Xen.guest_layout(),
+            disk_size: 0,
             ..h
         };
         let reason = h.check_against(&ours).expect_err("a mismatch").to_string();

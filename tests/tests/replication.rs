@@ -36,6 +36,10 @@ struct Opts<'a> {
     net: Option<&'a NetPair>,
     /// The backup's ack log (default: `ack.log` in the scratch directory).
     ack_log: Option<&'a str>,
+    /// The primary's disk (`primary.img`, zeros) of this many bytes (0: none).
+    disk: u64,
+    /// The backup's replica (`replica.img`, zeros) of this many bytes (0: none).
+    replica: u64,
 }
 
 impl Default for Opts<'_> {
@@ -53,12 +57,24 @@ impl Default for Opts<'_> {
             insecure: false,
             net: None,
             ack_log: None,
+            disk: 0,
+            replica: 0,
         }
     }
 }
 
 fn s(v: &str) -> String {
     v.to_string()
+}
+
+/// A disk image of `bytes` zeros at `path` (kept if it exists); its path as an argument.
+fn zero_image(path: &std::path::Path, bytes: u64) -> String {
+    if !path.exists() {
+        std::fs::File::create(path)
+            .and_then(|f| f.set_len(bytes))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    path.display().to_string()
 }
 
 /// The world's address as a daemon reaches it: on loopback, or through its host's link.
@@ -131,6 +147,9 @@ impl Pair {
         } else {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
+        if o.replica > 0 {
+            args.extend([s("--disk"), zero_image(&dir.file("replica.img"), o.replica)]);
+        }
         let ns = o.net.map(|n| n.backup_ns.as_str());
         let backup = Proc::spawn_in(ns, "ha-backup", &args, dir.file("backup.log"));
         wait_addr(&dir.file("port"), Duration::from_secs(20));
@@ -200,6 +219,9 @@ impl Pair {
             s("1s"),
         ];
         args.extend_from_slice(key);
+        if o.disk > 0 {
+            args.extend([s("--disk"), zero_image(&dir.file("primary.img"), o.disk)]);
+        }
         if let Some(r) = o.run_for {
             args.extend([s("--run-for"), s(r)]);
         }
@@ -244,6 +266,60 @@ impl Pair {
             self.backup.log_text(),
             events(&self.backup_events()),
         )
+    }
+
+    /// A verified run of `--run-for`: the primary exits 0 with at least 10 checkpoints
+    /// acknowledged, the backup logged each and no digest failed. The primary's summary.
+    fn check_verified_run(&mut self) -> serde_json::Value {
+        let mut primary = self
+            .primary
+            .take()
+            .unwrap_or_else(|| self.fail("no primary"));
+        let code = primary.wait_for(Duration::from_secs(60));
+        let out = primary.stdout();
+        self.primary = Some(primary);
+        if code != Some(0) {
+            self.fail(&format!("primary exited {code:?}: {out}"));
+        }
+        let summary: serde_json::Value = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| self.fail(&format!("summary {out:?}: {e}")));
+        let committed = summary["epochs_committed"].as_u64().unwrap_or(0);
+        if committed < 10 {
+            self.fail(&format!("only {committed} checkpoints committed"));
+        }
+        let ev = events(&self.backup_events());
+        if ev.iter().any(|e| e["event"] == "verify_failed") {
+            self.fail("a checkpoint's digest did not match");
+        }
+        let checkpoints = ev.iter().filter(|e| e["event"] == "checkpoint").count() as u64;
+        if checkpoints < committed {
+            self.fail(&format!(
+                "backup logged {checkpoints} checkpoints, primary saw {committed} acks"
+            ));
+        }
+        summary
+    }
+
+    /// Protected, then `fault` on the link: the backup declares the primary lost (the
+    /// event, returned) and no digest failed (a damaged epoch never reached the image or
+    /// the replica).
+    fn wait_lost_after(&self, fault: Fault) -> serde_json::Value {
+        self.wait_protected();
+        let lost = wait_event(
+            &self.backup_events(),
+            "primary_lost",
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|| self.fail(&format!("{fault:?}: the backup never noticed")));
+        if events(&self.backup_events())
+            .iter()
+            .any(|e| e["event"] == "verify_failed")
+        {
+            self.fail(&format!(
+                "{fault:?}: a damaged epoch reached the image or replica"
+            ));
+        }
+        lost
     }
 
     /// After the backup took over: check it resumed from its last commit and went on.
@@ -329,30 +405,7 @@ fn kvm_pair_commits_verified_checkpoints() {
             ..Opts::default()
         },
     );
-    let mut primary = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
-    let code = primary.wait_for(Duration::from_secs(60));
-    let out = primary.stdout();
-    if code != Some(0) {
-        p.fail(&format!("primary exited {code:?}: {out}"));
-    }
-    let summary: serde_json::Value = serde_json::from_str(out.trim())
-        .unwrap_or_else(|e| p.fail(&format!("summary {out:?}: {e}")));
-    let committed = summary["epochs_committed"].as_u64().unwrap_or(0);
-    if committed < 10 {
-        p.fail(&format!("only {committed} checkpoints committed in 1.5 s"));
-    }
-    let ev = events(&p.backup_events());
-    let verified = events(&p.primary_events()).len();
-    let _ = verified;
-    if ev.iter().any(|e| e["event"] == "verify_failed") {
-        p.fail("a checkpoint's digest did not match");
-    }
-    let checkpoints = ev.iter().filter(|e| e["event"] == "checkpoint").count() as u64;
-    if checkpoints < committed {
-        p.fail(&format!(
-            "backup logged {checkpoints} checkpoints, primary saw {committed} acks"
-        ));
-    }
+    p.check_verified_run();
     // The primary stopping looks like its death to the backup: it fails over cleanly.
     p.check_failover();
 }
@@ -419,15 +472,7 @@ fn corrupted_or_cut_stream_fails_over_to_the_previous_commit() {
                 ..Opts::default()
             },
         );
-        p.wait_protected();
-        let lost = wait_event(&p.backup_events(), "primary_lost", Duration::from_secs(20))
-            .unwrap_or_else(|| p.fail(&format!("{fault:?}: the backup never noticed")));
-        if events(&p.backup_events())
-            .iter()
-            .any(|e| e["event"] == "verify_failed")
-        {
-            p.fail(&format!("{fault:?}: a damaged epoch reached the image"));
-        }
+        let lost = p.wait_lost_after(fault);
         let reason = lost["reason"].as_str().unwrap_or_default();
         if !matches!(fault, Fault::CutAfter(_))
             && !reason.contains("encrypted message")
@@ -654,8 +699,8 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
         .as_str()
         .unwrap_or("")
         // The plaintext Hello frame's length prefix read as a Noise message length: its
-        // 1-byte type and 32-byte body (session v4: backend kind and guest layout).
-        .contains("handshake message of 33 bytes")
+        // 1-byte type and 40-byte body (session v5: backend kind, guest layout, disk size).
+        .contains("handshake message of 41 bytes")
     {
         p.fail(&format!("plaintext Hello reason: {}", refused[1]["reason"]));
     }
@@ -991,4 +1036,300 @@ fn a_backup_whose_disk_is_full_says_so_to_the_primary() {
             && reason.contains("No space left on device"),
         "{reason}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Disks: the db workload on the sim, the primary's disk replicated to the backup's replica
+// ---------------------------------------------------------------------------------------
+
+/// 32M of guest memory and a 1 MiB disk, as `--guest sim --workload db` runs them here.
+fn db_opts<'a>(disk: u64) -> Opts<'a> {
+    Opts {
+        guest: "sim",
+        workload: "db",
+        disk,
+        replica: disk,
+        ..Opts::default()
+    }
+}
+
+/// With a Verify frame every checkpoint, the backup checks its replica against the
+/// primary's disk digest after each commit (and exits 3 on a mismatch): over a run, every
+/// checkpoint's replica equals the primary's disk. Then the primary stops, and the backup
+/// takes the db guest over on its replica.
+#[test]
+fn db_replica_equals_the_primary_disk_at_every_verified_checkpoint() {
+    let mut p = Pair::start(
+        "dbverify",
+        &Opts {
+            verify_every: 1,
+            run_for: Some("1500ms"),
+            ..db_opts(1 << 20)
+        },
+    );
+    let summary = p.check_verified_run();
+    let writes = summary["disk_writes"].as_u64().unwrap_or(0);
+    let disk_bytes = summary["disk_wire_bytes"].as_u64().unwrap_or(0);
+    if writes == 0 || disk_bytes == 0 {
+        p.fail(&format!("no disk writes replicated: {summary}"));
+    }
+    p.check_failover();
+}
+
+/// The check above is live: a replica that does not start equal to the primary's disk
+/// fails the first verified checkpoint (exit 3, `verify_failed` for the disk).
+#[test]
+fn a_replica_that_differs_from_the_primary_disk_fails_verification() {
+    let o = Opts {
+        verify_every: 1,
+        run_for: Some("3s"),
+        ..db_opts(1 << 20)
+    };
+    let mut p = Pair::start_backup("dbdiffer", &o);
+    // The last page: the db's log reaches it only after 16k updates.
+    std::fs::write(p.dir.file("replica.img"), {
+        let mut d = vec![0u8; 1 << 20];
+        d[(1 << 20) - 1] = 1;
+        d
+    })
+    .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    let code = p.backup.wait_for(Duration::from_secs(30));
+    let failed = events(&p.backup_events())
+        .into_iter()
+        .find(|e| e["event"] == "verify_failed");
+    match failed {
+        Some(e) if code == Some(3) && e["what"] == "disk" => {}
+        other => p.fail(&format!("backup exited {code:?}, verify_failed: {other:?}")),
+    }
+}
+
+/// A replica of another size, and a disk on one side only, are refused at the handshake
+/// with both sizes (or the missing disk) named, on both sides.
+#[test]
+fn a_disk_size_mismatch_is_refused_naming_both_sizes() {
+    for (disk, replica, says) in [
+        (
+            1 << 20,
+            2 << 20,
+            "disk size mismatch: primary has 1048576, backup has 2097152",
+        ),
+        (
+            1 << 20,
+            0,
+            "disk size mismatch: primary has 1048576, backup has no disk (no --disk)",
+        ),
+        (
+            0,
+            1 << 20,
+            "disk size mismatch: primary has no disk (no --disk), backup has 1048576",
+        ),
+    ] {
+        let o = Opts {
+            workload: if disk > 0 { "db" } else { "kv" },
+            disk,
+            replica,
+            ..db_opts(0)
+        };
+        let mut p = Pair::start_backup("dbsize", &o);
+        let key = p.key_args(&o);
+        let mut pr = p.spawn_primary(&o, p.backup_addr(), "primary", &key);
+        let code = pr.wait_for(Duration::from_secs(30));
+        let log = pr.log_text();
+        p.primary = Some(pr);
+        if code != Some(1) || !log.contains(&format!("backup refused the session: {says}")) {
+            p.fail(&format!("the primary exited {code:?}: {log}"));
+        }
+        let refused = wait_event(&p.backup_events(), "refused", Duration::from_secs(20));
+        if refused.as_ref().map(|e| &e["reason"]) != Some(&says.into()) {
+            p.fail(&format!("the backup's refusal: {refused:?}"));
+        }
+    }
+}
+
+/// kill -9 of a db primary at seeded random moments: the backup takes over on its
+/// replica, and every update the world saw acknowledged (an output record with progress
+/// p: updates 1..=p are durable) is in the replica's log, as the reference model wrote it.
+#[test]
+fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
+    let runs: u64 = std::env::var("CASTOR_KILL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    // Large enough that the log does not wrap in the few seconds a run lasts.
+    let disk: u64 = 16 << 20;
+    let mut rng = Rng(0xD15C);
+    for i in 0..runs {
+        let mut p = Pair::start(&format!("dbkill{i}"), &db_opts(disk));
+        p.wait_protected();
+        let delay = rng.range(100, 800);
+        std::thread::sleep(Duration::from_millis(delay));
+        if let Some(pr) = p.primary.as_mut() {
+            pr.kill9();
+        }
+        p.check_failover();
+        let acked = check_acked_updates(&p, disk);
+        eprintln!("run {i}: killed after {delay} ms; updates 1..={acked} on the replica");
+    }
+}
+
+/// After a failover of a db pair with a `disk`-byte disk: every update the world saw
+/// acknowledged (the progress word of the last record the primary released) is in the
+/// replica's log, as the reference model wrote it. Returns that progress.
+fn check_acked_updates(p: &Pair, disk: u64) -> u64 {
+    use ha_workloads::db::{Layout, check_word, log_record, log_window};
+    let seen = p.world.view().primary_last_payload;
+    let acked = seen
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_le_bytes);
+    if acked == 0 {
+        p.fail("the world saw no acknowledged update");
+    }
+    let replica = std::fs::read(p.dir.file("replica.img"))
+        .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    // The primary's guest, as `ha-primary` builds it (see its main).
+    let memory = 32u64 << 20;
+    let params = ha_workloads::guest_abi::GuestParams {
+        workload: ha_workloads::guest_abi::Workload::Db,
+        seed: 1,
+        heap_gpa: ha_workloads::guest_abi::HEAP_GPA,
+        heap_size: memory - ha_workloads::guest_abi::HEAP_GPA - (1 << 20),
+        rate: 20000,
+        tsc_khz: 0,
+        output_every: 32,
+        doorbell_every: 256,
+        disk_size: disk,
+    };
+    let l = Layout::of(&params).unwrap_or_else(|| p.fail("no db layout"));
+    let mut model = ha_workloads::model::ImageModel::fresh(memory, &params);
+    model.run_to(acked);
+    let window = log_window(&l, acked);
+    if window.start != 1 {
+        p.fail(&format!("the log wrapped: {window:?}"));
+    }
+    for seq in window {
+        let got = log_record(&l, &replica, seq);
+        let want = log_record(&l, &model.disk, seq);
+        let ok = got.is_some_and(|r| r[0] == seq && r[7] == check_word(&r)) && got == want;
+        if !ok {
+            p.fail(&format!(
+                "acknowledged update {seq} of {acked} is not on the replica: {got:?}, \
+             the model wrote {want:?}"
+            ));
+        }
+    }
+    acked
+}
+
+/// A flipped bit (on a plain-TCP link, past the channel: the epoch's digest or frame checks
+/// refuse it, or a flipped length stalls the epoch until the primary gives up and closes),
+/// a cut connection, and a replayed message (on the encrypted link) in a stream carrying
+/// disk records: the damaged epoch never commits, every earlier checkpoint's replica
+/// matched the primary's disk (verified each time), and the backup takes over on a replica
+/// holding every update the world saw acknowledged. `--fence`, as both sides live on.
+#[test]
+fn a_damaged_epoch_with_disk_records_leaves_the_replica_at_the_last_commit() {
+    let disk: u64 = 16 << 20;
+    for (fault, insecure) in [
+        (Fault::FlipAfter(Duration::from_millis(700)), true),
+        (Fault::CutAfter(Duration::from_millis(700)), true),
+        (Fault::DuplicateAfter(Duration::from_millis(700)), false),
+    ] {
+        let mut p = Pair::start(
+            "dbfault",
+            &Opts {
+                fault,
+                insecure,
+                verify_every: 1,
+                fence: true,
+                ..db_opts(disk)
+            },
+        );
+        let lost = p.wait_lost_after(fault);
+        let active = p.check_failover();
+        let acked = check_acked_updates(&p, disk);
+        eprintln!(
+            "{fault:?}: lost ({}), resumed from epoch {}, updates 1..={acked} on the replica",
+            lost["reason"], active["epoch"]
+        );
+    }
+}
+
+/// A backup killed while it applied checkpoint 7's disk writes (its journal marked
+/// committed, the replica half written) replays the journal at its next start; one
+/// killed before the memory commit (the journal only staged) discards it.
+#[test]
+fn a_restarted_backup_replays_a_committed_journal_and_discards_a_staged_one() {
+    use ha_backup::replica::Replica;
+    use ha_guest::domain::DiskWrite;
+    let o = Opts {
+        insecure: true,
+        ..db_opts(0)
+    };
+    for committed in [true, false] {
+        let dir = Scratch::new("journal");
+        let img = dir.file("replica.img");
+        std::fs::write(&img, vec![0u8; 64 << 10]).unwrap_or_else(|e| panic!("{e}"));
+        let writes = [
+            DiskWrite {
+                offset: 4096,
+                data: vec![7; 4096],
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![8; 512],
+            },
+        ];
+        {
+            let (mut r, _) = Replica::open(&img).unwrap_or_else(|e| panic!("{e}"));
+            r.stage(7, &writes).unwrap_or_else(|e| panic!("{e}"));
+            if committed {
+                r.mark_committed().unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        // Committed: half of the apply happened before the kill. Staged: none of it.
+        let mut half = vec![0u8; 64 << 10];
+        if committed {
+            half[4096..8192].fill(7);
+        }
+        std::fs::write(&img, &half).unwrap_or_else(|e| panic!("{e}"));
+        let args = vec![
+            s("--listen"),
+            s("127.0.0.1:0"),
+            s("--port-file"),
+            dir.file("port").display().to_string(),
+            s("--memory"),
+            s(o.memory),
+            s("--guest"),
+            s("sim"),
+            s("--insecure"),
+            s("--disk"),
+            img.display().to_string(),
+            s("--events"),
+            dir.file("backup.events").display().to_string(),
+        ];
+        let mut backup = Proc::spawn("ha-backup", &args, dir.file("backup.log"));
+        wait_addr(&dir.file("port"), Duration::from_secs(20));
+        let ev = events(&dir.file("backup.events"))
+            .into_iter()
+            .find(|e| e["event"] == "disk_journal");
+        let replica = std::fs::read(&img).unwrap_or_else(|e| panic!("{e}"));
+        let journal = std::fs::metadata(dir.file("replica.img.journal")).map(|m| m.len());
+        backup.kill9();
+        let want_action = if committed { "replayed" } else { "discarded" };
+        let mut want = half.clone();
+        if committed {
+            want[..512].fill(8);
+        }
+        assert!(
+            ev.as_ref()
+                .is_some_and(|e| e["action"] == want_action && e["epoch"] == 7),
+            "{ev:?}\n{}",
+            backup.log_text()
+        );
+        assert!(replica == want, "committed {committed}: the replica");
+        assert_eq!(journal.ok(), Some(0), "the journal is emptied");
+    }
 }

@@ -10,19 +10,20 @@
 //! | r15 | progress `n` |
 //! | r14 | checksum |
 //! | r13 | splitmix64 state `rng` |
-//! | r12 | `out_head` |
+//! | r12 | `out_head` (`files`: the request's file during a unit, reloaded from `OUT_HEAD` before its end) |
 //! | r11 | `last` rdtsc value (pacing) |
 //! | r10 | TSC ticks per unit (0: no pacing) |
-//! | r9, r8 | heap base, heap size `H` (`db`: scratch during a read-back's check, reloaded at every unit) |
-//! | rbx, rbp | per-workload constants (kv: cold span, hot; npb: `P`; web: `Ph`, `Pl`; db: `T`, `L`) |
+//! | r9, r8 | heap base, heap size `H` (`db`: scratch during a read-back's check, reloaded at every unit; `files`: the address of cache slot 0) |
+//! | rbx, rbp | per-workload constants (kv: cold span, hot; npb: `P`; web: `Ph`, `Pl`; db: `T`, `L`; files: `N`, `K`) |
 //! | rax, rcx, rdx, rsi, rdi | scratch |
 //!
-//! `db` drives the virtio-blk disk (docs/GUESTS.md, "The disk as the guest drives it"):
-//! set up once (`DISK_READY`), then per batch up to four requests in descriptors
-//! `3k, 3k+1, 3k+2` (a flush: `3k, 3k+2`), one `QueueNotify` write, a poll of the used
-//! index, and the status bytes (pre-set to 0xFF, so a request the device never completed
-//! counts as failed) into `DISK_ERRORS`. The driver's own state is the rings in memory and
-//! the device's registers; nothing in vCPU registers outlives a unit.
+//! `db` and `files` drive the virtio-blk disk (docs/GUESTS.md, "The disk as the guest drives
+//! it") with one driver: set up once (`DISK_READY`), then per batch up to four requests in
+//! descriptors `3k, 3k+1, 3k+2` (a flush: `3k, 3k+2`; `files` reads or writes a whole file
+//! of up to 64 KiB with its one data descriptor), one `QueueNotify` write, a poll of the
+//! used index, and the status bytes (pre-set to 0xFF, so a request the device never
+//! completed counts as failed) into `DISK_ERRORS`. The driver's own state is the rings in
+//! memory and the device's registers; nothing in vCPU registers outlives a unit.
 //!
 //! The status page is stored at the end of every unit in the order `CHECKSUM`, `RNG`,
 //! `PROGRESS`, and every output record carries the (progress, checksum) pair of its unit.
@@ -76,10 +77,18 @@ pub const STACK_TOP: u64 = 0x50000;
 pub const PANIC_PORT: u16 = DOORBELL_PORT + 1;
 /// Panic code: the params page names no known workload.
 pub const PANIC_BAD_WORKLOAD: u32 = 1;
-/// How many times the `db` driver reads the used index after a notify before it counts
+/// How many times the disk driver reads the used index after a notify before it counts
 /// the batch's unfinished requests as failed (the device serves the queue before the
 /// notify's exit returns, so the first read normally finds it caught up).
 pub const DISK_POLLS: u32 = 1 << 16;
+
+/// `files::file_pages`' key: `doc_word(seed ^ FILE_PAGES_KEY, f)`.
+const FILE_PAGES_KEY: u64 = 0xF11E_5EED_0000_0000;
+/// What `web::doc_word` xors its seed with.
+const DOC_WORD_KEY: u64 = 0x5851_F42D_4C95_7F2D;
+/// `files::content_word`'s key multipliers of the file (`f + 1`) and the version.
+const CONTENT_FILE: u64 = 0xA24B_AED4_963E_E407;
+const CONTENT_VERSION: u64 = 0x9FB2_1C65_1E98_DF25;
 
 /// Selector of the code segment (GDT entry 1, RPL 3).
 const CS_SEL: u16 = 0x8 | 3;
@@ -144,9 +153,6 @@ pub fn validate(memory_size: u64, p: &GuestParams) -> Result<(), GuestError> {
     }
     if p.workload == Workload::Web && p.heap_size / 4096 < 16 {
         return bad("web needs a heap of at least 16 pages".into());
-    }
-    if p.workload == Workload::Files {
-        return bad("workload files has no KVM guest program yet (use --backend sim)".into());
     }
     if !ha_workloads::model::disk_layout_fits(p) {
         return bad(format!(
@@ -260,6 +266,13 @@ impl Gen {
         a.mov(rax, GOLDEN)?;
         a.add(r13, rax)?;
         a.mov(rax, r13)?;
+        self.mix()
+    }
+
+    /// `rax = mix(rax)`, splitmix64's finaliser (as `next()` and `web::doc_word` end);
+    /// clobbers rdx.
+    fn mix(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
         a.mov(rdx, rax)?;
         a.shr(rdx, 30)?;
         a.xor(rax, rdx)?;
@@ -666,6 +679,18 @@ enum Req {
     Flush,
 }
 
+/// Code checking a read that completed (see [`Gen::disk_batch`]).
+type ReadCheck = fn(&mut Gen, CodeLabel) -> Result<(), IcedError>;
+
+/// How long a request's data buffer is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Len {
+    /// One 4 KiB page.
+    Page,
+    /// `eax` bytes.
+    Eax,
+}
+
 /// A guest address or register offset constant as the assembler's displacement.
 fn disp(gpa: u64) -> i32 {
     // Every constant used this way is below the heap (1 MiB) or a register offset.
@@ -759,11 +784,11 @@ impl Gen {
         Ok(())
     }
 
-    /// Put request `k = rcx` of the batch in its slot: header (type, sector = rsi), a 4 KiB
-    /// buffer at rdi (not for a flush), the status byte pre-set to 0xFF, descriptors
-    /// `3k, 3k+1, 3k+2` and the head in the available ring after the published index;
-    /// then `rcx += 1`. Clobbers rax, rdx.
-    fn disk_request(&mut self, req: Req) -> Result<(), IcedError> {
+    /// Put request `k = rcx` of the batch in its slot: header (type, sector = rsi), a
+    /// buffer at rdi of `len` bytes (not for a flush), the status byte pre-set to 0xFF,
+    /// descriptors `3k, 3k+1, 3k+2` and the head in the available ring after the published
+    /// index; then `rcx += 1`. Clobbers rax, rdx.
+    fn disk_request(&mut self, req: Req, len: Len) -> Result<(), IcedError> {
         let kind = match req {
             Req::Write => VIRTIO_BLK_T_OUT,
             Req::Read => VIRTIO_BLK_T_IN,
@@ -776,30 +801,36 @@ impl Gen {
         );
         let (next, write) = (VRING_DESC_F_NEXT, VRING_DESC_F_WRITE);
         let a = &mut self.a;
-        a.mov(rdx, rcx)?;
+        // rdx = 48 k: descriptor 3k's offset in the table.
+        a.lea(rdx, qword_ptr(rcx + rcx * 2))?;
         a.shl(rdx, 4)?;
-        a.mov(dword_ptr(rdx + headers), kind)?;
-        a.mov(dword_ptr(rdx + headers + 4), 0)?;
-        a.mov(qword_ptr(rdx + headers + 8), rsi)?;
-        a.mov(byte_ptr(rdx + st), 0xFF)?;
-        a.lea(rax, qword_ptr(rdx + headers))?;
-        a.lea(rdx, qword_ptr(rdx + rdx * 2))?;
+        // Descriptor 3k + 1: the data (its length first, while eax holds it).
+        if req != Req::Flush {
+            match len {
+                Len::Page => a.mov(dword_ptr(rdx + desc + 24), disk::PAGE as u32)?,
+                Len::Eax => a.mov(dword_ptr(rdx + desc + 24), eax)?,
+            }
+            let flags = if req == Req::Read { next | write } else { next };
+            a.mov(qword_ptr(rdx + desc + 16), rdi)?;
+            a.mov(word_ptr(rdx + desc + 28), flags)?;
+            a.lea(eax, qword_ptr(rcx + rcx * 2 + 2))?;
+            a.mov(word_ptr(rdx + desc + 30), ax)?;
+        }
+        // The header and the status byte of slot k.
+        a.mov(rax, rcx)?;
+        a.shl(rax, 4)?;
+        a.mov(dword_ptr(rax + headers), kind)?;
+        a.mov(dword_ptr(rax + headers + 4), 0)?;
+        a.mov(qword_ptr(rax + headers + 8), rsi)?;
+        a.mov(byte_ptr(rax + st), 0xFF)?;
         // Descriptor 3k: the header.
+        a.add(rax, headers)?;
         a.mov(qword_ptr(rdx + desc), rax)?;
         a.mov(dword_ptr(rdx + desc + 8), 16)?;
         a.mov(word_ptr(rdx + desc + 12), next)?;
         let status_desc = if req == Req::Flush { 2 } else { 1 };
-        a.lea(rax, qword_ptr(rcx + rcx * 2 + status_desc))?;
+        a.lea(eax, qword_ptr(rcx + rcx * 2 + status_desc))?;
         a.mov(word_ptr(rdx + desc + 14), ax)?;
-        // Descriptor 3k + 1: the data.
-        if req != Req::Flush {
-            let flags = if req == Req::Read { next | write } else { next };
-            a.mov(qword_ptr(rdx + desc + 16), rdi)?;
-            a.mov(dword_ptr(rdx + desc + 24), disk::PAGE as u32)?;
-            a.mov(word_ptr(rdx + desc + 28), flags)?;
-            a.lea(rax, qword_ptr(rcx + rcx * 2 + 2))?;
-            a.mov(word_ptr(rdx + desc + 30), ax)?;
-        }
         // Descriptor 3k + 2: the status byte.
         a.mov(rax, rcx)?;
         a.shl(rax, 4)?;
@@ -812,9 +843,77 @@ impl Gen {
         a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
         a.add(eax, ecx)?;
         a.and(eax, u32::from(disk::QUEUE_SIZE) - 1)?;
-        a.lea(rdx, qword_ptr(rcx + rcx * 2))?;
+        a.lea(edx, qword_ptr(rcx + rcx * 2))?;
         a.mov(word_ptr(rax * 2 + disp(disk::AVAIL_GPA + 4)), dx)?;
         a.inc(ecx)?;
+        Ok(())
+    }
+
+    /// Submit the `rcx` requests put in their slots: publish the heads, ring the doorbell
+    /// once (one `QueueNotify` exit), poll the used index until it is the published one
+    /// (at most [`DISK_POLLS`] reads). Clobbers rax, rdx, rsi.
+    fn disk_submit(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let (mut poll, mut caught) = (a.create_label(), a.create_label());
+        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
+        a.add(eax, ecx)?;
+        a.mov(word_ptr(disk::AVAIL_GPA + 2), ax)?;
+        a.mov(rdx, disk::MMIO_GPA)?;
+        a.mov(
+            dword_ptr(rdx + disp(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY))),
+            0,
+        )?;
+        a.mov(esi, DISK_POLLS)?;
+        a.set_label(&mut poll)?;
+        a.movzx(edx, word_ptr(disk::USED_GPA + 2))?;
+        a.cmp(dx, ax)?;
+        a.je(caught)?;
+        a.pause()?;
+        a.dec(esi)?;
+        a.jnz(poll)?;
+        a.set_label(&mut caught)?;
+        a.nop()?;
+        Ok(())
+    }
+
+    /// The batch of `rcx` requests put in their slots, if any: submitted
+    /// ([`Gen::disk_submit`]), then its status bytes, last request first, into
+    /// `DISK_ERRORS` (a request not completed OK counts one). A read that completed is
+    /// handed to `read_check` with rdx = 16 k (its slot's offset), which may clobber rax,
+    /// rdx, rdi and r8 but must keep rcx and rsi, and jumps to the label it gets for a bad
+    /// read (one more error). Clobbers rax, rcx, rdx, rsi, plus what `read_check` does.
+    fn disk_batch(&mut self, read_check: Option<ReadCheck>) -> Result<(), IcedError> {
+        let mut end = self.a.create_label();
+        self.a.test(ecx, ecx)?;
+        self.a.jz(end)?;
+        self.disk_submit()?;
+        let a = &mut self.a;
+        let (mut check, mut bad, mut counted) =
+            (a.create_label(), a.create_label(), a.create_label());
+        let mut status_ok = a.create_label();
+        a.xor(esi, esi)?;
+        a.set_label(&mut check)?;
+        a.dec(ecx)?;
+        a.js(counted)?;
+        a.mov(rdx, rcx)?;
+        a.shl(rdx, 4)?;
+        a.cmp(byte_ptr(rdx + disp(disk::STATUS_GPA)), 0)?;
+        a.je(status_ok)?;
+        a.set_label(&mut bad)?;
+        a.inc(rsi)?;
+        a.jmp(check)?;
+        a.set_label(&mut status_ok)?;
+        if let Some(read_check) = read_check {
+            a.cmp(dword_ptr(rdx + disp(disk::HEADERS_GPA)), VIRTIO_BLK_T_IN)?;
+            a.jne(check)?;
+            read_check(self, bad)?;
+        }
+        let a = &mut self.a;
+        a.jmp(check)?;
+        a.set_label(&mut counted)?;
+        a.add(s(status::DISK_ERRORS), rsi)?;
+        a.set_label(&mut end)?;
+        a.nop()?;
         Ok(())
     }
 
@@ -909,7 +1008,7 @@ impl Gen {
         let a = &mut self.a;
         let (mut do_log, mut skip_log) = (a.create_label(), a.create_label());
         let (mut skip_wb, mut skip_rb) = (a.create_label(), a.create_label());
-        let (mut skip_flush, mut end) = (a.create_label(), a.create_label());
+        let mut skip_flush = a.create_label();
         a.xor(ecx, ecx)?;
         // The log page: if u % 64 == 0 or a flush is due; disk page T + (n / 64) % L.
         a.lea(rax, qword_ptr(r15 + 1))?;
@@ -927,7 +1026,7 @@ impl Gen {
         a.mov(rdi, rbx)?;
         a.shl(rdi, 12)?;
         a.add(rdi, r9)?;
-        self.disk_request(Req::Write)?;
+        self.disk_request(Req::Write, Len::Page)?;
         // The write-back: if u % 16 == 0, table page q = (n / 16) % T to disk page q.
         let a = &mut self.a;
         a.set_label(&mut skip_log)?;
@@ -942,7 +1041,7 @@ impl Gen {
         a.mov(rdi, rdx)?;
         a.shl(rdi, 12)?;
         a.add(rdi, r9)?;
-        self.disk_request(Req::Write)?;
+        self.disk_request(Req::Write, Len::Page)?;
         // The read-back: if u % 32 == 0, disk page r = next() % T into the read buffer.
         let a = &mut self.a;
         a.set_label(&mut skip_wb)?;
@@ -957,68 +1056,355 @@ impl Gen {
         a.lea(rdi, qword_ptr(rbx + 1))?;
         a.shl(rdi, 12)?;
         a.add(rdi, r9)?;
-        self.disk_request(Req::Read)?;
+        self.disk_request(Req::Read, Len::Page)?;
         // The flush.
         self.a.set_label(&mut skip_rb)?;
         self.unless_flush(skip_flush)?;
         self.a.xor(esi, esi)?;
-        self.disk_request(Req::Flush)?;
+        self.disk_request(Req::Flush, Len::Page)?;
+        self.a.set_label(&mut skip_flush)?;
+        // ... submitted, each read that completed checked as a table page of keys 64 r.
+        self.disk_batch(Some(|g: &mut Self, bad| {
+            let a = &mut g.a;
+            a.mov(r8, qword_ptr(rdx + disp(disk::HEADERS_GPA) + 8))?;
+            a.shl(r8, 3)?;
+            a.lea(rdi, qword_ptr(rbx + 1))?;
+            a.shl(rdi, 12)?;
+            a.add(rdi, r9)?;
+            g.table_page_check(bad)
+        }))?;
+        self.unit_end(top)
+    }
+}
+
+impl Gen {
+    /// `files`' layout (`ha_workloads::files::Layout`), once at the start: rbx = N files
+    /// (as many as fit, each `file_pages` long, in the disk less its log), rbp = K cache
+    /// slots, r8 = the address of slot 0. Clobbers rax, rcx, rdx, rsi, rdi.
+    fn files_layout(&mut self) -> Result<(), IcedError> {
+        use ha_workloads::files::MAX_FILES;
         let a = &mut self.a;
-        a.set_label(&mut skip_flush)?;
-        a.test(ecx, ecx)?;
-        a.jz(end)?;
-
-        // Publish the heads, ring the doorbell once, poll the used index (ax: the
-        // published index).
-        let (mut poll, mut caught) = (a.create_label(), a.create_label());
-        a.movzx(eax, word_ptr(disk::AVAIL_GPA + 2))?;
-        a.add(eax, ecx)?;
-        a.mov(word_ptr(disk::AVAIL_GPA + 2), ax)?;
-        a.mov(rdx, disk::MMIO_GPA)?;
-        a.mov(
-            dword_ptr(rdx + disp(u64::from(VIRTIO_MMIO_QUEUE_NOTIFY))),
-            0,
-        )?;
-        a.mov(esi, DISK_POLLS)?;
-        a.set_label(&mut poll)?;
-        a.movzx(edx, word_ptr(disk::USED_GPA + 2))?;
-        a.cmp(dx, ax)?;
-        a.je(caught)?;
-        a.pause()?;
-        a.dec(esi)?;
-        a.jnz(poll)?;
-        a.set_label(&mut caught)?;
-
-        // The status bytes, last request first (rsi: errors); a read that completed is
-        // checked as a table page of keys 64 r ...
-        let (mut check, mut bad, mut counted) =
+        let (mut count, mut counted, mut avail_ok) =
             (a.create_label(), a.create_label(), a.create_label());
-        let mut status_ok = a.create_label();
-        a.xor(esi, esi)?;
-        a.set_label(&mut check)?;
-        a.dec(ecx)?;
-        a.js(counted)?;
-        a.mov(rdx, rcx)?;
-        a.shl(rdx, 4)?;
-        a.cmp(byte_ptr(rdx + disp(disk::STATUS_GPA)), 0)?;
-        a.je(status_ok)?;
-        a.set_label(&mut bad)?;
-        a.inc(rsi)?;
-        a.jmp(check)?;
-        a.set_label(&mut status_ok)?;
-        a.cmp(dword_ptr(rdx + disp(disk::HEADERS_GPA)), VIRTIO_BLK_T_IN)?;
-        a.jne(check)?;
-        a.mov(r8, qword_ptr(rdx + disp(disk::HEADERS_GPA) + 8))?;
-        a.shl(r8, 3)?;
-        a.lea(rdi, qword_ptr(rbx + 1))?;
-        a.shl(rdi, 12)?;
-        a.add(rdi, r9)?;
-        self.table_page_check(bad)?;
+        // rdi = room = D - L.
+        self.files_log(rdi, rax)?;
         let a = &mut self.a;
-        a.jmp(check)?;
+        // rsi = doc_word's z for file 0 of `file_pages`; rcx = pages used; rbx = files.
+        a.mov(rsi, p(params::SEED))?;
+        a.mov(rax, FILE_PAGES_KEY ^ DOC_WORD_KEY)?;
+        a.xor(rsi, rax)?;
+        a.xor(ecx, ecx)?;
+        a.xor(ebx, ebx)?;
+        a.set_label(&mut count)?;
+        a.cmp(rbx, MAX_FILES as i32)?;
+        a.jae(counted)?;
+        a.mov(rax, rsi)?;
+        self.mix()?;
+        let a = &mut self.a;
+        a.and(eax, (ha_workloads::files::FILE_PAGES_MAX - 1) as u32)?;
+        a.inc(eax)?;
+        a.add(rax, rcx)?;
+        a.cmp(rax, rdi)?;
+        a.ja(counted)?;
+        a.mov(rcx, rax)?;
+        a.inc(rbx)?;
+        a.mov(rdx, GOLDEN)?;
+        a.add(rsi, rdx)?;
+        a.jmp(count)?;
         a.set_label(&mut counted)?;
-        a.add(s(status::DISK_ERRORS), rsi)?;
-        a.set_label(&mut end)?;
+        // rcx = Tt = (N + 255) / 256; avail = P - Tt - 2; K = (avail - 1 - avail / 4096) / 16
+        // (0 if negative: validate refused such a guest).
+        a.lea(rcx, qword_ptr(rbx + 255))?;
+        a.shr(rcx, 8)?;
+        a.mov(rdx, r8)?;
+        a.shr(rdx, 12)?;
+        a.sub(rdx, rcx)?;
+        a.sub(rdx, 2)?;
+        a.mov(rax, rdx)?;
+        a.shr(rax, 12)?;
+        a.inc(rax)?;
+        a.sub(rdx, rax)?;
+        a.jae(avail_ok)?;
+        a.xor(edx, edx)?;
+        a.set_label(&mut avail_ok)?;
+        a.shr(rdx, 4)?;
+        a.mov(rbp, rdx)?;
+        // r8 = base + 4096 (Tt + 2 + (K + 255) / 256).
+        a.lea(rax, qword_ptr(rbp + 255))?;
+        a.shr(rax, 8)?;
+        a.lea(rax, qword_ptr(rax + rcx + 2))?;
+        a.shl(rax, 12)?;
+        a.lea(r8, qword_ptr(r9 + rax))?;
+        Ok(())
+    }
+
+    /// The access log on the disk: `first` = its first page `D - L`, `len` = its pages
+    /// `L = max(1, D / 8)`; clobbers only those.
+    fn files_log(&mut self, first: AsmRegister64, len: AsmRegister64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        let mut log_ok = a.create_label();
+        a.mov(first, p(params::DISK_SIZE))?;
+        a.shr(first, 12)?;
+        a.mov(len, first)?;
+        a.shr(len, 3)?;
+        a.jnz(log_ok)?;
+        a.mov(len, 1u64)?;
+        a.set_label(&mut log_ok)?;
+        a.sub(first, len)?;
+        Ok(())
+    }
+
+    /// `reg` = the response page's address, `base + 4096 Tt` (the log buffer follows it,
+    /// then the cache tags); clobbers only `reg`.
+    fn files_response(&mut self, reg: AsmRegister64) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.lea(reg, qword_ptr(rbx + 255))?;
+        a.shr(reg, 8)?;
+        a.shl(reg, 12)?;
+        a.add(reg, r9)?;
+        Ok(())
+    }
+
+    /// `dst` = word `off` (0: `start | pages << 48`, 8: version) of file r12's table
+    /// entry; clobbers rax.
+    fn files_entry(&mut self, dst: AsmRegister64, off: i32) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rax, r12)?;
+        a.shl(rax, 4)?;
+        a.mov(dst, qword_ptr(r9 + rax + off))?;
+        Ok(())
+    }
+
+    /// File r12's cache slot: rdi = its address, rsi = its tag's; clobbers rax, rdx.
+    fn files_slot(&mut self) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        a.mov(rax, r12)?;
+        a.xor(edx, edx)?;
+        a.div(rbp)?;
+        a.mov(rdi, rdx)?;
+        a.shl(rdi, 16)?;
+        a.add(rdi, r8)?;
+        a.shl(rdx, 4)?;
+        self.files_response(rsi)?;
+        self.a
+            .lea(rsi, qword_ptr(rsi + rdx + 2 * disk::PAGE as i32))?;
+        Ok(())
+    }
+
+    /// rcx = the words of file r12 (`pages * 512`); clobbers rax.
+    fn files_words(&mut self) -> Result<(), IcedError> {
+        self.files_entry(rcx, 0)?;
+        self.a.shr(rcx, 48)?;
+        self.a.shl(rcx, 9)?;
+        Ok(())
+    }
+
+    /// Request `rcx` of the batch: the whole of file r12 between the disk and its cache
+    /// slot at rdi (one data descriptor of up to 64 KiB); clobbers rax, rdx, rsi.
+    fn files_request(&mut self, req: Req) -> Result<(), IcedError> {
+        self.files_entry(rax, 0)?;
+        let a = &mut self.a;
+        a.mov(rsi, rax)?;
+        a.shl(rsi, 16)?;
+        a.shr(rsi, 13)?;
+        a.shr(rax, 48)?;
+        a.shl(eax, 12)?;
+        self.disk_request(req, Len::Eax)
+    }
+
+    /// File r12's tag: `write(tag, f + 1)`, `write(tag + 8, version)`; clobbers rax, rdx,
+    /// rsi, rdi.
+    fn files_tag(&mut self) -> Result<(), IcedError> {
+        self.files_slot()?;
+        self.a.lea(rax, qword_ptr(r12 + 1))?;
+        self.write(qword_ptr(rsi), rax)?;
+        self.files_entry(rax, 8)?;
+        self.write(qword_ptr(rsi + 8), rax)
+    }
+
+    /// The content of version rax of file r12 (`files::content_word`), word by word over
+    /// the rcx words at rdi (none if rcx is 0): compared (to `bad` at the first word that
+    /// differs) or written (`write`). Clobbers rax, rcx, rdx, rsi, rdi.
+    fn files_content(&mut self, compare: Option<CodeLabel>) -> Result<(), IcedError> {
+        let a = &mut self.a;
+        // rsi = doc_word's z for word 0 of the key seed + (f + 1) A + v B.
+        a.mov(rdx, CONTENT_VERSION)?;
+        a.imul_2(rax, rdx)?;
+        a.mov(rsi, rax)?;
+        a.add(rsi, p(params::SEED))?;
+        a.lea(rax, qword_ptr(r12 + 1))?;
+        a.mov(rdx, CONTENT_FILE)?;
+        a.imul_2(rax, rdx)?;
+        a.add(rsi, rax)?;
+        a.mov(rax, DOC_WORD_KEY)?;
+        a.xor(rsi, rax)?;
+        let (mut word, mut done) = (a.create_label(), a.create_label());
+        a.test(rcx, rcx)?;
+        a.jz(done)?;
+        a.set_label(&mut word)?;
+        a.mov(rax, rsi)?;
+        self.mix()?;
+        match compare {
+            Some(bad) => {
+                self.a.cmp(qword_ptr(rdi), rax)?;
+                self.a.jne(bad)?;
+            }
+            None => self.write(qword_ptr(rdi), rax)?,
+        }
+        let a = &mut self.a;
+        a.mov(rdx, GOLDEN)?;
+        a.add(rsi, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(rcx)?;
+        a.jnz(word)?;
+        a.set_label(&mut done)?;
+        a.nop()?;
+        Ok(())
+    }
+
+    /// `files` (docs/GUESTS.md, the `Workload::Files` arm of `ha_workloads::model`): one
+    /// request for a file, read into its cache slot on a miss (one batch of one read) and
+    /// checked, its hash into the response and the access log, then the unit's batch of
+    /// writes (a full log page; every 256th request a file rewritten). r12 holds the file
+    /// during a unit and is reloaded from `OUT_HEAD` before its end.
+    fn files(&mut self, entry: &mut CodeLabel) -> Result<(), IcedError> {
+        self.a.set_label(entry)?;
+        self.disk_setup()?;
+        self.files_layout()?;
+        let mut top = self.a.create_label();
+        self.a.set_label(&mut top)?;
+        // 1. The file: r12 = f, picked as kv picks a record over the N files.
+        self.hot_cold(rbx, rsi, rdi)?;
+        self.pick_record(rsi, rdi)?;
+        self.a.mov(r12, rdx)?;
+        // 2. A hit if its slot's tag is (f + 1, version).
+        let a = &mut self.a;
+        let (mut miss, mut wrong, mut failed, mut serve) = (
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+            a.create_label(),
+        );
+        self.files_slot()?;
+        self.a.lea(rax, qword_ptr(r12 + 1))?;
+        self.a.cmp(qword_ptr(rsi), rax)?;
+        self.a.jne(miss)?;
+        self.files_entry(rax, 8)?;
+        self.a.cmp(qword_ptr(rsi + 8), rax)?;
+        self.a.je(serve)?;
+        // A miss: one batch of one read, the whole file into its slot (rdi) ...
+        self.a.set_label(&mut miss)?;
+        self.a.xor(ecx, ecx)?;
+        self.files_request(Req::Read)?;
+        self.disk_submit()?;
+        self.a.cmp(byte_ptr(disk::STATUS_GPA), 0)?;
+        self.a.jne(failed)?;
+        // ... each word checked against its content (one error for a file read wrong) ...
+        self.files_slot()?;
+        self.files_words()?;
+        self.files_entry(rax, 8)?;
+        self.files_content(Some(wrong))?;
+        let mut tag = self.a.create_label();
+        self.a.jmp(tag)?;
+        self.a.set_label(&mut wrong)?;
+        self.a.add(s(status::DISK_ERRORS), 1)?;
+        // ... and the tag written; a failed read is one error, and no tag.
+        self.a.set_label(&mut tag)?;
+        self.files_tag()?;
+        self.a.jmp(serve)?;
+        self.a.set_label(&mut failed)?;
+        self.a.add(s(status::DISK_ERRORS), 1)?;
+
+        // 3. The hash of the file's words in its slot (rsi), into the response (f,
+        // version, hash, u) and the log buffer's record n % 64 (u, f, version, hash).
+        self.a.set_label(&mut serve)?;
+        self.files_slot()?;
+        self.files_words()?;
+        let a = &mut self.a;
+        let (mut word, mut hashed) = (a.create_label(), a.create_label());
+        a.xor(eax, eax)?;
+        a.test(rcx, rcx)?;
+        a.jz(hashed)?;
+        a.set_label(&mut word)?;
+        a.rol(rax, 5)?;
+        a.xor(rax, qword_ptr(rdi))?;
+        a.mov(rdx, GOLDEN)?;
+        a.imul_2(rax, rdx)?;
+        a.add(rdi, 8)?;
+        a.dec(rcx)?;
+        a.jnz(word)?;
+        a.set_label(&mut hashed)?;
+        a.mov(rsi, rax)?;
+        self.files_response(rdi)?;
+        self.files_entry(rcx, 8)?;
+        self.write(qword_ptr(rdi), r12)?;
+        self.write(qword_ptr(rdi + 8), rcx)?;
+        self.write(qword_ptr(rdi + 16), rsi)?;
+        self.a.lea(rax, qword_ptr(r15 + 1))?;
+        self.write(qword_ptr(rdi + 24), rax)?;
+        let a = &mut self.a;
+        a.mov(eax, r15d)?;
+        a.and(eax, 63)?;
+        a.shl(eax, 6)?;
+        a.lea(rdi, qword_ptr(rdi + rax + disk::PAGE as i32))?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        self.write(qword_ptr(rdi), rax)?;
+        self.write(qword_ptr(rdi + 8), r12)?;
+        self.write(qword_ptr(rdi + 16), rcx)?;
+        self.write(qword_ptr(rdi + 24), rsi)?;
+
+        // 4. Every 256th request a rewrite: r12 = g = next() % N gets version v + 1, its
+        // slot the new content and its tag.
+        let a = &mut self.a;
+        let (mut no_rewrite, mut skip_log, mut skip_rewrite) =
+            (a.create_label(), a.create_label(), a.create_label());
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, al)?;
+        a.jnz(no_rewrite)?;
+        self.next()?;
+        let a = &mut self.a;
+        a.xor(edx, edx)?;
+        a.div(rbx)?;
+        a.mov(r12, rdx)?;
+        a.shl(rdx, 4)?;
+        a.lea(rdi, qword_ptr(r9 + rdx + 8))?;
+        a.mov(rcx, qword_ptr(rdi))?;
+        a.inc(rcx)?;
+        self.write(qword_ptr(rdi), rcx)?;
+        self.files_slot()?;
+        self.files_words()?;
+        self.files_entry(rax, 8)?;
+        self.files_content(None)?;
+        self.files_tag()?;
+        self.a.set_label(&mut no_rewrite)?;
+        // The batch of writes: the log buffer to log page D - L + (n / 64) % L when
+        // u % 64 == 0, then the rewritten file from its slot.
+        let a = &mut self.a;
+        a.xor(ecx, ecx)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, 63)?;
+        a.jnz(skip_log)?;
+        self.files_log(rsi, rdi)?;
+        let a = &mut self.a;
+        a.mov(rax, r15)?;
+        a.shr(rax, 6)?;
+        a.xor(edx, edx)?;
+        a.div(rdi)?;
+        a.add(rsi, rdx)?;
+        a.shl(rsi, 3)?;
+        self.files_response(rdi)?;
+        self.a.add(rdi, disk::PAGE as i32)?;
+        self.disk_request(Req::Write, Len::Page)?;
+        let a = &mut self.a;
+        a.set_label(&mut skip_log)?;
+        a.lea(rax, qword_ptr(r15 + 1))?;
+        a.test(al, al)?;
+        a.jnz(skip_rewrite)?;
+        self.files_slot()?;
+        self.files_request(Req::Write)?;
+        self.a.set_label(&mut skip_rewrite)?;
+        self.disk_batch(None)?;
+        self.a.mov(r12, s(status::OUT_HEAD))?;
         self.unit_end(top)
     }
 }
@@ -1065,11 +1451,7 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
     a.or(rax, rdx)?;
     a.mov(r11, rax)?;
     a.mov(eax, dword_ptr(PARAMS_GPA + params::WORKLOAD as u64))?;
-    // Every workload with a program (not `files` yet) has an entry.
     for (w, label) in Workload::ALL.iter().zip(entries.iter()) {
-        if *w == Workload::Files {
-            continue;
-        }
         a.cmp(eax, *w as i32)?;
         a.je(*label)?;
     }
@@ -1087,7 +1469,7 @@ pub fn assemble() -> Result<Vec<u8>, GuestError> {
             Workload::Kv => g.kv(label)?,
             Workload::Npb => g.npb(label)?,
             Workload::Db => g.db(label)?,
-            Workload::Files => {}
+            Workload::Files => g.files(label)?,
         }
     }
     let code = g.a.assemble(CODE_GPA)?;
@@ -1143,10 +1525,28 @@ mod tests {
                 4 << 20,
                 &GuestParams {
                     heap_size: 15 * 4096,
-                    ..p
+                    ..p.clone()
                 }
             )
             .is_err()
         );
+        // `files` needs a disk with room for a file and a heap with room for a slot.
+        let files = GuestParams {
+            workload: Workload::Files,
+            heap_size: 64 * 4096,
+            disk_size: 64 * 4096,
+            ..p
+        };
+        assert!(validate(4 << 20, &files).is_ok());
+        let no_disk = GuestParams {
+            disk_size: 0,
+            ..files.clone()
+        };
+        assert!(validate(4 << 20, &no_disk).is_err());
+        let no_slot = GuestParams {
+            heap_size: 16 * 4096,
+            ..files
+        };
+        assert!(validate(4 << 20, &no_slot).is_err());
     }
 }

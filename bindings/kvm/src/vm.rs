@@ -294,6 +294,11 @@ impl KvmDomain {
                 .write(gpa, &doc)
                 .map_err(|e| backend("write the web document root", e))?;
         }
+        if let Some((gpa, table)) = ha_workloads::files::file_table(&params) {
+            bare.ram
+                .write(gpa, &table)
+                .map_err(|e| backend("write the files file table", e))?;
+        }
         let sregs = bare
             .vcpu
             .get_sregs()

@@ -104,7 +104,10 @@ fn copies_are_the_memory_at_the_checkpoint_with_the_guest_writing() {
             "{w:?}: {total} pages copied over 40 checkpoints, {faulted} in the fault path \
              ({faults} write faults served; a fault costs {cost:?})"
         );
-        assert!(cost.is_some_and(|c| !c.is_zero()), "the fault cost is measured");
+        assert!(
+            cost.is_some_and(|c| !c.is_zero()),
+            "the fault cost is measured"
+        );
         assert!(faulted > 0, "{w:?}: no write fault copied a page");
         assert_eq!(fault_copies, faulted as u64);
         assert!(faults >= fault_copies);

@@ -14,9 +14,11 @@ use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{Devices, DiskWrite, Domain, DomainError, DomainFactory, GuestSpec};
 use ha_guest::image::GuestImage;
 use ha_kvm::KvmFactory;
-use ha_workloads::db;
-use ha_workloads::guest_abi::{GuestParams, GuestStatus, PARAMS_GPA, Workload, disk, page_count};
-use ha_workloads::model::ImageModel as Model;
+use ha_workloads::guest_abi::{
+    GuestParams, GuestStatus, PARAMS_GPA, STATUS_GPA, Workload, disk, page_count, status,
+};
+use ha_workloads::model::{DiskOp, DiskRequest, Image, ImageModel as Model, Memory, Ports};
+use ha_workloads::{db, files};
 use iced_x86::code_asm::*;
 
 /// A disk image of `pages` 4 KiB pages holding a pattern, in a fresh temporary directory.
@@ -323,14 +325,23 @@ fn batches(n: u64, flush_every: u64) -> u64 {
         .count() as u64
 }
 
-/// Check a paused `db` guest against the model from its very start: the checksum, every
-/// heap word and every 4 KiB disk page are the model's after `n = progress` units or, for
-/// the unit in flight, after `n + 1`; no disk errors. Returns the status and the model at
-/// `n`.
-fn check_db_against_model(d: &mut dyn Domain, params: &GuestParams) -> (GuestStatus, Model) {
+/// Check a paused disk guest against the model from its very start: no disk errors, and
+/// [`check_against`] a fresh model.
+fn check_against_model(d: &mut dyn Domain, params: &GuestParams) -> (GuestStatus, Model) {
     let st = d.status().unwrap();
     assert_eq!(st.disk_errors, 0, "{st:?}");
-    let mut m = Model::fresh(d.memory_size(), params);
+    let fresh = Model::fresh(d.memory_size(), params);
+    check_against(d, &fresh)
+}
+
+/// Check a paused disk guest against the model from `start`: the checksum, the disk
+/// errors, every heap word and every 4 KiB disk page are the model's after `n = progress`
+/// units or, for the unit in flight, after `n + 1`. Returns the status and the model at
+/// `n`.
+fn check_against(d: &mut dyn Domain, start: &Model) -> (GuestStatus, Model) {
+    let st = d.status().unwrap();
+    let params = &start.params;
+    let mut m = start.clone();
     m.run_to(st.progress);
     let mut next = m.clone();
     next.unit();
@@ -338,6 +349,14 @@ fn check_db_against_model(d: &mut dyn Domain, params: &GuestParams) -> (GuestSta
         st.checksum == m.cpu.checksum() || st.checksum == next.cpu.checksum(),
         "checksum at progress {} matches neither n nor n+1",
         st.progress
+    );
+    let errors = |m: &Model| m.mem.load(STATUS_GPA + status::DISK_ERRORS as u64);
+    assert!(
+        st.disk_errors == errors(&m) || st.disk_errors == errors(&next),
+        "{} disk errors at progress {}, the model's {}",
+        st.disk_errors,
+        st.progress,
+        errors(&m)
     );
     let mut heap = vec![0u8; params.heap_size as usize];
     d.read_memory(params.heap_gpa, &mut heap).unwrap();
@@ -374,6 +393,62 @@ fn apply(replica: &mut [u8], writes: &[DiskWrite]) {
     }
 }
 
+/// Run a new guest of `s` (on the disk `s.devices` names, which holds `replica`) for
+/// three rounds of at least `min * round` units: each round the epoch's drained writes,
+/// applied to `replica`, give the disk (and `read_at` the file), the guest is the model's
+/// (heap and disk, [`check_against_model`]) and `notifies(round, status, notifies)` checks
+/// the disk's doorbells; then every output record's checksum is the model's at its
+/// progress. The last round's status and model, and the records.
+fn rounds_match_the_model(
+    s: &GuestSpec,
+    params: &GuestParams,
+    replica: &mut [u8],
+    min: u64,
+    mut notifies: impl FnMut(u64, &GuestStatus, u64),
+) -> (
+    GuestStatus,
+    Model,
+    Vec<ha_workloads::guest_abi::OutputRecord>,
+) {
+    let path = s.devices.disk.as_deref().unwrap();
+    let mut d = KvmFactory::new().create_kvm(s).unwrap();
+    let mut records = Vec::new();
+    let mut last = None;
+    for round in 1..=3u64 {
+        let st = run_until(&mut d, 1500 * round, 5);
+        d.check_health().unwrap();
+        assert!(st.progress > min * round, "round {round}: {st:?}");
+        let mut writes = Vec::new();
+        d.disk().unwrap().drain_writes(&mut writes).unwrap();
+        assert!(!writes.is_empty(), "round {round}: no disk writes");
+        apply(replica, &writes);
+        let disk = read_disk(&mut d);
+        assert!(disk == std::fs::read(path).unwrap(), "read_at is the file");
+        assert!(disk == replica, "round {round}: drained writes miss some");
+        let (st, m) = check_against_model(&mut d, params);
+        let n = d.disk_notifies();
+        notifies(round, &st, n);
+        d.drain_output(&mut records).unwrap();
+        eprintln!(
+            "{} round {round}: model matches at progress {} ({} writes, {n} batches)",
+            params.workload.name(),
+            st.progress,
+            writes.len()
+        );
+        last = Some((st, m));
+    }
+    assert!(!records.is_empty());
+    let mut m = Model::fresh(s.memory_size, params);
+    for r in &records {
+        let (p, c) = payload(r);
+        assert_eq!(p % params.output_every, 0);
+        m.run_to(p);
+        assert_eq!(c, m.cpu.checksum(), "record at progress {p}");
+    }
+    let (st, m) = last.unwrap();
+    (st, m, records)
+}
+
 #[test]
 fn db_matches_the_model_and_its_drained_writes_rebuild_the_disk() {
     if !kvm_available() {
@@ -382,53 +457,20 @@ fn db_matches_the_model_and_its_drained_writes_rebuild_the_disk() {
     let (_dir, path) = zero_disk(DB_PAGES);
     let s = db_spec(&path);
     let params = db_params(&s);
-    let mut d = KvmFactory::new().create_kvm(&s).unwrap();
     let mut replica = vec![0u8; (DB_PAGES * 4096) as usize];
-    let mut records = Vec::new();
-    let mut last = None;
-    for round in 1..=3u64 {
-        let st = run_until(&mut d, 1500 * round, 5);
-        d.check_health().unwrap();
-        assert!(st.progress > 200 * round, "round {round}: {st:?}");
-        // The epoch's completed writes, applied to a replica, give the guest's disk.
-        let mut writes = Vec::new();
-        d.disk().unwrap().drain_writes(&mut writes).unwrap();
-        assert!(!writes.is_empty(), "round {round}: no disk writes");
-        apply(&mut replica, &writes);
-        let disk = read_disk(&mut d);
-        assert!(disk == std::fs::read(&path).unwrap(), "read_at is the file");
-        assert!(disk == replica, "round {round}: drained writes miss some");
-        let (st, m) = check_db_against_model(&mut d, &params);
-        // One doorbell per batch: the batches of n updates, or of n + 1.
-        let flush = s.params.output_every;
-        let n = d.disk_notifies();
+    let flush = s.params.output_every;
+    // One doorbell per batch: the batches of n updates, or of n + 1.
+    let (st, m, records) = rounds_match_the_model(&s, &params, &mut replica, 200, |_, st, n| {
         assert!(
             n == batches(st.progress, flush) || n == batches(st.progress + 1, flush),
-            "round {round}: {n} disk notifies at progress {}",
+            "{n} disk notifies at progress {}",
             st.progress
         );
-        d.drain_output(&mut records).unwrap();
-        eprintln!(
-            "db round {round}: model matches at progress {} ({} writes, {n} batches)",
-            st.progress,
-            writes.len()
-        );
-        last = Some((st, m));
-    }
-    // Every record's checksum is the model's at its progress: the flushes it reports.
-    assert!(!records.is_empty());
-    let mut m = Model::fresh(s.memory_size, &params);
-    for r in &records {
-        let (p, c) = payload(r);
-        assert_eq!(p % 48, 0);
-        m.run_to(p);
-        assert_eq!(c, m.cpu.checksum(), "record at progress {p}");
-    }
+    });
     // ... and the disk holds the log of every update up to its last flush: the one of the
     // last record, or of the unit in flight at the pause (which may have overwritten the
     // oldest page of the circle).
     let l = db::Layout::of(&params).unwrap();
-    let (st, m) = last.unwrap();
     let disk = std::fs::read(&path).unwrap();
     let at = if disk == m.disk {
         st.progress
@@ -495,21 +537,24 @@ fn db_device_writes_are_harvested_as_dirty() {
     assert!(readbuf_seen > 0, "the read buffer never changed");
 }
 
-#[test]
-fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
-    if !kvm_available() {
-        return;
-    }
-    let (dir, path) = zero_disk(DB_PAGES);
-    let s = db_spec(&path);
-    let params = db_params(&s);
+/// Run the guest of `s` (its disk at `path`, in `dir`) to `units` updates, save it and
+/// restore it on a copy of its disk while the original goes on; the restored guest runs
+/// `units` more and is the model's (heap and disk), and so is the guest restored from it
+/// the backup's way (on the committed image itself).
+fn restored_on_a_copy_continues_as_the_model(
+    s: &GuestSpec,
+    params: &GuestParams,
+    dir: &Path,
+    path: &Path,
+    units: u64,
+) {
     let factory = KvmFactory::new();
-    let mut d = factory.create_kvm(&s).unwrap();
-    let st = run_until(&mut d, 2000, 5);
+    let mut d = factory.create_kvm(s).unwrap();
+    let st = run_until(&mut d, units, 5);
     let state = d.save_state().unwrap();
     let image = snapshot(&d);
-    let replica = dir.path().join("replica.img");
-    std::fs::copy(&path, &replica).unwrap();
+    let replica = dir.join("replica.img");
+    std::fs::copy(path, &replica).unwrap();
     // The original goes on, on its own disk.
     d.resume().unwrap();
 
@@ -517,13 +562,13 @@ fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
         .restore(&image, &state, &devices(Some(&replica)))
         .unwrap();
     assert_eq!(r.status().unwrap(), st);
-    let after = run_until(r.as_mut(), st.progress + 2000, 5);
+    let after = run_until(r.as_mut(), st.progress + units, 5);
     r.check_health().unwrap();
-    assert!(after.progress > st.progress, "{after:?}");
+    assert!(after.progress >= st.progress + units / 2, "{after:?}");
     let mut writes = Vec::new();
     r.disk().unwrap().drain_writes(&mut writes).unwrap();
     assert!(!writes.is_empty(), "the restored driver wrote nothing");
-    check_db_against_model(r.as_mut(), &params);
+    check_against_model(r.as_mut(), params);
     d.pause().unwrap();
     d.check_health().unwrap();
     drop(d);
@@ -538,10 +583,20 @@ fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
     let mut r2 = factory
         .restore_image(committed, &state2, &devices(Some(&replica)))
         .unwrap();
-    let after2 = run_until(r2.as_mut(), saved2.progress + 2000, 5);
+    let after2 = run_until(r2.as_mut(), saved2.progress + units, 5);
     r2.check_health().unwrap();
     assert!(after2.progress > saved2.progress, "{after2:?}");
-    check_db_against_model(r2.as_mut(), &params);
+    check_against_model(r2.as_mut(), params);
+}
+
+#[test]
+fn db_restored_on_a_copy_of_its_disk_continues_as_the_model() {
+    if !kvm_available() {
+        return;
+    }
+    let (dir, path) = zero_disk(DB_PAGES);
+    let s = db_spec(&path);
+    restored_on_a_copy_continues_as_the_model(&s, &db_params(&s), dir.path(), &path, 2000);
 }
 
 #[test]
@@ -590,5 +645,198 @@ fn db_counts_torn_pages_and_failed_requests_as_disk_errors() {
         std::fs::metadata(&path).unwrap().len(),
         DB_PAGES * 4096,
         "nothing written past the disk's end"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The `files` guest
+// ---------------------------------------------------------------------------------------
+
+/// Disk pages of the `files` tests' disk: a tree of 224 pages and a 32-page log.
+const FILES_PAGES: u64 = 256;
+
+/// A 4 MiB `files` guest on `path` whose 200-page heap caches fewer files than the tree
+/// holds (as the model's `files_params`), reporting every 16 requests.
+fn files_spec(path: &Path) -> GuestSpec {
+    let mut s = with_disk(spec(Workload::Files, 4, 0), path);
+    s.params.heap_size = 200 * 4096;
+    s.params.output_every = 16;
+    s.params.doorbell_every = 8;
+    s
+}
+
+/// The params a guest of `s` runs with (the disk's size filled in), and its layout: the cache
+/// is smaller than the tree, so requests miss.
+fn files_params(s: &GuestSpec) -> (GuestParams, files::Layout) {
+    let p = GuestParams {
+        disk_size: FILES_PAGES * 4096,
+        ..s.params.clone()
+    };
+    let l = files::Layout::of(&p).unwrap();
+    assert!(
+        l.slots < l.files,
+        "the cache is smaller than the tree: {l:?}"
+    );
+    (p, l)
+}
+
+/// A disk of [`FILES_PAGES`] formatted for `p` (`files::format_disk`) in a fresh
+/// temporary directory, and its bytes.
+fn files_disk(p: &GuestParams) -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let mut bytes = vec![0u8; (FILES_PAGES * 4096) as usize];
+    files::format_disk(p.seed, p.heap_size, FILES_PAGES * 4096, |at, b| {
+        bytes[at as usize..at as usize + b.len()].copy_from_slice(b);
+        Ok::<(), ()>(())
+    })
+    .unwrap()
+    .unwrap();
+    let (dir, path) = zero_disk(FILES_PAGES);
+    std::fs::write(&path, &bytes).unwrap();
+    (dir, path, bytes)
+}
+
+/// The model's ports, counting its disk batches and the reads (misses) among them; the
+/// doorbell drops the records.
+struct Counting<'a> {
+    disk: &'a mut [u8],
+    batches: u64,
+    reads: u64,
+}
+
+impl Ports<Image> for Counting<'_> {
+    type Error = std::convert::Infallible;
+
+    fn doorbell(&mut self, mem: &mut Image) -> Result<(), Self::Error> {
+        let head = mem.load(STATUS_GPA + status::OUT_HEAD as u64);
+        mem.store(STATUS_GPA + status::OUT_TAIL as u64, head);
+        Ok(())
+    }
+
+    fn disk(
+        &mut self,
+        mem: &mut Image,
+        batch: &[DiskRequest],
+        ok: &mut [bool],
+    ) -> Result<(), Self::Error> {
+        self.batches += 1;
+        self.reads += u64::from(batch.iter().any(|r| r.op == DiskOp::Read));
+        for (r, ok) in batch.iter().zip(ok.iter_mut()) {
+            *ok = ha_workloads::model::disk_io(mem, self.disk, r);
+        }
+        Ok(())
+    }
+}
+
+/// The model's (batches, reads) after each of units `0..=n` of a fresh guest.
+fn model_batches(memory_size: u64, p: &GuestParams, n: u64) -> Vec<(u64, u64)> {
+    let mut m = Model::fresh(memory_size, p);
+    let mut ports = Counting {
+        disk: &mut m.disk,
+        batches: 0,
+        reads: 0,
+    };
+    let mut out = vec![(0, 0)];
+    for _ in 0..n {
+        m.cpu.unit(&mut m.mem, &mut ports).unwrap();
+        out.push((ports.batches, ports.reads));
+    }
+    out
+}
+
+#[test]
+fn files_matches_the_model_and_its_drained_writes_rebuild_the_disk() {
+    if !kvm_available() {
+        return;
+    }
+    let (params, _) = files_params(&files_spec(Path::new("")));
+    let (_dir, path, mut replica) = files_disk(&params);
+    let s = files_spec(&path);
+    // One doorbell per batch, a miss's read or a request's writes: the model's batches of
+    // n requests, or of n + 1.
+    rounds_match_the_model(&s, &params, &mut replica, 300, |round, st, n| {
+        let counts = model_batches(s.memory_size, &params, st.progress + 1);
+        let (at_n, at_next) = (
+            counts[st.progress as usize],
+            counts[st.progress as usize + 1],
+        );
+        assert!(
+            n == at_n.0 || n == at_next.0,
+            "{n} disk notifies at progress {}, the model's (batches, reads) {at_n:?}",
+            st.progress
+        );
+        assert!(at_n.1 > 10 * round, "round {round}: misses {at_n:?}");
+        assert!(
+            at_n.0 - at_n.1 >= st.progress / files::LOG_RECORDS_PER_PAGE,
+            "round {round}: write batches {at_n:?}"
+        );
+        eprintln!("files round {round}: {} misses", at_n.1);
+    });
+}
+
+#[test]
+fn files_restored_on_a_copy_of_its_disk_continues_as_the_model() {
+    if !kvm_available() {
+        return;
+    }
+    let (params, _) = files_params(&files_spec(Path::new("")));
+    let (dir, path, _) = files_disk(&params);
+    // 1000 requests each side: misses, log pages and rewrites before and after.
+    let s = files_spec(&path);
+    restored_on_a_copy_continues_as_the_model(&s, &params, dir.path(), &path, 1000);
+}
+
+#[test]
+fn files_counts_failed_and_wrong_reads_as_disk_errors() {
+    if !kvm_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    // No disk, or one too small for a file and a log: refused.
+    let e = match KvmFactory::new().create(&spec(Workload::Files, 4, 0)) {
+        Ok(_) => panic!("created files without a disk"),
+        Err(e) => chain(&e),
+    };
+    assert!(e.contains("needs a disk"), "{e}");
+    // A zero disk, never formatted: every file read is wrong, and the guest goes on.
+    let (_zdir, zero) = zero_disk(FILES_PAGES);
+    let mut z = KvmFactory::new().create_kvm(&files_spec(&zero)).unwrap();
+    let st = run_until(&mut z, 300, 1);
+    z.check_health().unwrap();
+    assert!(st.progress >= 300, "{st:?}");
+    assert!(st.disk_errors >= 12, "files read wrong not counted: {st:?}");
+    drop(z);
+
+    // A new guest whose table puts hot file 1 past the disk's end: each request for it
+    // misses (no tag is written) and its read fails, one error each, as in the model.
+    let (params, l) = files_params(&files_spec(Path::new("")));
+    let (_dir, path, formatted) = files_disk(&params);
+    let mut d = KvmFactory::new().create_kvm(&files_spec(&path)).unwrap();
+    let (state, mut image) = (d.save_state().unwrap(), snapshot(&d));
+    drop(d);
+    let entry = params.heap_gpa as usize + files::ENTRY_BYTES as usize;
+    let word = u64::from_le_bytes(image[entry..entry + 8].try_into().unwrap());
+    let (_, pages) = files::entry(word);
+    image[entry..entry + 8].copy_from_slice(&(FILES_PAGES | pages << 48).to_le_bytes());
+    let model = Model::from_image(image.clone())
+        .unwrap()
+        .with_disk(formatted);
+    let mut d = KvmFactory::new()
+        .restore(&image, &state, &devices(Some(&path)))
+        .unwrap();
+    let st = run_until(d.as_mut(), 1000, 1);
+    d.check_health().unwrap();
+    assert!(st.disk_errors > 50, "failed reads not counted: {st:?}");
+    check_against(d.as_mut(), &model);
+
+    // The tree corrupted behind the guest's back: files read wrong from then on.
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for p in 0..l.file_pages {
+        file.write_all_at(&[0xEE; 8], p * 4096 + 8).unwrap();
+    }
+    let bad = run_until(d.as_mut(), st.progress + 300, 1);
+    d.check_health().unwrap();
+    assert!(
+        bad.disk_errors > st.disk_errors + 10,
+        "no corrupted file seen: {st:?} -> {bad:?}"
     );
 }

@@ -35,8 +35,11 @@ pub enum FrameType {
     State = 3,
     /// Epoch: the commit trailer (record count, byte count, digest).
     Trailer = 4,
-    /// Epoch: digest of the whole guest memory (verification mode).
+    /// Epoch: digest of the whole guest memory, and of the disk when the session has one
+    /// (verification mode).
     Verify = 5,
+    /// Epoch: disk records (the sectors the guest wrote during the epoch).
+    Disk = 6,
     /// Primary → backup: session parameters.
     Hello = 16,
     /// Backup → primary: accepted; the first epoch it expects and its detection timeout.
@@ -58,12 +61,13 @@ pub enum FrameType {
 
 impl FrameType {
     /// Every frame type, in byte order.
-    pub const ALL: [FrameType; 13] = [
+    pub const ALL: [FrameType; 14] = [
         FrameType::Header,
         FrameType::Pages,
         FrameType::State,
         FrameType::Trailer,
         FrameType::Verify,
+        FrameType::Disk,
         FrameType::Hello,
         FrameType::Welcome,
         FrameType::Refuse,
@@ -82,6 +86,7 @@ impl FrameType {
             FrameType::State => "State",
             FrameType::Trailer => "Trailer",
             FrameType::Verify => "Verify",
+            FrameType::Disk => "Disk",
             FrameType::Hello => "Hello",
             FrameType::Welcome => "Welcome",
             FrameType::Refuse => "Refuse",
@@ -315,7 +320,7 @@ mod tests {
             assert_eq!(FrameType::try_from(u8::from(t)), Ok(t));
         }
         let known: Vec<u8> = FrameType::ALL.iter().map(|t| *t as u8).collect();
-        assert_eq!(known, [1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21, 22, 32]);
+        assert_eq!(known, [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 32]);
         for b in (0..=u8::MAX).filter(|b| !known.contains(b)) {
             assert_eq!(FrameType::try_from(b), Err(FrameError::UnknownType(b)));
         }

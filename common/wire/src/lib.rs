@@ -8,8 +8,10 @@
 //! | [`secure`] | the encrypted, authenticated channel (Noise with a pre-shared pair key) |
 //! | [`session`] | handshake, acks, heartbeats and control messages between the daemons |
 //! | [`stream`] | the epoch stream format, the writer (send) and the staging area (stage, commit) |
+//! | [`disk`] | the epoch stream's disk records: encoding a checkpoint's disk writes, staging them |
 //! | [`output`] | released guest output: record frames, the ack log, the consumer's check |
 
+pub mod disk;
 pub mod disksync;
 pub mod frame;
 pub mod output;

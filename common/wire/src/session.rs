@@ -22,12 +22,12 @@ use ha_codec::codec::Mode;
 use ha_guest::backend::{BackendKind, GuestLayout};
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 4;
+pub const SESSION_VERSION: u16 = 5;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
-/// backend kind, guest layout.
-const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1 + 4;
+/// backend kind, guest layout, disk size.
+const HELLO_LEN: usize = 8 + 2 + 8 + 4 + 4 + 1 + 1 + 4 + 8;
 
 /// Errors parsing or checking session messages.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +78,9 @@ pub struct Hello {
     pub backend: BackendKind,
     /// What the guest's memory holds besides its content (a built-in guest's ABI version).
     pub layout: GuestLayout,
+    /// The guest's disk size in bytes (the primary's disk, the backup's replica); 0: no
+    /// disk.
+    pub disk_size: u64,
 }
 
 impl Hello {
@@ -92,6 +95,7 @@ impl Hello {
         b.push(self.mode as u8);
         b.push(self.backend.to_u8());
         b.extend_from_slice(&self.layout.to_u32().to_le_bytes());
+        b.extend_from_slice(&self.disk_size.to_le_bytes());
         put_frame(out, FrameType::Hello, &b);
     }
 
@@ -140,6 +144,11 @@ impl Hello {
                 .try_into()
                 .map_err(|_| SessionError::Malformed("hello"))?,
         ));
+        let disk_size = u64::from_le_bytes(
+            b[32..40]
+                .try_into()
+                .map_err(|_| SessionError::Malformed("hello"))?,
+        );
         Ok(Self {
             version,
             memory_size,
@@ -148,6 +157,7 @@ impl Hello {
             mode,
             backend,
             layout,
+            disk_size,
         })
     }
 
@@ -183,6 +193,13 @@ impl Hello {
                 backup.memory_size.to_string(),
             );
         }
+        if self.disk_size != backup.disk_size {
+            return mismatch(
+                "disk size",
+                disk_desc(self.disk_size),
+                disk_desc(backup.disk_size),
+            );
+        }
         if self.page_size != backup.page_size {
             return mismatch(
                 "page size",
@@ -201,6 +218,15 @@ impl Hello {
             return mismatch("mode", self.mode.to_string(), backup.mode.to_string());
         }
         Ok(())
+    }
+}
+
+/// A disk size as a refusal names it: the bytes, or that there is no disk.
+fn disk_desc(size: u64) -> String {
+    if size == 0 {
+        "no disk (no --disk)".to_string()
+    } else {
+        size.to_string()
     }
 }
 
@@ -287,6 +313,7 @@ mod tests {
             mode: Mode::Fgbi,
             backend: BackendKind::Kvm,
             layout: BackendKind::Kvm.guest_layout(),
+            disk_size: 0,
         }
     }
 
@@ -326,7 +353,7 @@ mod tests {
         };
         xen.put(&mut out);
         let (_, body, _) = split_frame(&out).unwrap().unwrap();
-        assert_eq!(body.len(), 32);
+        assert_eq!(body.len(), 40);
         assert_eq!(body[27], 2);
         assert_eq!(Hello::parse(body), Ok(xen));
         let e = hello().check_against(&xen).unwrap_err();
@@ -435,6 +462,16 @@ mod tests {
             Hello::parse(&body[..27]),
             Err(SessionError::Malformed("hello"))
         );
+        // So is a version 4 Hello (no disk size).
+        let mut v = body[..32].to_vec();
+        v[8..10].copy_from_slice(&4u16.to_le_bytes());
+        assert_eq!(
+            Hello::parse(&v),
+            Err(SessionError::Version {
+                primary: 4,
+                backup: SESSION_VERSION
+            })
+        );
         // So is a version 3 Hello (no guest layout).
         let mut v = body[..28].to_vec();
         v[8..10].copy_from_slice(&3u16.to_le_bytes());
@@ -446,6 +483,35 @@ mod tests {
             })
         );
         assert_eq!(Hello::parse(&[]), Err(SessionError::Malformed("hello")));
+    }
+
+    #[test]
+    fn a_disk_mismatch_names_both_sizes_or_the_missing_disk() {
+        let with = |disk_size| Hello {
+            disk_size,
+            ..hello()
+        };
+        let mut out = Vec::new();
+        with(98304).put(&mut out);
+        let (_, body, _) = split_frame(&out).unwrap().unwrap();
+        assert_eq!(body[32..40], 98304u64.to_le_bytes());
+        assert_eq!(Hello::parse(body), Ok(with(98304)));
+        assert_eq!(with(98304).check_against(&with(98304)), Ok(()));
+        assert_eq!(
+            with(98304)
+                .check_against(&with(65536))
+                .unwrap_err()
+                .to_string(),
+            "disk size mismatch: primary has 98304, backup has 65536"
+        );
+        assert_eq!(
+            with(98304).check_against(&with(0)).unwrap_err().to_string(),
+            "disk size mismatch: primary has 98304, backup has no disk (no --disk)"
+        );
+        assert_eq!(
+            with(0).check_against(&with(65536)).unwrap_err().to_string(),
+            "disk size mismatch: primary has no disk (no --disk), backup has 65536"
+        );
     }
 
     #[test]

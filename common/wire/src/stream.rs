@@ -10,8 +10,13 @@
 //!             varint page | u8 encoding | varint payload length | payload
 //! State   (3) the vCPU/device state blob, opaque here
 //! Trailer (4) u32 record count | u64 byte count | 32-byte blake3 digest
-//! Verify  (5) 32-byte blake3 digest of the whole guest memory at this checkpoint
+//! Verify  (5) 32-byte blake3 digest of the whole guest memory at this checkpoint,
+//!             then (sessions with a disk) 32-byte blake3 digest of the whole disk
+//! Disk    (6) disk records (see [`crate::disk`])
 //! ```
+//!
+//! The header's and the trailer's record counts count page records and disk records
+//! together.
 //!
 //! An epoch that carries a State frame is a *checkpoint*: the backup may resume the guest
 //! from it. Epochs without one (the initial pre-copy rounds) only bring the image closer.
@@ -22,12 +27,14 @@
 //! [`StagedEpoch`] whose [`StagedEpoch::commit`] copies the pages into the image. Any error
 //! discards the overlay; the image is never touched by a rejected epoch.
 
+use crate::disk::{self, DiskRecordError, DiskRecords};
 use crate::frame::{FrameError, FrameType, put_frame};
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::{BlockSize, Page};
 use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
 use ha_codec::share::PageView;
 use ha_codec::varint;
+use ha_guest::domain::DiskWrite;
 use std::collections::HashMap;
 
 /// Version of the epoch stream format.
@@ -120,6 +127,15 @@ pub enum StreamError {
         /// The epoch whose digest did not match.
         epoch: u64,
     },
+    /// Disk records that cannot be staged.
+    #[error("bad disk records")]
+    Disk(#[from] DiskRecordError),
+    /// The replica after the commit differs from the primary's disk digest.
+    #[error("disk replica after epoch {epoch} differs from the primary's disk digest")]
+    DiskMismatch {
+        /// The epoch whose digest did not match.
+        epoch: u64,
+    },
     /// A second state blob, or one too large.
     #[error("bad state frame: {0}")]
     State(&'static str),
@@ -203,8 +219,40 @@ impl EpochWriter {
     /// Append the blake3 digest of the whole guest memory at this checkpoint, for the
     /// backup to check against its image after the commit (verification mode).
     pub fn verify(&mut self, out: &mut Vec<u8>, digest: &[u8; 32]) {
+        self.verify_with_disk(out, digest, None);
+    }
+
+    /// [`EpochWriter::verify`], with the digest of the whole disk at this checkpoint when
+    /// the session has one (the backup checks its replica after applying the epoch).
+    pub fn verify_with_disk(
+        &mut self,
+        out: &mut Vec<u8>,
+        memory: &[u8; 32],
+        disk: Option<&[u8; 32]>,
+    ) {
         self.flush_pages(out);
-        self.frame(out, FrameType::Verify, digest);
+        let mut b = memory.to_vec();
+        if let Some(d) = disk {
+            b.extend_from_slice(d);
+        }
+        self.frame(out, FrameType::Verify, &b);
+    }
+
+    /// Append an epoch's disk records as Disk frames (cut at record boundaries near
+    /// [`PAGES_FRAME_TARGET`]). Their count belongs in the header's record count. Returns
+    /// the bytes of the Disk frames written.
+    pub fn disk(&mut self, out: &mut Vec<u8>, recs: &DiskRecords) -> u64 {
+        self.flush_pages(out);
+        let from = out.len();
+        let mut start = 0;
+        for (i, &end) in recs.ends.iter().enumerate() {
+            if end - start >= PAGES_FRAME_TARGET || i + 1 == recs.ends.len() {
+                self.frame(out, FrameType::Disk, &recs.bytes[start..end]);
+                start = end;
+            }
+        }
+        self.records += u64::from(recs.records());
+        (out.len() - from) as u64
     }
 
     /// Write the trailer. Fails (writing nothing) if the records written differ from the
@@ -253,8 +301,15 @@ pub struct StagedEpoch {
     pub state: Option<Vec<u8>>,
     /// The primary's digest of the whole guest memory, if it sent one.
     pub verify: Option<[u8; 32]>,
+    /// The disk writes of the epoch, in the order to apply them (for the replica, at
+    /// commit).
+    pub disk: Vec<DiskWrite>,
+    /// The primary's digest of its whole disk, if it sent one.
+    pub verify_disk: Option<[u8; 32]>,
     /// Bytes of frames received for this epoch (trailer excluded).
     pub wire_bytes: u64,
+    /// Bytes of Disk frames among them.
+    pub disk_wire_bytes: u64,
 }
 
 impl StagedEpoch {
@@ -276,6 +331,46 @@ impl StagedEpoch {
             Some(want) if blake3::hash(image).as_bytes() != want => {
                 Err(StreamError::ImageMismatch { epoch: self.epoch })
             }
+            _ => Ok(()),
+        }
+    }
+
+    /// Take the epoch's disk half apart from its memory: the replica commits it on its own
+    /// ([`StagedEpoch::commit`] touches memory only).
+    pub fn take_disk(&mut self) -> StagedDisk {
+        StagedDisk {
+            epoch: self.epoch,
+            writes: std::mem::take(&mut self.disk),
+            verify: self.verify_disk,
+            wire_bytes: self.disk_wire_bytes,
+        }
+    }
+}
+
+/// The disk half of a verified epoch, for the backup's replica.
+#[derive(Debug, Default)]
+pub struct StagedDisk {
+    /// Epoch number.
+    pub epoch: u64,
+    /// The writes, in the order to apply them.
+    pub writes: Vec<DiskWrite>,
+    /// The primary's digest of its whole disk at this checkpoint, if it sent one.
+    pub verify: Option<[u8; 32]>,
+    /// Bytes of the epoch's Disk frames.
+    pub wire_bytes: u64,
+}
+
+impl StagedDisk {
+    /// Bytes the writes write.
+    pub fn bytes(&self) -> u64 {
+        self.writes.iter().map(|w| w.data.len() as u64).sum()
+    }
+
+    /// After the writes reached the replica: `Ok` when the epoch carried no disk digest
+    /// or `replica` (the digest of the whole replica) matches it.
+    pub fn check(&self, replica: &[u8; 32]) -> Result<(), StreamError> {
+        match &self.verify {
+            Some(want) if want != replica => Err(StreamError::DiskMismatch { epoch: self.epoch }),
             _ => Ok(()),
         }
     }
@@ -303,6 +398,7 @@ pub struct Staging {
     mode: Mode,
     bs: BlockSize,
     pages: u64,
+    disk_size: u64,
     next_epoch: u64,
     cur: Option<Current>,
 }
@@ -316,6 +412,9 @@ struct Current {
     staged: HashMap<u64, Box<Page>>,
     state: Option<Vec<u8>>,
     verify: Option<[u8; 32]>,
+    disk: Vec<DiskWrite>,
+    verify_disk: Option<[u8; 32]>,
+    disk_bytes: u64,
 }
 
 impl Staging {
@@ -326,9 +425,17 @@ impl Staging {
             mode,
             bs,
             pages,
+            disk_size: 0,
             next_epoch,
             cur: None,
         }
+    }
+
+    /// The same stager for a session with a disk of `disk_size` bytes (0: none; Disk
+    /// frames are then refused).
+    pub fn with_disk(mut self, disk_size: u64) -> Self {
+        self.disk_size = disk_size;
+        self
     }
 
     /// The epoch the stager expects next.
@@ -388,6 +495,9 @@ impl Staging {
                 staged: HashMap::new(),
                 state: None,
                 verify: None,
+                disk: Vec::new(),
+                verify_disk: None,
+                disk_bytes: 0,
             });
             return Ok(None);
         };
@@ -413,13 +523,35 @@ impl Staging {
             Ok(FrameType::Verify) => {
                 cur.hasher.update(raw);
                 cur.bytes += raw.len() as u64;
-                let d: [u8; 32] = body
-                    .try_into()
+                let (d, disk) = match body.len() {
+                    32 => (body, None),
+                    64 if self.disk_size > 0 => (&body[..32], Some(&body[32..])),
+                    _ => return Err(StreamError::Malformed("verify")),
+                };
+                let d: [u8; 32] = d.try_into().map_err(|_| StreamError::Malformed("verify"))?;
+                cur.verify_disk = disk
+                    .map(<[u8; 32]>::try_from)
+                    .transpose()
                     .map_err(|_| StreamError::Malformed("verify"))?;
                 if cur.verify.replace(d).is_some() {
                     return Err(StreamError::Malformed(
                         "verify (second digest in one epoch)",
                     ));
+                }
+                Ok(None)
+            }
+            Ok(FrameType::Disk) => {
+                cur.hasher.update(raw);
+                cur.bytes += raw.len() as u64;
+                cur.disk_bytes += raw.len() as u64;
+                let left = u64::from(cur.header.records).saturating_sub(cur.records);
+                let n = disk::stage(body, self.disk_size, &mut cur.disk, left)?;
+                cur.records += n;
+                if n > left {
+                    return Err(StreamError::RecordCount {
+                        got: cur.records,
+                        announced: u64::from(cur.header.records),
+                    });
                 }
                 Ok(None)
             }
@@ -465,7 +597,10 @@ impl Staging {
                     pages: cur.staged,
                     state: cur.state,
                     verify: cur.verify,
+                    disk: cur.disk,
+                    verify_disk: cur.verify_disk,
                     wire_bytes: cur.bytes,
+                    disk_wire_bytes: cur.disk_bytes,
                 }))
             }
             _ => Err(StreamError::UnexpectedFrame {
@@ -868,6 +1003,107 @@ mod tests {
         assert_eq!(
             staged.check_image(&mine),
             Err(StreamError::ImageMismatch { epoch: 1 })
+        );
+    }
+
+    /// One epoch of 3 pages and 2 disk writes (5 records), with memory and disk digests.
+    fn disk_epoch(epoch: u64) -> (Vec<u8>, Vec<DiskWrite>) {
+        let writes = vec![
+            DiskWrite {
+                offset: 4096,
+                data: b"wal ".repeat(1024),
+            },
+            DiskWrite {
+                offset: 0,
+                data: vec![0; 512],
+            },
+        ];
+        let mut enc =
+            ha_codec::codec::disk::DiskEncoder::new(ha_codec::codec::GeneralCodec::Zlib, 1);
+        let recs = DiskRecords::encode(&mut enc, &writes).unwrap();
+        let mut batch = EncodedBatch::default();
+        for p in 0..3u64 {
+            batch.records.push(Record {
+                page: p,
+                encoding: Encoding::Raw,
+                start: batch.bytes.len(),
+                len: PAGE_SIZE,
+            });
+            batch.bytes.extend_from_slice(&[p as u8 + 1; PAGE_SIZE]);
+        }
+        let mut out = Vec::new();
+        let h = EpochHeader {
+            epoch,
+            mode: Mode::Fgbi,
+            block_size: BlockSize::DEFAULT,
+            records: EpochWriter::records_in(&batch) + recs.records(),
+        };
+        let mut w = EpochWriter::begin(&mut out, h);
+        w.pages(&mut out, &batch);
+        w.disk(&mut out, &recs);
+        w.state(&mut out, b"state");
+        w.verify_with_disk(&mut out, &[1; 32], Some(&[2; 32]));
+        w.finish(&mut out).unwrap();
+        (out, writes)
+    }
+
+    fn disk_stager() -> Staging {
+        stager().with_disk(64 << 10)
+    }
+
+    #[test]
+    fn disk_records_stage_with_the_epoch_and_only_whole() {
+        let (bytes, writes) = disk_epoch(1);
+        let image = vec![0u8; PAGES * PAGE_SIZE];
+        let mut st = disk_stager();
+        let mut staged = None;
+        for f in frames(&bytes) {
+            let (ty, body, _) = split_frame(f).unwrap().unwrap();
+            staged = st.push(ty, body, f, &image).unwrap().or(staged);
+        }
+        let mut staged = staged.unwrap();
+        assert_eq!(staged.pages.len(), 3);
+        let disk = staged.take_disk();
+        assert!(staged.disk.is_empty());
+        assert_eq!(disk.writes, writes);
+        assert_eq!(disk.bytes(), 4096 + 512);
+        assert_eq!(disk.verify, Some([2; 32]));
+        assert!(disk.wire_bytes > 0);
+        assert_eq!(disk.check(&[2; 32]), Ok(()));
+        assert_eq!(
+            disk.check(&[3; 32]),
+            Err(StreamError::DiskMismatch { epoch: 1 })
+        );
+        // A session without a disk refuses the records.
+        let mut image2 = image.clone();
+        assert!(matches!(
+            feed(&mut stager(), &bytes, &mut image2),
+            Err(StreamError::Disk(DiskRecordError::NoDisk))
+        ));
+        // Torn anywhere, nothing is staged.
+        for cut in 0..bytes.len() {
+            let mut st = disk_stager();
+            assert_eq!(feed(&mut st, &bytes[..cut], &mut image2), Ok(vec![]));
+        }
+        // Every bit flip is rejected; the image stays as it was.
+        let mut r = rng(7);
+        for _ in 0..400 {
+            let mut bad = bytes.clone();
+            let at = (r() % bad.len() as u64) as usize;
+            bad[at] ^= 1 << (r() % 8);
+            let res = feed(&mut disk_stager(), &bad, &mut image2);
+            assert!(!matches!(res, Ok(ref v) if !v.is_empty()), "flip at {at}");
+            assert!(image2 == image);
+        }
+        // Replayed: refused as out of order.
+        let mut st = disk_stager();
+        assert_eq!(feed(&mut st, &bytes, &mut image2), Ok(vec![1]));
+        assert_eq!(
+            feed(&mut st, &bytes, &mut image2),
+            Err(StreamError::OutOfOrder {
+                got: 1,
+                expected: 2
+            })
         );
     }
 

@@ -59,6 +59,7 @@ pub fn hello(memory_size: u64) -> Hello {
         mode: Mode::Fgbi,
         backend: BackendKind::Sim,
         layout: BackendKind::Sim.guest_layout(),
+        disk_size: 0,
     }
 }
 
@@ -318,6 +319,7 @@ impl FakePrimary {
         let h = Hello {
             backend,
             layout: backend.guest_layout(),
+            disk_size: 0,
             ..hello(spec.memory_size)
         };
         let (stream, buf, (ty, body)) = open_session(addr, &h);

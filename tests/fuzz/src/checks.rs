@@ -130,9 +130,14 @@ pub fn guest_block_size() -> BlockSize {
     BlockSize::new(GUEST_BLOCK).expect("64 is a valid block size")
 }
 
-/// A fresh stager for the `check_epoch` session, expecting epoch 1.
+/// The disk of the `check_epoch` session, in bytes: Disk frames (type 6) in raw inputs are
+/// decoded against it.
+pub const GUEST_DISK: u64 = 64 << 10;
+
+/// A fresh stager for the `check_epoch` session (with a [`GUEST_DISK`] disk), expecting
+/// epoch 1.
 pub fn guest_staging() -> Staging {
-    Staging::new(GUEST_MODE, guest_block_size(), GUEST_PAGES as u64, 1)
+    Staging::new(GUEST_MODE, guest_block_size(), GUEST_PAGES as u64, 1).with_disk(GUEST_DISK)
 }
 
 /// `xbzrle_decode`: `delta` applied to [`xbzrle_old_page`] and to shorter pages.
@@ -323,8 +328,17 @@ fn feed(st: &mut Staging, bytes: &[u8], image: &mut Vec<u8>, stop_on_error: bool
     (last, commits)
 }
 
-/// Commit `staged` to `image`, checking that only its own (in-range) pages change.
+/// Commit `staged` to `image`, checking that only its own (in-range) pages change, and
+/// that its disk writes are whole sectors inside the session's disk.
 fn commit_checked(staged: &StagedEpoch, image: &mut [u8]) {
+    for w in &staged.disk {
+        assert!(
+            w.offset.is_multiple_of(512)
+                && w.data.len().is_multiple_of(512)
+                && w.offset + w.data.len() as u64 <= GUEST_DISK,
+            "disk write outside the disk"
+        );
+    }
     let before = image.to_vec();
     staged.commit(image);
     for p in 0..GUEST_PAGES {
@@ -524,6 +538,7 @@ pub fn handshake_ours() -> ha_wire::session::Hello {
         mode: GUEST_MODE,
         backend: ha_guest::backend::BackendKind::Kvm,
         layout: ha_guest::backend::BackendKind::Kvm.guest_layout(),
+        disk_size: 0,
     }
 }
 

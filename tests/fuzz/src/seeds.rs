@@ -332,6 +332,34 @@ pub fn epoch_seeds() -> Vec<Seed> {
         .finish(&mut empty)
         .expect("no records announced, none written");
     seeds.push(("raw-empty-epoch".into(), empty));
+    // An epoch of disk records only: zero, compressed and raw content.
+    let writes = [
+        ha_guest::domain::DiskWrite {
+            offset: 0,
+            data: vec![0; 4096],
+        },
+        ha_guest::domain::DiskWrite {
+            offset: 8192,
+            data: b"log record ".repeat(94)[..1024].to_vec(),
+        },
+        ha_guest::domain::DiskWrite {
+            offset: 512,
+            data: (0..512u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
+        },
+    ];
+    let mut enc = ha_codec::codec::disk::DiskEncoder::new(GeneralCodec::Zlib, 1);
+    let recs = ha_wire::disk::DiskRecords::encode(&mut enc, &writes).expect("whole sectors");
+    let mut disk = vec![EPOCH_RAW];
+    let header = EpochHeader {
+        records: recs.records(),
+        ..header
+    };
+    let mut w = EpochWriter::begin(&mut disk, header);
+    w.disk(&mut disk, &recs);
+    w.finish(&mut disk).expect("the records announced");
+    seeds.push(("raw-disk-epoch".into(), disk));
     seeds
 }
 

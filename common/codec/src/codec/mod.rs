@@ -27,6 +27,7 @@
 //! | `decode` | [`decode_page`]: the backup's side |
 //! | `general` | [`GeneralCodec`]: zlib / lz4 compression of pages and literal blocks |
 //! | `stats` | [`EncodeStats`]: what the encoder did |
+//! | [`disk`] | the content of disk records: zero, general codec or raw |
 //!
 //! Everything is re-exported here: callers name it `ha_codec::codec::X`.
 
@@ -35,6 +36,7 @@ use crate::block::{BlockSize, Page};
 use crate::xbzrle;
 
 mod decode;
+pub mod disk;
 mod encode;
 mod general;
 mod stats;

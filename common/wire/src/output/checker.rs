@@ -106,6 +106,9 @@ pub struct WorldView {
     pub from_primary: u64,
     /// One past the highest sequence number the primary released (0: none).
     pub primary_next: u64,
+    /// The payload of that record (a built-in guest's: its progress word first, so what
+    /// the world saw acknowledged).
+    pub primary_last_payload: Vec<u8>,
     /// Records received from the backup.
     pub from_backup: u64,
     /// Identical repeats (the backup re-releasing after a failover).
@@ -170,7 +173,10 @@ impl Consumer {
                             match src {
                                 Source::Primary => {
                                     w.from_primary += 1;
-                                    w.primary_next = w.primary_next.max(r.seq + 1);
+                                    if r.seq + 1 > w.primary_next {
+                                        w.primary_next = r.seq + 1;
+                                        w.primary_last_payload.clone_from(&r.payload);
+                                    }
                                     w.primary_last_ms = now;
                                 }
                                 Source::Backup => {

@@ -206,6 +206,43 @@ impl Uffd {
     }
 }
 
+/// Private anonymous scratch pages (for timing faults), unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    /// Where they are mapped.
+    pub addr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Scratch {
+    /// Map `len` bytes, readable and writable.
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is touched.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` are exactly the mapping `new` made, and its users are done
+        // with it (they borrow the Scratch).
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
 impl AsRawFd for Uffd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -222,5 +259,32 @@ mod tests {
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+    }
+
+    /// What write-protecting populated anonymous pages costs on this host, without KVM
+    /// (a measurement: `--ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn measure_protect() {
+        const PAGES: usize = 4096;
+        let len = PAGES * 4096;
+        let scratch = Scratch::new(len).unwrap();
+        let addr = scratch.addr;
+        // SAFETY: the mapping above, `len` bytes, readable and writable.
+        unsafe { std::ptr::write_bytes(addr.cast::<u8>(), 1, len) };
+        let u = Uffd::new().unwrap();
+        assert!(u.register_wp(addr as u64, len).unwrap());
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            u.protect(addr as u64, len).unwrap();
+            let p = t.elapsed();
+            let t = std::time::Instant::now();
+            u.unprotect(addr as u64, len).unwrap();
+            eprintln!(
+                "{PAGES} pages: protect {p:?} ({:.0} ns/page), unprotect {:?}",
+                p.as_nanos() as f64 / PAGES as f64,
+                t.elapsed()
+            );
+        }
     }
 }

@@ -14,7 +14,7 @@ use ha_guest::domain::{
 };
 use ha_guest::image::GuestImage;
 use ha_virtio::blk::{Blk, BlkError};
-use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
+use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -133,12 +133,19 @@ fn build(
         Some(file) => GuestRam::from_file(file, size),
     };
     let ram = Arc::new(ram.map_err(|e| backend("map guest memory", e))?);
-    let cow = match CowRam::new(Arc::clone(&ram)) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            tracing::info!(target: "ha_kvm", error = ?e, "no copy-on-write checkpoints for this guest");
-            None
+    // Without a dirty log every page counts as dirty, untouched ones too, and protecting
+    // a page that is not there yet does nothing: no copy-on-write then. The output drain
+    // stores the ring's tail in the status page while paused.
+    let cow = if cfg.dirty_log {
+        match CowRam::new(Arc::clone(&ram), &[STATUS_GPA / PAGE_SIZE as u64]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::info!(target: "ha_kvm", error = ?e, "no copy-on-write checkpoints for this guest");
+                None
+            }
         }
+    } else {
+        None
     };
     let region = kvm_userspace_memory_region {
         slot: 0,

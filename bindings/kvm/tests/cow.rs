@@ -1,6 +1,7 @@
 //! Copy-on-write checkpoints on real KVM guests: the pages a pending copy yields are the
 //! guest's memory at the pause that armed it, with the guest writing them meanwhile (write
-//! faults counted), on anonymous RAM and on a restored guest's memfd.
+//! faults counted), with and without a prearm before the pause (the guest writing prearmed
+//! pages before it), on anonymous RAM and on a restored guest's memfd.
 
 mod common;
 
@@ -37,10 +38,33 @@ fn arm(
     d: &mut dyn Domain,
     pages: usize,
 ) -> (PageBitmap, Vec<u8>, Box<dyn ha_guest::cow::PendingCopy>) {
+    arm_after(d, PageBitmap::new(pages))
+}
+
+/// Harvest and prearm with the guest running, let it write (some prearmed pages among
+/// what it writes), then [`arm`] on the pages harvested both times.
+fn prearm_and_arm(
+    d: &mut dyn Domain,
+    pages: usize,
+) -> (PageBitmap, Vec<u8>, Box<dyn ha_guest::cow::PendingCopy>) {
+    let mut dirty = PageBitmap::new(pages);
+    d.harvest_dirty(&mut dirty).unwrap();
+    d.cow_memory()
+        .expect("copy-on-write memory")
+        .prearm(&dirty)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    arm_after(d, dirty)
+}
+
+/// Pause, harvest into `dirty`, read all memory, arm.
+fn arm_after(
+    d: &mut dyn Domain,
+    mut dirty: PageBitmap,
+) -> (PageBitmap, Vec<u8>, Box<dyn ha_guest::cow::PendingCopy>) {
     d.pause().unwrap();
     let mut out = Vec::new();
     d.drain_output(&mut out).unwrap();
-    let mut dirty = PageBitmap::new(pages);
     d.harvest_dirty(&mut dirty).unwrap();
     let reference = snapshot(d);
     let pending = d
@@ -60,7 +84,12 @@ fn cycles(d: &mut dyn Domain, cycles: u64, what: &str) -> (usize, usize) {
     d.resume().unwrap();
     for cycle in 0..cycles {
         std::thread::sleep(Duration::from_millis(2 + cycle % 3));
-        let (dirty, reference, pending) = arm(d, pages);
+        // Three checkpoints in four protect what the epoch dirtied so far before the pause.
+        let (dirty, reference, pending) = if cycle % 4 != 3 {
+            prearm_and_arm(d, pages)
+        } else {
+            arm(d, pages)
+        };
         d.resume().unwrap();
         // Let the guest write protected pages before the copy starts; every third copy
         // runs on another thread, as the encoder's does.
@@ -170,4 +199,47 @@ fn an_arm_completes_the_copy_before_it_and_a_dropped_copy_unprotects() {
     run_until(&mut d, p0 + 5000, 5);
     d.check_health().unwrap();
     assert!(d.status().unwrap().progress >= p0 + 5000);
+}
+
+/// What arming costs: pages, protected runs, time (a measurement, not a check; run with
+/// `--ignored --nocapture`).
+#[test]
+#[ignore]
+fn measure_arming() {
+    if !kvm_available() {
+        return;
+    }
+    let s = spec(Workload::Npb, 256, 20_000);
+    let mut d = KvmFactory::new().create_kvm(&s).unwrap();
+    let pages = page_count(s.memory_size);
+    d.resume().unwrap();
+    for ms in [50u64, 100, 200, 400] {
+        std::thread::sleep(Duration::from_millis(ms));
+        d.pause().unwrap();
+        let mut dirty = PageBitmap::new(pages);
+        let t = std::time::Instant::now();
+        d.harvest_dirty(&mut dirty).unwrap();
+        let harvest = t.elapsed();
+        let mut runs = 0;
+        let mut last = None;
+        for p in dirty.iter_set() {
+            if last.is_none_or(|l| p > l + 9) {
+                runs += 1;
+            }
+            last = Some(p);
+        }
+        let t = std::time::Instant::now();
+        let pending = d.cow_memory().unwrap().arm(&dirty).unwrap();
+        let arm = t.elapsed();
+        d.resume().unwrap();
+        let t = std::time::Instant::now();
+        let c = pending.complete().unwrap();
+        eprintln!(
+            "{} pages in {runs} runs: harvest {harvest:?}, arm {arm:?} ({:.0} ns/page), copy behind {:?}, {} faulted",
+            dirty.count(),
+            arm.as_nanos() as f64 / dirty.count().max(1) as f64,
+            t.elapsed(),
+            c.faulted
+        );
+    }
 }

@@ -19,6 +19,16 @@ pub trait CowMemory {
     /// completed first (inside the pause).
     fn arm(&mut self, pages: &PageBitmap) -> Result<Box<dyn PendingCopy>, DomainError>;
 
+    /// Write-protect `pages` ahead of a checkpoint, with the guest still running, so that
+    /// the [`CowMemory::arm`] in the pause has only the pages written since to protect. A
+    /// page the guest writes after this loses its protection again (it is then dirty, so
+    /// the next harvest has it). The next `arm`'s pages must include these. Only a saving:
+    /// `arm` alone is correct, and the default does nothing.
+    fn prearm(&mut self, pages: &PageBitmap) -> Result<(), DomainError> {
+        let _ = pages;
+        Ok(())
+    }
+
     /// What one write fault on a protected page costs the writer, as measured by the
     /// backend (`None`: not measured; the caller falls back to its own estimate).
     fn fault_cost(&self) -> Option<std::time::Duration> {

@@ -8,7 +8,8 @@
 //! the guest a write fault. [`Chooser`] picks per checkpoint from costs it measures as the
 //! run goes: the per-page copy time of copy-in-pause checkpoints, the per-page arming time,
 //! the share of armed pages the guest wrote before their copy, and the backend's measured
-//! cost of one write fault ([`ha_guest::cow::CowMemory::fault_cost`]).
+//! cost of one write fault ([`ha_guest::cow::CowMemory::fault_cost`]). The copier starts
+//! on a checkpoint's pages once the guest runs again ([`Chooser::release`]).
 //!
 //! `--copy auto` (the default) copies in the pause while that is expected to stay short
 //! (under [`SMALL_PAUSE`]) or while copy-on-write is expected to cost the guest more
@@ -232,6 +233,8 @@ pub struct Chooser {
     declined: u32,
     /// Checkpoints per path: copied in the pause, copy-on-write.
     pub taken: [u64; 2],
+    /// A copy armed in the pause, handed to the copier once the guest runs again.
+    queued: Option<Work>,
     // Last: dropped after everything else, joining the copier.
     copier: Option<Copier>,
 }
@@ -256,6 +259,7 @@ impl Chooser {
             armed: 0,
             declined: 0,
             taken: [0; 2],
+            queued: None,
             copier: None,
         }
     }
@@ -331,8 +335,8 @@ impl Chooser {
         }
     }
 
-    /// A checkpoint armed `pending` in `took`: start its copy on the copier thread and
-    /// return it for the encoder to wait on.
+    /// A checkpoint armed `pending` in `took`: queue its copy for the copier thread (see
+    /// [`Chooser::release`]) and return it for the encoder to wait on.
     pub fn armed(
         &mut self,
         pending: Box<dyn PendingCopy>,
@@ -346,17 +350,29 @@ impl Chooser {
             self.copier = Some(Copier::start(Arc::clone(&self.feedback))?);
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let sent = self
-            .copier
-            .as_ref()
-            .and_then(|c| c.work.as_ref())
-            .is_some_and(|w| w.send((pending, tx)).is_ok());
-        if !sent {
-            return Err(CowError::CopierGone);
-        }
+        self.release();
+        self.queued = Some((pending, tx));
         self.armed += 1;
         self.taken[1] += 1;
         Ok(Pending { pages, result: rx })
+    }
+
+    /// Start the copy armed in the pause, now that the guest runs again (started in the
+    /// pause, it would take the CPU the rest of the pause needs).
+    pub fn release(&mut self) {
+        if let Some(work) = self.queued.take() {
+            let sent = self
+                .copier
+                .as_ref()
+                .and_then(|c| c.work.as_ref())
+                .and_then(|w| w.send(work).err());
+            if let Some(crossbeam_channel::SendError((pending, _))) = sent {
+                // No copier: the copy unprotects its pages as it drops, and its encoder
+                // sees the copier gone.
+                drop(pending);
+                self.feedback.finished();
+            }
+        }
     }
 
     /// Pages the guest faulted on before their copy, over all completed copies.
@@ -420,6 +436,7 @@ mod tests {
             .armed(Box::new(Fake(3, 2)), Duration::from_micros(3))
             .unwrap();
         assert_eq!(p.pages(), 3);
+        c.release();
         c.settle();
         let got = p.complete().unwrap();
         assert_eq!(got.index, vec![0, 1, 2]);
@@ -436,6 +453,7 @@ mod tests {
             let p = c
                 .armed(Box::new(Fake(10_000, 5_000)), Duration::from_millis(1))
                 .unwrap();
+            c.release();
             p.complete().unwrap();
             c.settle();
         }
@@ -460,6 +478,7 @@ mod tests {
             let p = c
                 .armed(Box::new(Fake(10_000, 1_000)), Duration::from_millis(1))
                 .unwrap();
+            c.release();
             p.complete().unwrap();
             c.settle();
         }

@@ -492,6 +492,7 @@ impl Engine<'_> {
                     checkpoint: true,
                     pause: cp.pause,
                     copy: Some(cp.path),
+                    pause_parts: cp.parts,
                     dirty_pages: cp.pages.len(),
                     at: Some(cp.taken.saturating_duration_since(self.born)),
                     progress: cp.status.map(|s| s.progress),

@@ -8,7 +8,7 @@
 //! A checkpoint may instead take its pages copy-on-write ([`crate::cow`]): armed in the
 //! pause, copied behind the running guest by the copier thread, waited for by the encoder.
 
-use crate::cow::{Chooser, CopyPath};
+use crate::cow::{Chooser, CopyPath, CopyPolicy};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_codec::block::is_zero;
@@ -73,10 +73,29 @@ pub struct Checkpoint {
     pub status: Option<GuestStatus>,
     /// How its pages were copied.
     pub path: CopyPath,
+    /// Where the pause went.
+    pub parts: PauseParts,
     /// How long the guest was paused.
     pub pause: Duration,
     /// When the guest was paused.
     pub taken: Instant,
+}
+
+/// Where a checkpoint's pause went (the rest: draining, saving state, digests, resuming).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PauseParts {
+    /// Stopping the guest (`Domain::pause`).
+    pub stop: Duration,
+    /// Draining its output.
+    pub drain: Duration,
+    /// Harvesting the dirty log.
+    pub harvest: Duration,
+    /// Copying the dirty pages, or arming their copy-on-write copy.
+    pub copy: Duration,
+    /// Saving the vCPU and device state.
+    pub save: Duration,
+    /// Resuming the guest.
+    pub resume: Duration,
 }
 
 /// Copy the pages set in `dirty` out of the guest (skipping all-zero pages when
@@ -90,6 +109,7 @@ pub fn copy_pages(
     out.index.clear();
     out.data.clear();
     out.data.reserve(dirty.count() * PAGE_SIZE);
+    populate(&mut out.data);
     let mut page = [0u8; PAGE_SIZE];
     for p in dirty.iter_set() {
         d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
@@ -100,6 +120,28 @@ pub fn copy_pages(
         out.data.extend_from_slice(&page);
     }
     Ok(())
+}
+
+/// Fault in the pages of `v`'s spare capacity in one call (`MADV_POPULATE_WRITE`, Linux
+/// 5.14): filled page by page, a fresh buffer costs a page fault per page, about 2.7 µs
+/// each on this nested host against 0.6 µs for copying the page. Best effort: an older
+/// kernel leaves the faults to the copy.
+fn populate(v: &mut Vec<u8>) {
+    let spare = v.spare_capacity_mut();
+    let start = spare.as_mut_ptr() as usize;
+    let first = start.next_multiple_of(PAGE_SIZE);
+    let end = (start + spare.len()) & !(PAGE_SIZE - 1);
+    if end > first {
+        // SAFETY: `[first, end)` is whole pages inside `v`'s allocation, which this
+        // function holds mutably; populating faults them in writable and writes nothing.
+        unsafe {
+            libc::madvise(
+                first as *mut libc::c_void,
+                end - first,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+    }
 }
 
 /// blake3 of the whole guest memory.
@@ -142,15 +184,46 @@ pub fn take(
 ) -> Result<Checkpoint, DomainError> {
     // The previous copy-on-write copy finishes with the guest running, not in this pause.
     cow.settle();
+    let early = prearm(d, dirty, cow)?;
     let taken = Instant::now();
     d.pause()?;
-    let r = take_paused(d, epoch, dirty, verify, cow, taken);
+    let stop = taken.elapsed();
+    let r = take_paused(d, epoch, dirty, verify, cow, early, taken);
     // Resume whatever happened: a failed checkpoint must not leave the guest stopped.
+    let t = Instant::now();
     let resumed = d.resume();
+    let resume = t.elapsed();
+    let pause = taken.elapsed();
+    // A copy-on-write copy starts behind the running guest.
+    cow.release();
     let mut cp = r?;
     resumed?;
-    cp.pause = taken.elapsed();
+    cp.pause = pause;
+    cp.parts.stop = stop;
+    cp.parts.resume = resume;
     Ok(cp)
+}
+
+/// Before the pause of a checkpoint that may go copy-on-write: harvest what the epoch has
+/// dirtied so far (into `dirty`) and choose the path on it; for copy-on-write, protect
+/// those pages now, with the guest running, so that the pause protects only the pages
+/// written from here on. Returns the path chosen (None: chosen in the pause).
+fn prearm(
+    d: &mut dyn Domain,
+    dirty: &mut PageBitmap,
+    cow: &mut Chooser,
+) -> Result<Option<CopyPath>, DomainError> {
+    if cow.policy() == CopyPolicy::Pause || d.cow_memory().is_none() {
+        return Ok(None);
+    }
+    d.harvest_dirty(dirty)?;
+    let path = cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost()));
+    if path == CopyPath::Cow
+        && let Some(c) = d.cow_memory()
+    {
+        c.prearm(dirty)?;
+    }
+    Ok(Some(path))
 }
 
 fn take_paused(
@@ -159,12 +232,15 @@ fn take_paused(
     dirty: &mut PageBitmap,
     verify: bool,
     cow: &mut Chooser,
+    early: Option<CopyPath>,
     taken: Instant,
 ) -> Result<Checkpoint, DomainError> {
+    let t = Instant::now();
     let mut outputs = Vec::new();
     if let Some(o) = d.output_channel() {
         o.drain(&mut outputs)?;
     }
+    let drain = t.elapsed();
     let mut disk = Vec::new();
     let mut verify_disk = None;
     if let Some(k) = d.disk() {
@@ -173,9 +249,14 @@ fn take_paused(
             verify_disk = Some(disk_digest(k)?);
         }
     }
+    let t = Instant::now();
     d.harvest_dirty(dirty)?;
+    let harvest = t.elapsed();
     let mut pages = Pages::default();
-    let path = cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost()));
+    let path = match early {
+        Some(p) => p,
+        None => cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost())),
+    };
     let t = Instant::now();
     match path {
         CopyPath::Pause => {
@@ -196,7 +277,10 @@ fn take_paused(
             pages.pending = Some(pending);
         }
     }
+    let copy = t.elapsed();
+    let t = Instant::now();
     let state = d.save_state()?;
+    let save = t.elapsed();
     let verify = if verify {
         Some(memory_digest(d)?)
     } else {
@@ -213,6 +297,14 @@ fn take_paused(
         verify_disk,
         status,
         path,
+        parts: PauseParts {
+            stop: Duration::ZERO,
+            drain,
+            harvest,
+            copy,
+            save,
+            resume: Duration::ZERO,
+        },
         pause: Duration::ZERO,
         taken,
     })

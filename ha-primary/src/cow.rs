@@ -40,8 +40,12 @@ const COPY_NS_GUESS: f64 = 2_000.0;
 const ARM_NS_GUESS: f64 = 300.0;
 
 /// Under `auto`, after this many checkpoints copied in the pause because copy-on-write
-/// looked dearer, one is taken copy-on-write again to measure its faults afresh.
-const PROBE_EVERY: u32 = 64;
+/// looked dearer, one is taken copy-on-write again to measure its costs afresh.
+const PROBE_EVERY: u32 = 16;
+
+/// A per-page time sample counts for at most this many times the current estimate: on a
+/// shared host one checkpoint descheduled in the middle must not decide the next ones.
+const OUTLIER: f64 = 4.0;
 
 /// Weight of a new measurement in the running estimates.
 const EWMA: f64 = 0.25;
@@ -243,6 +247,11 @@ fn ewma(old: f64, new: f64) -> f64 {
     old + EWMA * (new - old)
 }
 
+/// [`ewma`] of a time sample, capped at [`OUTLIER`] times the estimate.
+fn ewma_time(old: f64, new: f64) -> f64 {
+    ewma(old, new.min(old * OUTLIER))
+}
+
 impl Chooser {
     /// A chooser under `policy`, with first guesses for the costs.
     pub fn new(policy: CopyPolicy) -> Self {
@@ -331,7 +340,7 @@ impl Chooser {
     pub fn copied(&mut self, pages: usize, took: Duration) {
         self.taken[0] += 1;
         if pages > 0 {
-            self.est.copy_ns = ewma(self.est.copy_ns, took.as_nanos() as f64 / pages as f64);
+            self.est.copy_ns = ewma_time(self.est.copy_ns, took.as_nanos() as f64 / pages as f64);
         }
     }
 
@@ -344,7 +353,7 @@ impl Chooser {
     ) -> Result<Pending, CowError> {
         let pages = pending.pages();
         if pages > 0 {
-            self.est.arm_ns = ewma(self.est.arm_ns, took.as_nanos() as f64 / pages as f64);
+            self.est.arm_ns = ewma_time(self.est.arm_ns, took.as_nanos() as f64 / pages as f64);
         }
         if self.copier.is_none() {
             self.copier = Some(Copier::start(Arc::clone(&self.feedback))?);
@@ -467,6 +476,15 @@ mod tests {
         );
         assert_eq!(paths[PROBE_EVERY as usize], CopyPath::Cow, "a probe");
         assert_eq!(c.taken, [1, 20]);
+    }
+
+    #[test]
+    fn one_slow_sample_does_not_decide() {
+        let mut c = Chooser::new(CopyPolicy::Auto);
+        c.copied(1000, Duration::from_millis(1)); // 1 µs a page
+        let before = c.estimate().copy_ns;
+        c.copied(1000, Duration::from_millis(500)); // descheduled in the middle
+        assert!(c.estimate().copy_ns <= before * (1.0 + EWMA * (OUTLIER - 1.0)) + 1e-6);
     }
 
     #[test]

@@ -114,6 +114,8 @@ pub struct CompareArgs {
     /// against it (instead of against the pass's one `none`): load drift between the
     /// baseline and the run cancels out, at twice the time.
     pub paired: bool,
+    /// The primary's `--copy` (auto, pause, cow); None: its default.
+    pub copy: Option<String>,
 }
 
 /// One run's figures.
@@ -162,6 +164,15 @@ pub struct RunResult {
     pub encode_cpu_ms_per_epoch: f64,
     /// Checkpoints in the windows (all passes).
     pub checkpoints: usize,
+    /// The primary's `--copy` as given ("" when not given, and for `none`).
+    pub copy: String,
+    /// Checkpoints in the windows that were copied on write (all passes).
+    pub cow_checkpoints: usize,
+    /// Pages per checkpoint the guest wrote before their copy-on-write copy.
+    pub cow_faulted_per_epoch: f64,
+    /// Where the pause went, p50 in ms: stopping the guest, harvesting the dirty log,
+    /// copying the pages (or arming their copy-on-write); zeros when not reported.
+    pub pause_parts_ms_p50: [f64; 3],
 }
 
 /// Human name of a link rate.
@@ -249,6 +260,10 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
         epochs_per_s: 0.0,
         encode_cpu_ms_per_epoch: 0.0,
         checkpoints: 0,
+        copy: String::new(),
+        cow_checkpoints: 0,
+        cow_faulted_per_epoch: 0.0,
+        pause_parts_ms_p50: [0.0; 3],
     })
 }
 
@@ -271,7 +286,12 @@ impl Csv {
         let rows = lines
             .map(|l| {
                 l.split(',')
-                    .map(|v| v.parse::<u64>().unwrap_or(u64::MAX))
+                    .map(|v| match v {
+                        // The `copy` column.
+                        "pause" => 0,
+                        "cow" => 1,
+                        v => v.parse::<u64>().unwrap_or(u64::MAX),
+                    })
                     .collect()
             })
             .collect();
@@ -301,9 +321,10 @@ fn run_protected(
 ) -> Result<RunResult, CompareError> {
     let (primary_bin, backup_bin) = (&bins.primary, &bins.backup);
     let dir = std::env::temp_dir().join(format!(
-        "castor-compare-{}-{}-{mode}-{}",
+        "castor-compare-{}-{}-{mode}{}-{}",
         std::process::id(),
         w.name(),
+        a.copy.as_ref().map_or(String::new(), |c| format!("-{c}")),
         unix_ms()
     ));
     std::fs::create_dir_all(&dir)?;
@@ -355,6 +376,9 @@ fn run_protected(
     primary_args.extend([s("--block-size"), block_size.to_string()]);
     if let Some(bits) = link {
         primary_args.extend([s("--link-rate"), format!("{bits}bit")]);
+    }
+    if let Some(c) = &a.copy {
+        primary_args.extend([s("--copy"), c.clone()]);
     }
     primary_args.extend(key_args);
     let mut primary = spawn(primary_bin, &primary_args, &f("primary.log"), "ha-primary")?;
@@ -444,6 +468,14 @@ fn summarize(
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
     let pauses: Vec<u64> = win.iter().map(|r| r[pause]).collect();
+    let cow = at("copy").map_or(0, |c| win.iter().filter(|r| r.get(c) == Some(&1)).count());
+    let faulted = at("cow_faulted").map_or(0.0, mean);
+    let part = |name: &str| {
+        at(name).map_or(0.0, |c| {
+            percentile(&win.iter().map(|r| r[c]).collect::<Vec<u64>>(), 50)
+        })
+    };
+    let parts = [part("stop_us"), part("harvest_us"), part("copy_us")];
     let epochs_per_s = (n - 1.0) / span.max(1e-9);
     Some(RunResult {
         workload: w.name().into(),
@@ -467,6 +499,10 @@ fn summarize(
         epochs_per_s,
         encode_cpu_ms_per_epoch: mean(cpu) / 1000.0,
         checkpoints: win.len(),
+        copy: a.copy.clone().unwrap_or_default(),
+        cow_checkpoints: cow,
+        cow_faulted_per_epoch: faulted,
+        pause_parts_ms_p50: parts,
     })
 }
 
@@ -475,6 +511,13 @@ pub fn run(
     a: &CompareArgs,
     mut each: impl FnMut(&RunResult),
 ) -> Result<Vec<RunResult>, CompareError> {
+    if let Some(c) = &a.copy
+        && !["auto", "pause", "cow"].contains(&c.as_str())
+    {
+        return Err(CompareError::Setting(format!(
+            "unknown copy path {c:?}: auto, pause, cow"
+        )));
+    }
     for m in &a.modes {
         if !["none", "remus", "xbzrle", "fgbi"].contains(&m.as_str()) {
             return Err(CompareError::Setting(format!(
@@ -604,6 +647,10 @@ fn aggregate(passes: &[Vec<RunResult>]) -> Vec<RunResult> {
                 epochs_per_s: m(|r| r.epochs_per_s),
                 encode_cpu_ms_per_epoch: m(|r| r.encode_cpu_ms_per_epoch),
                 checkpoints: all.iter().map(|r| r.checkpoints).sum(),
+                cow_checkpoints: all.iter().map(|r| r.cow_checkpoints).sum(),
+                cow_faulted_per_epoch: m(|r| r.cow_faulted_per_epoch),
+                pause_parts_ms_p50: [0, 1, 2]
+                    .map(|k| median(all.iter().map(|r| r.pause_parts_ms_p50[k]).collect())),
                 repeats: all.len(),
                 ..first[i].clone()
             }
@@ -774,6 +821,11 @@ pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
                 repeats: usize::try_from(int(18)?).map_err(|e| bad(e.to_string()))?,
                 overhead_pct_min: opt(19),
                 overhead_pct_max: opt(20),
+                // compare.csv does not carry the copy path (pause.csv does).
+                copy: String::new(),
+                cow_checkpoints: 0,
+                cow_faulted_per_epoch: 0.0,
+                pause_parts_ms_p50: [0.0; 3],
             })
         })
         .collect()
@@ -806,6 +858,10 @@ mod tests {
             epochs_per_s: 36.5,
             encode_cpu_ms_per_epoch: 0.8,
             checkpoints: 420,
+            copy: String::new(),
+            cow_checkpoints: 0,
+            cow_faulted_per_epoch: 0.0,
+            pause_parts_ms_p50: [0.0; 3],
         }
     }
 

@@ -51,9 +51,9 @@ enum Cmd {
     /// Pause per checkpoint against the pages dirtied in the epoch.
     ///
     /// Runs the npb guest (one whole page dirtied per unit) at each --memory, --rates and
-    /// --intervals under each mode, with a real backup, and reports the dirty pages per
-    /// checkpoint it measured beside the pause p50/p99. Writes pause.md, pause.csv and
-    /// pause-dirty.png into --out.
+    /// --intervals under each mode and --copy path, with a real backup, and reports the
+    /// dirty pages per checkpoint it measured beside the pause p50/p99 and the guest's
+    /// progress. Writes pause.md, pause.csv and pause-dirty.png into --out.
     Pause(PauseCli),
     /// The initial sync of a disk replica: bytes and time against the disk's size.
     ///
@@ -101,7 +101,8 @@ struct PauseCli {
     /// Guest memory sizes, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1G")]
     memory: Vec<String>,
-    /// npb units per second (each dirties one page), comma-separated.
+    /// npb units per second (each dirties one page), comma-separated; 0: as fast as the
+    /// guest can (its progress then shows what each copy path costs it).
     #[arg(long, value_delimiter = ',', default_value = "4000,16000,64000")]
     rates: Vec<u64>,
     /// Epoch intervals, comma-separated.
@@ -110,6 +111,11 @@ struct PauseCli {
     /// Modes, comma-separated (remus copies every dirty page during the pause).
     #[arg(long, value_delimiter = ',', default_value = "remus,fgbi")]
     modes: Vec<String>,
+    /// The primary's copy paths to compare, comma-separated: pause (copy in the pause),
+    /// cow (copy-on-write behind the running guest), auto (chosen per checkpoint); each
+    /// run of one setting is taken with every path back to back.
+    #[arg(long, value_delimiter = ',', default_value = "pause,cow")]
+    copy: Vec<String>,
     /// Measured seconds per run (at least a few checkpoints at the longest interval).
     #[arg(long, default_value_t = 8.0)]
     seconds: f64,
@@ -119,6 +125,9 @@ struct PauseCli {
     /// Where pause.md, pause.csv and pause-dirty.png go.
     #[arg(long, default_value = "target/pause")]
     out: PathBuf,
+    /// Keep each run's directory (logs, events, the primary's per-checkpoint stats).
+    #[arg(long)]
+    keep: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -482,19 +491,26 @@ fn run_pause(a: PauseCli) -> Result<bool, String> {
         rates: a.rates,
         intervals: a.intervals,
         modes: a.modes,
+        copies: a.copy,
         seconds: a.seconds,
         warmup: a.warmup,
+        keep: a.keep,
     };
     let rows = pause::run(&args, |r| {
         eprintln!(
-            "{} {} {} ms npb {}/s: {:.0} dirty pages per checkpoint, pause p50 {:.2} ms p99 {:.2} ms",
+            "{} {} copy {} {} ms npb {}/s: {:.0} dirty pages per checkpoint, pause p50 {:.2} ms p99 {:.2} ms, progress {:.0}/s, {}/{} copy-on-write, {:.1} pages faulted per checkpoint",
             r.memory,
             r.run.mode,
+            r.run.copy,
             r.run.interval_ms,
             r.run.rate,
             r.dirty_pages(),
             r.run.pause_ms_p50,
-            r.run.pause_ms_p99
+            r.run.pause_ms_p99,
+            r.run.progress_per_s,
+            r.run.cow_checkpoints,
+            r.run.checkpoints,
+            r.run.cow_faulted_per_epoch
         );
     })
     .map_err(|e| error_chain(&e))?;
@@ -635,6 +651,7 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         keep: a.keep,
         repeat: a.repeat,
         paired: a.paired,
+        copy: None,
     };
     let json = a.json;
     // Every single run goes to runs.csv as it ends (a pass's figures, before the medians),

@@ -2,10 +2,13 @@
 //! (issue 17's first step: measure before taking the copy out of the pause).
 //!
 //! The `npb` guest dirties one whole page per unit, sweeping its heap, so the dirty pages
-//! per epoch are `rate × interval` (capped by the heap). For each guest memory size and
-//! each rate, one `compare` run per mode at each interval; every row says the dirty pages
-//! per checkpoint it measured beside the pause. Writes pause.csv, pause.md and
-//! pause-dirty.png (pause p50 and p99 against dirty pages, log-log).
+//! per epoch are `rate × interval` (capped by the heap; rate 0: as fast as the guest can,
+//! so its progress shows what protection costs it). For each guest memory size, rate and
+//! interval, one `compare` run per copy path (the primary's `--copy`: pause, cow, auto)
+//! and mode, the paths back to back so they see the same host; every row says the dirty
+//! pages per checkpoint it measured beside the pause, the guest's progress, and how many
+//! checkpoints went copy-on-write. Writes pause.csv, pause.md and pause-dirty.png (pause
+//! p50 and p99 against dirty pages, log-log).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -29,10 +32,14 @@ pub struct PauseArgs {
     pub intervals: Vec<Duration>,
     /// Modes (remus copies every dirty page in the pause; the others too, then encode).
     pub modes: Vec<String>,
+    /// The primary's copy paths (`--copy`: pause, cow, auto); empty: its default only.
+    pub copies: Vec<String>,
     /// Measured seconds per run.
     pub seconds: f64,
     /// Seconds skipped once protected.
     pub warmup: f64,
+    /// Keep each run's directory (the primary's per-checkpoint stats among them).
+    pub keep: bool,
 }
 
 /// One run: its memory size and what `compare` measured.
@@ -54,32 +61,47 @@ impl PauseRow {
 /// Run the sweep; `each` sees every row as it ends.
 pub fn run(a: &PauseArgs, mut each: impl FnMut(&PauseRow)) -> Result<Vec<PauseRow>, CompareError> {
     let mut rows = Vec::new();
+    let copies: Vec<Option<String>> = if a.copies.is_empty() {
+        vec![None]
+    } else {
+        a.copies.iter().cloned().map(Some).collect()
+    };
     for memory in &a.memories {
         for &rate in &a.rates {
-            let args = CompareArgs {
-                guest: a.guest,
-                workloads: vec![Workload::Npb],
-                modes: a.modes.clone(),
-                intervals: a.intervals.clone(),
-                links: vec![None],
-                block_sizes: Vec::new(),
-                seconds: a.seconds,
-                warmup: a.warmup,
-                memory: memory.clone(),
-                rate: Rate::Units(rate),
-                seed: 1,
-                live: false,
-                keep: false,
-                repeat: 1,
-                paired: false,
-            };
-            for run in compare::run(&args, |_| {})? {
-                let row = PauseRow {
-                    memory: memory.clone(),
-                    run,
-                };
-                each(&row);
-                rows.push(row);
+            for &interval in &a.intervals {
+                for copy in &copies {
+                    let args = CompareArgs {
+                        guest: a.guest,
+                        workloads: vec![Workload::Npb],
+                        modes: a.modes.clone(),
+                        intervals: vec![interval],
+                        links: vec![None],
+                        block_sizes: Vec::new(),
+                        seconds: a.seconds,
+                        warmup: a.warmup,
+                        memory: memory.clone(),
+                        rate: if rate == 0 {
+                            Rate::Max
+                        } else {
+                            Rate::Units(rate)
+                        },
+                        seed: 1,
+                        // Live, compare names each kept run's directory.
+                        live: a.keep,
+                        keep: a.keep,
+                        repeat: 1,
+                        paired: false,
+                        copy: copy.clone(),
+                    };
+                    for run in compare::run(&args, |_| {})? {
+                        let row = PauseRow {
+                            memory: memory.clone(),
+                            run,
+                        };
+                        each(&row);
+                        rows.push(row);
+                    }
+                }
             }
         }
     }
@@ -89,14 +111,15 @@ pub fn run(a: &PauseArgs, mut each: impl FnMut(&PauseRow)) -> Result<Vec<PauseRo
 /// The rows as CSV.
 pub fn csv(rows: &[PauseRow]) -> String {
     let mut s = String::from(
-        "memory,mode,interval_ms,rate,dirty_pages_per_epoch,pause_ms_p50,pause_ms_p99,pause_ms_max,progress_per_s,checkpoints\n",
+        "memory,mode,copy,interval_ms,rate,dirty_pages_per_epoch,pause_ms_p50,pause_ms_p99,pause_ms_max,progress_per_s,checkpoints,cow_checkpoints,cow_faulted_per_epoch,stop_ms_p50,harvest_ms_p50,copy_ms_p50\n",
     );
     for r in rows {
         let x = &r.run;
         s.push_str(&format!(
-            "{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.0},{}\n",
+            "{},{},{},{},{},{:.0},{:.3},{:.3},{:.3},{:.0},{},{},{:.1},{:.3},{:.3},{:.3}\n",
             r.memory,
             x.mode,
+            x.copy,
             x.interval_ms,
             x.rate,
             r.dirty_pages(),
@@ -104,7 +127,12 @@ pub fn csv(rows: &[PauseRow]) -> String {
             x.pause_ms_p99,
             x.pause_ms_max,
             x.progress_per_s,
-            x.checkpoints
+            x.checkpoints,
+            x.cow_checkpoints,
+            x.cow_faulted_per_epoch,
+            x.pause_parts_ms_p50[0],
+            x.pause_parts_ms_p50[1],
+            x.pause_parts_ms_p50[2]
         ));
     }
     s
@@ -113,20 +141,28 @@ pub fn csv(rows: &[PauseRow]) -> String {
 /// The rows as a markdown table.
 pub fn markdown(rows: &[PauseRow]) -> String {
     let mut s = String::from(
-        "| memory | mode | interval | npb rate | dirty pages / checkpoint | pause p50 | pause p99 | pause max |\n|---|---|---|---|---|---|---|---|\n",
+        "| memory | mode | copy | interval | npb rate | dirty pages / checkpoint | pause p50 | pause p99 | pause max | stop / harvest / copy p50 | progress / s | copy-on-write checkpoints | pages faulted / checkpoint |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows.iter().filter(|r| r.run.mode != "none") {
         let x = &r.run;
         s.push_str(&format!(
-            "| {} | {} | {} ms | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms |\n",
+            "| {} | {} | {} | {} ms | {} | {:.0} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} / {:.2} / {:.2} ms | {:.0} | {}/{} | {:.1} |\n",
             r.memory,
             x.mode,
+            if x.copy.is_empty() { "-" } else { &x.copy },
             x.interval_ms,
-            x.rate,
+            if x.rate == 0 { "max".to_string() } else { x.rate.to_string() },
             r.dirty_pages(),
             x.pause_ms_p50,
             x.pause_ms_p99,
-            x.pause_ms_max
+            x.pause_ms_max,
+            x.pause_parts_ms_p50[0],
+            x.pause_parts_ms_p50[1],
+            x.pause_parts_ms_p50[2],
+            x.progress_per_s,
+            x.cow_checkpoints,
+            x.checkpoints,
+            x.cow_faulted_per_epoch
         ));
     }
     s
@@ -135,14 +171,14 @@ pub fn markdown(rows: &[PauseRow]) -> String {
 /// Pause p50 and p99 against dirty pages per checkpoint, one series per mode and memory.
 pub fn plot(rows: &[PauseRow], dir: &Path) -> Result<PathBuf, PlotError> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
     for r in rows.iter().filter(|r| r.run.mode != "none") {
-        let k = (r.run.mode.clone(), r.memory.clone());
+        let k = (r.run.mode.clone(), r.memory.clone(), r.run.copy.clone());
         if !keys.contains(&k) {
             keys.push(k);
         }
     }
-    for (mode, memory) in &keys {
+    for (mode, memory, copy) in &keys {
         for (what, f) in [
             (
                 "p50",
@@ -152,12 +188,20 @@ pub fn plot(rows: &[PauseRow], dir: &Path) -> Result<PathBuf, PlotError> {
         ] {
             let mut v: Vec<(f64, f64)> = rows
                 .iter()
-                .filter(|r| &r.run.mode == mode && &r.memory == memory && r.dirty_pages() > 0.0)
+                .filter(|r| {
+                    &r.run.mode == mode
+                        && &r.memory == memory
+                        && &r.run.copy == copy
+                        && r.dirty_pages() > 0.0
+                })
                 .map(|r| (r.dirty_pages(), f(&r.run)))
                 .collect();
             v.sort_by(|a, b| a.0.total_cmp(&b.0));
             if !v.is_empty() {
-                series.push((format!("{mode} {memory} {what}"), v));
+                series.push((
+                    format!("{mode} {copy} {memory} {what}").replace("  ", " "),
+                    v,
+                ));
             }
         }
     }

@@ -2,6 +2,7 @@
 //! ([`FileConfig`]) and how they merge. A flag given on the command line beats the file; the
 //! file beats the built-in defaults.
 
+use crate::cow::CopyPolicy;
 use clap::Parser;
 use ha_backend::BackendKind;
 use ha_codec::block::BlockSize;
@@ -139,6 +140,12 @@ pub struct Cli {
     /// When the backup is lost, pause the guest instead of continuing unprotected.
     #[arg(long)]
     pub fence: bool,
+    /// How each checkpoint copies its dirty pages: pause (while the guest is paused), cow
+    /// (write-protect them in the pause and copy them behind the running guest; needs a
+    /// guest with copy-on-write memory: KVM with userfaultfd write-protection), or auto
+    /// (per checkpoint, from the copy, arming and write-fault costs measured in this run).
+    #[arg(long, default_value = "auto")]
+    pub copy: CopyPolicy,
     /// Send a digest of the whole memory (and disk) every N checkpoints; the backup checks
     /// it (0: off).
     #[arg(long, default_value_t = 0)]
@@ -311,6 +318,8 @@ pub struct FileConfig {
     pub ack_timeout: Option<String>,
     /// `--fence`.
     pub fence: Option<bool>,
+    /// `--copy`.
+    pub copy: Option<String>,
     /// `--verify-every`.
     pub verify_every: Option<u64>,
     /// `--precopy-rounds`.
@@ -422,6 +431,7 @@ impl Options for Cli {
             heartbeat: |v| bounded(check_timeout("heartbeat", duration(v)?)).map(Some),
             ack_timeout: |v| bounded(check_timeout("ack-timeout", duration(v)?)),
             fence: same,
+            copy: parsed::<CopyPolicy>,
             verify_every: same,
             precopy_rounds: |n| bounded(check_precopy_rounds(n)),
             precopy_threshold: same,
@@ -730,6 +740,7 @@ mod tests {
             "heartbeat",
             "ack_timeout",
             "fence",
+            "copy",
             "verify_every",
             "precopy_rounds",
             "precopy_threshold",

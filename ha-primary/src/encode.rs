@@ -65,6 +65,11 @@ pub struct Encoded {
     pub encode_cpu: Duration,
     /// The encoder's page-cache counters since the session started (xbzrle, fgbi).
     pub cache: Option<CacheStats>,
+    /// A copy-on-write checkpoint: pages the guest wrote before their copy (copied in the
+    /// write-fault path).
+    pub cow_faulted: usize,
+    /// A copy-on-write checkpoint: how long the encoder waited for the copy to finish.
+    pub cow_wait: Duration,
 }
 
 /// Run the encoder until `jobs` closes: encode each epoch, hand the bytes to the link, and
@@ -81,7 +86,17 @@ pub fn run(
         // Rewrites of recently written blocks go as deltas (remus stays the baseline).
         disk_enc = disk_enc.with_cache(DISK_CACHE_BLOCKS);
     }
-    for job in jobs {
+    for mut job in jobs {
+        // A copy-on-write checkpoint's pages are being copied behind the running guest.
+        let waited = Instant::now();
+        let cow_faulted = match job.pages.complete() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(epoch = job.epoch, error = %e, "the copy-on-write copy failed");
+                return;
+            }
+        };
+        let cow_wait = waited.elapsed();
         let t = Instant::now();
         let cpu0 = thread_cpu();
         let before = enc.stats().clone();
@@ -143,6 +158,8 @@ pub fn run(
             encode: t.elapsed(),
             encode_cpu: thread_cpu().saturating_sub(cpu0),
             cache: enc.cache().map(|c| c.stats()),
+            cow_faulted,
+            cow_wait,
         };
         // Report before sending: the engine must know an epoch's figures before its ack
         // can arrive.

@@ -13,6 +13,7 @@
 //! after the stall; if the backup is lost instead, the primary assumes it took over and
 //! fences under either policy.
 
+use crate::cow::{Chooser, CopyPolicy};
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
 use crate::hold::HeldOutput;
@@ -134,6 +135,9 @@ pub struct Config {
     pub link_rate: Option<u64>,
     /// The backend that runs the guest, announced in the Hello (the backup refuses another).
     pub backend: ha_guest::backend::BackendKind,
+    /// How checkpoints copy their pages: in the pause, copy-on-write, or chosen per
+    /// checkpoint from measured costs ([`crate::cow`]).
+    pub copy: CopyPolicy,
 }
 
 /// What a run achieved.
@@ -162,6 +166,12 @@ pub struct Summary {
     pub outputs_released: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
+    /// Checkpoints that copied their pages in the pause.
+    pub pause_copies: u64,
+    /// Checkpoints that took their pages copy-on-write.
+    pub cow_copies: u64,
+    /// Pages of copy-on-write checkpoints the guest wrote before their copy.
+    pub cow_faulted: u64,
     /// The initial sync of the disk (a guest with a disk).
     pub disk_sync: Option<DiskSyncSummary>,
 }
@@ -258,6 +268,8 @@ struct Engine<'a> {
     switchover: Option<&'a AtomicBool>,
     /// The handover is on the wire: the backup takes the guest over.
     handed_over: bool,
+    /// Picks each checkpoint's copy path.
+    cow: Chooser,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -407,6 +419,7 @@ pub fn run_leased(
         published: None,
         switchover,
         handed_over: false,
+        cow: Chooser::new(cfg.copy),
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -635,7 +648,7 @@ impl Engine<'_> {
         let verify = std::mem::take(&mut self.verify_next)
             || (self.cfg.verify_every > 0
                 && self.checkpoints.is_multiple_of(self.cfg.verify_every));
-        let cp = harvest::take(self.d, self.epoch, dirty, verify)?;
+        let cp = harvest::take(self.d, self.epoch, dirty, verify, &mut self.cow)?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
         self.summary.pauses_us.push(cp.pause.as_micros() as u64);
@@ -647,6 +660,8 @@ impl Engine<'_> {
                     epoch: cp.epoch,
                     checkpoint: true,
                     pause: cp.pause,
+                    copy: Some(cp.path),
+                    pause_parts: cp.parts,
                     dirty_pages: cp.pages.len(),
                     at: Some(cp.taken.saturating_duration_since(self.born)),
                     progress: cp.status.map(|s| s.progress),
@@ -1266,6 +1281,8 @@ impl Engine<'_> {
         self.summary.pause_ms_p50 = pct(50);
         self.summary.pause_ms_p99 = pct(99);
         self.summary.outputs_released = self.held.released;
+        [self.summary.pause_copies, self.summary.cow_copies] = self.cow.taken;
+        self.summary.cow_faulted = self.cow.faulted();
         self.count_output();
         self.events.note(
             "stopped",
@@ -1292,6 +1309,7 @@ fn split(p: Pages) -> Vec<Pages> {
         .map(|(i, d)| Pages {
             index: i.to_vec(),
             data: d.to_vec(),
+            pending: None,
         })
         .collect()
 }

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`disksync`] | the initial sync of the guest's disk: only the blocks the backup's replica lacks |
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
+//! | [`cow`] | copy-on-write checkpoints: which path each checkpoint's pages take |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
 //! | [`hold`] | output commit: output held until its checkpoint is acknowledged, then released |
@@ -19,6 +20,7 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod cow;
 pub mod disksync;
 pub mod encode;
 pub mod engine;

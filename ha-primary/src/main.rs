@@ -5,8 +5,9 @@ use ha_codec::codec::CodecConfig;
 use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
 use ha_daemon::{diskfile, keys};
-use ha_guest::domain::{Devices, GuestSpec};
+use ha_guest::domain::{Devices, DomainError, GuestSpec};
 use ha_primary::cli::{Cli, CliError, Command};
+use ha_primary::cow::CopyPolicy;
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
 use ha_workloads::files;
@@ -185,6 +186,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         key,
         link_rate: cli.link_rate,
         backend: cli.guest,
+        copy: cli.copy,
     };
     let metrics = Metrics::for_pair(cli.lease_key.as_deref());
     let metrics_addr = cli
@@ -238,6 +240,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         },
     };
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
+    let can_cow = domain.cow_memory().is_some();
+    if cli.copy == CopyPolicy::Cow && !can_cow {
+        return Err(DomainError::NoCapability(
+            "copy-on-write memory (--copy cow needs KVM with userfaultfd write-protection)",
+        )
+        .into());
+    }
+    tracing::info!(copy = %cli.copy, copy_on_write_memory = can_cow, "checkpoint copy");
     domain.resume()?;
     let switchover = ha_daemon::signal::switchover_flag()?;
     let summary = engine::run_leased(
@@ -252,6 +262,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         epochs = summary.epochs_committed,
         pause_p50_ms = summary.pause_ms_p50,
         pause_p99_ms = summary.pause_ms_p99,
+        pause_copies = summary.pause_copies,
+        cow_copies = summary.cow_copies,
         released = summary.outputs_released,
         backup_lost = summary.backup_lost,
         "ha-primary stopped"

@@ -18,6 +18,11 @@ pub struct EpochRow {
     pub checkpoint: bool,
     /// Pause time.
     pub pause: Duration,
+    /// How a checkpoint's pages were copied: in the pause or copy-on-write (None: a
+    /// pre-copy round).
+    pub copy: Option<crate::cow::CopyPath>,
+    /// Where a checkpoint's pause went.
+    pub pause_parts: crate::harvest::PauseParts,
     /// Dirty pages.
     pub dirty_pages: usize,
     /// Encoder output.
@@ -61,7 +66,7 @@ impl StatsCsv {
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
              encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us,\
-             disk_writes,disk_raw_bytes,disk_wire_bytes"
+             disk_writes,disk_raw_bytes,disk_wire_bytes,copy,cow_faulted,cow_wait_us,stop_us,drain_us,harvest_us,copy_us,save_us,resume_us"
         )?;
         Ok(Self { w })
     }
@@ -110,6 +115,22 @@ impl StatsCsv {
         cols.push(e.map_or(0, |e| e.disk.writes).to_string());
         cols.push(e.map_or(0, |e| e.disk.raw_bytes).to_string());
         cols.push(e.map_or(0, |e| e.disk.wire_bytes).to_string());
+        cols.push(r.copy.map_or("", |c| c.name()).to_string());
+        cols.push(e.map_or(0, |e| e.cow_faulted).to_string());
+        cols.push(us(e.map(|e| e.cow_wait)));
+        let part = |d: Duration| {
+            if r.checkpoint {
+                d.as_micros().to_string()
+            } else {
+                String::new()
+            }
+        };
+        cols.push(part(r.pause_parts.stop));
+        cols.push(part(r.pause_parts.drain));
+        cols.push(part(r.pause_parts.harvest));
+        cols.push(part(r.pause_parts.copy));
+        cols.push(part(r.pause_parts.save));
+        cols.push(part(r.pause_parts.resume));
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

@@ -8,6 +8,7 @@ use ha_codec::block::BlockSize;
 use ha_codec::codec::{CodecConfig, GeneralCodec, Mode};
 use ha_guest::backend::BackendKind;
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+use ha_primary::cow::CopyPolicy;
 use ha_primary::engine::{self, Config};
 use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputChecker, read_records};
@@ -177,6 +178,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         key: Some(pair_key()),
         link_rate: None,
         backend: BackendKind::Sim,
+        copy: CopyPolicy::Auto,
     }
 }
 
@@ -189,7 +191,7 @@ fn protected_run(
     mode: Mode,
     workload: Workload,
 ) -> (engine::Summary, BackupReport, u64, Vec<String>) {
-    protected_run_as(factory, mode, workload, false)
+    protected_run_as(factory, mode, workload, false, &|_| {})
 }
 
 /// A guest that says it outlives its VMM (as a Xen domain does); otherwise `inner`.
@@ -231,12 +233,14 @@ impl Domain for Outliving {
     }
 }
 
-/// [`protected_run`], the guest outliving its VMM when `outlives`.
+/// [`protected_run`], the guest outliving its VMM when `outlives`, the engine's
+/// configuration changed by `tune`.
 fn protected_run_as(
     factory: &dyn DomainFactory,
     mode: Mode,
     workload: Workload,
     outlives: bool,
+    tune: &dyn Fn(&mut Config),
 ) -> (engine::Summary, BackupReport, u64, Vec<String>) {
     let bl = TcpListener::bind("127.0.0.1:0").unwrap();
     let ol = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -268,10 +272,11 @@ fn protected_run_as(
         d = Box::new(Outliving(d));
     }
     let kind: BackendKind = factory.name().parse().expect("a backend's name");
-    let cfg = Config {
+    let mut cfg = Config {
         backend: kind,
         ..config(baddr, oaddr, mode)
     };
+    tune(&mut cfg);
     let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
     drop(d);
     let (released, violations) = consumer.join().unwrap();
@@ -334,8 +339,13 @@ fn every_checkpoint_matches_and_output_waits_for_its_ack() {
 /// after its last checkpoint; one whose guest ends with it does not (above).
 #[test]
 fn a_guest_that_outlives_the_primary_ends_with_a_stand_down() {
-    let (summary, r, _, violations) =
-        protected_run_as(&ha_sim::SimFactory::new(), Mode::Fgbi, Workload::Web, true);
+    let (summary, r, _, violations) = protected_run_as(
+        &ha_sim::SimFactory::new(),
+        Mode::Fgbi,
+        Workload::Web,
+        true,
+        &|_| {},
+    );
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(violations.is_empty(), "{violations:?}");
     assert!(r.checkpoints >= 5, "only {} checkpoints", r.checkpoints);
@@ -425,19 +435,30 @@ fn backup_lost_continues_or_fences() {
     }
 }
 
-/// The same end-to-end check with a real KVM guest (its kernel dirty log drives the epochs).
-#[test]
-fn kvm_guest_checkpoints_match_byte_for_byte() {
-    if let Err(e) = std::fs::OpenOptions::new()
+/// Whether /dev/kvm can be used; without it a KVM test skips with a message, or fails
+/// under `CASTOR_REQUIRE_KVM=1`.
+fn kvm_available() -> bool {
+    match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        assert!(
-            std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
-            "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
-        );
-        eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("CASTOR_REQUIRE_KVM").as_deref() != Ok("1"),
+                "CASTOR_REQUIRE_KVM=1 but /dev/kvm: {e}"
+            );
+            eprintln!("skipped: /dev/kvm cannot be opened ({e})");
+            false
+        }
+    }
+}
+
+/// The same end-to-end check with a real KVM guest (its kernel dirty log drives the epochs).
+#[test]
+fn kvm_guest_checkpoints_match_byte_for_byte() {
+    if !kvm_available() {
         return;
     }
     for (mode, workload) in [(Mode::Fgbi, Workload::Web), (Mode::Xbzrle, Workload::Kv)] {
@@ -455,5 +476,47 @@ fn kvm_guest_checkpoints_match_byte_for_byte() {
             released > 0 && summary.outputs_released == released,
             "{mode}"
         );
+    }
+}
+
+/// Copy-on-write checkpoints of a real KVM guest that keeps writing while each checkpoint's
+/// pages are copied behind it: over many checkpoints, every committed image equals the
+/// guest's memory at its checkpoint (the digest taken in the pause, verified by the
+/// backup at every checkpoint), and the guest did write pages before their copy.
+#[test]
+fn kvm_copy_on_write_checkpoints_equal_memory_at_each_checkpoint() {
+    if !kvm_available() {
+        return;
+    }
+    for (mode, workload) in [(Mode::Fgbi, Workload::Npb), (Mode::Xbzrle, Workload::Kv)] {
+        let (summary, r, released, violations) =
+            protected_run_as(&ha_kvm::KvmFactory::new(), mode, workload, false, &|c| {
+                c.copy = CopyPolicy::Cow;
+                c.verify_every = 1;
+                c.run_for = Some(Duration::from_secs(3));
+            });
+        eprintln!(
+            "{workload:?}: {} checkpoints committed, {} copy-on-write, {} pages copied in \
+             write faults",
+            r.checkpoints, summary.cow_copies, summary.cow_faulted
+        );
+        assert!(r.errors.is_empty(), "{workload:?}: {:?}", r.errors);
+        assert!(
+            r.checkpoints >= 40,
+            "{workload:?}: only {} checkpoints",
+            r.checkpoints
+        );
+        assert_eq!(
+            r.verified, r.checkpoints,
+            "{workload:?}: every one verified"
+        );
+        assert_eq!(summary.pause_copies, 0, "{workload:?}");
+        assert!(summary.cow_copies >= r.checkpoints, "{workload:?}");
+        assert!(
+            summary.cow_faulted > 0,
+            "{workload:?}: the guest never wrote a page before its copy"
+        );
+        assert!(violations.is_empty(), "{workload:?}: {violations:?}");
+        assert!(released > 0, "{workload:?}");
     }
 }

@@ -9,6 +9,8 @@
 //! | module | concern |
 //! |---|---|
 //! | [`memory`] | guest RAM and the bitmap of the VMM's own writes |
+//! | [`cow`] | copy-on-write checkpoints: userfaultfd write-protection of guest RAM |
+//! | `uffd` | the userfaultfd calls `cow` needs, on the kernel ABI (no bindgen) |
 //! | [`guest`] | memory layout, boot registers, the generated guest program |
 //! | [`vcpu`] | the vCPU thread, pause/resume, exits, doorbell |
 //! | [`output`] | draining the guest's output ring |
@@ -22,10 +24,12 @@
 
 #![warn(missing_docs)]
 
+pub mod cow;
 pub mod guest;
 pub mod memory;
 pub mod output;
 pub mod state;
+mod uffd;
 pub mod vcpu;
 pub mod vm;
 

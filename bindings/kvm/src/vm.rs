@@ -14,10 +14,11 @@ use ha_guest::domain::{
 };
 use ha_guest::image::GuestImage;
 use ha_virtio::blk::{Blk, BlkError};
-use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA};
+use ha_workloads::guest_abi::{GuestStatus, OutputRecord, PARAMS_GPA, STATUS_GPA};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::cow::CowRam;
 use crate::guest;
 use crate::memory::GuestRam;
 use crate::output::OutputQueue;
@@ -72,8 +73,10 @@ fn backend(op: &'static str, e: impl Into<BoxError>) -> DomainError {
 /// A running (or paused) KVM guest.
 #[derive(Debug)]
 pub struct KvmDomain {
-    // Field order is drop order: the vCPU thread is joined before the VM and memory go.
+    // Field order is drop order: the vCPU thread is joined before the VM and memory go, and
+    // before the write-fault thread (a vCPU may wait on it).
     vcpu: Vcpu,
+    cow: Option<CowRam>,
     vm: VmFd,
     kvm: Kvm,
     ram: Arc<GuestRam>,
@@ -108,6 +111,7 @@ struct Bare {
     vm: VmFd,
     vcpu: kvm_ioctls::VcpuFd,
     ram: Arc<GuestRam>,
+    cow: Option<CowRam>,
 }
 
 /// A VM whose memory is fresh zeroed memory (`image` None) or the image's memfd, taken
@@ -129,6 +133,20 @@ fn build(
         Some(file) => GuestRam::from_file(file, size),
     };
     let ram = Arc::new(ram.map_err(|e| backend("map guest memory", e))?);
+    // Without a dirty log every page counts as dirty, untouched ones too, and protecting
+    // a page that is not there yet does nothing: no copy-on-write then. The output drain
+    // stores the ring's tail in the status page while paused.
+    let cow = if cfg.dirty_log {
+        match CowRam::new(Arc::clone(&ram), &[STATUS_GPA / PAGE_SIZE as u64]) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::info!(target: "ha_kvm", error = ?e, "no copy-on-write checkpoints for this guest");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let region = kvm_userspace_memory_region {
         slot: 0,
         flags: if cfg.dirty_log {
@@ -153,7 +171,13 @@ fn build(
         .map_err(|e| backend("KVM_GET_SUPPORTED_CPUID", e))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(|e| backend("KVM_SET_CPUID2", e))?;
-    Ok(Bare { kvm, vm, vcpu, ram })
+    Ok(Bare {
+        kvm,
+        vm,
+        vcpu,
+        ram,
+        cow,
+    })
 }
 
 /// The saved state in `blob`, checked against an image of `image_len` bytes.
@@ -235,6 +259,7 @@ impl KvmDomain {
         .map_err(|e| backend("start vCPU", e))?;
         Ok(Self {
             vcpu,
+            cow: bare.cow,
             vm: bare.vm,
             kvm: bare.kvm,
             ram: bare.ram,
@@ -351,6 +376,14 @@ impl KvmDomain {
         self.disk
             .as_ref()
             .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Write-protect faults the copy-on-write fault thread served, and pages it copied
+    /// (both zero for a guest without copy-on-write memory).
+    pub fn cow_faults(&self) -> (u64, u64) {
+        self.cow
+            .as_ref()
+            .map_or((0, 0), |c| (c.faults(), c.fault_copies()))
     }
 
     /// The guest's status page, read directly.
@@ -482,6 +515,13 @@ impl Domain for KvmDomain {
         } else {
             None
         }
+    }
+
+    /// Userfaultfd write-protection of guest RAM, when the kernel allowed it.
+    fn cow_memory(&mut self) -> Option<&mut dyn ha_guest::cow::CowMemory> {
+        self.cow
+            .as_mut()
+            .map(|c| c as &mut dyn ha_guest::cow::CowMemory)
     }
 
     fn check_health(&self) -> Result<(), DomainError> {

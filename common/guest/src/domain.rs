@@ -8,9 +8,10 @@
 //! [`Domain`] carries what every guest has. What only some guests have is a capability
 //! that a domain hands out or not: an [`OutputChannel`] (output that output commit holds
 //! back: the built-in guests' output ring), a [`StatusProbe`] (the built-in guests'
-//! progress, checksum and output counters) and a [`Disk`] (a disk whose writes commit
-//! with the checkpoint). A Xen Linux guest has none of them, and says so by returning
-//! `None`, so nothing is drained from or read at a built-in guest's address in its memory.
+//! progress, checksum and output counters), a [`Disk`] (a disk whose writes commit with
+//! the checkpoint) and [`crate::cow::CowMemory`] (copy-on-write checkpoints). A Xen Linux
+//! guest has none of them, and says so by returning `None`, so nothing is drained from or
+//! read at a built-in guest's address in its memory.
 
 use crate::image::GuestImage;
 use ha_codec::bitmap::PageBitmap;
@@ -121,6 +122,13 @@ pub trait Domain: Send {
     /// The guest's disk, if it has one whose writes commit with the checkpoint (a
     /// virtio-blk disk of Castor's own VMM); `None` for a guest without one.
     fn disk(&mut self) -> Option<&mut dyn Disk> {
+        None
+    }
+
+    /// The guest's memory as copy-on-write checkpoints see it, if the backend can
+    /// write-protect it and copy pages behind the running guest ([`crate::cow`]); `None`:
+    /// every checkpoint copies its pages while the guest is paused.
+    fn cow_memory(&mut self) -> Option<&mut dyn crate::cow::CowMemory> {
         None
     }
 

@@ -1154,8 +1154,10 @@ fn a_disk_size_mismatch_is_refused_naming_both_sizes() {
 }
 
 /// kill -9 of a db primary at seeded random moments: the backup takes over on its
-/// replica, and every update the world saw acknowledged (an output record with progress
-/// p: updates 1..=p are durable) is in the replica's log, as the reference model wrote it.
+/// replica, every update the world saw acknowledged (an output record with progress p:
+/// updates 1..=p are durable) is in the replica's log, as the reference model wrote it,
+/// and the replica holds every committed write (it is the committed disk plus the
+/// resumed guest's writes).
 #[test]
 fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
     let runs: u64 = std::env::var("CASTOR_KILL_RUNS")
@@ -1168,8 +1170,9 @@ fn db_failover_keeps_every_update_the_world_saw_acknowledged() {
 /// The same on KVM: 20 kill -9s of a db primary (a real guest driving its virtio-blk
 /// disk) at seeded random moments, each with its own workload seed, the daemons as
 /// separate processes. After each, the backup took over on its replica from its last
-/// commit, and every update the world saw acknowledged reads back from the replica's log
-/// as the reference model wrote it. Short runs (a 32 MiB guest, 0.1–0.8 s protected, the
+/// commit, every update the world saw acknowledged reads back from the replica's log as
+/// the reference model wrote it, and the replica is the committed disk plus the resumed
+/// guest's writes (the model's disk at some progress from the resumed one). Short runs (a 32 MiB guest, 0.1–0.8 s protected, the
 /// backup running on for 0.4 s), so the twenty take a minute or two here.
 #[test]
 fn kvm_db_kill9_failovers_keep_every_update_the_world_saw_acknowledged() {
@@ -1180,9 +1183,9 @@ fn kvm_db_kill9_failovers_keep_every_update_the_world_saw_acknowledged() {
 }
 
 /// `runs` db pairs on `guest`, each with a workload seed and a kill moment (0.1–0.8 s into
-/// protection) drawn from `seed`: kill -9 the primary, check the failover, and check that
-/// every update the world saw acknowledged is on the replica. Every run must have had
-/// some to check (a record every 32 updates).
+/// protection) drawn from `seed`: kill -9 the primary, check the failover, and check the
+/// replica ([`check_db_replica`]). Every run must have had acknowledged updates to check
+/// (a record every 32 updates).
 fn db_kill9_runs(tag: &str, guest: &str, runs: u64, seed: u64) {
     // Large enough that the log does not wrap in the few seconds a run lasts.
     let disk: u64 = 16 << 20;
@@ -1200,8 +1203,8 @@ fn db_kill9_runs(tag: &str, guest: &str, runs: u64, seed: u64) {
         if let Some(pr) = p.primary.as_mut() {
             pr.kill9();
         }
-        p.check_failover();
-        let acked = check_acked_updates(&p, &o);
+        let active = p.check_failover();
+        let acked = check_db_replica(&p, &o, &active);
         eprintln!(
             "{guest} run {i} (seed {}): killed after {delay} ms; updates 1..={acked} on the replica",
             o.seed
@@ -1209,11 +1212,14 @@ fn db_kill9_runs(tag: &str, guest: &str, runs: u64, seed: u64) {
     }
 }
 
-/// After a failover of a db pair run with `o`: every update the world saw acknowledged
-/// (the progress word of the last record the primary released) is in the replica's log,
-/// as the reference model wrote it (`ha_workloads::db::check_acknowledged`). Returns
-/// that progress.
-fn check_acked_updates(p: &Pair, o: &Opts) -> u64 {
+/// After a failover of a db pair run with `o`, resumed as `active` says: every update the
+/// world saw acknowledged (the progress word of the last record the primary released) is
+/// in the replica's log as the reference model wrote it
+/// (`ha_workloads::db::check_acknowledged`), and the replica is the committed disk plus
+/// the writes of the guest resumed from it: the model's disk at some progress from the
+/// resumed one on (`ImageModel::run_until_disk_equals`). Returns the acknowledged
+/// progress.
+fn check_db_replica(p: &Pair, o: &Opts, active: &serde_json::Value) -> u64 {
     use ha_workloads::db::{Layout, acknowledged, check_acknowledged};
     let acked = acknowledged(&p.world.view().primary_last_payload).unwrap_or(0);
     if acked == 0 {
@@ -1238,10 +1244,26 @@ fn check_acked_updates(p: &Pair, o: &Opts) -> u64 {
     let mut model = ha_workloads::model::ImageModel::fresh(memory, &params);
     model.run_to(acked);
     match check_acknowledged(&l, &replica, &model.disk, acked) {
-        Ok(window) if window.start == 1 => acked,
+        Ok(window) if window.start == 1 => {}
         Ok(window) => p.fail(&format!("the log wrapped: {window:?}")),
         Err(e) => p.fail(&e.to_string()),
     }
+    let resumed = active["progress"].as_u64().unwrap_or(0);
+    let end = events(&p.backup_events())
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["progress"].as_u64())
+        .max()
+        .unwrap_or(resumed);
+    model.run_to(resumed);
+    let limit = end + end.saturating_sub(resumed).max(1000);
+    if let Err(e) = model.run_until_disk_equals(&replica, limit) {
+        p.fail(&format!(
+            "the replica is not the committed disk plus the resumed guest's writes \
+             (resumed at {resumed}, ran to {end}): {e}"
+        ));
+    }
+    acked
 }
 
 /// Bytes of a `--memory` value the tests use ("32M").
@@ -1275,7 +1297,7 @@ fn a_damaged_epoch_with_disk_records_leaves_the_replica_at_the_last_commit() {
         let mut p = Pair::start("dbfault", &o);
         let lost = p.wait_lost_after(fault);
         let active = p.check_failover();
-        let acked = check_acked_updates(&p, &o);
+        let acked = check_db_replica(&p, &o, &active);
         eprintln!(
             "{fault:?}: lost ({}), resumed from epoch {}, updates 1..={acked} on the replica",
             lost["reason"], active["epoch"]

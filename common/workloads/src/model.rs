@@ -731,13 +731,23 @@ impl ImageModel {
             .collect();
         let from = self.cpu.progress();
         self.disk_written.clear();
+        // The closest the disks came, for the error: (pages, progress, the first pages).
+        let mut closest = (u64::MAX, from, Vec::new());
         while !differ.is_empty() {
+            if (differ.len() as u64) < closest.0 {
+                closest = (
+                    differ.len() as u64,
+                    self.cpu.progress(),
+                    differ.iter().take(8).copied().collect(),
+                );
+            }
             if self.cpu.progress() >= limit {
                 return Err(DiskDiverged::Pages {
                     from,
                     limit,
-                    pages: differ.len() as u64,
-                    first: differ.first().copied().unwrap_or(0),
+                    fewest: closest.0,
+                    at: closest.1,
+                    pages: closest.2,
                 });
             }
             self.unit();
@@ -776,20 +786,22 @@ pub enum DiskDiverged {
         /// The model's.
         model: u64,
     },
-    /// Pages still differed at the limit.
+    /// Pages differed at every progress up to the limit.
     #[error(
         "the disk is not the model's at any progress from {from} to {limit}: \
-         {pages} pages differ at {limit}, the first disk page {first}"
+         at best {fewest} pages differ (at progress {at}: disk pages {pages:?}…)"
     )]
     Pages {
         /// Progress the run started from.
         from: u64,
         /// Progress it gave up at.
         limit: u64,
-        /// Pages that differed there.
-        pages: u64,
-        /// The first of them.
-        first: u64,
+        /// The fewest pages that differed at any progress.
+        fewest: u64,
+        /// The progress where they were fewest.
+        at: u64,
+        /// The first of them there (up to 8).
+        pages: Vec<u64>,
     },
 }
 

@@ -6,6 +6,7 @@
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
 //! | [`drill`] | the failover drill |
+//! | [`disk`] | the disk images of a bench pair, and the drill's checks of the replica |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
 //! | [`plot`] | PNG plots of a comparison |
@@ -18,6 +19,7 @@ pub mod cases;
 pub mod chaos;
 pub mod codec;
 pub mod compare;
+pub mod disk;
 pub mod drill;
 pub mod failover;
 pub mod pair;

@@ -72,6 +72,7 @@ pub fn run(a: &PauseArgs, mut each: impl FnMut(&PauseRow)) -> Result<Vec<PauseRo
                 keep: false,
                 repeat: 1,
                 paired: false,
+                disk_size: 0,
             };
             for run in compare::run(&args, |_| {})? {
                 let row = PauseRow {

@@ -122,6 +122,9 @@ pub struct CompareArgs {
     pub paired: bool,
     /// The disk's size in bytes for the workloads that need one (`db`, `files`).
     pub disk_size: u64,
+    /// Where the disk images go (None: each run's own directory under the system's
+    /// temporary directory), e.g. a tmpfs to take the host disk's flush latency out.
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// One run's figures.
@@ -215,6 +218,36 @@ fn spec(
 /// An output record every this many units (the primary's default `--output-every`).
 const OUTPUT_EVERY: u64 = 64;
 
+/// Where a run's disk images go: the run's directory, or with `--disk-dir` a directory of
+/// their own there, removed with this (however the run ends).
+struct ImagesDir {
+    path: PathBuf,
+    own: bool,
+}
+
+impl ImagesDir {
+    fn new(a: &CompareArgs, run_dir: &Path) -> std::io::Result<Self> {
+        let Some(base) = &a.disk_dir else {
+            return Ok(Self {
+                path: run_dir.to_path_buf(),
+                own: false,
+            });
+        };
+        let name = run_dir.file_name().unwrap_or_default();
+        let path = base.join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path, own: true })
+    }
+}
+
+impl Drop for ImagesDir {
+    fn drop(&mut self) {
+        if self.own {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
 /// A new directory for one run of workload `w` in `mode` (its logs, stats, disks).
 fn run_dir(w: Workload, mode: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
@@ -232,7 +265,8 @@ fn run_dir(w: Workload, mode: &str) -> std::io::Result<PathBuf> {
 /// and removed after it.
 fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
     let dir = run_dir(w, "none")?;
-    let r = run_none_in(a, w, &dir);
+    let images = ImagesDir::new(a, &dir)?;
+    let r = run_none_in(a, w, &images.path);
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
@@ -253,12 +287,19 @@ fn run_none_in(a: &CompareArgs, w: Workload, dir: &Path) -> Result<RunResult, Co
     let mut d = f.create(&spec(a, w, dir)?.0).map_err(guest_err)?;
     d.resume().map_err(guest_err)?;
     let mut out = Vec::new();
+    let mut writes = Vec::new();
     let mut drain_for = |d: &mut Box<dyn ha_guest::domain::Domain>, secs: f64| {
         let end = Instant::now() + Duration::from_secs_f64(secs);
         while Instant::now() < end {
             std::thread::sleep(Duration::from_millis(25));
             out.clear();
             d.drain_output(&mut out)?;
+            // The disk's write log too, as the primary drains it every checkpoint (here
+            // while the guest runs: the writes are dropped, only the log's growth counts).
+            if let Some(disk) = d.disk() {
+                writes.clear();
+                disk.drain_writes(&mut writes)?;
+            }
             d.check_health()?;
         }
         Ok(())
@@ -363,7 +404,8 @@ fn run_protected(
         key_args: &key_args,
     }
     .args(&[s("--block-size"), block_size.to_string()]);
-    let (_, images) = spec(a, w, &dir)?;
+    let images_dir = ImagesDir::new(a, &dir)?;
+    let (_, images) = spec(a, w, &images_dir.path)?;
     let mut backup_args = backup_args;
     if let Some(im) = &images {
         backup_args.extend([s("--disk"), im.replica.display().to_string()]);

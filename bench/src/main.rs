@@ -159,6 +159,11 @@ struct CompareCli {
     /// The disk's size for db and files (a multiple of 4K).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     disk_size: u64,
+    /// Where db's and files's disk images go (default: each run's directory under the
+    /// temporary directory); a tmpfs such as /dev/shm takes the host disk's flush latency
+    /// out of the figures.
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
     /// Modes, comma-separated: none (unprotected baseline), remus, xbzrle, fgbi.
     #[arg(long, value_delimiter = ',', default_value = "none,remus,xbzrle,fgbi")]
     modes: Vec<String>,
@@ -582,6 +587,7 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         repeat: a.repeat,
         paired: a.paired,
         disk_size: a.disk_size,
+        disk_dir: a.disk_dir,
     };
     let json = a.json;
     // Every single run goes to runs.csv as it ends (a pass's figures, before the medians),

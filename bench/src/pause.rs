@@ -73,6 +73,7 @@ pub fn run(a: &PauseArgs, mut each: impl FnMut(&PauseRow)) -> Result<Vec<PauseRo
                 repeat: 1,
                 paired: false,
                 disk_size: 0,
+                disk_dir: None,
             };
             for run in compare::run(&args, |_| {})? {
                 let row = PauseRow {

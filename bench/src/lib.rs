@@ -5,6 +5,7 @@
 //! | [`cases`] | the generated page-pair cases of `shared/bench/PAGE-CASES.md` |
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
+//! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
 //! | [`drill`] | the failover drill |
 //! | [`disk`] | the disk images of a bench pair, and the drill's checks of the replica |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
@@ -20,6 +21,7 @@ pub mod chaos;
 pub mod codec;
 pub mod compare;
 pub mod disk;
+pub mod disksync;
 pub mod drill;
 pub mod failover;
 pub mod pair;

@@ -55,6 +55,13 @@ enum Cmd {
     /// checkpoint it measured beside the pause p50/p99. Writes pause.md, pause.csv and
     /// pause-dirty.png into --out.
     Pause(PauseCli),
+    /// The initial sync of a disk replica: bytes and time against the disk's size.
+    ///
+    /// Fills a --disk-size image with incompressible bytes, copies it as the backup's
+    /// replica with --differ percent of its 4 KiB blocks changed at random, runs a real
+    /// pair (the db guest on that disk) until the primary reports the disk in sync, and
+    /// prints blocks found, fingerprint and block bytes against the disk, and times.
+    Disksync(DiskSyncCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -111,6 +118,25 @@ struct PauseCli {
     warmup: f64,
     /// Where pause.md, pause.csv and pause-dirty.png go.
     #[arg(long, default_value = "target/pause")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct DiskSyncCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// The disk's size.
+    #[arg(long, default_value = "1G", value_parser = ha_daemon::units::parse_size)]
+    disk_size: u64,
+    /// Percent of the replica's blocks that differ, comma-separated (one run each).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,10")]
+    differ: Vec<f64>,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Where the images, logs and disksync.md go (the images are deleted at the end).
+    #[arg(long, default_value = "target/disksync")]
     out: PathBuf,
 }
 
@@ -363,6 +389,7 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => run_compare(a),
         Cmd::Chaos(a) => run_chaos(a),
         Cmd::Pause(a) => run_pause(a),
+        Cmd::Disksync(a) => run_disksync(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -506,6 +533,48 @@ fn run_pause(a: PauseCli) -> Result<bool, String> {
         Ok(f) => println!("wrote {}", f.display()),
         Err(e) => eprintln!("ha-bench: no plot: {e}"),
     }
+    Ok(true)
+}
+
+fn run_disksync(a: DiskSyncCli) -> Result<bool, String> {
+    use ha_bench::disksync;
+    if a.disk_size == 0 || !a.disk_size.is_multiple_of(1 << 20) {
+        return Err(format!(
+            "--disk-size {} is not a positive multiple of 1M",
+            a.disk_size
+        ));
+    }
+    if a.differ.iter().any(|d| !(0.0..=100.0).contains(d)) {
+        return Err("--differ takes percentages from 0 to 100".into());
+    }
+    let args = disksync::DiskSyncArgs {
+        guest: a.guest,
+        disk: a.disk_size,
+        differ: a.differ,
+        memory: a.memory,
+        dir: a.out.clone(),
+    };
+    let rows = disksync::run(&args, |r| {
+        eprintln!(
+            "{} MiB, {} blocks changed: {} sent, {:.2} % of the disk crossed, compare {} ms, sync {} ms",
+            r.disk_bytes >> 20,
+            r.changed,
+            r.blocks,
+            100.0 * r.sent_ratio(),
+            r.compare_ms,
+            r.sync_ms
+        );
+    })
+    .map_err(|e| error_chain(&e))?;
+    let table = disksync::markdown(&rows);
+    print!("{table}");
+    let _ = std::fs::remove_file(a.out.join("primary.img"));
+    for i in 0..rows.len() {
+        let _ = std::fs::remove_file(a.out.join(format!("run{i}/replica.img")));
+    }
+    let f = a.out.join("disksync.md");
+    std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
+    println!("wrote {}", f.display());
     Ok(true)
 }
 

@@ -45,6 +45,10 @@ pub enum ActivateError {
         #[source]
         source: DomainError,
     },
+    /// The guest's lease was lost while the guest was paused for it: another host may run
+    /// it now, so this one must not resume it.
+    #[error("the guest's lease in etcd was lost ({0}); the guest stays paused here")]
+    LeaseLost(String),
 }
 
 /// A guest the backup has taken over.
@@ -184,12 +188,19 @@ impl Active {
         events: &mut EventLog,
         stop: &AtomicBool,
         exit_after: Option<Duration>,
+        lease: Option<&ha_lease::Lease>,
     ) -> Result<(), ActivateError> {
         let started = Instant::now();
         let mut last_report = Instant::now();
         let mut buf = Vec::new();
         while !stop.load(Ordering::Relaxed) && exit_after.is_none_or(|d| started.elapsed() < d) {
             std::thread::sleep(DRAIN_EVERY);
+            if let Some(l) = lease
+                && !l.is_held()
+                && !self.fence_for(l, events, stop)?
+            {
+                break;
+            }
             self.pump(&mut buf)?;
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
@@ -213,5 +224,46 @@ impl Active {
             source,
         })?;
         self.pump(&mut buf)
+    }
+
+    /// The lease could not be refreshed in time: pause the guest and release nothing
+    /// (self-fenced) until the same lease is refreshed (resumed, true), it is lost (an
+    /// error; the guest stays paused) or the backup is asked to stop (false).
+    fn fence_for(
+        &mut self,
+        lease: &ha_lease::Lease,
+        events: &mut EventLog,
+        stop: &AtomicBool,
+    ) -> Result<bool, ActivateError> {
+        let why = lease
+            .failing()
+            .unwrap_or_else(|| "no keep-alive answered in time".into());
+        tracing::error!(
+            reason = %why,
+            "lease: not refreshed in time: pausing the guest and holding its output \
+             (self-fenced) before the lease can expire in etcd"
+        );
+        events.note("self_fenced", json!({ "reason": why }));
+        let guest = |op| move |source| ActivateError::Guest { op, source };
+        self.domain.pause().map_err(guest("pause"))?;
+        let t = Instant::now();
+        loop {
+            if let Some(lost) = lease.lost() {
+                tracing::error!(reason = %lost, "lease: lost; the guest stays paused here");
+                events.note("lease_lost", json!({ "reason": lost }));
+                return Err(ActivateError::LeaseLost(lost));
+            }
+            if lease.is_held() {
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::warn!(fenced_ms = ms, "lease: refreshed again: resuming the guest");
+                events.note("lease_recovered", json!({ "fenced_ms": ms }));
+                self.domain.resume().map_err(guest("resume"))?;
+                return Ok(true);
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }

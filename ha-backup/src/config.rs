@@ -23,7 +23,8 @@ use ha_daemon::config::{
 };
 use ha_daemon::keys::{self, KeyError};
 use ha_daemon::limits::{
-    LimitError, check_block_size, check_interval, check_max_memory, check_memory, check_timeout,
+    LimitError, check_block_size, check_disk_size, check_interval, check_max_memory, check_memory,
+    check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{UnitError, parse_duration, parse_size};
@@ -65,6 +66,15 @@ pub enum ConfigError {
     /// The disk replica cannot be used.
     #[error("--disk")]
     Disk(#[from] crate::replica::ReplicaError),
+    /// The replica file is not of `--disk-size`.
+    #[error("--disk")]
+    DiskFile(#[from] ha_daemon::diskfile::DiskFileError),
+    /// The lease options are refused.
+    #[error(transparent)]
+    Lease(#[from] ha_lease::config::ConfigError),
+    /// `--disk-size` without `--disk`.
+    #[error("--disk-size needs --disk (the replica to create)")]
+    DiskSizeWithoutDisk,
     /// The command line does not parse (this includes `--help` and `--version`), or the
     /// config file cannot be read or has a refused value.
     #[error(transparent)]
@@ -146,11 +156,40 @@ pub struct Cli {
     /// trusted links only).
     #[arg(long)]
     pub insecure: bool,
-    /// The disk replica: a raw image file of the primary's disk size, starting equal to
-    /// the primary's disk (a copy). Checkpoints' disk writes reach it at commit, through a
+    /// The disk replica: a raw image file of the primary's disk size. It need not start
+    /// equal to the primary's disk: before protection the pair brings it level (only the
+    /// blocks that differ cross). Checkpoints' disk writes reach it at commit, through a
     /// journal beside it (PATH.journal); the failed-over guest runs on it.
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
+    /// Create the --disk replica empty (sparse, all zero) at this size when the file does
+    /// not exist yet; an existing one must be this size. A positive multiple of 4K, at
+    /// most 16G.
+    #[arg(long, value_parser = Given::<u64>::text)]
+    pub disk_size: Option<Given<u64>>,
+    /// etcd client URLs, comma-separated (http://host:2379; https with --etcd-ca,
+    /// --etcd-cert, --etcd-key). On losing the primary this backup activates the guest
+    /// only once it holds the guest's key (--lease-key) there — after the primary's lease
+    /// expired or was given up — and keeps it while the guest runs. Without --etcd a cut
+    /// link can run the guest on both hosts (see OPERATIONS.md, Leases).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// The guest's key in etcd, the same on both daemons (e.g. /castor/guests/web1).
+    #[arg(long, value_name = "KEY")]
+    pub lease_key: Option<String>,
+    /// The lease's time to live (whole seconds, at least 2s); the same on both daemons.
+    /// A failing-over backup waits up to twice this for the primary's lease to expire.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// etcd's CA certificate (PEM), for https endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This daemon's client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// This daemon's client key for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
     /// Refuse a primary announcing more guest memory than this (also caps --memory; at
     /// least 2M).
     #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
@@ -199,6 +238,20 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// `--disk`.
     pub disk: Option<PathBuf>,
+    /// `--disk-size`.
+    pub disk_size: Option<Size>,
+    /// `--etcd`.
+    pub etcd: Option<String>,
+    /// `--lease-key`.
+    pub lease_key: Option<String>,
+    /// `--lease-ttl`.
+    pub lease_ttl: Option<String>,
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
     /// `--max-memory`.
     pub max_memory: Option<Size>,
 }
@@ -247,6 +300,13 @@ impl Options for Cli {
             key: some,
             insecure: same,
             disk: some,
+            disk_size: |v| rule(check_disk_size(size(v)?)).map(|d| Some(Given::Parsed(d))),
+            etcd: some,
+            lease_key: some,
+            lease_ttl: duration,
+            etcd_ca: some,
+            etcd_cert: some,
+            etcd_key: some,
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
         );
         Ok(())
@@ -298,6 +358,10 @@ pub struct Config {
     pub disk: Option<PathBuf>,
     /// Its size in bytes when the options were checked (0: no disk).
     pub disk_size: u64,
+    /// `--disk-size`: create a missing replica empty at this size.
+    pub create_disk: Option<u64>,
+    /// The guest's lease in etcd (`--etcd`): claimed before activating.
+    pub lease: Option<ha_lease::LeaseConfig>,
 }
 
 impl Config {
@@ -359,9 +423,49 @@ impl Config {
             .map(|g| g.resolve(parse_duration))
             .transpose()
             .map_err(unit("exit-after"))?;
-        let disk_size = match &cli.disk {
-            Some(p) => crate::replica::replica_size(p)?,
-            None => 0,
+        let lease = ha_lease::LeaseOptions {
+            etcd: cli.etcd.as_deref(),
+            key: cli.lease_key.as_deref(),
+            ttl: cli.lease_ttl,
+            ca: cli.etcd_ca.as_deref(),
+            cert: cli.etcd_cert.as_deref(),
+            tls_key: cli.etcd_key.as_deref(),
+        }
+        .config(&format!(
+            "ha-backup on {} (pid {})",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            std::process::id()
+        ))?;
+        let create_disk = cli
+            .disk_size
+            .as_ref()
+            .map(|g| {
+                g.resolve(|s| {
+                    Ok::<_, ConfigError>(check_disk_size(
+                        parse_size(s).map_err(unit("disk-size"))?,
+                    )?)
+                })
+            })
+            .transpose()?;
+        let disk_size = match (&cli.disk, create_disk) {
+            (None, None) => 0,
+            (None, Some(_)) => return Err(ConfigError::DiskSizeWithoutDisk),
+            (Some(p), Some(want)) if !p.exists() => want,
+            (Some(p), want) => {
+                let have = crate::replica::replica_size(p)?;
+                if let Some(want) = want.filter(|&w| w != have) {
+                    return Err(ConfigError::DiskFile(
+                        ha_daemon::diskfile::DiskFileError::Size {
+                            path: p.clone(),
+                            have,
+                            want,
+                        },
+                    ));
+                }
+                have
+            }
         };
         Ok(Self {
             listen: cli.listen,
@@ -385,6 +489,8 @@ impl Config {
             max_memory,
             disk: cli.disk.clone(),
             disk_size,
+            create_disk,
+            lease,
         })
     }
 
@@ -552,6 +658,13 @@ mod tests {
             "key",
             "insecure",
             "disk",
+            "disk_size",
+            "etcd",
+            "lease_key",
+            "lease_ttl",
+            "etcd_ca",
+            "etcd_cert",
+            "etcd_key",
             "max_memory",
         ];
         let mut keys = file_keys.to_vec();

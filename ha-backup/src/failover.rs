@@ -26,6 +26,15 @@ pub(crate) fn fail_over(
         error!("primary lost before the first checkpoint: nothing to resume");
         return Ok(Exit::NoCheckpoint);
     };
+    // With etcd, the guest's key first: a primary that still holds it still runs the guest
+    // (only the link between the two broke), and the backup must not run it too.
+    let lease = match &cfg.lease {
+        None => None,
+        Some(lc) => match claim_key(lc, sinks) {
+            Some(l) => Some(l),
+            None => return Ok(Exit::NotTakingOver),
+        },
+    };
     info!(
         checkpoint = cp.epoch,
         backend = factory.name(),
@@ -62,9 +71,57 @@ pub(crate) fn fail_over(
     });
     status_fields(&mut ev, st);
     sinks.events.note("active", ev);
-    active.run(sinks.events, stop, cfg.exit_after)?;
+    if let Some(l) = &lease {
+        let status = json!({
+            "role": "backup",
+            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            "state": "active (failed over, unprotected)",
+            "last_epoch": active.epoch,
+        });
+        l.publish(
+            &ha_lease::status_key(l.key()),
+            status.to_string().into_bytes(),
+        );
+    }
+    active.run(sinks.events, stop, cfg.exit_after, lease.as_ref())?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)
+}
+
+/// Claim the guest's key, waiting up to twice the TTL for the primary's lease to expire;
+/// None (logged, event `not_taking_over`) when it stays held.
+fn claim_key(lc: &ha_lease::LeaseConfig, sinks: &mut Sinks<'_>) -> Option<ha_lease::Lease> {
+    let t = std::time::Instant::now();
+    info!(
+        key = lc.key,
+        ttl_s = lc.ttl.as_secs(),
+        "failing over: claiming the guest's key in etcd (once the primary's lease has expired)"
+    );
+    match ha_lease::wait_claim(lc, lc.ttl * 2) {
+        Ok(l) => {
+            let ms = t.elapsed().as_millis() as u64;
+            info!(key = lc.key, waited_ms = ms, "the guest's key is ours");
+            sinks
+                .events
+                .note("lease_claimed", json!({ "key": lc.key, "waited_ms": ms }));
+            Some(l)
+        }
+        Err(e) => {
+            let why = crate::chain(&e);
+            error!(
+                key = lc.key,
+                reason = %why,
+                "not taking over: the guest's key cannot be claimed (the primary still runs \
+                 the guest, or etcd is out of reach); exiting without activating"
+            );
+            sinks
+                .events
+                .note("not_taking_over", json!({ "key": lc.key, "reason": why }));
+            None
+        }
+    }
 }
 
 /// Add a guest's status to an event: `progress`, `checksum`, `out_head`; or `status: "not

@@ -109,6 +109,12 @@ pub enum BackupError {
     /// further epoch is taken; the committed state is kept (see [`replica`]).
     #[error("disk replica")]
     Replica(#[from] replica::ReplicaError),
+    /// The replica file cannot be created, or is not of `--disk-size`.
+    #[error("disk replica")]
+    DiskFile(#[from] ha_daemon::diskfile::DiskFileError),
+    /// The replica cannot be read for the initial disk sync.
+    #[error("initial disk sync")]
+    DiskSync(#[source] ha_wire::disksync::DiskSyncError),
 }
 
 /// How the backup ended, when it did not fail.
@@ -120,6 +126,9 @@ pub enum Exit {
     NoCheckpoint,
     /// The committed image did not match the primary's Verify digest (code 3).
     VerifyFailed,
+    /// The primary was lost, but the guest's key in etcd could not be claimed: the primary
+    /// (or another host) still holds it, so the guest runs there (code 4).
+    NotTakingOver,
 }
 
 impl Exit {
@@ -129,6 +138,7 @@ impl Exit {
             Exit::Stopped => 0,
             Exit::NoCheckpoint => 2,
             Exit::VerifyFailed => 3,
+            Exit::NotTakingOver => 4,
         }
     }
 }
@@ -195,7 +205,7 @@ fn run_with(
     };
     let replica = match &cfg.disk {
         None => None,
-        Some(p) => Some(open_replica(p, events)?),
+        Some(p) => Some(open_replica(p, cfg.create_disk, events)?),
     };
     let mut sinks = Sinks {
         events,
@@ -210,8 +220,17 @@ fn run_with(
 /// Open the disk replica, replaying or discarding the journal a killed backup left.
 fn open_replica(
     path: &std::path::Path,
+    create: Option<u64>,
     events: &mut EventLog,
 ) -> Result<replica::Replica, BackupError> {
+    if ha_daemon::diskfile::prepare(path, create)? == ha_daemon::diskfile::Prepared::Created {
+        info!(
+            replica = %path.display(),
+            bytes = create.unwrap_or(0),
+            "created an empty disk replica; the initial sync fills it"
+        );
+        events.note("disk_created", json!({ "bytes": create.unwrap_or(0) }));
+    }
     let (r, recovery) = replica::Replica::open(path)?;
     match recovery {
         replica::Recovery::Clean => {}

@@ -8,6 +8,7 @@
 
 use std::sync::atomic::AtomicBool;
 
+use ha_wire::disksync;
 use ha_wire::output::append_ack_log;
 use serde_json::json;
 use tracing::{debug, error, info};
@@ -56,7 +57,17 @@ pub(crate) fn receive(
                 String::from_utf8_lossy(frame.body()).into_owned(),
             ));
         }
-        let mut verified = match stager.push(&frame, committed.image()) {
+        if frame.is(ha_wire::frame::FrameType::SumRequest) {
+            match answer_sums(rx, frame.body(), sinks)? {
+                None => continue,
+                Some(reason) => return Ok(Received::Lost(Loss::now(reason, rx.last_frame()))),
+            }
+        }
+        let replica = sinks
+            .replica
+            .as_ref()
+            .map(|r| r as &dyn ha_wire::disksync::ReadAt);
+        let mut verified = match stager.push(&frame, committed.image(), replica) {
             Ok(None) => continue,
             Ok(Some(v)) => v,
             Err(e) => {
@@ -175,6 +186,46 @@ pub(crate) fn receive(
             out_head: applied.out_head.filter(|_| applied.checkpoint),
         })?;
     }
+}
+
+/// The initial disk sync: answer the primary's request for fingerprints of the replica's
+/// chunks. A request that does not parse or names chunks past the replica's end drops
+/// the primary (Some); a replica that cannot be read ends the session (Err).
+fn answer_sums(
+    rx: &mut Receiver,
+    body: &[u8],
+    sinks: &mut Sinks<'_>,
+) -> Result<Option<LossReason>, BackupError> {
+    let Some(r) = &sinks.replica else {
+        return Ok(Some(LossReason::Corrupt(
+            "a disk sync request, but this backup has no disk".into(),
+        )));
+    };
+    let req = match disksync::SumRequest::decode(body) {
+        Ok(req) => req,
+        Err(e) => return Ok(Some(LossReason::Corrupt(e.to_string()))),
+    };
+    let sums = match disksync::answer(r, &req) {
+        Ok(s) => s,
+        Err(e @ disksync::DiskSyncError::Read { .. }) => {
+            sinks.metrics.disk_errors.inc();
+            error!(error = %chain(&e), "the disk replica cannot be read for the initial sync");
+            return Err(BackupError::DiskSync(e));
+        }
+        Err(e) => return Ok(Some(LossReason::Corrupt(e.to_string()))),
+    };
+    debug!(
+        level = req.level,
+        parents = req.parents.len(),
+        sums = sums.sums.len(),
+        "disk sync: fingerprints sent"
+    );
+    let mut out = Vec::new();
+    disksync::put_sums(&mut out, &sums);
+    if let Err(e) = rx.send(&out) {
+        return Ok(Some(LossReason::Io(format!("disk sync answer: {e}"))));
+    }
+    Ok(None)
 }
 
 /// Apply a committed epoch's disk writes to the replica (clearing the journal), then check

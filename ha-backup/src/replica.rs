@@ -128,6 +128,17 @@ pub struct Replica {
     journal_bytes: u64,
 }
 
+/// The initial sync reads the replica's blocks for their fingerprints.
+impl ha_wire::disksync::ReadAt for Replica {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
 /// The journal beside a replica: `<replica>.journal`.
 pub fn journal_path(replica: &Path) -> PathBuf {
     let mut p = replica.as_os_str().to_owned();

@@ -42,15 +42,21 @@ impl Stager {
         self.staging.next_epoch()
     }
 
-    /// Take one frame. `image` is the committed image (records reference it). On error
-    /// the partial epoch is already discarded.
-    pub fn push(&mut self, frame: &Frame, image: &[u8]) -> Result<Option<Verified>, StreamError> {
+    /// Take one frame. `image` is the committed image (records reference it), `replica`
+    /// the disk replica as of the last commit (disk deltas reference it). On error the
+    /// partial epoch is already discarded.
+    pub fn push(
+        &mut self,
+        frame: &Frame,
+        image: &[u8],
+        replica: Option<&dyn ha_wire::disksync::ReadAt>,
+    ) -> Result<Option<Verified>, StreamError> {
         if !self.staging.in_progress() {
             self.started = Some(Instant::now());
         }
-        let staged = self
-            .staging
-            .push(frame.ty, frame.body(), &frame.raw, image)?;
+        let staged =
+            self.staging
+                .push_with_replica(frame.ty, frame.body(), &frame.raw, image, replica)?;
         Ok(staged.map(|staged| {
             let at = Instant::now();
             let stage_us = self

@@ -220,7 +220,7 @@ fn committed_image_equals_primary_memory_and_corrupt_epochs_leave_it() {
                 raw: bytes[at..at + n].to_vec(),
             };
             if let Some(v) = stager
-                .push(&f, committed.image())
+                .push(&f, committed.image(), None)
                 .map_err(|e| e.to_string())?
             {
                 done = Some(committed.apply(v.staged).map_err(|e| e.to_string())?);

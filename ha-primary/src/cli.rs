@@ -10,8 +10,8 @@ use ha_daemon::config::{
     LoadError, Options, Overlay, Size, duration, parsed, rule as bounded, same, size, some,
 };
 use ha_daemon::limits::{
-    LimitError, check_block_size, check_cache_size, check_heartbeat, check_interval, check_memory,
-    check_pipeline, check_precopy_rounds, check_timeout,
+    LimitError, check_block_size, check_cache_size, check_disk_size, check_heartbeat,
+    check_interval, check_memory, check_pipeline, check_precopy_rounds, check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{parse_duration, parse_rate, parse_size};
@@ -85,11 +85,17 @@ pub struct Cli {
     /// Guest memory size (a positive multiple of 2M).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
-    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K). Its
-    /// writes travel with each checkpoint to the backup's replica (its --disk), which must
-    /// start equal to it (a copy). Needed by the db workload.
+    /// The guest's disk: a raw image file (its size is the disk's, a multiple of 4K).
+    /// Before protection the backup's replica (its --disk) is brought level with it (only
+    /// the blocks that differ cross); then its writes travel with each checkpoint. Needed
+    /// by the db and files workloads.
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
+    /// Create the --disk image at this size (empty and sparse; the files workload's
+    /// document tree written into it) when the file does not exist yet. An existing image
+    /// must be this size. A positive multiple of 4K, at most 16G.
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
     /// Working set of the workload (default: all memory above 1 MiB, less 1 MiB).
     #[arg(long, value_parser = parse_size)]
     pub heap: Option<u64>,
@@ -175,6 +181,44 @@ pub struct Cli {
     /// bucket at the sender, for comparing with slower links). Default: unlimited.
     #[arg(long, value_parser = parse_rate)]
     pub link_rate: Option<u64>,
+    /// etcd client URLs, comma-separated (http://host:2379; https with --etcd-ca,
+    /// --etcd-cert, --etcd-key). This primary runs the guest only while it holds the
+    /// guest's key (--lease-key) under a lease there: it claims the key before the guest
+    /// starts, and pauses the guest and holds its output when it cannot keep the lease
+    /// alive. Without --etcd a cut link can run the guest on both hosts (see
+    /// OPERATIONS.md, Leases).
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+    /// The guest's key in etcd, the same on both daemons (e.g. /castor/guests/web1).
+    #[arg(long, value_name = "KEY")]
+    pub lease_key: Option<String>,
+    /// The lease's time to live (whole seconds, at least 2s): a dead holder's key passes
+    /// on after this long; a holder stops its guest a fifth of it (at least 1s) earlier.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// etcd's CA certificate (PEM), for https endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This daemon's client certificate for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert: Option<PathBuf>,
+    /// This daemon's client key for etcd (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The lease options as given (see [`ha_lease::LeaseOptions`]).
+    pub fn lease_options(&self) -> ha_lease::LeaseOptions<'_> {
+        ha_lease::LeaseOptions {
+            etcd: self.etcd.as_deref(),
+            key: self.lease_key.as_deref(),
+            ttl: self.lease_ttl,
+            ca: self.etcd_ca.as_deref(),
+            cert: self.etcd_cert.as_deref(),
+            tls_key: self.etcd_key.as_deref(),
+        }
+    }
 }
 
 /// `ha-primary` subcommands.
@@ -185,6 +229,29 @@ pub enum Command {
     Keygen {
         /// The key file to create.
         file: PathBuf,
+    },
+    /// List every protected guest recorded in etcd: which host runs it, its backup, state,
+    /// last committed checkpoint, lag and bytes/s (as the runner last published them, once
+    /// a second), as a table or JSON.
+    Cluster {
+        /// etcd client URLs, comma-separated.
+        #[arg(long, value_name = "URLS")]
+        etcd: String,
+        /// Where the guests' keys are (the common prefix of their --lease-key).
+        #[arg(long, default_value = "/castor/")]
+        prefix: String,
+        /// One JSON object per guest, one per line, instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// etcd's CA certificate (PEM), for https endpoints.
+        #[arg(long, value_name = "FILE")]
+        etcd_ca: Option<PathBuf>,
+        /// This client's certificate for etcd (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_cert: Option<PathBuf>,
+        /// This client's key for etcd (PEM).
+        #[arg(long, value_name = "FILE")]
+        etcd_key: Option<PathBuf>,
     },
 }
 
@@ -216,6 +283,8 @@ pub struct FileConfig {
     pub memory: Option<Size>,
     /// `--disk`.
     pub disk: Option<PathBuf>,
+    /// `--disk-size`.
+    pub disk_size: Option<Size>,
     /// `--heap`.
     pub heap: Option<Size>,
     /// `--rate`.
@@ -266,6 +335,18 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// `--link-rate`.
     pub link_rate: Option<String>,
+    /// `--etcd`.
+    pub etcd: Option<String>,
+    /// `--lease-key`.
+    pub lease_key: Option<String>,
+    /// `--lease-ttl`.
+    pub lease_ttl: Option<String>,
+    /// `--etcd-ca`.
+    pub etcd_ca: Option<PathBuf>,
+    /// `--etcd-cert`.
+    pub etcd_cert: Option<PathBuf>,
+    /// `--etcd-key`.
+    pub etcd_key: Option<PathBuf>,
 }
 
 fn xen_hold(v: String) -> Result<String, String> {
@@ -298,6 +379,9 @@ impl Cli {
     pub fn check(&self) -> Result<(), LimitError> {
         check_interval(self.interval)?;
         check_memory(self.memory)?;
+        if let Some(d) = self.disk_size {
+            check_disk_size(d)?;
+        }
         check_cache_size(self.cache_size, self.mode)?;
         check_pipeline(self.pipeline)?;
         check_timeout("ack-timeout", self.ack_timeout)?;
@@ -324,6 +408,7 @@ impl Options for Cli {
             workload: parsed::<Workload>,
             memory: |v| bounded(check_memory(size(v)?)),
             disk: some,
+            disk_size: |v| bounded(check_disk_size(size(v)?)).map(Some),
             heap: |v| size(v).map(Some),
             rate: some,
             seed: same,
@@ -349,6 +434,12 @@ impl Options for Cli {
             key: some,
             insecure: same,
             link_rate: |v: String| parse_rate(&v).map(Some).map_err(|e| e.to_string()),
+            etcd: some,
+            lease_key: some,
+            lease_ttl: duration,
+            etcd_ca: some,
+            etcd_cert: some,
+            etcd_key: some,
         );
         Ok(())
     }
@@ -625,6 +716,7 @@ mod tests {
             "workload",
             "memory",
             "disk",
+            "disk_size",
             "heap",
             "rate",
             "seed",
@@ -650,6 +742,12 @@ mod tests {
             "key",
             "insecure",
             "link_rate",
+            "etcd",
+            "lease_key",
+            "lease_ttl",
+            "etcd_ca",
+            "etcd_cert",
+            "etcd_key",
         ];
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();

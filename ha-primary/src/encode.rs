@@ -7,7 +7,7 @@ use crate::harvest::Pages;
 use crossbeam_channel::{Receiver, Sender};
 use ha_codec::cache::CacheStats;
 use ha_codec::codec::disk::DiskEncoder;
-use ha_codec::codec::{Batch, EncodeStats, EncodedBatch, PageEncoder};
+use ha_codec::codec::{Batch, EncodeStats, EncodedBatch, Mode, PageEncoder};
 use ha_guest::domain::DiskWrite;
 use ha_wire::disk::DiskRecords;
 use ha_wire::stream::{EpochHeader, EpochWriter};
@@ -29,6 +29,9 @@ pub struct Job {
     /// Whole-disk digest (verification mode, a guest with a disk).
     pub verify_disk: Option<[u8; 32]>,
 }
+
+/// 4 KiB disk blocks whose last content sent the encoder keeps for deltas (64 MiB).
+pub const DISK_CACHE_BLOCKS: usize = 16384;
 
 /// What an epoch's disk records cost, apart from its pages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,6 +77,10 @@ pub fn run(
 ) {
     let mut batch = EncodedBatch::default();
     let mut disk_enc = DiskEncoder::new(enc.config().general, enc.config().zlib_level);
+    if enc.config().mode != Mode::Remus {
+        // Rewrites of recently written blocks go as deltas (remus stays the baseline).
+        disk_enc = disk_enc.with_cache(DISK_CACHE_BLOCKS);
+    }
     for job in jobs {
         let t = Instant::now();
         let cpu0 = thread_cpu();

@@ -78,6 +78,16 @@ pub enum EngineError {
     /// The stall watch thread cannot start.
     #[error("cannot start the stall watch thread")]
     Watch(#[source] std::io::Error),
+    /// The initial sync of the disk failed.
+    #[error(transparent)]
+    DiskSync(#[from] crate::disksync::SyncError),
+    /// The guest's lease was lost while this primary was self-fenced: the backup may take
+    /// the guest over, so this side must not resume it.
+    #[error(
+        "the guest's lease in etcd was lost ({0}); the guest stays paused here and the \
+         backup may take it over"
+    )]
+    LeaseLost(String),
 }
 
 /// How the primary runs.
@@ -149,6 +159,34 @@ pub struct Summary {
     pub outputs_released: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
+    /// The initial sync of the disk (a guest with a disk).
+    pub disk_sync: Option<DiskSyncSummary>,
+}
+
+/// What the initial sync of the disk cost.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskSyncSummary {
+    /// The disk's size in bytes.
+    pub disk_bytes: u64,
+    /// 4 KiB blocks of the replica that differed.
+    pub blocks: u64,
+    /// Fingerprint bytes both ways (requests and answers).
+    pub fingerprint_bytes: u64,
+    /// Round trips of the comparison.
+    pub round_trips: u32,
+    /// Wire bytes of the differing blocks' disk records (acknowledged epochs).
+    pub block_wire_bytes: u64,
+    /// Milliseconds the comparison took.
+    pub compare_ms: u64,
+    /// Milliseconds from the comparison's start until the blocks were all queued.
+    pub ms: u64,
+}
+
+impl DiskSyncSummary {
+    /// Bytes that crossed for the disk (fingerprints and blocks) per byte of disk.
+    pub fn sent_ratio(&self) -> f64 {
+        (self.fingerprint_bytes + self.block_wire_bytes) as f64 / self.disk_bytes.max(1) as f64
+    }
 }
 
 /// The engine's state, for logs and events.
@@ -204,6 +242,15 @@ struct Engine<'a> {
     /// Under the default policy, when the stand-down to a lost backup was queued: output
     /// stays held until it is on the wire (or the link is gone, or the wait runs out).
     standing_down: Option<Instant>,
+    /// The next checkpoint carries the digests whatever `verify_every` says (the first
+    /// after a disk sync: protection starts when they agree).
+    verify_next: bool,
+    /// The guest's key in etcd, held while this primary runs it.
+    lease: Option<ha_lease::Lease>,
+    /// The last checkpoint the backup acknowledged.
+    last_acked: u64,
+    /// When the status was last published, and the checkpoint wire bytes then.
+    published: Option<(Instant, u64)>,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -237,6 +284,22 @@ pub fn run_with_metrics(
     d: &mut dyn Domain,
     stop: &AtomicBool,
     metrics: &Metrics,
+) -> Result<Summary, EngineError> {
+    run_leased(cfg, d, stop, metrics, None)
+}
+
+/// [`run_with_metrics`] for a guest whose key this primary holds under `lease` (claimed
+/// before the guest started): the guest runs only while the lease may be trusted. When it
+/// cannot be refreshed in time the guest is paused and its output held (self-fenced) until
+/// the same lease is refreshed again; if it is lost instead, the run ends with
+/// [`EngineError::LeaseLost`] and the guest stays paused. A guest that ends with this
+/// process gives the key up at the end, so the backup can claim it at once.
+pub fn run_leased(
+    cfg: &Config,
+    d: &mut dyn Domain,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    lease: Option<ha_lease::Lease>,
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
     let pages = page_count(d.memory_size());
@@ -330,17 +393,35 @@ pub fn run_with_metrics(
         stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
         suspect: None,
         standing_down: None,
+        verify_next: false,
+        lease,
+        last_acked: 0,
+        published: None,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
+    let lease_lost = matches!(run, Err(EngineError::LeaseLost(_)));
     // Stand the backup down only while the guest still runs here: a domain that died or
-    // crashed is the backup's to bring back.
-    if e.d.outlives_vmm() && e.d.check_health().is_ok() {
+    // crashed is the backup's to bring back, and so is one whose lease was lost.
+    if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost {
         let why = match &run {
             Ok(()) => "protection stopped on request".to_string(),
             Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
         };
         e.stand_down(&why);
+    }
+    if let Some(l) = e.lease.take()
+        && !lease_lost
+        && !e.d.outlives_vmm()
+    {
+        // The guest ends with this process: the backup may claim its key at once.
+        match l.release() {
+            Ok(()) => tracing::info!("lease: released the guest's key"),
+            Err(err) => tracing::warn!(
+                error = %ha_daemon::error_chain(&err),
+                "lease: cannot release the guest's key; it passes on when the lease expires"
+            ),
+        }
     }
     run?;
     e.finish();
@@ -360,6 +441,7 @@ impl Engine<'_> {
         if self.d.is_paused() {
             self.d.resume()?;
         }
+        self.sync_disk()?;
         let mut dirty = PageBitmap::new(pages);
         self.d.harvest_dirty(&mut dirty)?; // tracking starts now
         // Round 0: every non-zero page, in chunks.
@@ -423,7 +505,83 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Bring the backup's disk replica level with this disk ([`crate::disksync`]): the
+    /// differing blocks go in pre-copy epochs; writes from now on go with the checkpoints.
+    fn sync_disk(&mut self) -> Result<(), EngineError> {
+        let Some(size) = self.d.disk().map(|k| k.disk_size()) else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        // Writes completed before this are on the disk the comparison reads; the ones
+        // after it are drained at the first checkpoint.
+        self.d.pause()?;
+        let mut before = Vec::new();
+        let drained = self
+            .d
+            .disk()
+            .map_or(Ok(()), |k| k.drain_writes(&mut before));
+        self.d.resume()?;
+        drained?;
+        tracing::info!(
+            disk_mib = size >> 20,
+            "disk sync: comparing the backup's replica with this disk"
+        );
+        let wait = crate::disksync::answer_wait(self.cfg.ack_timeout, size);
+        let outcome = match self.d.disk() {
+            Some(k) => crate::disksync::compare(&*k, &self.ctl, &self.link, wait)?,
+            None => return Ok(()),
+        };
+        let c = match outcome {
+            crate::disksync::Outcome::Compared(c) => c,
+            crate::disksync::Outcome::Closed(why) => return self.backup_lost(&why),
+        };
+        tracing::info!(
+            blocks = c.blocks.len(),
+            mib = (c.blocks.len() as u64 * crate::disksync::BLOCK) >> 20,
+            fingerprint_bytes = c.fingerprint_bytes,
+            round_trips = c.round_trips,
+            ms = c.took.as_millis() as u64,
+            "disk sync: sending the blocks that differ"
+        );
+        // Counted from here: sync epochs acknowledged while later ones are sent add their
+        // bytes as they go.
+        self.summary.disk_sync = Some(DiskSyncSummary {
+            disk_bytes: size,
+            blocks: c.blocks.len() as u64,
+            fingerprint_bytes: c.fingerprint_bytes,
+            round_trips: c.round_trips,
+            block_wire_bytes: 0,
+            compare_ms: c.took.as_millis() as u64,
+            ms: 0,
+        });
+        for runs in crate::disksync::epochs(&c.blocks) {
+            if self.phase != Phase::Syncing {
+                break;
+            }
+            let writes = match self.d.disk() {
+                Some(k) => crate::disksync::read_runs(&*k, &runs)?,
+                None => break,
+            };
+            self.send_precopy_with(Pages::default(), writes)?;
+            self.pump(Duration::ZERO)?;
+        }
+        self.verify_next = true;
+        if let Some(sync) = &mut self.summary.disk_sync {
+            sync.ms = t.elapsed().as_millis() as u64;
+        }
+        Ok(())
+    }
+
     fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
+        self.send_precopy_with(pages, Vec::new())
+    }
+
+    /// A pre-copy epoch: `pages` and the initial disk sync's blocks `disk`.
+    fn send_precopy_with(
+        &mut self,
+        pages: Pages,
+        disk: Vec<ha_guest::domain::DiskWrite>,
+    ) -> Result<(), EngineError> {
         let epoch = self.epoch;
         self.epoch += 1;
         let n = pages.len();
@@ -443,7 +601,7 @@ impl Engine<'_> {
             epoch,
             pages,
             state: None,
-            disk: Vec::new(),
+            disk,
             verify: None,
             verify_disk: None,
         })
@@ -464,8 +622,9 @@ impl Engine<'_> {
 
     fn checkpoint(&mut self, dirty: &mut PageBitmap) -> Result<Instant, EngineError> {
         self.checkpoints += 1;
-        let verify =
-            self.cfg.verify_every > 0 && self.checkpoints.is_multiple_of(self.cfg.verify_every);
+        let verify = std::mem::take(&mut self.verify_next)
+            || (self.cfg.verify_every > 0
+                && self.checkpoints.is_multiple_of(self.cfg.verify_every));
         let cp = harvest::take(self.d, self.epoch, dirty, verify)?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
@@ -509,6 +668,10 @@ impl Engine<'_> {
             {
                 return Ok(());
             }
+            if !self.lease_ok(stop)? {
+                return Ok(());
+            }
+            self.publish_status();
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(5));
@@ -556,11 +719,115 @@ impl Engine<'_> {
         }
     }
 
-    /// How long an in-flight epoch has waited for its ack (since it was taken or queued).
+    /// With a lease, once a second: this pair's status under the guest's key, for the
+    /// cluster view (`ha-primary cluster`); it goes with the lease.
+    fn publish_status(&mut self) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let now = Instant::now();
+        let bytes = self.summary.wire_bytes;
+        let rate = match self.published {
+            Some((at, _)) if now.duration_since(at) < Duration::from_secs(1) => return,
+            Some((at, b)) => bytes.saturating_sub(b) as f64 / now.duration_since(at).as_secs_f64(),
+            None => 0.0,
+        };
+        self.published = Some((now, bytes));
+        let lag_ms = self
+            .inflight
+            .keys()
+            .next()
+            .map_or(0, |&e| self.waited(e).as_millis() as u64);
+        let status = json!({
+            "role": "primary",
+            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            "backup": self.cfg.backup.to_string(),
+            "state": self.phase.name(),
+            "last_epoch": self.last_acked,
+            "lag_ms": lag_ms,
+            "bytes_per_s": rate.round(),
+            "mode": self.cfg.codec.mode.to_string(),
+            "updated_unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
+        lease.publish(
+            &ha_lease::status_key(lease.key()),
+            status.to_string().into_bytes(),
+        );
+    }
+
+    /// With a lease: true while it may be trusted. When it may not (no keep-alive answered
+    /// in time) the guest is paused and its output held (self-fenced) before the lease can
+    /// expire in etcd, until the same lease is refreshed (resumed, true), it is lost for
+    /// good ([`EngineError::LeaseLost`]), or this primary is asked to stop (false).
+    fn lease_ok(&mut self, stop: &AtomicBool) -> Result<bool, EngineError> {
+        let Some(lease) = &self.lease else {
+            return Ok(true);
+        };
+        if lease.is_held() {
+            return Ok(true);
+        }
+        let why = lease
+            .failing()
+            .or_else(|| lease.lost())
+            .unwrap_or_else(|| "no keep-alive answered in time".into());
+        tracing::error!(
+            reason = %why,
+            held = self.held.held_records(),
+            "lease: not refreshed in time: pausing the guest and holding its output \
+             (self-fenced) before the lease can expire in etcd"
+        );
+        self.events.note("self_fenced", json!({ "reason": why }));
+        let was_paused = self.d.is_paused();
+        if !was_paused {
+            self.d.pause()?;
+        }
+        self.metrics.set_state(Phase::Fenced.name());
+        let t = Instant::now();
+        loop {
+            let Some(lease) = &self.lease else {
+                return Ok(true);
+            };
+            if let Some(lost) = lease.lost() {
+                tracing::error!(
+                    reason = %lost,
+                    "lease: lost; the backup may take the guest over: it stays paused here"
+                );
+                self.events.note("lease_lost", json!({ "reason": lost }));
+                return Err(EngineError::LeaseLost(lost));
+            }
+            if lease.is_held() {
+                let ms = t.elapsed().as_millis() as u64;
+                tracing::warn!(
+                    fenced_ms = ms,
+                    "lease: refreshed again (nobody else can have taken the key): resuming \
+                     the guest"
+                );
+                self.events
+                    .note("lease_recovered", json!({ "fenced_ms": ms }));
+                if !was_paused {
+                    self.d.resume()?;
+                }
+                self.metrics.set_state(self.phase.name());
+                return Ok(true);
+            }
+            if stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// How long `epoch` has waited for its ack since it was taken, its pause not counted
+    /// (a long pause, such as the first checkpoint's digests after a disk sync, is this
+    /// side's time, not the backup's).
     fn waited(&self, epoch: u64) -> Duration {
-        self.inflight
-            .get(&epoch)
-            .map_or(Duration::ZERO, |f| f.since.elapsed())
+        self.inflight.get(&epoch).map_or(Duration::ZERO, |f| {
+            f.since.elapsed().saturating_sub(f.row.pause)
+        })
     }
 
     /// Handle what the link and the encoder reported, waiting up to `wait` for the first.
@@ -588,6 +855,9 @@ impl Engine<'_> {
                     if let Some(f) = self.inflight.get_mut(&n) {
                         f.row.send = Some(took);
                     }
+                }
+                LinkEvent::Sums(_) => {
+                    tracing::warn!("the backup sent disk sync fingerprints nobody asked for");
                 }
                 LinkEvent::StoodDown => {
                     if self.standing_down.take().is_some() {
@@ -709,6 +979,7 @@ impl Engine<'_> {
             row.ack_latency = Some(at.saturating_duration_since(since));
             row.held = held;
             if row.checkpoint {
+                self.last_acked = e;
                 self.summary.epochs_committed += 1;
                 self.metrics.epochs_committed.inc();
                 if let Some(l) = row.ack_latency {
@@ -721,6 +992,8 @@ impl Engine<'_> {
                     self.summary.disk_writes += enc.disk.writes;
                 }
                 self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
+            } else if let (Some(enc), Some(sync)) = (&row.encoded, &mut self.summary.disk_sync) {
+                sync.block_wire_bytes += enc.disk.wire_bytes;
             }
             if let Some(s) = &mut self.stats
                 && let Err(err) = s.row(&row)
@@ -735,6 +1008,17 @@ impl Engine<'_> {
                 "protected: the backup holds a committed checkpoint"
             );
             self.events.note("protected", json!({ "epoch": n }));
+            if let Some(sync) = &self.summary.disk_sync {
+                tracing::info!(
+                    epoch = n,
+                    blocks = sync.blocks,
+                    disk_bytes = sync.disk_bytes,
+                    sent_bytes = sync.fingerprint_bytes + sync.block_wire_bytes,
+                    percent_of_disk = format!("{:.2}", 100.0 * sync.sent_ratio()),
+                    "disk in sync: the backup checked its replica against this disk's digest"
+                );
+                self.events.note("disk_synced", json!(sync));
+            }
         }
         Ok(())
     }
@@ -746,7 +1030,28 @@ impl Engine<'_> {
         self.summary.backup_lost = true;
         self.inflight.clear();
         let held = self.held.held_records();
-        if let Some(s) = self.suspect {
+        // Holding the guest's key, this primary knows the backup cannot have taken over:
+        // it runs on (the lease, not the policy, fences it if it loses etcd too).
+        let leased = self.lease.as_ref().is_some_and(ha_lease::Lease::is_held);
+        if leased {
+            tracing::warn!(
+                reason = why,
+                held,
+                "backup lost: this primary holds the guest's key in etcd, so the backup cannot \
+                 take over; continuing unprotected"
+            );
+            self.events
+                .note("backup_lost", json!({ "reason": why, "policy": "lease" }));
+            let reason = format!(
+                "the primary declared this backup lost ({why}) and runs on unprotected, holding \
+                 the guest's key"
+            );
+            if self.ctl.send(Control::StandDown(reason)).is_ok() {
+                self.standing_down = Some(Instant::now());
+            }
+            self.set_phase(Phase::Unprotected);
+            self.release_if_stood_down()?;
+        } else if let Some(s) = self.suspect {
             let stalled_ms = s.stalled.as_millis() as u64;
             tracing::error!(
                 reason = why,

@@ -4,6 +4,7 @@
 //!
 //! | module | stage |
 //! |---|---|
+//! | [`disksync`] | the initial sync of the guest's disk: only the blocks the backup's replica lacks |
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
@@ -13,9 +14,12 @@
 //! | [`report`] | per-epoch CSV statistics and JSON-lines events |
 //! | [`shape`] | link shaping: a token bucket holding the sender to a link rate |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
+//! | [`cluster`] | the cluster view: every protected guest recorded in etcd |
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
+pub mod cluster;
+pub mod disksync;
 pub mod encode;
 pub mod engine;
 pub mod harvest;

@@ -114,8 +114,10 @@ impl LinkError {
 /// The byte streams of a link: encrypted, or plain TCP.
 type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
 
-/// Largest frame the backup sends (its answers are small: Welcome, Refuse, Ack, Abort).
-const MAX_ANSWER: usize = 64 << 10;
+/// Largest frame the backup sends: its answers are small (Welcome, Refuse, Ack, Abort)
+/// but for the disk sync's Sums (at most `ha_wire::disksync::MAX_PARENTS` × 16
+/// fingerprints, or a 16 GiB disk's 1 MiB chunks).
+const MAX_ANSWER: usize = 1 << 20;
 
 /// What the link reports to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +128,8 @@ pub enum LinkEvent {
     Sent(u64, Duration),
     /// The stand-down frame is written to the socket (the session then ends).
     StoodDown,
+    /// The backup's answer to a disk sync request (the Sums frame's body).
+    Sums(Vec<u8>),
     /// The link is gone (with the reason).
     Closed(String),
 }
@@ -138,6 +142,9 @@ pub enum Control {
     StandDown(String),
     /// Half-close now: no further epoch or heartbeat.
     Close,
+    /// Write this session frame (a disk sync request) ahead of queued epochs; the session
+    /// goes on.
+    Frame(Vec<u8>),
 }
 
 /// A connected, welcomed link.
@@ -281,10 +288,11 @@ fn sender(
         let _ = sock.shutdown(std::net::Shutdown::Write);
     };
     loop {
-        let (epoch, buf) = match next(&rx, &ctl, heartbeat) {
-            Next::Epoch(e, b) => (Some(e), b),
-            Next::Heartbeat => (None, hb.clone()),
+        let (epoch, buf, what) = match next(&rx, &ctl, heartbeat) {
+            Next::Epoch(e, b) => (Some(e), b, "epoch"),
+            Next::Heartbeat => (None, hb.clone(), "heartbeat"),
             Next::Control(Control::Close) | Next::Gone => return end(&sock),
+            Next::Control(Control::Frame(frame)) => (None, frame, "disk sync request"),
             Next::Control(Control::StandDown(reason)) => {
                 let mut frame = Vec::new();
                 session::put_stand_down(&mut frame, &reason);
@@ -301,11 +309,6 @@ fn sender(
         };
         let t = Instant::now();
         if let Err(e) = write_shaped(&mut *s, &buf, shaper.as_mut()) {
-            let what = if epoch.is_some() {
-                "epoch"
-            } else {
-                "heartbeat"
-            };
             let _ = events.send(LinkEvent::Closed(format!("sending {what}: {e}")));
             return;
         }
@@ -353,6 +356,12 @@ fn receiver(mut frames: FrameReader<Box<dyn Read + Send>>, events: Sender<LinkEv
                 }
                 Err(e) => e.to_string(),
             },
+            Ok(FrameType::Sums) => {
+                if events.send(LinkEvent::Sums(frame.body().to_vec())).is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(FrameType::Abort) => format!(
                 "the backup ended the session: {}",
                 String::from_utf8_lossy(frame.body())

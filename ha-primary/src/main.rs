@@ -4,13 +4,15 @@ use ha_backend::{PrimaryGuest, XenHold};
 use ha_codec::codec::CodecConfig;
 use ha_daemon::config::LoadError;
 use ha_daemon::error_chain as chain;
-use ha_daemon::keys;
+use ha_daemon::{diskfile, keys};
 use ha_guest::domain::{Devices, GuestSpec};
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::engine::{self, Config};
 use ha_primary::metrics::Metrics;
-use ha_workloads::guest_abi::{GuestParams, HEAP_GPA};
+use ha_workloads::files;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use std::error::Error;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -32,7 +34,96 @@ fn main() -> ExitCode {
     }
 }
 
+/// With `--disk-size`, create a missing `--disk` image (the files workload's document
+/// tree written into it), or check an existing one's size.
+fn provision_disk(cli: &Cli, heap: u64) -> Result<(), Box<dyn Error>> {
+    let (path, size) = match (&cli.disk, cli.disk_size) {
+        (_, None) => return Ok(()),
+        (None, Some(_)) => return Err("--disk-size needs --disk (the image to create)".into()),
+        (Some(p), Some(s)) => (p, s),
+    };
+    if diskfile::prepare(path, Some(size))? == diskfile::Prepared::Existing {
+        return Ok(());
+    }
+    tracing::info!(disk = %path.display(), bytes = size, "created an empty disk image");
+    if cli.workload != Workload::Files {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let formatted = files::format_disk(cli.seed, heap, size, |at, b: &[u8]| {
+        std::os::unix::fs::FileExt::write_all_at(&file, b, at)
+    });
+    match formatted {
+        Some(Ok(l)) => {
+            file.sync_all()?;
+            tracing::info!(
+                files = l.files,
+                pages = l.file_pages,
+                "wrote the files workload's document tree"
+            );
+            Ok(())
+        }
+        Some(Err(e)) => {
+            Err(format!("writing the document tree into {}: {e}", path.display()).into())
+        }
+        None => {
+            let _ = std::fs::remove_file(path);
+            Err(format!(
+                "--disk-size {size} is too small for the files workload's document tree and log \
+                 (or --heap too small for its page cache)"
+            )
+            .into())
+        }
+    }
+}
+
+/// `ha-primary cluster`: the guests recorded in etcd under `prefix`.
+fn cluster_view(
+    etcd: &str,
+    prefix: &str,
+    json: bool,
+    (ca, cert, key): (&Option<PathBuf>, &Option<PathBuf>, &Option<PathBuf>),
+) -> Result<(), Box<dyn Error>> {
+    let opts = ha_lease::LeaseOptions {
+        etcd: Some(etcd),
+        key: Some(prefix),
+        ttl: std::time::Duration::from_secs(5),
+        ca: ca.as_deref(),
+        cert: cert.as_deref(),
+        tls_key: key.as_deref(),
+    };
+    let Some(cfg) = opts.config("ha-primary cluster")? else {
+        return Err("--etcd is empty".into());
+    };
+    let rows = ha_primary::cluster::rows(&ha_lease::list(&cfg, prefix)?);
+    if json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", ha_primary::cluster::table(&rows));
+    }
+    Ok(())
+}
+
+/// Who holds a lease: the daemon, this host's name and the process id.
+fn holder(daemon: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{daemon} on {} (pid {})", host.trim(), std::process::id())
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
+    if let Some(Command::Cluster {
+        etcd,
+        prefix,
+        json,
+        etcd_ca,
+        etcd_cert,
+        etcd_key,
+    }) = &cli.command
+    {
+        return cluster_view(etcd, prefix, *json, (etcd_ca, etcd_cert, etcd_key));
+    }
     if let Some(Command::Keygen { file }) = &cli.command {
         keys::keygen(file)?;
         println!(
@@ -51,6 +142,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     let heap = cli
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
+    provision_disk(&cli, heap)?;
+    let lease_cfg = cli.lease_options().config(&holder("ha-primary"))?;
     let spec = GuestSpec {
         memory_size: cli.memory,
         params: GuestParams {
@@ -128,9 +221,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             XenHold::Suspend(cli.xen_suspend_timeout)
         },
     };
+    // The key first: a guest another host runs (the backup took it over) is not started
+    // here.
+    let lease = match lease_cfg {
+        None => None,
+        Some(lc) => match ha_lease::claim(&lc)? {
+            ha_lease::Claim::Ours(l) => Some(l),
+            ha_lease::Claim::Theirs { holder } => {
+                return Err(format!(
+                    "the guest's key {} in etcd is held by {holder}: it runs there; not \
+                     starting it here",
+                    lc.key
+                )
+                .into());
+            }
+        },
+    };
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     domain.resume()?;
-    let summary = engine::run_with_metrics(&cfg, domain.as_mut(), &stop, &metrics)?;
+    let summary = engine::run_leased(&cfg, domain.as_mut(), &stop, &metrics, lease)?;
     tracing::info!(
         epochs = summary.epochs_committed,
         pause_p50_ms = summary.pause_ms_p50,

@@ -386,3 +386,99 @@ impl Rng {
         lo + self.next_u64() % (hi - lo).max(1)
     }
 }
+
+/// Whether `etcd` (Debian's `etcd-server`) can be started here; a missing one fails the
+/// run when `CASTOR_REQUIRE_ETCD=1`, else the caller skips.
+pub fn etcd_or_skip() -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        assert!(
+            std::env::var("CASTOR_REQUIRE_ETCD").as_deref() != Ok("1"),
+            "CASTOR_REQUIRE_ETCD=1 but etcd is not installed (apt-get install etcd-server)"
+        );
+        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
+    }
+    found
+}
+
+/// One etcd member on loopback, in its own data directory, killed with the value.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Child,
+    /// Its client URL.
+    pub url: String,
+}
+
+impl Etcd {
+    /// Start a member in `dir` and wait (at most 30 s) until it reports healthy.
+    pub fn start(dir: &Path) -> Self {
+        let port = |_| {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or_else(|e| panic!("port: {e}"))
+        };
+        let (client, peer) = (port(0), port(1));
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new("etcd")
+            .arg("--name=n1")
+            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=n1={peer_url}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("etcd: {e}"));
+        let e = Self { child, url };
+        let t = Instant::now();
+        while !e.healthy() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "etcd did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
+    /// Whether `GET /health` answers healthy.
+    fn healthy(&self) -> bool {
+        let addr = self.url.trim_start_matches("http://");
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let mut out = String::new();
+        s.write_all(req.as_bytes()).is_ok()
+            && s.read_to_string(&mut out).is_ok()
+            && out.contains("\"health\":\"true\"")
+    }
+
+    /// Send `sig` (`STOP`, `CONT`, …) to the member.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{sig} etcd");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -5,8 +5,8 @@
 //! runs the `--insecure` path.
 
 use ha_tests::{
-    Fault, NetPair, Proc, Proxy, Rng, Scratch, World, events, keygen, kvm_or_skip, wait_addr,
-    wait_event,
+    Etcd, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
+    kvm_or_skip, wait_addr, wait_event,
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -42,6 +42,10 @@ struct Opts<'a> {
     replica: u64,
     /// The workload's seed (`--seed`).
     seed: u64,
+    /// Leave the disk files to the daemons: `--disk-size` instead of a file made here.
+    create_disks: bool,
+    /// Both daemons keep the guest's key under a lease in this etcd (`--etcd`), TTL 3 s.
+    etcd: Option<&'a str>,
 }
 
 impl Default for Opts<'_> {
@@ -62,8 +66,33 @@ impl Default for Opts<'_> {
             disk: 0,
             replica: 0,
             seed: 1,
+            create_disks: false,
+            etcd: None,
         }
     }
+}
+
+/// `--etcd URL --lease-key … --lease-ttl 3s`, the same on both daemons.
+fn lease_args(o: &Opts) -> Vec<String> {
+    o.etcd.map_or_else(Vec::new, |url| {
+        vec![
+            s("--etcd"),
+            s(url),
+            s("--lease-key"),
+            s("/castor/tests/guest"),
+            s("--lease-ttl"),
+            s("3s"),
+        ]
+    })
+}
+
+/// `--disk PATH` for a disk of `bytes`: the file made here (zeros, kept if it exists), or
+/// with `create` left to the daemon (`--disk-size`).
+fn disk_args(path: &std::path::Path, bytes: u64, create: bool) -> [String; 2] {
+    if create {
+        return [s("--disk-size"), bytes.to_string()];
+    }
+    [s("--disk"), zero_image(path, bytes)]
 }
 
 fn s(v: &str) -> String {
@@ -150,8 +179,13 @@ impl Pair {
         } else {
             args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
         }
+        args.extend(lease_args(o));
         if o.replica > 0 {
-            args.extend([s("--disk"), zero_image(&dir.file("replica.img"), o.replica)]);
+            let path = dir.file("replica.img");
+            if o.create_disks {
+                args.extend([s("--disk"), path.display().to_string()]);
+            }
+            args.extend(disk_args(&path, o.replica, o.create_disks));
         }
         let ns = o.net.map(|n| n.backup_ns.as_str());
         let backup = Proc::spawn_in(ns, "ha-backup", &args, dir.file("backup.log"));
@@ -224,8 +258,13 @@ impl Pair {
             s("1s"),
         ];
         args.extend_from_slice(key);
+        args.extend(lease_args(o));
         if o.disk > 0 {
-            args.extend([s("--disk"), zero_image(&dir.file("primary.img"), o.disk)]);
+            let path = dir.file("primary.img");
+            if o.create_disks {
+                args.extend([s("--disk"), path.display().to_string()]);
+            }
+            args.extend(disk_args(&path, o.disk, o.create_disks));
         }
         if let Some(r) = o.run_for {
             args.extend([s("--run-for"), s(r)]);
@@ -704,7 +743,7 @@ fn wrong_key_and_no_key_primaries_are_refused_then_the_right_one_works() {
         .as_str()
         .unwrap_or("")
         // The plaintext Hello frame's length prefix read as a Noise message length: its
-        // 1-byte type and 40-byte body (session v5: backend kind, guest layout, disk size).
+        // 1-byte type and 40-byte body (session v6: backend kind, guest layout, disk size).
         .contains("handshake message of 41 bytes")
     {
         p.fail(&format!("plaintext Hello reason: {}", refused[1]["reason"]));
@@ -1081,25 +1120,114 @@ fn db_replica_equals_the_primary_disk_at_every_verified_checkpoint() {
     p.check_failover();
 }
 
-/// The check above is live: a replica that does not start equal to the primary's disk
-/// fails the first verified checkpoint (exit 3, `verify_failed` for the disk).
+/// A replica need not start equal: scattered blocks of it differ from the primary's disk,
+/// and before protection the pair compares fingerprints and sends only the blocks that
+/// differ. Every checkpoint's replica then equals the primary's disk (verified each time),
+/// and the bytes that crossed for the disk are a small part of it.
 #[test]
-fn a_replica_that_differs_from_the_primary_disk_fails_verification() {
+fn a_replica_that_differs_is_brought_level_with_the_blocks_that_differ() {
+    let disk: u64 = 16 << 20;
     let o = Opts {
         verify_every: 1,
-        run_for: Some("3s"),
-        ..db_opts(1 << 20)
+        run_for: Some("1500ms"),
+        ..db_opts(disk)
     };
     let mut p = Pair::start_backup("dbdiffer", &o);
-    // The last page: the db's log reaches it only after 16k updates.
-    std::fs::write(p.dir.file("replica.img"), {
-        let mut d = vec![0u8; 1 << 20];
-        d[(1 << 20) - 1] = 1;
-        d
-    })
-    .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    // 40 blocks scattered over the replica hold something else than the primary's zeros.
+    let mut replica = vec![0u8; disk as usize];
+    let mut rng = Rng(0x5EED);
+    let mut differ = std::collections::BTreeSet::new();
+    while differ.len() < 40 {
+        differ.insert(rng.range(0, disk / 4096 - 1));
+    }
+    for &b in &differ {
+        let at = (b * 4096) as usize;
+        for x in replica[at..at + 4096].iter_mut() {
+            *x = rng.range(1, 255) as u8;
+        }
+    }
+    std::fs::write(p.dir.file("replica.img"), &replica)
+        .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
     let key = p.key_args(&o);
     p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    let summary = p.check_verified_run();
+    let sync = &summary["disk_sync"];
+    let blocks = sync["blocks"].as_u64().unwrap_or(0);
+    let sent = sync["fingerprint_bytes"].as_u64().unwrap_or(u64::MAX)
+        + sync["block_wire_bytes"].as_u64().unwrap_or(u64::MAX);
+    // The guest's own early writes differ too; the 40 blocks at least. The primary's
+    // blocks are zeros (zero records), so little but the fingerprints crosses.
+    if blocks < 40 || sent > disk / 20 {
+        p.fail(&format!(
+            "{blocks} blocks, {sent} bytes sent for the disk: {sync}"
+        ));
+    }
+    let synced = wait_event(&p.primary_events(), "disk_synced", Duration::from_secs(5));
+    if synced.is_none() {
+        p.fail("no disk_synced event");
+    }
+}
+
+/// The files workload with both disk files created by the daemons (`--disk-size`): the
+/// primary's image gets the document tree, the backup's replica starts empty, the sync
+/// sends the tree, every checkpoint verifies, and the backup takes over on the replica.
+/// On the sim and on KVM.
+#[test]
+fn files_disks_created_by_the_daemons_sync_and_fail_over() {
+    let disk: u64 = 4 << 20;
+    for guest in ["sim", "kvm"] {
+        if guest == "kvm" && !kvm_or_skip() {
+            continue;
+        }
+        let mut p = Pair::start(
+            &format!("filescreate-{guest}"),
+            &Opts {
+                guest,
+                workload: "files",
+                verify_every: 1,
+                run_for: Some("2s"),
+                create_disks: true,
+                ..db_opts(disk)
+            },
+        );
+        let summary = p.check_verified_run();
+        let sync = &summary["disk_sync"];
+        let image = std::fs::read(p.dir.file("primary.img"))
+            .unwrap_or_else(|e| p.fail(&format!("primary image: {e}")));
+        let tree = image
+            .chunks(4096)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .count() as u64;
+        if tree < 64 || sync["blocks"].as_u64().unwrap_or(0) < tree / 2 {
+            p.fail(&format!(
+                "{guest}: {tree} non-zero blocks on the primary's disk; sync: {sync}"
+            ));
+        }
+        p.check_failover();
+    }
+}
+
+/// The check above is live: a replica changed behind the backup's back (its last page,
+/// which the db's log reaches only after 16k updates) fails the next verified checkpoint
+/// (exit 3, `verify_failed` for the disk).
+#[test]
+fn a_replica_changed_behind_the_backup_fails_verification() {
+    let o = Opts {
+        verify_every: 1,
+        run_for: Some("20s"),
+        ..db_opts(1 << 20)
+    };
+    let mut p = Pair::start("dbtamper", &o);
+    p.wait_protected();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.dir.file("replica.img"))
+            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+        f.write_all_at(&[1], (1 << 20) - 1)
+            .unwrap_or_else(|e| p.fail(&format!("replica: {e}")));
+    }
     let code = p.backup.wait_for(Duration::from_secs(30));
     let failed = events(&p.backup_events())
         .into_iter()
@@ -1379,5 +1507,205 @@ fn a_restarted_backup_replays_a_committed_journal_and_discards_a_staged_one() {
         );
         assert!(replica == want, "committed {committed}: the replica");
         assert_eq!(journal.ok(), Some(0), "the journal is emptied");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Leases on etcd: who runs the guest is decided by its key
+// ---------------------------------------------------------------------------------------
+
+/// With etcd, kill -9 of the primary: its lease is neither refreshed nor given up, so the
+/// backup claims the guest's key only once it expired, and only then activates, with
+/// continuity. Running the guest, the backup then fences itself when etcd stops answering.
+#[test]
+fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-kill-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-kill",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    // The cluster view lists the guest with the status its primary publishes each second.
+    let row = cluster_row(&p, &etcd.url, |r| {
+        r["status"]["last_epoch"].as_u64().unwrap_or(0) > 0
+    });
+    if row["status"]["state"] != "protected"
+        || !row["holder"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ha-primary on")
+    {
+        p.fail(&format!("cluster view row: {row}"));
+    }
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    let claimed = wait_event(&p.backup_events(), "lease_claimed", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("the backup never claimed the guest's key"));
+    // The primary's last keep-alive was at most a third of the TTL before the kill: the
+    // key cannot pass on much sooner than the TTL.
+    let waited = claimed["waited_ms"].as_u64().unwrap_or(0);
+    if waited < 1000 {
+        p.fail(&format!(
+            "the key passed on after {waited} ms, before the lease expired"
+        ));
+    }
+    p.check_failover();
+}
+
+/// With etcd, the link between the two is cut while both live and reach etcd: the backup
+/// cannot claim the key the primary holds, so it does not activate (exit 4,
+/// `not_taking_over`), and the primary runs on unprotected instead of fencing its healthy
+/// guest, although it was started with --fence.
+#[test]
+fn with_etcd_a_cut_link_runs_the_guest_once() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-cut-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-cut",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            fence: true,
+            fault: Fault::CutAfter(Duration::from_millis(1500)),
+            run_for: Some("12s"),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    let code = p.backup.wait_for(Duration::from_secs(30));
+    let ev = events(&p.backup_events());
+    let refused = ev.iter().find(|e| e["event"] == "not_taking_over");
+    if code != Some(4) || refused.is_none() || ev.iter().any(|e| e["event"] == "active") {
+        p.fail(&format!("backup exited {code:?}; events {ev:?}"));
+    }
+    let lost = wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("the primary never noticed"));
+    if lost["policy"] != "lease" {
+        p.fail(&format!("the primary's policy: {lost}"));
+    }
+    let mut pr = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    let code = pr.wait_for(Duration::from_secs(30));
+    let out = pr.stdout();
+    p.primary = Some(pr);
+    if code != Some(0) || primary_fenced(&p) {
+        p.fail(&format!("primary exited {code:?}: {out}"));
+    }
+}
+
+/// Whether the primary's events say it fenced or self-fenced its guest.
+fn primary_fenced(p: &Pair) -> bool {
+    events(&p.primary_events())
+        .iter()
+        .any(|e| e["event"] == "self_fenced" || e["policy"] == "fence")
+}
+
+/// With etcd, the primary cut off from etcd (the member stopped) cannot refresh its lease:
+/// it pauses the guest and holds its output before the lease can expire (`self_fenced`),
+/// and releases nothing meanwhile. When etcd answers again it either finds the same lease
+/// alive and resumes (`lease_recovered`, output flows again) or finds it gone and stays
+/// paused, exiting non-zero (`lease_lost`) — never running on with a lost lease.
+#[test]
+fn with_etcd_a_primary_cut_off_from_etcd_fences_itself() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-fence-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let mut p = Pair::start(
+        "lease-fence",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            run_for: Some("20s"),
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    etcd.signal("STOP");
+    let fenced = wait_event(&p.primary_events(), "self_fenced", Duration::from_secs(10));
+    let seen_at_fence = p.world.view().from_primary;
+    std::thread::sleep(Duration::from_millis(300));
+    let seen_later = p.world.view().from_primary;
+    etcd.signal("CONT");
+    if fenced.is_none() {
+        p.fail("the primary never fenced itself");
+    }
+    if seen_later != seen_at_fence {
+        p.fail(&format!(
+            "output released while fenced: {seen_at_fence} then {seen_later} records"
+        ));
+    }
+    let t = std::time::Instant::now();
+    let outcome = loop {
+        let ev = events(&p.primary_events());
+        if let Some(e) = ev
+            .iter()
+            .find(|e| e["event"] == "lease_recovered" || e["event"] == "lease_lost")
+        {
+            break e["event"].as_str().unwrap_or("").to_string();
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            p.fail("neither recovered nor lost after etcd came back");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut pr = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    let code = pr.wait_for(Duration::from_secs(40));
+    let log = pr.log_text();
+    p.primary = Some(pr);
+    match outcome.as_str() {
+        "lease_recovered" => {
+            if code != Some(0) || p.world.view().from_primary <= seen_later {
+                p.fail(&format!(
+                    "recovered, then exited {code:?}, no new output: {log}"
+                ));
+            }
+        }
+        _ => {
+            if code == Some(0) || !log.contains("lease in etcd was lost") {
+                p.fail(&format!("lost the lease, then exited {code:?}: {log}"));
+            }
+        }
+    }
+    eprintln!("after etcd came back: {outcome}");
+}
+
+/// The test guest's row of `ha-primary cluster --json` once `ready` holds (at most 10 s).
+fn cluster_row(
+    p: &Pair,
+    url: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new(ha_tests::bin("ha-primary"))
+            .args(["cluster", "--etcd", url, "--json"])
+            .output()
+            .unwrap_or_else(|e| p.fail(&format!("ha-primary cluster: {e}")));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let row = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|r| r["key"] == "/castor/tests/guest");
+        match row {
+            Some(r) if ready(&r) => return r,
+            _ if t.elapsed() > Duration::from_secs(10) => p.fail(&format!(
+                "cluster view: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
     }
 }

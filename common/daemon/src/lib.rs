@@ -4,6 +4,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`config`] | the command line with a `--config` TOML file merged under it |
+//! | [`diskfile`] | a disk image or replica file: created empty at `--disk-size` when missing, its size checked |
 //! | [`keys`] | the pair key or `--insecure`, and `keygen` |
 //! | [`signal`] | SIGTERM and SIGINT as a stop flag |
 //! | [`logging`] | the daemons' log lines on stderr, `RUST_LOG` for the level |
@@ -16,6 +17,7 @@
 //! | [`metrics`] | the registry, state gauge, exposition and serving of both daemons' metrics; each daemon adds its own families |
 
 pub mod config;
+pub mod diskfile;
 pub mod events;
 pub mod keys;
 pub mod limits;

@@ -66,6 +66,9 @@ pub enum LimitError {
     /// A guest memory size that is not a positive multiple of [`MEMORY_ALIGN`].
     #[error("--memory {} is not a positive multiple of 2M", size_text(*.0))]
     Memory(u64),
+    /// A disk size that is not a positive multiple of 4 KiB up to [`MAX_DISK`].
+    #[error("--disk-size {} is not a positive multiple of 4K up to 16G", size_text(*.0))]
+    DiskSize(u64),
     /// A memory cap below the smallest guest.
     #[error("--max-memory {} is below the smallest guest, 2M", size_text(*.0))]
     MaxMemory(u64),
@@ -105,6 +108,7 @@ impl LimitError {
             Self::Heartbeat { .. } => "heartbeat",
             Self::Memory(_) => "memory",
             Self::MaxMemory(_) => "max-memory",
+            Self::DiskSize(_) => "disk-size",
             Self::CacheSize { .. } => "cache-size",
             Self::BlockSize(_) => "block-size",
         }
@@ -123,7 +127,7 @@ impl LimitError {
 }
 
 /// `bytes` as an operator would type it: `3M`, `64k`, `1G`, or plain bytes.
-fn size_text(bytes: u64) -> String {
+pub fn size_text(bytes: u64) -> String {
     const UNITS: [(u64, &str); 4] = [
         (1 << 40, "T"),
         (1 << 30, "G"),
@@ -198,6 +202,17 @@ pub fn check_heartbeat(
 pub fn check_memory(bytes: u64) -> Result<u64, LimitError> {
     if bytes == 0 || !bytes.is_multiple_of(MEMORY_ALIGN) {
         return Err(LimitError::Memory(bytes));
+    }
+    Ok(bytes)
+}
+
+/// The largest disk (the initial disk sync names at most 2^22 blocks of 4 KiB).
+pub const MAX_DISK: u64 = 16 << 30;
+
+/// A disk size: a positive multiple of 4 KiB, at most [`MAX_DISK`].
+pub fn check_disk_size(bytes: u64) -> Result<u64, LimitError> {
+    if bytes == 0 || !bytes.is_multiple_of(4096) || bytes > MAX_DISK {
+        return Err(LimitError::DiskSize(bytes));
     }
     Ok(bytes)
 }

@@ -32,6 +32,74 @@ pub enum ConfigError {
         "etcd endpoint {0:?} and the TLS files disagree (https needs --etcd-ca/--etcd-cert/--etcd-key, http takes none)"
     )]
     TlsScheme(String),
+    /// `--lease-key` (or TLS files) without `--etcd`.
+    #[error("--{0} needs --etcd (where the lease is kept)")]
+    WithoutEtcd(&'static str),
+    /// `--etcd` without `--lease-key`.
+    #[error("--etcd needs --lease-key (the guest's key, the same on both daemons)")]
+    NoLeaseKey,
+    /// Some of the TLS files but not all three.
+    #[error("--etcd-ca, --etcd-cert and --etcd-key go together")]
+    PartialTls,
+}
+
+/// The lease options both daemons take, as given on their command lines.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseOptions<'a> {
+    /// `--etcd`: client URLs, comma-separated.
+    pub etcd: Option<&'a str>,
+    /// `--lease-key`.
+    pub key: Option<&'a str>,
+    /// `--lease-ttl`.
+    pub ttl: Duration,
+    /// `--etcd-ca`.
+    pub ca: Option<&'a std::path::Path>,
+    /// `--etcd-cert`.
+    pub cert: Option<&'a std::path::Path>,
+    /// `--etcd-key`.
+    pub tls_key: Option<&'a std::path::Path>,
+}
+
+impl LeaseOptions<'_> {
+    /// The lease configuration the options describe (None without `--etcd`), held by
+    /// `holder`, checked. The margin is a fifth of the TTL, at least 1 s.
+    pub fn config(&self, holder: &str) -> Result<Option<LeaseConfig>, ConfigError> {
+        let tls = match (self.ca, self.cert, self.tls_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                ca: ca.to_owned(),
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+            }),
+            _ => return Err(ConfigError::PartialTls),
+        };
+        let Some(etcd) = self.etcd else {
+            if self.key.is_some() {
+                return Err(ConfigError::WithoutEtcd("lease-key"));
+            }
+            if tls.is_some() {
+                return Err(ConfigError::WithoutEtcd("etcd-ca"));
+            }
+            return Ok(None);
+        };
+        let key = self.key.ok_or(ConfigError::NoLeaseKey)?;
+        let endpoints = etcd
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let cfg = LeaseConfig {
+            endpoints,
+            key: key.to_owned(),
+            holder: holder.to_owned(),
+            ttl: self.ttl,
+            margin: (self.ttl / 5).max(Duration::from_secs(1)),
+            tls,
+        };
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
 }
 
 /// The client's TLS files (etcd's own PEM files: the CA that signed the members'
@@ -116,6 +184,55 @@ impl LeaseConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_make_a_checked_configuration() {
+        let o = LeaseOptions {
+            etcd: Some("http://10.0.0.1:2379, http://10.0.0.2:2379"),
+            key: Some("/castor/guests/web1"),
+            ttl: Duration::from_secs(10),
+            ..LeaseOptions::default()
+        };
+        let c = o.config("primary on p1").unwrap().unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.margin, Duration::from_secs(2));
+        assert_eq!(c.holder, "primary on p1");
+        let none = LeaseOptions {
+            ttl: Duration::from_secs(5),
+            ..LeaseOptions::default()
+        };
+        assert_eq!(none.config("x").unwrap(), None);
+        let msg = |o: LeaseOptions<'_>| o.config("x").unwrap_err().to_string();
+        assert!(
+            msg(LeaseOptions {
+                key: Some("/k"),
+                ..none.clone()
+            })
+            .contains("--lease-key needs --etcd")
+        );
+        assert!(
+            msg(LeaseOptions {
+                etcd: Some("http://h:1"),
+                ..none.clone()
+            })
+            .contains("--lease-key")
+        );
+        let ca = std::path::Path::new("/ca.pem");
+        assert!(
+            msg(LeaseOptions {
+                ca: Some(ca),
+                ..o.clone()
+            })
+            .contains("go together")
+        );
+        assert!(
+            msg(LeaseOptions {
+                ttl: Duration::from_secs(1),
+                ..o.clone()
+            })
+            .contains("at least 2")
+        );
+    }
 
     #[test]
     fn bad_configurations_are_named() {

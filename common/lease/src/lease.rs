@@ -188,6 +188,27 @@ impl Conn {
     }
 }
 
+/// Every key under `prefix` and its value, in key order (the cluster view reads the
+/// guests' keys and statuses). `cfg` says where etcd is; its key is not used.
+pub fn list(cfg: &LeaseConfig, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, LeaseError> {
+    let mut conn = Conn::open(cfg)?;
+    let p = prefix.to_owned();
+    let resp = conn.run("list", cfg.ttl, async |c| {
+        c.get(p, Some(etcd_client::GetOptions::new().with_prefix()))
+            .await
+    })?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect())
+}
+
 /// Claim `cfg.key` once: it is ours if nobody holds it.
 pub fn claim(cfg: &LeaseConfig) -> Result<Claim, LeaseError> {
     let mut conn = Conn::open(cfg)?;
@@ -251,6 +272,8 @@ struct State {
 enum Command {
     /// Revoke the lease now (a planned handover), then stop.
     Release(mpsc::Sender<Result<(), LeaseError>>),
+    /// Put `value` at `key` under the lease (it goes when the lease goes).
+    Publish(String, Vec<u8>),
 }
 
 /// A held key, its lease kept alive by a thread of its own.
@@ -259,6 +282,7 @@ enum Command {
 /// runs out, as when the process dies. [`Lease::release`] gives it up at once.
 #[derive(Debug)]
 pub struct Lease {
+    key: String,
     state: Arc<Mutex<State>>,
     commands: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
@@ -291,6 +315,7 @@ impl Lease {
             "lease: key claimed"
         );
         Ok(Self {
+            key: cfg.key.clone(),
             state,
             commands: Some(tx),
             thread: Some(thread),
@@ -322,9 +347,22 @@ impl Lease {
         self.lock().failing.clone()
     }
 
+    /// The guest's key this lease holds.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The lease's id in etcd.
     pub fn id(&self) -> i64 {
         self.id
+    }
+
+    /// Put `value` at `key` under this lease, in the background (a status others read;
+    /// it disappears with the lease). A failed put is logged, not reported.
+    pub fn publish(&self, key: &str, value: Vec<u8>) {
+        if let Some(c) = &self.commands {
+            let _ = c.send(Command::Publish(key.to_owned(), value));
+        }
     }
 
     /// Give the key up now: revoke the lease (the key goes with it).
@@ -406,8 +444,11 @@ impl Keeper {
                     s.lost = Some(why);
                     // Nothing to keep alive; wait for the owner to let go.
                     drop(s);
-                    if let Ok(Command::Release(done)) = rx.recv() {
-                        let _ = done.send(Ok(()));
+                    while let Ok(c) = rx.recv() {
+                        if let Command::Release(done) = c {
+                            let _ = done.send(Ok(()));
+                            return;
+                        }
                     }
                     return;
                 }
@@ -423,9 +464,22 @@ impl Keeper {
                     self.lock().failing = Some(why);
                 }
             }
-            match rx.recv_timeout(every.saturating_sub(started.elapsed())) {
+            let mut next = rx.recv_timeout(every.saturating_sub(started.elapsed()));
+            while let Ok(Command::Publish(key, value)) = next {
+                let id = self.id;
+                let put = self.conn.run("status put", every, async |c| {
+                    c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                        .await
+                });
+                if let Err(e) = put {
+                    tracing::debug!(error = %e, "lease: publishing a status failed");
+                }
+                next = rx.recv_timeout(every.saturating_sub(started.elapsed()));
+            }
+            match next {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return,
+                Ok(Command::Publish(..)) => {}
                 Ok(Command::Release(done)) => {
                     let id = self.id;
                     let res = self

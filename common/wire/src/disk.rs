@@ -7,11 +7,13 @@
 //! ```
 //!
 //! The payload is [`ha_codec::codec::disk`]'s: `Zero` (empty), `General` (codec byte and
-//! compressed data) or `Raw`. A record covers `sectors × 512` bytes at byte
+//! compressed data), `Raw`, or `Delta` (against the block as the replica holds it before
+//! the record: the last commit's replica with this epoch's earlier records over it). A record covers `sectors × 512` bytes at byte
 //! `sector × 512` of the disk, inside the disk the session announced. Records apply in
 //! the order sent (a later write to the same sectors wins). The primary cuts each write
 //! into records of at most [`ha_codec::codec::disk::CHUNK`] bytes.
 
+use crate::disksync::ReadAt;
 use ha_codec::codec::disk::{
     self as content, CHUNK, DiskCodecError, DiskEncoder, DiskEncoding, MAX_RECORD_SECTORS, SECTOR,
 };
@@ -47,6 +49,14 @@ pub enum DiskRecordError {
     /// A record cut short or with bad varints.
     #[error("malformed disk frame")]
     Malformed,
+    /// A delta record whose base cannot be read (or there is no replica to read it from).
+    #[error("disk record at sector {sector}: cannot read its base: {why}")]
+    Base {
+        /// First sector.
+        sector: u64,
+        /// Why.
+        why: String,
+    },
     /// A payload that does not decode.
     #[error("disk record at sector {sector} does not decode")]
     Content {
@@ -69,8 +79,8 @@ pub struct DiskRecords {
     pub writes: u64,
     /// Bytes written (before encoding).
     pub raw_bytes: u64,
-    /// Records of each encoding: zero, general, raw.
-    pub by_encoding: [u64; 3],
+    /// Records of each encoding: zero, general, raw, delta.
+    pub by_encoding: [u64; 4],
 }
 
 impl DiskRecords {
@@ -90,7 +100,7 @@ impl DiskRecords {
             let mut sector = w.offset / SECTOR as u64;
             for chunk in w.data.chunks(CHUNK) {
                 payload.clear();
-                let e = enc.encode(chunk, &mut payload);
+                let e = enc.encode(sector * SECTOR as u64, chunk, &mut payload);
                 let sectors = (chunk.len() / SECTOR) as u64;
                 varint::put(&mut r.bytes, sector);
                 varint::put(&mut r.bytes, sectors);
@@ -118,12 +128,14 @@ impl DiskRecords {
 
 /// Decode a Disk frame's records onto `staged` (in order); returns how many there were.
 /// `limit` is the most records still allowed; over it, the count is returned early (the
-/// caller reports the excess).
+/// caller reports the excess). `replica` is the disk as of the last commit, which `Delta`
+/// records are resolved against (with `staged` over it); without one they are refused.
 pub fn stage(
     mut body: &[u8],
     disk_size: u64,
     staged: &mut Vec<DiskWrite>,
     limit: u64,
+    replica: Option<&dyn ReadAt>,
 ) -> Result<u64, DiskRecordError> {
     if disk_size == 0 {
         return Err(DiskRecordError::NoDisk);
@@ -159,6 +171,14 @@ pub fn stage(
         let enc = DiskEncoding::from_u8(e).map_err(content_err)?;
         // `sectors` is at most 128: the length fits.
         let mut data = vec![0u8; sectors as usize * SECTOR];
+        let offset = sector * SECTOR as u64;
+        if enc == DiskEncoding::Delta {
+            if data.len() != CHUNK || !offset.is_multiple_of(CHUNK as u64) {
+                return Err(content_err(DiskCodecError::DeltaLength(data.len())));
+            }
+            base(replica, staged, offset, &mut data)
+                .map_err(|why| DiskRecordError::Base { sector, why })?;
+        }
         content::decode(enc, payload, &mut data).map_err(content_err)?;
         staged.push(DiskWrite {
             offset: sector * SECTOR as u64,
@@ -166,6 +186,28 @@ pub fn stage(
         });
     }
     Ok(n)
+}
+
+/// The content at `offset` before the next record: `replica`, then the epoch's earlier
+/// records over it in order.
+fn base(
+    replica: Option<&dyn ReadAt>,
+    staged: &[DiskWrite],
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    let r = replica.ok_or("a delta record, but no replica to resolve it against")?;
+    r.read_at(offset, buf).map_err(|e| e.to_string())?;
+    let end = offset + buf.len() as u64;
+    for w in staged {
+        let w_end = w.offset + w.data.len() as u64;
+        let (from, to) = (offset.max(w.offset), end.min(w_end));
+        if from < to {
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&w.data[(from - w.offset) as usize..(to - w.offset) as usize]);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -213,7 +255,7 @@ mod tests {
         assert_eq!(r.by_encoding[DiskEncoding::Zero as usize], 1);
         assert!(r.by_encoding[DiskEncoding::General as usize] >= 2);
         let mut staged = Vec::new();
-        assert_eq!(stage(&r.bytes, 1 << 20, &mut staged, 100), Ok(5));
+        assert_eq!(stage(&r.bytes, 1 << 20, &mut staged, 100, None), Ok(5));
         let (mut want, mut got) = (vec![0xEEu8; 1 << 20], vec![0xEEu8; 1 << 20]);
         apply(&mut want, &ws);
         apply(&mut got, &staged);
@@ -234,12 +276,12 @@ mod tests {
         let r = DiskRecords::encode(&mut enc, &writes()).unwrap();
         let mut v = Vec::new();
         assert_eq!(
-            stage(&r.bytes, 0, &mut v, 100),
+            stage(&r.bytes, 0, &mut v, 100, None),
             Err(DiskRecordError::NoDisk)
         );
         // The writes reach byte 20480: a smaller disk refuses them.
         assert!(matches!(
-            stage(&r.bytes, 16384, &mut v, 100),
+            stage(&r.bytes, 16384, &mut v, 100, None),
             Err(DiskRecordError::OutOfRange { .. })
         ));
         let mut rec = Vec::new();
@@ -249,18 +291,82 @@ mod tests {
             varint::put(&mut rec, sectors);
             rec.extend_from_slice(&[0, 0]);
             assert!(matches!(
-                stage(&rec, 1 << 30, &mut v, 100),
+                stage(&rec, 1 << 30, &mut v, 100, None),
                 Err(DiskRecordError::OutOfRange { .. })
             ));
         }
         assert_eq!(
-            stage(&r.bytes[..r.bytes.len() - 1], 1 << 20, &mut v, 100),
+            stage(&r.bytes[..r.bytes.len() - 1], 1 << 20, &mut v, 100, None),
             Err(DiskRecordError::Malformed)
         );
         rec.clear();
         rec.extend_from_slice(&[0, 1, 7, 0]);
         assert!(matches!(
-            stage(&rec, 1 << 20, &mut v, 100),
+            stage(&rec, 1 << 20, &mut v, 100, None),
+            Err(DiskRecordError::Content { sector: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn deltas_resolve_against_the_replica_and_the_epochs_earlier_records() {
+        let size = 8 * 4096usize;
+        let mut enc = DiskEncoder::new(GeneralCodec::Lz4, 1).with_cache(16);
+        let mut primary = vec![0u8; size];
+        let mut replica = primary.clone();
+        let mut x = 99u64;
+        let mut epochs = 0;
+        for epoch in 0..30u64 {
+            let mut ws = Vec::new();
+            for i in 0..4u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let block = (x % 8) as usize * 4096;
+                // Mostly small edits of a block (deltas), now and then a partial write.
+                let w = if i == 3 && epoch % 3 == 0 {
+                    DiskWrite {
+                        offset: (block + 512) as u64,
+                        data: vec![x as u8; 1024],
+                    }
+                } else {
+                    let mut d = primary[block..block + 4096].to_vec();
+                    d[(x >> 20) as usize % 4096] ^= 0x5A;
+                    d[(x >> 40) as usize % 4096] = epoch as u8;
+                    DiskWrite {
+                        offset: block as u64,
+                        data: d,
+                    }
+                };
+                primary[w.offset as usize..w.offset as usize + w.data.len()]
+                    .copy_from_slice(&w.data);
+                ws.push(w);
+            }
+            let r = DiskRecords::encode(&mut enc, &ws).unwrap();
+            if r.by_encoding[DiskEncoding::Delta as usize] > 0 {
+                epochs += 1;
+            }
+            let mut staged = Vec::new();
+            stage(&r.bytes, size as u64, &mut staged, 100, Some(&replica)).unwrap();
+            for w in &staged {
+                replica[w.offset as usize..w.offset as usize + w.data.len()]
+                    .copy_from_slice(&w.data);
+            }
+            assert!(replica == primary, "epoch {epoch}");
+        }
+        assert!(epochs > 20, "deltas in {epochs} of 30 epochs");
+        // Without a replica a delta cannot be resolved; a delta that is not one block is
+        // refused.
+        let mut d = primary[..4096].to_vec();
+        d[0] ^= 1;
+        let r = DiskRecords::encode(&mut enc, &[DiskWrite { offset: 0, data: d }]).unwrap();
+        assert_eq!(r.by_encoding[DiskEncoding::Delta as usize], 1);
+        assert!(matches!(
+            stage(&r.bytes, size as u64, &mut Vec::new(), 100, None),
+            Err(DiskRecordError::Base { sector: 0, .. })
+        ));
+        let rec = [0u8, 4, DiskEncoding::Delta as u8, 0];
+        assert!(matches!(
+            stage(&rec, size as u64, &mut Vec::new(), 100, Some(&replica)),
             Err(DiskRecordError::Content { sector: 0, .. })
         ));
     }

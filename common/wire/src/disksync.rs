@@ -102,6 +102,15 @@ impl ReadAt for [u8] {
     }
 }
 
+impl ReadAt for Vec<u8> {
+    fn size(&self) -> u64 {
+        self.as_slice().size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
 /// Chunks of `level` on a disk of `size` bytes (the last may be short).
 fn chunks_of(level: u8, size: u64) -> u64 {
     size.div_ceil(LEVELS[usize::from(level)])
@@ -263,16 +272,30 @@ pub enum Step {
     Differ(Vec<u64>),
 }
 
-/// The primary's side: the comparison, one level per round trip.
+/// Most parent chunks one request names: its answer is at most 64 Ki fingerprints
+/// (512 KiB), so a level with more mismatches goes in several round trips.
+pub const MAX_PARENTS: usize = 4096;
+
+/// The primary's side: the comparison, one level per round trip (or a few, when a level
+/// has more than [`MAX_PARENTS`] chunks to look inside).
 #[derive(Debug)]
 pub struct Comparer {
     size: u64,
     asked: SumRequest,
+    /// Parents of `asked.level` not asked for yet.
+    queue: Vec<u64>,
+    /// Chunks of `asked.level` found to differ so far.
+    differ: Vec<u64>,
+    batch: usize,
 }
 
 impl Comparer {
     /// Start comparing a disk of `size` bytes: the first request to send.
     pub fn new(size: u64) -> (Self, SumRequest) {
+        Self::with_batch(size, MAX_PARENTS)
+    }
+
+    fn with_batch(size: u64, batch: usize) -> (Self, SumRequest) {
         let asked = SumRequest {
             level: 0,
             parents: Vec::new(),
@@ -281,9 +304,22 @@ impl Comparer {
             Self {
                 size,
                 asked: asked.clone(),
+                queue: Vec::new(),
+                differ: Vec::new(),
+                batch: batch.max(1),
             },
             asked,
         )
+    }
+
+    /// The next batch of `queue` at `level`.
+    fn ask(&mut self, level: u8) -> Step {
+        let n = self.queue.len().min(self.batch);
+        self.asked = SumRequest {
+            level,
+            parents: self.queue.drain(..n).collect(),
+        };
+        Step::Ask(self.asked.clone())
     }
 
     /// Take the backup's answer to the last request, compare it with `disk` (the
@@ -302,25 +338,33 @@ impl Comparer {
             });
         }
         let mine = fingerprints(disk, self.asked.level, &chunks)?;
-        let differ: Vec<u64> = chunks
-            .iter()
-            .zip(mine.iter().zip(&sums.sums))
-            .filter(|(_, (a, b))| a != b)
-            .map(|(&c, _)| c)
-            .collect();
-        if self.asked.level == BLOCK_LEVEL || differ.is_empty() {
-            return Ok(Step::Differ(if self.asked.level == BLOCK_LEVEL {
-                differ
-            } else {
-                Vec::new()
-            }));
+        self.differ.extend(
+            chunks
+                .iter()
+                .zip(mine.iter().zip(&sums.sums))
+                .filter(|(_, (a, b))| a != b)
+                .map(|(&c, _)| c),
+        );
+        let level = self.asked.level;
+        if !self.queue.is_empty() {
+            return Ok(self.ask(level));
         }
-        self.asked = SumRequest {
-            level: self.asked.level + 1,
-            parents: differ,
-        };
-        Ok(Step::Ask(self.asked.clone()))
+        if level == BLOCK_LEVEL || self.differ.is_empty() {
+            return Ok(Step::Differ(std::mem::take(&mut self.differ)));
+        }
+        self.queue = std::mem::take(&mut self.differ);
+        Ok(self.ask(level + 1))
     }
+}
+
+/// Put a request as a SumRequest frame.
+pub fn put_request(out: &mut Vec<u8>, req: &SumRequest) {
+    crate::frame::put_frame(out, crate::frame::FrameType::SumRequest, &req.encode());
+}
+
+/// Put an answer as a Sums frame.
+pub fn put_sums(out: &mut Vec<u8>, sums: &Sums) {
+    crate::frame::put_frame(out, crate::frame::FrameType::Sums, &sums.encode());
 }
 
 /// Run the whole comparison in one process (both sides' messages encoded and decoded as
@@ -329,7 +373,15 @@ pub fn compare_local<P: ReadAt + ?Sized, B: ReadAt + ?Sized>(
     primary: &P,
     replica: &B,
 ) -> Result<(Vec<u64>, u64), DiskSyncError> {
-    let (mut c, mut req) = Comparer::new(primary.size());
+    compare_batched(primary, replica, MAX_PARENTS)
+}
+
+fn compare_batched<P: ReadAt + ?Sized, B: ReadAt + ?Sized>(
+    primary: &P,
+    replica: &B,
+    batch: usize,
+) -> Result<(Vec<u64>, u64), DiskSyncError> {
+    let (mut c, mut req) = Comparer::with_batch(primary.size(), batch);
     let mut bytes = 0u64;
     loop {
         let body = req.encode();
@@ -455,6 +507,7 @@ mod tests {
         fn any_differences_are_found_exactly(
             pages in 1u64..600,
             flips in proptest::collection::vec((0u64..600, 0usize..4096), 0..40),
+            batch in 1usize..5,
         ) {
             let size = (pages * BLOCK) as usize;
             let primary = disk(size, pages);
@@ -466,7 +519,9 @@ mod tests {
                 replica[i] = !primary[i];
                 want.insert(b);
             }
-            let (differ, _) = compare_local(primary.as_slice(), replica.as_slice()).unwrap();
+            // Small batches: a level's parents go in several requests.
+            let (differ, _) =
+                compare_batched(primary.as_slice(), replica.as_slice(), batch).unwrap();
             prop_assert_eq!(differ, want.into_iter().collect::<Vec<_>>());
         }
     }

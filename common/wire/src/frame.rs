@@ -55,13 +55,19 @@ pub enum FrameType {
     StandDown = 21,
     /// Backup → primary: the backup failed and ends the session (UTF-8 reason).
     Abort = 22,
+    /// Primary → backup: initial disk sync, the fingerprints of the replica's chunks it
+    /// asks for (`ha_wire::disksync::SumRequest`).
+    SumRequest = 23,
+    /// Backup → primary: initial disk sync, the fingerprints asked for
+    /// (`ha_wire::disksync::Sums`).
+    Sums = 24,
     /// Daemon → output sink: a released output record.
     Output = 32,
 }
 
 impl FrameType {
     /// Every frame type, in byte order.
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 16] = [
         FrameType::Header,
         FrameType::Pages,
         FrameType::State,
@@ -75,6 +81,8 @@ impl FrameType {
         FrameType::Heartbeat,
         FrameType::StandDown,
         FrameType::Abort,
+        FrameType::SumRequest,
+        FrameType::Sums,
         FrameType::Output,
     ];
 
@@ -94,6 +102,8 @@ impl FrameType {
             FrameType::Heartbeat => "Heartbeat",
             FrameType::StandDown => "Stand-down",
             FrameType::Abort => "Abort",
+            FrameType::SumRequest => "SumRequest",
+            FrameType::Sums => "Sums",
             FrameType::Output => "Output",
         }
     }
@@ -320,7 +330,10 @@ mod tests {
             assert_eq!(FrameType::try_from(u8::from(t)), Ok(t));
         }
         let known: Vec<u8> = FrameType::ALL.iter().map(|t| *t as u8).collect();
-        assert_eq!(known, [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 32]);
+        assert_eq!(
+            known,
+            [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 23, 24, 32]
+        );
         for b in (0..=u8::MAX).filter(|b| !known.contains(b)) {
             assert_eq!(FrameType::try_from(b), Err(FrameError::UnknownType(b)));
         }

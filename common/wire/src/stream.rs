@@ -463,7 +463,20 @@ impl Staging {
         raw: &[u8],
         image: &[u8],
     ) -> Result<Option<StagedEpoch>, StreamError> {
-        let r = self.push_inner(ty, body, raw, image);
+        self.push_with_replica(ty, body, raw, image, None)
+    }
+
+    /// [`Staging::push`] in a session with a disk: `replica` is the disk replica as of the
+    /// last commit, which disk delta records are resolved against.
+    pub fn push_with_replica(
+        &mut self,
+        ty: u8,
+        body: &[u8],
+        raw: &[u8],
+        image: &[u8],
+        replica: Option<&dyn crate::disksync::ReadAt>,
+    ) -> Result<Option<StagedEpoch>, StreamError> {
+        let r = self.push_inner(ty, body, raw, image, replica);
         if r.is_err() {
             self.cur = None;
         }
@@ -476,6 +489,7 @@ impl Staging {
         body: &[u8],
         raw: &[u8],
         image: &[u8],
+        replica: Option<&dyn crate::disksync::ReadAt>,
     ) -> Result<Option<StagedEpoch>, StreamError> {
         let Some(cur) = &mut self.cur else {
             if ty != FrameType::Header as u8 {
@@ -545,7 +559,7 @@ impl Staging {
                 cur.bytes += raw.len() as u64;
                 cur.disk_bytes += raw.len() as u64;
                 let left = u64::from(cur.header.records).saturating_sub(cur.records);
-                let n = disk::stage(body, self.disk_size, &mut cur.disk, left)?;
+                let n = disk::stage(body, self.disk_size, &mut cur.disk, left, replica)?;
                 cur.records += n;
                 if n > left {
                     return Err(StreamError::RecordCount {

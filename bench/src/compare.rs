@@ -8,13 +8,19 @@
 //! Figures of a protected run come from the primary's `--stats` CSV over a window that
 //! starts `warmup` seconds after the pair is protected (pre-copy excluded); the `none`
 //! run samples the guest's progress counter over a window of the same length.
+//!
+//! The disk workloads (`db`, `files`) run on a fresh disk each run, `none` included (made
+//! by [`crate::disk::Images`], the backup's replica a copy), and their bytes per
+//! checkpoint are split into memory and disk.
 
+use crate::disk::Images;
 use crate::pair::{
-    BackupSpec, PairError, backup_addr, daemons, keygen, percentile, spawn, unix_ms, wait_event,
+    BackupSpec, PairError, backup_addr, daemons, guest_params, keygen, percentile, spawn, unix_ms,
+    wait_event,
 };
 use ha_backend::{BackendKind, FactoryOptions};
-use ha_guest::domain::GuestSpec;
-use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
+use ha_guest::domain::{Devices, GuestSpec};
+use ha_workloads::guest_abi::Workload;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -116,6 +122,11 @@ pub struct CompareArgs {
     pub paired: bool,
     /// The primary's `--copy` (auto, pause, cow); None: its default.
     pub copy: Option<String>,
+    /// The disk's size in bytes for the workloads that need one (`db`, `files`).
+    pub disk_size: u64,
+    /// Where the disk images go (None: each run's own directory under the system's
+    /// temporary directory), e.g. a tmpfs to take the host disk's flush latency out.
+    pub disk_dir: Option<PathBuf>,
 }
 
 /// One run's figures.
@@ -152,8 +163,12 @@ pub struct RunResult {
     pub pause_ms_p99: f64,
     /// Longest, ms.
     pub pause_ms_max: f64,
-    /// Mean bytes on the wire per checkpoint.
+    /// Mean bytes on the wire per checkpoint (memory and disk).
     pub wire_bytes_per_epoch: f64,
+    /// Of them, the disk's: mean bytes of disk records per checkpoint (0 without a disk).
+    pub disk_wire_bytes_per_epoch: f64,
+    /// Mean bytes the guest wrote to its disk per checkpoint.
+    pub disk_raw_bytes_per_epoch: f64,
     /// Wire bytes per second.
     pub wire_bytes_per_s: f64,
     /// Mean dirty pages × 4096 per checkpoint.
@@ -185,29 +200,90 @@ pub fn link_name(bits: Option<u64>) -> String {
     }
 }
 
-fn spec(a: &CompareArgs, w: Workload) -> Result<GuestSpec, CompareError> {
+/// The guest of workload `w`, as `ha-primary` builds it from the comparison's settings;
+/// for a disk workload its disk images made in `dir`.
+fn spec(
+    a: &CompareArgs,
+    w: Workload,
+    dir: &Path,
+) -> Result<(GuestSpec, Option<Images>), CompareError> {
     let memory = ha_daemon::units::parse_size(&a.memory)
         .map_err(|e| CompareError::Setting(e.to_string()))?;
-    Ok(GuestSpec {
+    let disk_size = if w.needs_disk() { a.disk_size } else { 0 };
+    let params = guest_params(w, memory, a.seed, a.rate.units(w), OUTPUT_EVERY, disk_size);
+    let images = if w.needs_disk() {
+        Some(Images::create(dir, &params).map_err(PairError::from)?)
+    } else {
+        None
+    };
+    let spec = GuestSpec {
         memory_size: memory,
-        params: GuestParams {
-            workload: w,
-            seed: a.seed,
-            heap_gpa: HEAP_GPA,
-            heap_size: w.default_heap(memory),
-            rate: a.rate.units(w),
-            tsc_khz: 0,
-            output_every: 64,
-            doorbell_every: 256,
-            disk_size: 0,
+        params,
+        devices: Devices {
+            disk: images.as_ref().map(|im| im.primary.clone()),
         },
-        devices: Default::default(),
-    })
+    };
+    Ok((spec, images))
+}
+
+/// An output record every this many units (the primary's default `--output-every`).
+const OUTPUT_EVERY: u64 = 64;
+
+/// Where a run's disk images go: the run's directory, or with `--disk-dir` a directory of
+/// their own there, removed with this (however the run ends).
+struct ImagesDir {
+    path: PathBuf,
+    own: bool,
+}
+
+impl ImagesDir {
+    fn new(a: &CompareArgs, run_dir: &Path) -> std::io::Result<Self> {
+        let Some(base) = &a.disk_dir else {
+            return Ok(Self {
+                path: run_dir.to_path_buf(),
+                own: false,
+            });
+        };
+        let name = run_dir.file_name().unwrap_or_default();
+        let path = base.join(name);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path, own: true })
+    }
+}
+
+impl Drop for ImagesDir {
+    fn drop(&mut self) {
+        if self.own {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A new directory for one run of workload `w` in `mode` (its logs, stats, disks).
+fn run_dir(w: Workload, mode: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "castor-compare-{}-{}-{mode}-{}",
+        std::process::id(),
+        w.name(),
+        unix_ms()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// The unprotected baseline: the guest alone, no dirty log, its output drained as the
-/// primary would; progress over the window.
+/// primary would; progress over the window. A disk workload's disk is made for the run
+/// and removed after it.
 fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
+    let dir = run_dir(w, "none")?;
+    let images = ImagesDir::new(a, &dir)?;
+    let r = run_none_in(a, w, &images.path);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// [`run_none`] with its disk (if any) in `dir`.
+fn run_none_in(a: &CompareArgs, w: Workload, dir: &Path) -> Result<RunResult, CompareError> {
     let guest_err = |source| CompareError::Guest {
         workload: w.name().into(),
         source,
@@ -219,15 +295,22 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
             ..FactoryOptions::default()
         },
     );
-    let mut d = f.create(&spec(a, w)?).map_err(guest_err)?;
+    let mut d = f.create(&spec(a, w, dir)?.0).map_err(guest_err)?;
     d.resume().map_err(guest_err)?;
     let mut out = Vec::new();
+    let mut writes = Vec::new();
     let mut drain_for = |d: &mut Box<dyn ha_guest::domain::Domain>, secs: f64| {
         let end = Instant::now() + Duration::from_secs_f64(secs);
         while Instant::now() < end {
             std::thread::sleep(Duration::from_millis(25));
             out.clear();
             d.drain_output(&mut out)?;
+            // The disk's write log too, as the primary drains it every checkpoint (here
+            // while the guest runs: the writes are dropped, only the log's growth counts).
+            if let Some(disk) = d.disk() {
+                writes.clear();
+                disk.drain_writes(&mut writes)?;
+            }
             d.check_health()?;
         }
         Ok(())
@@ -255,6 +338,8 @@ fn run_none(a: &CompareArgs, w: Workload) -> Result<RunResult, CompareError> {
         pause_ms_p99: 0.0,
         pause_ms_max: 0.0,
         wire_bytes_per_epoch: 0.0,
+        disk_wire_bytes_per_epoch: 0.0,
+        disk_raw_bytes_per_epoch: 0.0,
         wire_bytes_per_s: 0.0,
         raw_bytes_per_epoch: 0.0,
         epochs_per_s: 0.0,
@@ -320,14 +405,13 @@ fn run_protected(
     block_size: u32,
 ) -> Result<RunResult, CompareError> {
     let (primary_bin, backup_bin) = (&bins.primary, &bins.backup);
-    let dir = std::env::temp_dir().join(format!(
-        "castor-compare-{}-{}-{mode}{}-{}",
-        std::process::id(),
-        w.name(),
-        a.copy.as_ref().map_or(String::new(), |c| format!("-{c}")),
-        unix_ms()
-    ));
-    std::fs::create_dir_all(&dir)?;
+    let dir = run_dir(
+        w,
+        &format!(
+            "{mode}{}",
+            a.copy.as_ref().map_or(String::new(), |c| format!("-{c}"))
+        ),
+    )?;
     let f = |n: &str| dir.join(n);
     let s = |v: &str| v.to_string();
     let stalled = |what: &str| PairError::Stalled(what.to_string(), dir.clone());
@@ -346,6 +430,12 @@ fn run_protected(
         key_args: &key_args,
     }
     .args(&[s("--block-size"), block_size.to_string()]);
+    let images_dir = ImagesDir::new(a, &dir)?;
+    let (_, images) = spec(a, w, &images_dir.path)?;
+    let mut backup_args = backup_args;
+    if let Some(im) = &images {
+        backup_args.extend([s("--disk"), im.replica.display().to_string()]);
+    }
     let _backup = spawn(backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let baddr = backup_addr(&f("port"), &dir)?;
     let rate = a.rate.units(w);
@@ -374,6 +464,9 @@ fn run_protected(
         f("primary.csv").display().to_string(),
     ];
     primary_args.extend([s("--block-size"), block_size.to_string()]);
+    if let Some(im) = &images {
+        primary_args.extend([s("--disk"), im.primary.display().to_string()]);
+    }
     if let Some(bits) = link {
         primary_args.extend([s("--link-rate"), format!("{bits}bit")]);
     }
@@ -477,6 +570,8 @@ fn summarize(
     };
     let parts = [part("stop_us"), part("harvest_us"), part("copy_us")];
     let epochs_per_s = (n - 1.0) / span.max(1e-9);
+    // A primary without the disk columns (or without a disk) sent no disk bytes.
+    let disk_mean = |name: &str| at(name).map_or(0.0, mean);
     Some(RunResult {
         workload: w.name().into(),
         mode: mode.into(),
@@ -494,6 +589,8 @@ fn summarize(
         pause_ms_p99: percentile(&pauses, 99),
         pause_ms_max: pauses.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
         wire_bytes_per_epoch: mean(wire),
+        disk_wire_bytes_per_epoch: disk_mean("disk_wire_bytes"),
+        disk_raw_bytes_per_epoch: disk_mean("disk_raw_bytes"),
         wire_bytes_per_s: mean(wire) * epochs_per_s,
         raw_bytes_per_epoch: mean(raw),
         epochs_per_s,
@@ -642,6 +739,8 @@ fn aggregate(passes: &[Vec<RunResult>]) -> Vec<RunResult> {
                 pause_ms_p99: m(|r| r.pause_ms_p99),
                 pause_ms_max: m(|r| r.pause_ms_max),
                 wire_bytes_per_epoch: m(|r| r.wire_bytes_per_epoch),
+                disk_wire_bytes_per_epoch: m(|r| r.disk_wire_bytes_per_epoch),
+                disk_raw_bytes_per_epoch: m(|r| r.disk_raw_bytes_per_epoch),
                 wire_bytes_per_s: m(|r| r.wire_bytes_per_s),
                 raw_bytes_per_epoch: m(|r| r.raw_bytes_per_epoch),
                 epochs_per_s: m(|r| r.epochs_per_s),
@@ -661,15 +760,15 @@ fn aggregate(passes: &[Vec<RunResult>]) -> Vec<RunResult> {
 /// The results as a markdown table.
 pub fn markdown(rs: &[RunResult]) -> String {
     let mut s = String::from(
-        "| workload | mode | interval | link | block | progress/s | overhead (range) | pause p50 / p99 / max (ms) | wire KB/epoch | wire MB/s | raw KB/epoch | epochs/s | encode CPU ms/epoch |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| workload | mode | interval | link | block | progress/s | overhead (range) | pause p50 / p99 / max (ms) | wire KB/epoch | memory / disk KB/epoch | wire MB/s | raw KB/epoch | epochs/s | encode CPU ms/epoch |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rs {
         let dash = |v: f64, f: &dyn Fn(f64) -> String| {
             if r.mode == "none" { "-".into() } else { f(v) }
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.workload,
             r.mode,
             dash(r.interval_ms, &|v| format!("{v:.0} ms")),
@@ -691,6 +790,11 @@ pub fn markdown(rs: &[RunResult]) -> String {
                 r.pause_ms_p50, r.pause_ms_p99, r.pause_ms_max
             )),
             dash(r.wire_bytes_per_epoch, &|v| format!("{:.1}", v / 1e3)),
+            dash(r.disk_wire_bytes_per_epoch, &|v| format!(
+                "{:.1} / {:.1}",
+                (r.wire_bytes_per_epoch - v) / 1e3,
+                v / 1e3
+            )),
             dash(r.wire_bytes_per_s, &|v| format!("{:.2}", v / 1e6)),
             dash(r.raw_bytes_per_epoch, &|v| format!("{:.1}", v / 1e3)),
             dash(r.epochs_per_s, &|v| format!("{v:.1}")),
@@ -704,12 +808,12 @@ pub fn markdown(rs: &[RunResult]) -> String {
 pub const CSV_HEADER: &str = "workload,mode,interval_ms,link,block_size,rate,seconds,progress_per_s,overhead_pct,\
          pause_ms_p50,pause_ms_p99,pause_ms_max,wire_bytes_per_epoch,wire_bytes_per_s,\
          raw_bytes_per_epoch,epochs_per_s,encode_cpu_ms_per_epoch,checkpoints,repeats,\
-         overhead_pct_min,overhead_pct_max\n";
+         overhead_pct_min,overhead_pct_max,disk_wire_bytes_per_epoch,disk_raw_bytes_per_epoch\n";
 
 /// One result as a CSV line (with its newline).
 pub fn csv_row(r: &RunResult) -> String {
     format!(
-        "{},{},{},{},{},{},{:.3},{:.1},{},{:.3},{:.3},{:.3},{:.0},{:.0},{:.0},{:.2},{:.3},{},{},{},{}\n",
+        "{},{},{},{},{},{},{:.3},{:.1},{},{:.3},{:.3},{:.3},{:.0},{:.0},{:.0},{:.2},{:.3},{},{},{},{},{:.0},{:.0}\n",
         r.workload,
         r.mode,
         r.interval_ms,
@@ -733,6 +837,8 @@ pub fn csv_row(r: &RunResult) -> String {
             .map_or(String::new(), |o| format!("{o:.2}")),
         r.overhead_pct_max
             .map_or(String::new(), |o| format!("{o:.2}")),
+        r.disk_wire_bytes_per_epoch,
+        r.disk_raw_bytes_per_epoch,
     )
 }
 
@@ -746,7 +852,7 @@ pub fn csv(rs: &[RunResult]) -> String {
 }
 
 /// Read results back from a CSV that [`csv`] wrote (to redraw plots and tables without
-/// running again).
+/// running again). A CSV from before the disk columns reads as no disk bytes.
 pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
@@ -783,6 +889,8 @@ pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
     .iter()
     .map(|n| col(n))
     .collect::<Result<_, _>>()?;
+    let disk_cols = ["disk_wire_bytes_per_epoch", "disk_raw_bytes_per_epoch"]
+        .map(|n| header.iter().position(|h| *h == n));
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
@@ -794,6 +902,11 @@ pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
                     .map_err(|_| bad(format!("{:?} in {l}", get(i))))
             };
             let opt = |i: usize| get(i).parse::<f64>().ok();
+            let disk = |c: Option<usize>| {
+                c.and_then(|c| f.get(c))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
             let int = |i: usize| -> Result<u64, CompareError> {
                 get(i)
                     .parse()
@@ -813,6 +926,8 @@ pub fn read_csv(text: &str) -> Result<Vec<RunResult>, CompareError> {
                 pause_ms_p99: num(10)?,
                 pause_ms_max: num(11)?,
                 wire_bytes_per_epoch: num(12)?,
+                disk_wire_bytes_per_epoch: disk(disk_cols[0]),
+                disk_raw_bytes_per_epoch: disk(disk_cols[1]),
                 wire_bytes_per_s: num(13)?,
                 raw_bytes_per_epoch: num(14)?,
                 epochs_per_s: num(15)?,
@@ -853,6 +968,8 @@ mod tests {
             pause_ms_p99: 1.5,
             pause_ms_max: 2.0,
             wire_bytes_per_epoch: 24_300.0,
+            disk_wire_bytes_per_epoch: 1_200.0,
+            disk_raw_bytes_per_epoch: 8_192.0,
             wire_bytes_per_s: 900_000.0,
             raw_bytes_per_epoch: 400_000.0,
             epochs_per_s: 36.5,
@@ -875,6 +992,24 @@ mod tests {
         assert_eq!(back[1].overhead_pct, Some(4.4));
         assert_eq!(back[0].overhead_pct, None);
         assert!(read_csv("workload,mode\nweb,fgbi\n").is_err());
+        assert_eq!(back[1].disk_wire_bytes_per_epoch, 1_200.0);
+        assert_eq!(back[1].disk_raw_bytes_per_epoch, 8_192.0);
+        // A CSV written before the disk columns: no disk bytes.
+        let old: String = csv(&rs)
+            .lines()
+            .map(|l| l.rsplitn(3, ',').nth(2).unwrap_or_default().to_string() + "\n")
+            .collect();
+        let back = read_csv(&old).unwrap_or_default();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[1].disk_wire_bytes_per_epoch, 0.0);
+        assert_eq!(back[1].wire_bytes_per_epoch, 24_300.0);
+    }
+
+    /// The table splits a run's bytes per checkpoint into memory and disk.
+    #[test]
+    fn markdown_splits_memory_and_disk() {
+        let md = markdown(&[result("fgbi", Some(1.0))]);
+        assert!(md.contains("| 24.3 | 23.1 / 1.2 |"), "{md}");
     }
 
     /// Medians per figure over passes, and the overhead's range.

@@ -3,17 +3,23 @@
 //! with SIGKILL at a random moment, and shows the failover and a continuity verdict.
 //!
 //! The pair shares a fresh key made with `ha-primary keygen` in the run's directory (the
-//! link is encrypted), unless `--insecure` asks for plain TCP. The report carries the CPU
+//! link is encrypted), unless `--insecure` asks for plain TCP. A `db` or `files` guest
+//! runs on a disk the drill makes (the backup's replica a copy of it, [`crate::disk`]);
+//! after the failover the drill also checks the replica against the reference model:
+//! every `db` update the world saw acknowledged reads back as written, and the replica is
+//! the committed disk plus the writes of the guest resumed from it. The report carries the CPU
 //! time each daemon spent per checkpoint while protected (from `/proc/<pid>/stat`), so
 //! the two can be compared.
 
+use crate::disk::{DiskCheck, Failover, Images};
 pub use crate::pair::PairError as DrillError;
 use crate::pair::{
-    BackupSpec, backup_addr, cpu_ms, cpu_ms_split, daemons, events, keygen, percentile, spawn,
-    unix_ms, wait_event,
+    BackupSpec, backup_addr, cpu_ms, cpu_ms_split, daemons, events, guest_params, keygen,
+    percentile, spawn, unix_ms, wait_event,
 };
 use ha_backend::BackendKind;
 use ha_wire::output::{Consumer, WorldView};
+use ha_workloads::guest_abi::{GuestParams, Workload};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,7 +54,15 @@ pub struct DrillArgs {
     pub keep: bool,
     /// Plain TCP (`--insecure` on both daemons) instead of a pair key.
     pub insecure: bool,
+    /// The disk's size in bytes for a workload that needs one (`db`, `files`).
+    pub disk_size: u64,
 }
+
+/// The workload's seed the drill gives the primary (`--seed`).
+const WORKLOAD_SEED: u64 = 1;
+/// An output record every this many units (`--output-every`): for `db`, a flush and an
+/// acknowledgement of the updates up to it.
+const OUTPUT_EVERY: u64 = 64;
 
 /// The drill's result.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -105,6 +119,9 @@ pub struct DrillReport {
     /// The guest's vCPU thread's CPU time per checkpoint while protected, ms (the guest's
     /// own work and its pacing, not the cost of protection).
     pub guest_vcpu_cpu_ms_per_epoch: f64,
+    /// A disk guest's replica after the failover (None: no disk). Its checks are among
+    /// `checks` too.
+    pub disk: Option<DiskCheck>,
 }
 
 /// One checkpoint row of the primary's stats CSV.
@@ -160,6 +177,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         std::env::temp_dir().join(format!("castor-drill-{}-{}", std::process::id(), unix_ms()));
     std::fs::create_dir_all(&dir)?;
     let f = |n: &str| dir.join(n);
+    let disk = disk_guest(a, &dir)?;
     let world = Consumer::start(f("ack.log"))?;
     let s = |v: &str| v.to_string();
     let key_args = if a.insecure {
@@ -169,7 +187,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         keygen(&primary_bin, &key, &dir)?;
         vec![s("--key"), key.display().to_string()]
     };
-    let backup_args = BackupSpec {
+    let mut backup_args = BackupSpec {
         dir: &dir,
         memory: &a.memory,
         mode: &a.mode,
@@ -193,6 +211,9 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
             Duration::from_secs_f64(a.after.max(0.0)).as_millis()
         ),
     ]);
+    if let Some((_, im, _)) = &disk {
+        backup_args.extend([s("--disk"), im.replica.display().to_string()]);
+    }
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
     let t = Instant::now();
@@ -216,7 +237,14 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         f("primary.events").display().to_string(),
         s("--stats"),
         f("primary.csv").display().to_string(),
+        s("--seed"),
+        WORKLOAD_SEED.to_string(),
+        s("--output-every"),
+        OUTPUT_EVERY.to_string(),
     ];
+    if let Some((_, im, _)) = &disk {
+        primary_args.extend([s("--disk"), im.primary.display().to_string()]);
+    }
     primary_args.extend(key_args);
     if let Some(r) = a.rate {
         primary_args.extend([s("--rate"), r.to_string()]);
@@ -319,7 +347,8 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         }
     };
     std::thread::sleep(Duration::from_millis(50));
-    let report = DrillReport {
+    let view = world.view();
+    let mut report = DrillReport {
         encrypted: !a.insecure,
         primary_cpu_ms_per_epoch: cpu.0,
         backup_cpu_ms_per_epoch: cpu.1,
@@ -331,10 +360,26 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
             &active,
             t_kill,
             backup_exit,
-            &world.view(),
+            &view,
             protected_s,
         )
     };
+    if let Some((params, im, memory_size)) = &disk {
+        let check = crate::disk::check_replica(
+            &im.replica,
+            &Failover {
+                primary_disk: Some(&im.primary),
+                memory_size: *memory_size,
+                params,
+                acked: ha_workloads::db::acknowledged(&view.primary_last_payload).unwrap_or(0),
+                resumed: report.progress_at_resume,
+                end: report.progress_at_end,
+            },
+        );
+        report.checks.extend(check.checks.iter().cloned());
+        report.continuity_ok &= check.checks.iter().all(|c| c.1);
+        report.disk = Some(check);
+    }
     if a.keep {
         Ok(DrillReport {
             dir: Some(dir.display().to_string()),
@@ -344,6 +389,31 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         let _ = std::fs::remove_dir_all(&dir);
         Ok(report)
     }
+}
+
+/// For a workload that needs a disk: the guest's parameters as the primary builds them,
+/// its disk images (made in `dir`), and its memory size.
+fn disk_guest(a: &DrillArgs, dir: &Path) -> Result<Option<(GuestParams, Images, u64)>, DrillError> {
+    let Ok(w) = a.workload.parse::<Workload>() else {
+        return Ok(None); // the primary names the unknown workload
+    };
+    let Ok(memory_size) = ha_daemon::units::parse_size(&a.memory) else {
+        return Ok(None); // and the bad size
+    };
+    if !w.needs_disk() {
+        return Ok(None);
+    }
+    let rate = a.rate.unwrap_or_else(|| w.default_rate());
+    let params = guest_params(
+        w,
+        memory_size,
+        WORKLOAD_SEED,
+        rate,
+        OUTPUT_EVERY,
+        a.disk_size,
+    );
+    let images = Images::create(dir, &params)?;
+    Ok(Some((params, images, memory_size)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -476,6 +546,7 @@ fn verdict(
         primary_cpu_ms_per_epoch: 0.0,
         backup_cpu_ms_per_epoch: 0.0,
         guest_vcpu_cpu_ms_per_epoch: 0.0,
+        disk: None,
     }
 }
 
@@ -536,6 +607,19 @@ pub fn print_summary(r: &DrillReport) {
     ];
     for (k, v) in rows {
         println!("| {k:<28} | {v:>14} |");
+    }
+    if let Some(d) = &r.disk {
+        println!(
+            "| {:<28} | {:>14} |",
+            "disk (MiB)",
+            format!("{:.0}", d.disk_bytes as f64 / f64::from(1 << 20))
+        );
+        if let Some(acked) = d.acked_updates {
+            println!("| {:<28} | {acked:>14} |", "updates acknowledged");
+        }
+        if let Some(p) = d.replica_progress {
+            println!("| {:<28} | {p:>14} |", "replica = model at progress");
+        }
     }
     println!();
     println!("continuity:");

@@ -7,6 +7,7 @@
 //! | [`codec`] | the codec benchmark |
 //! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
 //! | [`drill`] | the failover drill |
+//! | [`disk`] | the disk images of a bench pair, and the drill's checks of the replica |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
 //! | [`plot`] | PNG plots of a comparison |
@@ -19,6 +20,7 @@ pub mod cases;
 pub mod chaos;
 pub mod codec;
 pub mod compare;
+pub mod disk;
 pub mod disksync;
 pub mod drill;
 pub mod failover;

@@ -12,7 +12,7 @@ use ha_bench::{cases, pgpairs, plot};
 use ha_codec::block::BlockSize;
 use ha_codec::codec::GeneralCodec;
 use ha_daemon::error_chain;
-use ha_daemon::units::{parse_duration, parse_rate};
+use ha_daemon::units::{parse_duration, parse_rate, parse_size};
 use ha_workloads::guest_abi::Workload;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -183,9 +183,22 @@ struct CompareCli {
     /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
     #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
     guest: BackendKind,
-    /// Workloads, comma-separated: memwrite, web, kv, npb (also idle).
-    #[arg(long, value_delimiter = ',', default_value = "memwrite,web,kv,npb")]
+    /// Workloads, comma-separated: memwrite, web, kv, npb (also idle), and with a disk db,
+    /// files (each run on a fresh disk of --disk-size, the backup's replica a copy).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memwrite,web,kv,npb,db,files"
+    )]
     workloads: Vec<Workload>,
+    /// The disk's size for db and files (a multiple of 4K).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    disk_size: u64,
+    /// Where db's and files's disk images go (default: each run's directory under the
+    /// temporary directory); a tmpfs such as /dev/shm takes the host disk's flush latency
+    /// out of the figures.
+    #[arg(long, value_name = "DIR")]
+    disk_dir: Option<PathBuf>,
     /// Modes, comma-separated: none (unprotected baseline), remus, xbzrle, fgbi.
     #[arg(long, value_delimiter = ',', default_value = "none,remus,xbzrle,fgbi")]
     modes: Vec<String>,
@@ -258,9 +271,14 @@ struct DrillCli {
     /// Guest backend: kvm (a real VM on /dev/kvm) or sim (simulated, where there is no KVM).
     #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
     guest: BackendKind,
-    /// Built-in workload: idle, memwrite, web, kv, npb.
+    /// Built-in workload: idle, memwrite, web, kv, npb, or with a disk db, files (the
+    /// drill makes the disk and the backup's replica, and checks the replica after the
+    /// failover).
     #[arg(long, default_value = "web")]
     workload: String,
+    /// The disk's size for db and files (a multiple of 4K).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    disk_size: u64,
     /// Guest memory.
     #[arg(long, default_value = "256M")]
     memory: String,
@@ -415,6 +433,7 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         live: !a.json,
         keep: a.keep,
         insecure: a.insecure,
+        disk_size: a.disk_size,
     };
     let report = ha_bench::drill::run(&args).map_err(|e| error_chain(&e))?;
     if a.json {
@@ -454,6 +473,7 @@ fn run_failover(a: FailoverCli) -> Result<bool, String> {
             live: false,
             keep: false,
             insecure: false,
+            disk_size: 64 << 20,
         },
         sizes: a.memory,
         repeat: a.repeat,
@@ -652,6 +672,8 @@ fn run_compare(a: CompareCli) -> Result<bool, String> {
         repeat: a.repeat,
         paired: a.paired,
         copy: None,
+        disk_size: a.disk_size,
+        disk_dir: a.disk_dir,
     };
     let json = a.json;
     // Every single run goes to runs.csv as it ends (a pass's figures, before the medians),

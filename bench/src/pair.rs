@@ -3,6 +3,7 @@
 //! events, and the CPU time a process has used.
 
 use ha_backend::BackendKind;
+use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,9 +32,37 @@ pub enum PairError {
     /// Something the drill waits for did not happen.
     #[error("{0}; see the logs in {1}")]
     Stalled(String, PathBuf),
+    /// The guest's disk images could not be made.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     /// Local I/O.
     #[error("benchmark I/O")]
     Io(#[from] std::io::Error),
+}
+
+/// The parameters `ha-primary` builds its guest with from `--workload`, `--memory`
+/// (`memory_size` bytes), `--seed`, `--rate` and `--output-every` (the heap all memory
+/// above 1 MiB less 1 MiB), on a disk of `disk_size` bytes (0: none): what the reference
+/// model runs to check a guest, and what an unprotected baseline is created with.
+pub fn guest_params(
+    workload: Workload,
+    memory_size: u64,
+    seed: u64,
+    rate: u64,
+    output_every: u64,
+    disk_size: u64,
+) -> GuestParams {
+    GuestParams {
+        workload,
+        seed,
+        heap_gpa: HEAP_GPA,
+        heap_size: workload.default_heap(memory_size),
+        rate,
+        tsc_khz: 0,
+        output_every,
+        doorbell_every: 256,
+        disk_size,
+    }
 }
 
 /// CPU time (user + system) a process has used so far, in ms, from `/proc/<pid>/stat`

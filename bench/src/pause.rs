@@ -92,6 +92,8 @@ pub fn run(a: &PauseArgs, mut each: impl FnMut(&PauseRow)) -> Result<Vec<PauseRo
                         repeat: 1,
                         paired: false,
                         copy: copy.clone(),
+                        disk_size: 0,
+                        disk_dir: None,
                     };
                     for run in compare::run(&args, |_| {})? {
                         let row = PauseRow {

@@ -27,6 +27,18 @@ fn compare(args: &[&str], out_dir: &Path) -> Output {
         .expect("ha-bench runs")
 }
 
+/// A successful `--json` comparison's output and its runs, one per line.
+fn json_runs(out: &Output) -> (String, Vec<serde_json::Value>) {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
+    let runs = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    (stdout, runs)
+}
+
 #[test]
 fn short_compare_reports_every_mode_and_writes_plots() {
     if !ha_tests::kvm_or_skip() {
@@ -45,13 +57,7 @@ fn short_compare_reports_every_mode_and_writes_plots() {
         ],
         &out_dir,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "compare failed:\n{stdout}\n{stderr}");
-    let runs: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+    let (stdout, runs) = json_runs(&out);
     assert_eq!(
         runs.len(),
         10,
@@ -150,5 +156,60 @@ fn paired_runs_take_the_overhead_against_their_own_baseline() {
     // The table has one `none` row (the pass's) and the fgbi row.
     let csv = std::fs::read_to_string(out_dir.join("compare.csv")).expect("compare.csv");
     assert_eq!(csv.lines().count(), 3, "{csv}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+/// The disk workloads beside the others: each run (the unprotected one too) gets a fresh
+/// disk, and a protected run's bytes per checkpoint are split into memory and disk.
+#[test]
+fn db_and_files_run_on_disks_and_split_their_bytes() {
+    if !ha_tests::kvm_or_skip() {
+        return;
+    }
+    let out_dir = std::env::temp_dir().join(format!("castor-compare-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = compare(
+        &[
+            "--workloads",
+            "db,files",
+            "--modes",
+            "none,fgbi",
+            "--disk-size",
+            "16M",
+            "--no-plots",
+        ],
+        &out_dir,
+    );
+    let (stdout, runs) = json_runs(&out);
+    assert_eq!(runs.len(), 4, "{stdout}");
+    for w in ["db", "files"] {
+        let run = |m: &str| {
+            runs.iter()
+                .find(|r| r["workload"] == w && r["mode"] == m)
+                .unwrap_or_else(|| panic!("no {w} {m} run: {stdout}"))
+        };
+        assert!(run("none")["progress_per_s"].as_f64().unwrap_or(0.0) > 0.0);
+        let r = run("fgbi");
+        let num = |k: &str| r[k].as_f64().unwrap_or(-1.0);
+        assert!(num("progress_per_s") > 0.0, "{r}");
+        assert!(num("overhead_pct").is_finite(), "{r}");
+        // Both workloads write their disk every few dozen units, so the window's
+        // checkpoints carry disk bytes, and those are part of the wire bytes.
+        assert!(num("disk_raw_bytes_per_epoch") > 0.0, "{w}: {r}");
+        assert!(num("disk_wire_bytes_per_epoch") > 0.0, "{w}: {r}");
+        assert!(
+            num("disk_wire_bytes_per_epoch") < num("wire_bytes_per_epoch"),
+            "{w}: memory bytes too: {r}"
+        );
+    }
+    let md = std::fs::read_to_string(out_dir.join("compare.md")).expect("compare.md");
+    assert!(md.contains("memory / disk KB/epoch"), "{md}");
+    let csv = std::fs::read_to_string(out_dir.join("compare.csv")).expect("compare.csv");
+    assert!(
+        csv.lines()
+            .next()
+            .is_some_and(|h| h.ends_with("disk_wire_bytes_per_epoch,disk_raw_bytes_per_epoch")),
+        "{csv}"
+    );
     let _ = std::fs::remove_dir_all(&out_dir);
 }

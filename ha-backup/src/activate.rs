@@ -172,6 +172,15 @@ impl Active {
             }
             self.released += buf.len() as u64;
         }
+        // Unprotected here, the disk's writes go nowhere: drop the log the device keeps
+        // for checkpoints, or it grows for as long as the guest runs.
+        if let Some(k) = self.domain.disk() {
+            k.drain_writes(&mut Vec::new())
+                .map_err(|source| ActivateError::Guest {
+                    op: "drain disk writes",
+                    source,
+                })?;
+        }
         self.domain
             .check_health()
             .map_err(|source| ActivateError::Guest {

@@ -157,6 +157,11 @@ pub(crate) fn receive(
         m.wire_bytes.inc_by(wire_bytes);
         m.commit_seconds.observe(applied.commit_us as f64 / 1e6);
         if let Err(e) = rx.ack(applied.epoch) {
+            // Committed whether or not its ack got through: a failover runs the guest on
+            // the replica, which must hold this checkpoint's writes too.
+            if !apply_disk(&disk, sinks)? {
+                return Ok(Received::VerifyFailed);
+            }
             return Ok(Received::Lost(Loss::now(
                 LossReason::Io(format!("ack: {e}")),
                 rx.last_frame(),

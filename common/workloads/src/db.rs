@@ -1,8 +1,9 @@
 //! The `db` workload's reference semantics (docs/GUESTS.md, "`db`"): a write-ahead-logged
 //! key-value store on the guest's disk. Its layout in the heap and on the disk, the record
 //! format with its check word, and the checks of a disk page read back. The model runs the
-//! unit ([`crate::model`]); the drill uses [`log_record`] to check, after a failover, that
-//! every update the world saw committed is on the backup's disk.
+//! unit ([`crate::model`]); the drill and the end-to-end tests use [`check_acknowledged`]
+//! to check, after a failover, that every update the world saw acknowledged is on the
+//! backup's disk as the model wrote it.
 
 use crate::guest_abi::{GuestParams, checksum_step, disk};
 
@@ -113,6 +114,63 @@ pub fn log_record(l: &Layout, disk_bytes: &[u8], seq: u64) -> Option<[u64; 8]> {
     Some(r)
 }
 
+/// Why an update the world saw acknowledged is not on a disk as the model wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The update's log record is missing, torn, another update's, or not the model's.
+    #[error(
+        "acknowledged update {seq} (of 1..={acked}) is not on the disk as written: \
+         found {found:?}, the model wrote {want:?}"
+    )]
+    Missing {
+        /// The update's sequence number.
+        seq: u64,
+        /// The last update the world saw acknowledged.
+        acked: u64,
+        /// Its record as the disk holds it (`None`: the disk is too short).
+        found: Option<Box<[u64; 8]>>,
+        /// Its record as the model's disk holds it.
+        want: Option<Box<[u64; 8]>>,
+    },
+}
+
+/// The last update a built-in guest's output record acknowledges: the progress word, the
+/// first of its payload (`None` for a payload too short to hold one). With
+/// `output_every = F` a `db` guest emits it after flushing the log up to that update, so
+/// updates `1..=progress` are durable once the world has seen it.
+pub fn acknowledged(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
+/// Check that every update `1..=acked` that a disk's log can still hold
+/// ([`log_window`]) reads back from `disk` as `model` (the reference model's disk after
+/// the same updates) holds it: its own sequence number, a matching check word and the
+/// model's words. Later writes to the disk (a guest that went on) leave these records
+/// alone as long as the log has not wrapped over them. The updates checked (empty when
+/// nothing was acknowledged).
+pub fn check_acknowledged(
+    l: &Layout,
+    disk: &[u8],
+    model: &[u8],
+    acked: u64,
+) -> Result<std::ops::Range<u64>, AckError> {
+    let window = log_window(l, acked);
+    for seq in window.clone() {
+        let found = log_record(l, disk, seq);
+        let want = log_record(l, model, seq);
+        let sound = found.is_some_and(|r| r[0] == seq && r[7] == check_word(&r));
+        if !sound || found != want {
+            return Err(AckError::Missing {
+                seq,
+                acked,
+                found: found.map(Box::new),
+                want: want.map(Box::new),
+            });
+        }
+    }
+    Ok(window)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +197,74 @@ mod tests {
         assert_eq!(small_heap.table, 8);
         assert_eq!(Layout::new(2 * 4096, 1 << 20), None, "no table page");
         assert_eq!(Layout::new(1 << 20, 4096), None, "no log page");
+    }
+
+    /// Every acknowledged update is checked against the model's record: a record lost,
+    /// torn, or whole but with other values is named; one past the acknowledgement is not
+    /// looked at.
+    #[test]
+    fn acknowledged_updates_read_back_as_the_model_wrote_them() {
+        use crate::guest_abi::{HEAP_GPA, Workload};
+        use crate::model::ImageModel;
+        let params = GuestParams {
+            workload: Workload::Db,
+            seed: 3,
+            heap_gpa: HEAP_GPA,
+            heap_size: 64 * 4096,
+            rate: 0,
+            tsc_khz: 0,
+            output_every: 32,
+            doorbell_every: 8,
+            disk_size: 64 * 4096,
+        };
+        let l = Layout::of(&params).unwrap();
+        let mut m = ImageModel::fresh(2 << 20, &params);
+        m.run_to(320);
+        let model = m.disk.clone();
+        assert_eq!(check_acknowledged(&l, &model, &model, 320), Ok(1..321));
+        assert_eq!(check_acknowledged(&l, &model, &model, 0), Ok(1..1));
+        let payload = [320u64.to_le_bytes(), 99u64.to_le_bytes()].concat();
+        assert_eq!(acknowledged(&payload), Some(320));
+        assert_eq!(acknowledged(&payload[..7]), None);
+        // Run on: the disk goes on past the acknowledgement, the records stay.
+        m.run_to(400);
+        assert_eq!(check_acknowledged(&l, &m.disk, &model, 320), Ok(1..321));
+        let at =
+            |seq: u64| (l.log_page(seq) * disk::PAGE + (seq - 1) % RECORDS_PER_PAGE * 64) as usize;
+        let missing = |e: Result<_, AckError>| match e {
+            Err(AckError::Missing { seq, acked, .. }) => Some((seq, acked)),
+            Ok(_) => None,
+        };
+        // A lost record (a zero page), a torn one, a sound one with other values.
+        let mut lost = model.clone();
+        lost[at(200)..at(200) + 64].fill(0);
+        assert_eq!(
+            missing(check_acknowledged(&l, &lost, &model, 320)),
+            Some((200, 320))
+        );
+        assert_eq!(check_acknowledged(&l, &lost, &model, 199), Ok(1..200));
+        let mut torn = model.clone();
+        torn[at(7) + 16] ^= 1;
+        assert_eq!(
+            missing(check_acknowledged(&l, &torn, &model, 320)),
+            Some((7, 320))
+        );
+        let mut other = model.clone();
+        let mut r = log_record(&l, &model, 9).unwrap();
+        r[2] ^= 1;
+        r[7] = check_word(&r);
+        for (k, w) in r.iter().enumerate() {
+            other[at(9) + 8 * k..at(9) + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        assert_eq!(
+            missing(check_acknowledged(&l, &other, &model, 320)),
+            Some((9, 320))
+        );
+        assert_eq!(
+            missing(check_acknowledged(&l, &model[..4096], &model, 320)),
+            Some((1, 320)),
+            "a disk too short for the log"
+        );
     }
 
     #[test]

@@ -558,12 +558,16 @@ pub struct ImageModel {
     pub drained: Vec<OutputRecord>,
     /// The guest's disk (`params.disk_size` bytes; empty without one).
     pub disk: Vec<u8>,
+    /// Disk pages (4 KiB) written since the last [`ImageModel::take_disk_written`].
+    disk_written: BTreeSet<u64>,
 }
 
-/// The model's ports: the doorbell drains the ring into `drained`, the disk is `disk`.
+/// The model's ports: the doorbell drains the ring into `drained`, the disk is `disk`
+/// (the pages written noted in `written`).
 struct ModelPorts<'a> {
     drained: &'a mut Vec<OutputRecord>,
     disk: &'a mut [u8],
+    written: &'a mut BTreeSet<u64>,
 }
 
 impl Ports<Image> for ModelPorts<'_> {
@@ -582,6 +586,11 @@ impl Ports<Image> for ModelPorts<'_> {
     ) -> Result<(), Self::Error> {
         for (r, ok) in batch.iter().zip(ok.iter_mut()) {
             *ok = disk_io(mem, self.disk, r);
+            if *ok && r.op == DiskOp::Write {
+                let first = r.sector * disk::SECTOR / disk::PAGE;
+                let end = (r.sector * disk::SECTOR + r.len).div_ceil(disk::PAGE);
+                self.written.extend(first..end);
+            }
         }
         Ok(())
     }
@@ -649,6 +658,7 @@ impl ImageModel {
             params: params.clone(),
             drained: Vec::new(),
             disk,
+            disk_written: BTreeSet::new(),
         }
     }
 
@@ -665,6 +675,7 @@ impl ImageModel {
             params,
             drained: Vec::new(),
             disk,
+            disk_written: BTreeSet::new(),
         })
     }
 
@@ -680,6 +691,7 @@ impl ImageModel {
         let mut ports = ModelPorts {
             drained: &mut self.drained,
             disk: &mut self.disk,
+            written: &mut self.disk_written,
         };
         let res = self.cpu.unit(&mut self.mem, &mut ports);
         debug_assert!(res.is_ok(), "a model's ports never fail");
@@ -690,6 +702,64 @@ impl ImageModel {
         while self.cpu.progress() < progress {
             self.unit();
         }
+    }
+
+    /// The disk pages (4 KiB) the guest wrote since the last call.
+    pub fn take_disk_written(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.disk_written)
+    }
+
+    /// Run the model on from its progress `c` until its disk equals `disk`, at most to
+    /// progress `limit`; the progress at which they were equal. `disk` is meant to be a
+    /// replica taken over at checkpoint `c` and written by the guest resumed from it,
+    /// which runs the model's units (stopped anywhere, its disk is the model's after some
+    /// whole unit: a unit's disk batch completes in one exit). Unit by unit, only the
+    /// pages that differ and the pages each unit writes are compared.
+    pub fn run_until_disk_equals(&mut self, disk: &[u8], limit: u64) -> Result<u64, DiskDiverged> {
+        if disk.len() != self.disk.len() {
+            return Err(DiskDiverged::Size {
+                disk: disk.len() as u64,
+                model: self.disk.len() as u64,
+            });
+        }
+        fn page(d: &[u8], p: u64) -> Option<&[u8]> {
+            let at = usize::try_from(p * disk::PAGE).ok()?;
+            d.get(at..).map(|b| &b[..b.len().min(disk::PAGE as usize)])
+        }
+        let mut differ: BTreeSet<u64> = (0..(disk.len() as u64).div_ceil(disk::PAGE))
+            .filter(|&p| page(disk, p) != page(&self.disk, p))
+            .collect();
+        let from = self.cpu.progress();
+        self.disk_written.clear();
+        // The closest the disks came, for the error: (pages, progress, the first pages).
+        let mut closest = (u64::MAX, from, Vec::new());
+        while !differ.is_empty() {
+            if (differ.len() as u64) < closest.0 {
+                closest = (
+                    differ.len() as u64,
+                    self.cpu.progress(),
+                    differ.iter().take(8).copied().collect(),
+                );
+            }
+            if self.cpu.progress() >= limit {
+                return Err(DiskDiverged::Pages {
+                    from,
+                    limit,
+                    fewest: closest.0,
+                    at: closest.1,
+                    pages: closest.2,
+                });
+            }
+            self.unit();
+            for p in self.take_disk_written() {
+                if page(disk, p) == page(&self.disk, p) {
+                    differ.remove(&p);
+                } else {
+                    differ.insert(p);
+                }
+            }
+        }
+        Ok(self.cpu.progress())
     }
 
     /// The heap's bytes.
@@ -703,6 +773,36 @@ impl ImageModel {
     pub fn drain(&mut self) -> Vec<OutputRecord> {
         drain(&mut self.mem)
     }
+}
+
+/// Why a disk is not the model's disk at any progress of a run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskDiverged {
+    /// The two disks differ in size.
+    #[error("the disk has {disk} bytes, the model's {model}")]
+    Size {
+        /// The disk's size.
+        disk: u64,
+        /// The model's.
+        model: u64,
+    },
+    /// Pages differed at every progress up to the limit.
+    #[error(
+        "the disk is not the model's at any progress from {from} to {limit}: \
+         at best {fewest} pages differ (at progress {at}: disk pages {pages:?}…)"
+    )]
+    Pages {
+        /// Progress the run started from.
+        from: u64,
+        /// Progress it gave up at.
+        limit: u64,
+        /// The fewest pages that differed at any progress.
+        fewest: u64,
+        /// The progress where they were fewest.
+        at: u64,
+        /// The first of them there (up to 8).
+        pages: Vec<u64>,
+    },
 }
 
 /// The VMM's drain of the output ring in `m`: records tail..head, then the tail stored.
@@ -833,6 +933,49 @@ mod tests {
         // The access log's pages are on the disk.
         let log = (l.log_first * PAGE) as usize;
         assert!(a.disk[log..log + 8] == 1u64.to_le_bytes());
+    }
+
+    /// A replica taken over at progress 700 and written by the guest resumed there up to
+    /// 1280 (a unit that writes, in both workloads) is found equal to the model's disk at
+    /// 1280; one with a page the resumed guest wrote changed is equal at no progress.
+    #[test]
+    fn a_resumed_guests_disk_is_found_at_the_progress_it_reached() {
+        for p in [db_params(), files_params()] {
+            let mut at_commit = ImageModel::fresh(4 << 20, &p);
+            at_commit.run_to(700);
+            let mut resumed = at_commit.clone();
+            resumed.take_disk_written();
+            resumed.run_to(1280);
+            let name = p.workload.name();
+            let mut m = at_commit.clone();
+            assert_eq!(
+                m.run_until_disk_equals(&resumed.disk, 5000),
+                Ok(1280),
+                "{name}"
+            );
+            // A page the resumed guest wrote, changed: it stays different to the limit.
+            let last = *resumed.take_disk_written().last().unwrap();
+            let mut torn = resumed.disk.clone();
+            torn[(last * PAGE) as usize] ^= 1;
+            let mut m = at_commit.clone();
+            let e = m.run_until_disk_equals(&torn, 3000);
+            assert!(
+                matches!(
+                    e,
+                    Err(DiskDiverged::Pages {
+                        from: 700,
+                        limit: 3000,
+                        ..
+                    })
+                ),
+                "{name}: {e:?}"
+            );
+            // The committed state itself is found at once; a shorter disk never.
+            let mut m = at_commit.clone();
+            assert_eq!(m.run_until_disk_equals(&at_commit.disk, 700), Ok(700));
+            let e = at_commit.run_until_disk_equals(&resumed.disk[4096..], 5000);
+            assert!(matches!(e, Err(DiskDiverged::Size { .. })), "{name}");
+        }
     }
 
     #[test]

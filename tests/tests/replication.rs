@@ -1098,7 +1098,7 @@ fn db_opts<'a>(disk: u64) -> Opts<'a> {
 }
 
 /// With a Verify frame every checkpoint, the backup checks its replica against the
-/// primary's disk digest after each commit (and exits 3 on a mismatch): over a run, every
+/// primary's disk digest after each commit (and exits 3 on a mismatch): over a 5 s run, every
 /// checkpoint's replica equals the primary's disk. Then the primary stops, and the backup
 /// takes the db guest over on its replica.
 #[test]
@@ -1107,7 +1107,7 @@ fn db_replica_equals_the_primary_disk_at_every_verified_checkpoint() {
         "dbverify",
         &Opts {
             verify_every: 1,
-            run_for: Some("1500ms"),
+            run_for: Some("5s"),
             ..db_opts(1 << 20)
         },
     );

@@ -431,13 +431,7 @@ impl Config {
             cert: cli.etcd_cert.as_deref(),
             tls_key: cli.etcd_key.as_deref(),
         }
-        .config(&format!(
-            "ha-backup on {} (pid {})",
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim(),
-            std::process::id()
-        ))?;
+        .config(&ha_lease::holder("ha-backup"))?;
         let create_disk = cli
             .disk_size
             .as_ref()

@@ -74,9 +74,7 @@ pub(crate) fn fail_over(
     if let Some(l) = &lease {
         let status = json!({
             "role": "backup",
-            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim(),
+            "host": ha_lease::hostname(),
             "state": "active (failed over, unprotected)",
             "last_epoch": active.epoch,
         });

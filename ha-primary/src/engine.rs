@@ -834,9 +834,7 @@ impl Engine<'_> {
             .map_or(0, |&e| self.waited(e).as_millis() as u64);
         let status = json!({
             "role": "primary",
-            "host": std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim(),
+            "host": ha_lease::hostname(),
             "backup": self.cfg.backup.to_string(),
             "state": self.phase.name(),
             "last_epoch": self.last_acked,

@@ -107,12 +107,6 @@ fn cluster_view(
     Ok(())
 }
 
-/// Who holds a lease: the daemon, this host's name and the process id.
-fn holder(daemon: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{daemon} on {} (pid {})", host.trim(), std::process::id())
-}
-
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     if let Some(Command::Cluster {
         etcd,
@@ -144,7 +138,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         .heap
         .unwrap_or(cli.memory.saturating_sub(HEAP_GPA + (1 << 20)));
     provision_disk(&cli, heap)?;
-    let lease_cfg = cli.lease_options().config(&holder("ha-primary"))?;
+    let lease_cfg = cli
+        .lease_options()
+        .config(&ha_lease::holder("ha-primary"))?;
     let spec = GuestSpec {
         memory_size: cli.memory,
         params: GuestParams {

@@ -29,3 +29,16 @@ pub use lease::{Claim, Lease, LeaseError, claim, list, wait_claim};
 pub fn status_key(key: &str) -> String {
     format!("{key}/status")
 }
+
+/// This host's name (empty if it cannot be read), as statuses and holders show it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Who holds a lease: the daemon, this host's name and the process id, e.g.
+/// `ha-primary on p1 (pid 4242)`.
+pub fn holder(daemon: &str) -> String {
+    format!("{daemon} on {} (pid {})", hostname(), std::process::id())
+}

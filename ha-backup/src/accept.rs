@@ -15,7 +15,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::link::{self, HandshakeError, Receiver, handshake};
+use crate::link::{self, HandshakeError, Offer, Receiver, handshake};
 use crate::{BackupError, chain};
 
 /// The bound listening socket and its address.
@@ -120,8 +120,12 @@ pub(crate) fn accept_primary(
             pending += 1;
             let (tx, ours, slot, quit) = (done_tx.clone(), &ours, &slot, &quit);
             scope.spawn(move || {
-                let res =
-                    handshake(&mut rx, key, ours, cfg.max_memory, 1, slot, quit).map(|h| (rx, h));
+                let offer = Offer {
+                    next_epoch: 1,
+                    holds_image: cfg.base_image.is_some(),
+                };
+                let res = handshake(&mut rx, key, ours, cfg.max_memory, offer, slot, quit)
+                    .map(|h| (rx, h));
                 let _ = tx.send((peer, res));
             });
         };

@@ -151,6 +151,30 @@ fn status_of(domain: &dyn Domain) -> Result<Option<GuestStatus>, ActivateError> 
 }
 
 impl Active {
+    /// The guest, for the primary's engine when this host protects it again.
+    pub fn domain_mut(&mut self) -> &mut dyn Domain {
+        self.domain.as_mut()
+    }
+
+    /// Resume the guest after [`Active::run`] paused it.
+    pub fn resume_guest(&mut self) -> Result<(), ActivateError> {
+        self.domain.resume().map_err(|source| ActivateError::Guest {
+            op: "resume",
+            source,
+        })
+    }
+
+    /// Pause the guest for good (the process is ending).
+    pub fn stop_guest(&mut self) -> Result<(), ActivateError> {
+        if self.domain.is_paused() {
+            return Ok(());
+        }
+        self.domain.pause().map_err(|source| ActivateError::Guest {
+            op: "pause",
+            source,
+        })
+    }
+
     /// The running guest's status (None: it has no status probe).
     pub fn status(&self) -> Result<Option<GuestStatus>, ActivateError> {
         status_of(self.domain.as_ref())

@@ -32,6 +32,17 @@ pub enum CommitError {
     },
 }
 
+/// Why a base image cannot be the committed image's start.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseImageError {
+    /// No memory for the image.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The file cannot be read whole.
+    #[error("cannot read the base image")]
+    Read(#[source] std::io::Error),
+}
+
 /// What a commit did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Applied {
@@ -83,6 +94,21 @@ impl Committed {
             epoch: 0,
             checkpoint: 0,
         })
+    }
+
+    /// An image starting as `base` (an older image of the guest: `--base-image`, of
+    /// `memory_size` bytes); nothing committed. The primary compares it by fingerprints
+    /// and sends only what differs; the first checkpoint's digest checks the result.
+    pub fn from_base(
+        memory_size: usize,
+        builtin: bool,
+        base: &std::path::Path,
+    ) -> Result<Self, BaseImageError> {
+        let mut c = Self::new(memory_size, builtin)?;
+        let f = std::fs::File::open(base).map_err(BaseImageError::Read)?;
+        std::os::unix::fs::FileExt::read_exact_at(&f, c.image.as_mut_slice(), 0)
+            .map_err(BaseImageError::Read)?;
+        Ok(c)
     }
 
     /// The committed image.

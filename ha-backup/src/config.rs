@@ -72,6 +72,14 @@ pub enum ConfigError {
     /// The lease options are refused.
     #[error(transparent)]
     Lease(#[from] ha_lease::config::ConfigError),
+    /// `--base-image` cannot be read or is not of `--memory` bytes.
+    #[error("--base-image {path}: {why}")]
+    BaseImage {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// `--disk-size` without `--disk`.
     #[error("--disk-size needs --disk (the replica to create)")]
     DiskSizeWithoutDisk,
@@ -194,6 +202,18 @@ pub struct Cli {
     /// least 2M).
     #[arg(long, default_value = "64G", value_parser = Given::<u64>::text)]
     pub max_memory: Given<u64>,
+    /// An older image of the guest's memory (a raw file of --memory bytes: the memory of a
+    /// primary that failed or switched over, a stale copy). The backup starts from it and
+    /// the primary sends only the pages that differ (compared by fingerprints), not the
+    /// whole memory; the first checkpoint's digest checks the result.
+    #[arg(long, value_name = "FILE")]
+    pub base_image: Option<PathBuf>,
+    /// After a failover, protect the guest again: act as its primary towards the first of
+    /// these backups (ip:port, comma-separated: a spare, the old primary's host) that
+    /// accepts, retrying every 200ms until one does; the guest runs unprotected meanwhile. Mode, block
+    /// size and interval stay the pair's (--mode, --block-size, --interval).
+    #[arg(long, value_name = "ADDRS", value_delimiter = ',')]
+    pub reprotect_to: Vec<SocketAddr>,
 }
 
 /// The `--config` file: every option of [`Cli`] (but `config`), all optional.
@@ -254,6 +274,10 @@ pub struct FileConfig {
     pub etcd_key: Option<PathBuf>,
     /// `--max-memory`.
     pub max_memory: Option<Size>,
+    /// `--base-image`.
+    pub base_image: Option<PathBuf>,
+    /// `--reprotect-to`.
+    pub reprotect_to: Option<Vec<SocketAddr>>,
 }
 
 fn mode(v: String) -> Result<Given<Mode>, String> {
@@ -308,6 +332,8 @@ impl Options for Cli {
             etcd_cert: some,
             etcd_key: some,
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
+            base_image: some,
+            reprotect_to: same,
         );
         Ok(())
     }
@@ -362,6 +388,12 @@ pub struct Config {
     pub create_disk: Option<u64>,
     /// The guest's lease in etcd (`--etcd`): claimed before activating.
     pub lease: Option<ha_lease::LeaseConfig>,
+    /// The image to start from (`--base-image`), checked to be of `memory_size` bytes.
+    pub base_image: Option<PathBuf>,
+    /// Backups to protect the guest with after a failover, in order of preference.
+    pub reprotect_to: Vec<SocketAddr>,
+    /// The primary's epoch interval (for re-protection).
+    pub interval: Duration,
 }
 
 impl Config {
@@ -461,6 +493,19 @@ impl Config {
                 have
             }
         };
+        if let Some(p) = &cli.base_image {
+            let bad = |why: String| ConfigError::BaseImage {
+                path: p.clone(),
+                why,
+            };
+            let len = std::fs::metadata(p).map_err(|e| bad(e.to_string()))?.len();
+            if len != memory_size {
+                return Err(bad(format!(
+                    "{len} bytes, but --memory is {memory_size} (an image of this guest \
+                     is exactly its memory size)"
+                )));
+            }
+        }
         Ok(Self {
             listen: cli.listen,
             port_file: cli.port_file.clone(),
@@ -485,6 +530,9 @@ impl Config {
             disk_size,
             create_disk,
             lease,
+            base_image: cli.base_image.clone(),
+            reprotect_to: cli.reprotect_to.clone(),
+            interval,
         })
     }
 
@@ -660,6 +708,8 @@ mod tests {
             "etcd_cert",
             "etcd_key",
             "max_memory",
+            "base_image",
+            "reprotect_to",
         ];
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();

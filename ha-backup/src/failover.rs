@@ -2,11 +2,12 @@
 //! [`crate::activate`]), and run until the backup is told to stop.
 
 use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
 
 use ha_guest::domain::{Devices, DomainFactory};
 use ha_workloads::guest_abi::GuestStatus;
 use serde_json::json;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::commit::Committed;
 use crate::config::Config;
@@ -83,9 +84,125 @@ pub(crate) fn fail_over(
             status.to_string().into_bytes(),
         );
     }
+    if !cfg.reprotect_to.is_empty() {
+        return reprotect(cfg, stop, sinks, active, lease);
+    }
     active.run(sinks.events, stop, cfg.exit_after, lease.as_ref())?;
     info!(released = active.released, "stopping the guest and exiting");
     Ok(Exit::Stopped)
+}
+
+/// How long the guest runs unprotected between two rounds of attempts to reach a backup.
+pub const REPROTECT_RETRY: Duration = Duration::from_millis(200);
+
+/// Re-protection: the guest this backup took over gets a backup again. Run it
+/// unprotected, trying each of `--reprotect-to` in turn every [`REPROTECT_RETRY`]; the
+/// first that welcomes this host gets it, and from then on this process is the guest's
+/// primary ([`ha_primary::engine`]): the new backup's image is compared by fingerprints
+/// (only what differs crosses), then checkpoints as usual. The primary's events go to
+/// `EVENTS.reprotect` beside the backup's `--events`.
+fn reprotect(
+    cfg: &Config,
+    stop: &AtomicBool,
+    sinks: &mut Sinks<'_>,
+    mut active: activate::Active,
+    lease: Option<ha_lease::Lease>,
+) -> Result<Exit, BackupError> {
+    let started = Instant::now();
+    let mut pcfg = primary_config(cfg)?;
+    let left = || cfg.exit_after.map(|d| d.saturating_sub(started.elapsed()));
+    let mut tries = 0u64;
+    loop {
+        for &addr in &cfg.reprotect_to {
+            pcfg.backup = addr;
+            tries += 1;
+            let conn = match ha_primary::engine::connect(&pcfg, active.domain_mut()) {
+                Ok(c) => c,
+                Err(e) => {
+                    if tries <= cfg.reprotect_to.len() as u64 {
+                        warn!(backup = %addr, error = %crate::chain(&e), "re-protection: no backup there yet; the guest runs unprotected; retrying every {REPROTECT_RETRY:?}");
+                    }
+                    continue;
+                }
+            };
+            let unprotected_ms = started.elapsed().as_millis() as u64;
+            info!(backup = %addr, unprotected_ms, "re-protection: a backup welcomed this host; this host is the guest's primary now");
+            sinks.events.note(
+                "reprotecting",
+                json!({ "backup": addr.to_string(), "unprotected_ms": unprotected_ms }),
+            );
+            sinks.metrics.set_state("reprotected");
+            pcfg.run_for = left();
+            let metrics =
+                ha_primary::metrics::Metrics::for_pair(cfg.lease.as_ref().map(|l| l.key.as_str()));
+            let summary = ha_primary::engine::run_connected(
+                conn,
+                &pcfg,
+                active.domain_mut(),
+                stop,
+                &metrics,
+                lease,
+                sinks.switchover,
+            )
+            .map_err(BackupError::Reprotect)?;
+            info!(
+                epochs = summary.epochs_committed,
+                sync_ms = summary.sync_ms,
+                precopy_wire_bytes = summary.precopy_wire_bytes,
+                backup_lost = summary.backup_lost,
+                "re-protection ended; stopping the guest and exiting"
+            );
+            sinks.events.note("reprotection_ended", json!(summary));
+            if summary.switched_over {
+                info!("switched over: the guest runs on at this host's backup");
+            }
+            active.stop_guest()?;
+            return Ok(Exit::Stopped);
+        }
+        let slice = left().map_or(REPROTECT_RETRY, |l| l.min(REPROTECT_RETRY));
+        active.run(sinks.events, stop, Some(slice), lease.as_ref())?;
+        if stop.load(std::sync::atomic::Ordering::Relaxed) || left().is_some_and(|l| l.is_zero()) {
+            info!(released = active.released, "stopping the guest and exiting");
+            return Ok(Exit::Stopped);
+        }
+        active.resume_guest()?;
+    }
+}
+
+/// The primary's settings for re-protection: the pair's mode, block size and interval,
+/// the pair key, this host's output sink; the rest ha-primary's defaults.
+fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupError> {
+    use ha_codec::codec::{CodecConfig, GeneralCodec};
+    Ok(ha_primary::engine::Config {
+        backup: cfg.listen,
+        codec: CodecConfig {
+            mode: cfg.mode,
+            block_size: cfg.block_size,
+            general: GeneralCodec::Zlib,
+            zlib_level: 1,
+        },
+        cache_bytes: 64 << 20,
+        interval: cfg.interval,
+        pipeline: 2,
+        heartbeat: cfg.interval,
+        ack_timeout: Duration::from_secs(2),
+        fence: false,
+        verify_every: 0,
+        precopy_rounds: 5,
+        precopy_threshold: 1024,
+        run_for: None,
+        output: cfg.output,
+        stats: None,
+        events: cfg.events.as_ref().map(|p| {
+            let mut s = p.clone().into_os_string();
+            s.push(".reprotect");
+            s.into()
+        }),
+        key: cfg.pair_key()?,
+        link_rate: None,
+        backend: cfg.guest,
+        copy: ha_primary::cow::CopyPolicy::Auto,
+    })
 }
 
 /// Claim the guest's key, waiting up to twice the TTL for the primary's lease to expire;

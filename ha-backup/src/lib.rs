@@ -112,6 +112,18 @@ pub enum BackupError {
     /// The replica file cannot be created, or is not of `--disk-size`.
     #[error("disk replica")]
     DiskFile(#[from] ha_daemon::diskfile::DiskFileError),
+    /// Re-protection failed: the guest cannot be protected (or run) as a primary.
+    #[error("re-protection")]
+    Reprotect(#[source] ha_primary::engine::EngineError),
+    /// The `--base-image` cannot be loaded.
+    #[error("--base-image {path}")]
+    BaseImage {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: commit::BaseImageError,
+    },
     /// The replica cannot be read for the initial disk sync.
     #[error("initial disk sync")]
     DiskSync(#[source] ha_wire::disksync::DiskSyncError),
@@ -146,7 +158,8 @@ impl Exit {
 /// An error and its sources, joined with ": ".
 pub use ha_daemon::error_chain as chain;
 
-/// The files the receive loop writes besides the socket.
+/// The files the receive loop writes besides the socket, and the operator's switchover
+/// signal (used once this host protects the guest again as its primary).
 #[derive(Debug)]
 struct Sinks<'a> {
     events: &'a mut EventLog,
@@ -154,6 +167,7 @@ struct Sinks<'a> {
     stats: StatsLog,
     ack_log: Option<(PathBuf, File)>,
     replica: Option<replica::Replica>,
+    switchover: Option<&'a AtomicBool>,
 }
 
 /// Run the backup to the end: listen, receive, and on the primary's loss fail over with
@@ -173,12 +187,31 @@ pub fn run_with_metrics(
     stop: &AtomicBool,
     metrics: &Metrics,
 ) -> Result<Exit, BackupError> {
+    run_with_switchover(cfg, factory, stop, metrics, None)
+}
+
+/// [`run_with_metrics`]; `switchover` raised (SIGUSR1) while this host protects a guest
+/// it took over (`--reprotect-to`) hands the guest over to its backup (planned
+/// switchover), as ha-primary does.
+pub fn run_with_switchover(
+    cfg: &Config,
+    factory: &dyn DomainFactory,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    switchover: Option<&AtomicBool>,
+) -> Result<Exit, BackupError> {
     // Whatever can refuse this instance comes before its files are opened, so a refused
     // second instance (port in use, no key) touches nothing of a running one's.
     let key = cfg.pair_key()?;
     let listener = listen(cfg)?;
     let mut events = EventLog::open(cfg.events.as_deref())?;
-    let res = run_with(cfg, factory, stop, &mut events, metrics, (listener, key));
+    let res = run_with(
+        cfg,
+        factory,
+        stop,
+        (&mut events, metrics, switchover),
+        (listener, key),
+    );
     let code = match &res {
         Ok(x) => x.code(),
         Err(_) => 1,
@@ -191,8 +224,7 @@ fn run_with(
     cfg: &Config,
     factory: &dyn DomainFactory,
     stop: &AtomicBool,
-    events: &mut EventLog,
-    metrics: &Metrics,
+    (events, metrics, switchover): (&mut EventLog, &Metrics, Option<&AtomicBool>),
     listening: (Listening, Option<PairKey>),
 ) -> Result<Exit, BackupError> {
     let stats = StatsLog::open(cfg.stats.as_deref())?;
@@ -213,6 +245,7 @@ fn run_with(
         stats,
         ack_log,
         replica,
+        switchover,
     };
     serve(cfg, factory, stop, &mut sinks, listening)
 }
@@ -292,10 +325,21 @@ fn serve(
     // One session at a time: later connections get a clear refusal, not a hang.
     let refuser = Refuser::start(listener, key, rx.peer());
 
-    let mut committed = Committed::new(
-        usize::try_from(cfg.memory_size).unwrap_or(usize::MAX),
-        cfg.guest.runs_builtin_guests(),
-    )?;
+    let memory = usize::try_from(cfg.memory_size).unwrap_or(usize::MAX);
+    let builtin = cfg.guest.runs_builtin_guests();
+    let mut committed = match &cfg.base_image {
+        None => Committed::new(memory, builtin)?,
+        Some(p) => {
+            let c = Committed::from_base(memory, builtin, p).map_err(|source| {
+                BackupError::BaseImage {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+            info!(base = %p.display(), "starting from the base image: the primary sends only the pages that differ");
+            c
+        }
+    };
     let mut stager = Stager::new(cfg, 1);
     let received = receive(&mut rx, &mut stager, &mut committed, sinks, stop);
     refuser.stop();

@@ -257,18 +257,27 @@ impl Receiver {
     }
 }
 
+/// What the backup's Welcome offers a primary that passes the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offer {
+    /// The first epoch the backup expects.
+    pub next_epoch: u64,
+    /// The backup already holds an image of the guest's memory (`--base-image`).
+    pub holds_image: bool,
+}
+
 /// Run the session opening on a new connection: with a `key` the Noise handshake (a peer
 /// that fails it is closed without an answer), then read the Hello, check it against
 /// `ours` and `max_memory`, take the session `slot` (a Hello that passes when another
-/// primary already took it is refused), answer Welcome (next epoch `next_epoch`, and the
-/// receiver's detection timeout) or Refuse (with the reason) and return the primary's
-/// Hello. After a refusal the connection is closed.
+/// primary already took it is refused), answer Welcome (the `offer`, and the receiver's
+/// detection timeout) or Refuse (with the reason) and return the primary's Hello. After a
+/// refusal the connection is closed.
 pub fn handshake(
     rx: &mut Receiver,
     key: Option<&PairKey>,
     ours: &Hello,
     max_memory: u64,
-    next_epoch: u64,
+    offer: Offer,
     slot: &AtomicBool,
     stop: &AtomicBool,
 ) -> Result<Hello, HandshakeError> {
@@ -321,8 +330,9 @@ pub fn handshake(
         Ok(h) => {
             let mut out = Vec::new();
             session::Welcome {
-                next_epoch,
+                next_epoch: offer.next_epoch,
                 detect_timeout: detect,
+                holds_image: offer.holds_image,
             }
             .put(&mut out);
             rx.send(&out).map_err(HandshakeError::Write)?;

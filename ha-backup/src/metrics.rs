@@ -22,7 +22,7 @@ const DISK_BUCKETS: [f64; 9] = [
 ];
 
 /// The states of `castor_state`.
-pub const STATES: [&str; 3] = ["listening", "receiving", "active"];
+pub const STATES: [&str; 4] = ["listening", "receiving", "active", "reprotected"];
 
 /// The backup's metrics: its families (below), the state gauge ([`STATES`]), the registry.
 pub type Metrics = ha_daemon::metrics::Metrics<BackupFamilies>;

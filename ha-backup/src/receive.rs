@@ -71,6 +71,12 @@ pub(crate) fn receive(
                 Some(reason) => return Ok(Received::Lost(Loss::now(reason, rx.last_frame()))),
             }
         }
+        if frame.is(ha_wire::frame::FrameType::MemSumRequest) {
+            match answer_memory_sums(rx, frame.body(), committed.image()) {
+                None => continue,
+                Some(reason) => return Ok(Received::Lost(Loss::now(reason, rx.last_frame()))),
+            }
+        }
         let replica = sinks
             .replica
             .as_ref()
@@ -234,11 +240,34 @@ fn answer_sums(
         "disk sync: fingerprints sent"
     );
     let mut out = Vec::new();
-    disksync::put_sums(&mut out, &sums);
+    disksync::put_sums(&mut out, disksync::Target::Disk, &sums);
     if let Err(e) = rx.send(&out) {
         return Ok(Some(LossReason::Io(format!("disk sync answer: {e}"))));
     }
     Ok(None)
+}
+
+/// Re-protection: answer the primary's request for fingerprints of the image this backup
+/// holds (`--base-image`, or all zero). A request that does not parse or names chunks
+/// past the image's end drops the primary (Some).
+fn answer_memory_sums(rx: &mut Receiver, body: &[u8], image: &[u8]) -> Option<LossReason> {
+    let sums = disksync::SumRequest::decode(body)
+        .and_then(|req| disksync::answer(image, &req))
+        .map_err(|e| LossReason::Corrupt(format!("memory resync: {e}")));
+    let sums = match sums {
+        Ok(s) => s,
+        Err(reason) => return Some(reason),
+    };
+    debug!(
+        level = sums.level,
+        sums = sums.sums.len(),
+        "resync: memory fingerprints sent"
+    );
+    let mut out = Vec::new();
+    disksync::put_sums(&mut out, disksync::Target::Memory, &sums);
+    rx.send(&out)
+        .err()
+        .map(|e| LossReason::Io(format!("memory resync answer: {e}")))
 }
 
 /// Apply a committed epoch's disk writes to the replica (clearing the journal), then check

@@ -212,6 +212,12 @@ pub struct Cli {
     /// This daemon's client key for etcd (PEM).
     #[arg(long, value_name = "FILE")]
     pub etcd_key: Option<PathBuf>,
+    /// After a planned switchover (SIGUSR1), become the new primary's backup: exec the
+    /// ha-backup beside this program with this config file, starting from the guest's
+    /// memory at the handover (the new primary, given --reprotect-to this host, sends only
+    /// what changed since).
+    #[arg(long, value_name = "FILE")]
+    pub become_backup: Option<PathBuf>,
 }
 
 impl Cli {
@@ -356,6 +362,8 @@ pub struct FileConfig {
     pub etcd_cert: Option<PathBuf>,
     /// `--etcd-key`.
     pub etcd_key: Option<PathBuf>,
+    /// `--become-backup`.
+    pub become_backup: Option<PathBuf>,
 }
 
 fn xen_hold(v: String) -> Result<String, String> {
@@ -450,6 +458,7 @@ impl Options for Cli {
             etcd_ca: some,
             etcd_cert: some,
             etcd_key: some,
+            become_backup: some,
         );
         Ok(())
     }
@@ -759,6 +768,7 @@ mod tests {
             "etcd_ca",
             "etcd_cert",
             "etcd_key",
+            "become_backup",
         ];
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();

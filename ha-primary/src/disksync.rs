@@ -3,6 +3,10 @@
 //! round trip: `ha_wire::disksync`), then send only those blocks, as disk records of
 //! pre-copy epochs, while the guest runs.
 //!
+//! The same comparison, over memory frames, finds the pages of an image the backup
+//! already holds (re-protection: the old primary's memory, a stale copy) that differ from
+//! the guest's memory; the engine's first pre-copy round sends only those.
+//!
 //! The guest may write meanwhile. Its write log is emptied just before the comparison,
 //! and every write completed after that goes with the first checkpoint, after the blocks:
 //! a block read before a write is overwritten by the write's record, a block read after
@@ -11,8 +15,8 @@
 
 use crate::link::{Control, LinkEvent};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ha_guest::domain::{Disk, DiskWrite, DomainError};
-use ha_wire::disksync::{self, Comparer, DiskSyncError, ReadAt, Step, SumRequest, Sums};
+use ha_guest::domain::{Disk, DiskWrite, Domain, DomainError};
+use ha_wire::disksync::{self, Comparer, DiskSyncError, ReadAt, Step, SumRequest, Sums, Target};
 use std::time::{Duration, Instant};
 
 /// The block the comparison and the records work in.
@@ -64,9 +68,17 @@ pub enum Outcome {
 }
 
 /// The guest's disk as the comparison reads it.
-struct Reader<'a>(&'a dyn Disk);
+pub struct DiskReader<'a>(pub &'a dyn Disk);
 
-impl ReadAt for Reader<'_> {
+impl std::fmt::Debug for DiskReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskReader")
+            .field("size", &self.0.disk_size())
+            .finish()
+    }
+}
+
+impl ReadAt for DiskReader<'_> {
     fn size(&self) -> u64 {
         self.0.disk_size()
     }
@@ -76,30 +88,55 @@ impl ReadAt for Reader<'_> {
     }
 }
 
+/// The guest's memory as the comparison reads it (while the guest runs: a page written
+/// meanwhile is in the dirty log and sent again).
+pub struct MemoryReader<'a>(pub &'a dyn Domain);
+
+impl std::fmt::Debug for MemoryReader<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryReader")
+            .field("size", &self.0.memory_size())
+            .finish()
+    }
+}
+
+impl ReadAt for MemoryReader<'_> {
+    fn size(&self) -> u64 {
+        self.0.memory_size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0
+            .read_memory(offset, buf)
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// How long to wait for an answer: the ack timeout, plus a second per 128 MiB of disk
 /// (the backup reads its replica for the fingerprints).
 pub fn answer_wait(ack_timeout: Duration, disk_size: u64) -> Duration {
     ack_timeout + Duration::from_secs(disk_size.div_ceil(128 << 20))
 }
 
-/// Run the comparison over the link: each request through `ctl`, each answer from
-/// `events` (nothing else is in flight yet), waiting up to `wait` per answer.
+/// Run the comparison of `local` with the backup's copy of `target` over the link: each
+/// request through `ctl`, each answer from `events` (nothing else is in flight yet),
+/// waiting up to `wait` per answer.
 pub fn compare(
-    disk: &dyn Disk,
+    local: &dyn ReadAt,
+    target: Target,
     ctl: &Sender<Control>,
     events: &Receiver<LinkEvent>,
     wait: Duration,
 ) -> Result<Outcome, SyncError> {
     let t = Instant::now();
-    let local = Reader(disk);
-    let (mut comparer, mut req) = Comparer::new(disk.disk_size());
+    let (mut comparer, mut req) = Comparer::new(local.size());
     let mut out = Compared::default();
     loop {
         let body = req.encode();
         out.fingerprint_bytes += body.len() as u64;
         out.round_trips += 1;
         let mut frame = Vec::with_capacity(body.len() + 8);
-        disksync::put_request(&mut frame, &req);
+        disksync::put_request(&mut frame, target, &req);
         if ctl.send(Control::Frame(frame)).is_err() {
             return Ok(Outcome::Closed("the link to the backup is gone".into()));
         }
@@ -114,7 +151,7 @@ pub fn compare(
             chunks = sums.sums.len(),
             "disk sync: fingerprints compared"
         );
-        match comparer.on_sums(&local, &sums)? {
+        match comparer.on_sums(local, &sums)? {
             Step::Ask(next) => req = next,
             Step::Differ(blocks) => {
                 out.blocks = blocks;

@@ -174,6 +174,29 @@ pub struct Summary {
     pub cow_faulted: u64,
     /// The initial sync of the disk (a guest with a disk).
     pub disk_sync: Option<DiskSyncSummary>,
+    /// The memory comparison with an image the backup already held (re-protection).
+    pub memory_resync: Option<MemoryResync>,
+    /// Wire bytes of the pre-copy epochs (memory and disk), acknowledged.
+    pub precopy_wire_bytes: u64,
+    /// Milliseconds from the start of the sync until the backup held the first checkpoint.
+    pub sync_ms: u64,
+    /// The guest was handed over to the backup (planned switchover): it is stopped here.
+    pub switched_over: bool,
+}
+
+/// What the comparison of memory with the image the backup held found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MemoryResync {
+    /// Guest pages.
+    pub pages: u64,
+    /// Pages of the backup's image that differed (sent in the first pre-copy round).
+    pub differ: u64,
+    /// Fingerprint bytes both ways (requests and answers).
+    pub fingerprint_bytes: u64,
+    /// Round trips of the comparison.
+    pub round_trips: u32,
+    /// Milliseconds the comparison took.
+    pub compare_ms: u64,
 }
 
 /// What the initial sync of the disk cost.
@@ -270,6 +293,8 @@ struct Engine<'a> {
     handed_over: bool,
     /// Picks each checkpoint's copy path.
     cow: Chooser,
+    /// The backup holds an image of this guest already: pre-copy sends only what differs.
+    backup_holds_image: bool,
 }
 
 /// An epoch on its way: its report row, filled in as the stages report (encoder, sender,
@@ -322,8 +347,21 @@ pub fn run_leased(
     switchover: Option<&AtomicBool>,
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
-    let pages = page_count(d.memory_size());
-    let stall = StallWatch::start().map_err(EngineError::Watch)?;
+    let connected = connect(cfg, d)?;
+    run_connected(connected, cfg, d, stop, metrics, lease, switchover)
+}
+
+/// A primary whose backup welcomed it: the session is open, nothing sent yet.
+#[derive(Debug)]
+pub struct Connected {
+    link: link::Link,
+}
+
+/// Open the session with the backup at `cfg.backup` for guest `d` (the Hello, the secure
+/// channel, the Welcome). Nothing of the guest is touched: a caller that cannot reach a
+/// backup (re-protection after a failover) keeps running the guest as it was and tries
+/// again later.
+pub fn connect(cfg: &Config, d: &mut dyn Domain) -> Result<Connected, EngineError> {
     let disk_size = d.disk().map_or(0, |k| k.disk_size());
     let hello = Hello {
         version: SESSION_VERSION,
@@ -343,6 +381,22 @@ pub fn run_leased(
         cfg.key.as_ref(),
         cfg.link_rate,
     )?;
+    Ok(Connected { link })
+}
+
+/// [`run_leased`] on a session [`connect`] opened.
+pub fn run_connected(
+    Connected { link }: Connected,
+    cfg: &Config,
+    d: &mut dyn Domain,
+    stop: &AtomicBool,
+    metrics: &Metrics,
+    lease: Option<ha_lease::Lease>,
+    switchover: Option<&AtomicBool>,
+) -> Result<Summary, EngineError> {
+    metrics.set_state(Phase::Syncing.name());
+    let pages = page_count(d.memory_size());
+    let stall = StallWatch::start().map_err(EngineError::Watch)?;
     let welcome = link.welcome;
     tracing::info!(
         backup = %cfg.backup,
@@ -420,6 +474,7 @@ pub fn run_leased(
         switchover,
         handed_over: false,
         cow: Chooser::new(cfg.copy),
+        backup_holds_image: welcome.holds_image,
     };
     let started = Instant::now();
     let run = e.sync(pages).and_then(|()| e.protect(stop, started));
@@ -448,6 +503,7 @@ pub fn run_leased(
     }
     run?;
     e.finish();
+    e.summary.switched_over = e.handed_over;
     Ok(e.summary)
 }
 
@@ -467,13 +523,23 @@ impl Engine<'_> {
         self.sync_disk()?;
         let mut dirty = PageBitmap::new(pages);
         self.d.harvest_dirty(&mut dirty)?; // tracking starts now
-        // Round 0: every non-zero page, in chunks.
+        // Round 0: every non-zero page (the backup's image is all zero), or every page
+        // that differs from the image the backup holds; in chunks. A page written after
+        // its fingerprint or its copy was taken is in the dirty log.
+        let round0: Box<dyn Iterator<Item = usize>> = if self.backup_holds_image {
+            match self.resync_memory()? {
+                Some(differ) => Box::new(differ.into_iter()),
+                None => return Ok(()),
+            }
+        } else {
+            Box::new(0..pages)
+        };
         let mut chunk = Pages::default();
         let mut page = [0u8; PAGE_SIZE];
         let mut sent = 0usize;
-        for p in 0..pages {
+        for p in round0 {
             self.d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
-            if is_zero(&page) {
+            if !self.backup_holds_image && is_zero(&page) {
                 continue;
             }
             chunk.index.push(p as u64);
@@ -528,6 +594,53 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Compare this guest's memory with the image the backup holds, by fingerprints
+    /// ([`crate::disksync`], memory frames): the pages that differ, ascending, or None
+    /// when the backup was lost meanwhile (the policy was followed). The first checkpoint
+    /// then carries the digest, so a fingerprint collision cannot go unseen.
+    fn resync_memory(&mut self) -> Result<Option<Vec<usize>>, EngineError> {
+        let size = self.d.memory_size();
+        tracing::info!(
+            memory_mib = size >> 20,
+            "resync: comparing the backup's image of this guest with its memory"
+        );
+        let wait = crate::disksync::answer_wait(self.cfg.ack_timeout, size);
+        let local = crate::disksync::MemoryReader(&*self.d);
+        let outcome = crate::disksync::compare(
+            &local,
+            ha_wire::disksync::Target::Memory,
+            &self.ctl,
+            &self.link,
+            wait,
+        )?;
+        let c = match outcome {
+            crate::disksync::Outcome::Compared(c) => c,
+            crate::disksync::Outcome::Closed(why) => {
+                self.backup_lost(&why)?;
+                return Ok(None);
+            }
+        };
+        let r = MemoryResync {
+            pages: size / PAGE_SIZE as u64,
+            differ: c.blocks.len() as u64,
+            fingerprint_bytes: c.fingerprint_bytes,
+            round_trips: c.round_trips,
+            compare_ms: c.took.as_millis() as u64,
+        };
+        tracing::info!(
+            pages = r.pages,
+            differ = r.differ,
+            fingerprint_bytes = r.fingerprint_bytes,
+            round_trips = r.round_trips,
+            ms = r.compare_ms,
+            "resync: sending the pages that differ"
+        );
+        self.events.note("memory_compared", json!(r));
+        self.summary.memory_resync = Some(r);
+        self.verify_next = true;
+        Ok(Some(c.blocks.into_iter().map(|b| b as usize).collect()))
+    }
+
     /// Bring the backup's disk replica level with this disk ([`crate::disksync`]): the
     /// differing blocks go in pre-copy epochs; writes from now on go with the checkpoints.
     fn sync_disk(&mut self) -> Result<(), EngineError> {
@@ -551,7 +664,13 @@ impl Engine<'_> {
         );
         let wait = crate::disksync::answer_wait(self.cfg.ack_timeout, size);
         let outcome = match self.d.disk() {
-            Some(k) => crate::disksync::compare(&*k, &self.ctl, &self.link, wait)?,
+            Some(k) => crate::disksync::compare(
+                &crate::disksync::DiskReader(&*k),
+                ha_wire::disksync::Target::Disk,
+                &self.ctl,
+                &self.link,
+                wait,
+            )?,
             None => return Ok(()),
         };
         let c = match outcome {
@@ -1085,8 +1204,11 @@ impl Engine<'_> {
                     self.summary.disk_writes += enc.disk.writes;
                 }
                 self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
-            } else if let (Some(enc), Some(sync)) = (&row.encoded, &mut self.summary.disk_sync) {
-                sync.block_wire_bytes += enc.disk.wire_bytes;
+            } else if let Some(enc) = &row.encoded {
+                self.summary.precopy_wire_bytes += enc.wire_bytes;
+                if let Some(sync) = &mut self.summary.disk_sync {
+                    sync.block_wire_bytes += enc.disk.wire_bytes;
+                }
             }
             if let Some(s) = &mut self.stats
                 && let Err(err) = s.row(&row)
@@ -1100,7 +1222,15 @@ impl Engine<'_> {
                 epoch = n,
                 "protected: the backup holds a committed checkpoint"
             );
-            self.events.note("protected", json!({ "epoch": n }));
+            self.summary.sync_ms = self.born.elapsed().as_millis() as u64;
+            self.events.note(
+                "protected",
+                json!({
+                    "epoch": n,
+                    "sync_ms": self.summary.sync_ms,
+                    "precopy_wire_bytes": self.summary.precopy_wire_bytes,
+                }),
+            );
             if let Some(sync) = &self.summary.disk_sync {
                 tracing::info!(
                     epoch = n,

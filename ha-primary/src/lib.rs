@@ -16,6 +16,7 @@
 //! | [`shape`] | link shaping: a token bucket holding the sender to a link rate |
 //! | [`metrics`] | Prometheus metrics and the `GET /metrics` server |
 //! | [`cluster`] | the cluster view: every protected guest recorded in etcd |
+//! | [`swap`] | the role swap after a planned switchover: this process becomes the backup |
 //! | [`cli`] | the options: command line and `--config` file |
 
 pub mod cli;
@@ -31,3 +32,4 @@ pub mod metrics;
 pub mod report;
 pub mod shape;
 pub mod stall;
+pub mod swap;

@@ -130,7 +130,8 @@ pub enum LinkEvent {
     StoodDown,
     /// The handover frame is written to the socket (the session then ends).
     HandedOver,
-    /// The backup's answer to a disk sync request (the Sums frame's body).
+    /// The backup's answer to a disk sync or memory resync request (the Sums or MemSums
+    /// frame's body).
     Sums(Vec<u8>),
     /// The link is gone (with the reason).
     Closed(String),
@@ -371,7 +372,8 @@ fn receiver(mut frames: FrameReader<Box<dyn Read + Send>>, events: Sender<LinkEv
                 }
                 Err(e) => e.to_string(),
             },
-            Ok(FrameType::Sums) => {
+            // One comparison at a time (disk, then memory): its answer.
+            Ok(FrameType::Sums | FrameType::MemSums) => {
                 if events.send(LinkEvent::Sums(frame.body().to_vec())).is_err() {
                     return;
                 }

@@ -265,5 +265,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         "ha-primary stopped"
     );
     println!("{}", serde_json::to_string(&summary)?);
+    if summary.switched_over
+        && let Some(config) = &cli.become_backup
+    {
+        let memory = ha_primary::swap::hold_memory(domain.as_ref())?;
+        drop(domain);
+        return Err(ha_primary::swap::exec_backup(config, memory).into());
+    }
     Ok(())
 }

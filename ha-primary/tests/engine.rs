@@ -84,6 +84,7 @@ fn fake_backup(
                 session::Welcome {
                     next_epoch: 1,
                     detect_timeout: Duration::from_secs(1),
+                    holds_image: false,
                 }
                 .put(&mut out);
                 s.write_all(&out).expect("welcome");
@@ -372,6 +373,7 @@ fn backup_lost_continues_or_fences() {
             session::Welcome {
                 next_epoch: 1,
                 detect_timeout: Duration::from_secs(1),
+                holds_image: false,
             }
             .put(&mut out);
             // A Hello frame: 5 bytes of frame header, 28 of body.

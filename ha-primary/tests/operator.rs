@@ -49,6 +49,7 @@ fn fake_backup(l: TcpListener, key: PairKey) {
                 session::Welcome {
                     next_epoch: 1,
                     detect_timeout: Duration::from_secs(1),
+                    holds_image: false,
                 }
                 .put(&mut out);
                 s.write_all(&out).expect("welcome");

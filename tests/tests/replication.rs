@@ -17,6 +17,8 @@ struct Pair {
     world: World,
     backup: Proc,
     primary: Option<Proc>,
+    /// The spare backup ([`Opts::spare`]).
+    spare: Option<Proc>,
 }
 
 struct Opts<'a> {
@@ -46,6 +48,16 @@ struct Opts<'a> {
     create_disks: bool,
     /// Both daemons keep the guest's key under a lease in this etcd (`--etcd`), TTL 3 s.
     etcd: Option<&'a str>,
+    /// A spare backup (`spare.*` files, its ack log checked by the world too) is started
+    /// first, and the backup protects the guest again after a failover towards it
+    /// (`--reprotect-to`).
+    spare: bool,
+    /// The workload's rate (`--rate`; default 20000).
+    rate: &'a str,
+    /// More options for the backup.
+    backup_args: &'a [String],
+    /// More options for the primary.
+    primary_args: &'a [String],
 }
 
 impl Default for Opts<'_> {
@@ -68,6 +80,10 @@ impl Default for Opts<'_> {
             seed: 1,
             create_disks: false,
             etcd: None,
+            spare: false,
+            rate: "20000",
+            backup_args: &[],
+            primary_args: &[],
         }
     }
 }
@@ -143,43 +159,37 @@ impl Pair {
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
             ),
         };
-        let world = World::start_on(SocketAddr::new(world_bind, 0), dir.file("ack.log"))
-            .unwrap_or_else(|e| panic!("world: {e}"));
-        let mut args = vec![
-            s("--listen"),
-            SocketAddr::new(listen, 0).to_string(),
-            s("--port-file"),
-            dir.file("port").display().to_string(),
-            s("--memory"),
-            s(o.memory),
-            s("--mode"),
-            s(o.mode),
-            s("--guest"),
-            s(o.guest),
-            s("--interval"),
-            s("25ms"),
-            // Generous on a shared 2-core machine: scheduling stalls of tens of ms
-            // must not look like a dead primary.
-            s("--detect-timeout"),
-            s("400ms"),
-            s("--output"),
-            world_addr(&world, o.net.map(|n| n.world_from_backup)),
-            s("--ack-log"),
-            o.ack_log
-                .map_or_else(|| dir.file("ack.log").display().to_string(), s),
-            s("--events"),
-            dir.file("backup.events").display().to_string(),
+        // A spare's ack log too: after a re-protection, the re-protecting host's releases
+        // are checked against the spare's commits.
+        let world = World::start_chain(
+            SocketAddr::new(world_bind, 0),
+            vec![dir.file("ack.log"), dir.file("spare.ack.log")],
+        )
+        .unwrap_or_else(|e| panic!("world: {e}"));
+        let mut args = backup_args(
+            &dir,
+            o,
+            SocketAddr::new(listen, 0),
+            &world_addr(&world, o.net.map(|n| n.world_from_backup)),
+            "",
+        );
+        if let Some(a) = o.ack_log {
+            args.extend([s("--ack-log"), s(a)]);
+        }
+        args.extend([
             s("--stats"),
             dir.file("backup.csv").display().to_string(),
             s("--exit-after"),
             s(o.exit_after),
-        ];
-        if o.insecure {
-            args.push(s("--insecure"));
-        } else {
-            args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
-        }
+        ]);
         args.extend(lease_args(o));
+        let spare = o.spare.then(|| {
+            let spare = spawn_spare(&dir, o, &world);
+            let to = wait_addr(&dir.file("spare.port"), Duration::from_secs(20));
+            args.extend([s("--reprotect-to"), to.to_string()]);
+            spare
+        });
+        args.extend_from_slice(o.backup_args);
         if o.replica > 0 {
             let path = dir.file("replica.img");
             if o.create_disks {
@@ -195,6 +205,7 @@ impl Pair {
             world,
             backup,
             primary: None,
+            spare,
         }
     }
 
@@ -241,7 +252,7 @@ impl Pair {
             s("--interval"),
             s("25ms"),
             s("--rate"),
-            s("20000"),
+            s(o.rate),
             s("--output-every"),
             s("32"),
             s("--seed"),
@@ -259,6 +270,7 @@ impl Pair {
         ];
         args.extend_from_slice(key);
         args.extend(lease_args(o));
+        args.extend_from_slice(o.primary_args);
         if o.disk > 0 {
             let path = dir.file("primary.img");
             if o.create_disks {
@@ -290,14 +302,38 @@ impl Pair {
     }
 
     fn ack_log(&self) -> Vec<(u64, u64)> {
-        std::fs::read_to_string(self.dir.file("ack.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace().map(|x| x.parse::<u64>());
-                Some((it.next()?.ok()?, it.next()?.ok()?))
-            })
-            .collect()
+        committed(&self.dir.file("ack.log"))
+    }
+
+    /// After a backup (events `events`, ack log `acks`) took the guest over: it resumed
+    /// from its last commit, and the world saw no violation and output past it. `what`
+    /// names the takeover in failures. The last commit.
+    fn check_resumed_at(
+        &self,
+        active: &serde_json::Value,
+        acks: &std::path::Path,
+        what: &str,
+    ) -> (u64, u64) {
+        let Some(&(last_epoch, last_head)) = committed(acks).last() else {
+            self.fail(&format!("{what}: the ack log is empty"))
+        };
+        if active["epoch"] != last_epoch || active["out_head"] != last_head {
+            self.fail(&format!(
+                "{what}: resumed from {active}, the last commit is {last_epoch} {last_head}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let v = self.world.view();
+        if !v.violations.is_empty() {
+            self.fail(&format!(
+                "{what}: the world saw violations: {:?}",
+                v.violations
+            ));
+        }
+        if v.next_seq <= last_head {
+            self.fail(&format!("{what}: no output after it: {v:?}"));
+        }
+        (last_epoch, last_head)
     }
 
     fn fail(&self, what: &str) -> ! {
@@ -1761,5 +1797,270 @@ fn a_planned_switchover_moves_the_guest_with_continuity() {
     eprintln!(
         "switchover: paused at {} ms, backup active at {} ms (epoch {} → {})",
         switched["paused_unix_ms"], active["t_ms"], switched["epoch"], active["epoch"]
+    );
+}
+
+/// The spare backup of [`Opts::spare`]: like the pair's backup (same key, mode, memory),
+/// on its own port, its files `spare.*`.
+fn spawn_spare(dir: &Scratch, o: &Opts, world: &World) -> Proc {
+    let mut args = backup_args(
+        dir,
+        o,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &world.addr.to_string(),
+        "spare.",
+    );
+    args.extend([s("--exit-after"), s("1s")]);
+    Proc::spawn("ha-backup", &args, dir.file("spare.log"))
+}
+
+/// A backup's options as the tests run it: listening on `listen`, the pair's memory,
+/// mode and backend, releasing to `output`, its files in `dir` (`{prefix}port`,
+/// `{prefix}ack.log`, `{prefix}events` — the pair's own backup has the prefix "" and
+/// names its events `backup.events`), the pair key (or `--insecure`).
+fn backup_args(
+    dir: &Scratch,
+    o: &Opts,
+    listen: SocketAddr,
+    output: &str,
+    prefix: &str,
+) -> Vec<String> {
+    let file = |name: &str| dir.file(&format!("{prefix}{name}")).display().to_string();
+    let events = if prefix.is_empty() {
+        dir.file("backup.events").display().to_string()
+    } else {
+        file("events")
+    };
+    let mut args = vec![
+        s("--listen"),
+        listen.to_string(),
+        s("--port-file"),
+        file("port"),
+        s("--memory"),
+        s(o.memory),
+        s("--mode"),
+        s(o.mode),
+        s("--guest"),
+        s(o.guest),
+        s("--interval"),
+        s("25ms"),
+        // Generous on a shared 2-core machine: scheduling stalls of tens of ms must not
+        // look like a dead primary.
+        s("--detect-timeout"),
+        s("400ms"),
+        s("--output"),
+        s(output),
+        s("--events"),
+        events,
+    ];
+    if prefix.is_empty() {
+        // `--ack-log` of the pair's backup: the default, or Opts::ack_log (added after).
+        if o.ack_log.is_none() {
+            args.extend([s("--ack-log"), file("ack.log")]);
+        }
+    } else {
+        args.extend([s("--ack-log"), file("ack.log")]);
+    }
+    if o.insecure {
+        args.push(s("--insecure"));
+    } else {
+        args.extend([s("--key"), dir.file("pair.key").display().to_string()]);
+    }
+    args
+}
+
+/// Re-protection after a kill: A protects the guest to B, B is told to re-protect to a
+/// spare C. A is killed: B takes over, finds C, syncs it and protects the guest as its
+/// primary; then B is killed too, and C takes over from B's last checkpoint with
+/// continuity — the world sees no skip, no changed repeat and no release ahead of a
+/// commit across both failovers.
+#[test]
+fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let o = Opts {
+        exit_after: "60s",
+        spare: true,
+        ..Opts::default()
+    };
+    let mut p = Pair::start("reprotect", &o);
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    a.kill9();
+    p.primary = Some(a);
+    let active = wait_event(&p.backup_events(), "active", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    let reprotect_events = p.dir.file("backup.events.reprotect");
+    let protected = wait_event(&reprotect_events, "protected", Duration::from_secs(30))
+        .unwrap_or_else(|| p.fail("B never protected the guest again"));
+    let reprotect_ms = protected["t_ms"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(active["t_ms"].as_u64().unwrap_or(0));
+    // Some of B's checkpoints committed at the spare, then B dies too.
+    let spare_acks = p.dir.file("spare.ack.log");
+    let t = std::time::Instant::now();
+    while committed(&spare_acks).len() < 10 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let b_acks = committed(&spare_acks).len();
+    if b_acks < 10 {
+        p.fail(&format!(
+            "the spare committed only {b_acks} of B's checkpoints"
+        ));
+    }
+    p.backup.kill9();
+    let spare_events = p.dir.file("spare.events");
+    let mut spare = p.spare.take().unwrap_or_else(|| p.fail("no spare"));
+    let Some(c_active) = wait_event(&spare_events, "active", Duration::from_secs(20)) else {
+        p.fail(&format!("the spare never took over: {}", spare.log_text()))
+    };
+    let code = spare.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!("the spare exited {code:?}: {}", spare.log_text()));
+    }
+    // C resumed from the last checkpoint it committed, and the guest went on.
+    let from = c_active["progress"].as_u64().unwrap_or(u64::MAX);
+    let progress: Vec<u64> = events(&spare_events)
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["progress"].as_u64())
+        .collect();
+    if progress.is_empty() || progress.iter().any(|&x| x < from) {
+        p.fail(&format!(
+            "no progress at the spare from {from}: {progress:?}"
+        ));
+    }
+    let (last_epoch, _) = p.check_resumed_at(&c_active, &spare_acks, "the second failover");
+    eprintln!(
+        "re-protection: B active from epoch {}, protected again {reprotect_ms} ms later \
+         (pre-copy {} bytes); {b_acks} of B's checkpoints committed at C; C active from \
+         epoch {last_epoch}",
+        active["epoch"], protected["precopy_wire_bytes"],
+    );
+}
+
+/// The `epoch out_head` lines of an ack log.
+fn committed(path: &std::path::Path) -> Vec<(u64, u64)> {
+    ha_wire::output::read_ack_log(path)
+}
+
+/// A free loopback port (bound, read, released: the daemon that gets it binds it again).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// Switchover there and back, with the roles swapped: A (`--become-backup`) hands the
+/// guest over to B and becomes B's backup in the same process, starting from the guest's
+/// memory at the handover; B (`--reprotect-to` A) protects the guest as its primary,
+/// sending only the pages its guest changed since (compared by fingerprints; the first
+/// checkpoint's digest checks the result). Then B hands the guest back to A. The world
+/// sees no skip, no changed repeat and no release ahead of a commit throughout.
+#[test]
+fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let a_listen = free_port();
+    let dir = Scratch::new("swap-cfg");
+    // A's backup configuration: the pair's key and the world are known once the pair
+    // starts, so they are written into it below.
+    let cfg = dir.file("a-backup.toml");
+    let reprotect = [s("--reprotect-to"), a_listen.to_string()];
+    let become_backup = [s("--become-backup"), cfg.display().to_string()];
+    // The web workload at its own rate (a real web server's): at 20000 units/s it would
+    // touch most of a 32 MiB guest's pages in the moment B waits for A's backup to listen.
+    let o = Opts {
+        exit_after: "60s",
+        rate: "2500",
+        backup_args: &reprotect,
+        primary_args: &become_backup,
+        ..Opts::default()
+    };
+    let mut p = Pair::start_backup("swap", &o);
+    let toml = format!(
+        "listen = \"{a_listen}\"\nmemory = \"{}\"\nmode = \"{}\"\nguest = \"kvm\"\n\
+         interval = \"25ms\"\ndetect_timeout = \"400ms\"\noutput = \"{}\"\n\
+         ack_log = \"{}\"\nevents = \"{}\"\nexit_after = \"2s\"\nkey = \"{}\"\n",
+        o.memory,
+        o.mode,
+        p.world.addr,
+        p.dir.file("spare.ack.log").display(),
+        p.dir.file("a2.events").display(),
+        p.dir.file("pair.key").display(),
+    );
+    std::fs::write(&cfg, toml).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(500));
+    // There: A hands over and becomes B's backup.
+    if let Some(a) = &mut p.primary {
+        a.signal(libc::SIGUSR1);
+    }
+    wait_event(
+        &p.primary_events(),
+        "switched_over",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| p.fail("A never switched over"));
+    let b_active = wait_event(&p.backup_events(), "active", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    let b_events = p.dir.file("backup.events.reprotect");
+    let protected = wait_event(&b_events, "protected", Duration::from_secs(30))
+        .unwrap_or_else(|| p.fail("B never protected the guest to A"));
+    let compared = wait_event(&b_events, "memory_compared", Duration::from_secs(1))
+        .unwrap_or_else(|| p.fail("B did not compare A's image"));
+    let (pages, differ) = (
+        compared["pages"].as_u64().unwrap_or(0),
+        compared["differ"].as_u64().unwrap_or(u64::MAX),
+    );
+    // A's image is the checkpoint B resumed from: only what B's guest wrote since differs.
+    if pages == 0 || differ * 4 > pages {
+        p.fail(&format!("resync sent {differ} of {pages} pages"));
+    }
+    let a2_events = p.dir.file("a2.events");
+    let t = std::time::Instant::now();
+    while committed(&p.dir.file("spare.ack.log")).len() < 10
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if events(&a2_events)
+        .iter()
+        .any(|e| e["event"] == "verify_failed")
+    {
+        p.fail("A's image plus the resync did not match B's memory");
+    }
+    // And back: B hands the guest to A.
+    p.backup.signal(libc::SIGUSR1);
+    let code = p.backup.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!("B exited {code:?} after handing back"));
+    }
+    let a_active = wait_event(&a2_events, "active", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("A never took the guest back"));
+    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no A"));
+    let code = a.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!(
+            "A (as backup, then active) exited {code:?}: {}",
+            a.log_text()
+        ));
+    }
+    let (last_epoch, _) =
+        p.check_resumed_at(&a_active, &p.dir.file("spare.ack.log"), "the switch back");
+    eprintln!(
+        "role swap: B active from epoch {}; resync sent {differ} of {pages} pages \
+         ({} bytes of fingerprints, pre-copy {} bytes), protected {} ms after B's sync began; \
+         back at A from epoch {last_epoch}",
+        b_active["epoch"],
+        compared["fingerprint_bytes"],
+        protected["precopy_wire_bytes"],
+        protected["sync_ms"],
     );
 }

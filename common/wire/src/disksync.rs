@@ -357,14 +357,32 @@ impl Comparer {
     }
 }
 
-/// Put a request as a SumRequest frame.
-pub fn put_request(out: &mut Vec<u8>, req: &SumRequest) {
-    crate::frame::put_frame(out, crate::frame::FrameType::SumRequest, &req.encode());
+/// What a comparison brings level: the disk replica, or the memory image a backup
+/// already holds (re-protection). The messages are the same; the frame types differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The backup's disk replica (SumRequest/Sums).
+    Disk,
+    /// The backup's memory image (MemSumRequest/MemSums).
+    Memory,
 }
 
-/// Put an answer as a Sums frame.
-pub fn put_sums(out: &mut Vec<u8>, sums: &Sums) {
-    crate::frame::put_frame(out, crate::frame::FrameType::Sums, &sums.encode());
+/// Put a request as a SumRequest (disk) or MemSumRequest (memory) frame.
+pub fn put_request(out: &mut Vec<u8>, target: Target, req: &SumRequest) {
+    let ty = match target {
+        Target::Disk => crate::frame::FrameType::SumRequest,
+        Target::Memory => crate::frame::FrameType::MemSumRequest,
+    };
+    crate::frame::put_frame(out, ty, &req.encode());
+}
+
+/// Put an answer as a Sums (disk) or MemSums (memory) frame.
+pub fn put_sums(out: &mut Vec<u8>, target: Target, sums: &Sums) {
+    let ty = match target {
+        Target::Disk => crate::frame::FrameType::Sums,
+        Target::Memory => crate::frame::FrameType::MemSums,
+    };
+    crate::frame::put_frame(out, ty, &sums.encode());
 }
 
 /// Run the whole comparison in one process (both sides' messages encoded and decoded as

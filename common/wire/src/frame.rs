@@ -64,13 +64,19 @@ pub enum FrameType {
     /// Primary → backup: planned switchover. Every checkpoint sent is acknowledged and the
     /// guest is stopped here: take over from the last one now (UTF-8 reason).
     Handover = 25,
+    /// Primary → backup: memory resync, the fingerprints of the chunks of the image the
+    /// backup already holds that it asks for (`ha_wire::disksync::SumRequest`).
+    MemSumRequest = 26,
+    /// Backup → primary: memory resync, the fingerprints asked for
+    /// (`ha_wire::disksync::Sums`).
+    MemSums = 27,
     /// Daemon → output sink: a released output record.
     Output = 32,
 }
 
 impl FrameType {
     /// Every frame type, in byte order.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::Header,
         FrameType::Pages,
         FrameType::State,
@@ -87,6 +93,8 @@ impl FrameType {
         FrameType::SumRequest,
         FrameType::Sums,
         FrameType::Handover,
+        FrameType::MemSumRequest,
+        FrameType::MemSums,
         FrameType::Output,
     ];
 
@@ -109,6 +117,8 @@ impl FrameType {
             FrameType::SumRequest => "SumRequest",
             FrameType::Sums => "Sums",
             FrameType::Handover => "Handover",
+            FrameType::MemSumRequest => "MemSumRequest",
+            FrameType::MemSums => "MemSums",
             FrameType::Output => "Output",
         }
     }
@@ -337,7 +347,9 @@ mod tests {
         let known: Vec<u8> = FrameType::ALL.iter().map(|t| *t as u8).collect();
         assert_eq!(
             known,
-            [1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 32]
+            [
+                1, 2, 3, 4, 5, 6, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 32
+            ]
         );
         for b in (0..=u8::MAX).filter(|b| !known.contains(b)) {
             assert_eq!(FrameType::try_from(b), Err(FrameError::UnknownType(b)));

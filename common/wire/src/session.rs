@@ -22,7 +22,7 @@ use ha_codec::codec::Mode;
 use ha_guest::backend::{BackendKind, GuestLayout};
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 7;
+pub const SESSION_VERSION: u16 = 8;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,
@@ -238,32 +238,45 @@ pub struct Welcome {
     /// How long the backup waits for a frame before it declares the primary lost and
     /// takes over: a primary silent for that long may have been replaced.
     pub detect_timeout: std::time::Duration,
+    /// The backup already holds an image of this guest's memory (an older copy, from a
+    /// failed or switched-over primary): the primary compares fingerprints with it
+    /// (MemSumRequest/MemSums) and sends only the pages that differ, instead of every
+    /// non-zero page.
+    pub holds_image: bool,
 }
 
+/// Length of a Welcome's body.
+const WELCOME_LEN: usize = 8 + 8 + 1;
+
 impl Welcome {
-    /// Encode as a frame: `u64 next_epoch | u64 detection timeout in microseconds`.
+    /// Encode as a frame: `u64 next_epoch | u64 detection timeout in microseconds |
+    /// u8 flags` (bit 0: holds an image).
     pub fn put(&self, out: &mut Vec<u8>) {
-        let mut b = [0u8; 16];
+        let mut b = [0u8; WELCOME_LEN];
         b[..8].copy_from_slice(&self.next_epoch.to_le_bytes());
         let us = u64::try_from(self.detect_timeout.as_micros()).unwrap_or(u64::MAX);
-        b[8..].copy_from_slice(&us.to_le_bytes());
+        b[8..16].copy_from_slice(&us.to_le_bytes());
+        b[16] = u8::from(self.holds_image);
         put_frame(out, FrameType::Welcome, &b);
     }
 
     /// Parse a Welcome body.
     pub fn parse(body: &[u8]) -> Result<Self, SessionError> {
-        let b: &[u8; 16] = body
+        let b: &[u8; WELCOME_LEN] = body
             .try_into()
             .map_err(|_| SessionError::Malformed("welcome"))?;
-        let (e, t) = b.split_at(8);
-        let next_epoch = parse_u64(e, "welcome")?;
-        let us = parse_u64(t, "welcome")?;
+        let next_epoch = parse_u64(&b[..8], "welcome")?;
+        let us = parse_u64(&b[8..16], "welcome")?;
         if us == 0 {
             return Err(SessionError::Malformed("welcome (zero detection timeout)"));
+        }
+        if b[16] > 1 {
+            return Err(SessionError::Malformed("welcome (unknown flags)"));
         }
         Ok(Self {
             next_epoch,
             detect_timeout: std::time::Duration::from_micros(us),
+            holds_image: b[16] == 1,
         })
     }
 }
@@ -524,6 +537,7 @@ mod tests {
         let w = Welcome {
             next_epoch: 7,
             detect_timeout: std::time::Duration::from_millis(75),
+            holds_image: true,
         };
         let mut out = Vec::new();
         w.put(&mut out);
@@ -535,8 +549,14 @@ mod tests {
             Err(SessionError::Malformed("welcome"))
         );
         let mut zero = body.to_vec();
-        zero[8..].fill(0);
+        zero[8..16].fill(0);
         assert!(Welcome::parse(&zero).is_err());
+        let mut flags = body.to_vec();
+        flags[16] = 2;
+        assert_eq!(
+            Welcome::parse(&flags),
+            Err(SessionError::Malformed("welcome (unknown flags)"))
+        );
         let mut out = Vec::new();
         put_ack(&mut out, 42);
         let (ty, body, _) = split_frame(&out).unwrap().unwrap();

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use ha_backend::FactoryOptions;
 use ha_backup::config::{Cli, Config, ConfigError};
 use ha_backup::metrics::Metrics;
-use ha_backup::{chain, run_with_metrics};
+use ha_backup::{chain, run_with_switchover};
 use ha_daemon::config::LoadError;
 
 fn main() -> ExitCode {
@@ -71,7 +71,15 @@ fn main() -> ExitCode {
         metrics = ?metrics_addr,
         "ha-backup starting"
     );
-    match run_with_metrics(&cfg, factory.as_ref(), &stop, &metrics) {
+    // SIGUSR1: a planned switchover, once this host protects a guest it took over.
+    let switchover = match ha_daemon::signal::switchover_flag() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ha-backup: error: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    match run_with_switchover(&cfg, factory.as_ref(), &stop, &metrics, Some(&switchover)) {
         Ok(exit) => ExitCode::from(exit.code()),
         Err(e) => {
             eprintln!("ha-backup: error: {}", chain(&e));

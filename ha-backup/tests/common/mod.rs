@@ -478,14 +478,7 @@ impl Backup {
     }
 
     pub fn ack_log(&self) -> Vec<(u64, u64)> {
-        std::fs::read_to_string(self.dir.join("ack.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace().map(|x| x.parse::<u64>());
-                Some((it.next()?.ok()?, it.next()?.ok()?))
-            })
-            .collect()
+        ha_wire::output::read_ack_log(&self.dir.join("ack.log"))
     }
 }
 

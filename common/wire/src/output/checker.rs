@@ -141,6 +141,17 @@ impl Consumer {
 
     /// Listen on `bind` (e.g. `0.0.0.0:0`, for daemons in other network namespaces).
     pub fn start_on(bind: SocketAddr, ack_log: std::path::PathBuf) -> std::io::Result<Self> {
+        Self::start_chain(bind, vec![ack_log])
+    }
+
+    /// Listen on `bind` for a guest protected by one backup after another (re-protection
+    /// after a failover): a record any primary released must be below the highest
+    /// out_head committed in any of `ack_logs` (the guest's output sequence is one, so the
+    /// backups' logs continue each other; a log not written yet counts as 0).
+    pub fn start_chain(
+        bind: SocketAddr,
+        ack_logs: Vec<std::path::PathBuf>,
+    ) -> std::io::Result<Self> {
         use std::sync::atomic::Ordering;
         let l = std::net::TcpListener::bind(bind)?;
         let addr = l.local_addr()?;
@@ -160,15 +171,19 @@ impl Consumer {
                         continue;
                     };
                     let _ = s.set_nonblocking(false);
-                    let (view, log) = (v.clone(), ack_log.clone());
+                    let (view, logs) = (v.clone(), ack_logs.clone());
                     std::thread::spawn(move || {
                         let _ = read_records(s, |src, r| {
                             let mut g = view
                                 .lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner);
                             let (checker, w) = &mut *g;
-                            let res =
-                                checker.check(src, &r, || committed_out_head(&log).unwrap_or(0));
+                            let res = checker.check(src, &r, || {
+                                logs.iter()
+                                    .map(|l| committed_out_head(l).unwrap_or(0))
+                                    .max()
+                                    .unwrap_or(0)
+                            });
                             let now = unix_ms();
                             match src {
                                 Source::Primary => {

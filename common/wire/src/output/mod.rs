@@ -22,7 +22,7 @@ mod acklog;
 mod checker;
 mod record;
 
-pub use acklog::{append_ack_log, committed_out_head};
+pub use acklog::{append_ack_log, committed_out_head, read_ack_log};
 pub use checker::{Consumer, OutputChecker, Violation, WorldView, unix_ms};
 pub use record::{OutputSink, decode_record, encode_record, read_records};
 

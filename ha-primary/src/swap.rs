@@ -1,0 +1,93 @@
+//! The role swap after a planned switchover: this process becomes the backup of the
+//! guest it just handed over. The guest's memory at the handover (exactly the checkpoint
+//! the new primary resumed from: the guest never ran after it) is kept in a memfd, and the
+//! process execs `ha-backup` with the operator's backup config and that memfd as its
+//! `--base-image`, keeping its pid (a service manager sees one service go on). The new
+//! primary, started with `--reprotect-to` this host, then sends only the pages its guest
+//! changed since (compared by fingerprints).
+
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use ha_guest::domain::{Domain, DomainError};
+use ha_guest::image::{GuestImage, ImageError};
+
+/// Why the role swap cannot happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// No memory for the copy of the guest's memory.
+    #[error("cannot hold the guest's memory for the backup")]
+    Image(#[from] ImageError),
+    /// The guest's memory cannot be read.
+    #[error("cannot read the guest's memory")]
+    Read(#[source] DomainError),
+    /// The memfd cannot be handed to the new program.
+    #[error("cannot pass the guest's memory to ha-backup")]
+    Inherit(#[source] std::io::Error),
+    /// `ha-backup` is not beside this program.
+    #[error("{0} not found: the role swap runs the ha-backup installed beside ha-primary")]
+    NoBackup(PathBuf),
+    /// The exec failed.
+    #[error("cannot run {path}")]
+    Exec {
+        /// The program.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The guest's memory, read into a memfd that the next program inherits.
+#[derive(Debug)]
+pub struct HeldMemory {
+    file: std::fs::File,
+}
+
+/// Copy the (paused) guest's memory into a memfd that survives exec.
+pub fn hold_memory(d: &dyn Domain) -> Result<HeldMemory, SwapError> {
+    let size = usize::try_from(d.memory_size()).unwrap_or(usize::MAX);
+    let mut image = GuestImage::new(size)?;
+    d.read_memory(0, image.as_mut_slice())
+        .map_err(SwapError::Read)?;
+    let file = image.into_file();
+    // SAFETY: `file` owns an open fd for its whole lifetime; F_SETFD only changes the fd's
+    // close-on-exec flag and touches no memory.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) };
+    if rc < 0 {
+        return Err(SwapError::Inherit(std::io::Error::last_os_error()));
+    }
+    Ok(HeldMemory { file })
+}
+
+/// Replace this process with `ha-backup --config CONFIG --base-image /proc/self/fd/N`.
+/// Returns only on failure.
+pub fn exec_backup(config: &Path, memory: HeldMemory) -> SwapError {
+    let path = match std::env::current_exe() {
+        Ok(p) => p.with_file_name("ha-backup"),
+        Err(e) => {
+            return SwapError::Exec {
+                path: "ha-backup".into(),
+                source: e,
+            };
+        }
+    };
+    if !path.exists() {
+        return SwapError::NoBackup(path);
+    }
+    let image = format!("/proc/self/fd/{}", memory.file.as_raw_fd());
+    tracing::info!(
+        backup = %path.display(),
+        config = %config.display(),
+        image,
+        "role swap: becoming the new primary's backup"
+    );
+    let source = std::process::Command::new(&path)
+        .arg("--config")
+        .arg(config)
+        .arg("--base-image")
+        .arg(&image)
+        .exec();
+    SwapError::Exec { path, source }
+}

@@ -225,6 +225,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         None => None,
         Some(lc) => match ha_lease::claim(&lc)? {
             ha_lease::Claim::Ours(l) => Some(l),
+            ha_lease::Claim::Theirs { holder } if cli.become_backup.is_some() => {
+                // This host comes back after a failover: the guest runs at `holder`, which
+                // protects it again towards this host's backup (its --reprotect-to).
+                tracing::warn!(
+                    key = lc.key,
+                    %holder,
+                    "the guest runs elsewhere now: becoming its backup (--become-backup)"
+                );
+                let config = cli
+                    .become_backup
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""));
+                return Err(ha_primary::swap::exec_backup(config, None).into());
+            }
             ha_lease::Claim::Theirs { holder } => {
                 return Err(format!(
                     "the guest's key {} in etcd is held by {holder}: it runs there; not \
@@ -270,7 +284,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     {
         let memory = ha_primary::swap::hold_memory(domain.as_ref())?;
         drop(domain);
-        return Err(ha_primary::swap::exec_backup(config, memory).into());
+        return Err(ha_primary::swap::exec_backup(config, Some(memory)).into());
     }
     Ok(())
 }

@@ -5,6 +5,10 @@
 //! `--base-image`, keeping its pid (a service manager sees one service go on). The new
 //! primary, started with `--reprotect-to` this host, then sends only the pages its guest
 //! changed since (compared by fingerprints).
+//!
+//! The same exec, without an image, serves a primary's host that comes back after a
+//! failover: the guest's key is held by the host that took it over, so this host becomes
+//! that primary's backup instead of refusing to start.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -61,9 +65,9 @@ pub fn hold_memory(d: &dyn Domain) -> Result<HeldMemory, SwapError> {
     Ok(HeldMemory { file })
 }
 
-/// Replace this process with `ha-backup --config CONFIG --base-image /proc/self/fd/N`.
+/// Replace this process with `ha-backup --config CONFIG [--base-image /proc/self/fd/N]`.
 /// Returns only on failure.
-pub fn exec_backup(config: &Path, memory: HeldMemory) -> SwapError {
+pub fn exec_backup(config: &Path, memory: Option<HeldMemory>) -> SwapError {
     let path = match std::env::current_exe() {
         Ok(p) => p.with_file_name("ha-backup"),
         Err(e) => {
@@ -76,18 +80,22 @@ pub fn exec_backup(config: &Path, memory: HeldMemory) -> SwapError {
     if !path.exists() {
         return SwapError::NoBackup(path);
     }
-    let image = format!("/proc/self/fd/{}", memory.file.as_raw_fd());
+    let mut cmd = std::process::Command::new(&path);
+    cmd.arg("--config").arg(config);
+    // `memory` stays open until the exec: the new program reads it through its fd.
+    let image = memory
+        .as_ref()
+        .map(|m| format!("/proc/self/fd/{}", m.file.as_raw_fd()));
+    if let Some(i) = &image {
+        cmd.arg("--base-image").arg(i);
+    }
     tracing::info!(
         backup = %path.display(),
         config = %config.display(),
-        image,
+        image = image.as_deref().unwrap_or("none"),
         "role swap: becoming the new primary's backup"
     );
-    let source = std::process::Command::new(&path)
-        .arg("--config")
-        .arg(config)
-        .arg("--base-image")
-        .arg(&image)
-        .exec();
+    let source = cmd.exec();
+    drop(memory);
     SwapError::Exec { path, source }
 }

@@ -57,17 +57,24 @@ fn check_table_and_write_example(cmd: Command, name: &str) -> std::path::PathBuf
             }
         }
     }
-    let at = DOC
-        .find(&format!("<!-- example:{name} -->"))
-        .expect("example marker in the doc");
-    let rest = &DOC[at..];
-    let start = rest.find("```toml\n").expect("toml block") + "```toml\n".len();
-    let len = rest[start..].find("```").expect("end of the block");
+    let example = block_after(&format!("example:{name}"), "toml");
     let dir = std::env::temp_dir().join(format!("castor-{name}-doc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("example.toml");
-    std::fs::write(&path, &rest[start..start + len]).expect("write the example");
+    std::fs::write(&path, example).expect("write the example");
     path
+}
+
+/// The first ```` ```{lang} ```` block after `<!-- {marker} -->`.
+fn block_after(marker: &str, lang: &str) -> String {
+    let at = DOC
+        .find(&format!("<!-- {marker} -->"))
+        .unwrap_or_else(|| panic!("<!-- {marker} --> in the doc"));
+    let rest = &DOC[at..];
+    let open = format!("```{lang}\n");
+    let start = rest.find(&open).expect("a code block") + open.len();
+    let len = rest[start..].find("```").expect("end of the block");
+    rest[start..start + len].to_string()
 }
 
 #[test]
@@ -84,4 +91,42 @@ fn backup_options_are_documented() {
     let p = path.to_string_lossy().to_string();
     let c = Cli::load(["ha-backup", "--config", &p]).expect("the example is valid");
     Config::from_cli(&c).expect("the example is valid");
+}
+
+/// The `ExecStart` line of the systemd unit after `<!-- unit:{name} -->`, split into words,
+/// and the unit's text.
+fn unit(name: &str) -> (Vec<String>, String) {
+    let text = block_after(&format!("unit:{name}"), "ini");
+    let exec = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    (exec.split_whitespace().map(String::from).collect(), text)
+}
+
+/// The units run the daemons with options they take (`%i` as a guest name), and the
+/// backup's unit does not restart after exactly the exit the doc says needs an operator.
+#[test]
+fn the_systemd_units_run_the_daemons_with_options_they_take() {
+    let (primary, _) = unit("castor-primary@");
+    assert!(primary[0].ends_with("/ha-primary"), "{primary:?}");
+    let args: Vec<String> = primary.iter().map(|a| a.replace("%i", "web1")).collect();
+    ha_primary::cli::Cli::command()
+        .try_get_matches_from(&args)
+        .expect("the primary's unit parses");
+    let (backup, text) = unit("castor-backup@");
+    assert!(backup[0].ends_with("/ha-backup"), "{backup:?}");
+    let args: Vec<String> = backup.iter().map(|a| a.replace("%i", "web1")).collect();
+    ha_backup::config::Cli::command()
+        .try_get_matches_from(&args)
+        .expect("the backup's unit parses");
+    let prevent = text
+        .lines()
+        .find_map(|l| l.strip_prefix("RestartPreventExitStatus="))
+        .expect("RestartPreventExitStatus");
+    assert_eq!(
+        prevent,
+        ha_backup::Exit::VerifyFailed.code().to_string(),
+        "the backup's unit must stop at a failed digest only"
+    );
 }

@@ -1947,6 +1947,107 @@ fn committed(path: &std::path::Path) -> Vec<(u64, u64)> {
     ha_wire::output::read_ack_log(path)
 }
 
+/// Write the config of the backup the primary's host becomes (`--become-backup`):
+/// listening on `listen`, the pair's key, memory and mode, the world as its output, its
+/// ack log `spare.ack.log` (checked by the world), its events `a2.events`, `extra` TOML.
+fn write_backup_config(
+    p: &Pair,
+    o: &Opts,
+    path: &std::path::Path,
+    listen: SocketAddr,
+    extra: &str,
+) {
+    let toml = format!(
+        "listen = \"{listen}\"\nmemory = \"{}\"\nmode = \"{}\"\nguest = \"{}\"\n\
+         interval = \"25ms\"\ndetect_timeout = \"400ms\"\noutput = \"{}\"\n\
+         ack_log = \"{}\"\nevents = \"{}\"\nexit_after = \"2s\"\nkey = \"{}\"\n{extra}",
+        o.memory,
+        o.mode,
+        o.guest,
+        p.world.addr,
+        p.dir.file("spare.ack.log").display(),
+        p.dir.file("a2.events").display(),
+        p.dir.file("pair.key").display(),
+    );
+    std::fs::write(path, toml).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// With etcd, the host of a killed primary comes back (its service restarted with the
+/// same options): the guest's key is held by the backup that took it over, so the
+/// returning `ha-primary --become-backup` becomes that host's backup instead of refusing
+/// to start; the new primary (`--reprotect-to` it) protects the guest to it, with no
+/// operator action; and when the new primary is killed in turn, the guest comes back to
+/// the first host from the last checkpoint, once the lease expired.
+#[test]
+fn with_etcd_a_returning_primary_host_becomes_the_backup_and_takes_the_guest_back() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("return-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let a_listen = free_port();
+    let dir = Scratch::new("return-cfg");
+    let cfg = dir.file("a-backup.toml");
+    let reprotect = [s("--reprotect-to"), a_listen.to_string()];
+    let become_backup = [s("--become-backup"), cfg.display().to_string()];
+    let o = Opts {
+        guest: "sim",
+        etcd: Some(&etcd.url),
+        exit_after: "60s",
+        backup_args: &reprotect,
+        primary_args: &become_backup,
+        ..Opts::default()
+    };
+    let mut p = Pair::start_backup("return", &o);
+    let lease = format!(
+        "etcd = \"{}\"\nlease_key = \"/castor/tests/guest\"\nlease_ttl = \"3s\"\n",
+        etcd.url
+    );
+    write_backup_config(&p, &o, &cfg, a_listen, &lease);
+    let key = p.key_args(&o);
+    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
+    p.wait_protected();
+    if let Some(a) = &mut p.primary {
+        a.kill9();
+    }
+    wait_event(&p.backup_events(), "active", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    // A's host comes back: the same command line as before.
+    let again = p.spawn_primary(&o, p.backup_addr(), "primary-again", &key);
+    p.primary = Some(again);
+    let b_events = p.dir.file("backup.events.reprotect");
+    wait_event(&b_events, "protected", Duration::from_secs(30))
+        .unwrap_or_else(|| p.fail("B never protected the guest to the returning host"));
+    let spare_acks = p.dir.file("spare.ack.log");
+    let t = std::time::Instant::now();
+    while committed(&spare_acks).len() < 10 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    p.backup.kill9();
+    let a_active = wait_event(&p.dir.file("a2.events"), "active", Duration::from_secs(30))
+        .unwrap_or_else(|| p.fail("the returning host never took the guest back"));
+    let claimed = wait_event(
+        &p.dir.file("a2.events"),
+        "lease_claimed",
+        Duration::from_secs(1),
+    )
+    .unwrap_or_else(|| p.fail("the returning host activated without the key"));
+    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no A"));
+    let code = a.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!(
+            "the returning host exited {code:?}: {}",
+            a.log_text()
+        ));
+    }
+    let (last_epoch, _) = p.check_resumed_at(&a_active, &spare_acks, "the return");
+    eprintln!(
+        "returning host: backup of B, then active from epoch {last_epoch} after the key \
+         passed on ({} ms)",
+        claimed["waited_ms"]
+    );
+}
+
 /// A free loopback port (bound, read, released: the daemon that gets it binds it again).
 fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -1982,18 +2083,7 @@ fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
         ..Opts::default()
     };
     let mut p = Pair::start_backup("swap", &o);
-    let toml = format!(
-        "listen = \"{a_listen}\"\nmemory = \"{}\"\nmode = \"{}\"\nguest = \"kvm\"\n\
-         interval = \"25ms\"\ndetect_timeout = \"400ms\"\noutput = \"{}\"\n\
-         ack_log = \"{}\"\nevents = \"{}\"\nexit_after = \"2s\"\nkey = \"{}\"\n",
-        o.memory,
-        o.mode,
-        p.world.addr,
-        p.dir.file("spare.ack.log").display(),
-        p.dir.file("a2.events").display(),
-        p.dir.file("pair.key").display(),
-    );
-    std::fs::write(&cfg, toml).unwrap_or_else(|e| panic!("{}: {e}", cfg.display()));
+    write_backup_config(&p, &o, &cfg, a_listen, "");
     let key = p.key_args(&o);
     p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
     p.wait_protected();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ha_backend::BackendKind;
 use serde_json::Value;
 
-use crate::pair::{self, BackupSpec, PairError};
+use crate::pair::{self, BackupSpec, PairError, PrimarySpec};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -178,34 +178,26 @@ fn one(
     )?;
     let addr = pair::backup_addr(&run.join("port"), run)?;
     let events = run.join("primary-events.jsonl");
-    let mut primary_args: Vec<String> = [
-        "--backup",
-        &addr,
-        "--guest",
-        a.guest.name(),
-        "--memory",
-        &a.memory,
-        "--workload",
-        "db",
-        "--mode",
-        "fgbi",
-        "--interval",
-        "25ms",
-        "--disk",
-        &primary_img.display().to_string(),
-        "--events",
-        &events.display().to_string(),
-        "--run-for",
-        "600s",
+    let primary_args = PrimarySpec {
+        backup: &addr,
+        guest: a.guest,
+        memory: &a.memory,
+        workload: "db",
+        mode: "fgbi",
+        interval: "25ms",
+        events: &events,
+        key_args: &key_args,
+    }
+    .args(&[
+        "--disk".into(),
+        primary_img.display().to_string(),
+        "--run-for".into(),
+        "600s".into(),
         // The first checkpoint's digests read the whole disk; on a loaded host its ack
         // may take seconds, which is not what this measures.
-        "--ack-timeout",
-        "20s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    primary_args.extend(key_args.iter().cloned());
+        "--ack-timeout".into(),
+        "20s".into(),
+    ]);
     let started = Instant::now();
     let _primary = pair::spawn(
         primary_bin,

@@ -6,6 +6,7 @@
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
 //! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
+//! | [`reprotect`] | re-protection to a backup holding a stale image of the guest, against a full copy (`ha-bench reprotect`) |
 //! | [`drill`] | the failover drill |
 //! | [`disk`] | the disk images of a bench pair, and the drill's checks of the replica |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
@@ -29,3 +30,4 @@ pub mod pause;
 pub mod pgpairs;
 pub mod plot;
 pub mod proxy;
+pub mod reprotect;

@@ -62,6 +62,14 @@ enum Cmd {
     /// pair (the db guest on that disk) until the primary reports the disk in sync, and
     /// prints blocks found, fingerprint and block bytes against the disk, and times.
     Disksync(DiskSyncCli),
+    /// Re-protection to a backup holding a stale image of the guest, against a full copy.
+    ///
+    /// A planned switchover with the roles swapped: the old primary becomes the backup
+    /// with the guest's memory at the handover, and the new primary, having run the guest
+    /// unprotected for --stale seconds, resyncs it by fingerprints. Prints pages that
+    /// differed, fingerprint and page bytes and times, beside the same guest's full copy
+    /// (its initial sync); writes reprotect.md into --out.
+    Reprotect(ReprotectCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -146,6 +154,29 @@ struct DiskSyncCli {
     memory: String,
     /// Where the images, logs and disksync.md go (the images are deleted at the end).
     #[arg(long, default_value = "target/disksync")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReprotectCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Guest memory.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// The workload.
+    #[arg(long, default_value = "web")]
+    workload: String,
+    /// Seconds the guest runs at the new primary before the old one's image is compared,
+    /// comma-separated (one run each).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5,10")]
+    stale: Vec<f64>,
+    /// Seconds the guest runs protected before the switchover (its memory fills).
+    #[arg(long, default_value_t = 10.0)]
+    warmup: f64,
+    /// Where the logs and reprotect.md go.
+    #[arg(long, default_value = "target/reprotect")]
     out: PathBuf,
 }
 
@@ -399,6 +430,7 @@ fn main() -> ExitCode {
         Cmd::Chaos(a) => run_chaos(a),
         Cmd::Pause(a) => run_pause(a),
         Cmd::Disksync(a) => run_disksync(a),
+        Cmd::Reprotect(a) => run_reprotect(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -549,6 +581,39 @@ fn run_pause(a: PauseCli) -> Result<bool, String> {
         Ok(f) => println!("wrote {}", f.display()),
         Err(e) => eprintln!("ha-bench: no plot: {e}"),
     }
+    Ok(true)
+}
+
+fn run_reprotect(a: ReprotectCli) -> Result<bool, String> {
+    use ha_bench::reprotect;
+    if a.stale.iter().any(|s| !(0.0..=600.0).contains(s)) || !(0.0..=600.0).contains(&a.warmup) {
+        return Err("--stale and --warmup: seconds from 0 to 600".into());
+    }
+    let args = reprotect::ReprotectArgs {
+        guest: a.guest,
+        memory: a.memory.clone(),
+        workload: a.workload.clone(),
+        stale: a.stale.clone(),
+        warmup: a.warmup,
+        dir: a.out.clone(),
+    };
+    let rows = reprotect::run(&args, |r| {
+        println!(
+            "stale {:.0} s: {} of {} pages differ; resync {:.1} MB in {} ms, full copy {:.1} MB in {} ms",
+            r.stale_s,
+            r.differ,
+            r.pages,
+            (r.fingerprint_bytes + r.resync_bytes) as f64 / 1e6,
+            r.resync_ms,
+            r.full_bytes as f64 / 1e6,
+            r.full_ms
+        );
+    })
+    .map_err(|e| ha_daemon::error_chain(&e))?;
+    let table = reprotect::markdown(&rows);
+    print!("{table}");
+    let f = a.out.join("reprotect.md");
+    std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
     Ok(true)
 }
 

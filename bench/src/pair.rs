@@ -250,6 +250,56 @@ impl BackupSpec<'_> {
     }
 }
 
+/// What a bench pair's `ha-primary` is started with; [`PrimarySpec::args`] makes its
+/// command line.
+#[derive(Debug)]
+pub struct PrimarySpec<'a> {
+    /// `--backup`.
+    pub backup: &'a str,
+    /// `--guest`.
+    pub guest: BackendKind,
+    /// `--memory`.
+    pub memory: &'a str,
+    /// `--workload`.
+    pub workload: &'a str,
+    /// `--mode`.
+    pub mode: &'a str,
+    /// `--interval`.
+    pub interval: &'a str,
+    /// `--events`.
+    pub events: &'a Path,
+    /// `--key FILE` or `--insecure`.
+    pub key_args: &'a [String],
+}
+
+impl PrimarySpec<'_> {
+    /// `ha-primary`'s arguments: the pair's settings, the key, then `extra`.
+    pub fn args(&self, extra: &[String]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--backup",
+            self.backup,
+            "--guest",
+            self.guest.name(),
+            "--memory",
+            self.memory,
+            "--workload",
+            self.workload,
+            "--mode",
+            self.mode,
+            "--interval",
+            self.interval,
+            "--events",
+            &self.events.display().to_string(),
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        v.extend(self.key_args.iter().cloned());
+        v.extend(extra.iter().cloned());
+        v
+    }
+}
+
 /// Make a pair key at `key` with `ha-primary keygen`, as an operator would.
 pub fn keygen(primary_bin: &Path, key: &Path, dir: &Path) -> Result<(), PairError> {
     let ok = Command::new(primary_bin)

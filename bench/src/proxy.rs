@@ -13,6 +13,7 @@ use std::time::Duration;
 #[derive(Debug, Default)]
 struct Faults {
     cut: AtomicBool,
+    refusing: AtomicBool,
     stalled: AtomicBool,
     ack_delay_ms: AtomicU64,
     stop: AtomicBool,
@@ -45,6 +46,9 @@ impl FaultProxy {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
                     };
+                    if f.refusing.load(Ordering::SeqCst) {
+                        continue; // closed at once: as if nobody listened yet
+                    }
                     let _ = down.set_nonblocking(false);
                     let Ok(up) = TcpStream::connect(backup) else {
                         continue;
@@ -73,6 +77,12 @@ impl FaultProxy {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
+    }
+
+    /// Close every new connection at once while `on` (the backup behind is not there
+    /// yet); connections already forwarded are kept.
+    pub fn refuse(&self, on: bool) {
+        self.faults.refusing.store(on, Ordering::SeqCst);
     }
 
     /// Forward nothing (both ways) while `on`.

@@ -56,6 +56,9 @@ pub struct DrillArgs {
     pub insecure: bool,
     /// The disk's size in bytes for a workload that needs one (`db`, `files`).
     pub disk_size: u64,
+    /// Both daemons hold the guest's key in etcd: (client URLs, lease TTL) — the backup
+    /// activates only once the killed primary's lease expired.
+    pub lease: Option<(String, String)>,
 }
 
 /// The workload's seed the drill gives the primary (`--seed`).
@@ -95,6 +98,9 @@ pub struct DrillReport {
     pub activation_ms: u64,
     /// Kill → the guest runs on the backup.
     pub failover_ms: u64,
+    /// With leases: how long the backup waited for the killed primary's lease to expire
+    /// (part of the activation), ms.
+    pub lease_wait_ms: Option<u64>,
     /// The checkpoint the backup resumed from.
     pub resumed_epoch: u64,
     /// Progress counter at that checkpoint, and after the backup ran the guest.
@@ -214,6 +220,17 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     if let Some((_, im, _)) = &disk {
         backup_args.extend([s("--disk"), im.replica.display().to_string()]);
     }
+    let lease_args = a.lease.as_ref().map_or_else(Vec::new, |(etcd, ttl)| {
+        vec![
+            s("--etcd"),
+            etcd.clone(),
+            s("--lease-key"),
+            format!("/castor/drill/{}-{}", std::process::id(), unix_ms()),
+            s("--lease-ttl"),
+            ttl.clone(),
+        ]
+    });
+    backup_args.extend(lease_args.iter().cloned());
     let mut backup = spawn(&backup_bin, &backup_args, &f("backup.log"), "ha-backup")?;
     let stalled = |what: &str| DrillError::Stalled(what.to_string(), dir.clone());
     let t = Instant::now();
@@ -246,6 +263,7 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
         primary_args.extend([s("--disk"), im.primary.display().to_string()]);
     }
     primary_args.extend(key_args);
+    primary_args.extend(lease_args);
     if let Some(r) = a.rate {
         primary_args.extend([s("--rate"), r.to_string()]);
     }
@@ -348,7 +366,12 @@ pub fn run(a: &DrillArgs) -> Result<DrillReport, DrillError> {
     };
     std::thread::sleep(Duration::from_millis(50));
     let view = world.view();
+    let lease_wait_ms = events(&f("backup.events"))
+        .into_iter()
+        .find(|e| e["event"] == "lease_claimed")
+        .and_then(|e| e["waited_ms"].as_u64());
     let mut report = DrillReport {
+        lease_wait_ms,
         encrypted: !a.insecure,
         primary_cpu_ms_per_epoch: cpu.0,
         backup_cpu_ms_per_epoch: cpu.1,
@@ -535,6 +558,7 @@ fn verdict(
         detection_ms: t_lost.saturating_sub(t_kill),
         activation_ms: active["activation_ms"].as_u64().unwrap_or(0),
         failover_ms: t_active.saturating_sub(t_kill),
+        lease_wait_ms: None,
         resumed_epoch: active["epoch"].as_u64().unwrap_or(0),
         progress_at_resume: resume,
         progress_at_end: progress.last().copied().unwrap_or(resume),
@@ -557,6 +581,9 @@ pub fn print_summary(r: &DrillReport) {
         "failover: detected in {} ms, guest running on the backup {} ms later ({} ms after the kill)",
         r.detection_ms, r.activation_ms, r.failover_ms
     );
+    if let Some(w) = r.lease_wait_ms {
+        println!("  of the activation, {w} ms waiting for the primary's lease to expire");
+    }
     println!(
         "          resumed from checkpoint {} at progress {}; progress {} when the drill ended",
         r.resumed_epoch, r.progress_at_resume, r.progress_at_end

@@ -345,6 +345,14 @@ struct DrillCli {
     /// measure what encryption costs.
     #[arg(long)]
     insecure: bool,
+    /// etcd client URLs: both daemons hold the guest's key there under a lease (the
+    /// backup activates once the killed primary's lease expired); the report adds the
+    /// lease wait. Start etcd first (Debian's etcd-server).
+    #[arg(long, value_name = "URLS")]
+    etcd: Option<String>,
+    /// The lease's TTL with --etcd.
+    #[arg(long, default_value = "5s")]
+    lease_ttl: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -466,6 +474,7 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         keep: a.keep,
         insecure: a.insecure,
         disk_size: a.disk_size,
+        lease: a.etcd.clone().map(|e| (e, a.lease_ttl.clone())),
     };
     let report = ha_bench::drill::run(&args).map_err(|e| error_chain(&e))?;
     if a.json {
@@ -506,6 +515,7 @@ fn run_failover(a: FailoverCli) -> Result<bool, String> {
             keep: false,
             insecure: false,
             disk_size: 64 << 20,
+            lease: None,
         },
         sizes: a.memory,
         repeat: a.repeat,

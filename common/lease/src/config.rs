@@ -20,7 +20,7 @@ pub enum ConfigError {
     #[error("lease TTL {0:?} must be whole seconds, at least 2 s")]
     Ttl(Duration),
     /// A margin that leaves no time to hold the lease.
-    #[error("fencing margin {margin:?} must be less than half the TTL {ttl:?}")]
+    #[error("fencing margin {margin:?} must be at most half the TTL {ttl:?}")]
     Margin {
         /// The margin.
         margin: Duration,
@@ -171,7 +171,7 @@ impl LeaseConfig {
         if self.ttl.subsec_nanos() != 0 || self.ttl < Duration::from_secs(2) {
             return Err(ConfigError::Ttl(self.ttl));
         }
-        if self.margin * 2 >= self.ttl {
+        if self.margin * 2 > self.ttl {
             return Err(ConfigError::Margin {
                 margin: self.margin,
                 ttl: self.ttl,
@@ -249,7 +249,7 @@ mod tests {
         assert!(with(&|c| c.key.clear()).contains("key is empty"));
         assert!(with(&|c| c.ttl = Duration::from_millis(2500)).contains("whole seconds"));
         assert!(with(&|c| c.ttl = Duration::from_secs(1)).contains("at least 2"));
-        assert!(with(&|c| c.margin = Duration::from_secs(3)).contains("half the TTL"));
+        assert!(with(&|c| c.margin = Duration::from_secs(3)).contains("at most half the TTL"));
         assert!(with(&|c| c.endpoints = vec!["https://h:1".into()]).contains("TLS files"));
     }
 }

@@ -36,8 +36,12 @@ pub struct ReprotectArgs {
 /// One staleness's figures.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ReprotectRow {
-    /// Seconds the guest ran at B before A's image was compared.
+    /// Seconds asked for: the guest runs at B at least this long before the second
+    /// backup is reachable.
     pub stale_s: f64,
+    /// How long the guest actually ran unprotected at B before the comparison began (the
+    /// swapped backup loads the image first), ms; the full copy's run waits as long.
+    pub unprotected_ms: u64,
     /// Guest pages.
     pub pages: u64,
     /// Full copy (B → a fresh backup, same warm-up and staleness): pre-copy wire bytes.
@@ -72,11 +76,21 @@ pub fn run(
     for (i, &stale) in a.stale.iter().enumerate() {
         let run = a.dir.join(format!("run{i}"));
         let _ = std::fs::remove_dir_all(&run);
-        let (compared, resync) = one(a, &run.join("resync"), (&bins.0, &bins.1), stale, true)?;
-        let (_, full) = one(a, &run.join("full"), (&bins.0, &bins.1), stale, false)?;
+        let bins = (bins.0.as_path(), bins.1.as_path());
+        let resync = one(a, &run.join("resync"), bins, Open::After(stale), true)?;
         let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let unprotected_ms = u(&resync.reprotecting, "unprotected_ms");
+        let full = one(
+            a,
+            &run.join("full"),
+            bins,
+            Open::AtMs(unprotected_ms),
+            false,
+        )?;
+        let (compared, resync, full) = (resync.compared, resync.protected, full.protected);
         rows.push(ReprotectRow {
             stale_s: stale,
+            unprotected_ms,
             pages: u(&compared, "pages"),
             full_bytes: u(&full, "precopy_wire_bytes"),
             full_ms: u(&full, "sync_ms"),
@@ -103,16 +117,32 @@ fn wait(path: &Path, name: &str, what: &str, run: &Path) -> Result<Value, PairEr
         .ok_or_else(|| PairError::Stalled(what.to_string(), run.to_path_buf()))
 }
 
+/// When the second backup becomes reachable for B.
+#[derive(Debug, Clone, Copy)]
+enum Open {
+    /// This many seconds after it listens.
+    After(f64),
+    /// This many ms after B took the guest over.
+    AtMs(u64),
+}
+
+/// B's re-protection events of one run (Null where there was none).
+#[derive(Debug)]
+struct Reprotection {
+    reprotecting: Value,
+    compared: Value,
+    protected: Value,
+}
+
 /// One switchover in `run`: with `swap`, A becomes B's backup (its image at the
-/// handover); without, a fresh backup listens in its place. B's re-protection events
-/// `memory_compared` (Null without a swap) and `protected`.
+/// handover); without, a fresh backup listens in its place.
 fn one(
     a: &ReprotectArgs,
     run: &Path,
     (primary_bin, backup_bin): (&Path, &Path),
-    stale: f64,
+    open: Open,
     swap: bool,
-) -> Result<(Value, Value), PairError> {
+) -> Result<Reprotection, PairError> {
     std::fs::create_dir_all(run)?;
     let key = run.join("pair.key");
     pair::keygen(primary_bin, &key, run)?;
@@ -185,14 +215,20 @@ fn one(
     unsafe {
         libc::kill(pid, libc::SIGUSR1);
     }
-    wait(&b_events, "active", "B never took over", run)?;
+    let active = wait(&b_events, "active", "B never took over", run)?;
     wait(
         &second_events,
         "listening",
         "the second backup never listened",
         run,
     )?;
-    std::thread::sleep(Duration::from_secs_f64(stale));
+    match open {
+        Open::After(s) => std::thread::sleep(Duration::from_secs_f64(s)),
+        Open::AtMs(ms) => {
+            let at = active["t_ms"].as_u64().unwrap_or(0) + ms;
+            std::thread::sleep(Duration::from_millis(at.saturating_sub(pair::unix_ms())));
+        }
+    }
     proxy.refuse(false);
     let b_primary = run.join("b-events.jsonl.reprotect");
     let protected = wait(
@@ -211,18 +247,24 @@ fn one(
     } else {
         Value::Null
     };
-    Ok((compared, protected))
+    let reprotecting = wait(&b_events, "reprotecting", "B never re-protected", run)?;
+    Ok(Reprotection {
+        reprotecting,
+        compared,
+        protected,
+    })
 }
 
 /// The rows as a markdown table.
 pub fn markdown(rows: &[ReprotectRow]) -> String {
     let mut s = String::from(
-        "| stale | pages differing | fingerprints | resync bytes | resync ms | full copy bytes | full copy ms | resync ÷ full (bytes) |\n|---|---|---|---|---|---|---|---|\n",
+        "| stale (asked / ran unprotected) | pages differing | fingerprints | resync bytes | resync ms | full copy bytes | full copy ms | resync ÷ full (bytes) |\n|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "| {:.0} s | {} of {} ({:.1} %) | {:.1} KB | {:.1} MB | {} | {:.1} MB | {} | {:.3} |\n",
+            "| {:.0} s / {:.1} s | {} of {} ({:.1} %) | {:.1} KB | {:.1} MB | {} | {:.1} MB | {} | {:.3} |\n",
             r.stale_s,
+            r.unprotected_ms as f64 / 1e3,
             r.differ,
             r.pages,
             100.0 * r.differ as f64 / r.pages.max(1) as f64,

@@ -320,3 +320,236 @@ fn recv_frame(fd: &std::os::fd::OwnedFd) -> Option<Vec<u8>> {
     buf.truncate(n);
     Some(buf)
 }
+
+/// Run `ha-primary` or `ha-backup` with `args` in namespace `ns` for at most `wait`; its
+/// exit status and what it printed on stderr (None: it was still running, and killed).
+fn daemon_in(
+    ns: &str,
+    name: &str,
+    args: &[&str],
+    wait: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(ha_tests::bin(name))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let deadline = Instant::now() + wait;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    (status, err)
+}
+
+/// ha-primary refuses to start, before any checkpoint (its backup does not even exist),
+/// when the vif to buffer is missing, and says which.
+#[test]
+fn daemon_primary_names_a_missing_vif_at_start() {
+    let Some(lan) = lan(47) else { return };
+    let (status, err) = daemon_in(
+        &lan.dom0_ns,
+        "ha-primary",
+        &[
+            "--guest",
+            "sim",
+            "--memory",
+            "8M",
+            "--insecure",
+            "--backup",
+            "127.0.0.1:9",
+            "--net-buffer",
+            "vif77.0",
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {err}");
+    assert!(
+        err.contains("--net-buffer vif77.0: interface vif77.0 does not exist"),
+        "{err}"
+    );
+    assert!(!exists(&lan, "ifb-vif77.0"));
+}
+
+/// ha-backup checks at start what failover will need: the bridge to announce on, and a
+/// kernel that can buffer (named when it cannot).
+#[test]
+fn daemon_backup_checks_the_bridge_and_the_kernel_at_start() {
+    let Some(lan) = lan(48) else { return };
+    let announce = [
+        "--announce-ip",
+        "10.216.48.2",
+        "--announce-mac",
+        "02:ca:57:00:30:02",
+    ];
+    let base = [
+        "--guest",
+        "sim",
+        "--memory",
+        "8M",
+        "--insecure",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let args = [&base[..], &["--announce-bridge", "br-nope"], &announce[..]].concat();
+    let (status, err) = daemon_in(&lan.dom0_ns, "ha-backup", &args, Duration::from_secs(30));
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}: {err}");
+    assert!(err.contains("br-nope"), "{err}");
+
+    let args = [
+        &base[..],
+        &[
+            "--announce-bridge",
+            "br0",
+            "--net-buffer",
+            &lan.vif,
+            "--exit-after",
+            "1s",
+        ],
+        &announce[..],
+    ]
+    .concat();
+    // A backup that passed its checks listens for a primary: stopped after 5 s.
+    let (status, err) = daemon_in(&lan.dom0_ns, "ha-backup", &args, Duration::from_secs(5));
+    match status {
+        // This kernel has no plug: the start fails and says which module is missing.
+        Some(s) if !s.success() && err.contains("sch_plug") => {
+            assert!(
+                std::env::var("CASTOR_REQUIRE_PLUG").as_deref() != Ok("1"),
+                "{err}"
+            );
+        }
+        // It has: the backup listens (and is stopped here, waiting for a primary).
+        None => {}
+        other => panic!("{other:?}: {err}"),
+    }
+    // The probe's scratch device is gone either way.
+    let links = std::process::Command::new("ip")
+        .args(["-n", &lan.dom0_ns, "-o", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("ifbprobe"), "{links}");
+}
+
+/// A protected sim guest whose "vif" is buffered by ha-primary: its packets reach the
+/// client while the backup acknowledges checkpoints, stay held while the backup stands
+/// still (no acks), go out once it acknowledges again, and the buffer is gone when the
+/// primary stops.
+#[test]
+fn daemon_pair_holds_the_guests_packets_until_the_backup_acks() {
+    let Some(lan) = lan(49) else { return };
+    match GuestLan::run_in(&lan.dom0_ns, || buffer::probe("ifb-p49")) {
+        Ok(()) => {}
+        Err(e) if plug_missing(&e) => return,
+        Err(e) => panic!("probe: {e}"),
+    }
+    let dir = ha_tests::Scratch::new("netbuf-pair");
+    let s = |v: &str| v.to_string();
+    let port = dir.file("port").display().to_string();
+    let common = [
+        s("--guest"),
+        s("sim"),
+        s("--memory"),
+        s("16M"),
+        s("--insecure"),
+    ];
+    let mut args = common.to_vec();
+    args.extend([
+        s("--listen"),
+        s("127.0.0.1:0"),
+        s("--port-file"),
+        port.clone(),
+        s("--interval"),
+        s("20ms"),
+        s("--detect-timeout"),
+        s("60s"),
+    ]);
+    let dom0 = Some(lan.dom0_ns.as_str());
+    let mut backup = ha_tests::Proc::spawn_in(dom0, "ha-backup", &args, dir.file("b.log"));
+    let addr = ha_tests::wait_addr(&dir.file("port"), Duration::from_secs(20));
+    let events = dir.file("p.events");
+    let mut args = common.to_vec();
+    args.extend([
+        s("--backup"),
+        addr.to_string(),
+        s("--interval"),
+        s("20ms"),
+        s("--ack-timeout"),
+        s("60s"),
+        s("--pipeline"),
+        s("1"),
+        s("--net-buffer"),
+        lan.vif.clone(),
+        s("--events"),
+        events.display().to_string(),
+    ]);
+    let mut primary = ha_tests::Proc::spawn_in(dom0, "ha-primary", &args, dir.file("p.log"));
+    let protected = ha_tests::wait_event(&events, "protected", Duration::from_secs(60));
+    assert!(protected.is_some(), "not protected: {}", primary.log_text());
+    let client = GuestLan::run_in(&lan.client_ns, || {
+        UdpSocket::bind((lan.client_ip, 7001)).expect("client socket")
+    });
+    let guest = GuestLan::run_in(&lan.guest_ns, || {
+        UdpSocket::bind((lan.guest_ip, 7002)).expect("guest socket")
+    });
+    let to_client = SocketAddr::from((lan.client_ip, 7001));
+    // Acknowledged checkpoints release the guest's packets.
+    send(&guest, to_client, "p", 2);
+    assert_eq!(
+        until(&client, 2),
+        set(&["p:0", "p:1"]),
+        "{}",
+        primary.log_text()
+    );
+    // No acks: held.
+    backup.signal(libc::SIGSTOP);
+    std::thread::sleep(SETTLE);
+    let _ = received(&client);
+    send(&guest, to_client, "q", 2);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(received(&client).is_empty(), "released without an ack");
+    // Acks again: out they go.
+    backup.signal(libc::SIGCONT);
+    assert_eq!(until(&client, 2), set(&["q:0", "q:1"]));
+    // A stopped primary removes its buffer.
+    primary.signal(libc::SIGTERM);
+    assert_eq!(
+        primary.wait_for(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        primary.log_text()
+    );
+    let ifb = buffer::ifb_name(&lan.vif);
+    assert_eq!(leftovers(&lan, &ifb), (false, false));
+}
+
+/// Datagrams until `n` have arrived (at most 20 s).
+fn until(sock: &UdpSocket, n: usize) -> BTreeSet<String> {
+    let mut got = BTreeSet::new();
+    let mut buf = [0u8; 256];
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("read timeout");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n && Instant::now() < deadline {
+        if let Ok(k) = sock.recv(&mut buf) {
+            got.insert(String::from_utf8_lossy(&buf[..k]).into_owned());
+        }
+    }
+    got
+}

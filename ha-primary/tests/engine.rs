@@ -544,7 +544,28 @@ fn backup_lost_continues_or_fences() {
             .create(&spec(Workload::Kv))
             .unwrap();
         d.resume().unwrap();
-        let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
+        // Its vif's packets: a plug that no ack may open.
+        let log = Arc::new(Mutex::new(PlugLog::default()));
+        let plug = CheckedPlug {
+            report: Arc::default(),
+            pauses: Arc::default(),
+            waiting: None,
+            log: log.clone(),
+        };
+        let summary = engine::run_with_plugs(
+            &cfg,
+            d.as_mut(),
+            &AtomicBool::new(false),
+            vec![Box::new(plug)],
+        )
+        .unwrap();
+        let plug = std::mem::take(&mut *log.lock().unwrap());
+        assert!(plug.violations.is_empty(), "{fence}: {:?}", plug.violations);
+        assert_eq!(plug.released, 0, "{fence}: a mark released without an ack");
+        // The default policy opens the plug for good once unprotected; --fence keeps it
+        // closed. The sim guest ends with the primary: removed at the end either way.
+        assert_eq!(plug.indefinite, u64::from(!fence), "{fence}: {plug:?}");
+        assert_eq!(plug.finished, Some(false), "{fence}: {plug:?}");
         let paused = d.is_paused();
         let progress_at_end = d.status().unwrap().progress;
         std::thread::sleep(Duration::from_millis(100));

@@ -16,6 +16,34 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const NLM_F_ACK_TLVS: u16 = 0x200;
 /// Length of a netlink message header (what a capped error echoes of the request).
 const NLMSG_HDRLEN: usize = 16;
+/// How long the kernel may take to answer a request (it answers at once; a request made
+/// inside a checkpoint's pause must not hang it forever).
+const ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `SO_RCVTIMEO` on `sock`.
+fn set_timeout(sock: &Socket, d: std::time::Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_usec: libc::suseconds_t::from(d.subsec_micros()),
+    };
+    // SAFETY: `sock` is an open socket for the whole call; `tv` is a timeval of the size
+    // passed and outlives the call, which only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
 
 /// Errors talking rtnetlink.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +113,7 @@ impl Rtnl {
         // Best effort: without them an error is still an errno.
         let _ = sock.set_cap_ack(true);
         let _ = sock.set_ext_ack(true);
+        set_timeout(&sock, ANSWER_WAIT).map_err(sock_err("set a receive timeout"))?;
         Ok(Self { sock, seq: 0 })
     }
 
@@ -110,10 +139,14 @@ impl Rtnl {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut out = Vec::new();
         loop {
-            let (data, _) = self
-                .sock
-                .recv_from_full()
-                .map_err(|source| NlError::Socket { op: "recv", source })?;
+            let (data, _) = self.sock.recv_from_full().map_err(|source| {
+                let op = if source.kind() == std::io::ErrorKind::WouldBlock {
+                    "waiting for the kernel's answer (none within 5 s)"
+                } else {
+                    "recv"
+                };
+                NlError::Socket { op, source }
+            })?;
             let mut off = 0;
             while off < data.len() {
                 let rest = &data[off..];

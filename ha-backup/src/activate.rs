@@ -1,6 +1,14 @@
 //! The *activate* stage: the guest restored from the last committed checkpoint, the output
 //! still in its ring re-released, the guest resumed, and from then on its output drained
 //! and released by the backup.
+//!
+//! A guest with a network on this host (`--net-buffer`, `--announce-*`): between the
+//! restore (the domain exists, paused, its vif on the bridge) and the resume, a closed
+//! network buffer is put on its vifs and a gratuitous ARP for it is broadcast on the
+//! bridge; once it runs, the buffers are released for good, because the backup runs the
+//! guest unprotected (it checkpoints to nobody). Failing either is logged loudly and
+//! does not stop the failover: with the buffers released at once, they hold nothing the
+//! guest would not send anyway.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +20,9 @@ use ha_workloads::guest_abi::{GuestStatus, OutputRecord};
 use serde_json::json;
 
 use crate::commit::{Resumable, ring_records};
+use crate::config::GuestNet;
 use ha_daemon::events::EventLog;
+use ha_netbuf::NetBuffer;
 
 /// How often output is drained and released while active.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
@@ -55,6 +65,8 @@ pub enum ActivateError {
 pub struct Active {
     domain: Box<dyn Domain>,
     sink: Option<OutputSink>,
+    /// The network buffers on the guest's vifs (removed when dropped).
+    plugs: Vec<NetBuffer>,
     /// The checkpoint resumed from.
     pub epoch: u64,
     /// The restored guest's status before it ran (None: it has no status probe).
@@ -75,6 +87,7 @@ impl std::fmt::Debug for Active {
             .field("rereleased", &self.rereleased)
             .field("released", &self.released)
             .field("activation", &self.activation)
+            .field("net_buffers", &self.plugs.len())
             .finish_non_exhaustive()
     }
 }
@@ -83,7 +96,8 @@ impl std::fmt::Debug for Active {
 /// backend can take it over without a copy, attached to `devices`: the disk replica of the
 /// same checkpoint), connect to the output sink (if any),
 /// re-release the records still in the committed ring up to the checkpoint's `out_head`,
-/// and resume it. `declared` is when the primary was declared dead.
+/// put the network buffers on its vifs and announce it (`net`), and resume it. `declared`
+/// is when the primary was declared dead.
 ///
 /// What the backup learns of the guest comes from the restored domain's capabilities: a
 /// guest without an output channel gets no re-release, one without a status probe no
@@ -94,6 +108,7 @@ pub fn activate(
     cp: Resumable,
     devices: &Devices,
     output: Option<SocketAddr>,
+    net: &GuestNet,
     declared: Instant,
 ) -> Result<Active, ActivateError> {
     // The committed ring, read before the image becomes the running guest's memory.
@@ -123,19 +138,55 @@ pub fn activate(
     if let Some(s) = &mut sink {
         s.release(&records).map_err(ActivateError::Output)?;
     }
+    let mut plugs = hold_network(net);
     domain.resume().map_err(|source| ActivateError::Guest {
         op: "resume",
         source,
     })?;
+    // Unprotected from here on: nothing to hold the guest's packets for.
+    for p in &mut plugs {
+        if let Err(e) = p.release_indefinite() {
+            tracing::error!(vif = p.vif(), error = %ha_daemon::error_chain(&e), "cannot release the network buffer");
+        }
+    }
     Ok(Active {
         domain,
         sink,
+        plugs,
         epoch,
         resumed_from,
         rereleased: records.len() as u64,
         released: 0,
         activation: declared.elapsed(),
     })
+}
+
+/// The restored, still paused guest's network: a closed buffer on each vif, then the
+/// gratuitous ARP. What fails is logged and skipped (see the module's notes).
+fn hold_network(net: &GuestNet) -> Vec<NetBuffer> {
+    let mut plugs = Vec::new();
+    for vif in &net.vifs {
+        match NetBuffer::setup(&ha_netbuf::Config::new(vif)) {
+            Ok(p) => plugs.push(p),
+            Err(e) => tracing::error!(
+                vif,
+                error = %ha_daemon::error_chain(&e),
+                "cannot put the network buffer on the restored guest's vif: the guest runs \
+                 without it"
+            ),
+        }
+    }
+    if let Some(a) = &net.announce {
+        // Three copies, as a switch may miss one.
+        if let Err(e) = ha_netbuf::announce::gratuitous_arp(&a.bridge, a.mac, a.ip, 3) {
+            tracing::error!(
+                bridge = a.bridge,
+                error = %ha_daemon::error_chain(&e),
+                "cannot announce the guest on the bridge; it is found when it sends"
+            );
+        }
+    }
+    plugs
 }
 
 /// What `domain`'s status probe reads, if it has one.

@@ -8,7 +8,7 @@
 //! file and the key) and kept parsed ([`Given`]).
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -83,6 +83,18 @@ pub enum ConfigError {
     /// `--disk-size` without `--disk`.
     #[error("--disk-size needs --disk (the replica to create)")]
     DiskSizeWithoutDisk,
+    /// Some of the announcement's options without the others.
+    #[error("--announce-bridge, --announce-ip and --announce-mac go together (missing: {0})")]
+    AnnouncePartial(&'static str),
+    /// A MAC address that does not parse.
+    #[error("--announce-mac")]
+    AnnounceMac(#[source] ha_netbuf::announce::AnnounceError),
+    /// The bridge to announce on is missing.
+    #[error("--announce-bridge")]
+    AnnounceBridge(#[source] ha_netbuf::announce::AnnounceError),
+    /// This host's kernel cannot hold a guest's packets.
+    #[error("--net-buffer: this host cannot buffer the restored guest's vif")]
+    NetBuffer(#[source] ha_netbuf::NetbufError),
     /// The command line does not parse (this includes `--help` and `--version`), or the
     /// config file cannot be read or has a refused value.
     #[error(transparent)]
@@ -214,6 +226,23 @@ pub struct Cli {
     /// size and interval stay the pair's (--mode, --block-size, --interval).
     #[arg(long, value_name = "ADDRS", value_delimiter = ',')]
     pub reprotect_to: Vec<SocketAddr>,
+    /// On failover, hold the restored guest's packets on this host interface (its vif in
+    /// this dom0, a fixed name from vifname= in the domain's config) from the restore on,
+    /// then release them for good once the guest runs (the backup runs it unprotected);
+    /// repeatable. The kernel's support (ifb, sch_plug) is checked at start.
+    #[arg(long, value_name = "IFACE")]
+    pub net_buffer: Vec<String>,
+    /// On failover, before the guest runs, broadcast a gratuitous ARP for --announce-ip
+    /// from --announce-mac on this bridge (the one the guest's vif is on; checked at start).
+    #[arg(long, value_name = "BRIDGE")]
+    pub announce_bridge: Option<String>,
+    /// The guest's IPv4 address, for the gratuitous ARP.
+    #[arg(long, value_name = "IP")]
+    pub announce_ip: Option<Ipv4Addr>,
+    /// The guest's MAC address (aa:bb:cc:dd:ee:ff, as in its vif's mac=), for the
+    /// gratuitous ARP.
+    #[arg(long, value_name = "MAC")]
+    pub announce_mac: Option<String>,
 }
 
 /// The `--config` file: every option of [`Cli`] (but `config`), all optional.
@@ -278,6 +307,14 @@ pub struct FileConfig {
     pub base_image: Option<PathBuf>,
     /// `--reprotect-to`.
     pub reprotect_to: Option<Vec<SocketAddr>>,
+    /// `--net-buffer` (a list).
+    pub net_buffer: Option<Vec<String>>,
+    /// `--announce-bridge`.
+    pub announce_bridge: Option<String>,
+    /// `--announce-ip`.
+    pub announce_ip: Option<Ipv4Addr>,
+    /// `--announce-mac`.
+    pub announce_mac: Option<String>,
 }
 
 fn mode(v: String) -> Result<Given<Mode>, String> {
@@ -334,6 +371,10 @@ impl Options for Cli {
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
             base_image: some,
             reprotect_to: same,
+            net_buffer: same,
+            announce_bridge: some,
+            announce_ip: some,
+            announce_mac: some,
         );
         Ok(())
     }
@@ -394,6 +435,72 @@ pub struct Config {
     pub reprotect_to: Vec<SocketAddr>,
     /// The primary's epoch interval (for re-protection).
     pub interval: Duration,
+    /// The restored guest's network on this host (`--net-buffer`, `--announce-*`).
+    pub net: GuestNet,
+}
+
+/// The restored guest's network on this host: what is done to it between the restore and
+/// the first instruction it runs.
+#[derive(Clone, Debug, Default)]
+pub struct GuestNet {
+    /// Interfaces whose packets are held (`--net-buffer`).
+    pub vifs: Vec<String>,
+    /// The gratuitous ARP (`--announce-*`).
+    pub announce: Option<Announce>,
+}
+
+/// A gratuitous ARP to send on failover.
+#[derive(Clone, Debug)]
+pub struct Announce {
+    /// The bridge to send it on.
+    pub bridge: String,
+    /// The guest's address.
+    pub ip: Ipv4Addr,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+}
+
+impl GuestNet {
+    /// From the options: the announcement's three go together.
+    fn from_cli(cli: &Cli) -> Result<Self, ConfigError> {
+        let announce = match (&cli.announce_bridge, cli.announce_ip, &cli.announce_mac) {
+            (None, None, None) => None,
+            (Some(bridge), Some(ip), Some(mac)) => Some(Announce {
+                bridge: bridge.clone(),
+                ip,
+                mac: ha_netbuf::announce::parse_mac(mac).map_err(ConfigError::AnnounceMac)?,
+            }),
+            (b, i, _) => {
+                let missing = if b.is_none() {
+                    "--announce-bridge"
+                } else if i.is_none() {
+                    "--announce-ip"
+                } else {
+                    "--announce-mac"
+                };
+                return Err(ConfigError::AnnouncePartial(missing));
+            }
+        };
+        Ok(Self {
+            vifs: cli.net_buffer.clone(),
+            announce,
+        })
+    }
+
+    /// Check at start what failover will need of this host, long before it is needed:
+    /// the bridge exists, and the kernel can make an IFB with a plug qdisc and redirect to
+    /// it (a scratch device, removed again; the error names the missing module). The vifs
+    /// themselves exist only once the guest is restored.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.announce {
+            ha_netbuf::announce::check_interface(&a.bridge).map_err(ConfigError::AnnounceBridge)?;
+        }
+        if !self.vifs.is_empty() {
+            let scratch = format!("ifbprobe{}", std::process::id() % 10_000_000);
+            ha_netbuf::buffer::probe(&scratch).map_err(ConfigError::NetBuffer)?;
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -533,6 +640,7 @@ impl Config {
             base_image: cli.base_image.clone(),
             reprotect_to: cli.reprotect_to.clone(),
             interval,
+            net: GuestNet::from_cli(cli)?,
         })
     }
 
@@ -585,6 +693,36 @@ mod tests {
         assert_eq!(c.detect_timeout, Duration::from_millis(75));
         assert_eq!(c.guest, BackendKind::Kvm);
         assert_eq!(c.listen.port(), 7700);
+    }
+
+    #[test]
+    fn the_announcements_options_go_together() {
+        let all = [
+            "--announce-bridge",
+            "xenbr0",
+            "--announce-ip",
+            "10.0.0.5",
+            "--announce-mac",
+            "00:16:3e:00:00:05",
+        ];
+        let c = Config::from_cli(&cli(&all)).expect("all three");
+        let a = c.net.announce.expect("an announcement");
+        assert_eq!((a.bridge.as_str(), a.mac[5]), ("xenbr0", 5));
+        let e = Config::from_cli(&cli(&all[..4])).expect_err("no MAC");
+        assert_eq!(
+            e.to_string(),
+            "--announce-bridge, --announce-ip and --announce-mac go together (missing: --announce-mac)"
+        );
+        let e = Config::from_cli(&cli(&all[2..])).expect_err("no bridge");
+        assert!(e.to_string().contains("missing: --announce-bridge"), "{e}");
+        let mut bad = all;
+        bad[5] = "00:16:3e:00:05";
+        let e = Config::from_cli(&cli(&bad)).expect_err("a short MAC");
+        assert!(
+            crate::chain(&e).contains("00:16:3e:00:05"),
+            "{}",
+            crate::chain(&e)
+        );
     }
 
     #[test]
@@ -710,6 +848,10 @@ mod tests {
             "max_memory",
             "base_image",
             "reprotect_to",
+            "net_buffer",
+            "announce_bridge",
+            "announce_ip",
+            "announce_mac",
         ];
         let mut keys = file_keys.to_vec();
         keys.sort_unstable();

@@ -47,7 +47,8 @@ pub(crate) fn fail_over(
     let devices = Devices {
         disk: cfg.disk.clone(),
     };
-    let mut active = activate::activate(factory, cp, &devices, cfg.output, loss.declared)?;
+    let mut active =
+        activate::activate(factory, cp, &devices, cfg.output, &cfg.net, loss.declared)?;
     let activation_ms = active.activation.as_millis() as u64;
     sinks
         .metrics

@@ -203,6 +203,7 @@ pub fn run_with_switchover(
     // Whatever can refuse this instance comes before its files are opened, so a refused
     // second instance (port in use, no key) touches nothing of a running one's.
     let key = cfg.pair_key()?;
+    cfg.net.check_host()?;
     let listener = listen(cfg)?;
     let mut events = EventLog::open(cfg.events.as_deref())?;
     let res = run_with(

@@ -832,8 +832,16 @@ fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
             epoch: 9,
         }
     };
-    let mut full = activate(&f, checkpoint(), &Default::default(), None, Instant::now())
-        .expect("activate on the sim");
+    let net = Default::default();
+    let mut full = activate(
+        &f,
+        checkpoint(),
+        &Default::default(),
+        None,
+        &net,
+        Instant::now(),
+    )
+    .expect("activate on the sim");
     assert!(full.rereleased >= 5, "{full:?}");
     let st = full.resumed_from.expect("the sim reports its status");
     assert!(st.out_head >= 5, "{st:?}");
@@ -845,6 +853,7 @@ fn a_guest_without_capabilities_gets_no_rerelease_and_no_invented_status() {
         checkpoint(),
         &Default::default(),
         None,
+        &net,
         Instant::now(),
     )
     .expect("activate");

@@ -12,7 +12,8 @@ use ha_daemon::config::{
 };
 use ha_daemon::limits::{
     LimitError, check_block_size, check_cache_size, check_disk_size, check_heartbeat,
-    check_interval, check_memory, check_pipeline, check_precopy_rounds, check_timeout,
+    check_interval, check_memory, check_net_buffer_limit, check_pipeline, check_precopy_rounds,
+    check_timeout,
 };
 use ha_daemon::overlay;
 use ha_daemon::units::{parse_duration, parse_rate, parse_size};
@@ -140,6 +141,17 @@ pub struct Cli {
     /// When the backup is lost, pause the guest instead of continuing unprotected.
     #[arg(long)]
     pub fence: bool,
+    /// Hold the guest's packets on this host interface (a Xen guest's vif in dom0, e.g.
+    /// vif5.0) until their checkpoint is acknowledged: an IFB device with a plug qdisc,
+    /// set up before protection starts, one mark per checkpoint, released at its ack
+    /// (docs/XEN.md). Repeat for a guest with several vifs. Works with any --guest: the
+    /// hold is on the host interface.
+    #[arg(long, value_name = "IFACE")]
+    pub net_buffer: Vec<String>,
+    /// Bytes each --net-buffer holds at most; packets beyond are dropped (TCP sends them
+    /// again). From 64K to 1G.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub net_buffer_limit: u64,
     /// How each checkpoint copies its dirty pages: pause (while the guest is paused), cow
     /// (write-protect them in the pause and copy them behind the running guest; needs a
     /// guest with copy-on-write memory: KVM with userfaultfd write-protection), or auto
@@ -324,6 +336,10 @@ pub struct FileConfig {
     pub ack_timeout: Option<String>,
     /// `--fence`.
     pub fence: Option<bool>,
+    /// `--net-buffer` (a list).
+    pub net_buffer: Option<Vec<String>>,
+    /// `--net-buffer-limit`.
+    pub net_buffer_limit: Option<Size>,
     /// `--copy`.
     pub copy: Option<String>,
     /// `--verify-every`.
@@ -407,6 +423,7 @@ impl Cli {
         }
         check_precopy_rounds(self.precopy_rounds)?;
         check_timeout("xen-suspend-timeout", self.xen_suspend_timeout)?;
+        check_net_buffer_limit(self.net_buffer_limit)?;
         Ok(())
     }
 }
@@ -439,6 +456,8 @@ impl Options for Cli {
             heartbeat: |v| bounded(check_timeout("heartbeat", duration(v)?)).map(Some),
             ack_timeout: |v| bounded(check_timeout("ack-timeout", duration(v)?)),
             fence: same,
+            net_buffer: same,
+            net_buffer_limit: |v| bounded(check_net_buffer_limit(size(v)?)),
             copy: parsed::<CopyPolicy>,
             verify_every: same,
             precopy_rounds: |n| bounded(check_precopy_rounds(n)),
@@ -749,6 +768,8 @@ mod tests {
             "heartbeat",
             "ack_timeout",
             "fence",
+            "net_buffer",
+            "net_buffer_limit",
             "copy",
             "verify_every",
             "precopy_rounds",

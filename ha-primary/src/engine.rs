@@ -16,7 +16,7 @@
 use crate::cow::{Chooser, CopyPolicy};
 use crate::encode::{self, Encoded, Job};
 use crate::harvest::{self, Pages};
-use crate::hold::HeldOutput;
+use crate::hold::{HeldOutput, HoldError, PacketHold};
 use crate::link::{self, Control, LinkEvent};
 use crate::metrics::Metrics;
 use crate::report::{EpochRow, StatsCsv};
@@ -55,9 +55,12 @@ pub enum EngineError {
     /// The codec configuration is invalid.
     #[error("codec configuration")]
     Codec(#[from] ConfigError),
-    /// Releasing output failed.
+    /// The output sink cannot be reached.
     #[error("releasing output")]
     Output(#[from] OutputError),
+    /// Releasing or marking held output failed.
+    #[error("holding output")]
+    Hold(#[from] HoldError),
     /// The event log cannot be opened (or another running process holds it).
     #[error(transparent)]
     Events(#[from] EventError),
@@ -164,6 +167,11 @@ pub struct Summary {
     pub raw_bytes: u64,
     /// Output records released.
     pub outputs_released: u64,
+    /// Marks set in the network buffers (`--net-buffer`), one per checkpoint at most.
+    pub net_marks: u64,
+    /// Checkpoints that set no mark of their own because the previous one still waited
+    /// (their packets went with the next mark).
+    pub net_folded: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
     /// Checkpoints that copied their pages in the pause.
@@ -329,7 +337,18 @@ pub fn run_with_metrics(
     stop: &AtomicBool,
     metrics: &Metrics,
 ) -> Result<Summary, EngineError> {
-    run_leased(cfg, d, stop, metrics, None, None)
+    run_leased(cfg, d, stop, metrics, None, None, Vec::new())
+}
+
+/// [`run`] with the guest's packets held by `plugs` (closed already): each checkpoint
+/// marks them in its pause, each ack releases its mark ([`crate::hold`]).
+pub fn run_with_plugs(
+    cfg: &Config,
+    d: &mut dyn Domain,
+    stop: &AtomicBool,
+    plugs: Vec<Box<dyn PacketHold>>,
+) -> Result<Summary, EngineError> {
+    run_leased(cfg, d, stop, &Metrics::new(), None, None, plugs)
 }
 
 /// [`run_with_metrics`] for a guest whose key this primary holds under `lease` (claimed
@@ -338,6 +357,11 @@ pub fn run_with_metrics(
 /// the same lease is refreshed again; if it is lost instead, the run ends with
 /// [`EngineError::LeaseLost`] and the guest stays paused. A guest that ends with this
 /// process gives the key up at the end, so the backup can claim it at once.
+///
+/// `plugs` hold the guest's packets on host interfaces (`--net-buffer`, set up and closed
+/// by the caller). At the end they are removed, unless the guest outlives this process
+/// and its held packets may not go out (fenced, or a backup that may take over): then
+/// they stay closed in the kernel.
 pub fn run_leased(
     cfg: &Config,
     d: &mut dyn Domain,
@@ -345,16 +369,29 @@ pub fn run_leased(
     metrics: &Metrics,
     lease: Option<ha_lease::Lease>,
     switchover: Option<&AtomicBool>,
+    plugs: Vec<Box<dyn PacketHold>>,
 ) -> Result<Summary, EngineError> {
     metrics.set_state(Phase::Syncing.name());
-    let connected = connect(cfg, d)?;
+    let mut connected = connect(cfg, d)?;
+    connected.plugs = plugs;
     run_connected(connected, cfg, d, stop, metrics, lease, switchover)
 }
 
 /// A primary whose backup welcomed it: the session is open, nothing sent yet.
-#[derive(Debug)]
 pub struct Connected {
     link: link::Link,
+    /// The guest's packets held on host interfaces (see [`run_leased`]); none unless the
+    /// caller puts them here.
+    pub plugs: Vec<Box<dyn PacketHold>>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("link", &self.link)
+            .field("plugs", &self.plugs.len())
+            .finish()
+    }
 }
 
 /// Open the session with the backup at `cfg.backup` for guest `d` (the Hello, the secure
@@ -381,12 +418,15 @@ pub fn connect(cfg: &Config, d: &mut dyn Domain) -> Result<Connected, EngineErro
         cfg.key.as_ref(),
         cfg.link_rate,
     )?;
-    Ok(Connected { link })
+    Ok(Connected {
+        link,
+        plugs: Vec::new(),
+    })
 }
 
 /// [`run_leased`] on a session [`connect`] opened.
 pub fn run_connected(
-    Connected { link }: Connected,
+    Connected { link, plugs }: Connected,
     cfg: &Config,
     d: &mut dyn Domain,
     stop: &AtomicBool,
@@ -450,7 +490,7 @@ pub fn run_connected(
         jobs,
         done,
         link: link.events,
-        held: HeldOutput::new(sink),
+        held: HeldOutput::with_plugs(sink, plugs),
         inflight: BTreeMap::new(),
         stats,
         events,
@@ -501,6 +541,10 @@ pub fn run_connected(
             ),
         }
     }
+    // A guest that runs on (or may be resumed) after this process keeps its plugs closed
+    // unless they were released for good (unprotected, or the backup stood down).
+    let keep = e.d.outlives_vmm() && !e.held.plugs_open();
+    e.held.finish(keep);
     run?;
     e.finish();
     e.summary.switched_over = e.handed_over;
@@ -767,7 +811,15 @@ impl Engine<'_> {
         let verify = std::mem::take(&mut self.verify_next)
             || (self.cfg.verify_every > 0
                 && self.checkpoints.is_multiple_of(self.cfg.verify_every));
-        let cp = harvest::take(self.d, self.epoch, dirty, verify, &mut self.cow)?;
+        let epoch = self.epoch;
+        let held = &mut self.held;
+        let mut mark = || {
+            held.mark(epoch).map_err(|e| DomainError::Backend {
+                op: "marking the network buffers",
+                source: Box::new(e),
+            })
+        };
+        let cp = harvest::take(self.d, epoch, dirty, verify, &mut self.cow, &mut mark)?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
         self.summary.pauses_us.push(cp.pause.as_micros() as u64);
@@ -1368,7 +1420,16 @@ impl Engine<'_> {
             let deadline = Instant::now() + STAND_DOWN_WAIT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
                 match self.link.recv_timeout(left) {
-                    Ok(LinkEvent::StoodDown) => sent = true,
+                    Ok(LinkEvent::StoodDown) => {
+                        sent = true;
+                        // The backup will not take over: the guest's packets may go.
+                        if let Err(err) = self.held.open_plugs() {
+                            tracing::warn!(
+                                error = %ha_daemon::error_chain(&err),
+                                "cannot release held output after the stand-down"
+                            );
+                        }
+                    }
                     Ok(LinkEvent::Closed(_)) if sent => {
                         tracing::warn!(
                             reason = why,
@@ -1409,6 +1470,8 @@ impl Engine<'_> {
         self.summary.pause_ms_p50 = pct(50);
         self.summary.pause_ms_p99 = pct(99);
         self.summary.outputs_released = self.held.released;
+        self.summary.net_marks = self.held.marks;
+        self.summary.net_folded = self.held.folded;
         [self.summary.pause_copies, self.summary.cow_copies] = self.cow.taken;
         self.summary.cow_faulted = self.cow.faulted();
         self.count_output();

@@ -1,9 +1,11 @@
 //! The *harvest* stage: stop the guest, take what changed, let it run again.
 //!
-//! A checkpoint is taken with the guest paused: drain its output (the ring's tail store is
-//! a VMM write, so it is harvested with the rest), drain the writes its disk completed
-//! during the epoch, harvest the dirty-page log, copy the dirty pages, save the vCPU/device
-//! state, optionally hash the whole memory and disk (verification), and resume. Everything after that (encoding, sending) happens while the next epoch runs.
+//! A checkpoint is taken with the guest paused: mark the network buffers (`--net-buffer`),
+//! drain its output (the ring's tail store is a VMM write, so it is harvested with the
+//! rest), drain the writes its disk completed during the epoch, harvest the dirty-page
+//! log, copy the dirty pages, save the vCPU/device state, optionally hash the whole memory
+//! and disk (verification), and resume. Everything after that (encoding, sending) happens
+//! while the next epoch runs.
 //!
 //! A checkpoint may instead take its pages copy-on-write ([`crate::cow`]): armed in the
 //! pause, copied behind the running guest by the copier thread, waited for by the encoder.
@@ -174,13 +176,15 @@ fn digest(
 /// Take checkpoint `epoch`: pause, drain output, harvest, copy (or arm a copy-on-write,
 /// as `cow` chooses), save, (digest), resume. The harvest is ORed into `dirty`, so pages
 /// the caller already knows to be dirty (a pre-copy round's last harvest) are sent too; the
-/// caller clears it between checkpoints.
+/// caller clears it between checkpoints. `mark` runs first thing with the guest paused:
+/// the network buffers' mark for this checkpoint ([`crate::hold::HeldOutput::mark`]).
 pub fn take(
     d: &mut dyn Domain,
     epoch: u64,
     dirty: &mut PageBitmap,
     verify: bool,
     cow: &mut Chooser,
+    mark: &mut dyn FnMut() -> Result<(), DomainError>,
 ) -> Result<Checkpoint, DomainError> {
     // The previous copy-on-write copy finishes with the guest running, not in this pause.
     cow.settle();
@@ -188,7 +192,8 @@ pub fn take(
     let taken = Instant::now();
     d.pause()?;
     let stop = taken.elapsed();
-    let r = take_paused(d, epoch, dirty, verify, cow, early, taken);
+    // The guest stands still: the network buffers' mark splits its packets here.
+    let r = mark().and_then(|()| take_paused(d, epoch, dirty, verify, cow, early, taken));
     // Resume whatever happened: a failed checkpoint must not leave the guest stopped.
     let t = Instant::now();
     let resumed = d.resume();

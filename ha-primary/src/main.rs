@@ -9,6 +9,7 @@ use ha_guest::domain::{Devices, DomainError, GuestSpec};
 use ha_primary::cli::{Cli, CliError, Command};
 use ha_primary::cow::CopyPolicy;
 use ha_primary::engine::{self, Config};
+use ha_primary::hold::PacketHold;
 use ha_primary::metrics::Metrics;
 use ha_workloads::files;
 use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
@@ -105,6 +106,43 @@ fn cluster_view(
         print!("{}", ha_primary::cluster::table(&rows));
     }
     Ok(())
+}
+
+/// `--net-buffer`: a closed plug on each interface. A Xen guest without one is protected
+/// but its network output is not held, which is said loudly.
+fn net_buffers(
+    vifs: &[String],
+    guest: ha_backend::BackendKind,
+    limit: u64,
+    pipeline: usize,
+) -> Result<Vec<Box<dyn PacketHold>>, Box<dyn Error>> {
+    if vifs.is_empty() && guest == ha_backend::BackendKind::Xen {
+        tracing::error!(
+            "no --net-buffer: the Xen guest's network output is NOT held until its \
+             checkpoint is committed; a failover can show clients replies the backup \
+             never had (give the guest's vif with --net-buffer, docs/XEN.md)"
+        );
+    }
+    let limit = u32::try_from(limit)?;
+    let mut plugs: Vec<Box<dyn PacketHold>> = Vec::new();
+    for vif in vifs {
+        let cfg = ha_netbuf::Config {
+            limit,
+            ..ha_netbuf::Config::new(vif)
+        };
+        let nb = ha_netbuf::NetBuffer::setup(&cfg)
+            .map_err(|e| format!("--net-buffer {vif}: {}", chain(&e)))?;
+        plugs.push(Box::new(nb));
+    }
+    if !plugs.is_empty() && pipeline > 1 {
+        tracing::info!(
+            pipeline,
+            "with --net-buffer, a checkpoint taken while the previous one's packets still \
+             wait for its ack sends its packets with the next ack (--pipeline 1 gives each \
+             checkpoint its own)"
+        );
+    }
+    Ok(plugs)
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
@@ -249,6 +287,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             }
         },
     };
+    // The guest's packets are held from here on; a missing vif, a taken IFB name or a
+    // kernel without ifb or sch_plug stops the start here, before any checkpoint.
+    let plugs = net_buffers(
+        &cli.net_buffer,
+        cli.guest,
+        cli.net_buffer_limit,
+        cli.pipeline,
+    )?;
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     let can_cow = domain.cow_memory().is_some();
     if cli.copy == CopyPolicy::Cow && !can_cow {
@@ -267,6 +313,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         &metrics,
         lease,
         Some(&switchover),
+        plugs,
     )?;
     tracing::info!(
         epochs = summary.epochs_committed,

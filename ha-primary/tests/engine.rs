@@ -10,6 +10,7 @@ use ha_guest::backend::BackendKind;
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
 use ha_primary::cow::CopyPolicy;
 use ha_primary::engine::{self, Config};
+use ha_primary::hold::PacketHold;
 use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::output::{OutputChecker, read_records};
 use ha_wire::secure::{self, Deadline, PairKey};
@@ -192,11 +193,12 @@ fn protected_run(
     mode: Mode,
     workload: Workload,
 ) -> (engine::Summary, BackupReport, u64, Vec<String>) {
-    protected_run_as(factory, mode, workload, false, &|_| {})
+    protected_run_as(factory, mode, workload, false, &|_| {}, &|_, _| Vec::new())
 }
 
-/// A guest that says it outlives its VMM (as a Xen domain does); otherwise `inner`.
-struct Outliving(Box<dyn Domain>);
+/// A guest that says it outlives its VMM (as a Xen domain does) when `.1`, and counts its
+/// pauses in `.2`; otherwise `inner`.
+struct Outliving(Box<dyn Domain>, bool, Arc<AtomicU64>);
 
 impl Domain for Outliving {
     fn memory_size(&self) -> u64 {
@@ -206,6 +208,7 @@ impl Domain for Outliving {
         self.0.read_memory(gpa, buf)
     }
     fn pause(&mut self) -> Result<(), DomainError> {
+        self.2.fetch_add(1, Ordering::SeqCst);
         self.0.pause()
     }
     fn resume(&mut self) -> Result<(), DomainError> {
@@ -229,19 +232,35 @@ impl Domain for Outliving {
     fn check_health(&self) -> Result<(), DomainError> {
         self.0.check_health()
     }
+    fn output_channel(&mut self) -> Option<&mut dyn ha_guest::domain::OutputChannel> {
+        self.0.output_channel()
+    }
+    fn status_probe(&self) -> Option<&dyn ha_guest::domain::StatusProbe> {
+        self.0.status_probe()
+    }
+    fn disk(&mut self) -> Option<&mut dyn ha_guest::domain::Disk> {
+        self.0.disk()
+    }
+    fn cow_memory(&mut self) -> Option<&mut dyn ha_guest::cow::CowMemory> {
+        self.0.cow_memory()
+    }
     fn outlives_vmm(&self) -> bool {
-        true
+        self.1
     }
 }
 
+/// Makes the packet holds of a run from the backup's report and the guest's pause count.
+type Plugs<'a> = &'a dyn Fn(Arc<Mutex<BackupReport>>, Arc<AtomicU64>) -> Vec<Box<dyn PacketHold>>;
+
 /// [`protected_run`], the guest outliving its VMM when `outlives`, the engine's
-/// configuration changed by `tune`.
+/// configuration changed by `tune`, its packets held by `plugs`.
 fn protected_run_as(
     factory: &dyn DomainFactory,
     mode: Mode,
     workload: Workload,
     outlives: bool,
     tune: &dyn Fn(&mut Config),
+    plugs: Plugs<'_>,
 ) -> (engine::Summary, BackupReport, u64, Vec<String>) {
     let bl = TcpListener::bind("127.0.0.1:0").unwrap();
     let ol = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -269,16 +288,16 @@ fn protected_run_as(
     };
     let mut d = factory.create(&spec(workload)).unwrap();
     d.resume().unwrap();
-    if outlives {
-        d = Box::new(Outliving(d));
-    }
+    let pauses = Arc::new(AtomicU64::new(0));
+    let mut d: Box<dyn Domain> = Box::new(Outliving(d, outlives, pauses.clone()));
     let kind: BackendKind = factory.name().parse().expect("a backend's name");
     let mut cfg = Config {
         backend: kind,
         ..config(baddr, oaddr, mode)
     };
     tune(&mut cfg);
-    let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
+    let plugs = plugs(report.clone(), pauses);
+    let summary = engine::run_with_plugs(&cfg, d.as_mut(), &AtomicBool::new(false), plugs).unwrap();
     drop(d);
     let (released, violations) = consumer.join().unwrap();
     backup.join().unwrap();
@@ -346,6 +365,7 @@ fn a_guest_that_outlives_the_primary_ends_with_a_stand_down() {
         Workload::Web,
         true,
         &|_| {},
+        &|_, _| Vec::new(),
     );
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert!(violations.is_empty(), "{violations:?}");
@@ -356,6 +376,124 @@ fn a_guest_that_outlives_the_primary_ends_with_a_stand_down() {
         Some("protection stopped on request"),
         "{r:?}"
     );
+}
+
+/// What a [`CheckedPlug`] saw.
+#[derive(Debug, Default)]
+struct PlugLog {
+    marks: u64,
+    released: u64,
+    indefinite: u64,
+    /// `Some(keep)` once the run finished with it.
+    finished: Option<bool>,
+    /// Marks released before the backup committed their checkpoint, and marks set while
+    /// another waited (the kernel's plug would forget an epoch).
+    violations: Vec<String>,
+}
+
+/// A packet hold that checks each release against the backup's commits: a mark set in
+/// the pause of the guest's k-th checkpoint may be released only once the backup has
+/// committed k checkpoints.
+#[derive(Debug)]
+struct CheckedPlug {
+    report: Arc<Mutex<BackupReport>>,
+    pauses: Arc<AtomicU64>,
+    waiting: Option<u64>,
+    log: Arc<Mutex<PlugLog>>,
+}
+
+impl PacketHold for CheckedPlug {
+    fn iface(&self) -> &str {
+        "vif-test"
+    }
+    fn buffer(&mut self) -> Result<(), ha_netbuf::NetbufError> {
+        let k = self.pauses.load(Ordering::SeqCst);
+        let mut log = self.log.lock().unwrap();
+        if let Some(w) = self.waiting {
+            log.violations.push(format!(
+                "mark at checkpoint {k} while checkpoint {w}'s waits"
+            ));
+        }
+        self.waiting = Some(k);
+        log.marks += 1;
+        Ok(())
+    }
+    fn release_one(&mut self) -> Result<(), ha_netbuf::NetbufError> {
+        let committed = self.report.lock().unwrap().checkpoints;
+        let mut log = self.log.lock().unwrap();
+        match self.waiting.take() {
+            Some(k) if k > committed => log.violations.push(format!(
+                "checkpoint {k}'s packets released with {committed} committed"
+            )),
+            Some(_) => {}
+            None => log.violations.push("a release without a mark".into()),
+        }
+        log.released += 1;
+        Ok(())
+    }
+    fn release_indefinite(&mut self) -> Result<(), ha_netbuf::NetbufError> {
+        self.waiting = None;
+        self.log.lock().unwrap().indefinite += 1;
+        Ok(())
+    }
+    fn finish(self: Box<Self>, keep: bool) {
+        self.log.lock().unwrap().finished = Some(keep);
+    }
+}
+
+/// The network buffer's marks follow the checkpoints and its releases the acks: every
+/// mark is set in a checkpoint's pause and released only once the backup committed that
+/// checkpoint; with one checkpoint in flight each checkpoint has its own mark. A guest
+/// that outlives the primary ends with a stand-down, then its plug is opened and removed.
+#[test]
+fn network_buffer_marks_follow_checkpoints_and_acks() {
+    for pipeline in [1, 2] {
+        let log = Arc::new(Mutex::new(PlugLog::default()));
+        let (summary, r, _, violations) = protected_run_as(
+            &ha_sim::SimFactory::new(),
+            Mode::Fgbi,
+            Workload::Web,
+            true,
+            &|c| c.pipeline = pipeline,
+            &|report, pauses| {
+                vec![Box::new(CheckedPlug {
+                    report,
+                    pauses,
+                    waiting: None,
+                    log: log.clone(),
+                })]
+            },
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert!(violations.is_empty(), "{violations:?}");
+        let log = std::mem::take(&mut *log.lock().unwrap());
+        assert!(
+            log.violations.is_empty(),
+            "pipeline {pipeline}: {:?}",
+            log.violations
+        );
+        assert!(log.marks >= 5, "pipeline {pipeline}: {log:?}");
+        assert!(
+            log.released + 1 >= log.marks,
+            "pipeline {pipeline}: {log:?}"
+        );
+        assert_eq!(summary.net_marks, log.marks);
+        // Every checkpoint taken marked or folded; the backup committed all but at most the
+        // last (the stand-down may overtake its ack).
+        let taken = summary.net_marks + summary.net_folded;
+        assert!(
+            (r.checkpoints..=r.checkpoints + 1).contains(&taken),
+            "{taken} checkpoints marked or folded, {} committed",
+            r.checkpoints
+        );
+        if pipeline == 1 {
+            assert_eq!(
+                summary.net_folded, 0,
+                "one mark per checkpoint: {summary:?}"
+            );
+        }
+        assert_eq!((log.indefinite, log.finished), (1, Some(false)), "{log:?}");
+    }
 }
 
 #[test]
@@ -408,7 +546,28 @@ fn backup_lost_continues_or_fences() {
             .create(&spec(Workload::Kv))
             .unwrap();
         d.resume().unwrap();
-        let summary = engine::run(&cfg, d.as_mut(), &AtomicBool::new(false)).unwrap();
+        // Its vif's packets: a plug that no ack may open.
+        let log = Arc::new(Mutex::new(PlugLog::default()));
+        let plug = CheckedPlug {
+            report: Arc::default(),
+            pauses: Arc::default(),
+            waiting: None,
+            log: log.clone(),
+        };
+        let summary = engine::run_with_plugs(
+            &cfg,
+            d.as_mut(),
+            &AtomicBool::new(false),
+            vec![Box::new(plug)],
+        )
+        .unwrap();
+        let plug = std::mem::take(&mut *log.lock().unwrap());
+        assert!(plug.violations.is_empty(), "{fence}: {:?}", plug.violations);
+        assert_eq!(plug.released, 0, "{fence}: a mark released without an ack");
+        // The default policy opens the plug for good once unprotected; --fence keeps it
+        // closed. The sim guest ends with the primary: removed at the end either way.
+        assert_eq!(plug.indefinite, u64::from(!fence), "{fence}: {plug:?}");
+        assert_eq!(plug.finished, Some(false), "{fence}: {plug:?}");
         let paused = d.is_paused();
         let progress_at_end = d.status().unwrap().progress;
         std::thread::sleep(Duration::from_millis(100));
@@ -491,12 +650,18 @@ fn kvm_copy_on_write_checkpoints_equal_memory_at_each_checkpoint() {
         return;
     }
     for (mode, workload) in [(Mode::Fgbi, Workload::Npb), (Mode::Xbzrle, Workload::Kv)] {
-        let (summary, r, released, violations) =
-            protected_run_as(&ha_kvm::KvmFactory::new(), mode, workload, false, &|c| {
+        let (summary, r, released, violations) = protected_run_as(
+            &ha_kvm::KvmFactory::new(),
+            mode,
+            workload,
+            false,
+            &|c| {
                 c.copy = CopyPolicy::Cow;
                 c.verify_every = 1;
                 c.run_for = Some(Duration::from_secs(3));
-            });
+            },
+            &|_, _| Vec::new(),
+        );
         eprintln!(
             "{workload:?}: {} checkpoints committed, {} copy-on-write, {} pages copied in \
              write faults",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod netns;
-pub use netns::NetPair;
+pub use netns::{GuestLan, NetPair};
 
 /// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
 /// crate's tests run alone, they are built on first use.

@@ -86,6 +86,9 @@ pub enum LimitError {
     /// A block size the codec does not support.
     #[error("--block-size {0} is not supported (a power of two from 32 to 1024)")]
     BlockSize(u32),
+    /// A network buffer limit outside [`NET_BUFFER_LIMIT`].
+    #[error("--net-buffer-limit {} is outside 64k..=1G", size_text(*.0))]
+    NetBufferLimit(u64),
     /// A count below its option's minimum.
     #[error("--{option} {value} is below the minimum of {min}")]
     TooFew {
@@ -111,6 +114,7 @@ impl LimitError {
             Self::DiskSize(_) => "disk-size",
             Self::CacheSize { .. } => "cache-size",
             Self::BlockSize(_) => "block-size",
+            Self::NetBufferLimit(_) => "net-buffer-limit",
         }
     }
 
@@ -239,6 +243,18 @@ pub fn check_cache_size(bytes: u64, mode: Mode) -> Result<u64, LimitError> {
 /// The block size (`--block-size` of both daemons): a power of two from 32 to 1024.
 pub fn check_block_size(n: u32) -> Result<BlockSize, LimitError> {
     BlockSize::new(n).map_err(|_| LimitError::BlockSize(n))
+}
+
+/// The bytes a network buffer (`--net-buffer-limit`) may hold: from 64 KiB to 1 GiB.
+pub const NET_BUFFER_LIMIT: std::ops::RangeInclusive<u64> = 64 << 10..=1 << 30;
+
+/// A network buffer's limit within [`NET_BUFFER_LIMIT`].
+pub fn check_net_buffer_limit(bytes: u64) -> Result<u64, LimitError> {
+    if NET_BUFFER_LIMIT.contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(LimitError::NetBufferLimit(bytes))
+    }
 }
 
 /// Checkpoints in flight (`--pipeline`): at least 1, the checkpoint being sent.

@@ -15,15 +15,29 @@
 #                        dynamic requests) for WRK_SECS s: no socket or status error;
 #                        prints requests/s, p50/p99, transfer rate
 #   apache-guest-runs    the console counter went on meanwhile
+# With ROWS (--env ROWS="none xl-remus castor-remus castor-fgbi", default "none") the same
+# ab and wrk load runs once per row, each with the domU protected its way (no network
+# buffer in any of them; verdicts apache-ab-ROW, apache-wrk-ROW, apache-protect-ROW):
+#   none          unprotected
+#   xl-remus      Xen's own Remus, `xl remus -F -n -d -i IV` to an `xl migrate-receive -r`
+#                 in this dom0 (-n: no network buffering; Debian's libxl has none, see
+#                 docs/XEN.md); stopped by killing the receiver, so the domU goes on
+#   castor-MODE   ha-primary --mode MODE --interval IVms streaming to ha-backup over
+#                 loopback (rig_start_pair), stopped with SIGTERM (the backup stands down)
+# Each row also gives the console counter's rate, and for the protected ones what the
+# protector reports: Castor's checkpoints/s, bytes and hold (pause) per checkpoint from
+# primary.csv, xl remus's checkpoints counted from its debug log.
 # Every load is bounded in time (ab -t, wrk -d, each under timeout -s KILL) and every
-# wait in tries. AB_SECS (10), WRK_SECS (10), CONNS (4), AB_FILE (/specweb/class1_5, 5 KiB)
-# and DYN (0.1) may be set with --env.
+# wait in tries. AB_SECS (10), WRK_SECS (10), CONNS (4), AB_FILE (/specweb/class1_5, 5 KiB),
+# DYN (0.1), ROWS and IV (200, ms) may be set with --env.
 . "$RIG_LIB"
 AB_SECS=${AB_SECS:-10}
 WRK_SECS=${WRK_SECS:-10}
 CONNS=${CONNS:-4}
 AB_FILE=${AB_FILE:-/specweb/class1_5}
 DYN=${DYN:-0.1}
+ROWS=${ROWS:-none}
+IV=${IV:-200}
 S=$SCRATCH
 # (with the port: wrk resolves a service name, and dom0 has no /etc/services)
 URL=http://$DOMU_IP:80
@@ -93,7 +107,8 @@ else
 fi
 
 # bench LABEL: one ab row and one wrk row against the domU (verdicts apache-ab-LABEL and
-# apache-wrk-LABEL), their figures appended to $S/rows.
+# apache-wrk-LABEL), their figures appended to $S/rows. (busybox sh has no local
+# variables: bench, bench_row and stop_xl_remus use different names.)
 bench() {
 	_l=$1
 	rig_client timeout -s KILL $((AB_SECS + 30)) ab -k -c "$CONNS" -t "$AB_SECS" -n 1000000 -s 10 \
@@ -105,12 +120,12 @@ bench() {
 	_kbs=$(awk '/^Transfer rate:/ {print $3}' "$S/ab-$_l.out")
 	_p50=$(awk '$1 == "50%" {print $2}' "$S/ab-$_l.out")
 	_p99=$(awk '$1 == "99%" {print $2}' "$S/ab-$_l.out")
-	_row="ab $AB_FILE c=$CONNS ${AB_SECS}s: $_rps req/s, p50 ${_p50} ms, p99 ${_p99} ms, $_kbs KB/s, $_n requests, ${_f:-?} failed, ${_x:-0} non-2xx"
-	echo "$_l $_row" >>"$S/rows"
+	_desc="ab $AB_FILE c=$CONNS ${AB_SECS}s: $_rps req/s, p50 ${_p50} ms, p99 ${_p99} ms, $_kbs KB/s, $_n requests, ${_f:-?} failed, ${_x:-0} non-2xx"
+	echo "$_l $_desc" >>"$S/rows"
 	if [ "${_n:-0}" -gt 0 ] && [ "$_f" = 0 ] && [ "${_x:-0}" = 0 ]; then
-		rig_pass "apache-ab-$_l" "$_row"
+		rig_pass "apache-ab-$_l" "$_desc"
 	else
-		rig_fail "apache-ab-$_l" "$_row"
+		rig_fail "apache-ab-$_l" "$_desc"
 		tail -n 15 "$S/ab-$_l.out" | sed 's/^/ab| /'
 	fi
 
@@ -125,18 +140,152 @@ bench() {
 	_b=$(echo "$_w" | sed -n 's/.* bytes=\([0-9]*\).*/\1/p')
 	_us=$(echo "$_w" | sed -n 's/.* duration_us=\([0-9]*\).*/\1/p')
 	_kbs=$([ "${_us:-0}" -gt 0 ] && echo $((${_b:-0} * 1000000 / 1024 / _us)))
-	_row="wrk specweb.lua dyn=$DYN c=$CONNS ${WRK_SECS}s: $_rps req/s, p50 $((${_p50:-0} / 1000)) ms, p99 $((${_p99:-0} / 1000)) ms, ${_kbs:-?} KB/s, ${_n:-?} requests, errors connect/read/write/status/timeout ${_e:-?}"
-	echo "$_l $_row" >>"$S/rows"
+	_desc="wrk specweb.lua dyn=$DYN c=$CONNS ${WRK_SECS}s: $_rps req/s, p50 $((${_p50:-0} / 1000)) ms, p99 $((${_p99:-0} / 1000)) ms, ${_kbs:-?} KB/s, ${_n:-?} requests, errors connect/read/write/status/timeout ${_e:-?}"
+	echo "$_l $_desc" >>"$S/rows"
 	if [ "${_n:-0}" -gt 0 ] && [ "$_e" = 0/0/0/0/0 ]; then
-		rig_pass "apache-wrk-$_l" "$_row"
+		rig_pass "apache-wrk-$_l" "$_desc"
 	else
-		rig_fail "apache-wrk-$_l" "$_row"
+		rig_fail "apache-wrk-$_l" "$_desc"
 		tail -n 15 "$S/wrk-$_l.out" | sed 's/^/wrk| /'
 	fi
 }
 
-# 5. The unprotected baseline.
-bench none
+# bench_row ROW: bench ROW with the domU protected ROW's way (see the top), plus the
+# console counter's rate and the protector's figures.
+bench_row() {
+	_row=$1
+	case "$_row" in
+	none) ;;
+	xl-remus)
+		# With network buffering (no -n) first: Debian's libxl is built without it (see
+		# docs/XEN.md); this says what it answers.
+		_pp=""
+		timeout -s KILL 60 xl remus -F -d -i "$IV" -e -s '' "$DOMU" "xl migrate-receive -r -e" \
+			>"$S/xl-remus-netbuf.log" 2>&1
+		echo "xl-remus-netbuf: without -n, xl remus exited $?: $(grep -i -m 1 'network buffer\|netbuf' "$S/xl-remus-netbuf.log" | cut -c1-160)"
+		stop_xl_remus "$S/xl-remus-netbuf.log"
+		# -s '': no ssh; the "host" is the receiver's whole command line, run by sh -c.
+		xl -vvv remus -F -n -d -i "$IV" -e -s '' "$DOMU" "xl migrate-receive -r -e" \
+			>"$S/xl-remus.log" 2>&1 &
+		_pp=$!
+		# Checkpointing has begun when libxc reports checkpoints; if it never does in
+		# 120 s, the row is measured anyway and says so.
+		_i=0
+		while [ "$(remus_checkpoints)" -lt 3 ] && kill -0 $_pp 2>/dev/null && [ $_i -lt 120 ]; do
+			sleep 1
+			_i=$((_i + 1))
+		done
+		if ! kill -0 $_pp 2>/dev/null; then
+			rig_fail apache-protect-xl-remus "xl remus ended after ${_i}s"
+			grep -v 'debug' "$S/xl-remus.log" | tail -n 15 | cut -c1-200 | sed 's/^/xl-remus| /'
+			stop_xl_remus "$S/xl-remus.log"
+			return 0
+		fi
+		echo "xl-remus: measuring after ${_i}s, $(remus_checkpoints) checkpoints so far"
+		;;
+	castor-*)
+		rig_start_pair "${_row#castor-}" "${IV}ms" --ack-timeout 300s || {
+			rig_fail "apache-protect-$_row" "xen-selftest size failed"
+			return 0
+		}
+		_i=0
+		while [ "$(grep -c '"event":"checkpoint"' "$S/backup.events" 2>/dev/null)" -lt 2 ] &&
+			kill -0 $ppid 2>/dev/null && [ $_i -lt 300 ]; do
+			sleep 1
+			_i=$((_i + 1))
+		done
+		if [ "$(grep -c '"event":"checkpoint"' "$S/backup.events" 2>/dev/null)" -lt 2 ]; then
+			rig_fail "apache-protect-$_row" "fewer than 2 checkpoints committed after ${_i}s"
+			grep -v ' DEBUG ' "$S/primary.log" | tail -n 8 | cut -c1-300 | sed 's/^/primary| /'
+			kill -KILL $ppid $bpid 2>/dev/null
+			return 0
+		fi
+		_l0=$(wc -l <"$S/primary.csv")
+		;;
+	*)
+		rig_fail "apache-protect-$_row" "unknown row '$_row'"
+		return 0
+		;;
+	esac
+	_c0=$(rig_counter)
+	_t0=$(date +%s)
+	_k0=$(remus_checkpoints)
+	bench "$_row"
+	_t1=$(date +%s)
+	_c1=$(rig_counter)
+	_k1=$(remus_checkpoints)
+	_rate="console counter $_c0 -> $_c1 in $((_t1 - _t0)) s"
+	case "$_row" in
+	none) ;;
+	xl-remus)
+		# Pages per checkpoint: libxc's "Checkpointed save: N/N" of this row's checkpoints.
+		_pg=$(grep -o 'Checkpointed save: [0-9]*' "$S/xl-remus.log" | tail -n +"$((_k0 + 1))" | head -n "$((_k1 - _k0))" |
+			awk '{ n++; p += $3 } END { if (n) printf "%d pages (%d KiB) per checkpoint", p / n, p * 4 / n }')
+		_rate="$_rate; xl remus (measured from ${_i}s after its start): $((_k1 - _k0)) checkpoints ($(awk -v k=$((_k1 - _k0)) -v s=$((_t1 - _t0)) 'BEGIN { printf "%.2f", k / s }')/s), $_pg"
+		stop_xl_remus "$S/xl-remus.log"
+		;;
+	castor-*)
+		# This row's epochs in primary.csv: checkpoints, their wire bytes and holds.
+		_st=$(tail -n +"$((_l0 + 1))" "$S/primary.csv" | awk -F, -v secs=$((_t1 - _t0)) -v holds="$S/holds" '
+			$2 == 1 { n++; b += $8; print $3 > holds }
+			END { if (n) printf "%d checkpoints (%.2f/s), %d KiB per checkpoint", n, n / secs, b / n / 1024; else print "0 checkpoints" }')
+		_h=$(sort -n "$S/holds" 2>/dev/null | awk '{ a[NR] = $1 } END { if (NR) printf "hold p50 %d ms, p99 %d ms", a[int((NR + 1) / 2)] / 1000, a[int((NR * 99 + 99) / 100)] / 1000 }')
+		rm -f "$S/holds"
+		_rate="$_rate; Castor: $_st, $_h"
+		kill -TERM $ppid
+		_i=0
+		while kill -0 $bpid 2>/dev/null && [ $_i -lt 60 ]; do
+			sleep 1
+			_i=$((_i + 1))
+		done
+		kill -KILL $ppid $bpid 2>/dev/null
+		wait $ppid $bpid 2>/dev/null
+		grep -q '"event":"active"' "$S/backup.events" && _rate="$_rate; THE BACKUP TOOK OVER"
+		;;
+	esac
+	echo "$_row $_rate" >>"$S/rows"
+	if [ -n "$(rig_domid)" ] && rig_wait_counter $((_c1 + 2)) 60; then
+		rig_pass "apache-protect-$_row" "$_rate; the domU runs on"
+	else
+		rig_fail "apache-protect-$_row" "$_rate; the domU does not count on (domid '$(rig_domid)')"
+	fi
+}
+# remus_checkpoints: checkpoints xl remus has taken so far: libxc's progress lines
+# "Checkpointed save: N/N" in its log, one per checkpoint (0 before it starts).
+remus_checkpoints() {
+	_k=$(grep -c 'Checkpointed save:' "$S/xl-remus.log" 2>/dev/null)
+	echo "${_k:-0}"
+}
+# stop_xl_remus LOG: end Xen's Remus (the sender $_pp, if any) and keep the primary
+# domain: kill the receiver first (the sender then loses its backup and resumes the
+# domain), then destroy the receiver's copy; print the end of LOG.
+stop_xl_remus() {
+	for _p in $(ps -o pid,args | awk '/xl migrate-receive/ && !/awk/ {print $1}'); do
+		kill -KILL "$_p"
+	done
+	_si=0
+	while [ -n "$_pp" ] && kill -0 $_pp 2>/dev/null && [ $_si -lt 60 ]; do
+		sleep 1
+		_si=$((_si + 1))
+	done
+	[ -n "$_pp" ] && kill -KILL $_pp 2>/dev/null && wait $_pp 2>/dev/null
+	for _d in $(xl list | awk 'NR > 1 && $1 != "Domain-0" && $1 != "'"$DOMU"'" {print $1}'); do
+		xl destroy "$_d"
+	done
+	# The sender may have asked the guest to suspend just before it gave up: the guest
+	# then suspends after libxl's resume, and stays so. Let it go on.
+	echo "xl-remus: the primary domain after the stop: $(xen-selftest resume "$DOMU" 2>&1 | tail -n 1)"
+	grep -v 'debug' "$1" | tail -n 6 | cut -c1-200 | sed 's/^/xl-remus| /'
+	# What its debug log is made of (numbers masked), for the checkpoint count above.
+	sed 's/[0-9][0-9]*/N/g' "$1" | cut -c1-120 | sort | uniq -c | sort -rn |
+		head -n 12 | sed 's/^/xl-remus-log| /'
+	xl list | sed 's/^/xl-list| /'
+}
+
+# 5. The baseline and the protected rows.
+for row in $ROWS; do
+	bench_row "$row"
+done
 
 # 6. The guest's own counter went on through it all.
 c1=$(rig_counter)

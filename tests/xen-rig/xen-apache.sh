@@ -78,6 +78,7 @@ if ! rig_wait_http "$URL/specweb/class0_1" 90; then
 	grep 'castor-domu:' "$DOMU_CONSOLE_LOG" | sed 's/^/domu-console| /'
 	exit 0
 fi
+grep 'castor-domu:' "$DOMU_CONSOLE_LOG" | tr -d '\r' | sed 's/^/domu-console| /'
 bad=""
 n=0
 for c in 0 1 2 3; do

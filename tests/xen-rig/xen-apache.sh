@@ -15,6 +15,7 @@
 #                        dynamic requests) for WRK_SECS s: no socket or status error;
 #                        prints requests/s, p50/p99, transfer rate
 #   apache-guest-runs    the console counter went on meanwhile
+# Needs the domU started with its network: the rig's --env RIG_DOMU_NET=1.
 # With ROWS (--env ROWS="none xl-remus castor-remus castor-fgbi", default "none") the same
 # ab and wrk load runs once per row, each with the domU protected its way (no network
 # buffer in any of them; verdicts apache-ab-ROW, apache-wrk-ROW, apache-protect-ROW):
@@ -31,6 +32,10 @@
 # wait in tries. AB_SECS (10), WRK_SECS (10), CONNS (4), AB_FILE (/specweb/class1_5, 5 KiB),
 # DYN (0.1), ROWS and IV (200, ms) may be set with --env.
 . "$RIG_LIB"
+if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
+	rig_fail apache-net-up "the domU was started without its network: run the rig with --env RIG_DOMU_NET=1"
+	exit 0
+fi
 AB_SECS=${AB_SECS:-10}
 WRK_SECS=${WRK_SECS:-10}
 CONNS=${CONNS:-4}

@@ -59,3 +59,23 @@ rig_start_pair() {
 		--stats "$SCRATCH/primary.csv" "$@" >"$SCRATCH/primary.json" 2>"$SCRATCH/primary.log" &
 	ppid=$!
 }
+
+# rig_client CMD...: run CMD in the clients' network namespace ($CLIENT_NS, address
+# $CLIENT_IP on the bridge $RIG_BRIDGE), so its traffic to $DOMU_IP takes the vif path.
+# (/sbin/ip is iproute2's: busybox sh runs its own ip applet, which has no netns, for a
+# bare "ip".)
+rig_client() {
+	/sbin/ip netns exec "$CLIENT_NS" "$@"
+}
+
+# rig_wait_http URL [SECS]: wait (up to SECS, default 60) until URL answers from the
+# client namespace (busybox wget, 5 s per try; not wget -T, which crashes
+# Debian's static busybox 1.35); 1 on timeout.
+rig_wait_http() {
+	_end=$(($(date +%s) + ${2:-60}))
+	while ! rig_client timeout 5 wget -q -O /dev/null "$1" 2>/dev/null; do
+		[ "$(date +%s)" -ge "$_end" ] && return 1
+		sleep 1
+	done
+	return 0
+}

@@ -709,6 +709,21 @@ impl XenDomain {
         let i = self.info()?;
         Ok(i.shutdown && i.shutdown_reason == SHUTDOWN_SUSPEND)
     }
+
+    /// Let a guest that suspended itself at someone else's request go on, with its
+    /// suspend cancelled, as [`Domain::resume`] does after Castor's own holds (a
+    /// toolstack that asked for a suspend and gave up before it came can strand a guest
+    /// so: `xl remus` whose backup goes away mid-checkpoint). Needs
+    /// [`XenDomain::set_cooperative`] first, for xenstored. Returns whether it was
+    /// suspended.
+    pub fn resume_if_suspended(&mut self) -> Result<bool, DomainError> {
+        if !self.is_suspended()? {
+            return Ok(false);
+        }
+        self.held = Held::Suspended;
+        self.resume()?;
+        Ok(true)
+    }
 }
 
 impl Domain for XenDomain {

@@ -13,6 +13,8 @@
 //! xen-selftest shadow DOMAIN [ROUNDS] a copy kept only from harvests (as the backup's
 //!                                   image is) equals what every 5th checkpoint reads, the
 //!                                   guest held as ha-primary holds it (suspended)
+//! xen-selftest resume DOMAIN        not a check: a domain that suspended itself and was
+//!                                   left so (by a toolstack that gave up) goes on
 //! ```
 
 use ha_daemon::error_chain as chain;
@@ -324,7 +326,7 @@ fn main() -> ExitCode {
     tracing_subscriber_init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(cmd), Some(target)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: xen-selftest size|info|pause|dirty|save DOMAIN [ROUNDS]");
+        eprintln!("usage: xen-selftest size|info|pause|dirty|save|shadow|resume DOMAIN [ROUNDS]");
         return ExitCode::from(2);
     };
     let mut v = Verdicts::default();
@@ -332,7 +334,7 @@ fn main() -> ExitCode {
     // (learned at attach, ~15 s under the rig's TCG): `dirty` with a plain pause, and
     // `shadow` holding the guest as ha-primary does by default (suspended).
     let attached = match cmd.as_str() {
-        "size" | "info" | "save" | "pause" => {
+        "size" | "info" | "save" | "pause" | "resume" => {
             ha_xen::resolve_domain(target).and_then(XenDomain::attach)
         }
         "shadow" => ha_xen::attach_holding(target, ha_xen::Hold::default()),
@@ -353,6 +355,25 @@ fn main() -> ExitCode {
         "size" => {
             println!("{}", d.memory_size());
             return ExitCode::SUCCESS;
+        }
+        "resume" => {
+            let r = d
+                .set_cooperative(Duration::from_secs(30))
+                .and_then(|()| d.resume_if_suspended());
+            return match r {
+                Ok(true) => {
+                    println!("resumed: the domain was suspended");
+                    ExitCode::SUCCESS
+                }
+                Ok(false) => {
+                    println!("running: the domain was not suspended");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("xen-selftest: resume: {}", chain(&e));
+                    ExitCode::FAILURE
+                }
+            };
         }
         "info" => info(&d, &mut v),
         "pause" => pause(&mut d, &mut v),

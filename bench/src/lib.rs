@@ -24,6 +24,7 @@ pub mod compare;
 pub mod disk;
 pub mod disksync;
 pub mod drill;
+pub mod encoder;
 pub mod failover;
 pub mod pair;
 pub mod pause;

@@ -346,7 +346,9 @@ impl PageEncoder {
         // delta gains only from sharing: probe a few of its blocks before building all.
         // With a delta in hand, Blocks only wins through zero or shared blocks, or by
         // compressing a large delta's literals: probe before building it.
-        let random = looks_random(new);
+        // Whether the page looks random, sampled only if a decision needs it.
+        let random = std::cell::OnceCell::new();
+        let is_random = || *random.get_or_init(|| looks_random(new));
         let fingerprints = &self.scratch.new_hashes;
         let any_zero = self.scratch.zero_blocks & blocks.bits() != 0;
         let worth_blocks = match best.0 {
@@ -366,8 +368,8 @@ impl PageEncoder {
             }
             // No delta: a random page gains only from sharing.
             _ => {
-                !random
-                    || any_zero
+                any_zero
+                    || !is_random()
                     || probe_shared(page, new, blocks, bs, fingerprints, &mut self.index, &view)
             }
         };
@@ -403,7 +405,7 @@ impl PageEncoder {
         // not been paying.
         if best.1 > COMPRESS_MIN * 2
             && self.cfg.general != GeneralCodec::None
-            && !random
+            && !is_random()
             && self.page_gate.open(&mut self.stats)
         {
             let won = compress(

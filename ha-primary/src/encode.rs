@@ -116,8 +116,14 @@ pub fn run(
             }
         };
         let cfg = *enc.config();
+        // Room for every frame, the state's included, so that the epoch is written
+        // without growing the buffer.
         let mut out = Vec::with_capacity(
-            batch.bytes.len() + batch.records.len() * 8 + recs.bytes.len() + 256,
+            batch.bytes.len()
+                + batch.records.len() * 8
+                + recs.bytes.len()
+                + job.state.as_ref().map_or(0, Vec::len)
+                + 256,
         );
         let h = EpochHeader {
             epoch: job.epoch,

@@ -188,6 +188,7 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         heartbeat: cfg.interval,
         ack_timeout: Duration::from_secs(2),
         fence: false,
+        reprotect: false,
         verify_every: 0,
         precopy_rounds: 5,
         precopy_threshold: 1024,

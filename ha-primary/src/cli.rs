@@ -141,6 +141,11 @@ pub struct Cli {
     /// When the backup is lost, pause the guest instead of continuing unprotected.
     #[arg(long)]
     pub fence: bool,
+    /// When the backup is lost and the guest goes on unprotected, keep trying to reach
+    /// the backup's address (every 200 ms, in the background) and protect the guest
+    /// again once a backup there welcomes it: a fresh pre-copy, then checkpoints.
+    #[arg(long, conflicts_with = "fence")]
+    pub reprotect: bool,
     /// Hold the guest's packets on this host interface (a Xen guest's vif in dom0, e.g.
     /// vif5.0) until their checkpoint is acknowledged: an IFB device with a plug qdisc,
     /// set up before protection starts, one mark per checkpoint, released at its ack
@@ -336,6 +341,8 @@ pub struct FileConfig {
     pub ack_timeout: Option<String>,
     /// `--fence`.
     pub fence: Option<bool>,
+    /// `--reprotect`.
+    pub reprotect: Option<bool>,
     /// `--net-buffer` (a list).
     pub net_buffer: Option<Vec<String>>,
     /// `--net-buffer-limit`.
@@ -456,6 +463,7 @@ impl Options for Cli {
             heartbeat: |v| bounded(check_timeout("heartbeat", duration(v)?)).map(Some),
             ack_timeout: |v| bounded(check_timeout("ack-timeout", duration(v)?)),
             fence: same,
+            reprotect: same,
             net_buffer: same,
             net_buffer_limit: |v| bounded(check_net_buffer_limit(size(v)?)),
             copy: parsed::<CopyPolicy>,
@@ -768,6 +776,7 @@ mod tests {
             "heartbeat",
             "ack_timeout",
             "fence",
+            "reprotect",
             "net_buffer",
             "net_buffer_limit",
             "copy",

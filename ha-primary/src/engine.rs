@@ -21,7 +21,7 @@ use crate::link::{self, Control, LinkEvent};
 use crate::metrics::Metrics;
 use crate::report::{EpochRow, StatsCsv};
 use crate::stall::StallWatch;
-use crossbeam_channel::{Sender, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_codec::block::is_zero;
@@ -37,6 +37,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,9 @@ pub enum EngineError {
     /// The stall watch thread cannot start.
     #[error("cannot start the stall watch thread")]
     Watch(#[source] std::io::Error),
+    /// The thread reaching for a backup again (`--reprotect`) cannot start.
+    #[error("cannot start the re-protection thread")]
+    Reconnect(#[source] std::io::Error),
     /// The initial sync of the disk failed.
     #[error(transparent)]
     DiskSync(#[from] crate::disksync::SyncError),
@@ -116,6 +120,9 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// Pause the guest when the backup is lost (instead of continuing unprotected).
     pub fence: bool,
+    /// Unprotected after losing the backup, reconnect to `backup` in the background and
+    /// protect the guest again when a backup there welcomes it.
+    pub reprotect: bool,
     /// Send a whole-memory digest every this many checkpoints (0: never).
     pub verify_every: u64,
     /// Pre-copy rounds at most.
@@ -174,6 +181,8 @@ pub struct Summary {
     pub net_folded: u64,
     /// Whether the backup was lost.
     pub backup_lost: bool,
+    /// Times the guest was protected again after its backup was lost (`--reprotect`).
+    pub reprotected: u64,
     /// Checkpoints that copied their pages in the pause.
     pub pause_copies: u64,
     /// Checkpoints that took their pages copy-on-write.
@@ -291,6 +300,10 @@ struct Engine<'a> {
     verify_next: bool,
     /// The guest's key in etcd, held while this primary runs it.
     lease: Option<ha_lease::Lease>,
+    /// Unprotected with `--reprotect`: the thread trying to reach a backup again.
+    reconnecting: Option<Reconnecting>,
+    /// A session a backup opened again: the run goes on with it.
+    again: Option<link::Link>,
     /// The last checkpoint the backup acknowledged.
     last_acked: u64,
     /// When the status was last published, and the checkpoint wire bytes then.
@@ -399,22 +412,11 @@ impl std::fmt::Debug for Connected {
 /// backup (re-protection after a failover) keeps running the guest as it was and tries
 /// again later.
 pub fn connect(cfg: &Config, d: &mut dyn Domain) -> Result<Connected, EngineError> {
-    let disk_size = d.disk().map_or(0, |k| k.disk_size());
-    let hello = Hello {
-        version: SESSION_VERSION,
-        memory_size: d.memory_size(),
-        page_size: PAGE_SIZE as u32,
-        block_size: cfg.codec.block_size,
-        mode: cfg.codec.mode,
-        backend: cfg.backend,
-        layout: cfg.backend.guest_layout(),
-        disk_size,
-    };
     let link = link::connect(
         cfg.backup,
-        &hello,
+        &hello(cfg, d),
         cfg.heartbeat,
-        Duration::from_secs(5),
+        CONNECT_TIMEOUT,
         cfg.key.as_ref(),
         cfg.link_rate,
     )?;
@@ -424,9 +426,89 @@ pub fn connect(cfg: &Config, d: &mut dyn Domain) -> Result<Connected, EngineErro
     })
 }
 
-/// [`run_leased`] on a session [`connect`] opened.
+/// How long opening a session may take (the TCP connect, then each handshake read).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a primary that lost its backup tries to reach one again (`--reprotect`).
+pub const RECONNECT_EVERY: Duration = Duration::from_millis(200);
+
+/// What this primary tells a backup about guest `d`.
+fn hello(cfg: &Config, d: &mut dyn Domain) -> Hello {
+    Hello {
+        version: SESSION_VERSION,
+        memory_size: d.memory_size(),
+        page_size: PAGE_SIZE as u32,
+        block_size: cfg.codec.block_size,
+        mode: cfg.codec.mode,
+        backend: cfg.backend,
+        layout: cfg.backend.guest_layout(),
+        disk_size: d.disk().map_or(0, |k| k.disk_size()),
+    }
+}
+
+/// Try to open a session with the backup at `cfg.backup` every [`RECONNECT_EVERY`], on a
+/// thread of its own (a connect or handshake can take seconds, and the guest's output must
+/// flow meanwhile), until one is open or `stop` is set. The open link is sent on the
+/// returned channel.
+fn reconnect(
+    cfg: &Config,
+    hello: Hello,
+    stop: Arc<AtomicBool>,
+) -> Result<Receiver<link::Link>, EngineError> {
+    let (tx, rx) = bounded(1);
+    let (addr, heartbeat, key, rate) = (cfg.backup, cfg.heartbeat, cfg.key.clone(), cfg.link_rate);
+    std::thread::Builder::new()
+        .name("castor-reconnect".into())
+        .spawn(move || {
+            let mut tries = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                tries += 1;
+                match link::connect(addr, &hello, heartbeat, CONNECT_TIMEOUT, key.as_ref(), rate) {
+                    Ok(l) => {
+                        let _ = tx.send(l);
+                        return;
+                    }
+                    Err(e) if tries == 1 => tracing::info!(
+                        backup = %addr,
+                        error = %ha_daemon::error_chain(&e),
+                        "re-protection: no backup there yet; the guest runs unprotected; \
+                         retrying every {RECONNECT_EVERY:?}"
+                    ),
+                    Err(_) => {}
+                }
+                std::thread::sleep(RECONNECT_EVERY);
+            }
+        })
+        .map_err(EngineError::Reconnect)?;
+    Ok(rx)
+}
+
+/// The background attempts to reach a backup again; they stop when this is dropped.
+struct Reconnecting {
+    rx: Receiver<link::Link>,
+    stop: Arc<AtomicBool>,
+    /// Since when the guest runs unprotected.
+    since: Instant,
+}
+
+impl Reconnecting {
+    /// A session a backup opened, if one has.
+    fn ready(&self) -> Option<link::Link> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Reconnecting {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// [`run_leased`] on a session [`connect`] opened. With `--reprotect`, a session whose
+/// backup was lost is followed by another once a backup at the same address welcomes
+/// this primary; the events and statistics go on in the same files.
 pub fn run_connected(
-    Connected { link, plugs }: Connected,
+    conn: Connected,
     cfg: &Config,
     d: &mut dyn Domain,
     stop: &AtomicBool,
@@ -434,128 +516,222 @@ pub fn run_connected(
     lease: Option<ha_lease::Lease>,
     switchover: Option<&AtomicBool>,
 ) -> Result<Summary, EngineError> {
-    metrics.set_state(Phase::Syncing.name());
-    let pages = page_count(d.memory_size());
-    let stall = StallWatch::start().map_err(EngineError::Watch)?;
-    let welcome = link.welcome;
-    tracing::info!(
-        backup = %cfg.backup,
-        next_epoch = welcome.next_epoch,
-        backup_detect_ms = welcome.detect_timeout.as_millis() as u64,
-        "connected to the backup"
-    );
     // Files are opened once the backup welcomed this primary: a primary it refuses (a
     // second one) touches nothing of a running one's.
-    let mut events = EventLog::open(cfg.events.as_deref())?;
-    let stats = match &cfg.stats {
-        Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
-            path: p.clone(),
-            source,
-        })?),
-        None => None,
+    let mut files = Files {
+        events: EventLog::open(cfg.events.as_deref())?,
+        stats: match &cfg.stats {
+            Some(p) => Some(StatsCsv::create(p).map_err(|source| EngineError::Report {
+                path: p.clone(),
+                source,
+            })?),
+            None => None,
+        },
     };
-    events.note(
-        "connected",
-        json!({
-            "backup": cfg.backup.to_string(),
-            "next_epoch": welcome.next_epoch,
-            "backup_detect_ms": welcome.detect_timeout.as_millis() as u64,
-        }),
-    );
-
-    let cache = match cfg.codec.mode {
-        Mode::Remus => None,
-        // The options refuse a size the cache cannot use; a caller that passes one anyway
-        // gets the cache's own error, not a silently smaller cache.
-        // Its memory is taken up front: no more than the guest could fill.
-        _ => Some(PageCache::lru(
-            cfg.cache_bytes.min(
-                pages
-                    .saturating_mul(ha_codec::PAGE_SIZE)
-                    .max(ha_codec::PAGE_SIZE),
-            ),
-        )?),
-    };
-    let hashes =
-        (cfg.codec.mode == Mode::Fgbi).then(|| BlockHashes::new(pages, cfg.codec.block_size));
-    let enc = PageEncoder::new(cfg.codec, cache, hashes)?;
-    let (jobs, job_rx) = bounded::<Job>(1);
-    let (done_tx, done) = unbounded();
-    let link_tx = link.tx;
-    std::thread::Builder::new()
-        .name("castor-encode".into())
-        .spawn(move || encode::run(enc, job_rx, link_tx, done_tx))
-        .map_err(|_| EngineError::EncoderGone)?;
-
-    let sink = match cfg.output {
-        Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
-        None => None,
-    };
-    let mut e = Engine {
-        cfg,
-        d,
-        jobs,
-        done,
-        link: link.events,
-        held: HeldOutput::with_plugs(sink, plugs),
-        inflight: BTreeMap::new(),
-        stats,
-        events,
-        epoch: welcome.next_epoch,
-        first_checkpoint: None,
-        phase: Phase::Syncing,
-        summary: Summary::default(),
-        checkpoints: 0,
-        metrics,
-        released_seen: 0,
-        born: Instant::now(),
-        ctl: link.ctl,
-        stall,
-        stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
-        suspect: None,
-        standing_down: None,
-        verify_next: false,
-        lease,
-        last_acked: 0,
-        published: None,
-        switchover,
-        handed_over: false,
-        cow: Chooser::new(cfg.copy),
-        backup_holds_image: welcome.holds_image,
-    };
+    let (mut conn, mut lease, mut summary) = (conn, lease, Summary::default());
     let started = Instant::now();
-    let run = e.sync(pages).and_then(|()| e.protect(stop, started));
-    let lease_lost = matches!(run, Err(EngineError::LeaseLost(_)));
-    // Stand the backup down only while the guest still runs here: a domain that died or
-    // crashed is the backup's to bring back, and so is one whose lease was lost.
-    if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost && !e.handed_over {
-        let why = match &run {
-            Ok(()) => "protection stopped on request".to_string(),
-            Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
+    loop {
+        let s = Session {
+            cfg,
+            stop,
+            metrics,
+            switchover,
+            started,
         };
-        e.stand_down(&why);
-    }
-    if let Some(l) = e.lease.take()
-        && !lease_lost
-        && (!e.d.outlives_vmm() || e.handed_over)
-    {
-        // The guest ends with this process: the backup may claim its key at once.
-        match l.release() {
-            Ok(()) => tracing::info!("lease: released the guest's key"),
-            Err(err) => tracing::warn!(
-                error = %ha_daemon::error_chain(&err),
-                "lease: cannot release the guest's key; it passes on when the lease expires"
-            ),
+        match s.run(conn, d, lease, files, summary)? {
+            Ended::Done(s) => return Ok(*s),
+            Ended::Again(next) => {
+                (conn, lease, files, summary) = (next.conn, next.lease, next.files, next.summary);
+            }
         }
     }
-    // A guest that runs on (or may be resumed) after this process keeps its plugs closed
-    // unless they were released for good (unprotected, or the backup stood down).
-    let keep = e.d.outlives_vmm() && !e.held.plugs_open();
-    e.held.finish(keep);
-    run?;
-    e.finish();
-    e.summary.switched_over = e.handed_over;
-    Ok(e.summary)
+}
+
+/// The files a primary writes across its sessions.
+struct Files {
+    events: EventLog,
+    stats: Option<StatsCsv>,
+}
+
+/// What one session needs besides its link.
+struct Session<'a> {
+    cfg: &'a Config,
+    stop: &'a AtomicBool,
+    metrics: &'a Metrics,
+    switchover: Option<&'a AtomicBool>,
+    /// When the first session started (`--run-for` counts from there).
+    started: Instant,
+}
+
+/// How a session ended.
+enum Ended {
+    /// For good: the run is over.
+    Done(Box<Summary>),
+    /// The backup was lost and a backup welcomed this primary again.
+    Again(Box<Next>),
+}
+
+/// What the next session takes over from one that ended with its backup lost.
+struct Next {
+    conn: Connected,
+    lease: Option<ha_lease::Lease>,
+    files: Files,
+    summary: Summary,
+}
+
+impl Session<'_> {
+    fn run(
+        self,
+        Connected { link, plugs }: Connected,
+        d: &mut dyn Domain,
+        lease: Option<ha_lease::Lease>,
+        files: Files,
+        summary: Summary,
+    ) -> Result<Ended, EngineError> {
+        let Session {
+            cfg,
+            stop,
+            metrics,
+            switchover,
+            started,
+        } = self;
+        metrics.set_state(Phase::Syncing.name());
+        let pages = page_count(d.memory_size());
+        let stall = StallWatch::start().map_err(EngineError::Watch)?;
+        let welcome = link.welcome;
+        tracing::info!(
+            backup = %cfg.backup,
+            next_epoch = welcome.next_epoch,
+            backup_detect_ms = welcome.detect_timeout.as_millis() as u64,
+            "connected to the backup"
+        );
+        let Files { mut events, stats } = files;
+        events.note(
+            "connected",
+            json!({
+                "backup": cfg.backup.to_string(),
+                "next_epoch": welcome.next_epoch,
+                "backup_detect_ms": welcome.detect_timeout.as_millis() as u64,
+            }),
+        );
+
+        let cache = match cfg.codec.mode {
+            Mode::Remus => None,
+            // The options refuse a size the cache cannot use; a caller that passes one anyway
+            // gets the cache's own error, not a silently smaller cache.
+            // Its memory is taken up front: no more than the guest could fill.
+            _ => Some(PageCache::lru(
+                cfg.cache_bytes.min(
+                    pages
+                        .saturating_mul(ha_codec::PAGE_SIZE)
+                        .max(ha_codec::PAGE_SIZE),
+                ),
+            )?),
+        };
+        let hashes =
+            (cfg.codec.mode == Mode::Fgbi).then(|| BlockHashes::new(pages, cfg.codec.block_size));
+        let enc = PageEncoder::new(cfg.codec, cache, hashes)?;
+        let (jobs, job_rx) = bounded::<Job>(1);
+        let (done_tx, done) = unbounded();
+        let link_tx = link.tx;
+        std::thread::Builder::new()
+            .name("castor-encode".into())
+            .spawn(move || encode::run(enc, job_rx, link_tx, done_tx))
+            .map_err(|_| EngineError::EncoderGone)?;
+
+        let sink = match cfg.output {
+            Some(a) => Some(OutputSink::connect(a, Source::Primary)?),
+            None => None,
+        };
+        let mut e = Engine {
+            cfg,
+            d,
+            jobs,
+            done,
+            link: link.events,
+            held: HeldOutput::with_plugs(sink, plugs),
+            inflight: BTreeMap::new(),
+            stats,
+            events,
+            epoch: welcome.next_epoch,
+            first_checkpoint: None,
+            phase: Phase::Syncing,
+            summary,
+            checkpoints: 0,
+            metrics,
+            released_seen: 0,
+            born: Instant::now(),
+            ctl: link.ctl,
+            stall,
+            stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
+            suspect: None,
+            standing_down: None,
+            verify_next: false,
+            lease,
+            last_acked: 0,
+            published: None,
+            switchover,
+            handed_over: false,
+            cow: Chooser::new(cfg.copy),
+            backup_holds_image: welcome.holds_image,
+            reconnecting: None,
+            again: None,
+        };
+        let run = e.sync(pages).and_then(|()| e.protect(stop, started));
+        if run.is_ok()
+            && let Some(link) = e.again.take()
+        {
+            // The backup was lost and a backup welcomed this primary again: the next session
+            // takes the guest's key, its plugs (closed again) and the files over.
+            e.fold_session();
+            e.summary.reprotected += 1;
+            let plugs = e.held.take_plugs();
+            let lease = e.lease.take();
+            let Engine {
+                events,
+                stats,
+                summary,
+                ..
+            } = e;
+            return Ok(Ended::Again(Box::new(Next {
+                conn: Connected { link, plugs },
+                lease,
+                files: Files { events, stats },
+                summary,
+            })));
+        }
+        let lease_lost = matches!(run, Err(EngineError::LeaseLost(_)));
+        // Stand the backup down only while the guest still runs here: a domain that died or
+        // crashed is the backup's to bring back, and so is one whose lease was lost.
+        if e.d.outlives_vmm() && e.d.check_health().is_ok() && !lease_lost && !e.handed_over {
+            let why = match &run {
+                Ok(()) => "protection stopped on request".to_string(),
+                Err(err) => format!("protection stopped: {}", ha_daemon::error_chain(err)),
+            };
+            e.stand_down(&why);
+        }
+        if let Some(l) = e.lease.take()
+            && !lease_lost
+            && (!e.d.outlives_vmm() || e.handed_over)
+        {
+            // The guest ends with this process: the backup may claim its key at once.
+            match l.release() {
+                Ok(()) => tracing::info!("lease: released the guest's key"),
+                Err(err) => tracing::warn!(
+                    error = %ha_daemon::error_chain(&err),
+                    "lease: cannot release the guest's key; it passes on when the lease expires"
+                ),
+            }
+        }
+        // A guest that runs on (or may be resumed) after this process keeps its plugs closed
+        // unless they were released for good (unprotected, or the backup stood down).
+        let keep = e.d.outlives_vmm() && !e.held.plugs_open();
+        e.held.finish(keep);
+        run?;
+        e.finish();
+        e.summary.switched_over = e.handed_over;
+        Ok(Ended::Done(Box::new(e.summary)))
+    }
 }
 
 impl Engine<'_> {
@@ -911,6 +1087,27 @@ impl Engine<'_> {
                     }
                 }
                 Phase::Unprotected => {
+                    if let Some(link) = self.reconnecting.as_ref().and_then(Reconnecting::ready) {
+                        let unprotected_ms = self
+                            .reconnecting
+                            .as_ref()
+                            .map_or(0, |r| r.since.elapsed().as_millis() as u64);
+                        tracing::info!(
+                            backup = %self.cfg.backup,
+                            unprotected_ms,
+                            "re-protection: a backup welcomed this primary again; protecting \
+                             the guest anew"
+                        );
+                        self.events.note(
+                            "reprotecting",
+                            json!({
+                                "backup": self.cfg.backup.to_string(),
+                                "unprotected_ms": unprotected_ms,
+                            }),
+                        );
+                        self.again = Some(link);
+                        return Ok(());
+                    }
                     if Instant::now() >= next {
                         let mut recs = Vec::new();
                         if let Some(o) = self.d.output_channel() {
@@ -1332,6 +1529,7 @@ impl Engine<'_> {
                 self.standing_down = Some(Instant::now());
             }
             self.set_phase(Phase::Unprotected);
+            self.start_reconnecting()?;
             self.release_if_stood_down()?;
         } else if let Some(s) = self.suspect {
             let stalled_ms = s.stalled.as_millis() as u64;
@@ -1380,9 +1578,25 @@ impl Engine<'_> {
                 self.standing_down = Some(Instant::now());
             }
             self.set_phase(Phase::Unprotected);
+            self.start_reconnecting()?;
             self.release_if_stood_down()?;
         }
         self.count_output();
+        Ok(())
+    }
+
+    /// With `--reprotect`, start trying to reach a backup at the same address again.
+    fn start_reconnecting(&mut self) -> Result<(), EngineError> {
+        if !self.cfg.reprotect || self.reconnecting.is_some() {
+            return Ok(());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let rx = reconnect(self.cfg, hello(self.cfg, self.d), Arc::clone(&stop))?;
+        self.reconnecting = Some(Reconnecting {
+            rx,
+            stop,
+            since: Instant::now(),
+        });
         Ok(())
     }
 
@@ -1467,6 +1681,18 @@ impl Engine<'_> {
         );
     }
 
+    /// Add this session's counters to the run's summary (a run with `--reprotect` may
+    /// have several sessions).
+    fn fold_session(&mut self) {
+        self.summary.outputs_released += self.held.released;
+        self.summary.net_marks += self.held.marks;
+        self.summary.net_folded += self.held.folded;
+        self.summary.pause_copies += self.cow.taken[0];
+        self.summary.cow_copies += self.cow.taken[1];
+        self.summary.cow_faulted += self.cow.faulted();
+        self.count_output();
+    }
+
     fn finish(&mut self) {
         let mut p = self.summary.pauses_us.clone();
         p.sort_unstable();
@@ -1476,12 +1702,7 @@ impl Engine<'_> {
         };
         self.summary.pause_ms_p50 = pct(50);
         self.summary.pause_ms_p99 = pct(99);
-        self.summary.outputs_released = self.held.released;
-        self.summary.net_marks = self.held.marks;
-        self.summary.net_folded = self.held.folded;
-        [self.summary.pause_copies, self.summary.cow_copies] = self.cow.taken;
-        self.summary.cow_faulted = self.cow.faulted();
-        self.count_output();
+        self.fold_session();
         self.events.note(
             "stopped",
             serde_json::to_value(&self.summary).unwrap_or_default(),

@@ -149,6 +149,11 @@ impl HeldOutput {
         }
     }
 
+    /// Take the plugs away (for the next session, which closes them again).
+    pub fn take_plugs(&mut self) -> Vec<Box<dyn PacketHold>> {
+        std::mem::take(&mut self.plugs)
+    }
+
     /// Whether the plugs were released for good (or there are none).
     pub fn plugs_open(&self) -> bool {
         self.open || self.plugs.is_empty()

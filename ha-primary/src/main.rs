@@ -210,6 +210,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         heartbeat: cli.heartbeat.unwrap_or(cli.interval),
         ack_timeout: cli.ack_timeout,
         fence: cli.fence,
+        reprotect: cli.reprotect,
         verify_every: cli.verify_every,
         precopy_rounds: cli.precopy_rounds,
         precopy_threshold: cli.precopy_threshold,

@@ -170,6 +170,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         heartbeat: Duration::from_millis(20),
         ack_timeout: Duration::from_secs(5),
         fence: false,
+        reprotect: false,
         verify_every: 1,
         precopy_rounds: 3,
         precopy_threshold: 64,

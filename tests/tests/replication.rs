@@ -619,11 +619,7 @@ fn backup_killed_primary_continues_or_fences() {
         }
         // No gap and no changed repeat either way (releases without a commit are the
         // unprotected policy, so only those violations are expected).
-        let bad: Vec<_> = later
-            .violations
-            .iter()
-            .filter(|v| !v.contains("before a checkpoint"))
-            .collect();
+        let bad = beyond_unprotected(&later.violations);
         assert!(bad.is_empty(), "{bad:?}");
     }
 }
@@ -973,11 +969,7 @@ fn a_backup_stopped_past_the_ack_timeout_is_dropped_for_good() {
             // The unprotected primary releases without commits (its policy); nothing
             // else may go wrong, and the backup released nothing.
             let v = p.world.view();
-            let bad: Vec<_> = v
-                .violations
-                .iter()
-                .filter(|v| !v.contains("before a checkpoint"))
-                .collect();
+            let bad = beyond_unprotected(&v.violations);
             assert!(bad.is_empty() && v.from_backup == 0, "{v:?}");
         }
     }
@@ -1942,6 +1934,15 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
     );
 }
 
+/// The world's violations other than releases ahead of any commit, which an unprotected
+/// primary makes by policy.
+fn beyond_unprotected(violations: &[String]) -> Vec<&String> {
+    violations
+        .iter()
+        .filter(|v| !v.contains("before a checkpoint"))
+        .collect()
+}
+
 /// The `epoch out_head` lines of an ack log.
 fn committed(path: &std::path::Path) -> Vec<(u64, u64)> {
     ha_wire::output::read_ack_log(path)
@@ -2152,5 +2153,94 @@ fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
         compared["fingerprint_bytes"],
         protected["precopy_wire_bytes"],
         protected["sync_ms"],
+    );
+}
+
+/// A primary that lost its backup protects the guest again (`--reprotect`): the backup is
+/// killed, the guest runs on unprotected, a new backup starts at the same address, and the
+/// primary syncs it and checkpoints to it; then the primary is killed and the new backup
+/// resumes the guest from its last commit. The world sees no gap and no changed repeat
+/// (releases without a commit are the unprotected stretch's, so only those are allowed).
+#[test]
+fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let reprotect = [s("--reprotect")];
+    let o = Opts {
+        insecure: true,
+        primary_args: &reprotect,
+        ..Opts::default()
+    };
+    let mut p = Pair::start("reconnect", &o);
+    p.wait_protected();
+    let addr = p.backup_addr();
+    std::thread::sleep(Duration::from_millis(300));
+    p.backup.kill9();
+    wait_event(&p.primary_events(), "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("the primary never noticed the backup's death"));
+    // Unprotected for a while: the primary keeps trying the dead address meanwhile.
+    std::thread::sleep(Duration::from_millis(700));
+    let mut args = backup_args(&p.dir, &o, addr, &p.world.addr.to_string(), "spare.");
+    args.extend([s("--exit-after"), s("1s")]);
+    let mut spare = Proc::spawn("ha-backup", &args, p.dir.file("spare.log"));
+    let again = wait_event(&p.primary_events(), "reprotecting", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("the primary never reached the new backup"));
+    assert!(
+        again["unprotected_ms"].as_u64().is_some_and(|ms| ms >= 500),
+        "{again}"
+    );
+    let spare_acks = p.dir.file("spare.ack.log");
+    let t = std::time::Instant::now();
+    while committed(&spare_acks).len() < 10 && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if committed(&spare_acks).len() < 10 {
+        p.fail(&format!(
+            "the new backup committed {} checkpoints: {}",
+            committed(&spare_acks).len(),
+            spare.log_text()
+        ));
+    }
+    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no primary"));
+    a.kill9();
+    let primary_log = a.log_text();
+    p.primary = Some(a);
+    assert!(
+        primary_log.contains("a backup welcomed this primary again"),
+        "{primary_log}"
+    );
+    let spare_events = p.dir.file("spare.events");
+    let Some(active) = wait_event(&spare_events, "active", Duration::from_secs(20)) else {
+        p.fail(&format!(
+            "the new backup never took over: {}",
+            spare.log_text()
+        ))
+    };
+    let code = spare.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!(
+            "the new backup exited {code:?}: {}",
+            spare.log_text()
+        ));
+    }
+    let Some(&(last_epoch, last_head)) = committed(&spare_acks).last() else {
+        p.fail("the new backup's ack log is empty")
+    };
+    assert_eq!(active["epoch"], last_epoch, "{active}");
+    assert_eq!(active["out_head"], last_head, "{active}");
+    std::thread::sleep(Duration::from_millis(50));
+    let v = p.world.view();
+    let bad = beyond_unprotected(&v.violations);
+    assert!(bad.is_empty(), "{bad:?}");
+    assert!(
+        v.next_seq > last_head,
+        "no output after the takeover: {v:?}"
+    );
+    eprintln!(
+        "re-protection by the primary: unprotected {} ms; the new backup resumed the guest \
+         from epoch {last_epoch} ({} releases without a commit while unprotected)",
+        again["unprotected_ms"],
+        v.violations.len()
     );
 }

@@ -188,7 +188,8 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         heartbeat: cfg.interval,
         ack_timeout: Duration::from_secs(2),
         fence: false,
-        reprotect: false,
+        // Losing the backup it re-protected to, it tries that address again.
+        reprotect: true,
         verify_every: 0,
         precopy_rounds: 5,
         precopy_threshold: 1024,

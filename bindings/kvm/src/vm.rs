@@ -418,6 +418,13 @@ impl Disk for KvmDomain {
         }
         Ok(())
     }
+
+    fn image_reader(&self) -> Result<Option<std::fs::File>, DomainError> {
+        self.blk()
+            .map(|b| b.image())
+            .transpose()
+            .map_err(|e| backend("open a second handle on the disk image", e))
+    }
 }
 
 impl StatusProbe for KvmDomain {

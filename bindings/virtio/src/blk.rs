@@ -170,6 +170,11 @@ impl Blk {
             .map_err(|source| BlkError::Read { offset, source })
     }
 
+    /// A second handle on the image file, for reading it from another thread.
+    pub fn image(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Move the writes completed since the last drain into `out`, in completion order.
     pub fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) {
         out.append(&mut self.writes);

@@ -191,6 +191,13 @@ pub trait Disk {
     /// Move the writes completed since the last drain into `out`, in completion order.
     /// Called while the guest is paused, so the set is exactly the epoch's.
     fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError>;
+
+    /// A second handle on the disk's image, to read it from another thread (the encoder
+    /// confirming disk references, page-cache teleportation); `None` for a backend
+    /// without an image file.
+    fn image_reader(&self) -> Result<Option<std::fs::File>, DomainError> {
+        Ok(None)
+    }
 }
 
 /// What a guest reports of its own work.

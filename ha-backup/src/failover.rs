@@ -189,6 +189,7 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         ack_timeout: Duration::from_secs(2),
         fence: false,
         verify_every: 0,
+        teleport: true,
         precopy_rounds: 5,
         precopy_threshold: 1024,
         run_for: None,

@@ -4,6 +4,7 @@
 //! codec, or raw), while the guest runs the next epoch.
 
 use crate::harvest::Pages;
+use crate::teleport::Teleport;
 use crossbeam_channel::{Receiver, Sender};
 use ha_codec::cache::CacheStats;
 use ha_codec::codec::disk::DiskEncoder;
@@ -28,6 +29,9 @@ pub struct Job {
     pub verify: Option<[u8; 32]>,
     /// Whole-disk digest (verification mode, a guest with a disk).
     pub verify_disk: Option<[u8; 32]>,
+    /// The teleportation index to use from this epoch on (handed over once, after the
+    /// disk sync).
+    pub teleport: Option<Box<Teleport<std::fs::File>>>,
 }
 
 /// 4 KiB disk blocks whose last content sent the encoder keeps for deltas (64 MiB).
@@ -81,6 +85,7 @@ pub fn run(
     done: Sender<Encoded>,
 ) {
     let mut batch = EncodedBatch::default();
+    let mut teleport: Option<Box<Teleport<std::fs::File>>> = None;
     let mut disk_enc = DiskEncoder::new(enc.config().general, enc.config().zlib_level);
     if enc.config().mode != Mode::Remus {
         // Rewrites of recently written blocks go as deltas (remus stays the baseline).
@@ -101,13 +106,21 @@ pub fn run(
         let cpu0 = thread_cpu();
         let before = enc.stats().clone();
         batch.clear();
-        enc.encode_batch(
-            Batch {
-                pages: &job.pages.index,
-                data: &job.pages.data,
-            },
-            &mut batch,
-        );
+        if let Some(t) = job.teleport.take() {
+            teleport = Some(t);
+        }
+        let pages = Batch {
+            pages: &job.pages.index,
+            data: &job.pages.data,
+        };
+        match teleport.as_deref_mut() {
+            Some(t) => {
+                t.begin_epoch(&job.disk);
+                enc.encode_batch_with_disk(pages, &mut batch, Some(t));
+                t.end_epoch(&job.disk);
+            }
+            None => enc.encode_batch(pages, &mut batch),
+        }
         let recs = match DiskRecords::encode(&mut disk_enc, &job.disk) {
             Ok(r) => r,
             Err(e) => {

@@ -171,6 +171,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         ack_timeout: Duration::from_secs(5),
         fence: false,
         verify_every: 1,
+        teleport: true,
         precopy_rounds: 3,
         precopy_threshold: 64,
         run_for: Some(Duration::from_millis(800)),

@@ -1034,16 +1034,20 @@ mod tests {
         );
     }
 
+    /// The header of an fgbi epoch with the default block size.
+    fn fgbi_header(epoch: u64, records: u32) -> EpochHeader {
+        EpochHeader {
+            epoch,
+            mode: Mode::Fgbi,
+            block_size: BlockSize::DEFAULT,
+            records,
+        }
+    }
+
     #[test]
     fn verify_digest_catches_a_divergent_image() {
         let mut out = Vec::new();
-        let h = EpochHeader {
-            epoch: 1,
-            mode: Mode::Fgbi,
-            block_size: BlockSize::DEFAULT,
-            records: 0,
-        };
-        let mut w = EpochWriter::begin(&mut out, h);
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(1, 0));
         let image = vec![0u8; PAGES * PAGE_SIZE];
         w.verify(&mut out, blake3::hash(&image).as_bytes());
         w.finish(&mut out).unwrap();
@@ -1188,20 +1192,25 @@ mod tests {
         );
     }
 
-    /// One epoch of `disk_first` (a Disk frame rewriting block 3) and a Pages frame whose
-    /// page 0 is a DiskRef to `block`, in the order asked.
-    fn disk_ref_epoch(epoch: u64, block: u64, rewrite: &[u8], disk_first: bool) -> Vec<u8> {
+    /// A batch of one page record: `page` as a DiskRef to `block`.
+    fn disk_ref_batch(page: u64, block: u64) -> EncodedBatch {
         let mut payload = Vec::new();
         varint::put(&mut payload, block);
-        let batch = EncodedBatch {
+        EncodedBatch {
             records: vec![Record {
-                page: 0,
+                page,
                 encoding: Encoding::DiskRef,
                 start: 0,
                 len: payload.len(),
             }],
             bytes: payload,
-        };
+        }
+    }
+
+    /// One epoch of a Disk frame rewriting block 3 with `rewrite` and a Pages frame whose
+    /// page 0 is a DiskRef to `block`, the Disk frame first when `disk_first`.
+    fn disk_ref_epoch(epoch: u64, block: u64, rewrite: &[u8], disk_first: bool) -> Vec<u8> {
+        let batch = disk_ref_batch(0, block);
         let mut enc = ha_codec::codec::disk::DiskEncoder::new(codec::GeneralCodec::None, 1);
         let recs = disk::DiskRecords::encode(
             &mut enc,
@@ -1212,13 +1221,7 @@ mod tests {
         )
         .unwrap();
         let mut out = Vec::new();
-        let h = EpochHeader {
-            epoch,
-            mode: Mode::Fgbi,
-            block_size: BlockSize::DEFAULT,
-            records: 1 + recs.records(),
-        };
-        let mut w = EpochWriter::begin(&mut out, h);
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(epoch, 1 + recs.records()));
         if disk_first {
             w.disk(&mut out, &recs);
             w.pages(&mut out, &batch);
@@ -1305,25 +1308,9 @@ mod tests {
         assert!(image[..PAGE_SIZE] == [7u8; PAGE_SIZE][..]);
         // A session without a disk refuses a DiskRef (its Pages frame alone).
         let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 4, 1);
-        let mut payload = Vec::new();
-        varint::put(&mut payload, 0);
-        let batch = EncodedBatch {
-            records: vec![Record {
-                page: 1,
-                encoding: Encoding::DiskRef,
-                start: 0,
-                len: 1,
-            }],
-            bytes: payload,
-        };
+        let batch = disk_ref_batch(1, 0);
         let mut out = Vec::new();
-        let h = EpochHeader {
-            epoch: 1,
-            mode: Mode::Fgbi,
-            block_size: BlockSize::DEFAULT,
-            records: 1,
-        };
-        let mut w = EpochWriter::begin(&mut out, h);
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(1, 1));
         w.pages(&mut out, &batch);
         w.finish(&mut out).unwrap();
         let mut image = vec![1u8; 4 * PAGE_SIZE];

@@ -115,9 +115,8 @@ pub fn run(
         };
         match teleport.as_deref_mut() {
             Some(t) => {
-                t.begin_epoch(&job.disk);
+                t.apply(&job.disk);
                 enc.encode_batch_with_disk(pages, &mut batch, Some(t));
-                t.end_epoch(&job.disk);
             }
             None => enc.encode_batch(pages, &mut batch),
         }
@@ -139,12 +138,17 @@ pub fn run(
             records: EpochWriter::records_in(&batch) + recs.records(),
         };
         let mut w = EpochWriter::begin(&mut out, h);
+        // With teleportation the Disk frames go first: a page's disk reference may name a
+        // block the epoch wrote ([`crate::teleport`]).
+        let disk_first = teleport.is_some();
+        let mut disk_frames = 0;
+        if disk_first && !recs.is_empty() {
+            disk_frames = w.disk(&mut out, &recs);
+        }
         w.pages(&mut out, &batch);
-        let disk_frames = if recs.is_empty() {
-            0
-        } else {
-            w.disk(&mut out, &recs)
-        };
+        if !disk_first && !recs.is_empty() {
+            disk_frames = w.disk(&mut out, &recs);
+        }
         if let Some(s) = &job.state {
             w.state(&mut out, s);
         }

@@ -4,29 +4,29 @@
 //! `DiskRef` passes before it is sent.
 //!
 //! What the index must describe is the replica as the backup holds it when a page record
-//! of epoch n is resolved: the last commit's replica (an epoch's Pages frames go before
-//! its Disk frames). The rules that keep it so:
+//! of epoch n is resolved. With teleportation an epoch's Disk frames go before its Pages
+//! frames, so that is the last commit's replica with epoch n's writes over it: this disk
+//! as of epoch n's drain (a page the guest read or wrote to the disk in the same epoch
+//! can be a reference too). The rules that keep the index so:
 //!
 //! - It is built by reading this disk once the initial disk sync has sent its blocks
 //!   ([`Teleport::build`]), and from then on every pre-copy epoch and every checkpoint
-//!   carries the disk's writes drained since the previous one; so the replica is this disk
-//!   as of the last drain, and every write after the build is in some epoch's writes.
-//! - A block written in the epoch being encoded is never referenced
-//!   ([`Teleport::begin_epoch`]); after the epoch, a block it wrote whole takes the
-//!   written content's fingerprint, a block it wrote in part is forgotten
-//!   ([`Teleport::end_epoch`]).
+//!   carries the disk's writes drained since the previous one; so every write after the
+//!   build is in some epoch's writes.
+//! - Before an epoch's pages are encoded, its writes are applied ([`Teleport::apply`]): a
+//!   block written whole takes the written content's fingerprint, a block written in
+//!   part is forgotten (its content is not known whole).
 //! - A candidate is read from this disk and must equal the page byte for byte. A write the
-//!   guest made after the last drain has changed the block here but not in the replica:
-//!   the read bytes then differ from the indexed fingerprint, and the candidate is
-//!   refused (only a 64-bit fingerprint collision between the old and the new content
-//!   could let one through; the verification digests would catch it).
+//!   guest made after the drain has changed the block here but not in the replica: the
+//!   read bytes then differ from the indexed fingerprint, and the candidate is refused
+//!   (only a 64-bit fingerprint collision between the old and the new content could let
+//!   one through; the verification digests would catch it).
 
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::Page;
 use ha_codec::teleport::{DISK_BLOCK, DiskIndex, DiskLookup};
 use ha_guest::domain::DiskWrite;
 use ha_wire::disksync::ReadAt;
-use std::collections::HashSet;
 
 /// Errors building the index.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub enum TeleportError {
 pub struct TeleportStats {
     /// Pages sent as disk references.
     pub hits: u64,
-    /// Candidates refused: written in the epoch, or their bytes differ here.
+    /// Candidates refused: their bytes differ here (written since the drain).
     pub refused: u64,
     /// Candidates that could not be read (treated as refused).
     pub read_errors: u64,
@@ -58,7 +58,6 @@ pub struct TeleportStats {
 pub struct Teleport<R> {
     index: DiskIndex,
     disk: R,
-    busy: HashSet<u64>,
     stats: TeleportStats,
     buf: Box<Page>,
 }
@@ -86,7 +85,6 @@ impl<R: ReadAt> Teleport<R> {
         Ok(Self {
             index,
             disk,
-            busy: HashSet::new(),
             stats: TeleportStats::default(),
             buf: Box::new([0; PAGE_SIZE]),
         })
@@ -102,17 +100,9 @@ impl<R: ReadAt> Teleport<R> {
         self.stats
     }
 
-    /// Before encoding an epoch whose disk writes are `writes`: their blocks are not
-    /// referenced in it.
-    pub fn begin_epoch(&mut self, writes: &[DiskWrite]) {
-        self.busy.clear();
-        for w in writes {
-            self.busy.extend(blocks_of(w));
-        }
-    }
-
-    /// After encoding the epoch: the replica will hold `writes` (in order) once it commits.
-    pub fn end_epoch(&mut self, writes: &[DiskWrite]) {
+    /// Before encoding an epoch's pages: the replica will hold `writes` (in order) when
+    /// they are resolved (the epoch's Disk frames go first).
+    pub fn apply(&mut self, writes: &[DiskWrite]) {
         for w in writes {
             for b in blocks_of(w) {
                 let start = b * DISK_BLOCK;
@@ -125,17 +115,12 @@ impl<R: ReadAt> Teleport<R> {
                 }
             }
         }
-        self.busy.clear();
     }
 }
 
 impl<R: ReadAt> DiskLookup for Teleport<R> {
     fn find(&mut self, content: &Page, hash: u64) -> Option<u64> {
         let b = self.index.candidate(hash)?;
-        if self.busy.contains(&b) {
-            self.stats.refused += 1;
-            return None;
-        }
         if self
             .disk
             .read_at(b * DISK_BLOCK, &mut self.buf[..])
@@ -337,7 +322,7 @@ mod tests {
                 .flat_map(|&p| want_mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].to_vec())
                 .collect();
             let mut batch = EncodedBatch::default();
-            tp.begin_epoch(&writes);
+            tp.apply(&writes);
             enc.encode_batch_with_disk(
                 Batch {
                     pages: &idx,
@@ -346,7 +331,6 @@ mod tests {
                 &mut batch,
                 Some(&mut tp),
             );
-            tp.end_epoch(&writes);
             let recs = DiskRecords::encode(&mut denc, &writes).unwrap();
             let mut out = Vec::new();
             let h = EpochHeader {
@@ -356,10 +340,10 @@ mod tests {
                 records: EpochWriter::records_in(&batch) + recs.records(),
             };
             let mut w = EpochWriter::begin(&mut out, h);
-            w.pages(&mut out, &batch);
             if !recs.is_empty() {
                 w.disk(&mut out, &recs);
             }
+            w.pages(&mut out, &batch);
             w.finish(&mut out).unwrap();
             feed(&mut st, &out, &mut image, &mut replica);
             assert!(image == want_mem, "memory after checkpoint {}", e + 1);
@@ -379,10 +363,11 @@ mod tests {
     }
 
     #[test]
-    fn pages_read_from_the_disk_go_as_references_except_blocks_rewritten_meanwhile() {
+    fn pages_read_from_the_disk_go_as_references_except_blocks_rewritten_since() {
         // Epoch 1: pages 0..4 read blocks 0..4. Epoch 2: page 5 reads block 6, which the
-        // same epoch rewrote before (so the replica does not hold it yet); page 6 reads
-        // block 7, rewritten after the checkpoint (late); page 7 reads block 8.
+        // same epoch rewrote (the replica holds it when the page resolves); page 6 reads
+        // block 7, rewritten after the checkpoint (late: the replica does not hold that
+        // content at this checkpoint); page 7 reads block 8.
         let epochs = vec![
             (0..4).map(|i| Op::Read(i, i)).collect(),
             vec![
@@ -392,14 +377,13 @@ mod tests {
                 Op::Read(6, 7),
                 Op::Read(7, 8),
             ],
-            // Epoch 3: block 6 is in the replica now; block 7's late write is this
-            // epoch's. Epoch 4: block 7 is in the replica.
+            // Epoch 3: block 7's late write is this epoch's.
             vec![Op::Read(8, 6), Op::Read(9, 7)],
             vec![Op::Read(10, 7)],
         ];
-        // Neither the rewritten block 6 nor the late block 7 in epoch 2 (their contents
-        // here differ from the replica's), nor block 7 in the epoch that writes it.
-        assert_eq!(run(&epochs), 4 + 1 + 1 + 1);
+        // All but the late block 7 in epoch 2 (its content here is not the replica's at
+        // that checkpoint).
+        assert_eq!(run(&epochs), 4 + 2 + 2 + 1);
     }
 
     #[test]

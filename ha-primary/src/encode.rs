@@ -29,6 +29,9 @@ pub struct Job {
     pub verify: Option<[u8; 32]>,
     /// Whole-disk digest (verification mode, a guest with a disk).
     pub verify_disk: Option<[u8; 32]>,
+    /// The guest pages the disk filled with whole blocks in the epoch (teleportation's
+    /// exact map).
+    pub reads: Vec<ha_guest::domain::DiskRead>,
     /// The teleportation index to use from this epoch on (handed over once, after the
     /// disk sync).
     pub teleport: Option<Box<Teleport<std::fs::File>>>,
@@ -116,6 +119,7 @@ pub fn run(
         match teleport.as_deref_mut() {
             Some(t) => {
                 t.apply(&job.disk);
+                t.note_reads(&job.reads);
                 enc.encode_batch_with_disk(pages, &mut batch, Some(t));
             }
             None => enc.encode_batch(pages, &mut batch),

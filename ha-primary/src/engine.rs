@@ -770,7 +770,7 @@ impl Engine<'_> {
                 Some(k) => crate::disksync::read_runs(&*k, &runs)?,
                 None => break,
             };
-            self.send_precopy_with(Pages::default(), writes)?;
+            self.send_precopy_with(Pages::default(), writes, Vec::new())?;
             self.pump(Duration::ZERO)?;
         }
         self.verify_next = true;
@@ -825,20 +825,23 @@ impl Engine<'_> {
     /// A memory pre-copy epoch; with teleportation, it carries the disk's writes drained
     /// so far (the replica must follow this disk for the index to describe it).
     fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
-        let mut writes = Vec::new();
+        let (mut writes, mut reads) = (Vec::new(), Vec::new());
         if self.teleport.1
             && let Some(k) = self.d.disk()
         {
             k.drain_writes(&mut writes)?;
+            k.drain_reads(&mut reads)?;
         }
-        self.send_precopy_with(pages, writes)
+        self.send_precopy_with(pages, writes, reads)
     }
 
-    /// A pre-copy epoch: `pages` and the initial disk sync's blocks `disk`.
+    /// A pre-copy epoch: `pages` and the initial disk sync's blocks or the disk's writes
+    /// `disk`, and the reads that filled pages from the disk meanwhile `reads`.
     fn send_precopy_with(
         &mut self,
         pages: Pages,
         disk: Vec<ha_guest::domain::DiskWrite>,
+        reads: Vec<ha_guest::domain::DiskRead>,
     ) -> Result<(), EngineError> {
         let epoch = self.epoch;
         self.epoch += 1;
@@ -860,6 +863,7 @@ impl Engine<'_> {
             pages,
             state: None,
             disk,
+            reads,
             verify: None,
             verify_disk: None,
             teleport: None,
@@ -921,6 +925,7 @@ impl Engine<'_> {
             pages: cp.pages,
             state: Some(cp.state),
             disk: cp.disk,
+            reads: cp.reads,
             verify: cp.verify,
             verify_disk: cp.verify_disk,
             teleport: None,

@@ -16,6 +16,11 @@
 //! - Before an epoch's pages are encoded, its writes are applied ([`Teleport::apply`]): a
 //!   block written whole takes the written content's fingerprint, a block written in
 //!   part is forgotten (its content is not known whole).
+//! - On KVM the device also reports which guest pages it filled with which blocks (the
+//!   exact map, [`Teleport::note_reads`]): that block is a dirty page's first candidate.
+//!   An entry lasts until its page is encoded (the read made it dirty); a later write
+//!   to its page or its block changes the content or the fingerprint, and the candidate
+//!   fails the checks below like any other.
 //! - A candidate is read from this disk and must equal the page byte for byte. A write the
 //!   guest made after the drain has changed the block here but not in the replica: the
 //!   read bytes then differ from the indexed fingerprint, and the candidate is refused
@@ -25,8 +30,9 @@
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::Page;
 use ha_codec::teleport::{DISK_BLOCK, DiskIndex, DiskLookup};
-use ha_guest::domain::DiskWrite;
+use ha_guest::domain::{DiskRead, DiskWrite};
 use ha_wire::disksync::ReadAt;
+use std::collections::HashMap;
 
 /// Errors building the index.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,8 @@ pub enum TeleportError {
 pub struct TeleportStats {
     /// Pages sent as disk references.
     pub hits: u64,
+    /// Of which found through the device's reads (the exact map).
+    pub read_hits: u64,
     /// Candidates refused: their bytes differ here (written since the drain).
     pub refused: u64,
     /// Candidates that could not be read (treated as refused).
@@ -58,6 +66,7 @@ pub struct TeleportStats {
 pub struct Teleport<R> {
     index: DiskIndex,
     disk: R,
+    reads: HashMap<u64, u64>,
     stats: TeleportStats,
     buf: Box<Page>,
 }
@@ -85,6 +94,7 @@ impl<R: ReadAt> Teleport<R> {
         Ok(Self {
             index,
             disk,
+            reads: HashMap::new(),
             stats: TeleportStats::default(),
             buf: Box::new([0; PAGE_SIZE]),
         })
@@ -98,6 +108,12 @@ impl<R: ReadAt> Teleport<R> {
     /// The counters so far.
     pub fn stats(&self) -> TeleportStats {
         self.stats
+    }
+
+    /// Before encoding an epoch's pages: the device filled these guest pages with these
+    /// blocks (the last read of a page wins).
+    pub fn note_reads(&mut self, reads: &[DiskRead]) {
+        self.reads.extend(reads.iter().map(|r| (r.page, r.block)));
     }
 
     /// Before encoding an epoch's pages: the replica will hold `writes` (in order) when
@@ -119,8 +135,12 @@ impl<R: ReadAt> Teleport<R> {
 }
 
 impl<R: ReadAt> DiskLookup for Teleport<R> {
-    fn find(&mut self, content: &Page, hash: u64) -> Option<u64> {
-        let b = self.index.candidate(hash)?;
+    fn find(&mut self, page: u64, content: &Page, hash: u64) -> Option<u64> {
+        let read = self
+            .reads
+            .remove(&page)
+            .filter(|&b| self.index.fingerprint(b) == Some(hash));
+        let b = read.or_else(|| self.index.candidate(hash))?;
         if self
             .disk
             .read_at(b * DISK_BLOCK, &mut self.buf[..])
@@ -134,6 +154,7 @@ impl<R: ReadAt> DiskLookup for Teleport<R> {
             return None;
         }
         self.stats.hits += 1;
+        self.stats.read_hits += u64::from(read.is_some());
         Some(b)
     }
 }
@@ -384,6 +405,36 @@ mod tests {
         // All but the late block 7 in epoch 2 (its content here is not the replica's at
         // that checkpoint).
         assert_eq!(run(&epochs), 4 + 2 + 2 + 1);
+    }
+
+    #[test]
+    fn the_devices_reads_name_a_block_the_content_index_has_lost() {
+        // Blocks 2 and 5 hold the same bytes; the index's entry for them names block 5,
+        // which a partial write then makes unknown. By content the page is not found any
+        // more; the device's read (page 9 ← block 2) still finds it, confirmed by bytes.
+        let mut d = vec![0u8; BLOCKS * PAGE_SIZE];
+        let same = content(7, 1);
+        for b in [2, 5] {
+            d[b * PAGE_SIZE..(b + 1) * PAGE_SIZE].copy_from_slice(&same);
+        }
+        let disk = Shared(Arc::new(Mutex::new(d)));
+        let mut tp = Teleport::build(disk.clone()).unwrap();
+        let w = DiskWrite {
+            offset: (5 * PAGE_SIZE + 512) as u64,
+            data: vec![1; 512],
+        };
+        disk.write(&w);
+        tp.apply(&[w]);
+        let page: &Page = same[..].try_into().unwrap();
+        let h = ha_codec::hashes::hash(page);
+        assert_eq!(tp.find(9, page, h), None);
+        tp.note_reads(&[DiskRead { page: 9, block: 2 }]);
+        assert_eq!(tp.find(9, page, h), Some(2));
+        assert_eq!((tp.stats().hits, tp.stats().read_hits), (1, 1));
+        // The entry is used once; a read whose page then holds other bytes is refused.
+        assert_eq!(tp.find(9, page, h), None);
+        tp.note_reads(&[DiskRead { page: 9, block: 3 }]);
+        assert_eq!(tp.find(9, page, h), None);
     }
 
     #[test]

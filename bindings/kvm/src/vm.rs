@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{
-    BoxError, Devices, Disk, DiskWrite, Domain, DomainError, OutputChannel, StatusProbe,
+    BoxError, Devices, Disk, DiskRead, DiskWrite, Domain, DomainError, OutputChannel, StatusProbe,
     read_status_page,
 };
 use ha_guest::image::GuestImage;
@@ -415,6 +415,13 @@ impl Disk for KvmDomain {
     fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError> {
         if let Some(mut b) = self.blk() {
             b.drain_writes(out);
+        }
+        Ok(())
+    }
+
+    fn drain_reads(&mut self, out: &mut Vec<DiskRead>) -> Result<(), DomainError> {
+        if let Some(mut b) = self.blk() {
+            b.drain_reads(out);
         }
         Ok(())
     }

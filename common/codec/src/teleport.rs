@@ -16,10 +16,10 @@ pub const DISK_BLOCK: u64 = crate::PAGE_SIZE as u64;
 /// Where the encoder looks for a disk block with a page's content.
 pub trait DiskLookup {
     /// A disk block whose content, as the backup's replica will hold it when a record
-    /// sent now is resolved, is exactly `content` (whose fingerprint is `hash`,
-    /// [`crate::hashes::hash`]). An implementation confirms its candidate byte for byte
-    /// before answering.
-    fn find(&mut self, content: &Page, hash: u64) -> Option<u64>;
+    /// sent now is resolved, is exactly `content`, the new content of guest page `page`
+    /// (its fingerprint is `hash`, [`crate::hashes::hash`]). An implementation confirms
+    /// its candidate byte for byte before answering.
+    fn find(&mut self, page: u64, content: &Page, hash: u64) -> Option<u64>;
 }
 
 /// Fingerprints of the disk blocks whose replica content the primary knows, and a
@@ -117,7 +117,7 @@ mod tests {
     }
 
     impl DiskLookup for Disk {
-        fn find(&mut self, content: &Page, hash: u64) -> Option<u64> {
+        fn find(&mut self, _page: u64, content: &Page, hash: u64) -> Option<u64> {
             let b = self.index.candidate(hash)?;
             (self.blocks.get(b as usize)? == content).then_some(b)
         }

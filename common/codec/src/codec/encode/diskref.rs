@@ -31,7 +31,7 @@ impl PageEncoder {
             return None;
         }
         let hash = hashes::hash(new);
-        let block = disk.find(new, hash)?;
+        let block = disk.find(page, new, hash)?;
         varint::put(out, block);
         self.learn_with_hash(page, new, false, hash);
         Some(Encoding::DiskRef)

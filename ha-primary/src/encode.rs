@@ -185,8 +185,18 @@ pub fn run(
         // Report before sending: the engine must know an epoch's figures before its ack
         // can arrive.
         if done.send(report).is_err() || link.send((job.epoch, out)).is_err() {
-            return;
+            break;
         }
+    }
+    if let Some(t) = &teleport {
+        let s = t.stats();
+        tracing::info!(
+            references = s.hits,
+            from_device_reads = s.read_hits,
+            refused = s.refused,
+            read_errors = s.read_errors,
+            "teleportation: disk references sent"
+        );
     }
 }
 

@@ -349,6 +349,8 @@ fn job(epoch: u64, pages: Pages, state: Option<Vec<u8>>) -> Job {
         disk: Vec::new(),
         verify: None,
         verify_disk: None,
+        reads: Vec::new(),
+        teleport: None,
     }
 }
 

@@ -191,6 +191,7 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         // Losing the backup it re-protected to, it tries that address again.
         reprotect: true,
         verify_every: 0,
+        teleport: true,
         precopy_rounds: 5,
         precopy_threshold: 1024,
         run_for: None,

@@ -167,6 +167,10 @@ pub struct Cli {
     /// it (0: off).
     #[arg(long, default_value_t = 0)]
     pub verify_every: u64,
+    /// Turn page-cache teleportation off (fgbi, a guest with a disk): send pages equal to a
+    /// block of the backup's disk replica by content, not as disk references.
+    #[arg(long)]
+    pub no_teleport: bool,
     /// Pre-copy rounds at most before the first checkpoint (at least 1: the first round
     /// sends every page).
     #[arg(long, default_value_t = 5)]
@@ -177,6 +181,10 @@ pub struct Cli {
     /// Stop after this long (default: run until SIGTERM or SIGINT).
     #[arg(long, value_parser = parse_duration)]
     pub run_for: Option<Duration>,
+    /// Run a new guest unprotected this long before connecting to the backup (benchmarks:
+    /// a guest whose page cache is warm when the pre-copy starts).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub warm_up: Duration,
     /// Send released guest output to this address (host:port).
     #[arg(long)]
     pub output: Option<SocketAddr>,
@@ -351,12 +359,16 @@ pub struct FileConfig {
     pub copy: Option<String>,
     /// `--verify-every`.
     pub verify_every: Option<u64>,
+    /// `--no-teleport`.
+    pub no_teleport: Option<bool>,
     /// `--precopy-rounds`.
     pub precopy_rounds: Option<usize>,
     /// `--precopy-threshold`.
     pub precopy_threshold: Option<usize>,
     /// `--run-for`.
     pub run_for: Option<String>,
+    /// `--warm-up`.
+    pub warm_up: Option<String>,
     /// `--output`.
     pub output: Option<SocketAddr>,
     /// `--stats`.
@@ -468,9 +480,11 @@ impl Options for Cli {
             net_buffer_limit: |v| bounded(check_net_buffer_limit(size(v)?)),
             copy: parsed::<CopyPolicy>,
             verify_every: same,
+            no_teleport: same,
             precopy_rounds: |n| bounded(check_precopy_rounds(n)),
             precopy_threshold: same,
             run_for: |v| duration(v).map(Some),
+            warm_up: duration,
             output: some,
             stats: some,
             events: some,
@@ -781,9 +795,11 @@ mod tests {
             "net_buffer_limit",
             "copy",
             "verify_every",
+            "no_teleport",
             "precopy_rounds",
             "precopy_threshold",
             "run_for",
+            "warm_up",
             "output",
             "stats",
             "events",

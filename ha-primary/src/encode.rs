@@ -4,6 +4,7 @@
 //! codec, or raw), while the guest runs the next epoch.
 
 use crate::harvest::Pages;
+use crate::teleport::Teleport;
 use crossbeam_channel::{Receiver, Sender};
 use ha_codec::cache::CacheStats;
 use ha_codec::codec::disk::DiskEncoder;
@@ -28,6 +29,12 @@ pub struct Job {
     pub verify: Option<[u8; 32]>,
     /// Whole-disk digest (verification mode, a guest with a disk).
     pub verify_disk: Option<[u8; 32]>,
+    /// The guest pages the disk filled with whole blocks in the epoch (teleportation's
+    /// exact map).
+    pub reads: Vec<ha_guest::domain::DiskRead>,
+    /// The teleportation index to use from this epoch on (handed over once, after the
+    /// disk sync).
+    pub teleport: Option<Box<Teleport<std::fs::File>>>,
 }
 
 /// 4 KiB disk blocks whose last content sent the encoder keeps for deltas (64 MiB).
@@ -81,6 +88,7 @@ pub fn run(
     done: Sender<Encoded>,
 ) {
     let mut batch = EncodedBatch::default();
+    let mut teleport: Option<Box<Teleport<std::fs::File>>> = None;
     let mut disk_enc = DiskEncoder::new(enc.config().general, enc.config().zlib_level);
     if enc.config().mode != Mode::Remus {
         // Rewrites of recently written blocks go as deltas (remus stays the baseline).
@@ -101,13 +109,21 @@ pub fn run(
         let cpu0 = thread_cpu();
         let before = enc.stats().clone();
         batch.clear();
-        enc.encode_batch(
-            Batch {
-                pages: &job.pages.index,
-                data: &job.pages.data,
-            },
-            &mut batch,
-        );
+        if let Some(t) = job.teleport.take() {
+            teleport = Some(t);
+        }
+        let pages = Batch {
+            pages: &job.pages.index,
+            data: &job.pages.data,
+        };
+        match teleport.as_deref_mut() {
+            Some(t) => {
+                t.apply(&job.disk);
+                t.note_reads(&job.reads);
+                enc.encode_batch_with_disk(pages, &mut batch, Some(t));
+            }
+            None => enc.encode_batch(pages, &mut batch),
+        }
         let recs = match DiskRecords::encode(&mut disk_enc, &job.disk) {
             Ok(r) => r,
             Err(e) => {
@@ -132,12 +148,17 @@ pub fn run(
             records: EpochWriter::records_in(&batch) + recs.records(),
         };
         let mut w = EpochWriter::begin(&mut out, h);
+        // With teleportation the Disk frames go first: a page's disk reference may name a
+        // block the epoch wrote ([`crate::teleport`]).
+        let disk_first = teleport.is_some();
+        let mut disk_frames = 0;
+        if disk_first && !recs.is_empty() {
+            disk_frames = w.disk(&mut out, &recs);
+        }
         w.pages(&mut out, &batch);
-        let disk_frames = if recs.is_empty() {
-            0
-        } else {
-            w.disk(&mut out, &recs)
-        };
+        if !disk_first && !recs.is_empty() {
+            disk_frames = w.disk(&mut out, &recs);
+        }
         if let Some(s) = &job.state {
             w.state(&mut out, s);
         }
@@ -169,8 +190,18 @@ pub fn run(
         // Report before sending: the engine must know an epoch's figures before its ack
         // can arrive.
         if done.send(report).is_err() || link.send((job.epoch, out)).is_err() {
-            return;
+            break;
         }
+    }
+    if let Some(t) = &teleport {
+        let s = t.stats();
+        tracing::info!(
+            references = s.hits,
+            from_device_reads = s.read_hits,
+            refused = s.refused,
+            read_errors = s.read_errors,
+            "teleportation: disk references sent"
+        );
     }
 }
 

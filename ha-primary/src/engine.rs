@@ -26,7 +26,7 @@ use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_codec::block::is_zero;
 use ha_codec::cache::PageCache;
-use ha_codec::codec::{CodecConfig, ConfigError, Mode, PageEncoder};
+use ha_codec::codec::{CodecConfig, ConfigError, Encoding, Mode, PageEncoder};
 use ha_codec::hashes::BlockHashes;
 use ha_daemon::events::{EventError, EventLog};
 use ha_guest::domain::{Domain, DomainError};
@@ -125,6 +125,9 @@ pub struct Config {
     pub reprotect: bool,
     /// Send a whole-memory digest every this many checkpoints (0: never).
     pub verify_every: u64,
+    /// Page-cache teleportation (fgbi, a guest with a disk): pages equal to a block of the
+    /// backup's disk replica go as disk references ([`crate::teleport`]).
+    pub teleport: bool,
     /// Pre-copy rounds at most.
     pub precopy_rounds: usize,
     /// Pre-copy stops when a round finds at most this many dirty pages.
@@ -195,10 +198,25 @@ pub struct Summary {
     pub memory_resync: Option<MemoryResync>,
     /// Wire bytes of the pre-copy epochs (memory and disk), acknowledged.
     pub precopy_wire_bytes: u64,
+    /// Page-cache teleportation, when it ran.
+    pub teleport: Option<TeleportSummary>,
     /// Milliseconds from the start of the sync until the backup held the first checkpoint.
     pub sync_ms: u64,
     /// The guest was handed over to the backup (planned switchover): it is stopped here.
     pub switched_over: bool,
+}
+
+/// What page-cache teleportation did ([`crate::teleport`]).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TeleportSummary {
+    /// Disk blocks indexed when the index was built (all-zero ones are not).
+    pub blocks_indexed: u64,
+    /// Milliseconds reading and fingerprinting the disk.
+    pub build_ms: u64,
+    /// Pages of the acknowledged pre-copy epochs sent as disk references.
+    pub precopy_refs: u64,
+    /// Pages of the acknowledged checkpoints sent as disk references.
+    pub checkpoint_refs: u64,
 }
 
 /// What the comparison of memory with the image the backup held found.
@@ -298,6 +316,9 @@ struct Engine<'a> {
     /// The next checkpoint carries the digests whatever `verify_every` says (the first
     /// after a disk sync: protection starts when they agree).
     verify_next: bool,
+    /// The teleportation index built after the disk sync, for the encoder with the next
+    /// job; and whether pre-copy epochs carry the disk's writes (they must once it is).
+    teleport: (Option<Box<crate::teleport::Teleport<std::fs::File>>>, bool),
     /// The guest's key in etcd, held while this primary runs it.
     lease: Option<ha_lease::Lease>,
     /// Unprotected with `--reprotect`: the thread trying to reach a backup again.
@@ -674,6 +695,7 @@ impl Session<'_> {
             handed_over: false,
             cow: Chooser::new(cfg.copy),
             backup_holds_image: welcome.holds_image,
+            teleport: (None, false),
             reconnecting: None,
             again: None,
         };
@@ -931,25 +953,78 @@ impl Engine<'_> {
                 Some(k) => crate::disksync::read_runs(&*k, &runs)?,
                 None => break,
             };
-            self.send_precopy_with(Pages::default(), writes)?;
+            self.send_precopy_with(Pages::default(), writes, Vec::new())?;
             self.pump(Duration::ZERO)?;
         }
         self.verify_next = true;
         if let Some(sync) = &mut self.summary.disk_sync {
             sync.ms = t.elapsed().as_millis() as u64;
         }
+        if self.cfg.teleport && self.cfg.codec.mode == Mode::Fgbi && self.phase == Phase::Syncing {
+            self.build_teleport()?;
+        }
         Ok(())
     }
 
-    fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
-        self.send_precopy_with(pages, Vec::new())
+    /// Index this disk for teleportation, now that the replica equals it (up to the writes
+    /// since the sync's drain, which the next epoch carries). From here on every pre-copy
+    /// epoch carries the disk's writes, so the index can follow the replica.
+    fn build_teleport(&mut self) -> Result<(), EngineError> {
+        let Some(file) = self
+            .d
+            .disk()
+            .map(|k| k.image_reader())
+            .transpose()?
+            .flatten()
+        else {
+            tracing::info!("teleportation: the disk has no image to read; off");
+            return Ok(());
+        };
+        let t = Instant::now();
+        match crate::teleport::Teleport::build(file) {
+            Ok(tp) => {
+                let s = TeleportSummary {
+                    blocks_indexed: tp.index().known() as u64,
+                    build_ms: t.elapsed().as_millis() as u64,
+                    ..Default::default()
+                };
+                tracing::info!(
+                    blocks = tp.index().blocks(),
+                    indexed = s.blocks_indexed,
+                    ms = s.build_ms,
+                    "teleportation: disk indexed"
+                );
+                self.summary.teleport = Some(s);
+                self.teleport = (Some(Box::new(tp)), true);
+            }
+            Err(e) => tracing::warn!(
+                error = %ha_daemon::error_chain(&e),
+                "teleportation: the disk cannot be indexed; off"
+            ),
+        }
+        Ok(())
     }
 
-    /// A pre-copy epoch: `pages` and the initial disk sync's blocks `disk`.
+    /// A memory pre-copy epoch; with teleportation, it carries the disk's writes drained
+    /// so far (the replica must follow this disk for the index to describe it).
+    fn send_precopy(&mut self, pages: Pages) -> Result<(), EngineError> {
+        let (mut writes, mut reads) = (Vec::new(), Vec::new());
+        if self.teleport.1
+            && let Some(k) = self.d.disk()
+        {
+            k.drain_writes(&mut writes)?;
+            k.drain_reads(&mut reads)?;
+        }
+        self.send_precopy_with(pages, writes, reads)
+    }
+
+    /// A pre-copy epoch: `pages` and the initial disk sync's blocks or the disk's writes
+    /// `disk`, and the reads that filled pages from the disk meanwhile `reads`.
     fn send_precopy_with(
         &mut self,
         pages: Pages,
         disk: Vec<ha_guest::domain::DiskWrite>,
+        reads: Vec<ha_guest::domain::DiskRead>,
     ) -> Result<(), EngineError> {
         let epoch = self.epoch;
         self.epoch += 1;
@@ -971,14 +1046,17 @@ impl Engine<'_> {
             pages,
             state: None,
             disk,
+            reads,
             verify: None,
             verify_disk: None,
+            teleport: None,
         })
     }
 
     /// Hand an epoch to the encoder. The encoder stops when the link is gone, so a refused
     /// job means the backup is lost: the policy decides what happens next.
-    fn submit(&mut self, job: Job) -> Result<(), EngineError> {
+    fn submit(&mut self, mut job: Job) -> Result<(), EngineError> {
+        job.teleport = self.teleport.0.take();
         if self.jobs.send(job).is_err() && matches!(self.phase, Phase::Syncing | Phase::Protected) {
             let why = match self.link.try_recv() {
                 Ok(LinkEvent::Closed(why)) => why,
@@ -1030,8 +1108,10 @@ impl Engine<'_> {
             pages: cp.pages,
             state: Some(cp.state),
             disk: cp.disk,
+            reads: cp.reads,
             verify: cp.verify,
             verify_disk: cp.verify_disk,
+            teleport: None,
         })?;
         Ok(taken)
     }
@@ -1454,6 +1534,9 @@ impl Engine<'_> {
                     self.metrics.ack_latency_seconds.observe(l.as_secs_f64());
                 }
                 if let Some(enc) = &row.encoded {
+                    if let Some(t) = &mut self.summary.teleport {
+                        t.checkpoint_refs += enc.stats.kind(Encoding::DiskRef).pages;
+                    }
                     self.summary.wire_bytes += enc.wire_bytes;
                     self.summary.disk_wire_bytes += enc.disk.wire_bytes;
                     self.summary.disk_raw_bytes += enc.disk.raw_bytes;
@@ -1461,6 +1544,9 @@ impl Engine<'_> {
                 }
                 self.summary.raw_bytes += (row.dirty_pages * PAGE_SIZE) as u64;
             } else if let Some(enc) = &row.encoded {
+                if let Some(t) = &mut self.summary.teleport {
+                    t.precopy_refs += enc.stats.kind(Encoding::DiskRef).pages;
+                }
                 self.summary.precopy_wire_bytes += enc.wire_bytes;
                 if let Some(sync) = &mut self.summary.disk_sync {
                     sync.block_wire_bytes += enc.disk.wire_bytes;

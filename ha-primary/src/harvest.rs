@@ -67,6 +67,9 @@ pub struct Checkpoint {
     pub outputs: Vec<OutputRecord>,
     /// The writes the guest's disk completed during the epoch, in completion order.
     pub disk: Vec<DiskWrite>,
+    /// The guest pages the disk filled with whole blocks during the epoch (teleportation's
+    /// exact map; empty where the backend does not see its guest's reads).
+    pub reads: Vec<ha_guest::domain::DiskRead>,
     /// Digest of the whole guest memory (verification mode).
     pub verify: Option<[u8; 32]>,
     /// Digest of the whole disk (verification mode, a guest with a disk).
@@ -247,9 +250,11 @@ fn take_paused(
     }
     let drain = t.elapsed();
     let mut disk = Vec::new();
+    let mut reads = Vec::new();
     let mut verify_disk = None;
     if let Some(k) = d.disk() {
         k.drain_writes(&mut disk)?;
+        k.drain_reads(&mut reads)?;
         if verify {
             verify_disk = Some(disk_digest(k)?);
         }
@@ -298,6 +303,7 @@ fn take_paused(
         state,
         outputs,
         disk,
+        reads,
         verify,
         verify_disk,
         status,

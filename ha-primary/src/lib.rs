@@ -8,6 +8,7 @@
 //! | [`harvest`] | pause, drain output, harvest dirty pages, copy, save state, resume |
 //! | [`cow`] | copy-on-write checkpoints: which path each checkpoint's pages take |
 //! | [`encode`] | the encoder thread: identify, share, encode, frame an epoch |
+//! | [`teleport`] | page-cache teleportation: pages equal to a block of the backup's disk replica |
 //! | [`link`] | send: the TCP link to the backup, heartbeats, acks |
 //! | [`hold`] | output commit: output held until its checkpoint is acknowledged, then released |
 //! | [`engine`] | the epoch loop tying them together, and the backup-lost policy |
@@ -33,3 +34,4 @@ pub mod report;
 pub mod shape;
 pub mod stall;
 pub mod swap;
+pub mod teleport;

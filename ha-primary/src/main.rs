@@ -212,6 +212,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         fence: cli.fence,
         reprotect: cli.reprotect,
         verify_every: cli.verify_every,
+        teleport: !cli.no_teleport,
         precopy_rounds: cli.precopy_rounds,
         precopy_threshold: cli.precopy_threshold,
         run_for: cli.run_for,
@@ -242,6 +243,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         ack_timeout_ms = cli.ack_timeout.as_millis() as u64,
         policy = if cli.fence { "fence" } else { "continue" },
         verify_every = cli.verify_every,
+        teleport = !cli.no_teleport,
         backup = %cli.backup,
         output = ?cli.output,
         metrics = ?metrics_addr,
@@ -306,6 +308,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     }
     tracing::info!(copy = %cli.copy, copy_on_write_memory = can_cow, "checkpoint copy");
     domain.resume()?;
+    if !cli.warm_up.is_zero() {
+        tracing::info!(
+            ms = cli.warm_up.as_millis() as u64,
+            "warming up: the guest runs unprotected before the backup is contacted"
+        );
+        std::thread::sleep(cli.warm_up);
+    }
     let switchover = ha_daemon::signal::switchover_flag()?;
     let summary = engine::run_leased(
         &cfg,

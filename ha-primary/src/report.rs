@@ -66,7 +66,7 @@ impl StatsCsv {
              zero,unchanged,pageref,delta,blocks,general,raw,\
              pageref_bytes,delta_bytes,blocks_bytes,general_bytes,raw_bytes_sent,\
              encode_us,send_us,ack_latency_us,held,t_us,progress,encode_cpu_us,\
-             disk_writes,disk_raw_bytes,disk_wire_bytes,copy,cow_faulted,cow_wait_us,stop_us,drain_us,harvest_us,copy_us,save_us,resume_us"
+             disk_writes,disk_raw_bytes,disk_wire_bytes,copy,cow_faulted,cow_wait_us,stop_us,drain_us,harvest_us,copy_us,save_us,resume_us,diskref,diskref_bytes"
         )?;
         Ok(Self { w })
     }
@@ -131,6 +131,8 @@ impl StatsCsv {
         cols.push(part(r.pause_parts.copy));
         cols.push(part(r.pause_parts.save));
         cols.push(part(r.pause_parts.resume));
+        cols.push(pages(Encoding::DiskRef).to_string());
+        cols.push(bytes(Encoding::DiskRef).to_string());
         writeln!(self.w, "{}", cols.join(","))?;
         self.w.flush()
     }

@@ -172,6 +172,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         fence: false,
         reprotect: false,
         verify_every: 1,
+        teleport: true,
         precopy_rounds: 3,
         precopy_threshold: 64,
         run_for: Some(Duration::from_millis(800)),

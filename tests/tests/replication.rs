@@ -1196,28 +1196,37 @@ fn a_replica_that_differs_is_brought_level_with_the_blocks_that_differ() {
     }
 }
 
+/// A pair running a `files` guest on `guest` (None: KVM is not here) for 2 s, every
+/// checkpoint verified, both disk files created by the daemons (4 MiB): the primary's
+/// image with the document tree, the replica empty.
+fn files_pair(name: &str, guest: &'static str, primary_args: &[String]) -> Option<Pair> {
+    if guest == "kvm" && !kvm_or_skip() {
+        return None;
+    }
+    Some(Pair::start(
+        &format!("{name}-{guest}"),
+        &Opts {
+            guest,
+            workload: "files",
+            verify_every: 1,
+            run_for: Some("2s"),
+            create_disks: true,
+            primary_args,
+            ..db_opts(4 << 20)
+        },
+    ))
+}
+
 /// The files workload with both disk files created by the daemons (`--disk-size`): the
 /// primary's image gets the document tree, the backup's replica starts empty, the sync
 /// sends the tree, every checkpoint verifies, and the backup takes over on the replica.
 /// On the sim and on KVM.
 #[test]
 fn files_disks_created_by_the_daemons_sync_and_fail_over() {
-    let disk: u64 = 4 << 20;
     for guest in ["sim", "kvm"] {
-        if guest == "kvm" && !kvm_or_skip() {
+        let Some(mut p) = files_pair("filescreate", guest, &[]) else {
             continue;
-        }
-        let mut p = Pair::start(
-            &format!("filescreate-{guest}"),
-            &Opts {
-                guest,
-                workload: "files",
-                verify_every: 1,
-                run_for: Some("2s"),
-                create_disks: true,
-                ..db_opts(disk)
-            },
-        );
+        };
         let summary = p.check_verified_run();
         let sync = &summary["disk_sync"];
         let image = std::fs::read(p.dir.file("primary.img"))
@@ -1230,6 +1239,28 @@ fn files_disks_created_by_the_daemons_sync_and_fail_over() {
             p.fail(&format!(
                 "{guest}: {tree} non-zero blocks on the primary's disk; sync: {sync}"
             ));
+        }
+        p.check_failover();
+    }
+}
+
+/// Page-cache teleportation (issue 18): a `files` guest that ran a moment before the
+/// backup was contacted holds file pages in its page cache, byte-equal to blocks of its
+/// disk; the pre-copy and the checkpoints send such pages as disk references, resolved on
+/// the backup against its replica. Every checkpoint verifies (memory and disk digests),
+/// and the backup takes over. On the sim and on KVM.
+#[test]
+fn files_pages_equal_to_disk_blocks_go_as_disk_references_and_verify() {
+    for guest in ["sim", "kvm"] {
+        let Some(mut p) = files_pair("teleport", guest, &[s("--warm-up"), s("1s")]) else {
+            continue;
+        };
+        let summary = p.check_verified_run();
+        let t = &summary["teleport"];
+        let refs =
+            t["precopy_refs"].as_u64().unwrap_or(0) + t["checkpoint_refs"].as_u64().unwrap_or(0);
+        if t["blocks_indexed"].as_u64().unwrap_or(0) < 64 || refs == 0 {
+            p.fail(&format!("{guest}: no disk references: {summary}"));
         }
         p.check_failover();
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ha_codec::PAGE_SIZE;
 use ha_codec::bitmap::PageBitmap;
 use ha_guest::domain::{
-    BoxError, Devices, Disk, DiskWrite, Domain, DomainError, OutputChannel, StatusProbe,
+    BoxError, Devices, Disk, DiskRead, DiskWrite, Domain, DomainError, OutputChannel, StatusProbe,
     read_status_page,
 };
 use ha_guest::image::GuestImage;
@@ -417,6 +417,20 @@ impl Disk for KvmDomain {
             b.drain_writes(out);
         }
         Ok(())
+    }
+
+    fn drain_reads(&mut self, out: &mut Vec<DiskRead>) -> Result<(), DomainError> {
+        if let Some(mut b) = self.blk() {
+            b.drain_reads(out);
+        }
+        Ok(())
+    }
+
+    fn image_reader(&self) -> Result<Option<std::fs::File>, DomainError> {
+        self.blk()
+            .map(|b| b.image())
+            .transpose()
+            .map_err(|e| backend("open a second handle on the disk image", e))
     }
 }
 

@@ -75,6 +75,11 @@ impl SimDisk {
         })
     }
 
+    /// A second handle on the image file, for reading it from another thread.
+    pub(crate) fn image(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// The disk's size in bytes.
     pub(crate) fn size(&self) -> u64 {
         self.size

@@ -291,6 +291,16 @@ impl Disk for SimDomain {
         d.read_at(offset, buf)
             .map_err(|source| backend("sim read disk", SimError::DiskRead { offset, source }))
     }
+
+    fn image_reader(&self) -> Result<Option<std::fs::File>, DomainError> {
+        self.disk_lock()
+            .map(|d| d.image())
+            .transpose()
+            .map_err(|e| DomainError::Backend {
+                op: "sim clone the disk image",
+                source: Box::new(e),
+            })
+    }
 }
 
 impl StatusProbe for SimDomain {

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ha_guest::domain::DiskWrite;
+use ha_guest::domain::{DiskRead, DiskWrite};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
@@ -28,7 +28,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::QueueT;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Address, Bytes, GuestMemory};
+
+/// A guest page and a disk block, in bytes.
+const PAGE: u64 = 4096;
 
 use crate::mmio::{MmioError, MmioEvent, MmioState, MmioTransport};
 
@@ -102,7 +105,12 @@ pub struct Blk {
     file: File,
     size: u64,
     writes: Vec<DiskWrite>,
+    reads: Vec<DiskRead>,
 }
+
+/// Page-sized reads the device remembers between drains at most (a guest reading faster
+/// than the checkpoints drain loses the excess: the map is a hint).
+const MAX_READS: usize = 1 << 20;
 
 impl Blk {
     /// A reset disk over the image at `path` (opened read-write; its size is the disk's).
@@ -115,6 +123,7 @@ impl Blk {
             file,
             size,
             writes: Vec::new(),
+            reads: Vec::new(),
         })
     }
 
@@ -168,6 +177,17 @@ impl Blk {
         self.file
             .read_exact_at(buf, offset)
             .map_err(|source| BlkError::Read { offset, source })
+    }
+
+    /// Move the reads completed since the last drain that filled whole guest pages with
+    /// whole 4 KiB blocks into `out`.
+    pub fn drain_reads(&mut self, out: &mut Vec<DiskRead>) {
+        out.append(&mut self.reads);
+    }
+
+    /// A second handle on the image file, for reading it from another thread.
+    pub fn image(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
 
     /// Move the writes completed since the last drain into `out`, in completion order.
@@ -285,7 +305,12 @@ impl Blk {
     }
 
     /// IN: the disk's bytes at `offset` into the writable buffers `data`.
-    fn read<M: GuestMemory>(&self, mem: &M, data: &[Descriptor], offset: u64) -> Result<(), u8> {
+    fn read<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        data: &[Descriptor],
+        offset: u64,
+    ) -> Result<(), u8> {
         let mut at = offset;
         for d in data {
             if !d.is_write_only() {
@@ -297,6 +322,13 @@ impl Blk {
                 STATUS_IOERR
             })?;
             mem.write_slice(&buf, d.addr()).map_err(|_| STATUS_IOERR)?;
+            let (gpa, len) = (d.addr().raw_value(), u64::from(d.len()));
+            if (gpa | at | len).is_multiple_of(PAGE) && self.reads.len() < MAX_READS {
+                self.reads.extend((0..len / PAGE).map(|k| DiskRead {
+                    page: gpa / PAGE + k,
+                    block: at / PAGE + k,
+                }));
+            }
             at += u64::from(d.len());
         }
         Ok(())

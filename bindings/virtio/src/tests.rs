@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ha_guest::domain::DiskWrite;
+use ha_guest::domain::{DiskRead, DiskWrite};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -550,4 +550,36 @@ fn the_vmm_reads_the_image_without_logging_and_not_past_its_end() {
         blk.read_at(u64::MAX, &mut buf),
         Err(BlkError::Range { .. })
     ));
+}
+
+#[test]
+fn page_aligned_reads_of_whole_blocks_are_reported_and_others_are_not() {
+    let (mut d, mut blk, _) = live("reads");
+    let two = Buf {
+        addr: BUF,
+        len: 8192,
+    };
+    let half = Buf {
+        addr: BUF,
+        len: 2048,
+    };
+    // Sector 16: block 2, into guest pages 16 and 17 (BUF = 0x10000). Then reads that are
+    // not whole blocks at a block boundary, or not a whole page: not reported.
+    for (sector, buf) in [(16, two), (17, two), (8, half)] {
+        assert_eq!(
+            d.request(&mut blk, VIRTIO_BLK_T_IN, sector, &[buf]).0,
+            STATUS_OK
+        );
+    }
+    let mut reads = Vec::new();
+    blk.drain_reads(&mut reads);
+    assert_eq!(
+        reads,
+        vec![
+            DiskRead { page: 16, block: 2 },
+            DiskRead { page: 17, block: 3 }
+        ]
+    );
+    blk.drain_reads(&mut reads);
+    assert_eq!(reads.len(), 2, "drained once");
 }

@@ -11,6 +11,7 @@
 //! | [`block`] | block geometry and changed-block identification (identify) |
 //! | [`hashes`] | per-block fingerprints of what the backup holds (identify) |
 //! | [`share`] | identical-block sharing through a hash index (share) |
+//! | [`teleport`] | pages equal to a disk block the backup's replica holds (share) |
 //! | [`cache`] | LRU cache of last-sent page content (encode) |
 //! | [`xbzrle`] | XOR + run-length delta in QEMU's XBZRLE format (encode) |
 //! | [`varint`] | the LEB128 integers of XBZRLE and the page records |
@@ -22,6 +23,7 @@ pub mod cache;
 pub mod codec;
 pub mod hashes;
 pub mod share;
+pub mod teleport;
 pub mod varint;
 pub mod xbzrle;
 

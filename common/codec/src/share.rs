@@ -29,6 +29,16 @@ pub struct BlockRef {
 pub trait PageView {
     /// The content of `page` at the backup, if the primary knows it.
     fn page(&self, page: u64) -> Option<&Page>;
+
+    /// Read 4 KiB block `block` of the disk replica, as the backup holds it when the
+    /// record is resolved, into `out` (a `DiskRef` record). A view without a disk refuses.
+    fn disk_block(&self, block: u64, out: &mut Page) -> Result<(), crate::codec::CodecError> {
+        let _ = out;
+        Err(crate::codec::CodecError::DiskRefUnresolved {
+            block,
+            why: "the session has no disk".to_string(),
+        })
+    }
 }
 
 /// The keys are already hashes: use them as they are.

@@ -177,6 +177,15 @@ pub struct DiskWrite {
     pub data: Vec<u8>,
 }
 
+/// A guest read that filled guest page `page` with the 4 KiB disk block `block`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskRead {
+    /// Guest page index (guest physical address / 4096).
+    pub page: u64,
+    /// Disk block index (byte offset / 4096).
+    pub block: u64,
+}
+
 /// A guest's disk whose writes commit with the checkpoint (Remus's disk buffering): a write
 /// completes on the primary's disk at once, travels in the checkpoint of the epoch it
 /// completed in, and reaches the backup's replica when that checkpoint commits.
@@ -191,6 +200,21 @@ pub trait Disk {
     /// Move the writes completed since the last drain into `out`, in completion order.
     /// Called while the guest is paused, so the set is exactly the epoch's.
     fn drain_writes(&mut self, out: &mut Vec<DiskWrite>) -> Result<(), DomainError>;
+
+    /// Move the guest's reads completed since the last drain that filled whole guest pages
+    /// with whole 4 KiB disk blocks into `out` (the exact page ← block map of page-cache
+    /// teleportation); a backend that does not see its guest's reads reports none.
+    fn drain_reads(&mut self, out: &mut Vec<DiskRead>) -> Result<(), DomainError> {
+        let _ = out;
+        Ok(())
+    }
+
+    /// A second handle on the disk's image, to read it from another thread (the encoder
+    /// confirming disk references, page-cache teleportation); `None` for a backend
+    /// without an image file.
+    fn image_reader(&self) -> Result<Option<std::fs::File>, DomainError> {
+        Ok(None)
+    }
 }
 
 /// What a guest reports of its own work.

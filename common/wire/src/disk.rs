@@ -189,14 +189,14 @@ pub fn stage(
 }
 
 /// The content at `offset` before the next record: `replica`, then the epoch's earlier
-/// records over it in order.
-fn base(
+/// records over it in order (a delta record's base, a `DiskRef`'s block).
+pub(crate) fn base(
     replica: Option<&dyn ReadAt>,
     staged: &[DiskWrite],
     offset: u64,
     buf: &mut [u8],
 ) -> Result<(), String> {
-    let r = replica.ok_or("a delta record, but no replica to resolve it against")?;
+    let r = replica.ok_or("no replica to resolve the record against")?;
     r.read_at(offset, buf).map_err(|e| e.to_string())?;
     let end = offset + buf.len() as u64;
     for w in staged {

@@ -22,7 +22,7 @@ use ha_codec::codec::Mode;
 use ha_guest::backend::{BackendKind, GuestLayout};
 
 /// Version of the session protocol.
-pub const SESSION_VERSION: u16 = 8;
+pub const SESSION_VERSION: u16 = 9;
 /// Magic at the start of a Hello: "CASTORHA".
 pub const HELLO_MAGIC: u64 = u64::from_le_bytes(*b"CASTORHA");
 /// Length of a Hello's body: magic, version, memory size, page size, block size, mode,

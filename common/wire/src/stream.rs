@@ -33,6 +33,7 @@ use ha_codec::PAGE_SIZE;
 use ha_codec::block::{BlockSize, Page};
 use ha_codec::codec::{self, CodecError, EncodedBatch, Encoding, Mode};
 use ha_codec::share::PageView;
+use ha_codec::teleport::DISK_BLOCK;
 use ha_codec::varint;
 use ha_guest::domain::DiskWrite;
 use std::collections::HashMap;
@@ -91,6 +92,18 @@ pub enum StreamError {
     /// A record that fails to decode.
     #[error("record for page {page} does not decode")]
     Record {
+        /// The page.
+        page: u64,
+        /// Why.
+        #[source]
+        source: CodecError,
+    },
+    /// A page record referencing a disk block the backup cannot resolve (past the disk's
+    /// end, no disk, an unreadable replica).
+    #[error("epoch {epoch}: page {page}'s disk reference does not resolve")]
+    DiskRef {
+        /// The epoch.
+        epoch: u64,
         /// The page.
         page: u64,
         /// Why.
@@ -376,10 +389,15 @@ impl StagedDisk {
     }
 }
 
-/// The image as the next record sees it: staged pages over the committed image.
+/// The image as the next record sees it: staged pages over the committed image; and the
+/// disk as a `DiskRef` sees it: the epoch's disk records staged so far over the replica
+/// of the last commit.
 struct StagedView<'a> {
     staged: &'a HashMap<u64, Box<Page>>,
     image: &'a [u8],
+    disk: &'a [DiskWrite],
+    disk_size: u64,
+    replica: Option<&'a dyn crate::disksync::ReadAt>,
 }
 
 impl PageView for StagedView<'_> {
@@ -389,6 +407,21 @@ impl PageView for StagedView<'_> {
         }
         let at = usize::try_from(page).ok()?.checked_mul(PAGE_SIZE)?;
         self.image.get(at..at + PAGE_SIZE)?.try_into().ok()
+    }
+
+    fn disk_block(&self, block: u64, out: &mut Page) -> Result<(), CodecError> {
+        if self.disk_size == 0 {
+            return Err(CodecError::DiskRefUnresolved {
+                block,
+                why: "the session has no disk".to_string(),
+            });
+        }
+        let blocks = self.disk_size / DISK_BLOCK;
+        if block >= blocks {
+            return Err(CodecError::DiskRefPastEnd { block, blocks });
+        }
+        disk::base(self.replica, self.disk, block * DISK_BLOCK, out)
+            .map_err(|why| CodecError::DiskRefUnresolved { block, why })
     }
 }
 
@@ -519,7 +552,8 @@ impl Staging {
             Ok(FrameType::Pages) => {
                 cur.hasher.update(raw);
                 cur.bytes += raw.len() as u64;
-                stage_pages(cur, body, self.bs, self.pages, image)?;
+                let disk = (self.disk_size, replica);
+                stage_pages(cur, body, self.bs, self.pages, image, disk)?;
                 Ok(None)
             }
             Ok(FrameType::State) => {
@@ -675,6 +709,7 @@ fn stage_pages(
     bs: BlockSize,
     pages: u64,
     image: &[u8],
+    (disk_size, replica): (u64, Option<&dyn crate::disksync::ReadAt>),
 ) -> Result<(), StreamError> {
     while !body.is_empty() {
         let (page, n) = varint::get(body).ok_or(StreamError::Malformed("pages"))?;
@@ -705,11 +740,24 @@ fn stage_pages(
         let view = StagedView {
             staged: &cur.staged,
             image,
+            disk: &cur.disk,
+            disk_size,
+            replica,
         };
         let mut out: Box<Page> =
             Box::new(*view.page(page).ok_or(StreamError::PageOutOfRange(page))?);
-        codec::decode_page(encoding, payload, page, bs, &view, &mut out)
-            .map_err(|source| StreamError::Record { page, source })?;
+        codec::decode_page(encoding, payload, page, bs, &view, &mut out).map_err(|source| {
+            match source {
+                CodecError::DiskRefPastEnd { .. } | CodecError::DiskRefUnresolved { .. } => {
+                    StreamError::DiskRef {
+                        epoch: cur.header.epoch,
+                        page,
+                        source,
+                    }
+                }
+                source => StreamError::Record { page, source },
+            }
+        })?;
         cur.staged.insert(page, out);
     }
     Ok(())
@@ -986,16 +1034,20 @@ mod tests {
         );
     }
 
+    /// The header of an fgbi epoch with the default block size.
+    fn fgbi_header(epoch: u64, records: u32) -> EpochHeader {
+        EpochHeader {
+            epoch,
+            mode: Mode::Fgbi,
+            block_size: BlockSize::DEFAULT,
+            records,
+        }
+    }
+
     #[test]
     fn verify_digest_catches_a_divergent_image() {
         let mut out = Vec::new();
-        let h = EpochHeader {
-            epoch: 1,
-            mode: Mode::Fgbi,
-            block_size: BlockSize::DEFAULT,
-            records: 0,
-        };
-        let mut w = EpochWriter::begin(&mut out, h);
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(1, 0));
         let image = vec![0u8; PAGES * PAGE_SIZE];
         w.verify(&mut out, blake3::hash(&image).as_bytes());
         w.finish(&mut out).unwrap();
@@ -1138,5 +1190,138 @@ mod tests {
                 announced: 3
             })
         );
+    }
+
+    /// A batch of one page record: `page` as a DiskRef to `block`.
+    fn disk_ref_batch(page: u64, block: u64) -> EncodedBatch {
+        let mut payload = Vec::new();
+        varint::put(&mut payload, block);
+        EncodedBatch {
+            records: vec![Record {
+                page,
+                encoding: Encoding::DiskRef,
+                start: 0,
+                len: payload.len(),
+            }],
+            bytes: payload,
+        }
+    }
+
+    /// One epoch of a Disk frame rewriting block 3 with `rewrite` and a Pages frame whose
+    /// page 0 is a DiskRef to `block`, the Disk frame first when `disk_first`.
+    fn disk_ref_epoch(epoch: u64, block: u64, rewrite: &[u8], disk_first: bool) -> Vec<u8> {
+        let batch = disk_ref_batch(0, block);
+        let mut enc = ha_codec::codec::disk::DiskEncoder::new(codec::GeneralCodec::None, 1);
+        let recs = disk::DiskRecords::encode(
+            &mut enc,
+            &[DiskWrite {
+                offset: 3 * 4096,
+                data: rewrite.to_vec(),
+            }],
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(epoch, 1 + recs.records()));
+        if disk_first {
+            w.disk(&mut out, &recs);
+            w.pages(&mut out, &batch);
+        } else {
+            w.pages(&mut out, &batch);
+            w.disk(&mut out, &recs);
+        }
+        w.finish(&mut out).unwrap();
+        out
+    }
+
+    /// Feed an epoch against `replica`; commit memory and disk when it verifies.
+    fn feed_with_disk(
+        st: &mut Staging,
+        bytes: &[u8],
+        image: &mut [u8],
+        replica: &mut Vec<u8>,
+    ) -> Result<(), StreamError> {
+        let mut at = 0;
+        while let Some((ty, body, n)) = split_frame(&bytes[at..])? {
+            let raw = &bytes[at..at + n];
+            if let Some(mut staged) = st.push_with_replica(ty, body, raw, image, Some(&*replica))? {
+                staged.commit(image);
+                for w in staged.take_disk().writes {
+                    let o = w.offset as usize;
+                    replica[o..o + w.data.len()].copy_from_slice(&w.data);
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_disk_ref_reads_the_replica_at_its_place_in_the_epoch() {
+        let size = 8 * 4096;
+        let (old, new) = ([0xA0u8; 4096], [0xB1u8; 4096]);
+        for disk_first in [false, true] {
+            let mut replica = vec![0u8; size];
+            replica[3 * 4096..4 * 4096].copy_from_slice(&old);
+            let mut image = vec![0u8; 4 * PAGE_SIZE];
+            let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 4, 1).with_disk(size as u64);
+            let e = disk_ref_epoch(1, 3, &new, disk_first);
+            feed_with_disk(&mut st, &e, &mut image, &mut replica).unwrap();
+            // Rewritten before the record: the record reads the new content; after it: the
+            // old. The replica has the new content either way.
+            let want = if disk_first { new } else { old };
+            assert!(image[..PAGE_SIZE] == want[..], "disk first: {disk_first}");
+            assert!(replica[3 * 4096..4 * 4096] == new[..]);
+        }
+    }
+
+    #[test]
+    fn a_disk_ref_past_the_disks_end_rejects_its_epoch_and_changes_nothing() {
+        let size = 8 * 4096;
+        let mut replica = vec![7u8; size];
+        let mut image = vec![1u8; 4 * PAGE_SIZE];
+        let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 4, 1).with_disk(size as u64);
+        let e = disk_ref_epoch(1, 8, &[9u8; 4096], true);
+        let err = feed_with_disk(&mut st, &e, &mut image, &mut replica).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StreamError::DiskRef {
+                    epoch: 1,
+                    page: 0,
+                    source: CodecError::DiskRefPastEnd {
+                        block: 8,
+                        blocks: 8
+                    }
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "epoch 1: page 0's disk reference does not resolve"
+        );
+        assert!(image == vec![1u8; 4 * PAGE_SIZE] && replica == vec![7u8; size]);
+        assert!(!st.in_progress());
+        // The same epoch with a good reference is taken next.
+        let e = disk_ref_epoch(1, 7, &[9u8; 4096], true);
+        feed_with_disk(&mut st, &e, &mut image, &mut replica).unwrap();
+        assert!(image[..PAGE_SIZE] == [7u8; PAGE_SIZE][..]);
+        // A session without a disk refuses a DiskRef (its Pages frame alone).
+        let mut st = Staging::new(Mode::Fgbi, BlockSize::DEFAULT, 4, 1);
+        let batch = disk_ref_batch(1, 0);
+        let mut out = Vec::new();
+        let mut w = EpochWriter::begin(&mut out, fgbi_header(1, 1));
+        w.pages(&mut out, &batch);
+        w.finish(&mut out).unwrap();
+        let mut image = vec![1u8; 4 * PAGE_SIZE];
+        assert!(matches!(
+            feed(&mut st, &out, &mut image),
+            Err(StreamError::DiskRef {
+                epoch: 1,
+                page: 1,
+                source: CodecError::DiskRefUnresolved { block: 0, .. }
+            })
+        ));
+        assert!(image == vec![1u8; 4 * PAGE_SIZE]);
     }
 }

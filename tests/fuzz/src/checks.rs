@@ -200,15 +200,15 @@ pub fn check_xbzrle(delta: &[u8]) -> Option<usize> {
 /// Invariants: no panic; on `Ok`, `Zero` gives a zero page, `Raw` the payload, `PageRef`
 /// the page its varint names (never the page itself), `Delta` exactly what
 /// `xbzrle::decode` gives, `Blocks` leaves every block outside its mask untouched, and
-/// `Blocks`/`General` decode the same way twice; `Unchanged` is always refused. Returns
+/// `Blocks`/`General` decode the same way twice; `Unchanged` is always refused, and so is
+/// `DiskRef` (the view has no disk). Returns
 /// whether the record was accepted.
 pub fn check_page_decode(data: &[u8]) -> bool {
     let [e, shift, p, payload @ ..] = data else {
         return false;
     };
     let Some(encoding) = Encoding::from_u8(e & 7) else {
-        assert_eq!(e & 7, 7, "encodings 0..=6 exist");
-        return false;
+        unreachable!("encodings 0..=7 exist");
     };
     let bs = BlockSize::new(32 << (shift % 6)).expect("32..=1024 is a valid block size");
     let page = if p & 0x80 == 0 {
@@ -222,6 +222,12 @@ pub fn check_page_decode(data: &[u8]) -> bool {
     let res = codec::decode_page(encoding, payload, page, bs, &view, &mut out);
     if encoding == Encoding::Unchanged {
         assert_eq!(res, Err(CodecError::NotSendable(encoding)));
+    }
+    if encoding == Encoding::DiskRef {
+        assert!(
+            res.is_err(),
+            "a disk reference resolved in a view without a disk"
+        );
     }
     if res.is_err() {
         return false;
@@ -263,7 +269,7 @@ pub fn check_page_decode(data: &[u8]) -> bool {
                 "decoding is not deterministic"
             );
         }
-        Encoding::Unchanged => unreachable!("refused above"),
+        Encoding::Unchanged | Encoding::DiskRef => unreachable!("refused above"),
     }
     true
 }

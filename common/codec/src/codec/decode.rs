@@ -55,6 +55,13 @@ pub fn decode_page(
             decompress(codec, data, out, encoding)?;
         }
         Encoding::Blocks => decode_blocks(payload, page, bs, view, out)?,
+        Encoding::DiskRef => {
+            let (block, n) = varint::get(payload).ok_or(malformed("bad disk reference"))?;
+            if n != payload.len() {
+                return Err(malformed("trailing bytes after disk reference"));
+            }
+            view.disk_block(block, out)?;
+        }
         Encoding::Unchanged => return Err(CodecError::NotSendable(encoding)),
     }
     Ok(())
@@ -149,7 +156,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
         fn decoder_never_panics_on_garbage(
-            enc in 0u8..8,
+            enc in 0u8..9,
             payload in proptest::collection::vec(any::<u8>(), 0..600),
             shift in 5u32..=10,
             page in 0u64..6,
@@ -229,6 +236,15 @@ mod tests {
             ),
             "{r:?}"
         );
-        assert_eq!(Encoding::from_u8(7), None);
+        assert_eq!(Encoding::from_u8(8), None);
+        // A disk reference, where the view has no disk.
+        assert!(matches!(
+            dec(Encoding::DiskRef, &[3], &mut out),
+            Err(CodecError::DiskRefUnresolved { block: 3, .. })
+        ));
+        assert!(matches!(
+            dec(Encoding::DiskRef, &[3, 0], &mut out),
+            Err(CodecError::Malformed { .. })
+        ));
     }
 }

@@ -11,8 +11,11 @@ use crate::block::{BlockMask, BlockSize, DiffMask, Page, is_zero};
 use crate::cache::PageCache;
 use crate::hashes::{self, BlockHashes};
 use crate::share::{BlockRef, PageView, ShareIndex};
+use crate::teleport::DiskLookup;
 use crate::{varint, xbzrle};
 use std::collections::HashMap;
+
+mod diskref;
 
 /// The pages of the batch encoded so far: the first `upto`. A batch in increasing page
 /// order (what the harvest produces) is searched in place; any other is indexed.
@@ -203,13 +206,29 @@ impl PageEncoder {
     /// Encode a batch of dirty pages, appending to `out`. Pages are encoded in order;
     /// each may reference the ones before it.
     pub fn encode_batch(&mut self, batch: Batch<'_>, out: &mut EncodedBatch) {
+        self.encode_batch_with_disk(batch, out, None);
+    }
+
+    /// [`PageEncoder::encode_batch`], sending pages equal to a block of the backup's disk
+    /// replica that `disk` finds as `DiskRef` records (fgbi).
+    pub fn encode_batch_with_disk(
+        &mut self,
+        batch: Batch<'_>,
+        out: &mut EncodedBatch,
+        mut disk: Option<&mut dyn DiskLookup>,
+    ) {
         let n = batch.pages.len().min(batch.data.len() / PAGE_SIZE);
         self.done.start(&batch.pages[..n]);
         for i in 0..n {
             let page = batch.pages[i];
             let new = batch.page(i);
             let start = out.bytes.len();
-            let encoding = self.encode_page(page, new, batch, &mut out.bytes);
+            let encoding = match disk.as_deref_mut() {
+                Some(d) => self.encode_disk_ref(page, new, d, &mut out.bytes),
+                None => None,
+            };
+            let encoding =
+                encoding.unwrap_or_else(|| self.encode_page(page, new, batch, &mut out.bytes));
             let len = out.bytes.len() - start;
             let k = &mut self.stats.kinds[encoding as usize];
             k.pages += 1;

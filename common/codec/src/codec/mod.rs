@@ -11,6 +11,7 @@
 //! | `Blocks` | changed-block mask, a 2-bit tag per changed block (literal / zero / ref), refs, literals (optionally compressed) | old content or block hashes (or nothing: all blocks) |
 //! | `General` | codec byte + the page compressed by zlib (raw deflate) or lz4 | — |
 //! | `Raw` | the 4096 bytes | — |
+//! | `DiskRef` | varint: a 4 KiB block of the guest's disk | a block the backup's disk replica holds with this content ([`crate::teleport`]) |
 //!
 //! Modes: `remus` sends every dirty page `Raw` (the baseline); `xbzrle` is QEMU's
 //! behaviour (`Zero`, `Unchanged`, `Delta` against an LRU cache, else `Raw`); `fgbi` uses
@@ -18,7 +19,9 @@
 //!
 //! References resolve at the backup against the image as it stands *before* the record
 //! is applied, with the epoch's earlier records already applied; the encoder confirms each
-//! one against exactly that view ([`PageView`](crate::share::PageView)).
+//! one against exactly that view ([`PageView`](crate::share::PageView)). A `DiskRef`
+//! resolves against the disk replica as the backup holds it at the record: the last
+//! commit's replica with the epoch's earlier disk records over it.
 //!
 //! | module | what |
 //! |---|---|
@@ -69,6 +72,22 @@ pub enum CodecError {
     /// A reference to a page the backup does not have.
     #[error("reference to page {0}, which is outside guest memory or the page itself")]
     BadRef(u64),
+    /// A disk reference to a block past the end of the session's disk.
+    #[error("reference to disk block {block}, past the disk's end ({blocks} blocks)")]
+    DiskRefPastEnd {
+        /// The block referenced.
+        block: u64,
+        /// Blocks of the disk.
+        blocks: u64,
+    },
+    /// A disk reference the backup cannot resolve (no disk, or its replica unreadable).
+    #[error("reference to disk block {block} cannot be resolved: {why}")]
+    DiskRefUnresolved {
+        /// The block referenced.
+        block: u64,
+        /// Why.
+        why: String,
+    },
     /// A compressed payload that does not decompress to what it must.
     #[error("{codec} payload does not decompress to {expected} bytes")]
     Decompress {
@@ -166,11 +185,13 @@ pub enum Encoding {
     Raw = 5,
     /// Dirty but equal to the backup's copy: not sent.
     Unchanged = 6,
+    /// Equal to a 4 KiB block of the disk replica (page-cache teleportation).
+    DiskRef = 7,
 }
 
 impl Encoding {
     /// All encodings, in wire order.
-    pub const ALL: [Encoding; 7] = [
+    pub const ALL: [Encoding; 8] = [
         Encoding::Zero,
         Encoding::PageRef,
         Encoding::Delta,
@@ -178,6 +199,7 @@ impl Encoding {
         Encoding::General,
         Encoding::Raw,
         Encoding::Unchanged,
+        Encoding::DiskRef,
     ];
 
     /// The encoding with wire number `n` (any, including `Unchanged`).
@@ -195,6 +217,7 @@ impl Encoding {
             Encoding::General => "general",
             Encoding::Raw => "raw",
             Encoding::Unchanged => "unchanged",
+            Encoding::DiskRef => "diskref",
         }
     }
 }

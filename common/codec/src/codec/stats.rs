@@ -16,7 +16,7 @@ pub struct KindStats {
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EncodeStats {
     /// Per encoding, indexed by `Encoding as usize`.
-    pub kinds: [KindStats; 7],
+    pub kinds: [KindStats; 8],
     /// Blocks found changed (in `Blocks` records).
     pub changed_blocks: u64,
     /// Changed blocks sent as references.

@@ -351,6 +351,7 @@ fn job(epoch: u64, pages: Pages, state: Option<Vec<u8>>) -> Job {
         verify_disk: None,
         reads: Vec::new(),
         teleport: None,
+        recycle: None,
     }
 }
 

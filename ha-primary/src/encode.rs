@@ -35,7 +35,13 @@ pub struct Job {
     /// The teleportation index to use from this epoch on (handed over once, after the
     /// disk sync).
     pub teleport: Option<Box<Teleport<std::fs::File>>>,
+    /// Where the pages' buffers go once encoded, to be filled again by a later
+    /// checkpoint: a buffer reused is neither allocated nor faulted in during a pause.
+    pub recycle: Option<Sender<Pages>>,
 }
+
+/// Buffers larger than this are dropped, not handed back ([`Job::recycle`]).
+pub const RECYCLE_MAX_BYTES: usize = 64 << 20;
 
 /// 4 KiB disk blocks whose last content sent the encoder keeps for deltas (64 MiB).
 pub const DISK_CACHE_BLOCKS: usize = 16384;
@@ -191,6 +197,15 @@ pub fn run(
         // can arrive.
         if done.send(report).is_err() || link.send((job.epoch, out)).is_err() {
             break;
+        }
+        if let Some(back) = &job.recycle {
+            let mut p = std::mem::take(&mut job.pages);
+            if p.data.capacity() <= RECYCLE_MAX_BYTES {
+                p.index.clear();
+                p.data.clear();
+                // The engine keeps a spare or two; more are dropped.
+                let _ = back.try_send(p);
+            }
         }
     }
     if let Some(t) = &teleport {

@@ -321,6 +321,8 @@ struct Engine<'a> {
     teleport: (Option<Box<crate::teleport::Teleport<std::fs::File>>>, bool),
     /// The guest's key in etcd, held while this primary runs it.
     lease: Option<ha_lease::Lease>,
+    /// Page buffers the encoder is done with, for the next checkpoints to fill.
+    spent: (Sender<Pages>, Receiver<Pages>),
     /// Unprotected with `--reprotect`: the thread trying to reach a backup again.
     reconnecting: Option<Reconnecting>,
     /// A session a backup opened again: the run goes on with it.
@@ -696,6 +698,7 @@ impl Session<'_> {
             cow: Chooser::new(cfg.copy),
             backup_holds_image: welcome.holds_image,
             teleport: (None, false),
+            spent: bounded(2),
             reconnecting: None,
             again: None,
         };
@@ -1050,6 +1053,7 @@ impl Engine<'_> {
             verify: None,
             verify_disk: None,
             teleport: None,
+            recycle: None,
         })
     }
 
@@ -1080,7 +1084,16 @@ impl Engine<'_> {
                 source: Box::new(e),
             })
         };
-        let cp = harvest::take(self.d, epoch, dirty, verify, &mut self.cow, &mut mark)?;
+        let spare = self.spent.1.try_recv().unwrap_or_default();
+        let cp = harvest::take(
+            self.d,
+            epoch,
+            dirty,
+            verify,
+            &mut self.cow,
+            &mut mark,
+            spare,
+        )?;
         self.epoch += 1;
         self.held.hold(cp.epoch, cp.outputs);
         self.summary.pauses_us.push(cp.pause.as_micros() as u64);
@@ -1112,6 +1125,7 @@ impl Engine<'_> {
             verify: cp.verify,
             verify_disk: cp.verify_disk,
             teleport: None,
+            recycle: Some(self.spent.0.clone()),
         })?;
         Ok(taken)
     }

@@ -113,8 +113,13 @@ pub fn copy_pages(
 ) -> Result<(), DomainError> {
     out.index.clear();
     out.data.clear();
-    out.data.reserve(dirty.count() * PAGE_SIZE);
-    populate(&mut out.data);
+    // A buffer handed back by the encoder ([`crate::encode::Job::recycle`]) is faulted in
+    // already; a new or grown one is faulted in here in one call.
+    let need = dirty.count() * PAGE_SIZE;
+    if out.data.capacity() < need {
+        out.data.reserve(need);
+        populate(&mut out.data);
+    }
     let mut page = [0u8; PAGE_SIZE];
     for p in dirty.iter_set() {
         d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
@@ -188,6 +193,7 @@ pub fn take(
     verify: bool,
     cow: &mut Chooser,
     mark: &mut dyn FnMut() -> Result<(), DomainError>,
+    spare: Pages,
 ) -> Result<Checkpoint, DomainError> {
     // The previous copy-on-write copy finishes with the guest running, not in this pause.
     cow.settle();
@@ -196,7 +202,7 @@ pub fn take(
     d.pause()?;
     let stop = taken.elapsed();
     // The guest stands still: the network buffers' mark splits its packets here.
-    let r = mark().and_then(|()| take_paused(d, epoch, dirty, verify, cow, early, taken));
+    let r = mark().and_then(|()| take_paused(d, epoch, dirty, verify, cow, early, spare));
     // Resume whatever happened: a failed checkpoint must not leave the guest stopped.
     let t = Instant::now();
     let resumed = d.resume();
@@ -207,6 +213,7 @@ pub fn take(
     let mut cp = r?;
     resumed?;
     cp.pause = pause;
+    cp.taken = taken;
     cp.parts.stop = stop;
     cp.parts.resume = resume;
     Ok(cp)
@@ -241,7 +248,7 @@ fn take_paused(
     verify: bool,
     cow: &mut Chooser,
     early: Option<CopyPath>,
-    taken: Instant,
+    mut pages: Pages,
 ) -> Result<Checkpoint, DomainError> {
     let t = Instant::now();
     let mut outputs = Vec::new();
@@ -262,7 +269,6 @@ fn take_paused(
     let t = Instant::now();
     d.harvest_dirty(dirty)?;
     let harvest = t.elapsed();
-    let mut pages = Pages::default();
     let path = match early {
         Some(p) => p,
         None => cow.choose(dirty.count(), d.cow_memory().map(|c| c.fault_cost())),
@@ -317,6 +323,6 @@ fn take_paused(
             resume: Duration::ZERO,
         },
         pause: Duration::ZERO,
-        taken,
+        taken: Instant::now(),
     })
 }

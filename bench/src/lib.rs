@@ -8,6 +8,8 @@
 //! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
 //! | [`reprotect`] | re-protection to a backup holding a stale image of the guest, against a full copy (`ha-bench reprotect`) |
 //! | [`drill`] | the failover drill |
+//! | [`cluster`] | the drill with many pairs across hosts, one host killed (`ha-bench drill --pairs N --hosts H`) |
+//! | [`hosts`] | network namespaces as hosts on one bridge, with an etcd member |
 //! | [`disk`] | the disk images of a bench pair, and the drill's checks of the replica |
 //! | [`failover`] | the drill across guest memory sizes (`ha-bench failover`) |
 //! | [`compare`] | the modes side by side on real guests (`ha-bench compare`) |
@@ -19,12 +21,14 @@
 
 pub mod cases;
 pub mod chaos;
+pub mod cluster;
 pub mod codec;
 pub mod compare;
 pub mod disk;
 pub mod disksync;
 pub mod drill;
 pub mod failover;
+pub mod hosts;
 pub mod pair;
 pub mod pause;
 pub mod pgpairs;

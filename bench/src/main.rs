@@ -350,9 +350,22 @@ struct DrillCli {
     /// lease wait. Start etcd first (Debian's etcd-server).
     #[arg(long, value_name = "URLS")]
     etcd: Option<String>,
-    /// The lease's TTL with --etcd.
+    /// The lease's TTL with --etcd (and of every pair's key with --pairs/--hosts).
     #[arg(long, default_value = "5s")]
     lease_ttl: String,
+    /// Many pairs: run this many independent pairs (each its own key, ports, lease key
+    /// and world) placed across --hosts network namespaces, with an etcd member the drill
+    /// starts; pair i's primary on host i mod H, its backup on the next host, a spare for
+    /// re-protection on the one after. Kills every process of --kill-host and checks each
+    /// pair (needs root, iproute2 and etcd-server). Default with --hosts: one per host.
+    #[arg(long, value_name = "N")]
+    pairs: Option<usize>,
+    /// Hosts (network namespaces) for --pairs; at least 3. Default with --pairs: 3.
+    #[arg(long, value_name = "H")]
+    hosts: Option<usize>,
+    /// The host the many-pairs drill kills (0 to H-1).
+    #[arg(long, default_value_t = 0)]
+    kill_host: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -459,6 +472,10 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
+    let many = a.pairs.is_some() || a.hosts.is_some();
+    if many && a.etcd.is_some() {
+        return Err("--etcd: the many-pairs drill starts its own etcd on the hosts' bridge".into());
+    }
     let args = ha_bench::drill::DrillArgs {
         guest: a.guest,
         workload: a.workload,
@@ -474,8 +491,19 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         keep: a.keep,
         insecure: a.insecure,
         disk_size: a.disk_size,
-        lease: a.etcd.clone().map(|e| (e, a.lease_ttl.clone())),
+        lease: (many || a.etcd.is_some())
+            .then(|| (a.etcd.clone().unwrap_or_default(), a.lease_ttl.clone())),
     };
+    if many {
+        let hosts = a.hosts.unwrap_or(3);
+        let cluster = ha_bench::cluster::ClusterArgs {
+            drill: args,
+            pairs: a.pairs.unwrap_or(hosts),
+            hosts,
+            kill_host: a.kill_host,
+        };
+        return run_cluster(&cluster, a.json);
+    }
     let report = ha_bench::drill::run(&args).map_err(|e| error_chain(&e))?;
     if a.json {
         println!(
@@ -489,6 +517,28 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         Ok(true)
     } else {
         Err("continuity failed".into())
+    }
+}
+
+fn run_cluster(args: &ha_bench::cluster::ClusterArgs, json: bool) -> Result<bool, String> {
+    use ha_bench::cluster;
+    let d = &args.drill;
+    if !(0.0..=3600.0).contains(&d.seconds) || !(0.0..=3600.0).contains(&d.after) {
+        return Err("--seconds and --after: from 0 to 3600".into());
+    }
+    let report = cluster::run(args).map_err(|e| error_chain(&e))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        cluster::print_summary(&report);
+    }
+    if report.ok {
+        Ok(true)
+    } else {
+        Err("some pair failed its checks".into())
     }
 }
 

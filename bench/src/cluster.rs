@@ -636,7 +636,10 @@ fn verdict(i: usize, p: &mut Running, at_kill: AtKill, killed: usize, t_kill: u6
         row.reprotect_sync_ms = protected.as_ref().and_then(|e| e["sync_ms"].as_u64());
         row.resumed_epoch = active["epoch"].as_u64();
         row.commits_after_kill = spare_acks.len() as u64;
-        row.outcome = format!("failed over to host {bh}, protected again to host {sh}");
+        row.outcome = format!(
+            "failed over to host {bh} (primary lost: {}), protected again to host {sh}",
+            lost["reason"].as_str().unwrap_or("never")
+        );
     } else {
         let backup_dead = bh == killed;
         row.killed_role = if backup_dead {

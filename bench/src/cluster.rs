@@ -737,32 +737,41 @@ fn verdict(i: usize, p: &mut Running, at_kill: AtKill, killed: usize, t_kill: u6
 pub fn markdown(r: &ClusterReport) -> String {
     let ms = |v: Option<u64>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
     let host = |v: Option<usize>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
-    let mut s = String::from(
-        "| pair | hosts P / B / S | killed host was | runs on | protected by | detection ms | lease wait ms | activation ms | failover ms | re-protected ms | commits since kill | outputs kill → end | checks |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for p in &r.pairs {
-        s.push_str(&format!(
-            "| {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} → {} | {} |\n",
-            p.pair,
-            p.primary_host,
-            p.backup_host,
-            p.spare_host,
-            p.killed_role,
-            host(p.runs_on),
-            host(p.protected_by),
-            ms(p.detection_ms),
-            ms(p.lease_wait_ms),
-            ms(p.activation_ms),
-            ms(p.failover_ms),
-            ms(p.reprotect_ms),
-            p.commits_after_kill,
-            p.outputs_at_kill,
-            p.outputs_at_end,
-            if p.ok { "ok" } else { "FAILED" },
-        ));
-    }
-    s
+    let head = [
+        "pair",
+        "hosts P / B / S",
+        "killed host was",
+        "runs on",
+        "protected by",
+        "detection ms",
+        "lease wait ms",
+        "activation ms",
+        "failover ms",
+        "re-protected ms",
+        "commits since kill",
+        "outputs kill → end",
+        "checks",
+    ];
+    crate::markdown_table(
+        &head,
+        r.pairs.iter().map(|p| {
+            vec![
+                p.pair.to_string(),
+                format!("{} / {} / {}", p.primary_host, p.backup_host, p.spare_host),
+                p.killed_role.clone(),
+                host(p.runs_on),
+                host(p.protected_by),
+                ms(p.detection_ms),
+                ms(p.lease_wait_ms),
+                ms(p.activation_ms),
+                ms(p.failover_ms),
+                ms(p.reprotect_ms),
+                p.commits_after_kill.to_string(),
+                format!("{} → {}", p.outputs_at_kill, p.outputs_at_end),
+                if p.ok { "ok" } else { "FAILED" }.to_string(),
+            ]
+        }),
+    )
 }
 
 /// Print the report: the table, each pair's outcome and any failed check.

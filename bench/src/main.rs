@@ -70,6 +70,17 @@ enum Cmd {
     /// differed, fingerprint and page bytes and times, beside the same guest's full copy
     /// (its initial sync); writes reprotect.md into --out.
     Reprotect(ReprotectCli),
+    /// A planned switchover against a failover and a cold restart: downtime and bytes,
+    /// over each link rate.
+    ///
+    /// For each --link, three fresh pairs (processes on loopback, the primary's sender
+    /// shaped to the rate) protect the guest for --warmup seconds; then the first is moved
+    /// by a planned switchover (SIGUSR1), the second by a failover (SIGKILL of the
+    /// primary), the third by a cold restart (the pair killed and the guest started anew
+    /// with a fresh backup). Prints downtime, the output gap the world saw, the bytes that
+    /// crossed to move the guest and whether it kept its state; writes switchover.md into
+    /// --out.
+    Switchover(SwitchoverCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -178,6 +189,32 @@ struct ReprotectCli {
     /// Where the logs and reprotect.md go.
     #[arg(long, default_value = "target/reprotect")]
     out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct SwitchoverCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// The workload.
+    #[arg(long, default_value = "web")]
+    workload: String,
+    /// Link rates, comma-separated: unlimited, or a rate such as 100mbit (a token bucket
+    /// at the primary's sender, `--link-rate`).
+    #[arg(long, value_delimiter = ',', default_value = "unlimited,100mbit", value_parser = parse_link)]
+    link: Vec<Option<u64>>,
+    /// Seconds the guest runs protected before it is moved.
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+    /// Where the runs' logs and switchover.md go.
+    #[arg(long, default_value = "target/switchover")]
+    out: PathBuf,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -452,6 +489,7 @@ fn main() -> ExitCode {
         Cmd::Pause(a) => run_pause(a),
         Cmd::Disksync(a) => run_disksync(a),
         Cmd::Reprotect(a) => run_reprotect(a),
+        Cmd::Switchover(a) => run_switchover(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -673,6 +711,40 @@ fn run_reprotect(a: ReprotectCli) -> Result<bool, String> {
     let table = reprotect::markdown(&rows);
     print!("{table}");
     let f = a.out.join("reprotect.md");
+    std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
+    Ok(true)
+}
+
+fn run_switchover(a: SwitchoverCli) -> Result<bool, String> {
+    use ha_bench::switchover;
+    if !(0.0..=600.0).contains(&a.warmup) {
+        return Err("--warmup: seconds from 0 to 600".into());
+    }
+    let args = switchover::SwitchoverArgs {
+        guest: a.guest,
+        memory: a.memory,
+        workload: a.workload,
+        links: a.link,
+        warmup: a.warmup,
+        dir: a.out.clone(),
+    };
+    let json = a.json;
+    let rows = switchover::run(&args, |r| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            eprintln!(
+                "{} {:?}: downtime {} ms, output gap {} ms, {} bytes moved",
+                r.link, r.method, r.downtime_ms, r.output_gap_ms, r.move_bytes
+            );
+        }
+    })
+    .map_err(|e| error_chain(&e))?;
+    let table = switchover::markdown(&rows);
+    if !json {
+        print!("{table}");
+    }
+    let f = a.out.join("switchover.md");
     std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
     Ok(true)
 }

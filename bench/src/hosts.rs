@@ -56,6 +56,8 @@ pub struct Hosts {
     /// The bench's own address on the bridge (etcd and the worlds listen there).
     pub bench_ip: Ipv4Addr,
     hub: String,
+    /// The bench's end of its veth to the hub.
+    bench_end: String,
 }
 
 impl Hosts {
@@ -72,6 +74,7 @@ impl Hosts {
                 .collect(),
             bench_ip: Ipv4Addr::new(10, 220, net, 254),
             hub: format!("castor-hub{tag}"),
+            bench_end: format!("cb{tag}"),
         };
         // From here on, a failure drops `hosts`, which deletes what was made.
         for ns in hosts.names.iter().chain([&hosts.hub]) {
@@ -101,14 +104,15 @@ impl Hosts {
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
         // The bench's end: deleting the hub deletes its peer, and with it this end.
-        let bench_end = format!("cb{tag}");
+        let bench_end = hosts.bench_end.as_str();
+        let _ = ip(&["link", "del", bench_end]); // a crashed earlier run's leftover
         ip(&[
-            "link", "add", &bench_end, "type", "veth", "peer", "name", "bench", "netns", hub,
+            "link", "add", bench_end, "type", "veth", "peer", "name", "bench", "netns", hub,
         ])?;
         ip(&["-n", hub, "link", "set", "bench", "master", "br0", "up"])?;
         let bench_addr = format!("{}/24", hosts.bench_ip);
-        ip(&["addr", "add", &bench_addr, "dev", &bench_end])?;
-        ip(&["link", "set", &bench_end, "up"])?;
+        ip(&["addr", "add", &bench_addr, "dev", bench_end])?;
+        ip(&["link", "set", bench_end, "up"])?;
         Ok(hosts)
     }
 
@@ -158,6 +162,8 @@ fn kill_all(ns: &str) -> usize {
 
 impl Drop for Hosts {
     fn drop(&mut self) {
+        // Deleting the hub would take this end with it, but only later: delete it now.
+        let _ = ip(&["link", "del", &self.bench_end]);
         for ns in self.names.iter().chain([&self.hub]) {
             kill_all(ns);
             let _ = ip(&["netns", "del", ns]);

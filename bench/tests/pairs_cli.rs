@@ -50,6 +50,19 @@ fn killing_a_host_moves_its_guests_and_leaves_the_other_pairs_running() {
             && !namespaces.contains(&format!("castor-hub{}", pid % 100_000)),
         "namespaces left behind: {namespaces}"
     );
+    let links = Command::new("ip")
+        .args(["-br", "link"])
+        .output()
+        .expect("ip link");
+    let links = String::from_utf8_lossy(&links.stdout);
+    let bench_end = format!("cb{}", pid % 100_000);
+    assert!(
+        !links
+            .lines()
+            .any(|l| l.starts_with(&format!("{bench_end} "))
+                || l.starts_with(&format!("{bench_end}@"))),
+        "the bench's veth was left behind: {links}"
+    );
     assert!(out.status.success(), "drill failed:\n{stdout}\n{stderr}");
     let r: serde_json::Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));

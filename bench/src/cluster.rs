@@ -69,6 +69,9 @@ pub struct ClusterArgs {
     pub hosts: usize,
     /// The host that is killed.
     pub kill_host: usize,
+    /// Its link goes down before its processes are killed (a host losing power: no
+    /// connection closes, the others notice by their timeouts).
+    pub power_off: bool,
 }
 
 impl ClusterArgs {
@@ -160,6 +163,8 @@ pub struct ClusterReport {
     pub killed_host: usize,
     /// Processes killed with it.
     pub killed_processes: usize,
+    /// Whether its link went down first (`--power-off`).
+    pub power_off: bool,
     /// Seconds from the start of the first daemon until every pair was protected.
     pub startup_s: f64,
     /// Seconds of protection before the kill.
@@ -317,11 +322,12 @@ fn drill(
         })
         .collect();
     let t_kill = unix_ms();
-    let killed_processes = hosts.kill(a.kill_host);
+    let killed_processes = hosts.kill(a.kill_host, a.power_off)?;
     if d.live {
         println!(
-            "host {} killed: SIGKILL to its {killed_processes} processes",
-            a.kill_host
+            "host {} killed: {}SIGKILL to its {killed_processes} processes",
+            a.kill_host,
+            if a.power_off { "link down, then " } else { "" }
         );
     }
     // Every guest the host ran as primary: taken over, then protected again.
@@ -359,6 +365,7 @@ fn drill(
         hosts: a.hosts,
         killed_host: a.kill_host,
         killed_processes,
+        power_off: a.power_off,
         startup_s,
         protected_s,
         ok: rows.iter().all(|r| r.ok),
@@ -778,7 +785,7 @@ pub fn markdown(r: &ClusterReport) -> String {
 pub fn print_summary(r: &ClusterReport) {
     println!();
     println!(
-        "{} pairs on {} hosts ({} guests, {} memory, {} workload, mode {}, lease TTL {}); host {} killed ({} processes)",
+        "{} pairs on {} hosts ({} guests, {} memory, {} workload, mode {}, lease TTL {}); host {} killed ({} processes{})",
         r.pairs.len(),
         r.hosts,
         r.guest,
@@ -787,7 +794,12 @@ pub fn print_summary(r: &ClusterReport) {
         r.mode,
         r.lease_ttl,
         r.killed_host,
-        r.killed_processes
+        r.killed_processes,
+        if r.power_off {
+            ", its link down first"
+        } else {
+            ""
+        }
     );
     println!();
     print!("{}", markdown(r));

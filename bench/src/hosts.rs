@@ -122,9 +122,17 @@ impl Hosts {
     }
 
     /// Kill host `i`: SIGKILL every process in its namespace, waiting (at most 5 s) until
-    /// none is left. The number of processes killed.
-    pub fn kill(&self, i: usize) -> usize {
-        self.names.get(i).map_or(0, |ns| kill_all(ns))
+    /// none is left. With `power_off`, its link goes down first, as when a host loses
+    /// power: nothing it sends reaches anyone, so no connection of its closes at the
+    /// others. The number of processes killed.
+    pub fn kill(&self, i: usize, power_off: bool) -> Result<usize, HostsError> {
+        let Some(ns) = self.names.get(i) else {
+            return Ok(0);
+        };
+        if power_off {
+            ip(&["-n", ns, "link", "set", "eth0", "down"])?;
+        }
+        Ok(kill_all(ns))
     }
 }
 

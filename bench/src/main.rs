@@ -403,6 +403,11 @@ struct DrillCli {
     /// The host the many-pairs drill kills (0 to H-1).
     #[arg(long, default_value_t = 0)]
     kill_host: usize,
+    /// With --pairs/--hosts: take the killed host's link down before killing its
+    /// processes, as a host that loses power (no connection of its closes; the others
+    /// notice by --detect-timeout and their ack timeout).
+    #[arg(long)]
+    power_off: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -539,6 +544,7 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
             pairs: a.pairs.unwrap_or(hosts),
             hosts,
             kill_host: a.kill_host,
+            power_off: a.power_off,
         };
         return run_cluster(&cluster, a.json);
     }

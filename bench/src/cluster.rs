@@ -201,8 +201,8 @@ struct AtKill {
     backup_acks: usize,
 }
 
-/// Run the drill. The run's directory is removed at the end unless `keep`; after an
-/// error it stays (the error names it where it matters).
+/// Run the drill. The run's directory is removed at the end unless `keep`, or a stall
+/// (whose error names it) ended the drill.
 pub fn run(a: &ClusterArgs) -> Result<ClusterReport, ClusterError> {
     if !(3..=200).contains(&a.hosts) {
         return Err(ClusterError::HostCount(a.hosts));
@@ -221,11 +221,15 @@ pub fn run(a: &ClusterArgs) -> Result<ClusterReport, ClusterError> {
     let dir =
         std::env::temp_dir().join(format!("castor-pairs-{}-{}", std::process::id(), unix_ms()));
     std::fs::create_dir_all(&dir)?;
-    let mut report = drill(a, &dir, &stop, (&bins.0, &bins.1))?;
+    let result = drill(a, &dir, &stop, (&bins.0, &bins.1));
+    // Logs stay with --keep, and after a stall, whose error names the directory.
+    let stalled = matches!(&result, Err(ClusterError::Pair(PairError::Stalled(..))));
+    if !a.drill.keep && !stalled {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let mut report = result?;
     if a.drill.keep {
         report.dir = Some(dir.display().to_string());
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(report)
 }

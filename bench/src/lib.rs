@@ -5,6 +5,7 @@
 //! | [`cases`] | the generated page-pair cases of `shared/bench/PAGE-CASES.md` |
 //! | [`pgpairs`] | the reader of page pairs captured from real guests |
 //! | [`codec`] | the codec benchmark |
+//! | [`encoder`] | the encode stage's CPU per checkpoint, mode against mode, on the same epochs of a real guest (`ha-bench encoder`) |
 //! | [`disksync`] | the initial sync of a disk replica that differs in a share of its blocks (`ha-bench disksync`) |
 //! | [`reprotect`] | re-protection to a backup holding a stale image of the guest, against a full copy (`ha-bench reprotect`) |
 //! | [`drill`] | the failover drill |
@@ -28,6 +29,7 @@ pub mod compare;
 pub mod disk;
 pub mod disksync;
 pub mod drill;
+pub mod encoder;
 pub mod failover;
 pub mod hosts;
 pub mod pair;

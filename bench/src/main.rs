@@ -81,6 +81,14 @@ enum Cmd {
     /// crossed to move the guest and whether it kept its state; writes switchover.md into
     /// --out.
     Switchover(SwitchoverCli),
+    /// The encode stage's CPU per checkpoint, mode against mode, on the same epochs.
+    ///
+    /// Runs one guest per workload; every --interval pauses it, harvests its dirty pages
+    /// and state as the primary does, and hands the same epoch to the primary's encoder
+    /// thread of every mode (each warmed by a pre-copy of the guest's memory). Reports the
+    /// encoder thread's CPU per epoch and the bytes per epoch of each mode, with the CPU
+    /// ratio to the first mode: no backup, no link, no run-to-run drift between modes.
+    Encoder(EncoderCli),
     /// Encode and decode page pairs in each mode; compare with memcpy of the same pages.
     ///
     /// Inputs: the eight generated cases of shared/bench/PAGE-CASES.md (16384 pairs each),
@@ -147,6 +155,53 @@ struct PauseCli {
     /// Keep each run's directory (logs, events, the primary's per-checkpoint stats).
     #[arg(long)]
     keep: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct EncoderCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Workloads, comma-separated, each run at its default rate.
+    #[arg(long, value_delimiter = ',', default_value = "web,kv")]
+    workloads: Vec<Workload>,
+    /// Modes, comma-separated; ratios are to the first.
+    #[arg(long, value_delimiter = ',', default_value = "remus,xbzrle,fgbi")]
+    modes: Vec<ha_codec::codec::Mode>,
+    /// Guest memory.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Epoch interval.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    /// Epochs measured per workload.
+    #[arg(long, default_value_t = 400)]
+    epochs: usize,
+    /// Seconds the guest runs before its memory is pre-copied.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// fgbi's block size (32..=1024, a power of two).
+    #[arg(long, default_value_t = 64)]
+    block_size: u32,
+    /// The page cache of xbzrle and fgbi (the primary's --cache-size).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    cache_size: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Passes of every mode over each workload's epochs (the median pass is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Write each workload's epochs to DIR/<workload>.trace.
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
+    /// Encode the epochs of DIR/<workload>.trace instead of running a guest (to compare
+    /// encoder builds on the same pages).
+    #[arg(long, value_name = "DIR", conflicts_with = "save")]
+    load: Option<PathBuf>,
+    /// JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -495,6 +550,7 @@ fn main() -> ExitCode {
         Cmd::Disksync(a) => run_disksync(a),
         Cmd::Reprotect(a) => run_reprotect(a),
         Cmd::Switchover(a) => run_switchover(a),
+        Cmd::Encoder(a) => run_encoder(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -637,6 +693,34 @@ fn run_failover(a: FailoverCli) -> Result<bool, String> {
         }
     }
     Ok(points.iter().all(|p| p.continuity_ok))
+}
+
+fn run_encoder(a: EncoderCli) -> Result<bool, String> {
+    use ha_bench::encoder;
+    let args = encoder::EncoderArgs {
+        guest: a.guest,
+        workloads: a.workloads,
+        modes: a.modes,
+        memory: a.memory,
+        interval: a.interval,
+        epochs: a.epochs,
+        warmup: a.warmup,
+        block_size: BlockSize::new(a.block_size).map_err(|e| e.to_string())?,
+        cache_bytes: a.cache_size,
+        seed: a.seed,
+        repeat: a.repeat,
+        save: a.save,
+        load: a.load,
+    };
+    let rows = encoder::run(&args).map_err(|e| error_chain(&e))?;
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r).map_err(|e| e.to_string())?);
+        }
+    } else {
+        print!("{}", encoder::markdown(&rows));
+    }
+    Ok(true)
 }
 
 fn run_pause(a: PauseCli) -> Result<bool, String> {

@@ -121,7 +121,7 @@ pub struct Cli {
     #[arg(long, default_value = "64", value_parser = parse_block_size)]
     pub block_size: BlockSize,
     /// Page cache (last-sent content) for xbzrle and fgbi; at least one page (4k) in those
-    /// modes.
+    /// modes. Its memory is taken when the session starts (at most the guest's size).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     pub cache_size: u64,
     /// General compressor for pages with no usable delta: zlib, lz4, none.

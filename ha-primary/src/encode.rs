@@ -116,8 +116,14 @@ pub fn run(
             }
         };
         let cfg = *enc.config();
+        // Room for every frame, the state's included, so that the epoch is written
+        // without growing the buffer.
         let mut out = Vec::with_capacity(
-            batch.bytes.len() + batch.records.len() * 8 + recs.bytes.len() + 256,
+            batch.bytes.len()
+                + batch.records.len() * 8
+                + recs.bytes.len()
+                + job.state.as_ref().map_or(0, Vec::len)
+                + 256,
         );
         let h = EpochHeader {
             epoch: job.epoch,
@@ -142,8 +148,7 @@ pub fn run(
             tracing::error!(epoch = job.epoch, error = %e, "epoch writer refused the epoch");
             return;
         }
-        let mut stats = enc.stats().clone();
-        subtract(&mut stats, &before);
+        let stats = enc.stats().since(&before);
         let report = Encoded {
             epoch: job.epoch,
             pages: job.pages.len(),
@@ -185,15 +190,4 @@ fn thread_cpu() -> Duration {
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
     )
-}
-
-fn subtract(a: &mut EncodeStats, b: &EncodeStats) {
-    for (x, y) in a.kinds.iter_mut().zip(&b.kinds) {
-        x.pages -= y.pages;
-        x.bytes -= y.bytes;
-    }
-    a.changed_blocks -= b.changed_blocks;
-    a.shared_blocks -= b.shared_blocks;
-    a.zero_blocks -= b.zero_blocks;
-    a.literal_blocks -= b.literal_blocks;
 }

@@ -467,7 +467,14 @@ pub fn run_connected(
         Mode::Remus => None,
         // The options refuse a size the cache cannot use; a caller that passes one anyway
         // gets the cache's own error, not a silently smaller cache.
-        _ => Some(PageCache::lru(cfg.cache_bytes)?),
+        // Its memory is taken up front: no more than the guest could fill.
+        _ => Some(PageCache::lru(
+            cfg.cache_bytes.min(
+                pages
+                    .saturating_mul(ha_codec::PAGE_SIZE)
+                    .max(ha_codec::PAGE_SIZE),
+            ),
+        )?),
     };
     let hashes =
         (cfg.codec.mode == Mode::Fgbi).then(|| BlockHashes::new(pages, cfg.codec.block_size));

@@ -27,3 +27,15 @@ pub mod xbzrle;
 
 /// Guest page size in bytes. Castor works in 4 KiB pages throughout.
 pub const PAGE_SIZE: usize = 4096;
+
+/// Fault in every page of a fresh zeroed buffer now, so that the checkpoint path does
+/// not take its first-touch page faults. One byte per 4 KiB page is written non-zero
+/// (a zero store into calloc'd memory may be elided); the caller treats the buffer's
+/// content as undefined until it writes it.
+pub(crate) fn prefault<T: Copy>(buf: &mut [T], mark: T) {
+    let step = (PAGE_SIZE / std::mem::size_of::<T>().max(1)).max(1);
+    for x in buf.iter_mut().step_by(step) {
+        *x = mark;
+    }
+    std::hint::black_box(buf);
+}

@@ -14,17 +14,51 @@ use crate::share::{BlockRef, PageView, ShareIndex};
 use crate::{varint, xbzrle};
 use std::collections::HashMap;
 
+/// The pages of the batch encoded so far: the first `upto`. A batch in increasing page
+/// order (what the harvest produces) is searched in place; any other is indexed.
+#[derive(Debug, Default)]
+struct Done {
+    upto: usize,
+    sorted: bool,
+    map: HashMap<u64, usize>,
+}
+
+impl Done {
+    fn start(&mut self, pages: &[u64]) {
+        self.upto = 0;
+        self.sorted = pages.is_sorted();
+        self.map.clear();
+    }
+
+    /// Page `pages[i]` is encoded.
+    fn push(&mut self, pages: &[u64], i: usize) {
+        self.upto = i + 1;
+        if !self.sorted {
+            self.map.insert(pages[i], i);
+        }
+    }
+
+    /// Where in the batch `page` was encoded, if it was.
+    fn find(&self, pages: &[u64], page: u64) -> Option<usize> {
+        if self.sorted {
+            pages[..self.upto].binary_search(&page).ok()
+        } else {
+            self.map.get(&page).copied()
+        }
+    }
+}
+
 /// The backup's view while a batch is being encoded: pages encoded earlier in the batch
 /// have their new content; others what the cache remembers.
 struct BatchView<'a> {
-    done: &'a HashMap<u64, usize>,
+    done: &'a Done,
     batch: Batch<'a>,
     cache: Option<&'a PageCache>,
 }
 
 impl PageView for BatchView<'_> {
     fn page(&self, page: u64) -> Option<&Page> {
-        if let Some(&i) = self.done.get(&page) {
+        if let Some(i) = self.done.find(self.batch.pages, page) {
             return Some(self.batch.page(i));
         }
         self.cache.and_then(|c| c.peek(page))
@@ -45,8 +79,12 @@ pub struct PageEncoder {
     hashes: Option<BlockHashes>,
     index: ShareIndex,
     stats: EncodeStats,
-    done: HashMap<u64, usize>,
+    done: Done,
     scratch: Scratch,
+    /// Whether whole-page compression has been paying lately.
+    page_gate: Gate,
+    /// Whether compressing `Blocks` literals has been paying lately.
+    literal_gate: Gate,
 }
 
 /// Reused buffers, so encoding allocates nothing per page.
@@ -54,9 +92,31 @@ struct Scratch {
     delta: Vec<u8>,
     blocks: Vec<u8>,
     literals: Vec<u8>,
+    /// Literal blocks of the `Blocks` record being built: (fingerprint, block).
+    pending: Vec<(u64, u8)>,
     general: Vec<u8>,
+    /// Compressed literals.
+    packed: Vec<u8>,
     new_hashes: Vec<u64>,
+    /// A bit per block fingerprinted for this page that is all zero (exact for every
+    /// changed block).
+    zero_blocks: u128,
+    /// The fingerprint of an all-zero block.
+    zero_hash: u64,
     zlib: flate2::Compress,
+}
+
+impl Scratch {
+    /// Fingerprint every block of `new` into `new_hashes`, noting its zero blocks.
+    fn fingerprint_all(&mut self, new: &Page, bs: BlockSize) {
+        self.zero_blocks = hashes::blocks_hashes(
+            new,
+            bs,
+            BlockMask::all(bs),
+            self.zero_hash,
+            &mut self.new_hashes,
+        );
+    }
 }
 
 impl std::fmt::Debug for Scratch {
@@ -82,13 +142,19 @@ impl PageEncoder {
             hashes,
             index: ShareIndex::new(cfg.block_size.bytes(), crate::share::DEFAULT_BLOCK_ENTRIES),
             stats: EncodeStats::default(),
-            done: HashMap::new(),
+            done: Done::default(),
+            page_gate: Gate::default(),
+            literal_gate: Gate::default(),
             scratch: Scratch {
                 delta: vec![0; PAGE_SIZE + 64],
                 blocks: Vec::with_capacity(PAGE_SIZE * 2),
                 literals: Vec::with_capacity(PAGE_SIZE),
+                pending: Vec::with_capacity(cfg.block_size.per_page()),
                 general: vec![0; PAGE_SIZE + 64],
+                packed: Vec::with_capacity(PAGE_SIZE + PAGE_SIZE / 8 + 64),
                 new_hashes: vec![0; cfg.block_size.per_page()],
+                zero_blocks: 0,
+                zero_hash: hashes::zero_hash(cfg.block_size),
                 zlib: flate2::Compress::new(flate2::Compression::new(cfg.zlib_level), false),
             },
         })
@@ -109,6 +175,11 @@ impl PageEncoder {
         self.cache.as_ref()
     }
 
+    /// The block fingerprints kept of what the backup holds (fgbi), if any.
+    pub fn fingerprints(&self) -> Option<&BlockHashes> {
+        self.hashes.as_ref()
+    }
+
     /// The share index.
     pub fn share_index(&self) -> &ShareIndex {
         &self.index
@@ -117,7 +188,7 @@ impl PageEncoder {
     /// Record that the backup holds `content` for `page` (initial sync, or a warm start):
     /// cache it, fingerprint it and index it as the mode needs.
     pub fn learn(&mut self, page: u64, content: &Page) {
-        self.learn_inner(page, content, false);
+        self.learn_inner(page, content);
     }
 
     /// Record only the block fingerprints of `page` (what the primary keeps when it does
@@ -133,7 +204,7 @@ impl PageEncoder {
     /// each may reference the ones before it.
     pub fn encode_batch(&mut self, batch: Batch<'_>, out: &mut EncodedBatch) {
         let n = batch.pages.len().min(batch.data.len() / PAGE_SIZE);
-        self.done.clear();
+        self.done.start(&batch.pages[..n]);
         for i in 0..n {
             let page = batch.pages[i];
             let new = batch.page(i);
@@ -149,9 +220,8 @@ impl PageEncoder {
                 start,
                 len,
             });
-            self.done.insert(page, i);
+            self.done.push(batch.pages, i);
         }
-        self.done.clear();
     }
 
     fn encode_page(
@@ -221,7 +291,7 @@ impl PageEncoder {
             Some(m) => m.blocks(bs),
             None => match &self.hashes {
                 Some(h) => {
-                    hashes::page_hashes(new, bs, &mut self.scratch.new_hashes);
+                    self.scratch.fingerprint_all(new, bs);
                     hashed = true;
                     match h.changed(page, &self.scratch.new_hashes) {
                         Some(m) if m.changed() == 0 => return Encoding::Unchanged,
@@ -233,7 +303,8 @@ impl PageEncoder {
             },
         };
         if is_zero(new) {
-            self.learn_inner(page, new, hashed);
+            self.scratch.new_hashes.fill(self.scratch.zero_hash);
+            self.learn_fingerprinted(page, new, true, 0);
             return Encoding::Zero;
         }
 
@@ -247,15 +318,19 @@ impl PageEncoder {
             {
                 if n <= TINY {
                     out.extend_from_slice(&self.scratch.delta[..n]);
-                    self.learn_inner(page, new, hashed);
+                    self.learn_changed(page, new, hashed, blocks);
                     return Encoding::Delta;
                 }
                 best = (Encoding::Delta, n);
             }
         }
 
+        // Every block's fingerprint: the changed ones hashed, the others as stored.
+        if !hashed {
+            self.fingerprint(page, new, blocks);
+        }
         // A page the backup already holds whole.
-        let page_hash = hashes::hash(new);
+        let page_hash = hashes::combine(&self.scratch.new_hashes);
         let view = BatchView {
             done: &self.done,
             batch,
@@ -263,40 +338,61 @@ impl PageEncoder {
         };
         if let Some(q) = self.index.find_page(page_hash, new, page, &view) {
             varint::put_delta(out, page, q);
-            self.learn_with_hash(page, new, hashed, page_hash);
+            self.learn_fingerprinted(page, new, false, page_hash);
             return Encoding::PageRef;
         }
 
         // Changed blocks, shared where possible. A random-looking page with no small
-        // delta gains only from sharing: probe a few of its blocks before hashing all.
+        // delta gains only from sharing: probe a few of its blocks before building all.
         // With a delta in hand, Blocks only wins through zero or shared blocks, or by
         // compressing a large delta's literals: probe before building it.
-        let random = looks_random(new);
+        // Whether the page looks random, sampled only if a decision needs it.
+        let random = std::cell::OnceCell::new();
+        let is_random = || *random.get_or_init(|| looks_random(new));
+        let fingerprints = &self.scratch.new_hashes;
+        let any_zero = self.scratch.zero_blocks & blocks.bits() != 0;
         let worth_blocks = match best.0 {
             Encoding::Delta => {
                 best.1 > 2 * bs.bytes() + 16
                     && (best.1 > COMPRESS_MIN * 2
-                        || probe_shared(page, new, blocks, bs, &mut self.index, &view))
+                        || any_zero
+                        || probe_shared(
+                            page,
+                            new,
+                            blocks,
+                            bs,
+                            fingerprints,
+                            &mut self.index,
+                            &view,
+                        ))
             }
             // No delta: a random page gains only from sharing.
-            _ => !random || probe_shared(page, new, blocks, bs, &mut self.index, &view),
+            _ => {
+                any_zero
+                    || !is_random()
+                    || probe_shared(page, new, blocks, bs, fingerprints, &mut self.index, &view)
+            }
         };
         if worth_blocks {
-            if !hashed && self.hashes.is_some() {
-                hashes::page_hashes(new, bs, &mut self.scratch.new_hashes);
-                hashed = true;
-            }
             let n = build_blocks(
-                page,
-                new,
-                blocks,
-                bs,
-                hashed.then_some(&self.scratch.new_hashes[..]),
+                Target {
+                    page,
+                    new,
+                    mask: blocks,
+                    bs,
+                    fingerprints,
+                    zeros: self.scratch.zero_blocks,
+                },
                 &mut self.index,
                 &view,
-                self.cfg.general,
+                Packer {
+                    general: self.cfg.general,
+                    gate: &mut self.literal_gate,
+                    zlib: &mut self.scratch.zlib,
+                    packed: &mut self.scratch.packed,
+                },
                 &mut self.scratch.literals,
-                &mut self.scratch.zlib,
+                &mut self.scratch.pending,
                 &mut self.stats,
                 &mut self.scratch.blocks,
             );
@@ -305,19 +401,24 @@ impl PageEncoder {
             }
         }
 
-        // Whole-page compression, unless the page looks random.
+        // Whole-page compression, unless the page looks random or such attempts have
+        // not been paying.
         if best.1 > COMPRESS_MIN * 2
             && self.cfg.general != GeneralCodec::None
-            && !random
-            && let Some(n) = compress(
+            && !is_random()
+            && self.page_gate.open(&mut self.stats)
+        {
+            let won = compress(
                 self.cfg.general,
                 new,
                 &mut self.scratch.general,
                 best.1.saturating_sub(2),
                 &mut self.scratch.zlib,
-            )
-        {
-            best = (Encoding::General, n + 1);
+            );
+            self.page_gate.record(won.is_some(), &mut self.stats);
+            if let Some(n) = won {
+                best = (Encoding::General, n + 1);
+            }
         }
 
         match best.0 {
@@ -329,8 +430,24 @@ impl PageEncoder {
             }
             _ => out.extend_from_slice(new),
         }
-        self.learn_with_hash(page, new, hashed, page_hash);
+        self.learn_fingerprinted(page, new, false, page_hash);
         best.0
+    }
+
+    /// Fill the scratch fingerprints with those of every block of `new`: the stored ones
+    /// of what the backup holds with the `changed` blocks rehashed, when they are stored;
+    /// else every block hashed.
+    fn fingerprint(&mut self, page: u64, new: &Page, changed: BlockMask) {
+        let bs = self.cfg.block_size;
+        let s = &mut self.scratch;
+        match self.hashes.as_ref().and_then(|h| h.get(page)) {
+            Some(old) => {
+                s.new_hashes.copy_from_slice(old);
+                s.zero_blocks =
+                    hashes::blocks_hashes(new, bs, changed, s.zero_hash, &mut s.new_hashes);
+            }
+            None => s.fingerprint_all(new, bs),
+        }
     }
 
     /// Update the cache (xbzrle: nothing else).
@@ -340,89 +457,161 @@ impl PageEncoder {
         }
     }
 
-    fn learn_inner(&mut self, page: u64, new: &Page, hashed: bool) {
-        let h = if self.cfg.mode == Mode::Fgbi {
-            hashes::hash(new)
-        } else {
-            0
-        };
-        self.learn_with_hash(page, new, hashed, h);
+    /// Learn a page that was sent with `changed` blocks changed, fingerprinting it first
+    /// unless `hashed`.
+    fn learn_changed(&mut self, page: u64, new: &Page, hashed: bool, changed: BlockMask) {
+        if !hashed {
+            self.fingerprint(page, new, changed);
+        }
+        let h = hashes::combine(&self.scratch.new_hashes);
+        self.learn_fingerprinted(page, new, false, h);
     }
 
-    /// After `page` was sent as `new`: cache it, store its block fingerprints (computed
-    /// already when `hashed`), and index the whole page.
-    fn learn_with_hash(&mut self, page: u64, new: &Page, hashed: bool, page_hash: u64) {
+    fn learn_inner(&mut self, page: u64, new: &Page) {
+        if self.cfg.mode != Mode::Fgbi {
+            self.remember(page, new);
+            return;
+        }
+        self.fingerprint(page, new, BlockMask::all(self.cfg.block_size));
+        let h = hashes::combine(&self.scratch.new_hashes);
+        self.learn_fingerprinted(page, new, is_zero(new), h);
+    }
+
+    /// After `page` was sent as `new`, whose block fingerprints are in the scratch: cache
+    /// it, store the fingerprints, and index the whole page (`page_hash`) unless `zero`.
+    fn learn_fingerprinted(&mut self, page: u64, new: &Page, zero: bool, page_hash: u64) {
         self.remember(page, new);
         if self.cfg.mode != Mode::Fgbi {
             return;
         }
         if let Some(h) = &mut self.hashes {
-            if !hashed {
-                hashes::page_hashes(new, self.cfg.block_size, &mut self.scratch.new_hashes);
-            }
             h.store(page, &self.scratch.new_hashes);
         }
-        if !is_zero(new) {
+        if !zero {
             self.index.insert_page(page_hash, page);
         }
     }
 }
 
-/// Whether a changed block of the page is all zero, or one of the first few non-zero
-/// changed blocks is shared.
+/// Whether general compression at one site (whole pages, or `Blocks` literals) is worth
+/// its CPU. While fewer than one in eight recent attempts there produced something small
+/// enough to keep, only every eighth candidate is tried (which keeps measuring); the
+/// record halves every 64 attempts, so a change in the guest's data is noticed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gate {
+    tries: u32,
+    wins: u32,
+    skips: u32,
+}
+
+impl Gate {
+    const WINDOW: u32 = 64;
+    const MIN_TRIES: u32 = 16;
+    const EVERY: u32 = 8;
+
+    /// Whether to try this candidate (a skip is counted in `stats`).
+    fn open(&mut self, stats: &mut EncodeStats) -> bool {
+        if self.tries >= Self::MIN_TRIES && self.wins * Self::EVERY < self.tries {
+            self.skips = self.skips.wrapping_add(1);
+            if !self.skips.is_multiple_of(Self::EVERY) {
+                stats.compress_skipped += 1;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The outcome of an attempt.
+    fn record(&mut self, won: bool, stats: &mut EncodeStats) {
+        stats.compress_tries += 1;
+        stats.compress_wins += u64::from(won);
+        self.tries += 1;
+        self.wins += u32::from(won);
+        if self.tries >= Self::WINDOW {
+            self.tries /= 2;
+            self.wins /= 2;
+        }
+    }
+}
+
+/// Whether one of the first few changed blocks (none of them zero) is shared.
 fn probe_shared(
     page: u64,
     new: &Page,
     mask: BlockMask,
     bs: BlockSize,
+    fingerprints: &[u64],
     index: &mut ShareIndex,
     view: &impl PageView,
 ) -> bool {
     const PROBES: usize = 4;
-    let blocks = || mask.iter().map(|b| (b, &new[bs.range(b)]));
-    if blocks().any(|(_, blk)| is_zero(blk)) {
-        return true;
-    }
-    blocks().take(PROBES).any(|(b, blk)| {
-        let me = BlockRef {
-            page,
-            block: b as u8,
-        };
-        index.find_block(hashes::hash(blk), blk, me, view).is_some()
-    })
+    mask.iter()
+        .map(|b| (b, &new[bs.range(b)]))
+        .take(PROBES)
+        .any(|(b, blk)| {
+            let me = BlockRef {
+                page,
+                block: b as u8,
+            };
+            index.find_block(fingerprints[b], blk, me, view).is_some()
+        })
+}
+
+/// The page a `Blocks` record is built for.
+struct Target<'a> {
+    page: u64,
+    new: &'a Page,
+    mask: BlockMask,
+    bs: BlockSize,
+    /// Every block's fingerprint.
+    fingerprints: &'a [u64],
+    /// A bit per all-zero block (exact for the blocks of `mask`).
+    zeros: u128,
+}
+
+/// How literals are compressed.
+struct Packer<'a> {
+    general: GeneralCodec,
+    gate: &'a mut Gate,
+    zlib: &'a mut flate2::Compress,
+    packed: &'a mut Vec<u8>,
 }
 
 /// Build a `Blocks` payload into `out` and return its length.
 #[allow(clippy::too_many_arguments)]
 fn build_blocks(
-    page: u64,
-    new: &Page,
-    mask: BlockMask,
-    bs: BlockSize,
-    new_hashes: Option<&[u64]>,
+    t: Target<'_>,
     index: &mut ShareIndex,
     view: &impl PageView,
-    general: GeneralCodec,
+    packer: Packer<'_>,
     literals: &mut Vec<u8>,
-    zlib: &mut flate2::Compress,
+    pending: &mut Vec<(u64, u8)>,
     stats: &mut EncodeStats,
     out: &mut Vec<u8>,
 ) -> usize {
+    let Target {
+        page,
+        new,
+        mask,
+        bs,
+        fingerprints,
+        zeros,
+    } = t;
     out.clear();
     literals.clear();
+    pending.clear();
     let mask_bytes = bs.per_page().div_ceil(8);
     out.extend_from_slice(&mask.bits().to_le_bytes()[..mask_bytes]);
     let tags_at = out.len();
     let changed = mask.changed();
     out.resize(tags_at + (changed * 2).div_ceil(8), 0);
-    let mut pending = Vec::new();
     for (k, b) in mask.iter().enumerate() {
         let blk = &new[bs.range(b)];
-        let tag = if is_zero(blk) {
+        let tag = if zeros >> b & 1 == 1 {
             stats.zero_blocks += 1;
             TAG_ZERO
         } else {
-            let h = new_hashes.map_or_else(|| hashes::hash(blk), |hs| hs[b]);
+            let h = fingerprints[b];
             let me = BlockRef {
                 page,
                 block: b as u8,
@@ -446,15 +635,26 @@ fn build_blocks(
     }
     stats.changed_blocks += changed as u64;
     // Literal blocks become shareable once this record is applied.
-    for (h, b) in pending {
+    for &(h, b) in pending.iter() {
         index.insert_block(h, page, b);
     }
     // Literals: raw, or compressed if that pays.
-    if literals.len() >= COMPRESS_MIN && general != GeneralCodec::None && !looks_random(literals) {
-        let mut buf = Vec::new();
-        if let Some(n) = compress(general, literals, &mut buf, literals.len() - 8, zlib) {
-            out.push(codec_byte(general));
-            out.extend_from_slice(&buf[..n]);
+    if literals.len() >= COMPRESS_MIN
+        && packer.general != GeneralCodec::None
+        && !looks_random(literals)
+        && packer.gate.open(stats)
+    {
+        let won = compress(
+            packer.general,
+            literals,
+            packer.packed,
+            literals.len() - 8,
+            packer.zlib,
+        );
+        packer.gate.record(won.is_some(), stats);
+        if let Some(n) = won {
+            out.push(codec_byte(packer.general));
+            out.extend_from_slice(&packer.packed[..n]);
             return out.len();
         }
     }

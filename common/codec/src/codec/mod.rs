@@ -330,6 +330,13 @@ mod tests {
                 _ => p.iter_mut().for_each(|b| *b = r() as u8),
             }
         }
+        let (idx, data) = dirty(&old, &mut r);
+        (old, idx, data)
+    }
+
+    /// A new version of some of `old`'s pages: their indices and content.
+    fn dirty(old: &[Page], r: &mut impl FnMut() -> u64) -> (Vec<u64>, Vec<u8>) {
+        let pages = old.len();
         let mut idx = Vec::new();
         let mut data = Vec::new();
         for i in 0..pages {
@@ -364,7 +371,7 @@ mod tests {
             idx.push(i as u64);
             data.extend_from_slice(&new);
         }
-        (old, idx, data)
+        (idx, data)
     }
 
     fn encoder(cfg: CodecConfig, knows: Knows, old: &[Page]) -> PageEncoder {
@@ -420,6 +427,56 @@ mod tests {
             want[p as usize].copy_from_slice(&data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]);
         }
         want
+    }
+
+    /// Apply an encoded batch at a simulated backup.
+    fn apply(image: &mut Image, out: &EncodedBatch, bs: BlockSize) {
+        for r in &out.records {
+            if r.encoding == Encoding::Unchanged {
+                continue;
+            }
+            let mut pg = image.0[r.page as usize];
+            decode_page(r.encoding, out.payload(r), r.page, bs, &*image, &mut pg)
+                .unwrap_or_else(|e| panic!("page {} {:?}: {e}", r.page, r.encoding));
+            image.0[r.page as usize] = pg;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// fgbi keeps what it knows of the backup across epochs: a content cache small
+        /// enough to evict (so evicted pages are diffed through their stored fingerprints)
+        /// and fingerprints updated only where blocks changed. After every epoch the
+        /// backup's image is the primary's memory, and every stored fingerprint is the
+        /// fingerprint of what the backup holds.
+        #[test]
+        fn fgbi_keeps_the_backup_exact_over_many_epochs(seed in any::<u64>(), shift in 5u32..=8) {
+            let pages = 32;
+            let bs = BlockSize::new(1 << shift).unwrap();
+            let cfg = CodecConfig { mode: Mode::Fgbi, block_size: bs, ..Default::default() };
+            let (mut truth, _, _) = scenario(seed, pages);
+            let cache = PageCache::lru(8 * PAGE_SIZE).unwrap();
+            let mut enc = PageEncoder::new(cfg, Some(cache), Some(BlockHashes::new(pages, bs))).unwrap();
+            for (p, c) in truth.iter().enumerate() {
+                enc.learn(p as u64, c);
+            }
+            let mut image = Image(truth.clone());
+            let mut r = rng(seed ^ 0x5eed);
+            let mut want = vec![0u64; bs.per_page()];
+            for epoch in 0..8 {
+                let (idx, data) = dirty(&truth, &mut r);
+                let mut out = EncodedBatch::default();
+                enc.encode_batch(Batch { pages: &idx, data: &data }, &mut out);
+                apply(&mut image, &out, bs);
+                truth = expected(&truth, &idx, &data);
+                prop_assert!(image.0 == truth, "epoch {}", epoch);
+                let stored = enc.fingerprints().unwrap();
+                for (p, content) in image.0.iter().enumerate() {
+                    crate::hashes::page_hashes(content, bs, &mut want);
+                    prop_assert_eq!(stored.get(p as u64), Some(&want[..]), "epoch {} page {}", epoch, p);
+                }
+            }
+        }
     }
 
     proptest! {

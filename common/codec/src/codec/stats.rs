@@ -25,6 +25,12 @@ pub struct EncodeStats {
     pub zero_blocks: u64,
     /// Changed blocks sent as literals.
     pub literal_blocks: u64,
+    /// General compression attempts (whole pages and literal blocks).
+    pub compress_tries: u64,
+    /// Attempts whose output was small enough to be kept.
+    pub compress_wins: u64,
+    /// Attempts skipped because recent ones at the same site rarely paid.
+    pub compress_skipped: u64,
 }
 
 impl EncodeStats {
@@ -53,5 +59,30 @@ impl EncodeStats {
         self.shared_blocks += o.shared_blocks;
         self.zero_blocks += o.zero_blocks;
         self.literal_blocks += o.literal_blocks;
+        self.compress_tries += o.compress_tries;
+        self.compress_wins += o.compress_wins;
+        self.compress_skipped += o.compress_skipped;
+    }
+
+    /// What was counted since `earlier`, a copy of these counters taken before.
+    pub fn since(&self, earlier: &EncodeStats) -> EncodeStats {
+        let mut d = self.clone();
+        for (a, b) in d.kinds.iter_mut().zip(&earlier.kinds) {
+            a.pages = a.pages.saturating_sub(b.pages);
+            a.bytes = a.bytes.saturating_sub(b.bytes);
+        }
+        let pairs = [
+            (&mut d.changed_blocks, earlier.changed_blocks),
+            (&mut d.shared_blocks, earlier.shared_blocks),
+            (&mut d.zero_blocks, earlier.zero_blocks),
+            (&mut d.literal_blocks, earlier.literal_blocks),
+            (&mut d.compress_tries, earlier.compress_tries),
+            (&mut d.compress_wins, earlier.compress_wins),
+            (&mut d.compress_skipped, earlier.compress_skipped),
+        ];
+        for (a, b) in pairs {
+            *a = a.saturating_sub(b);
+        }
+        d
     }
 }

@@ -38,7 +38,9 @@ enum Cmd {
     /// run through cargo), protects a built-in guest, shows live progress, kills the primary
     /// with SIGKILL at a random moment after --seconds, and reports detection and activation
     /// times and a continuity verdict (resumed checkpoint, progress counter, memory checksum,
-    /// output sequence). Exits non-zero when continuity fails.
+    /// output sequence). Exits non-zero when continuity fails. With --pairs or --hosts,
+    /// many independent pairs placed across network-namespace hosts and one host killed
+    /// (see --pairs); a table per pair, or --json.
     Drill(DrillCli),
     /// The drill across guest memory sizes: detection, activation and failover time
     /// against memory.

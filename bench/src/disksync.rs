@@ -225,23 +225,33 @@ fn one(
 
 /// The rows as a Markdown table.
 pub fn markdown(rows: &[SyncRow]) -> String {
-    let mut s = String::from(
-        "| disk | blocks changed | blocks sent | fingerprints | block records | sent / disk | round trips | compare ms | sync ms | start → protected ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {} MiB | {} | {} | {:.1} KiB | {:.1} MiB | {:.2} % | {} | {} | {} | {} |\n",
-            r.disk_bytes >> 20,
-            r.changed,
-            r.blocks,
-            r.fingerprint_bytes as f64 / 1024.0,
-            r.block_wire_bytes as f64 / (1 << 20) as f64,
-            100.0 * r.sent_ratio(),
-            r.round_trips,
-            r.compare_ms,
-            r.sync_ms,
-            r.protected_ms,
-        ));
-    }
-    s
+    let head = [
+        "disk",
+        "blocks changed",
+        "blocks sent",
+        "fingerprints",
+        "block records",
+        "sent / disk",
+        "round trips",
+        "compare ms",
+        "sync ms",
+        "start → protected ms",
+    ];
+    crate::markdown_table(
+        &head,
+        rows.iter().map(|r| {
+            vec![
+                format!("{} MiB", r.disk_bytes >> 20),
+                r.changed.to_string(),
+                r.blocks.to_string(),
+                format!("{:.1} KiB", r.fingerprint_bytes as f64 / 1024.0),
+                format!("{:.1} MiB", r.block_wire_bytes as f64 / (1 << 20) as f64),
+                format!("{:.2} %", 100.0 * r.sent_ratio()),
+                r.round_trips.to_string(),
+                r.compare_ms.to_string(),
+                r.sync_ms.to_string(),
+                r.protected_ms.to_string(),
+            ]
+        }),
+    )
 }

@@ -455,20 +455,8 @@ fn verdict(
     let acks_us: Vec<u64> = rows.iter().filter_map(|r| r.ack_us).collect();
     let n = rows.len().max(1) as f64;
     let ev = events(&f("backup.events"));
-    let acks: Vec<(u64, u64)> = std::fs::read_to_string(f("ack.log"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace().map(str::parse::<u64>);
-            Some((it.next()?.ok()?, it.next()?.ok()?))
-        })
-        .collect();
-    let (last_epoch, last_head) = acks.last().copied().unwrap_or((0, 0));
-    let cp = ev
-        .iter()
-        .rfind(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
-        .cloned()
-        .unwrap_or(Value::Null);
+    let acks = ha_wire::output::read_ack_log(&f("ack.log"));
+    let last_head = acks.last().map_or(0, |a| a.1);
     let progress: Vec<u64> = ev
         .iter()
         .filter(|e| e["event"] == "progress")
@@ -476,58 +464,16 @@ fn verdict(
         .collect();
     let resume = active["progress"].as_u64().unwrap_or(0);
     let mut checks: Vec<(String, bool, String)> = Vec::new();
-    let mut check =
-        |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
     // The moment the backup declared the loss (activation is measured from it), else when
     // it wrote the event.
     let t_lost = lost["declared_ms"]
         .as_u64()
         .or_else(|| lost["t_ms"].as_u64())
         .unwrap_or(t_kill);
-    check(
-        "no false failover: the backup took over only after the kill",
-        t_lost >= t_kill,
-        format!(
-            "primary declared lost {} ms after the kill ({})",
-            t_lost.cast_signed() - t_kill.cast_signed(),
-            lost["reason"]
-        ),
-    );
-    check(
-        "resumed from the last committed checkpoint",
-        active["epoch"] == last_epoch && last_epoch > 0,
-        format!(
-            "resumed epoch {}, last commit {last_epoch}",
-            active["epoch"]
-        ),
-    );
-    for key in ["progress", "checksum", "out_head"] {
-        check(
-            &format!("restored {key} equals the checkpoint's"),
-            active[key] == cp[key] && !cp[key].is_null(),
-            format!("{} vs {}", active[key], cp[key]),
-        );
-    }
-    check(
-        "the guest goes on at the backup",
-        progress.last().is_some_and(|&p| p > resume)
-            && progress.windows(2).all(|w| w[0] <= w[1])
-            && progress.iter().all(|&p| p >= resume),
-        format!(
-            "progress {resume} -> {}",
-            progress.last().copied().unwrap_or(resume)
-        ),
-    );
-    check(
-        "output: no gap, no changed repeat, nothing released before its commit",
-        world.violations.is_empty(),
-        world.violations.first().cloned().unwrap_or_else(|| {
-            format!(
-                "{} records in sequence, {} repeats",
-                world.next_seq, world.repeats
-            )
-        }),
-    );
+    checks.push(after_kill_check(t_lost, t_kill, lost));
+    checks.extend(takeover_checks(&ev, &acks, active, &progress, world));
+    let mut check =
+        |name: &str, ok: bool, detail: String| checks.push((name.to_string(), ok, detail));
     check(
         "output continues from the backup",
         world.from_backup > 0 && world.next_seq > last_head,
@@ -572,6 +518,77 @@ fn verdict(
         guest_vcpu_cpu_ms_per_epoch: 0.0,
         disk: None,
     }
+}
+
+/// "No false failover": the backup declared its primary lost (at `t_lost`, event `lost`)
+/// only after the kill at `t_kill`.
+pub(crate) fn after_kill_check(t_lost: u64, t_kill: u64, lost: &Value) -> (String, bool, String) {
+    (
+        "no false failover: the backup took over only after the kill".to_string(),
+        t_lost >= t_kill,
+        format!(
+            "primary declared lost {} ms after the kill ({})",
+            t_lost.cast_signed() - t_kill.cast_signed(),
+            lost["reason"]
+        ),
+    )
+}
+
+/// The continuity checks of a takeover, as (name, passed, details): the backup (its
+/// `events`) activated (`active`) from the last checkpoint in its ack log (`acks`), its
+/// restored guest is that checkpoint's (progress, checksum, output head), the guest went
+/// on from there (`progress`: what it reported afterwards, in order), and the world saw
+/// no gap, no changed repeat and no release ahead of a commit.
+pub(crate) fn takeover_checks(
+    events: &[Value],
+    acks: &[(u64, u64)],
+    active: &Value,
+    progress: &[u64],
+    world: &WorldView,
+) -> Vec<(String, bool, String)> {
+    let last_epoch = acks.last().map_or(0, |a| a.0);
+    let cp = events
+        .iter()
+        .rfind(|e| e["event"] == "checkpoint" && e["epoch"] == last_epoch)
+        .cloned()
+        .unwrap_or(Value::Null);
+    let resume = active["progress"].as_u64().unwrap_or(0);
+    let mut checks = vec![(
+        "resumed from the last committed checkpoint".to_string(),
+        active["epoch"] == last_epoch && last_epoch > 0,
+        format!(
+            "resumed epoch {}, last commit {last_epoch}",
+            active["epoch"]
+        ),
+    )];
+    for key in ["progress", "checksum", "out_head"] {
+        checks.push((
+            format!("restored {key} equals the checkpoint's"),
+            active[key] == cp[key] && !cp[key].is_null(),
+            format!("{} vs {}", active[key], cp[key]),
+        ));
+    }
+    checks.push((
+        "the guest goes on at the backup".to_string(),
+        progress.last().is_some_and(|&p| p > resume)
+            && progress.windows(2).all(|w| w[0] <= w[1])
+            && progress.iter().all(|&p| p >= resume),
+        format!(
+            "progress {resume} -> {}",
+            progress.last().copied().unwrap_or(resume)
+        ),
+    ));
+    checks.push((
+        "output: no gap, no changed repeat, nothing released before its commit".to_string(),
+        world.violations.is_empty(),
+        world.violations.first().cloned().unwrap_or_else(|| {
+            format!(
+                "{} records in sequence, {} repeats",
+                world.next_seq, world.repeats
+            )
+        }),
+    ));
+    checks
 }
 
 /// Print the summary table.

@@ -38,7 +38,9 @@ enum Cmd {
     /// run through cargo), protects a built-in guest, shows live progress, kills the primary
     /// with SIGKILL at a random moment after --seconds, and reports detection and activation
     /// times and a continuity verdict (resumed checkpoint, progress counter, memory checksum,
-    /// output sequence). Exits non-zero when continuity fails.
+    /// output sequence). Exits non-zero when continuity fails. With --pairs or --hosts,
+    /// many independent pairs placed across network-namespace hosts and one host killed
+    /// (see --pairs); a table per pair, or --json.
     Drill(DrillCli),
     /// The drill across guest memory sizes: detection, activation and failover time
     /// against memory.
@@ -70,6 +72,17 @@ enum Cmd {
     /// differed, fingerprint and page bytes and times, beside the same guest's full copy
     /// (its initial sync); writes reprotect.md into --out.
     Reprotect(ReprotectCli),
+    /// A planned switchover against a failover and a cold restart: downtime and bytes,
+    /// over each link rate.
+    ///
+    /// For each --link, three fresh pairs (processes on loopback, the primary's sender
+    /// shaped to the rate) protect the guest for --warmup seconds; then the first is moved
+    /// by a planned switchover (SIGUSR1), the second by a failover (SIGKILL of the
+    /// primary), the third by a cold restart (the pair killed and the guest started anew
+    /// with a fresh backup). Prints downtime, the output gap the world saw, the bytes that
+    /// crossed to move the guest and whether it kept its state; writes switchover.md into
+    /// --out.
+    Switchover(SwitchoverCli),
     /// The encode stage's CPU per checkpoint, mode against mode, on the same epochs.
     ///
     /// Runs one guest per workload; every --interval pauses it, harvests its dirty pages
@@ -233,6 +246,32 @@ struct ReprotectCli {
     /// Where the logs and reprotect.md go.
     #[arg(long, default_value = "target/reprotect")]
     out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct SwitchoverCli {
+    /// Guest backend: kvm (real VMs; what the figures mean) or sim (simulated).
+    #[arg(long, default_value = "kvm", value_parser = ha_backend::value_parser_of(&GUESTS))]
+    guest: BackendKind,
+    /// Guest memory.
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// The workload.
+    #[arg(long, default_value = "web")]
+    workload: String,
+    /// Link rates, comma-separated: unlimited, or a rate such as 100mbit (a token bucket
+    /// at the primary's sender, `--link-rate`).
+    #[arg(long, value_delimiter = ',', default_value = "unlimited,100mbit", value_parser = parse_link)]
+    link: Vec<Option<u64>>,
+    /// Seconds the guest runs protected before it is moved.
+    #[arg(long, default_value_t = 5.0)]
+    warmup: f64,
+    /// Where the runs' logs and switchover.md go.
+    #[arg(long, default_value = "target/switchover")]
+    out: PathBuf,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -405,9 +444,27 @@ struct DrillCli {
     /// lease wait. Start etcd first (Debian's etcd-server).
     #[arg(long, value_name = "URLS")]
     etcd: Option<String>,
-    /// The lease's TTL with --etcd.
+    /// The lease's TTL with --etcd (and of every pair's key with --pairs/--hosts).
     #[arg(long, default_value = "5s")]
     lease_ttl: String,
+    /// Many pairs: run this many independent pairs (each its own key, ports, lease key
+    /// and world) placed across --hosts network namespaces, with an etcd member the drill
+    /// starts; pair i's primary on host i mod H, its backup on the next host, a spare for
+    /// re-protection on the one after. Kills every process of --kill-host and checks each
+    /// pair (needs root, iproute2 and etcd-server). Default with --hosts: one per host.
+    #[arg(long, value_name = "N")]
+    pairs: Option<usize>,
+    /// Hosts (network namespaces) for --pairs; at least 3. Default with --pairs: 3.
+    #[arg(long, value_name = "H")]
+    hosts: Option<usize>,
+    /// The host the many-pairs drill kills (0 to H-1).
+    #[arg(long, default_value_t = 0)]
+    kill_host: usize,
+    /// With --pairs/--hosts: take the killed host's link down before killing its
+    /// processes, as a host that loses power (no connection of its closes; the others
+    /// notice by --detect-timeout and their ack timeout).
+    #[arg(long)]
+    power_off: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -494,6 +551,7 @@ fn main() -> ExitCode {
         Cmd::Pause(a) => run_pause(a),
         Cmd::Disksync(a) => run_disksync(a),
         Cmd::Reprotect(a) => run_reprotect(a),
+        Cmd::Switchover(a) => run_switchover(a),
         Cmd::Encoder(a) => run_encoder(a),
     };
     match r {
@@ -515,6 +573,10 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
+    let many = a.pairs.is_some() || a.hosts.is_some();
+    if many && a.etcd.is_some() {
+        return Err("--etcd: the many-pairs drill starts its own etcd on the hosts' bridge".into());
+    }
     let args = ha_bench::drill::DrillArgs {
         guest: a.guest,
         workload: a.workload,
@@ -530,8 +592,20 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         keep: a.keep,
         insecure: a.insecure,
         disk_size: a.disk_size,
-        lease: a.etcd.clone().map(|e| (e, a.lease_ttl.clone())),
+        lease: (many || a.etcd.is_some())
+            .then(|| (a.etcd.clone().unwrap_or_default(), a.lease_ttl.clone())),
     };
+    if many {
+        let hosts = a.hosts.unwrap_or(3);
+        let cluster = ha_bench::cluster::ClusterArgs {
+            drill: args,
+            pairs: a.pairs.unwrap_or(hosts),
+            hosts,
+            kill_host: a.kill_host,
+            power_off: a.power_off,
+        };
+        return run_cluster(&cluster, a.json);
+    }
     let report = ha_bench::drill::run(&args).map_err(|e| error_chain(&e))?;
     if a.json {
         println!(
@@ -545,6 +619,28 @@ fn run_drill(a: DrillCli) -> Result<bool, String> {
         Ok(true)
     } else {
         Err("continuity failed".into())
+    }
+}
+
+fn run_cluster(args: &ha_bench::cluster::ClusterArgs, json: bool) -> Result<bool, String> {
+    use ha_bench::cluster;
+    let d = &args.drill;
+    if !(0.0..=3600.0).contains(&d.seconds) || !(0.0..=3600.0).contains(&d.after) {
+        return Err("--seconds and --after: from 0 to 3600".into());
+    }
+    let report = cluster::run(args).map_err(|e| error_chain(&e))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        cluster::print_summary(&report);
+    }
+    if report.ok {
+        Ok(true)
+    } else {
+        Err("some pair failed its checks".into())
     }
 }
 
@@ -707,6 +803,40 @@ fn run_reprotect(a: ReprotectCli) -> Result<bool, String> {
     let table = reprotect::markdown(&rows);
     print!("{table}");
     let f = a.out.join("reprotect.md");
+    std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
+    Ok(true)
+}
+
+fn run_switchover(a: SwitchoverCli) -> Result<bool, String> {
+    use ha_bench::switchover;
+    if !(0.0..=600.0).contains(&a.warmup) {
+        return Err("--warmup: seconds from 0 to 600".into());
+    }
+    let args = switchover::SwitchoverArgs {
+        guest: a.guest,
+        memory: a.memory,
+        workload: a.workload,
+        links: a.link,
+        warmup: a.warmup,
+        dir: a.out.clone(),
+    };
+    let json = a.json;
+    let rows = switchover::run(&args, |r| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            eprintln!(
+                "{} {:?}: downtime {} ms, output gap {} ms, {} bytes moved",
+                r.link, r.method, r.downtime_ms, r.output_gap_ms, r.move_bytes
+            );
+        }
+    })
+    .map_err(|e| error_chain(&e))?;
+    let table = switchover::markdown(&rows);
+    if !json {
+        print!("{table}");
+    }
+    let f = a.out.join("switchover.md");
     std::fs::write(&f, &table).map_err(|e| format!("{}: {e}", f.display()))?;
     Ok(true)
 }

@@ -158,9 +158,28 @@ pub fn spawn(
     log: &Path,
     what: &'static str,
 ) -> Result<Kill, PairError> {
+    spawn_in(None, bin, args, log, what)
+}
+
+/// [`spawn`] inside network namespace `netns` (through `ip netns exec`, which execs the
+/// binary: the child is the daemon itself), or in this one.
+pub fn spawn_in(
+    netns: Option<&str>,
+    bin: &Path,
+    args: &[String],
+    log: &Path,
+    what: &'static str,
+) -> Result<Kill, PairError> {
     let err = std::fs::File::create(log)?;
-    Command::new(bin)
-        .args(args)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.args(args)
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -225,9 +244,15 @@ impl BackupSpec<'_> {
     /// `ha-backup`'s arguments: listen on an ephemeral loopback port (written to
     /// `DIR/port`, see [`backup_addr`]), the pair's settings, the key, then `extra`.
     pub fn args(&self, extra: &[String]) -> Vec<String> {
+        self.args_listening("127.0.0.1:0", extra)
+    }
+
+    /// [`BackupSpec::args`] listening on `listen` (an address with port 0: an ephemeral
+    /// port, written to `DIR/port`).
+    pub fn args_listening(&self, listen: &str, extra: &[String]) -> Vec<String> {
         let mut v: Vec<String> = [
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--port-file",
             &self.dir.join("port").display().to_string(),
             "--memory",

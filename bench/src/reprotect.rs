@@ -257,24 +257,38 @@ fn one(
 
 /// The rows as a markdown table.
 pub fn markdown(rows: &[ReprotectRow]) -> String {
-    let mut s = String::from(
-        "| stale (asked / ran unprotected) | pages differing | fingerprints | resync bytes | resync ms | full copy bytes | full copy ms | resync ÷ full (bytes) |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        s.push_str(&format!(
-            "| {:.0} s / {:.1} s | {} of {} ({:.1} %) | {:.1} KB | {:.1} MB | {} | {:.1} MB | {} | {:.3} |\n",
-            r.stale_s,
-            r.unprotected_ms as f64 / 1e3,
-            r.differ,
-            r.pages,
-            100.0 * r.differ as f64 / r.pages.max(1) as f64,
-            r.fingerprint_bytes as f64 / 1e3,
-            r.resync_bytes as f64 / 1e6,
-            r.resync_ms,
-            r.full_bytes as f64 / 1e6,
-            r.full_ms,
-            r.ratio(),
-        ));
-    }
-    s
+    let head = [
+        "stale (asked / ran unprotected)",
+        "pages differing",
+        "fingerprints",
+        "resync bytes",
+        "resync ms",
+        "full copy bytes",
+        "full copy ms",
+        "resync ÷ full (bytes)",
+    ];
+    crate::markdown_table(
+        &head,
+        rows.iter().map(|r| {
+            vec![
+                format!(
+                    "{:.0} s / {:.1} s",
+                    r.stale_s,
+                    r.unprotected_ms as f64 / 1e3
+                ),
+                format!(
+                    "{} of {} ({:.1} %)",
+                    r.differ,
+                    r.pages,
+                    100.0 * r.differ as f64 / r.pages.max(1) as f64
+                ),
+                format!("{:.1} KB", r.fingerprint_bytes as f64 / 1e3),
+                format!("{:.1} MB", r.resync_bytes as f64 / 1e6),
+                r.resync_ms.to_string(),
+                format!("{:.1} MB", r.full_bytes as f64 / 1e6),
+                r.full_ms.to_string(),
+                format!("{:.3}", r.ratio()),
+            ]
+        }),
+    )
 }

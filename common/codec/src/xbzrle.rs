@@ -66,46 +66,71 @@ pub fn encode_with_mask(
     }
     // Every changed byte is copied and every run has two length bytes at least: a page
     // that cannot fit is refused before any work.
-    if changed + 2 * mask.runs() > budget {
+    let runs = mask.runs();
+    if changed + 2 * runs > budget {
         return None;
     }
-    let mut d = 0usize;
-    let mut zstart = 0usize; // start of the current zero run
-    let mut nzstart = 0usize; // start of the current non-zero run
-    let mut in_nz = false;
-    // Walk the run boundaries: bit i of `t` is set where byte i differs in state from
-    // byte i - 1. Only words with a differing byte, and the word after each (where a run
-    // may end), can hold a boundary.
+    // The most the delta can take: every length takes one byte except those of 128 or
+    // more, and there are at most PAGE_SIZE / 128 such zero runs and changed / 128 such
+    // data runs. When that fits, no run needs its own budget check.
+    let worst = changed + 2 * runs + runs.min(PAGE_SIZE / 128) + runs.min(changed / 128);
+    if worst <= budget {
+        walk::<false>(mask, new, out, budget)
+    } else {
+        walk::<true>(mask, new, out, budget)
+    }
+}
+
+/// Emit every run of `mask`, checking the budget at each run when `CHECK`.
+///
+/// The runs are found by their starts: bit i of `starts` is set where byte i differs and
+/// byte i - 1 does not. Only words with a differing byte can hold a start; each run's end
+/// is the next equal byte (usually in the same word).
+#[inline(always)]
+fn walk<const CHECK: bool>(
+    mask: &DiffMask,
+    new: &Page,
+    out: &mut [u8],
+    budget: usize,
+) -> Option<usize> {
     let words = mask.words();
-    let nz = mask.nonzero_words();
-    let mut todo = nz | (nz << 1);
+    let mut d = 0usize;
+    let mut zstart = 0usize; // start of the current zero run (end of the previous data run)
+    let mut todo = mask.nonzero_words();
     while todo != 0 {
         let wi = todo.trailing_zeros() as usize;
         todo &= todo - 1;
         let w = words[wi];
         let carry = if wi == 0 { 0 } else { words[wi - 1] >> 63 };
-        let mut t = w ^ ((w << 1) | carry);
-        while t != 0 {
-            let b = wi * 64 + t.trailing_zeros() as usize;
-            t &= t - 1;
-            if in_nz {
-                d = emit(out, d, budget, new, nzstart - zstart, nzstart, b)?;
-                zstart = b;
+        let prev = (w << 1) | carry;
+        let mut starts = w & !prev;
+        // Run ends (an equal byte after a differing one), in step with the starts: the
+        // first end belongs to a run carried in from the word before, already emitted.
+        let mut ends = !w & prev;
+        ends &= ends.wrapping_sub(carry);
+        while starts != 0 {
+            let s = wi * 64 + starts.trailing_zeros() as usize;
+            starts &= starts - 1;
+            // A run with no end in this word goes on into the next ones.
+            let e = if ends != 0 {
+                wi * 64 + ends.trailing_zeros() as usize
+            } else if wi + 1 < words.len() {
+                mask.run_end((wi + 1) * 64, true)
             } else {
-                nzstart = b;
-            }
-            in_nz = !in_nz;
+                PAGE_SIZE
+            };
+            ends &= ends.wrapping_sub(1);
+            d = emit::<CHECK>(out, d, budget, new, s - zstart, s, e)?;
+            zstart = e;
         }
-    }
-    if in_nz {
-        d = emit(out, d, budget, new, nzstart - zstart, nzstart, PAGE_SIZE)?;
     }
     Some(d)
 }
 
-/// Write one `zrun nzrun` pair (data `new[nz..end]`) at `out[d..]`; `None` past budget.
+/// Write one `zrun nzrun` pair (data `new[nz..end]`) at `out[d..]`; `None` past budget
+/// (checked only when `CHECK`: otherwise the caller knows every run fits).
 #[inline(always)]
-fn emit(
+fn emit<const CHECK: bool>(
     out: &mut [u8],
     d: usize,
     budget: usize,
@@ -116,11 +141,15 @@ fn emit(
 ) -> Option<usize> {
     let nlen = end - nz;
     let mut d = d;
-    if d + uleb_len(zlen) + uleb_len(nlen) + nlen > budget {
+    if CHECK && d + uleb_len(zlen) + uleb_len(nlen) + nlen > budget {
         return None;
     }
-    d += put_uleb_fast(out, d, zlen);
-    d += put_uleb_fast(out, d, nlen);
+    // Both lengths in one 4-byte store: the bytes past them land in the slack or are
+    // overwritten by the data.
+    let (z, zl) = uleb_bytes(zlen);
+    let (n, nl) = uleb_bytes(nlen);
+    out[d..d + 4].copy_from_slice(&(z | n << (8 * zl)).to_le_bytes());
+    d += zl + nl;
     let rounded = nlen.next_multiple_of(16);
     if nlen <= 16 && nz + 16 <= PAGE_SIZE {
         out[d..d + 16].copy_from_slice(&new[nz..nz + 16]);
@@ -204,14 +233,13 @@ fn put_uleb(out: &mut [u8], n: usize) -> usize {
     }
 }
 
-/// Write `n` (at most [`MAX_RUN`]) as one or two ULEB128 bytes without a branch: always stores two bytes at `out[d..]` (the second is
-/// overwritten when the length takes one). `out` must have room for both.
+/// `n` (at most [`MAX_RUN`]) as one or two ULEB128 bytes, without a branch: the bytes in
+/// little-endian order (the second is zero when the length takes one) and their count.
 #[inline(always)]
-fn put_uleb_fast(out: &mut [u8], d: usize, n: usize) -> usize {
+fn uleb_bytes(n: usize) -> (u32, usize) {
     let two = usize::from(n >= 0x80);
-    out[d] = n as u8 & 0x7f | (two as u8) << 7;
-    out[d + 1] = (n >> 7) as u8;
-    1 + two
+    let bytes = (n & 0x7f) | two << 7 | (n >> 7) << 8;
+    (bytes as u32, 1 + two)
 }
 
 /// Read a one- or two-byte ULEB128 length; `None` when a third byte would be needed.
@@ -323,6 +351,25 @@ mod tests {
         assert_eq!(enc(&old, &new, full.len() - 1), None);
         let random = page(|i| (i * 7 + 13) as u8 | 1);
         assert_eq!(enc(&old, &random, PAGE_SIZE), None);
+    }
+
+    #[test]
+    fn dense_pages_match_reference_with_and_without_per_run_checks() {
+        // Many short runs (the walk's dense case), runs across mask words, one reaching
+        // the page end, and long zero and data runs (two-byte lengths).
+        let old = page(|_| 0);
+        let news = [
+            page(|i| u8::from(i % 3 == 0 || (60..70).contains(&i))),
+            page(|i| u8::from(i % 5 < 2 || i >= 4000)),
+            page(|i| u8::from((300..700).contains(&i) || (1000..1002).contains(&i))),
+        ];
+        for new in &news {
+            let want = reference_encode(&old[..], &new[..]);
+            // A roomy budget takes the walk without per-run checks, the exact one with.
+            assert_eq!(enc(&old, new, PAGE_SIZE * 2).as_ref(), Some(&want));
+            assert_eq!(enc(&old, new, want.len()).as_ref(), Some(&want));
+            assert_eq!(enc(&old, new, want.len() - 1), None);
+        }
     }
 
     #[test]

@@ -1181,7 +1181,12 @@ impl Engine<'_> {
                     }
                 }
                 Phase::Unprotected => {
-                    if let Some(link) = self.reconnecting.as_ref().and_then(Reconnecting::ready) {
+                    // A new session only once nothing is held here: output waiting for the
+                    // stand-down to go out is released first (it would be lost with this
+                    // session).
+                    if self.standing_down.is_none()
+                        && let Some(link) = self.reconnecting.as_ref().and_then(Reconnecting::ready)
+                    {
                         let unprotected_ms = self
                             .reconnecting
                             .as_ref()

@@ -201,8 +201,9 @@ pub fn run(
         if let Some(back) = &job.recycle {
             let mut p = std::mem::take(&mut job.pages);
             if p.data.capacity() <= RECYCLE_MAX_BYTES {
+                // The data keeps its length: the next copy overwrites it in place
+                // (`harvest::copy_pages`) instead of zero-filling it first.
                 p.index.clear();
-                p.data.clear();
                 // The engine keeps a spare or two; more are dropped.
                 let _ = back.try_send(p);
             }

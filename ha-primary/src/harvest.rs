@@ -112,22 +112,34 @@ pub fn copy_pages(
     out: &mut Pages,
 ) -> Result<(), DomainError> {
     out.index.clear();
-    out.data.clear();
+    out.index.extend(dirty.iter_set().map(|p| p as u64));
     // A buffer handed back by the encoder ([`crate::encode::Job::recycle`]) is faulted in
-    // already; a new or grown one is faulted in here in one call.
-    let need = dirty.count() * PAGE_SIZE;
+    // already and keeps its length, so only what it grows by is zero-filled before the
+    // read overwrites it; a new or grown one is faulted in here in one call.
+    let need = out.index.len() * PAGE_SIZE;
     if out.data.capacity() < need {
+        out.data.clear();
         out.data.reserve(need);
         populate(&mut out.data);
     }
-    let mut page = [0u8; PAGE_SIZE];
-    for p in dirty.iter_set() {
-        d.read_memory(p as u64 * PAGE_SIZE as u64, &mut page)?;
-        if skip_zero && is_zero(&page) {
-            continue;
+    out.data.resize(need, 0);
+    d.read_pages(&out.index, &mut out.data)?;
+    if skip_zero {
+        // Keep the pages that are not all zeros, in order, packed to the front.
+        let mut kept = 0;
+        for i in 0..out.index.len() {
+            let at = i * PAGE_SIZE;
+            if is_zero(&out.data[at..at + PAGE_SIZE]) {
+                continue;
+            }
+            if kept != i {
+                out.index[kept] = out.index[i];
+                out.data.copy_within(at..at + PAGE_SIZE, kept * PAGE_SIZE);
+            }
+            kept += 1;
         }
-        out.index.push(p as u64);
-        out.data.extend_from_slice(&page);
+        out.index.truncate(kept);
+        out.data.truncate(kept * PAGE_SIZE);
     }
     Ok(())
 }
@@ -325,4 +337,92 @@ fn take_paused(
         pause: Duration::ZERO,
         taken: Instant::now(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flat memory behind the [`Domain`] trait's defaults (`read_pages` by `read_memory`).
+    struct Flat(Vec<u8>);
+
+    impl Domain for Flat {
+        fn memory_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+            let at = gpa as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+        fn pause(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn is_paused(&self) -> bool {
+            true
+        }
+        fn harvest_dirty(&mut self, _: &mut PageBitmap) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+            Ok(Vec::new())
+        }
+        fn check_health(&self) -> Result<(), DomainError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn copy_pages_overwrites_a_recycled_buffer_and_packs_out_zero_pages() {
+        // Pages 1, 3, 4 and 6 hold their number; the others are zero.
+        let mut mem = vec![0u8; 8 * PAGE_SIZE];
+        for p in [1usize, 3, 4, 6] {
+            mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(p as u8);
+        }
+        let d = Flat(mem);
+        let mut dirty = PageBitmap::new(8);
+        for p in [0usize, 1, 2, 3, 6, 7] {
+            dirty.set(p);
+        }
+        // A recycled buffer: longer than needed and full of stale bytes.
+        let mut out = Pages {
+            data: vec![0xee; 10 * PAGE_SIZE],
+            ..Pages::default()
+        };
+        copy_pages(&d, &dirty, false, &mut out).unwrap();
+        assert_eq!(out.index, [0, 1, 2, 3, 6, 7]);
+        assert_eq!(out.data.len(), 6 * PAGE_SIZE);
+        for (i, p) in out.index.iter().enumerate() {
+            let want = if [1, 3, 6].contains(p) { *p as u8 } else { 0 };
+            assert!(
+                out.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .iter()
+                    .all(|b| *b == want)
+            );
+        }
+        out.data.resize(10 * PAGE_SIZE, 0xee);
+        copy_pages(&d, &dirty, true, &mut out).unwrap();
+        assert_eq!(out.index, [1, 3, 6]);
+        assert_eq!(out.data.len(), 3 * PAGE_SIZE);
+        for (i, p) in out.index.iter().enumerate() {
+            assert!(
+                out.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
+                    .iter()
+                    .all(|b| *b == *p as u8)
+            );
+        }
+    }
+
+    #[test]
+    fn read_pages_refuses_a_buffer_of_the_wrong_size() {
+        let d = Flat(vec![0; 4 * PAGE_SIZE]);
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert!(matches!(
+            d.read_pages(&[0, 1], &mut out),
+            Err(DomainError::OutOfRange { .. })
+        ));
+    }
 }

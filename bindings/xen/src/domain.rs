@@ -46,6 +46,10 @@ const LEARN_PAUSED: std::time::Duration = std::time::Duration::from_millis(1500)
 /// pre-copy round) is not.
 const TRACK_SENT: usize = 16_384;
 
+/// Frames mapped by one foreign mapping when copying pages (libxc's save maps batches of
+/// 1024 too).
+const MAP_BATCH: usize = 1024;
+
 /// `SHUTDOWN_suspend`.
 const SHUTDOWN_SUSPEND: u32 = 2;
 
@@ -156,11 +160,22 @@ struct Window {
     map: Mapping,
 }
 
+/// The frames the last harvest reported dirty, mapped once while the guest is held: their
+/// fingerprints for the check behind the log and the checkpoint's copy both read them.
+#[derive(Debug)]
+struct DirtyMap {
+    /// gfn → its frame's index in `map`.
+    at: std::collections::HashMap<u64, usize>,
+    map: Mapping,
+}
+
 /// An attached Xen domain.
 #[derive(Debug)]
 pub struct XenDomain {
-    // Field order is drop order: the mapping and the buffer go before the handle.
+    // Field order is drop order: the mappings and the buffer go before the handle.
     window: RefCell<Option<Window>>,
+    /// Dropped when the guest goes on (see [`DirtyMap`]).
+    dirty_map: Option<DirtyMap>,
     bitmap: HypercallBuffer,
     xc: Xc,
     domid: u32,
@@ -241,6 +256,7 @@ impl XenDomain {
         );
         Ok(Self {
             window: RefCell::new(None),
+            dirty_map: None,
             bitmap,
             xc,
             domid,
@@ -289,6 +305,7 @@ impl XenDomain {
             .map_err(backend("xc_hypercall_buffer_alloc_pages"))?;
         Ok(Self {
             window: RefCell::new(None),
+            dirty_map: None,
             bitmap,
             xc,
             domid,
@@ -584,14 +601,26 @@ impl XenDomain {
             let gfns: Vec<u64> = dirty
                 .iter_set()
                 .map(|p| self.gfn_of(p as u64))
-                .filter(|g| !self.backend_frames.contains(g))
+                .filter(|g| *g < self.p2m_pages && !self.backend_frames.contains(g))
                 .collect();
-            let hashes = self.hash_frames(&gfns)?;
+            if gfns.is_empty() {
+                return Ok(());
+            }
+            let map = self
+                .xc
+                .map(self.domid, &gfns)
+                .map_err(backend("xenforeignmemory_map"))?;
             self.sent = gfns
-                .into_iter()
-                .zip(hashes)
-                .filter_map(|(g, h)| h.map(|h| (g, h)))
+                .iter()
+                .enumerate()
+                .filter_map(|(i, g)| map.page(i).map(|f| (*g, xxhash_rust::xxh3::xxh3_64(f))))
                 .collect();
+            // Held still, the frames the copy reads next are these, as hashed: keep them
+            // mapped for it (dropped when the guest goes on).
+            if self.held != Held::Running {
+                let at = gfns.iter().enumerate().map(|(i, g)| (*g, i)).collect();
+                self.dirty_map = Some(DirtyMap { at, map });
+            }
         }
         Ok(())
     }
@@ -796,6 +825,7 @@ impl Domain for XenDomain {
             }
         }
         self.held = Held::Running;
+        self.dirty_map = None;
         Ok(())
     }
 
@@ -803,8 +833,86 @@ impl Domain for XenDomain {
         self.held != Held::Running
     }
 
+    /// The pages' frames in foreign mappings of up to [`MAP_BATCH`] frames each, only the
+    /// frames asked for: mapping a frame costs hypercalls and dom0 page-table updates,
+    /// so mapping the whole 2 MiB window around each scattered dirty page (as
+    /// [`Domain::read_memory`] does) costs far more than the copy.
+    fn read_pages(&self, pages: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        let last = self.size / PAGE_SIZE as u64;
+        if out.len() != pages.len() * PAGE_SIZE {
+            return Err(DomainError::OutOfRange {
+                gpa: pages.first().map_or(0, |p| p * PAGE_SIZE as u64),
+                len: out.len() as u64,
+            });
+        }
+        if let Some(&p) = pages.iter().find(|&&p| p >= last) {
+            return Err(DomainError::OutOfRange {
+                gpa: p * PAGE_SIZE as u64,
+                len: PAGE_SIZE as u64,
+            });
+        }
+        self.forget_window();
+        let mut gfns = Vec::with_capacity(MAP_BATCH);
+        for (chunk, dest) in pages
+            .chunks(MAP_BATCH)
+            .zip(out.chunks_mut(MAP_BATCH * PAGE_SIZE))
+        {
+            // Frames past the p2m read as zeros; those written behind the log come from
+            // the harvest's snapshot, those the harvest mapped from its mapping; the rest
+            // are mapped in one call.
+            let kept = |g: &u64| {
+                self.dirty_map
+                    .as_ref()
+                    .is_some_and(|d| d.at.contains_key(g))
+            };
+            gfns.clear();
+            gfns.extend(
+                chunk
+                    .iter()
+                    .map(|&p| self.gfn_of(p))
+                    .filter(|g| *g < self.p2m_pages && !self.snapshot.contains_key(g) && !kept(g)),
+            );
+            let map = if gfns.is_empty() {
+                None
+            } else {
+                Some(
+                    self.xc
+                        .map(self.domid, &gfns)
+                        .map_err(backend("xenforeignmemory_map"))?,
+                )
+            };
+            let mut mapped = 0;
+            for (&p, page) in chunk.iter().zip(dest.chunks_exact_mut(PAGE_SIZE)) {
+                let g = self.gfn_of(p);
+                if g >= self.p2m_pages {
+                    page.fill(0);
+                } else if let Some(s) = self.snapshot.get(&g) {
+                    page.copy_from_slice(s);
+                } else if let Some((d, &i)) = self
+                    .dirty_map
+                    .as_ref()
+                    .and_then(|d| d.at.get(&g).map(|i| (d, i)))
+                {
+                    match d.map.page(i) {
+                        Some(f) => page.copy_from_slice(f),
+                        None => page.fill(0),
+                    }
+                } else {
+                    match map.as_ref().and_then(|m| m.page(mapped)) {
+                        Some(f) => page.copy_from_slice(f),
+                        // A hole in the gfn space, or not mappable: zeros.
+                        None => page.fill(0),
+                    }
+                    mapped += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn harvest_dirty(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
         self.forget_window();
+        self.dirty_map = None;
         self.check_pages()?;
         if !self.logdirty {
             // Tracking starts now: report every frame, as for a guest created just now.

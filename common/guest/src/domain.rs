@@ -90,6 +90,24 @@ pub trait Domain: Send {
     /// content may then be torn, and the page will be reported dirty later).
     fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError>;
 
+    /// Copy whole pages: page `pages[i]` (a page index, not an address) into
+    /// `out[i * PAGE_SIZE..]`; `out` holds exactly `pages.len()` pages. The default reads
+    /// them one at a time through [`Domain::read_memory`]; a backend that pays per read
+    /// call (a Xen foreign mapping) reads them in batches.
+    fn read_pages(&self, pages: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        let size = ha_codec::PAGE_SIZE;
+        if out.len() != pages.len() * size {
+            return Err(DomainError::OutOfRange {
+                gpa: pages.first().map_or(0, |p| p * size as u64),
+                len: out.len() as u64,
+            });
+        }
+        for (p, buf) in pages.iter().zip(out.chunks_exact_mut(size)) {
+            self.read_memory(p * size as u64, buf)?;
+        }
+        Ok(())
+    }
+
     /// Stop every vCPU. Returns only when no vCPU can write guest memory.
     fn pause(&mut self) -> Result<(), DomainError>;
 

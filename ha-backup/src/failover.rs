@@ -184,7 +184,7 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         },
         cache_bytes: 64 << 20,
         interval: cfg.interval,
-        pipeline: 2,
+        pipeline: ha_primary::engine::default_pipeline(cfg.guest),
         heartbeat: cfg.interval,
         ack_timeout: Duration::from_secs(2),
         fence: false,

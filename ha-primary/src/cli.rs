@@ -111,7 +111,8 @@ pub struct Cli {
     /// The guest emits an output record every this many units.
     #[arg(long, default_value_t = 64)]
     pub output_every: u64,
-    /// Epoch interval (checkpoint period), e.g. 25ms; from 1ms to 60s.
+    /// Epoch interval: how long the guest runs between checkpoints (the checkpoint period is
+    /// this plus the pause), e.g. 25ms; from 1ms to 60s.
     #[arg(long, default_value = "25ms", value_parser = parse_duration)]
     pub interval: Duration,
     /// Encoding: remus (whole pages), xbzrle (page deltas), fgbi (blocks, sharing, hybrid).
@@ -128,9 +129,10 @@ pub struct Cli {
     #[arg(long, default_value = "zlib")]
     pub codec: GeneralCodec,
     /// Checkpoints in flight (taken, not yet acknowledged) before the epoch stretches (at
-    /// least 1).
-    #[arg(long, default_value_t = 2)]
-    pub pipeline: usize,
+    /// least 1; default 2, and 1 with --guest xen: a Xen guest's hold is its own suspend,
+    /// which an encoder still busy with the last checkpoint slows down).
+    #[arg(long)]
+    pub pipeline: Option<usize>,
     /// Heartbeat interval when nothing else is sent (default: the epoch interval); at least
     /// 1ms and shorter than --ack-timeout.
     #[arg(long, value_parser = parse_duration)]
@@ -423,6 +425,12 @@ impl Cli {
         Ok(cli)
     }
 
+    /// Checkpoints in flight: `--pipeline`, or its default for the guest's backend.
+    pub fn pipeline(&self) -> usize {
+        self.pipeline
+            .unwrap_or_else(|| crate::engine::default_pipeline(self.guest))
+    }
+
     /// Check every value against its bounds ([`ha_daemon::limits`], the rules the backup
     /// applies too) and the options against each other: an interval from 1 ms to 60 s,
     /// guest memory a positive multiple of 2 MiB, a page cache of at least one page in the
@@ -435,7 +443,9 @@ impl Cli {
             check_disk_size(d)?;
         }
         check_cache_size(self.cache_size, self.mode)?;
-        check_pipeline(self.pipeline)?;
+        if let Some(n) = self.pipeline {
+            check_pipeline(n)?;
+        }
         check_timeout("ack-timeout", self.ack_timeout)?;
         if let Some(h) = self.heartbeat {
             check_heartbeat(h, "ack-timeout", self.ack_timeout)?;
@@ -471,7 +481,7 @@ impl Options for Cli {
             block_size: |n: u32| bounded(check_block_size(n)),
             cache_size: size,
             codec: parsed::<GeneralCodec>,
-            pipeline: |n| bounded(check_pipeline(n)),
+            pipeline: |n| bounded(check_pipeline(n)).map(Some),
             heartbeat: |v| bounded(check_timeout("heartbeat", duration(v)?)).map(Some),
             ack_timeout: |v| bounded(check_timeout("ack-timeout", duration(v)?)),
             fence: same,
@@ -545,7 +555,20 @@ mod tests {
         assert_eq!(c.cache_size, 1 << 20);
         assert_eq!(c.metrics.map(|a| a.port()), Some(9100));
         // Untouched options keep their defaults.
-        assert_eq!(c.pipeline, 2);
+        assert_eq!(c.pipeline(), 2);
+    }
+
+    #[test]
+    fn a_xen_guest_keeps_one_checkpoint_in_flight_unless_told() {
+        let xen = |extra: &[&str]| {
+            let mut args = vec!["ha-primary", "--guest", "xen", "--xen-domain", "d"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args).unwrap()
+        };
+        assert_eq!(xen(&[]).pipeline(), 1);
+        assert_eq!(xen(&["--pipeline", "3"]).pipeline(), 3);
+        let kvm = Cli::try_parse_from(["ha-primary", "--guest", "kvm"]).unwrap();
+        assert_eq!(kvm.pipeline(), 2);
     }
 
     #[test]

@@ -196,6 +196,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
             disk: cli.disk.clone(),
         },
     };
+    let pipeline = cli.pipeline();
     let cfg = Config {
         backup: cli.backup,
         codec: CodecConfig {
@@ -206,7 +207,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         },
         cache_bytes: usize::try_from(cli.cache_size)?,
         interval: cli.interval,
-        pipeline: cli.pipeline,
+        pipeline,
         heartbeat: cli.heartbeat.unwrap_or(cli.interval),
         ack_timeout: cli.ack_timeout,
         fence: cli.fence,
@@ -292,12 +293,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     };
     // The guest's packets are held from here on; a missing vif, a taken IFB name or a
     // kernel without ifb or sch_plug stops the start here, before any checkpoint.
-    let plugs = net_buffers(
-        &cli.net_buffer,
-        cli.guest,
-        cli.net_buffer_limit,
-        cli.pipeline,
-    )?;
+    let plugs = net_buffers(&cli.net_buffer, cli.guest, cli.net_buffer_limit, pipeline)?;
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     let can_cow = domain.cow_memory().is_some();
     if cli.copy == CopyPolicy::Cow && !can_cow {

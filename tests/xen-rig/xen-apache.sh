@@ -24,7 +24,9 @@
 #                 in this dom0 (-n: no network buffering; Debian's libxl has none, see
 #                 docs/XEN.md); stopped by killing the receiver, so the domU goes on
 #   castor-MODE   ha-primary --mode MODE --interval IVms streaming to ha-backup over
-#                 loopback (rig_start_pair), stopped with SIGTERM (the backup stands down)
+#                 loopback (rig_start_pair), stopped with SIGTERM (the backup stands down);
+#                 castor-MODE+NAME=VALUE (e.g. castor-fgbi+pipeline=1) adds ha-primary's
+#                 --NAME VALUE
 # Each row also gives the console counter's rate, and for the protected ones what the
 # protector reports: Castor's checkpoints/s, bytes and hold (pause) per checkpoint from
 # primary.csv, xl remus's checkpoints counted from its debug log.
@@ -190,7 +192,17 @@ bench_row() {
 		echo "xl-remus: measuring after ${_i}s, $(remus_checkpoints) checkpoints so far"
 		;;
 	castor-*)
-		rig_start_pair "${_row#castor-}" "${IV}ms" --ack-timeout 300s || {
+		_mode=${_row#castor-}
+		_opt=
+		case "$_mode" in
+		*+*=*)
+			_opt=${_mode#*+}
+			_mode=${_mode%%+*}
+			set -- "--${_opt%%=*}" "${_opt#*=}"
+			;;
+		*) set -- ;;
+		esac
+		rig_start_pair "$_mode" "${IV}ms" --ack-timeout 300s "$@" || {
 			rig_fail "apache-protect-$_row" "xen-selftest size failed"
 			return 0
 		}
@@ -216,10 +228,12 @@ bench_row() {
 	_c0=$(rig_counter)
 	_t0=$(date +%s)
 	_k0=$(remus_checkpoints)
+	_w0=$(save_helper_bytes)
 	bench "$_row"
 	_t1=$(date +%s)
 	_c1=$(rig_counter)
 	_k1=$(remus_checkpoints)
+	_w1=$(save_helper_bytes)
 	_rate="console counter $_c0 -> $_c1 in $((_t1 - _t0)) s"
 	case "$_row" in
 	none) ;;
@@ -227,7 +241,7 @@ bench_row() {
 		# Pages per checkpoint: libxc's "Checkpointed save: N/N" of this row's checkpoints.
 		_pg=$(grep -o 'Checkpointed save: [0-9]*' "$S/xl-remus.log" | tail -n +"$((_k0 + 1))" | head -n "$((_k1 - _k0))" |
 			awk '{ n++; p += $3 } END { if (n) printf "%d pages (%d KiB) per checkpoint", p / n, p * 4 / n }')
-		_rate="$_rate; xl remus (measured from ${_i}s after its start): $((_k1 - _k0)) checkpoints ($(awk -v k=$((_k1 - _k0)) -v s=$((_t1 - _t0)) 'BEGIN { printf "%.2f", k / s }')/s), $_pg"
+		_rate="$_rate; xl remus (measured from ${_i}s after its start): $((_k1 - _k0)) checkpoints ($(awk -v k=$((_k1 - _k0)) -v s=$((_t1 - _t0)) 'BEGIN { printf "%.2f", k / s }')/s), $_pg, $(awk -v w=$((_w1 - _w0)) -v k=$((_k1 - _k0)) 'BEGIN { if (k) printf "%d KiB", w / k / 1024; else printf "?" }') written by its save helper per checkpoint"
 		stop_xl_remus "$S/xl-remus.log"
 		;;
 	castor-*)
@@ -237,7 +251,11 @@ bench_row() {
 			END { if (n) printf "%d checkpoints (%.2f/s), %d KiB per checkpoint", n, n / secs, b / n / 1024; else print "0 checkpoints" }')
 		_h=$(sort -n "$S/holds" 2>/dev/null | awk '{ a[NR] = $1 } END { if (NR) printf "hold p50 %d ms, p99 %d ms", a[int((NR + 1) / 2)] / 1000, a[int((NR * 99 + 99) / 100)] / 1000 }')
 		rm -f "$S/holds"
-		_rate="$_rate; Castor: $_st, $_h"
+		# Where the hold goes: p50 of each part of the pause (primary.csv's stop_us ..
+		# resume_us: the suspend, the output drain, the dirty log, the copy, the saved
+		# state, the resume) and of the dirty pages.
+		_parts=$(tail -n +"$((_l0 + 1))" "$S/primary.csv" | awk -F, '$2 == 1' | pause_parts)
+		_rate="$_rate; Castor: $_st, $_h; p50 $_parts"
 		kill -TERM $ppid
 		_i=0
 		while kill -0 $bpid 2>/dev/null && [ $_i -lt 60 ]; do
@@ -255,6 +273,34 @@ bench_row() {
 	else
 		rig_fail "apache-protect-$_row" "$_rate; the domU does not count on (domid '$(rig_domid)')"
 	fi
+}
+# pause_parts: read primary.csv checkpoint rows on stdin, print the p50 of the pause's
+# parts (ms), of the dirty pages, of the encoding and of the ack's latency.
+pause_parts() {
+	awk -F, '
+		{ n++; for (c = 21; c <= 39; c++) v[c, n] = $c; d[n] = $4 }
+		function p50(c,   i, j, t, a) {
+			for (i = 1; i <= n; i++) a[i] = (c ? v[c, i] : d[i]) + 0
+			for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+			return a[int((n + 1) / 2)]
+		}
+		END {
+			if (!n) { print "no checkpoints"; exit }
+			printf "stop %d ms, drain %d, harvest %d, copy %d, save %d, resume %d; %d dirty pages; encode %d ms, ack latency %d ms",
+				p50(34) / 1000, p50(35) / 1000, p50(36) / 1000, p50(37) / 1000, p50(38) / 1000, p50(39) / 1000, p50(0),
+				p50(21) / 1000, p50(23) / 1000
+		}'
+}
+# save_helper_bytes: bytes written so far by libxl's save helper (the process that writes
+# xl remus's stream: libxc's pages, compressed by default), from /proc/PID/io's wchar; 0
+# when none runs.
+save_helper_bytes() {
+	_sum=0
+	for _p in $(ps -o pid,args | awk '/libxl-save-helper --save-domain/ && !/awk/ {print $1}'); do
+		_w=$(awk '$1 == "wchar:" {print $2}' "/proc/$_p/io" 2>/dev/null)
+		_sum=$((_sum + ${_w:-0}))
+	done
+	echo "$_sum"
 }
 # remus_checkpoints: checkpoints xl remus has taken so far: libxc's progress lines
 # "Checkpointed save: N/N" in its log, one per checkpoint (0 before it starts).

@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod mesh;
 mod netns;
+pub use mesh::Mesh;
 pub use netns::{GuestLan, NetPair};
 
 /// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
@@ -406,16 +408,20 @@ pub fn etcd_or_skip() -> bool {
     found
 }
 
-/// One etcd member on loopback, in its own data directory, killed with the value.
+/// One etcd member, on loopback or in a network namespace, in its own data directory,
+/// killed with the value.
 #[derive(Debug)]
 pub struct Etcd {
     child: Child,
     /// Its client URL.
     pub url: String,
+    /// Its namespace (None: this one).
+    netns: Option<String>,
 }
 
 impl Etcd {
-    /// Start a member in `dir` and wait (at most 30 s) until it reports healthy.
+    /// Start a member on loopback in `dir` and wait (at most 30 s) until it reports
+    /// healthy.
     pub fn start(dir: &Path) -> Self {
         let port = |_| {
             TcpListener::bind("127.0.0.1:0")
@@ -424,45 +430,120 @@ impl Etcd {
                 .unwrap_or_else(|e| panic!("port: {e}"))
         };
         let (client, peer) = (port(0), port(1));
-        let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.join("etcd.log")).unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new("etcd")
-            .arg("--name=n1")
-            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+        let e = Self::spawn(
+            dir,
+            None,
+            ("n1", &format!("127.0.0.1:{client}"), &peer_url),
+            &format!("n1={peer_url}"),
+        );
+        e.wait_healthy(Duration::from_secs(30));
+        e
+    }
+
+    /// Start a three-member cluster, one member per node of `members` in `mesh` (client
+    /// port 2379, peer port 2380 on the node's address), data and logs in `dir`, and wait
+    /// (at most 30 s) until each reports healthy.
+    pub fn start_cluster(dir: &Path, mesh: &Mesh, members: &[&str]) -> Vec<Self> {
+        let addr = |m: &str| mesh.ip(m).unwrap_or_else(|e| panic!("{e}"));
+        let cluster = members
+            .iter()
+            .map(|m| format!("{m}=http://{}:2380", addr(m)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let all: Vec<Self> = members
+            .iter()
+            .map(|m| {
+                let ns = mesh.ns(m).unwrap_or_else(|e| panic!("{e}"));
+                let (client, peer) = (
+                    format!("{}:2379", addr(m)),
+                    format!("http://{}:2380", addr(m)),
+                );
+                Self::spawn(dir, Some(ns), (m, &client, &peer), &cluster)
+            })
+            .collect();
+        for e in &all {
+            e.wait_healthy(Duration::from_secs(30));
+        }
+        all
+    }
+
+    /// Start member `name` listening for clients on `client` (host:port) and for peers on
+    /// `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`).
+    fn spawn(
+        dir: &Path,
+        netns: Option<&str>,
+        (name, client, peer_url): (&str, &str, &str),
+        cluster: &str,
+    ) -> Self {
+        let url = format!("http://{client}");
+        let log = std::fs::File::create(dir.join(format!("etcd-{name}.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
+        let child = cmd
+            .arg(format!("--name={name}"))
+            .arg(format!(
+                "--data-dir={}",
+                dir.join(format!("etcd-{name}")).display()
+            ))
             .arg(format!("--listen-client-urls={url}"))
             .arg(format!("--advertise-client-urls={url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=n1={peer_url}"))
+            .arg(format!("--initial-cluster={cluster}"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("etcd: {e}"));
-        let e = Self { child, url };
+        Self {
+            child,
+            url,
+            netns: netns.map(str::to_owned),
+        }
+    }
+
+    /// Wait until the member answers healthy (it has a leader and serves reads); panics
+    /// after `limit`.
+    pub fn wait_healthy(&self, limit: Duration) {
         let t = Instant::now();
-        while !e.healthy() {
+        while !self.healthy() {
             assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "etcd did not come up"
+                t.elapsed() < limit,
+                "etcd {} did not become healthy within {limit:?}",
+                self.url
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        e
     }
 
-    /// Whether `GET /health` answers healthy.
-    fn healthy(&self) -> bool {
+    /// Whether `GET /health` answers healthy (asked from the member's namespace).
+    pub fn healthy(&self) -> bool {
         let addr = self.url.trim_start_matches("http://");
-        let Ok(mut s) = TcpStream::connect(addr) else {
-            return false;
+        let ask = || {
+            let Ok(a) = addr.parse::<SocketAddr>() else {
+                return false;
+            };
+            let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_secs(1)) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let mut out = String::new();
+            s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.contains("\"health\":\"true\"")
         };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        let mut out = String::new();
-        s.write_all(req.as_bytes()).is_ok()
-            && s.read_to_string(&mut out).is_ok()
-            && out.contains("\"health\":\"true\"")
+        match &self.netns {
+            Some(ns) => GuestLan::run_in(ns, ask),
+            None => ask(),
+        }
     }
 
     /// Send `sig` (`STOP`, `CONT`, …) to the member.

@@ -441,6 +441,57 @@ impl Etcd {
         e
     }
 
+    /// Start a member on loopback serving clients over TLS with client certificates
+    /// (`--client-cert-auth`, its certificate and CA from `tls`), and wait (at most 30 s)
+    /// until it says it serves them. Its URL is `https://127.0.0.1:PORT`.
+    pub fn start_tls(dir: &Path, tls: &EtcdTls) -> Self {
+        let port = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or_else(|e| panic!("port: {e}"))
+        };
+        let (client, peer) = (port(), port());
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let url = format!("https://127.0.0.1:{client}");
+        let log_path = dir.join("etcd-tls.log");
+        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new("etcd")
+            .arg("--name=tls")
+            .arg(format!("--data-dir={}", dir.join("etcd-tls").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=tls={peer_url}"))
+            .arg(format!("--cert-file={}", tls.server_cert.display()))
+            .arg(format!("--key-file={}", tls.server_key.display()))
+            .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("etcd: {e}"));
+        let e = Self {
+            child,
+            url,
+            netns: None,
+        };
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("serving client traffic securely")
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "etcd over TLS did not come up: see {}",
+                log_path.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+
     /// Start a three-member cluster, one member per node of `members` in `mesh` (client
     /// port 2379, peer port 2380 on the node's address), data and logs in `dir`, and wait
     /// (at most 30 s) until each reports healthy.
@@ -561,5 +612,135 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Certificates for etcd over TLS, made with `openssl` at test time in a directory: a CA,
+/// the member's certificate (for 127.0.0.1) and a client's, all signed by it, and a
+/// second CA that signed none of them.
+#[derive(Debug)]
+pub struct EtcdTls {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The member's certificate and key.
+    pub server_cert: PathBuf,
+    /// The member's key.
+    pub server_key: PathBuf,
+    /// A client's certificate.
+    pub client_cert: PathBuf,
+    /// The client's key.
+    pub client_key: PathBuf,
+    /// Another CA, which signed none of these.
+    pub other_ca: PathBuf,
+}
+
+impl EtcdTls {
+    /// Make them in `dir` (P-256 keys, valid one day).
+    pub fn generate(dir: &Path) -> Result<Self, String> {
+        let f = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .map_err(|e| format!("openssl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "openssl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let p = |path: PathBuf| path.display().to_string();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for (name, cn) in [("ca", "castor test CA"), ("other-ca", "another CA")] {
+            openssl(
+                &[
+                    &["req", "-x509"][..],
+                    &ec,
+                    &[
+                        "-days",
+                        "1",
+                        "-subj",
+                        &format!("/CN={cn}"),
+                        "-keyout",
+                        &p(f(&format!("{name}.key"))),
+                        "-out",
+                        &p(f(&format!("{name}.pem"))),
+                    ],
+                ]
+                .concat(),
+            )?;
+        }
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let extfile = f(&format!("{name}.ext"));
+            std::fs::write(&extfile, ext).map_err(|e| format!("{}: {e}", extfile.display()))?;
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-subj",
+                        &format!("/CN=castor {name}"),
+                        "-keyout",
+                        &p(f(&format!("{name}.key"))),
+                        "-out",
+                        &p(f(&format!("{name}.csr"))),
+                    ],
+                ]
+                .concat(),
+            )?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &p(f(&format!("{name}.csr"))),
+                "-CA",
+                &p(f("ca.pem")),
+                "-CAkey",
+                &p(f("ca.key")),
+                "-CAcreateserial",
+                "-extfile",
+                &p(extfile),
+                "-out",
+                &p(f(&format!("{name}.pem"))),
+            ])?;
+        }
+        Ok(Self {
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server.key"),
+            client_cert: f("client.pem"),
+            client_key: f("client.key"),
+            other_ca: f("other-ca.pem"),
+        })
+    }
+
+    /// `--etcd-ca CA --etcd-cert … --etcd-key …` for a daemon, with `ca` as its CA.
+    pub fn args(&self, ca: &Path) -> Vec<String> {
+        [
+            ("--etcd-ca", ca),
+            ("--etcd-cert", &self.client_cert),
+            ("--etcd-key", &self.client_key),
+        ]
+        .iter()
+        .flat_map(|(o, v)| [(*o).to_owned(), v.display().to_string()])
+        .collect()
     }
 }

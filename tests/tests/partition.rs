@@ -240,8 +240,8 @@ impl Pair {
     fn logs(&self) -> String {
         format!(
             "--- primary log (tail) ---\n{}\n--- backup log (tail) ---\n{}",
-            tail(&self.primary.log_text(), 25),
-            tail(&self.backup.log_text(), 25)
+            tail(&self.primary.log_text(), 12),
+            tail(&self.backup.log_text(), 12)
         )
     }
 }
@@ -350,11 +350,12 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
         let from = fenced.as_ref().map(t_ms);
         match from {
             Some(f) if f < t_ms(c) && v.primary_last_ms < t_ms(c) => {
+                let since = |t: u64| t.cast_signed() - cut_at.cast_signed();
                 out.timing = format!(
-                    "fenced +{} ms, last release +{} ms, key claimed +{} ms",
-                    f.saturating_sub(cut_at),
-                    v.primary_last_ms.saturating_sub(cut_at),
-                    t_ms(c).saturating_sub(cut_at)
+                    "fenced {:+} ms, last release {:+} ms, key claimed {:+} ms",
+                    since(f),
+                    since(v.primary_last_ms),
+                    since(t_ms(c))
                 );
             }
             _ if p.primary.child.try_wait().ok().flatten().is_some() && from.is_none() => {
@@ -415,7 +416,11 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
         .filter(|v| after.from_backup > 0 || !v.contains("before a checkpoint"))
         .collect();
     if !bad.is_empty() {
-        fail.push(format!("the world saw {bad:?}"));
+        fail.push(format!(
+            "the world saw {} violations, the first: {:?}",
+            bad.len(),
+            &bad[..bad.len().min(3)]
+        ));
     }
     // No committed epoch lost: the backup resumed from the last commit.
     if let Some(a) = &backup_active {

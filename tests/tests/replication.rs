@@ -5,7 +5,7 @@
 //! runs the `--insecure` path.
 
 use ha_tests::{
-    Etcd, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
+    Etcd, EtcdTls, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
     kvm_or_skip, wait_addr, wait_event,
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -1618,6 +1618,65 @@ fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
         ));
     }
     p.check_failover();
+}
+
+/// etcd over TLS with client certificates (`--client-cert-auth`; CA and certificates made
+/// with openssl here): a primary given another CA is refused at once with an error that
+/// names the certificate problem and the endpoint; with the right CA the pair runs on
+/// it, and a killed primary's guest is taken over by the backup once its lease expired,
+/// with continuity.
+#[test]
+fn with_etcd_over_tls_failover_works_and_a_wrong_ca_is_named() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-tls-etcd");
+    let tls = EtcdTls::generate(&etcd_dir.0).unwrap_or_else(|e| panic!("certificates: {e}"));
+    let etcd = Etcd::start_tls(&etcd_dir.0, &tls);
+    // The wrong CA: the primary stops before it starts the guest, naming the problem.
+    let wrong = std::process::Command::new(ha_tests::bin("ha-primary"))
+        .args([
+            "--backup",
+            "127.0.0.1:9",
+            "--guest",
+            "sim",
+            "--insecure",
+            "--etcd",
+        ])
+        .arg(&etcd.url)
+        .args(["--lease-key", "/castor/tests/guest", "--lease-ttl", "3s"])
+        .args(tls.args(&tls.other_ca))
+        .output()
+        .unwrap_or_else(|e| panic!("ha-primary: {e}"));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && err.contains(&etcd.url) && err.contains("certificate"),
+        "a wrong CA: exit {:?}, {err}",
+        wrong.status.code()
+    );
+    let good = tls.args(&tls.ca);
+    let mut p = Pair::start(
+        "lease-tls",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            primary_args: &good,
+            backup_args: &good,
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    let claimed = wait_event(&p.backup_events(), "lease_claimed", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("the backup never claimed the guest's key over TLS"));
+    p.check_failover();
+    eprintln!(
+        "over TLS: the key passed on after {} ms; a wrong CA: {}",
+        claimed["waited_ms"],
+        err.lines().last().unwrap_or_default()
+    );
 }
 
 /// With etcd, the link between the two is cut while both live and reach etcd: the backup

@@ -480,7 +480,7 @@ impl Etcd {
         let t = Instant::now();
         while !std::fs::read_to_string(&log_path)
             .unwrap_or_default()
-            .contains("serving client traffic securely")
+            .contains("serving client requests on")
         {
             assert!(
                 t.elapsed() < Duration::from_secs(30),

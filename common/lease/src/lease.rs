@@ -66,6 +66,21 @@ pub enum LeaseError {
         #[source]
         source: etcd_client::Error,
     },
+    /// TLS with etcd failed: a certificate was refused, by either side.
+    #[error(
+        "TLS with etcd at {endpoints} failed: {detail} (--etcd-ca must be the CA that signed \
+         the members' certificates, and --etcd-cert a certificate the members' \
+         --trusted-ca-file signed)"
+    )]
+    Tls {
+        /// The endpoints.
+        endpoints: String,
+        /// What TLS said.
+        detail: String,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
     /// An etcd request took longer than a third of the TTL.
     #[error("etcd {0} timed out")]
     Timeout(&'static str),
@@ -109,6 +124,8 @@ struct Conn {
     client: Client,
     /// How it connected (the keeper connects to single members with them).
     opts: ConnectOptions,
+    /// The endpoints, for errors, and whether they are spoken to over TLS.
+    endpoints: (String, bool),
 }
 
 impl Conn {
@@ -125,7 +142,12 @@ impl Conn {
                 endpoints: cfg.endpoints.join(","),
                 source,
             })?;
-        Ok(Self { rt, client, opts })
+        Ok(Self {
+            rt,
+            client,
+            opts,
+            endpoints: (cfg.endpoints.join(","), cfg.tls.is_some()),
+        })
     }
 }
 
@@ -156,10 +178,25 @@ impl Conn {
         f: impl AsyncFnOnce(&mut Client) -> Result<T, etcd_client::Error>,
     ) -> Result<T, LeaseError> {
         let client = &mut self.client;
+        let (endpoints, tls) = &self.endpoints;
         self.rt
             .block_on(async { tokio::time::timeout(limit, f(client)).await })
             .map_err(|_| LeaseError::Timeout(op))?
-            .map_err(|source| LeaseError::Etcd { op, source })
+            .map_err(|source| {
+                let detail = match &source {
+                    etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
+                    e => e.to_string(),
+                };
+                if *tls && (detail.contains("certificate") || detail.contains("handshake")) {
+                    LeaseError::Tls {
+                        endpoints: endpoints.clone(),
+                        detail,
+                        source,
+                    }
+                } else {
+                    LeaseError::Etcd { op, source }
+                }
+            })
     }
 
     /// One attempt: `Ok(Ok((lease, sent)))` if the key is now ours, `Ok(Err(holder))` if not.
@@ -262,7 +299,8 @@ pub fn stale_key(key: &str) -> String {
 /// Claim `cfg.key` to take the guest over, trying again every quarter TTL until it is ours
 /// or `wait` has passed (a backup waiting for a lost primary's lease to expire). etcd out
 /// of reach or without a leader for a while (an election after a partition) is waited
-/// out the same way; a bad configuration, or a stale mark ([`stale_key`]), is not.
+/// out the same way; a bad configuration, a refused certificate or a stale mark
+/// ([`stale_key`]) is not.
 pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError> {
     let start = Instant::now();
     let mut conn: Option<Conn> = None;
@@ -288,7 +326,10 @@ pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError
                 waited,
             },
             Err(
-                e @ (LeaseError::Config(_) | LeaseError::TlsFile { .. } | LeaseError::Stale(_)),
+                e @ (LeaseError::Config(_)
+                | LeaseError::TlsFile { .. }
+                | LeaseError::Tls { .. }
+                | LeaseError::Stale(_)),
             ) => {
                 return Err(e);
             }

@@ -13,7 +13,7 @@
 //! one side. A table of the scenarios and their outcomes goes to stderr.
 //!
 //! The fixed scenarios run by default; `CASTOR_PARTITION_RUNS=K` adds K random link sets
-//! drawn from `CASTOR_PARTITION_SEED` (default 1), `CASTOR_PARTITION_ONLY=NAME` runs the
+//! drawn from `CASTOR_PARTITION_SEED` (default 1), `CASTOR_PARTITION_ONLY=PREFIX` runs the
 //! named one alone. Skips without root or etcd unless `CASTOR_REQUIRE_NETNS=1` /
 //! `CASTOR_REQUIRE_ETCD=1`.
 
@@ -34,12 +34,15 @@ const TTL: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 struct Scenario {
     name: String,
+    /// Links cut a TTL and a half before the others (empty: all at once).
+    first: Vec<(&'static str, &'static str)>,
     cuts: Vec<(&'static str, &'static str)>,
 }
 
 fn scenario(name: &str, cuts: &[(&'static str, &'static str)]) -> Scenario {
     Scenario {
         name: name.to_owned(),
+        first: Vec::new(),
         cuts: cuts.to_vec(),
     }
 }
@@ -66,6 +69,11 @@ fn fixed() -> Vec<Scenario> {
             "primary-only-to-minority-member",
             &[("p", "e2"), ("p", "e3"), ("e1", "e2"), ("e1", "e3")],
         ),
+        // The primary runs unprotected (and releases) for a while, then loses etcd too.
+        Scenario {
+            first: vec![("p", "b")],
+            ..scenario("primary-backup-then-primary-etcd", &all("p"))
+        },
     ]
 }
 
@@ -90,6 +98,7 @@ fn random(seed: u64, runs: u64) -> Vec<Scenario> {
             }
             Scenario {
                 name: format!("random-{seed}-{n}"),
+                first: Vec::new(),
                 cuts,
             }
         })
@@ -99,9 +108,17 @@ fn random(seed: u64, runs: u64) -> Vec<Scenario> {
 impl Scenario {
     fn up(&self, a: &str, b: &str) -> bool {
         !self
-            .cuts
+            .first
             .iter()
+            .chain(&self.cuts)
             .any(|&(x, y)| (x, y) == (a, b) || (x, y) == (b, a))
+    }
+
+    /// Whether the primary ran unprotected, released, and lost etcd after: the backup's
+    /// image is behind what the world saw, so it must not take over, and no copy may
+    /// run the guest (the only current one lost its lease).
+    fn stale(&self) -> bool {
+        self.first.contains(&("p", "b")) && !self.reaches_quorum("p")
     }
 
     /// Whether `host` reaches a member that is in a quorum (two or three members that
@@ -113,11 +130,17 @@ impl Scenario {
     }
 
     fn cuts_text(&self) -> String {
-        self.cuts
-            .iter()
-            .map(|(a, b)| format!("{a}-{b}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        let text = |c: &[(&str, &str)]| {
+            c.iter()
+                .map(|(a, b)| format!("{a}-{b}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        if self.first.is_empty() {
+            text(&self.cuts)
+        } else {
+            format!("{}, then {}", text(&self.first), text(&self.cuts))
+        }
     }
 }
 
@@ -290,6 +313,14 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
         fail.push(s("no output released before the cut"));
     }
     let (p_q, b_q) = (sc.reaches_quorum("p"), sc.reaches_quorum("b"));
+    for (a, b) in &sc.first {
+        if let Err(e) = mesh.set_link(a, b, false) {
+            fail.push(format!("cutting {a}-{b}: {e}"));
+        }
+    }
+    if !sc.first.is_empty() {
+        std::thread::sleep(TTL + TTL / 2);
+    }
     for (a, b) in &sc.cuts {
         if let Err(e) = mesh.set_link(a, b, false) {
             fail.push(format!("cutting {a}-{b}: {e}"));
@@ -328,6 +359,19 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
             fail.push(s("the backup activated while the primary held the key"));
         }
         out.during = s("ran on the primary");
+    } else if sc.stale() {
+        // The backup must refuse: its image is behind what the unprotected primary released.
+        let refused = p.first("backup", "not_taking_over");
+        if backup_active.is_some()
+            || !refused
+                .as_ref()
+                .is_some_and(|r| r["reason"].as_str().unwrap_or("").contains("unprotected"))
+        {
+            fail.push(format!(
+                "the backup's image is stale but it did not refuse for that: {refused:?}"
+            ));
+        }
+        out.during = s("stopped: the backup refused its stale image");
     } else if b_q {
         // Only the backup reaches a quorum: the guest moves there within the cut.
         if !active_in_cut {
@@ -388,6 +432,7 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
             fail.push(s("both sides released output after the heal"));
             s("on BOTH")
         }
+        (false, false) if sc.stale() => format!("on neither (primary {pc}, backup {bc})"),
         (false, false) => {
             fail.push(format!(
                 "no side released output after the heal (primary {pc}, backup {bc})"
@@ -451,7 +496,7 @@ fn partition_campaign() {
         env("CASTOR_PARTITION_RUNS").unwrap_or(0),
     ));
     if let Ok(only) = std::env::var("CASTOR_PARTITION_ONLY") {
-        all.retain(|sc| sc.name == only);
+        all.retain(|sc| sc.name.starts_with(&only));
     }
     let mesh =
         Mesh::create(&NODES, &["p", "b"]).unwrap_or_else(|e| panic!("making the hosts: {e}"));

@@ -436,6 +436,7 @@ impl Etcd {
             None,
             ("n1", &format!("127.0.0.1:{client}"), &peer_url),
             &format!("n1={peer_url}"),
+            &[],
         );
         e.wait_healthy(Duration::from_secs(30));
         e
@@ -493,8 +494,9 @@ impl Etcd {
     }
 
     /// Start a three-member cluster, one member per node of `members` in `mesh` (client
-    /// port 2379, peer port 2380 on the node's address), data and logs in `dir`, and wait
-    /// (at most 30 s) until each reports healthy.
+    /// port 2379, peer port 2380 on the node's address, `--pre-vote` so that a member
+    /// rejoining after a partition does not depose the leader), data and logs in `dir`,
+    /// and wait (at most 30 s) until each reports healthy.
     pub fn start_cluster(dir: &Path, mesh: &Mesh, members: &[&str]) -> Vec<Self> {
         let addr = |m: &str| mesh.ip(m).unwrap_or_else(|e| panic!("{e}"));
         let cluster = members
@@ -510,7 +512,13 @@ impl Etcd {
                     format!("{}:2379", addr(m)),
                     format!("http://{}:2380", addr(m)),
                 );
-                Self::spawn(dir, Some(ns), (m, &client, &peer), &cluster)
+                Self::spawn(
+                    dir,
+                    Some(ns),
+                    (m, &client, &peer),
+                    &cluster,
+                    &["--pre-vote"],
+                )
             })
             .collect();
         for e in &all {
@@ -520,12 +528,14 @@ impl Etcd {
     }
 
     /// Start member `name` listening for clients on `client` (host:port) and for peers on
-    /// `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`).
+    /// `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`), with `more`
+    /// options.
     fn spawn(
         dir: &Path,
         netns: Option<&str>,
         (name, client, peer_url): (&str, &str, &str),
         cluster: &str,
+        more: &[&str],
     ) -> Self {
         let url = format!("http://{client}");
         let log = std::fs::File::create(dir.join(format!("etcd-{name}.log")))
@@ -549,6 +559,7 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster={cluster}"))
+            .args(more)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -638,21 +649,7 @@ impl EtcdTls {
     /// Make them in `dir` (P-256 keys, valid one day).
     pub fn generate(dir: &Path) -> Result<Self, String> {
         let f = |name: &str| dir.join(name);
-        let openssl = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("openssl")
-                .args(args)
-                .output()
-                .map_err(|e| format!("openssl: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "openssl {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
+        let openssl = |args: &[&str]| netns::run_tool("openssl", args);
         let p = |path: PathBuf| path.display().to_string();
         let ec = [
             "-newkey",

@@ -413,7 +413,10 @@ fn run(mesh: &Mesh, members: &[Etcd], urls: &str, n: usize, sc: &Scenario) -> Ou
             )),
         }
     }
-    // After the heal: settle, then exactly one side releases.
+    // After the heal (etcd's too): settle, then exactly one side releases.
+    for m in members {
+        m.wait_healthy(Duration::from_secs(30));
+    }
     std::thread::sleep(TTL);
     let before = p.world.view();
     std::thread::sleep(Duration::from_millis(1500));

@@ -2257,12 +2257,54 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
         return;
     }
     let reprotect = [s("--reprotect")];
-    let o = Opts {
-        insecure: true,
-        primary_args: &reprotect,
-        ..Opts::default()
-    };
-    let mut p = Pair::start("reconnect", &o);
+    reprotect_after_backup_death(
+        "reconnect",
+        &Opts {
+            insecure: true,
+            primary_args: &reprotect,
+            ..Opts::default()
+        },
+    );
+}
+
+/// With etcd, the same on the simulated guest: running unprotected, the primary marks the
+/// dead backup's image stale in etcd before it releases uncommitted output; protected
+/// again, it clears the mark, so the new backup takes the guest over when the primary is
+/// killed (once its lease expired) instead of refusing a stale image.
+#[test]
+fn with_etcd_a_primary_protected_again_clears_the_stale_mark() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("stale-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let reprotect = [s("--reprotect")];
+    let p = reprotect_after_backup_death(
+        "stale",
+        &Opts {
+            guest: "sim",
+            insecure: true,
+            etcd: Some(&etcd.url),
+            primary_args: &reprotect,
+            ..Opts::default()
+        },
+    );
+    if wait_event(
+        &p.primary_events(),
+        "backup_marked_stale",
+        Duration::from_secs(1),
+    )
+    .is_none()
+    {
+        p.fail("the unprotected primary released output without marking the backup stale");
+    }
+}
+
+/// The backup of a pair started with `o` (the primary with `--reprotect`) is killed; a new
+/// one on the same address is protected by the primary again, commits, and takes over
+/// with continuity when the primary is killed in turn.
+fn reprotect_after_backup_death(tag: &str, o: &Opts) -> Pair {
+    let mut p = Pair::start(tag, &o);
     p.wait_protected();
     let addr = p.backup_addr();
     std::thread::sleep(Duration::from_millis(300));
@@ -2273,6 +2315,7 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
     std::thread::sleep(Duration::from_millis(700));
     let mut args = backup_args(&p.dir, &o, addr, &p.world.addr.to_string(), "spare.");
     args.extend([s("--exit-after"), s("1s")]);
+    args.extend(lease_args(&o));
     let mut spare = Proc::spawn("ha-backup", &args, p.dir.file("spare.log"));
     let again = wait_event(&p.primary_events(), "reprotecting", Duration::from_secs(20))
         .unwrap_or_else(|| p.fail("the primary never reached the new backup"));
@@ -2333,4 +2376,5 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
         again["unprotected_ms"],
         v.violations.len()
     );
+    p
 }

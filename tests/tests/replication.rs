@@ -2304,7 +2304,7 @@ fn with_etcd_a_primary_protected_again_clears_the_stale_mark() {
 /// one on the same address is protected by the primary again, commits, and takes over
 /// with continuity when the primary is killed in turn.
 fn reprotect_after_backup_death(tag: &str, o: &Opts) -> Pair {
-    let mut p = Pair::start(tag, &o);
+    let mut p = Pair::start(tag, o);
     p.wait_protected();
     let addr = p.backup_addr();
     std::thread::sleep(Duration::from_millis(300));
@@ -2313,9 +2313,9 @@ fn reprotect_after_backup_death(tag: &str, o: &Opts) -> Pair {
         .unwrap_or_else(|| p.fail("the primary never noticed the backup's death"));
     // Unprotected for a while: the primary keeps trying the dead address meanwhile.
     std::thread::sleep(Duration::from_millis(700));
-    let mut args = backup_args(&p.dir, &o, addr, &p.world.addr.to_string(), "spare.");
+    let mut args = backup_args(&p.dir, o, addr, &p.world.addr.to_string(), "spare.");
     args.extend([s("--exit-after"), s("1s")]);
-    args.extend(lease_args(&o));
+    args.extend(lease_args(o));
     let mut spare = Proc::spawn("ha-backup", &args, p.dir.file("spare.log"));
     let again = wait_event(&p.primary_events(), "reprotecting", Duration::from_secs(20))
         .unwrap_or_else(|| p.fail("the primary never reached the new backup"));

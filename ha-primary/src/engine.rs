@@ -325,6 +325,9 @@ struct Engine<'a> {
     /// Under the default policy, when the stand-down to a lost backup was queued: output
     /// stays held until it is on the wire (or the link is gone, or the wait runs out).
     standing_down: Option<Instant>,
+    /// Whether etcd holds this primary's stale mark for the backup's image (see
+    /// [`Engine::release_unprotected`]).
+    stale_marked: bool,
     /// The next checkpoint carries the digests whatever `verify_every` says (the first
     /// after a disk sync: protection starts when they agree).
     verify_next: bool,
@@ -701,6 +704,7 @@ impl Session<'_> {
             stall_limit: stall_limit(welcome.detect_timeout, cfg.heartbeat),
             suspect: None,
             standing_down: None,
+            stale_marked: false,
             verify_next: false,
             lease,
             last_acked: 0,
@@ -1373,7 +1377,19 @@ impl Engine<'_> {
             let Some(lease) = &self.lease else {
                 return Ok(true);
             };
-            if let Some(lost) = lease.lost() {
+            // Past its TTL with no keep-alive answered, the lease has expired in etcd: it
+            // cannot come back, so waiting on would only keep the backup from taking over
+            // (the link stays up and carries heartbeats while etcd is out of reach here).
+            let expired = lease
+                .expired_by()
+                .is_some_and(|t| Instant::now() >= t)
+                .then(|| {
+                    format!(
+                        "no keep-alive answered within the lease's TTL ({why}): it expired in \
+                         etcd"
+                    )
+                });
+            if let Some(lost) = lease.lost().or(expired) {
                 tracing::error!(
                     reason = %lost,
                     "lease: lost; the backup may take the guest over: it stays paused here"
@@ -1448,7 +1464,7 @@ impl Engine<'_> {
                             "the stand-down is on the wire: the backup will not take over; \
                              releasing held output"
                         );
-                        self.held.release_all()?;
+                        self.release_unprotected()?;
                     }
                 }
                 LinkEvent::Closed(why) => {
@@ -1460,7 +1476,7 @@ impl Engine<'_> {
                             "the link closed before the stand-down was written; releasing \
                              held output (the backup is gone or closed the session itself)"
                         );
-                        self.held.release_all()?;
+                        self.release_unprotected()?;
                     }
                 }
             }
@@ -1595,6 +1611,19 @@ impl Engine<'_> {
         }
         if self.phase == Phase::Syncing && self.first_checkpoint.is_some_and(|f| n >= f) {
             self.set_phase(Phase::Protected);
+            // Protected again after running unprotected: the backup's image is current.
+            if let Some(lease) = &self.lease
+                && (self.stale_marked || self.summary.reprotected > 0)
+            {
+                match lease.mark_stale(None) {
+                    Ok(()) => self.stale_marked = false,
+                    Err(e) => tracing::warn!(
+                        error = %ha_daemon::error_chain(&e),
+                        "lease: cannot clear the stale mark in etcd; a failover to this \
+                         backup will be refused until it is cleared"
+                    ),
+                }
+            }
             tracing::info!(
                 epoch = n,
                 "protected: the backup holds a committed checkpoint"
@@ -1744,6 +1773,44 @@ impl Engine<'_> {
                  held output: should the backup resume, it reads the stand-down first"
             );
             self.standing_down = None;
+        }
+        self.release_unprotected()
+    }
+
+    /// Release held output the backup never committed. With a lease, only once etcd says
+    /// the backup's image is stale ([`ha_lease::stale_key`]): should this primary lose its
+    /// lease later, the backup must not take over from behind output the world saw. Until
+    /// etcd has the mark the output stays held (tried again at the next interval).
+    fn release_unprotected(&mut self) -> Result<(), EngineError> {
+        if let Some(lease) = &self.lease
+            && !self.stale_marked
+        {
+            let why = format!(
+                "{} ran the guest unprotected after checkpoint {}",
+                ha_lease::holder("ha-primary"),
+                self.last_acked
+            );
+            match lease.mark_stale(Some(why)) {
+                Ok(()) => {
+                    tracing::info!(
+                        last_acked = self.last_acked,
+                        "lease: etcd marks the backup's image stale; releasing unprotected output"
+                    );
+                    self.events.note(
+                        "backup_marked_stale",
+                        json!({ "last_acked": self.last_acked }),
+                    );
+                    self.stale_marked = true;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = %ha_daemon::error_chain(&e),
+                        held = self.held.held_records(),
+                        "lease: cannot mark the backup's image stale in etcd; output stays held"
+                    );
+                    return Ok(());
+                }
+            }
         }
         self.held.release_all()?;
         Ok(())

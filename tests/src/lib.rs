@@ -10,7 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod mesh;
 mod netns;
+pub use mesh::Mesh;
 pub use netns::{GuestLan, NetPair};
 
 /// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
@@ -406,16 +408,20 @@ pub fn etcd_or_skip() -> bool {
     found
 }
 
-/// One etcd member on loopback, in its own data directory, killed with the value.
+/// One etcd member, on loopback or in a network namespace, in its own data directory,
+/// killed with the value.
 #[derive(Debug)]
 pub struct Etcd {
     child: Child,
     /// Its client URL.
     pub url: String,
+    /// Its namespace (None: this one).
+    netns: Option<String>,
 }
 
 impl Etcd {
-    /// Start a member in `dir` and wait (at most 30 s) until it reports healthy.
+    /// Start a member on loopback in `dir` and wait (at most 30 s) until it reports
+    /// healthy.
     pub fn start(dir: &Path) -> Self {
         let port = |_| {
             TcpListener::bind("127.0.0.1:0")
@@ -424,45 +430,182 @@ impl Etcd {
                 .unwrap_or_else(|e| panic!("port: {e}"))
         };
         let (client, peer) = (port(0), port(1));
-        let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.join("etcd.log")).unwrap_or_else(|e| panic!("{e}"));
+        let e = Self::spawn(
+            dir,
+            None,
+            ("n1", &format!("127.0.0.1:{client}"), &peer_url),
+            &format!("n1={peer_url}"),
+            &[],
+        );
+        e.wait_healthy(Duration::from_secs(30));
+        e
+    }
+
+    /// Start a member on loopback serving clients over TLS with client certificates
+    /// (`--client-cert-auth`, its certificate and CA from `tls`), and wait (at most 30 s)
+    /// until it says it serves them. Its URL is `https://127.0.0.1:PORT`.
+    pub fn start_tls(dir: &Path, tls: &EtcdTls) -> Self {
+        let port = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap_or_else(|e| panic!("port: {e}"))
+        };
+        let (client, peer) = (port(), port());
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let url = format!("https://127.0.0.1:{client}");
+        let log_path = dir.join("etcd-tls.log");
+        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new("etcd")
-            .arg("--name=n1")
-            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg("--name=tls")
+            .arg(format!("--data-dir={}", dir.join("etcd-tls").display()))
             .arg(format!("--listen-client-urls={url}"))
             .arg(format!("--advertise-client-urls={url}"))
             .arg(format!("--listen-peer-urls={peer_url}"))
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=n1={peer_url}"))
+            .arg(format!("--initial-cluster=tls={peer_url}"))
+            .arg(format!("--cert-file={}", tls.server_cert.display()))
+            .arg(format!("--key-file={}", tls.server_key.display()))
+            .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+            .arg("--client-cert-auth")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("etcd: {e}"));
-        let e = Self { child, url };
+        let e = Self {
+            child,
+            url,
+            netns: None,
+        };
         let t = Instant::now();
-        while !e.healthy() {
+        while !std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("serving client requests on")
+        {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
-                "etcd did not come up"
+                "etcd over TLS did not come up: see {}",
+                log_path.display()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
         e
     }
 
-    /// Whether `GET /health` answers healthy.
-    fn healthy(&self) -> bool {
-        let addr = self.url.trim_start_matches("http://");
-        let Ok(mut s) = TcpStream::connect(addr) else {
-            return false;
+    /// Start a three-member cluster, one member per node of `members` in `mesh` (client
+    /// port 2379, peer port 2380 on the node's address, `--pre-vote` so that a member
+    /// rejoining after a partition does not depose the leader), data and logs in `dir`,
+    /// and wait (at most 30 s) until each reports healthy.
+    pub fn start_cluster(dir: &Path, mesh: &Mesh, members: &[&str]) -> Vec<Self> {
+        let addr = |m: &str| mesh.ip(m).unwrap_or_else(|e| panic!("{e}"));
+        let cluster = members
+            .iter()
+            .map(|m| format!("{m}=http://{}:2380", addr(m)))
+            .collect::<Vec<_>>()
+            .join(",");
+        let all: Vec<Self> = members
+            .iter()
+            .map(|m| {
+                let ns = mesh.ns(m).unwrap_or_else(|e| panic!("{e}"));
+                let (client, peer) = (
+                    format!("{}:2379", addr(m)),
+                    format!("http://{}:2380", addr(m)),
+                );
+                Self::spawn(
+                    dir,
+                    Some(ns),
+                    (m, &client, &peer),
+                    &cluster,
+                    &["--pre-vote"],
+                )
+            })
+            .collect();
+        for e in &all {
+            e.wait_healthy(Duration::from_secs(30));
+        }
+        all
+    }
+
+    /// Start member `name` listening for clients on `client` (host:port) and for peers on
+    /// `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`), with `more`
+    /// options.
+    fn spawn(
+        dir: &Path,
+        netns: Option<&str>,
+        (name, client, peer_url): (&str, &str, &str),
+        cluster: &str,
+        more: &[&str],
+    ) -> Self {
+        let url = format!("http://{client}");
+        let log = std::fs::File::create(dir.join(format!("etcd-{name}.log")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
         };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        let mut out = String::new();
-        s.write_all(req.as_bytes()).is_ok()
-            && s.read_to_string(&mut out).is_ok()
-            && out.contains("\"health\":\"true\"")
+        let child = cmd
+            .arg(format!("--name={name}"))
+            .arg(format!(
+                "--data-dir={}",
+                dir.join(format!("etcd-{name}")).display()
+            ))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster={cluster}"))
+            .args(more)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("etcd: {e}"));
+        Self {
+            child,
+            url,
+            netns: netns.map(str::to_owned),
+        }
+    }
+
+    /// Wait until the member answers healthy (it has a leader and serves reads); panics
+    /// after `limit`.
+    pub fn wait_healthy(&self, limit: Duration) {
+        let t = Instant::now();
+        while !self.healthy() {
+            assert!(
+                t.elapsed() < limit,
+                "etcd {} did not become healthy within {limit:?}",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `GET /health` answers healthy (asked from the member's namespace).
+    pub fn healthy(&self) -> bool {
+        let addr = self.url.trim_start_matches("http://");
+        let ask = || {
+            let Ok(a) = addr.parse::<SocketAddr>() else {
+                return false;
+            };
+            let Ok(mut s) = TcpStream::connect_timeout(&a, Duration::from_secs(1)) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let req = format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let mut out = String::new();
+            s.write_all(req.as_bytes()).is_ok()
+                && s.read_to_string(&mut out).is_ok()
+                && out.contains("\"health\":\"true\"")
+        };
+        match &self.netns {
+            Some(ns) => GuestLan::run_in(ns, ask),
+            None => ask(),
+        }
     }
 
     /// Send `sig` (`STOP`, `CONT`, …) to the member.
@@ -480,5 +623,121 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Certificates for etcd over TLS, made with `openssl` at test time in a directory: a CA,
+/// the member's certificate (for 127.0.0.1) and a client's, all signed by it, and a
+/// second CA that signed none of them.
+#[derive(Debug)]
+pub struct EtcdTls {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The member's certificate and key.
+    pub server_cert: PathBuf,
+    /// The member's key.
+    pub server_key: PathBuf,
+    /// A client's certificate.
+    pub client_cert: PathBuf,
+    /// The client's key.
+    pub client_key: PathBuf,
+    /// Another CA, which signed none of these.
+    pub other_ca: PathBuf,
+}
+
+impl EtcdTls {
+    /// Make them in `dir` (P-256 keys, valid one day).
+    pub fn generate(dir: &Path) -> Result<Self, String> {
+        let f = |name: &str| dir.join(name);
+        let openssl = |args: &[&str]| netns::run_tool("openssl", args);
+        let p = |path: PathBuf| path.display().to_string();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for (name, cn) in [("ca", "castor test CA"), ("other-ca", "another CA")] {
+            openssl(
+                &[
+                    &["req", "-x509"][..],
+                    &ec,
+                    &[
+                        "-days",
+                        "1",
+                        "-subj",
+                        &format!("/CN={cn}"),
+                        "-keyout",
+                        &p(f(&format!("{name}.key"))),
+                        "-out",
+                        &p(f(&format!("{name}.pem"))),
+                    ],
+                ]
+                .concat(),
+            )?;
+        }
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            let extfile = f(&format!("{name}.ext"));
+            std::fs::write(&extfile, ext).map_err(|e| format!("{}: {e}", extfile.display()))?;
+            openssl(
+                &[
+                    &["req"][..],
+                    &ec,
+                    &[
+                        "-subj",
+                        &format!("/CN=castor {name}"),
+                        "-keyout",
+                        &p(f(&format!("{name}.key"))),
+                        "-out",
+                        &p(f(&format!("{name}.csr"))),
+                    ],
+                ]
+                .concat(),
+            )?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-days",
+                "1",
+                "-in",
+                &p(f(&format!("{name}.csr"))),
+                "-CA",
+                &p(f("ca.pem")),
+                "-CAkey",
+                &p(f("ca.key")),
+                "-CAcreateserial",
+                "-extfile",
+                &p(extfile),
+                "-out",
+                &p(f(&format!("{name}.pem"))),
+            ])?;
+        }
+        Ok(Self {
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server.key"),
+            client_cert: f("client.pem"),
+            client_key: f("client.key"),
+            other_ca: f("other-ca.pem"),
+        })
+    }
+
+    /// `--etcd-ca CA --etcd-cert … --etcd-key …` for a daemon, with `ca` as its CA.
+    pub fn args(&self, ca: &Path) -> Vec<String> {
+        [
+            ("--etcd-ca", ca),
+            ("--etcd-cert", &self.client_cert),
+            ("--etcd-key", &self.client_key),
+        ]
+        .iter()
+        .flat_map(|(o, v)| [(*o).to_owned(), v.display().to_string()])
+        .collect()
     }
 }

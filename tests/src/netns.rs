@@ -25,16 +25,21 @@ pub struct NetPair {
 }
 
 /// Run `ip` with `args`; the error names the command and what it printed.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+pub(crate) fn ip(args: &[&str]) -> Result<(), String> {
+    run_tool("ip", args)
+}
+
+/// Run `tool` with `args`; the error names the command and what it printed.
+pub(crate) fn run_tool(tool: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(tool)
         .args(args)
         .output()
-        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+        .map_err(|e| format!("{tool} {}: {e}", args.join(" ")))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "ip {}: {}",
+            "{tool} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -171,12 +176,12 @@ pub struct GuestLan {
 }
 
 /// Run `ip -n ns args`.
-fn ip_in(ns: &str, args: &[&str]) -> Result<(), String> {
+pub(crate) fn ip_in(ns: &str, args: &[&str]) -> Result<(), String> {
     ip(&[&["-n", ns][..], args].concat())
 }
 
 /// Run `sysctl -w` in `ns` (through `ip netns exec`).
-fn sysctl_in(ns: &str, setting: &str) -> Result<(), String> {
+pub(crate) fn sysctl_in(ns: &str, setting: &str) -> Result<(), String> {
     ip(&["netns", "exec", ns, "sysctl", "-q", "-w", setting])
 }
 
@@ -291,7 +296,7 @@ impl GuestLan {
 }
 
 /// Move the calling thread into network namespace `ns` (made by `ip netns add`).
-fn enter(ns: &str) {
+pub(crate) fn enter(ns: &str) {
     use std::os::fd::AsRawFd;
     let f = std::fs::File::open(format!("/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("opening /run/netns/{ns}: {e}"));

@@ -5,7 +5,7 @@
 //! runs the `--insecure` path.
 
 use ha_tests::{
-    Etcd, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
+    Etcd, EtcdTls, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
     kvm_or_skip, wait_addr, wait_event,
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -1620,6 +1620,65 @@ fn with_etcd_a_killed_primary_hands_the_guest_over_once_its_lease_expires() {
     p.check_failover();
 }
 
+/// etcd over TLS with client certificates (`--client-cert-auth`; CA and certificates made
+/// with openssl here): a primary given another CA is refused at once with an error that
+/// names the certificate problem and the endpoint; with the right CA the pair runs on
+/// it, and a killed primary's guest is taken over by the backup once its lease expired,
+/// with continuity.
+#[test]
+fn with_etcd_over_tls_failover_works_and_a_wrong_ca_is_named() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("lease-tls-etcd");
+    let tls = EtcdTls::generate(&etcd_dir.0).unwrap_or_else(|e| panic!("certificates: {e}"));
+    let etcd = Etcd::start_tls(&etcd_dir.0, &tls);
+    // The wrong CA: the primary stops before it starts the guest, naming the problem.
+    let wrong = std::process::Command::new(ha_tests::bin("ha-primary"))
+        .args([
+            "--backup",
+            "127.0.0.1:9",
+            "--guest",
+            "sim",
+            "--insecure",
+            "--etcd",
+        ])
+        .arg(&etcd.url)
+        .args(["--lease-key", "/castor/tests/guest", "--lease-ttl", "3s"])
+        .args(tls.args(&tls.other_ca))
+        .output()
+        .unwrap_or_else(|e| panic!("ha-primary: {e}"));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && err.contains(&etcd.url) && err.contains("certificate"),
+        "a wrong CA: exit {:?}, {err}",
+        wrong.status.code()
+    );
+    let good = tls.args(&tls.ca);
+    let mut p = Pair::start(
+        "lease-tls",
+        &Opts {
+            guest: "sim",
+            etcd: Some(&etcd.url),
+            primary_args: &good,
+            backup_args: &good,
+            ..Opts::default()
+        },
+    );
+    p.wait_protected();
+    if let Some(pr) = p.primary.as_mut() {
+        pr.kill9();
+    }
+    let claimed = wait_event(&p.backup_events(), "lease_claimed", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("the backup never claimed the guest's key over TLS"));
+    p.check_failover();
+    eprintln!(
+        "over TLS: the key passed on after {} ms; a wrong CA: {}",
+        claimed["waited_ms"],
+        err.lines().last().unwrap_or_default()
+    );
+}
+
 /// With etcd, the link between the two is cut while both live and reach etcd: the backup
 /// cannot claim the key the primary holds, so it does not activate (exit 4,
 /// `not_taking_over`), and the primary runs on unprotected instead of fencing its healthy
@@ -2198,12 +2257,54 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
         return;
     }
     let reprotect = [s("--reprotect")];
-    let o = Opts {
-        insecure: true,
-        primary_args: &reprotect,
-        ..Opts::default()
-    };
-    let mut p = Pair::start("reconnect", &o);
+    reprotect_after_backup_death(
+        "reconnect",
+        &Opts {
+            insecure: true,
+            primary_args: &reprotect,
+            ..Opts::default()
+        },
+    );
+}
+
+/// With etcd, the same on the simulated guest: running unprotected, the primary marks the
+/// dead backup's image stale in etcd before it releases uncommitted output; protected
+/// again, it clears the mark, so the new backup takes the guest over when the primary is
+/// killed (once its lease expired) instead of refusing a stale image.
+#[test]
+fn with_etcd_a_primary_protected_again_clears_the_stale_mark() {
+    if !etcd_or_skip() {
+        return;
+    }
+    let etcd_dir = Scratch::new("stale-etcd");
+    let etcd = Etcd::start(&etcd_dir.0);
+    let reprotect = [s("--reprotect")];
+    let p = reprotect_after_backup_death(
+        "stale",
+        &Opts {
+            guest: "sim",
+            insecure: true,
+            etcd: Some(&etcd.url),
+            primary_args: &reprotect,
+            ..Opts::default()
+        },
+    );
+    if wait_event(
+        &p.primary_events(),
+        "backup_marked_stale",
+        Duration::from_secs(1),
+    )
+    .is_none()
+    {
+        p.fail("the unprotected primary released output without marking the backup stale");
+    }
+}
+
+/// The backup of a pair started with `o` (the primary with `--reprotect`) is killed; a new
+/// one on the same address is protected by the primary again, commits, and takes over
+/// with continuity when the primary is killed in turn.
+fn reprotect_after_backup_death(tag: &str, o: &Opts) -> Pair {
+    let mut p = Pair::start(tag, o);
     p.wait_protected();
     let addr = p.backup_addr();
     std::thread::sleep(Duration::from_millis(300));
@@ -2212,8 +2313,9 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
         .unwrap_or_else(|| p.fail("the primary never noticed the backup's death"));
     // Unprotected for a while: the primary keeps trying the dead address meanwhile.
     std::thread::sleep(Duration::from_millis(700));
-    let mut args = backup_args(&p.dir, &o, addr, &p.world.addr.to_string(), "spare.");
+    let mut args = backup_args(&p.dir, o, addr, &p.world.addr.to_string(), "spare.");
     args.extend([s("--exit-after"), s("1s")]);
+    args.extend(lease_args(o));
     let mut spare = Proc::spawn("ha-backup", &args, p.dir.file("spare.log"));
     let again = wait_event(&p.primary_events(), "reprotecting", Duration::from_secs(20))
         .unwrap_or_else(|| p.fail("the primary never reached the new backup"));
@@ -2274,4 +2376,5 @@ fn a_primary_whose_backup_died_protects_the_guest_again_when_one_is_back() {
         again["unprotected_ms"],
         v.violations.len()
     );
+    p
 }

@@ -66,9 +66,34 @@ pub enum LeaseError {
         #[source]
         source: etcd_client::Error,
     },
+    /// TLS with etcd failed: a certificate was refused, by either side.
+    #[error(
+        "TLS with etcd at {endpoints} failed: {detail} (--etcd-ca must be the CA that signed \
+         the members' certificates, and --etcd-cert a certificate the members' \
+         --trusted-ca-file signed)"
+    )]
+    Tls {
+        /// The endpoints.
+        endpoints: String,
+        /// What TLS said.
+        detail: String,
+        /// The client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
     /// An etcd request took longer than a third of the TTL.
     #[error("etcd {0} timed out")]
     Timeout(&'static str),
+    /// The primary ran the guest unprotected past the backup's last commit (it said so in
+    /// etcd before releasing that output): the backup's image is stale.
+    #[error(
+        "the primary ran the guest unprotected past this backup's image ({0}): taking over \
+         would go back behind output the world saw"
+    )]
+    Stale(String),
+    /// The key is no longer under this lease (it expired or was revoked).
+    #[error("the guest's key is no longer under this lease")]
+    NotHeld,
     /// The key stayed taken for as long as the caller would wait.
     #[error("key {key} is still held by {holder} after {waited:?}")]
     StillHeld {
@@ -97,6 +122,10 @@ pub enum Claim {
 struct Conn {
     rt: Runtime,
     client: Client,
+    /// How it connected (the keeper connects to single members with them).
+    opts: ConnectOptions,
+    /// The endpoints, for errors, and whether they are spoken to over TLS.
+    endpoints: (String, bool),
 }
 
 impl Conn {
@@ -106,28 +135,41 @@ impl Conn {
             .enable_all()
             .build()
             .map_err(LeaseError::Runtime)?;
-        let mut opts = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
-        if let Some(t) = &cfg.tls {
-            let read = |path: &std::path::Path| {
-                std::fs::read(path).map_err(|source| LeaseError::TlsFile {
-                    path: path.to_owned(),
-                    source,
-                })
-            };
-            let tls = TlsOptions::new()
-                .ca_certificate(Certificate::from_pem(read(&t.ca)?))
-                .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
-            opts = opts.with_tls(tls);
-        }
+        let opts = connect_options(cfg)?;
         let client = rt
-            .block_on(Client::connect(&cfg.endpoints, Some(opts)))
+            .block_on(Client::connect(&cfg.endpoints, Some(opts.clone())))
             .map_err(|source| LeaseError::Connect {
                 endpoints: cfg.endpoints.join(","),
                 source,
             })?;
-        Ok(Self { rt, client })
+        Ok(Self {
+            rt,
+            client,
+            opts,
+            endpoints: (cfg.endpoints.join(","), cfg.tls.is_some()),
+        })
     }
+}
 
+/// The client options `cfg` asks for: the connect timeout, and its TLS files read.
+fn connect_options(cfg: &LeaseConfig) -> Result<ConnectOptions, LeaseError> {
+    let mut opts = ConnectOptions::new().with_connect_timeout(CONNECT_TIMEOUT);
+    if let Some(t) = &cfg.tls {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| LeaseError::TlsFile {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&t.ca)?))
+            .identity(Identity::from_pem(read(&t.cert)?, read(&t.key)?));
+        opts = opts.with_tls(tls);
+    }
+    Ok(opts)
+}
+
+impl Conn {
     /// Run `f` on the runtime, bounded by `limit`.
     fn run<T>(
         &mut self,
@@ -136,16 +178,35 @@ impl Conn {
         f: impl AsyncFnOnce(&mut Client) -> Result<T, etcd_client::Error>,
     ) -> Result<T, LeaseError> {
         let client = &mut self.client;
+        let (endpoints, tls) = &self.endpoints;
         self.rt
             .block_on(async { tokio::time::timeout(limit, f(client)).await })
             .map_err(|_| LeaseError::Timeout(op))?
-            .map_err(|source| LeaseError::Etcd { op, source })
+            .map_err(|source| {
+                let detail = match &source {
+                    etcd_client::Error::GRpcStatus(s) => s.message().to_owned(),
+                    e => e.to_string(),
+                };
+                if *tls && (detail.contains("certificate") || detail.contains("handshake")) {
+                    LeaseError::Tls {
+                        endpoints: endpoints.clone(),
+                        detail,
+                        source,
+                    }
+                } else {
+                    LeaseError::Etcd { op, source }
+                }
+            })
     }
 
     /// One attempt: `Ok(Ok((lease, sent)))` if the key is now ours, `Ok(Err(holder))` if not.
+    /// A `takeover` (a backup) also needs the key's stale mark ([`stale_key`]) absent and
+    /// fails with [`LeaseError::Stale`] when it is there; a fresh start (a primary starting
+    /// the guest) removes the mark.
     fn try_claim(
         &mut self,
         cfg: &LeaseConfig,
+        takeover: bool,
     ) -> Result<Result<(i64, Instant), String>, LeaseError> {
         let limit = cfg.ttl / 3;
         let sent = Instant::now();
@@ -156,35 +217,44 @@ impl Conn {
             })?
             .id();
         let key = cfg.key.clone();
+        let stale = stale_key(&key);
         let holder = cfg.holder.clone();
+        let mut when = vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)];
+        let mut then = vec![TxnOp::put(
+            key.clone(),
+            holder,
+            Some(PutOptions::new().with_lease(id)),
+        )];
+        if takeover {
+            when.push(Compare::create_revision(stale.clone(), CompareOp::Equal, 0));
+        } else {
+            then.push(TxnOp::delete(stale.clone(), None));
+        }
         let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                holder,
-                Some(PutOptions::new().with_lease(id)),
-            )])
-            .or_else([TxnOp::get(key, None)]);
+            .when(when)
+            .and_then(then)
+            .or_else([TxnOp::get(key, None), TxnOp::get(stale, None)]);
         let resp = self.run("claim", limit, async |c| c.txn(txn).await)?;
         if resp.succeeded() {
             return Ok(Ok((id, sent)));
         }
-        let holder = resp
-            .op_responses()
-            .iter()
-            .find_map(|r| match r {
-                TxnOpResponse::Get(g) => g
-                    .kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "(gone since)".into());
+        let mut values = resp.op_responses().into_iter().map(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        let (holder, mark) = (values.next().flatten(), values.next().flatten());
+        let holder = holder.unwrap_or_else(|| "(gone since)".into());
         // The lease made for the attempt holds nothing: give it back.
         if let Err(e) = self.run("lease revoke", limit, async |c| c.lease_revoke(id).await) {
             tracing::debug!(error = %e, "lease: revoking an unused lease failed; it expires by itself");
         }
-        Ok(Err(holder))
+        match mark {
+            Some(m) if takeover => Err(LeaseError::Stale(m)),
+            _ => Ok(Err(holder)),
+        }
     }
 }
 
@@ -212,16 +282,25 @@ pub fn list(cfg: &LeaseConfig, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, L
 /// Claim `cfg.key` once: it is ours if nobody holds it.
 pub fn claim(cfg: &LeaseConfig) -> Result<Claim, LeaseError> {
     let mut conn = Conn::open(cfg)?;
-    match conn.try_claim(cfg)? {
+    match conn.try_claim(cfg, false)? {
         Ok((id, sent)) => Ok(Claim::Ours(Lease::start(conn, cfg, id, sent)?)),
         Err(holder) => Ok(Claim::Theirs { holder }),
     }
 }
 
-/// Claim `cfg.key`, trying again every quarter TTL until it is ours or `wait` has passed
-/// (a backup waiting for a lost primary's lease to expire). etcd out of reach or without
-/// a leader for a while (an election after a partition) is waited out the same way; a
-/// bad configuration is not.
+/// The key a primary that runs the guest unprotected puts (not under its lease, so it
+/// outlives it) before it releases output its backup never committed: a backup that
+/// finds it does not take over ([`LeaseError::Stale`]). A primary starting the guest anew
+/// removes it, and one protected again removes it ([`Lease::mark_stale`]).
+pub fn stale_key(key: &str) -> String {
+    format!("{key}/backup-stale")
+}
+
+/// Claim `cfg.key` to take the guest over, trying again every quarter TTL until it is ours
+/// or `wait` has passed (a backup waiting for a lost primary's lease to expire). etcd out
+/// of reach or without a leader for a while (an election after a partition) is waited
+/// out the same way; a bad configuration, a refused certificate or a stale mark
+/// ([`stale_key`]) is not.
 pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError> {
     let start = Instant::now();
     let mut conn: Option<Conn> = None;
@@ -231,7 +310,7 @@ pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError
             None => Conn::open(cfg),
         }
         .and_then(|mut c| {
-            let r = c.try_claim(cfg);
+            let r = c.try_claim(cfg, true);
             conn = Some(c);
             r
         });
@@ -246,7 +325,14 @@ pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError
                 holder,
                 waited,
             },
-            Err(e @ (LeaseError::Config(_) | LeaseError::TlsFile { .. })) => return Err(e),
+            Err(
+                e @ (LeaseError::Config(_)
+                | LeaseError::TlsFile { .. }
+                | LeaseError::Tls { .. }
+                | LeaseError::Stale(_)),
+            ) => {
+                return Err(e);
+            }
             Err(e) => e,
         };
         if waited >= wait {
@@ -274,6 +360,8 @@ enum Command {
     Release(mpsc::Sender<Result<(), LeaseError>>),
     /// Put `value` at `key` under the lease (it goes when the lease goes).
     Publish(String, Vec<u8>),
+    /// Put (Some) or delete (None) the stale mark, while the key is still ours.
+    Stale(Option<String>, mpsc::Sender<Result<(), LeaseError>>),
 }
 
 /// A held key, its lease kept alive by a thread of its own.
@@ -283,6 +371,7 @@ enum Command {
 #[derive(Debug)]
 pub struct Lease {
     key: String,
+    margin: Duration,
     state: Arc<Mutex<State>>,
     commands: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
@@ -316,6 +405,7 @@ impl Lease {
         );
         Ok(Self {
             key: cfg.key.clone(),
+            margin: cfg.margin,
             state,
             commands: Some(tx),
             thread: Some(thread),
@@ -363,6 +453,34 @@ impl Lease {
         if let Some(c) = &self.commands {
             let _ = c.send(Command::Publish(key.to_owned(), value));
         }
+    }
+
+    /// Say in etcd (`Some(why)`, kept after the lease) that the backup's image is stale,
+    /// before releasing output it never committed; or (`None`) that it is not any more,
+    /// once protected again. Only while the key is still under this lease; waits for etcd
+    /// at most as long as the lease may still be trusted.
+    pub fn mark_stale(&self, why: Option<String>) -> Result<(), LeaseError> {
+        let (tx, rx) = mpsc::channel();
+        let sent = self
+            .commands
+            .as_ref()
+            .is_some_and(|c| c.send(Command::Stale(why, tx)).is_ok());
+        if !sent {
+            return Err(LeaseError::Timeout("stale mark"));
+        }
+        // Never past the lease's trust: the owner must get to fence itself in time.
+        let wait = self.held_until().map_or(Duration::ZERO, |u| {
+            u.saturating_duration_since(Instant::now())
+        });
+        rx.recv_timeout(wait)
+            .unwrap_or(Err(LeaseError::Timeout("stale mark")))
+    }
+
+    /// When the lease has expired in etcd for sure if no keep-alive was answered since
+    /// (its TTL after the last answered keep-alive was sent, plus the margin); None once
+    /// lost.
+    pub fn expired_by(&self) -> Option<Instant> {
+        self.held_until().map(|u| u + self.margin * 2)
     }
 
     /// Give the key up now: revoke the lease (the key goes with it).
@@ -422,6 +540,8 @@ impl Keeper {
     fn run(mut self, rx: &mpsc::Receiver<Command>) {
         let every = self.cfg.ttl / 3;
         let mut failing = false;
+        // A request that came too late to go out before the keep-alive: it goes first after.
+        let mut pending: Option<Command> = None;
         loop {
             let started = Instant::now();
             match self.round(failing) {
@@ -445,9 +565,15 @@ impl Keeper {
                     // Nothing to keep alive; wait for the owner to let go.
                     drop(s);
                     while let Ok(c) = rx.recv() {
-                        if let Command::Release(done) = c {
-                            let _ = done.send(Ok(()));
-                            return;
+                        match c {
+                            Command::Release(done) => {
+                                let _ = done.send(Ok(()));
+                                return;
+                            }
+                            Command::Stale(_, done) => {
+                                let _ = done.send(Err(LeaseError::NotHeld));
+                            }
+                            Command::Publish(..) => {}
                         }
                     }
                     return;
@@ -464,34 +590,118 @@ impl Keeper {
                     self.lock().failing = Some(why);
                 }
             }
-            let mut next = rx.recv_timeout(every.saturating_sub(started.elapsed()));
-            while let Ok(Command::Publish(key, value)) = next {
-                let id = self.id;
-                let put = self.conn.run("status put", every, async |c| {
-                    c.put(key, value, Some(PutOptions::new().with_lease(id)))
-                        .await
-                });
-                if let Err(e) = put {
-                    tracing::debug!(error = %e, "lease: publishing a status failed");
+            let mut next = match pending.take() {
+                Some(c) => Ok(c),
+                None => rx.recv_timeout(every.saturating_sub(started.elapsed())),
+            };
+            loop {
+                // Nothing here may hold the next keep-alive back: each request is bounded
+                // by the time left until it is due.
+                let left = every.saturating_sub(started.elapsed());
+                match next {
+                    Ok(Command::Publish(key, value)) => {
+                        // Statuses come once a second: one too late to go out is dropped.
+                        if !left.is_zero() {
+                            let id = self.id;
+                            let put = self.conn.run("status put", left, async |c| {
+                                c.put(key, value, Some(PutOptions::new().with_lease(id)))
+                                    .await
+                            });
+                            if let Err(e) = put {
+                                tracing::debug!(error = %e, "lease: publishing a status failed");
+                            }
+                        }
+                    }
+                    Ok(Command::Stale(why, done)) if left.is_zero() => {
+                        pending = Some(Command::Stale(why, done));
+                        break;
+                    }
+                    Ok(Command::Stale(why, done)) => {
+                        let _ = done.send(self.stale(why, left));
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                    Ok(Command::Release(done)) => {
+                        let id = self.id;
+                        let res = self
+                            .conn
+                            .run("lease revoke", every, async |c| c.lease_revoke(id).await)
+                            .map(|_| ());
+                        self.lock().until = None;
+                        tracing::info!(key = self.cfg.key, ok = res.is_ok(), "lease: released");
+                        let _ = done.send(res);
+                        return;
+                    }
                 }
                 next = rx.recv_timeout(every.saturating_sub(started.elapsed()));
             }
-            match next {
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-                Ok(Command::Publish(..)) => {}
-                Ok(Command::Release(done)) => {
-                    let id = self.id;
-                    let res = self
-                        .conn
-                        .run("lease revoke", every, async |c| c.lease_revoke(id).await)
-                        .map(|_| ());
-                    self.lock().until = None;
-                    tracing::info!(key = self.cfg.key, ok = res.is_ok(), "lease: released");
-                    let _ = done.send(res);
-                    return;
+        }
+    }
+
+    /// Open a keep-alive stream to each member on a connection of its own, all at once,
+    /// for at most `limit`; the first that renews the lease becomes this keeper's
+    /// connection and stream (its TTL returned). Err(Elapsed) when none answered in time.
+    fn any_member(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Result<i64, etcd_client::Error>, tokio::time::error::Elapsed> {
+        let id = self.id;
+        let granted = i64::try_from(self.cfg.ttl.as_secs()).unwrap_or(i64::MAX);
+        let (endpoints, opts) = (self.cfg.endpoints.clone(), self.conn.opts.clone());
+        let won = self.conn.rt.block_on(async {
+            tokio::time::timeout(limit, async {
+                let mut tries = tokio::task::JoinSet::new();
+                for e in endpoints {
+                    let o = opts.clone();
+                    tries.spawn(async move {
+                        let mut c = Client::connect([e], Some(o)).await?;
+                        let s = c.lease_keep_alive(id).await?;
+                        Ok::<_, etcd_client::Error>((c, s))
+                    });
                 }
-            }
+                let mut last = None;
+                while let Some(done) = tries.join_next().await {
+                    match done {
+                        Ok(Ok(w)) => return Ok(w),
+                        // The lease is gone: no member will say otherwise.
+                        Ok(Err(etcd_client::Error::LeaseKeepAliveError(m)))
+                            if m.contains("not found") =>
+                        {
+                            return Err(etcd_client::Error::LeaseKeepAliveError(m));
+                        }
+                        Ok(Err(e)) => last = Some(e),
+                        Err(_) => {}
+                    }
+                }
+                Err(last
+                    .unwrap_or_else(|| etcd_client::Error::InvalidArgs("no etcd endpoint".into())))
+            })
+            .await
+        })?;
+        Ok(won.map(|(c, s)| {
+            self.conn.client = c;
+            self.stream = Some(s);
+            granted
+        }))
+    }
+
+    /// Put or delete the stale mark, only while the key is under this lease.
+    fn stale(&mut self, why: Option<String>, limit: Duration) -> Result<(), LeaseError> {
+        let (key, mark) = (self.cfg.key.clone(), stale_key(&self.cfg.key));
+        let op = match why {
+            Some(v) => TxnOp::put(mark, v, None),
+            None => TxnOp::delete(mark, None),
+        };
+        let txn = Txn::new()
+            .when([Compare::lease(key, CompareOp::Equal, self.id)])
+            .and_then([op]);
+        let resp = self
+            .conn
+            .run("stale mark", limit, async |c| c.txn(txn).await)?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(LeaseError::NotHeld)
         }
     }
 
@@ -499,17 +709,20 @@ impl Keeper {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// One keep-alive on the open stream (opening it renews once, too); after failures,
+    /// One keep-alive: on the open stream (opening it renews once, too) for half the time a
+    /// round may take; when that gets no answer, a new stream to every member at once for
+    /// the rest, the first to answer kept (the balanced connection may keep a member that
+    /// is cut off, or without a leader, in its pick while others answer). After failures,
     /// also check that the key is still ours.
     fn round(&mut self, check_key: bool) -> Round {
         let limit = self.cfg.ttl / 3;
         let id = self.id;
-        let sent = Instant::now();
+        let mut sent = Instant::now();
         let granted = i64::try_from(self.cfg.ttl.as_secs()).unwrap_or(i64::MAX);
         let stream = &mut self.stream;
         let client = &mut self.conn.client;
-        let renewed = self.conn.rt.block_on(async {
-            tokio::time::timeout(limit, async {
+        let first = self.conn.rt.block_on(async {
+            tokio::time::timeout(limit / 2, async {
                 match stream {
                     None => {
                         // Opening the stream renews the lease once and fails if it is gone.
@@ -524,6 +737,24 @@ impl Keeper {
             })
             .await
         });
+        let renewed = match first {
+            Ok(Ok(t)) => Ok(Ok(t)),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m)))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "lease: keep-alive failed; asking every member");
+                self.stream = None;
+                sent = Instant::now();
+                self.any_member(limit / 2)
+            }
+            Err(_) => {
+                tracing::debug!("lease: keep-alive unanswered; asking every member");
+                self.stream = None;
+                sent = Instant::now();
+                self.any_member(limit / 2)
+            }
+        };
         let ttl = match renewed {
             Ok(Ok(t)) if t > 0 => Duration::from_secs(t.unsigned_abs()),
             Ok(Ok(_)) => return Round::Gone("the lease expired in etcd".into()),

@@ -22,7 +22,7 @@ pub mod config;
 pub mod lease;
 
 pub use config::{LeaseConfig, LeaseOptions, TlsFiles};
-pub use lease::{Claim, Lease, LeaseError, claim, list, wait_claim};
+pub use lease::{Claim, Lease, LeaseError, claim, list, stale_key, wait_claim};
 
 /// The key under which whoever runs the guest with key `key` publishes its status (for
 /// the cluster view); it is put under the runner's lease and goes with it.

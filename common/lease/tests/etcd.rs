@@ -192,6 +192,42 @@ fn release_hands_the_key_over_at_once() {
     assert!(b.is_held());
 }
 
+/// A holder that marks the backup's image stale: once it lets go, a takeover is refused
+/// at once naming the mark (not waited out), while a fresh start claims the key and
+/// removes the mark, after which a takeover works again. Clearing the mark works too.
+#[test]
+fn a_stale_mark_refuses_a_takeover_until_a_fresh_start_or_a_clear() {
+    if !etcd_available() {
+        return;
+    }
+    let e = Etcd::start(None);
+    let key = "/castor/guests/stale";
+    let a = ours(claim(&config(&e, key, "primary-a")).unwrap());
+    a.mark_stale(Some("primary-a ran unprotected after 7".into()))
+        .unwrap();
+    a.release().unwrap();
+    let t = Instant::now();
+    let err = wait_claim(&config(&e, key, "backup-b"), Duration::from_secs(10)).unwrap_err();
+    assert!(
+        matches!(err, LeaseError::Stale(_)) && t.elapsed() < Duration::from_secs(5),
+        "{err} after {:?}",
+        t.elapsed()
+    );
+    assert!(err.to_string().contains("ran unprotected after 7"), "{err}");
+    // A fresh start (a primary starting the guest anew) removes the mark.
+    let c = ours(claim(&config(&e, key, "primary-c")).unwrap());
+    c.release().unwrap();
+    let b = wait_claim(&config(&e, key, "backup-b"), Duration::from_secs(10)).unwrap();
+    // Marked and cleared by the holder: a takeover works.
+    b.mark_stale(Some("b ran unprotected".into())).unwrap();
+    b.mark_stale(None).unwrap();
+    b.release().unwrap();
+    wait_claim(&config(&e, key, "backup-d"), Duration::from_secs(10))
+        .unwrap()
+        .release()
+        .unwrap();
+}
+
 #[test]
 fn a_holder_cut_off_from_etcd_stops_trusting_its_lease_in_time() {
     if !etcd_available() {

@@ -625,6 +625,21 @@ impl XenDomain {
         Ok(())
     }
 
+    /// A frame's content without a new mapping, for [`Domain::read_pages`]: `Some(None)`
+    /// (zeros) past the p2m, the harvest's snapshot of a frame written behind the log, or
+    /// the harvest's own mapping of the dirty frames; None when it must be mapped.
+    fn frame_at_hand(&self, g: u64) -> Option<Option<&[u8]>> {
+        if g >= self.p2m_pages {
+            return Some(None);
+        }
+        if let Some(s) = self.snapshot.get(&g) {
+            return Some(Some(s));
+        }
+        self.dirty_map
+            .as_ref()
+            .and_then(|d| d.at.get(&g).map(|&i| d.map.page(i)))
+    }
+
     /// Drop the cached window (the p2m may have changed).
     fn forget_window(&self) {
         self.window.borrow_mut().take();
@@ -857,20 +872,14 @@ impl Domain for XenDomain {
             .chunks(MAP_BATCH)
             .zip(out.chunks_mut(MAP_BATCH * PAGE_SIZE))
         {
-            // Frames past the p2m read as zeros; those written behind the log come from
-            // the harvest's snapshot, those the harvest mapped from its mapping; the rest
-            // are mapped in one call.
-            let kept = |g: &u64| {
-                self.dirty_map
-                    .as_ref()
-                    .is_some_and(|d| d.at.contains_key(g))
-            };
+            // Frames at hand (see `frame_at_hand`) are copied from there; the rest are
+            // mapped in one call.
             gfns.clear();
             gfns.extend(
                 chunk
                     .iter()
                     .map(|&p| self.gfn_of(p))
-                    .filter(|g| *g < self.p2m_pages && !self.snapshot.contains_key(g) && !kept(g)),
+                    .filter(|&g| self.frame_at_hand(g).is_none()),
             );
             let map = if gfns.is_empty() {
                 None
@@ -883,27 +892,17 @@ impl Domain for XenDomain {
             };
             let mut mapped = 0;
             for (&p, page) in chunk.iter().zip(dest.chunks_exact_mut(PAGE_SIZE)) {
-                let g = self.gfn_of(p);
-                if g >= self.p2m_pages {
-                    page.fill(0);
-                } else if let Some(s) = self.snapshot.get(&g) {
-                    page.copy_from_slice(s);
-                } else if let Some((d, &i)) = self
-                    .dirty_map
-                    .as_ref()
-                    .and_then(|d| d.at.get(&g).map(|i| (d, i)))
-                {
-                    match d.map.page(i) {
-                        Some(f) => page.copy_from_slice(f),
-                        None => page.fill(0),
+                let frame = match self.frame_at_hand(self.gfn_of(p)) {
+                    Some(f) => f,
+                    None => {
+                        mapped += 1;
+                        map.as_ref().and_then(|m| m.page(mapped - 1))
                     }
-                } else {
-                    match map.as_ref().and_then(|m| m.page(mapped)) {
-                        Some(f) => page.copy_from_slice(f),
-                        // A hole in the gfn space, or not mappable: zeros.
-                        None => page.fill(0),
-                    }
-                    mapped += 1;
+                };
+                match frame {
+                    Some(f) => page.copy_from_slice(f),
+                    // Past the p2m, a hole in the gfn space, or not mappable: zeros.
+                    None => page.fill(0),
                 }
             }
         }

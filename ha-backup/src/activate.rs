@@ -24,6 +24,10 @@ use crate::config::GuestNet;
 use ha_daemon::events::EventLog;
 use ha_netbuf::NetBuffer;
 
+/// The `--net-buffer` value that stands for the restored guest's own vifs, whatever they
+/// are named on this host (known only once the domain is built).
+pub const AUTO_VIFS: &str = "auto";
+
 /// How often output is drained and released while active.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often progress is logged and written as an event while active.
@@ -138,7 +142,7 @@ pub fn activate(
     if let Some(s) = &mut sink {
         s.release(&records).map_err(ActivateError::Output)?;
     }
-    let mut plugs = hold_network(net);
+    let mut plugs = hold_network(net, domain.as_ref());
     domain.resume().map_err(|source| ActivateError::Guest {
         op: "resume",
         source,
@@ -163,11 +167,14 @@ pub fn activate(
 
 /// The restored, still paused guest's network: a closed buffer on each vif, then the
 /// gratuitous ARP. What fails is logged and skipped (see the module's notes).
-fn hold_network(net: &GuestNet) -> Vec<NetBuffer> {
+fn hold_network(net: &GuestNet, domain: &dyn Domain) -> Vec<NetBuffer> {
     let mut plugs = Vec::new();
-    for vif in &net.vifs {
-        match NetBuffer::setup(&ha_netbuf::Config::new(vif)) {
-            Ok(p) => plugs.push(p),
+    for vif in guest_vifs(net, domain) {
+        match NetBuffer::setup(&ha_netbuf::Config::new(&vif)) {
+            Ok(p) => {
+                tracing::info!(vif, "network buffer on the restored guest's vif (closed)");
+                plugs.push(p)
+            }
             Err(e) => tracing::error!(
                 vif,
                 error = %ha_daemon::error_chain(&e),
@@ -187,6 +194,31 @@ fn hold_network(net: &GuestNet) -> Vec<NetBuffer> {
         }
     }
     plugs
+}
+
+/// The interfaces `--net-buffer` names, with [`AUTO_VIFS`] replaced by the restored
+/// domain's own (a Xen domain's vifs get its new domain id: `vifDOMID.N`).
+fn guest_vifs(net: &GuestNet, domain: &dyn Domain) -> Vec<String> {
+    let mut out = Vec::new();
+    for vif in &net.vifs {
+        if vif != AUTO_VIFS {
+            out.push(vif.clone());
+            continue;
+        }
+        match domain.net_interfaces() {
+            Ok(v) if v.is_empty() => tracing::error!(
+                "--net-buffer auto: the restored guest has no network interface on this \
+                 host: nothing is held"
+            ),
+            Ok(v) => out.extend(v),
+            Err(e) => tracing::error!(
+                error = %ha_daemon::error_chain(&e),
+                "--net-buffer auto: cannot list the restored guest's vifs: the guest runs \
+                 without a network buffer"
+            ),
+        }
+    }
+    out
 }
 
 /// What `domain`'s status probe reads, if it has one.

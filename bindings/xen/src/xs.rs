@@ -119,8 +119,12 @@ impl Xs {
         let names = unsafe { std::slice::from_raw_parts(p.as_ptr(), n as usize) }
             .iter()
             .filter(|s| !s.is_null())
-            // SAFETY: each non-null entry is a NUL-terminated string in the block.
-            .map(|s| unsafe { std::ffi::CStr::from_ptr(*s) }.to_string_lossy().into_owned())
+            .map(|s| {
+                // SAFETY: each non-null entry is a NUL-terminated string in the block.
+                unsafe { std::ffi::CStr::from_ptr(*s) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
             .collect();
         // SAFETY: `p` was allocated by libxenstore with malloc and is not used after this.
         unsafe { libc::free(p.as_ptr().cast()) };

@@ -28,8 +28,8 @@
 #                         after the restore
 #   netfailover-recovery  (measured, not judged) the gap in answers and the time until the
 #                         answer rate is back to half of the protected rate before the kill
-# MODE (remus), IV (200ms), CPS (3), CONNS (8), DYN (0.2), PRE (20: s of load before the
-# kill), WRK_SECS (70), FREEZE (6) may be set with --env. Needs --env RIG_DOMU_NET=1.
+# MODE (remus), IV (200ms), CPS (2), CONNS (8), DYN (0.2), PRE (15: s of load before the
+# kill), WRK_SECS (75), FREEZE (6) may be set with --env. Needs --env RIG_DOMU_NET=1.
 # Every wait is bounded in tries, every load in time (wrk -d, under timeout -s KILL).
 . "$RIG_LIB"
 if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
@@ -38,11 +38,11 @@ if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
 fi
 MODE=${MODE:-remus}
 IV=${IV:-200ms}
-CPS=${CPS:-3}
+CPS=${CPS:-2}
 CONNS=${CONNS:-8}
 DYN=${DYN:-0.2}
-PRE=${PRE:-20}
-WRK_SECS=${WRK_SECS:-70}
+PRE=${PRE:-15}
+WRK_SECS=${WRK_SECS:-75}
 FREEZE=${FREEZE:-6}
 S=$SCRATCH
 URL=http://$DOMU_IP:80
@@ -85,7 +85,7 @@ refused() {
 		bad="$bad $_name(exit $_st)"
 		tail -n 3 "$S/bad-$_name.out" | cut -c1-300 | sed "s/^/$_name| /"
 	else
-		echo "bad-input $_name: $(grep -m 1 -o -- "ERROR.*" "$S/bad-$_name.out" | cut -c1-240)"
+		echo "bad-input $_name: $(grep -m 1 -o -- "[^ ]*$_want.*" "$S/bad-$_name.out" | cut -c1-240)"
 	fi
 }
 # (split at spaces: none of the values has one)
@@ -102,11 +102,10 @@ else
 	bad="$bad rmmod-sch_plug"
 fi
 left=$(ls /sys/class/net | grep -e '^ifb-' -e '^ifbprobe' | tr '\n' ' ')
-qd=$(/sbin/ip -o link show dev "$vif" 2>/dev/null | grep -o 'qdisc [a-z_]*')
-if [ -z "$bad" ] && [ -z "$left" ] && [ "$qd" != "qdisc ingress" ]; then
-	rig_pass netbuf-bad-input "$badn starts refused with the missing piece named (vif99.0, xenbr9, sch_plug for both daemons); no IFB left, $vif untouched ($qd)"
+if [ -z "$bad" ] && [ -z "$left" ]; then
+	rig_pass netbuf-bad-input "$badn starts refused with the missing piece named (vif99.0, xenbr9, sch_plug for both daemons); no IFB left"
 else
-	rig_fail netbuf-bad-input "wrong:$bad; IFBs left: '$left'; $vif: $qd"
+	rig_fail netbuf-bad-input "wrong:$bad; IFBs left: '$left'"
 fi
 
 # 3. The reference bodies: every file of the tree, checked against the manifest.
@@ -144,10 +143,9 @@ while [ "$(checkpoints)" -lt "$CPS" ] && kill -0 $ppid 2>/dev/null && [ $i -lt 4
 	sleep 1
 	i=$((i + 1))
 done
-ifb=$(ls /sys/class/net | grep -e "^ifb-" | tr '\n' ' ')
-qd=$(/sbin/ip -o link show dev "$vif" 2>/dev/null | grep -o 'qdisc [a-z_]*')
+ifb=$(ls /sys/class/net | grep -e "^ifb-" | head -n 1)
 if [ "$(checkpoints)" -ge "$CPS" ] && [ -n "$ifb" ]; then
-	rig_pass netfailover-protected "$(checkpoints) checkpoints committed ($MODE, $IV, --pipeline 1) in ${i}s; buffer $ifb, $vif: $qd"
+	rig_pass netfailover-protected "$(checkpoints) checkpoints committed ($MODE, $IV, --pipeline 1) in ${i}s; buffer $ifb on $vif"
 else
 	rig_fail netfailover-protected "$(checkpoints) checkpoints committed in ${i}s (want $CPS); IFBs '$ifb'; primary alive $(alive $ppid), backup alive $(alive $bpid)"
 	show primary
@@ -192,7 +190,11 @@ rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SEC
 wpid=$!
 sleep "$PRE"
 cps_before=$(checkpoints)
+# The primary host dies with what its kernel held: the packets in the plug go with it.
+# (Here they must be dropped by hand: netback maps the guest's packets, and a domain whose
+# packets are still held cannot be destroyed: libxl gives up on its vif after 10 s.)
 kill -STOP $ppid
+/sbin/ip link del "$ifb" || echo "netfailover: cannot delete $ifb"
 xl destroy "$DOMU"
 kill -KILL $ppid
 tk=$(date +%s)

@@ -52,8 +52,10 @@ domid=$(rig_domid)
 vif=vif$domid.0
 checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
 alive() { kill -0 "$1" 2>/dev/null && echo yes || echo no; }
+# plain FILE: FILE without the colours of the daemons' logs.
+plain() { tr -d '\033' <"$1" | sed 's/\[[0-9;]*m//g'; }
 # What a daemon said at the end (no DEBUG lines), indented, for a failed verdict.
-show() { grep -v ' DEBUG ' "$S/$1.log" 2>/dev/null | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"; }
+show() { plain "$S/$1.log" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"; }
 
 # 1. The modules.
 miss=""
@@ -85,7 +87,7 @@ refused() {
 		bad="$bad $_name(exit $_st)"
 		tail -n 3 "$S/bad-$_name.out" | cut -c1-300 | sed "s/^/$_name| /"
 	else
-		echo "bad-input $_name: $(grep -m 1 -o -- "[^ ]*$_want.*" "$S/bad-$_name.out" | cut -c1-240)"
+		echo "bad-input $_name: $(plain "$S/bad-$_name.out" | grep -m 1 -o -- "[^ ]*$_want.*" | cut -c1-240)"
 	fi
 }
 # (split at spaces: none of the values has one)
@@ -208,7 +210,7 @@ done
 ta=$(date +%s)
 newid=$(rig_domid)
 show backup 10
-nb=$(grep -a "network buffer on the restored guest's vif" $S/backup.log | grep -o 'vif=[^ ]*' | head -n 1)
+nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | head -n 1)
 nerr=$(grep -a -c -e "cannot put the network buffer" -e "cannot announce" -e "net-buffer auto:" $S/backup.log)
 if grep -q '"event":"active"' $S/backup.events && [ -n "$newid" ] && [ "$nb" = "vif=vif$newid.0" ] && [ "$nerr" = 0 ]; then
 	rig_pass netfailover-restored "active $((ta - tk)) s after the kill; domain $domid -> $newid, buffer put on $nb before it ran, announced on $RIG_BRIDGE"

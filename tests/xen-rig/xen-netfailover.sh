@@ -18,7 +18,8 @@
 #                         CPS checkpoints are committed
 #   netbuf-held           an answer reaches the client while the backup acknowledges; with
 #                         the backup frozen (SIGSTOP) the next one does not arrive for
-#                         FREEZE s, and arrives once the backup runs again
+#                         FREEZE s (at least twice the first one's time, up to 45 s),
+#                         and arrives once the backup runs again
 #   netfailover-restored  the backup went active; the restored domain's vif (a new name)
 #                         got a buffer before the guest ran, and the guest was announced
 #   netfailover-client    wrk (failover.lua) across the failover: 0 socket errors, 0
@@ -164,6 +165,12 @@ get_at() { # get_at FILE: fetch the counter, then write the clock (s) into FILE
 t0=$(date +%s)
 get_at "$S/held0"
 t1=$(cat "$S/held0" 2>/dev/null)
+# Frozen for longer than an answer took with acks (a checkpoint's round), so that an
+# answer let out without its ack would arrive before the thaw.
+if [ -n "$t1" ] && [ $((2 * (t1 - t0) + 4)) -gt "$FREEZE" ]; then
+	FREEZE=$((2 * (t1 - t0) + 4))
+	[ "$FREEZE" -gt 45 ] && FREEZE=45
+fi
 kill -STOP $bpid
 tf=$(date +%s)
 get_at "$S/held1" &
@@ -210,7 +217,7 @@ done
 ta=$(date +%s)
 newid=$(rig_domid)
 show backup 10
-nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | head -n 1)
+nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
 nerr=$(grep -a -c -e "cannot put the network buffer" -e "cannot announce" -e "net-buffer auto:" $S/backup.log)
 if grep -q '"event":"active"' $S/backup.events && [ -n "$newid" ] && [ "$nb" = "vif=vif$newid.0" ] && [ "$nerr" = 0 ]; then
 	rig_pass netfailover-restored "active $((ta - tk)) s after the kill; domain $domid -> $newid, buffer put on $nb before it ran, announced on $RIG_BRIDGE"

@@ -1,5 +1,5 @@
 -- A checking client for wrk across a failover (tests/xen-rig/xen-netfailover.sh):
---   wrk -t 1 -c C -d D --timeout T -s failover.lua URL -- REFDIR [DYN [SEED]]
+--   wrk -t 1 -c C -d D --timeout T -s failover.lua URL -- REFDIR [DYN [SEED [PROGRESS]]]
 -- Requests: SPECweb99's size classes as in specweb.lua, and a share DYN (default 0.2) of
 -- /cgi-bin/counter. Every response is checked:
 --   a static body must equal, byte for byte, the file of the same length in REFDIR (the
@@ -14,12 +14,15 @@
 --            counter_first=F counter_max=M errors=connect/read/write/status/timeout
 --   SERIES t:n:m,...   per second of the clock (os.time()): responses completed, and the
 --                      largest counter the client had seen by then (-1 before any)
+-- and, while it runs, appends each finished second's "t:n:m" to the file PROGRESS (so a
+-- test can follow the load and end it with SIGINT, after which wrk still prints these).
 
 local dyn = 0.2
 local seed = 99
 local class_share = { 0.35, 0.50, 0.14, 0.01 }
 local file_share = { 0.039, 0.059, 0.088, 0.177, 0.353, 0.118, 0.071, 0.050, 0.045 }
 local refs = {}
+local progress = nil
 
 -- What the main state reads from the thread at the end (plain values only).
 responses, static, dynamic, bad_status, bad_body, dup, behind = 0, 0, 0, 0, 0, 0, 0
@@ -45,6 +48,9 @@ function init(args)
 	end
 	if args[3] then
 		seed = tonumber(args[3]) or seed
+	end
+	if args[4] then
+		progress = io.open(args[4], "a")
 	end
 	math.randomseed(seed)
 	for c = 0, 3 do
@@ -74,6 +80,10 @@ function response(status, headers, body)
 	if t ~= cur_sec then
 		if cur_n > 0 then
 			series = series .. cur_sec .. ":" .. cur_n .. ":" .. counter_max .. ","
+			if progress then
+				progress:write(cur_sec .. ":" .. cur_n .. ":" .. counter_max .. "\n")
+				progress:flush()
+			end
 		end
 		cur_sec, cur_n = t, 0
 	end

@@ -29,8 +29,9 @@
 #                         after the restore
 #   netfailover-recovery  (measured, not judged) the gap in answers and the time until the
 #                         answer rate is back to half of the protected rate before the kill
-# MODE (remus), IV (200ms), CPS (2), CONNS (8), DYN (0.2), PRE (15: s of load before the
-# kill), WRK_SECS (75), FREEZE (6) may be set with --env. Needs --env RIG_DOMU_NET=1.
+# MODE (remus), IV (200ms), CPS (2), CONNS (8), DYN (0.2), PRE_N and PRE (20 answers over
+# at least 10 s before the kill), POST (30: s of answers after it), WRK_SECS (400: wrk's
+# upper bound), FREEZE (6) may be set with --env. Needs --env RIG_DOMU_NET=1.
 # Every wait is bounded in tries, every load in time (wrk -d, under timeout -s KILL).
 . "$RIG_LIB"
 if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
@@ -42,8 +43,10 @@ IV=${IV:-200ms}
 CPS=${CPS:-2}
 CONNS=${CONNS:-8}
 DYN=${DYN:-0.2}
-PRE=${PRE:-15}
-WRK_SECS=${WRK_SECS:-75}
+PRE=${PRE:-10}
+PRE_N=${PRE_N:-20}
+POST=${POST:-30}
+WRK_SECS=${WRK_SECS:-400}
 FREEZE=${FREEZE:-6}
 S=$SCRATCH
 URL=http://$DOMU_IP:80
@@ -191,13 +194,24 @@ else
 	rig_fail netbuf-held "with acks: answer at '${t1:-none}' (asked at $t0); backup frozen at $tf: answer at '${early:-none}' before the thaw at $tc, '${t2:-none}' after"
 fi
 
-# 6. Load, then the primary side dies.
+# 6. Load, then the primary side dies once the client has had PRE_N answers over at
+# least PRE s (under TCG a protected epoch takes seconds: the first answers come a few
+# epochs in). wrk's -d is only an upper bound: it is ended with SIGINT (it still checks
+# and prints everything) POST s after its first answer after the kill.
+answered() { awk -F: '{n += $2} END {print n + 0}' "$S/progress" 2>/dev/null || echo 0; }
 lines=$(wc -l <"$DOMU_CONSOLE_LOG")
+: >"$S/progress"
 tw=$(date +%s)
 rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 100s \
-	-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$S/ref" "$DYN" >"$S/wrk.out" 2>&1 &
+	-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$S/ref" "$DYN" 99 "$S/progress" >"$S/wrk.out" 2>&1 &
 wpid=$!
-sleep "$PRE"
+i=0
+while [ $i -lt 240 ] && kill -0 $wpid 2>/dev/null; do
+	t=$(head -n 1 "$S/progress" | cut -d: -f1)
+	[ -n "$t" ] && [ "$(answered)" -ge "$PRE_N" ] && [ $(($(date +%s) - t)) -ge "$PRE" ] && break
+	sleep 1
+	i=$((i + 1))
+done
 cps_before=$(checkpoints)
 # The primary host dies with what its kernel held: the packets in the plug go with it.
 # (Here they must be dropped by hand: netback maps the guest's packets, and a domain whose
@@ -207,7 +221,7 @@ kill -STOP $ppid
 xl destroy "$DOMU"
 kill -KILL $ppid
 tk=$(date +%s)
-echo "netfailover: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $cps_before checkpoints committed)"
+echo "netfailover: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(answered) answers, $cps_before checkpoints committed)"
 
 i=0
 while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 200 ]; do
@@ -225,9 +239,18 @@ else
 	rig_fail netfailover-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', $nerr network errors; backup alive $(alive $bpid)"
 fi
 
-# 7. The client's view.
+# 7. The client's view: POST s after its first answer after the kill (bounded), wrk is
+# ended.
 i=0
-while kill -0 $wpid 2>/dev/null && [ $i -lt $((WRK_SECS + 90)) ]; do
+while kill -0 $wpid 2>/dev/null && [ $i -lt $((POST + 150)) ]; do
+	t=$(awk -F: -v k="$tk" '$1 > k {print $1; exit}' "$S/progress")
+	[ -n "$t" ] && [ $(($(date +%s) - t)) -ge "$POST" ] && break
+	sleep 1
+	i=$((i + 1))
+done
+kill -INT $(pidof wrk) 2>/dev/null
+i=0
+while kill -0 $wpid 2>/dev/null && [ $i -lt 60 ]; do
 	sleep 1
 	i=$((i + 1))
 done
@@ -267,7 +290,7 @@ rate=$(awk -v n="${pre_n:-0}" -v s="${pre_s:-1}" 'BEGIN {printf "%.1f", (s > 0) 
 if [ -n "$first" ] && [ -n "$rec" ]; then
 	rig_pass netfailover-recovery "protected rate $rate answers/s; kill at 0 s, backup active at $((ta - tk)) s, first answer after the kill at $((first - tk)) s, rate back to half at $((rec - tk)) s (last answer before the kill at $((last - tk)) s)"
 else
-	rig_fail netfailover-recovery "protected rate $rate answers/s; first answer after the kill at '${first:+$((first - tk))}' s; the rate did not come back to half within the load (it ended $((tw + WRK_SECS - tk)) s after the kill)"
+	rig_fail netfailover-recovery "protected rate $rate answers/s; first answer after the kill at '${first:+$((first - tk))}' s; the rate did not come back to half within the load"
 fi
 c=$(tail -n +"$((lines + 1))" "$DOMU_CONSOLE_LOG" | tr -d '\r' | grep -c 'counter [0-9]')
 echo "netfailover: the guest printed $c console counters since the load started; now at $(rig_counter)"

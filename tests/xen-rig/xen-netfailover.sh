@@ -260,7 +260,9 @@ series=$(grep '^SERIES ' "$S/wrk.out" | cut -d' ' -f2)
 echo "netfailover: kill at $tk, active at $ta; answers per second: $series"
 val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 # Per second: t:n:m. Before the kill: answers, seconds, largest counter seen; after it.
-pre=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" -v w="$tw" '$1 >= w + 3 && $1 < k {n += $2; s++} END {printf "%d %d", n, s}')
+# (the series lists only seconds with answers: the rate is over the clock's seconds from
+# the first answer to the kill)
+pre=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 != "" && $1 < k {n += $2; if (!f) f = $1} END {printf "%d %d", n, f ? k - f : 0}')
 pre_n=${pre% *}
 pre_s=${pre#* }
 seen_max=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 < k && $3 > m {m = $3} END {print m + 0}')
@@ -277,8 +279,7 @@ else
 	tail -n 20 "$S/wrk.out" | sed 's/^/wrk| /'
 fi
 # Recovery: the first second after the kill from which 3 s hold at least half the
-# protected rate (answers per second over the load's seconds before the kill, from its
-# 3rd).
+# protected rate (answers per second from the first answer to the kill).
 rec=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" -v n="${pre_n:-0}" -v s="${pre_s:-1}" '
 	$1 != "" { c[$1] = $2; if ($1 > e) e = $1 }
 	END {

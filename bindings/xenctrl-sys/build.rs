@@ -34,6 +34,7 @@ const FUNCTIONS: &[&str] = &[
     "xs_open",
     "xs_close",
     "xs_read",
+    "xs_directory",
     "xs_write",
     "xs_resume_domain",
 ];

@@ -24,6 +24,10 @@ use crate::config::GuestNet;
 use ha_daemon::events::EventLog;
 use ha_netbuf::NetBuffer;
 
+/// The `--net-buffer` value that stands for the restored guest's own vifs, whatever they
+/// are named on this host (known only once the domain is built).
+pub const AUTO_VIFS: &str = "auto";
+
 /// How often output is drained and released while active.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// How often progress is logged and written as an event while active.
@@ -138,7 +142,7 @@ pub fn activate(
     if let Some(s) = &mut sink {
         s.release(&records).map_err(ActivateError::Output)?;
     }
-    let mut plugs = hold_network(net);
+    let mut plugs = hold_network(net, domain.as_ref());
     domain.resume().map_err(|source| ActivateError::Guest {
         op: "resume",
         source,
@@ -163,11 +167,14 @@ pub fn activate(
 
 /// The restored, still paused guest's network: a closed buffer on each vif, then the
 /// gratuitous ARP. What fails is logged and skipped (see the module's notes).
-fn hold_network(net: &GuestNet) -> Vec<NetBuffer> {
+fn hold_network(net: &GuestNet, domain: &dyn Domain) -> Vec<NetBuffer> {
     let mut plugs = Vec::new();
-    for vif in &net.vifs {
-        match NetBuffer::setup(&ha_netbuf::Config::new(vif)) {
-            Ok(p) => plugs.push(p),
+    for vif in guest_vifs(net, domain) {
+        match NetBuffer::setup(&ha_netbuf::Config::new(&vif)) {
+            Ok(p) => {
+                tracing::info!(vif, "network buffer on the restored guest's vif (closed)");
+                plugs.push(p)
+            }
             Err(e) => tracing::error!(
                 vif,
                 error = %ha_daemon::error_chain(&e),
@@ -187,6 +194,31 @@ fn hold_network(net: &GuestNet) -> Vec<NetBuffer> {
         }
     }
     plugs
+}
+
+/// The interfaces `--net-buffer` names, with [`AUTO_VIFS`] replaced by the restored
+/// domain's own (a Xen domain's vifs get its new domain id: `vifDOMID.N`).
+fn guest_vifs(net: &GuestNet, domain: &dyn Domain) -> Vec<String> {
+    let mut out = Vec::new();
+    for vif in &net.vifs {
+        if vif != AUTO_VIFS {
+            out.push(vif.clone());
+            continue;
+        }
+        match domain.net_interfaces() {
+            Ok(v) if v.is_empty() => tracing::error!(
+                "--net-buffer auto: the restored guest has no network interface on this \
+                 host: nothing is held"
+            ),
+            Ok(v) => out.extend(v),
+            Err(e) => tracing::error!(
+                error = %ha_daemon::error_chain(&e),
+                "--net-buffer auto: cannot list the restored guest's vifs: the guest runs \
+                 without a network buffer"
+            ),
+        }
+    }
+    out
 }
 
 /// What `domain`'s status probe reads, if it has one.
@@ -349,5 +381,73 @@ impl Active {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ha_codec::bitmap::PageBitmap;
+
+    /// A guest that only names its host interfaces (`None`: it cannot list them).
+    struct Vifs(Option<Vec<String>>);
+
+    impl Domain for Vifs {
+        fn memory_size(&self) -> u64 {
+            0
+        }
+        fn read_memory(&self, _gpa: u64, _buf: &mut [u8]) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn pause(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn is_paused(&self) -> bool {
+            true
+        }
+        fn harvest_dirty(&mut self, _dirty: &mut PageBitmap) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+            Ok(Vec::new())
+        }
+        fn check_health(&self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn net_interfaces(&self) -> Result<Vec<String>, DomainError> {
+            self.0
+                .clone()
+                .ok_or(DomainError::NoCapability("a vif list"))
+        }
+    }
+
+    fn net(vifs: &[&str]) -> GuestNet {
+        GuestNet {
+            vifs: vifs.iter().map(|v| v.to_string()).collect(),
+            announce: None,
+        }
+    }
+
+    #[test]
+    fn auto_stands_for_the_restored_guests_own_vifs_and_fixed_names_stay() {
+        let guest = Vifs(Some(vec!["vif7.0".into(), "castor-web".into()]));
+        assert_eq!(
+            guest_vifs(&net(&["auto", "tap3"]), &guest),
+            ["vif7.0", "castor-web", "tap3"]
+        );
+        assert_eq!(guest_vifs(&net(&["vif2.0"]), &guest), ["vif2.0"]);
+        // A guest without interfaces, or one that cannot list them: nothing for auto (said
+        // in the log), the fixed names still.
+        assert_eq!(
+            guest_vifs(&net(&["auto", "tap3"]), &Vifs(Some(Vec::new()))),
+            ["tap3"]
+        );
+        assert_eq!(
+            guest_vifs(&net(&["auto"]), &Vifs(None)),
+            Vec::<String>::new()
+        );
     }
 }

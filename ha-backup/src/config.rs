@@ -227,7 +227,8 @@ pub struct Cli {
     #[arg(long, value_name = "ADDRS", value_delimiter = ',')]
     pub reprotect_to: Vec<SocketAddr>,
     /// On failover, hold the restored guest's packets on this host interface (its vif in
-    /// this dom0, a fixed name from vifname= in the domain's config) from the restore on,
+    /// this dom0: a fixed name from vifname= in the domain's config, or "auto" for the
+    /// restored domain's own vifs, vifDOMID.N with its new domain id) from the restore on,
     /// then release them for good once the guest runs (the backup runs it unprotected);
     /// repeatable. The kernel's support (ifb, sch_plug) is checked at start.
     #[arg(long, value_name = "IFACE")]

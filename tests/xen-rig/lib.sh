@@ -41,6 +41,7 @@ rig_domid() {
 # backup restores with $DOMU_CFG. Their events, stats and logs go to
 # $SCRATCH/{primary,backup}.*, ha-primary's summary to $SCRATCH/primary.json. Sets MEM
 # (the memory size both use), bpid and ppid; status 1 if the size cannot be read.
+# RIG_BACKUP_OPTS, if set, adds options to ha-backup's command line (split at spaces).
 rig_start_pair() {
 	_mode=$1
 	_iv=$2
@@ -51,7 +52,8 @@ rig_start_pair() {
 	MEM=$(xen-selftest size "$DOMU") || return 1
 	ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config "$DOMU_CFG" \
 		--insecure --mode "$_mode" --interval "$_iv" --detect-timeout 120s \
-		--events "$SCRATCH/backup.events" --stats "$SCRATCH/backup.csv" 2>"$SCRATCH/backup.log" &
+		--events "$SCRATCH/backup.events" --stats "$SCRATCH/backup.csv" ${RIG_BACKUP_OPTS:-} \
+		2>"$SCRATCH/backup.log" &
 	bpid=$!
 	sleep 1
 	ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \

@@ -965,6 +965,15 @@ impl Domain for XenDomain {
     // A Xen guest has no Castor output ring (its output goes through its own devices)
     // and no Castor status page: no output channel and no status probe (the defaults).
 
+    /// Its vifs in this dom0, as xenstore's backend nodes name them.
+    fn net_interfaces(&self) -> Result<Vec<String>, DomainError> {
+        let xs = crate::xs::Xs::open().map_err(|e| DomainError::Backend {
+            op: "xs_open",
+            source: Box::new(e),
+        })?;
+        Ok(xs.vif_names(self.domid))
+    }
+
     /// A Xen domain runs on when Castor ends.
     fn outlives_vmm(&self) -> bool {
         true

@@ -102,6 +102,57 @@ impl Xs {
         Some(out)
     }
 
+    /// The names of `path`'s children; empty when it does not exist (or cannot be read).
+    pub fn directory(&self, path: &str) -> Vec<String> {
+        let Ok(c) = CString::new(path) else {
+            return Vec::new();
+        };
+        let mut n = 0u32;
+        // SAFETY: `c` is NUL-terminated and `n` a valid out pointer; the result is one
+        // malloc'd block (the array and its strings) or NULL, freed below.
+        let p = unsafe { sys::xs_directory(self.h.as_ptr(), sys::XBT_NULL, c.as_ptr(), &mut n) };
+        let Some(p) = NonNull::new(p) else {
+            return Vec::new();
+        };
+        // SAFETY: xs_directory returned an array of `n` pointers to NUL-terminated strings,
+        // all inside the block at `p`, which is freed only after they are copied.
+        let names = unsafe { std::slice::from_raw_parts(p.as_ptr(), n as usize) }
+            .iter()
+            .filter(|s| !s.is_null())
+            .map(|s| {
+                // SAFETY: each non-null entry is a NUL-terminated string in the block.
+                unsafe { std::ffi::CStr::from_ptr(*s) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        // SAFETY: `p` was allocated by libxenstore with malloc and is not used after this.
+        unsafe { libc::free(p.as_ptr().cast()) };
+        names
+    }
+
+    /// The dom0 network interfaces of `domid`'s vifs, in device order: for each vif
+    /// backend under `/local/domain/0/backend/vif/DOMID/`, its `vifname` (the `vifname=`
+    /// of the domain's xl config, which Xen's hotplug script gives the interface), else
+    /// netback's own name `vifDOMID.N`. Empty for a domain without vifs (or whose vifs a
+    /// driver domain other than dom0 serves).
+    pub fn vif_names(&self, domid: u32) -> Vec<String> {
+        let base = format!("/local/domain/0/backend/vif/{domid}");
+        let mut devs: Vec<u32> = self
+            .directory(&base)
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect();
+        devs.sort_unstable();
+        devs.into_iter()
+            .map(|n| {
+                self.read(&format!("{base}/{n}/vifname"))
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or_else(|| format!("vif{domid}.{n}"))
+            })
+            .collect()
+    }
+
     /// `xs_resume_domain`: tell xenstored that `domid`, which it saw shut down (suspended),
     /// runs again, so that it watches for the domain's next shutdown as for the first.
     pub fn resume_domain(&self, domid: u32) -> Result<(), XsError> {

@@ -166,6 +166,13 @@ pub trait Domain: Send {
             .read_status()
     }
 
+    /// The host's network interfaces of the guest's network devices (a Xen domain's vifs
+    /// in dom0: `vifDOMID.N`, or the `vifname=` of its config), where a network buffer
+    /// holds its packets; empty for a guest whose network the host does not see.
+    fn net_interfaces(&self) -> Result<Vec<String>, DomainError> {
+        Ok(Vec::new())
+    }
+
     /// `Ok` while the guest is healthy; the error that stopped it otherwise.
     fn check_health(&self) -> Result<(), DomainError>;
 

@@ -24,9 +24,7 @@ use crate::config::GuestNet;
 use ha_daemon::events::EventLog;
 use ha_netbuf::NetBuffer;
 
-/// The `--net-buffer` value that stands for the restored guest's own vifs, whatever they
-/// are named on this host (known only once the domain is built).
-pub const AUTO_VIFS: &str = "auto";
+pub use ha_guest::domain::AUTO_VIFS;
 
 /// How often output is drained and released while active.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);

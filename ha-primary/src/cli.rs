@@ -151,10 +151,15 @@ pub struct Cli {
     /// Hold the guest's packets on this host interface (a Xen guest's vif in dom0, e.g.
     /// vif5.0) until their checkpoint is acknowledged: an IFB device with a plug qdisc,
     /// set up before protection starts, one mark per checkpoint, released at its ack
-    /// (docs/XEN.md). Repeat for a guest with several vifs. Works with any --guest: the
-    /// hold is on the host interface.
+    /// (docs/XEN.md). Repeat for a guest with several vifs; `auto`: the Xen guest's own
+    /// vifs, as xenstore lists them. Works with any --guest: the hold is on the host
+    /// interface. A Xen guest with a vif needs this or --no-net-buffer.
     #[arg(long, value_name = "IFACE")]
     pub net_buffer: Vec<String>,
+    /// Protect a Xen guest that has a vif without holding its network output: clients may
+    /// see replies a failover loses (as xl remus -n). Said loudly at start.
+    #[arg(long, conflicts_with = "net_buffer")]
+    pub no_net_buffer: bool,
     /// Bytes each --net-buffer holds at most; packets beyond are dropped (TCP sends them
     /// again). From 64K to 1G.
     #[arg(long, default_value = "16M", value_parser = parse_size)]
@@ -355,6 +360,8 @@ pub struct FileConfig {
     pub reprotect: Option<bool>,
     /// `--net-buffer` (a list).
     pub net_buffer: Option<Vec<String>>,
+    /// `--no-net-buffer`.
+    pub no_net_buffer: Option<bool>,
     /// `--net-buffer-limit`.
     pub net_buffer_limit: Option<Size>,
     /// `--copy`.
@@ -487,6 +494,7 @@ impl Options for Cli {
             fence: same,
             reprotect: same,
             net_buffer: same,
+            no_net_buffer: same,
             net_buffer_limit: |v| bounded(check_net_buffer_limit(size(v)?)),
             copy: parsed::<CopyPolicy>,
             verify_every: same,
@@ -815,6 +823,7 @@ mod tests {
             "fence",
             "reprotect",
             "net_buffer",
+            "no_net_buffer",
             "net_buffer_limit",
             "copy",
             "verify_every",

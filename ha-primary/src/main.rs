@@ -108,24 +108,56 @@ fn cluster_view(
     Ok(())
 }
 
-/// `--net-buffer`: a closed plug on each interface. A Xen guest without one is protected
-/// but its network output is not held, which is said loudly.
+/// `--net-buffer`: a closed plug on each interface (`auto`: the guest's own). A Xen guest
+/// with a vif and no buffer is refused, unless `--no-net-buffer` says so (then loudly).
 fn net_buffers(
-    vifs: &[String],
+    named: &[String],
+    refused: bool,
     guest: ha_backend::BackendKind,
     limit: u64,
+    own: impl Fn() -> Result<Vec<String>, ha_backend::BackendError>,
     pipeline: usize,
 ) -> Result<Vec<Box<dyn PacketHold>>, Box<dyn Error>> {
+    use ha_guest::domain::AUTO_VIFS;
+    if refused && !named.is_empty() {
+        return Err("--net-buffer and --no-net-buffer contradict each other".into());
+    }
+    let mut vifs = Vec::new();
+    for vif in named {
+        if vif != AUTO_VIFS {
+            vifs.push(vif.clone());
+            continue;
+        }
+        let own = own()?;
+        if own.is_empty() {
+            return Err(
+                "--net-buffer auto: the guest has no network interface on this host".into(),
+            );
+        }
+        vifs.extend(own);
+    }
     if vifs.is_empty() && guest == ha_backend::BackendKind::Xen {
-        tracing::error!(
-            "no --net-buffer: the Xen guest's network output is NOT held until its \
-             checkpoint is committed; a failover can show clients replies the backup \
-             never had (give the guest's vif with --net-buffer, docs/XEN.md)"
-        );
+        let own = own()?;
+        if refused {
+            tracing::error!(
+                vifs = own.join(","),
+                "--no-net-buffer: the Xen guest's network output is NOT held until its \
+                 checkpoint is committed; a failover can show clients replies the backup \
+                 never had (docs/XEN.md)"
+            );
+        } else if let Some(first) = own.first() {
+            return Err(format!(
+                "the Xen guest has network interfaces ({}) but no --net-buffer: its output \
+                 would reach clients before its checkpoint is committed; give --net-buffer \
+                 {first} (or auto), or --no-net-buffer to protect it without output commit",
+                own.join(", ")
+            )
+            .into());
+        }
     }
     let limit = u32::try_from(limit)?;
     let mut plugs: Vec<Box<dyn PacketHold>> = Vec::new();
-    for vif in vifs {
+    for vif in &vifs {
         let cfg = ha_netbuf::Config {
             limit,
             ..ha_netbuf::Config::new(vif)
@@ -293,7 +325,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
     };
     // The guest's packets are held from here on; a missing vif, a taken IFB name or a
     // kernel without ifb or sch_plug stops the start here, before any checkpoint.
-    let plugs = net_buffers(&cli.net_buffer, cli.guest, cli.net_buffer_limit, pipeline)?;
+    let plugs = net_buffers(
+        &cli.net_buffer,
+        cli.no_net_buffer,
+        cli.guest,
+        cli.net_buffer_limit,
+        || ha_backend::guest_interfaces(cli.guest, &guest),
+        pipeline,
+    )?;
     let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
     let can_cow = domain.cow_memory().is_some();
     if cli.copy == CopyPolicy::Cow && !can_cow {

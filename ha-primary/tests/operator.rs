@@ -345,6 +345,30 @@ fn nonsense_values_stop_the_primary_naming_the_option() {
     }
 }
 
+/// `--net-buffer auto` on a guest with no host interface, and `--net-buffer` with
+/// `--no-net-buffer`, stop the primary before it builds the guest, saying why.
+#[test]
+fn a_network_buffer_that_cannot_be_had_stops_the_primary() {
+    for (args, says) in [
+        (
+            &["--net-buffer", "auto"][..],
+            "--net-buffer auto: the guest has no network interface on this host",
+        ),
+        (
+            &["--net-buffer", "vif1.0", "--no-net-buffer"],
+            "cannot be used with",
+        ),
+    ] {
+        let mut argv = vec!["--guest", "sim", "--insecure", "--backup", "127.0.0.1:9"];
+        argv.extend_from_slice(args);
+        let out = ha_primary(&argv);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("checkpoint copy"), "{args:?}: {err}");
+    }
+}
+
 /// A second primary given the running one's `--events` and `--stats` is refused before it
 /// touches them, and says why; the running one goes on writing them whole.
 #[test]

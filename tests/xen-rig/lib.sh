@@ -42,6 +42,8 @@ rig_domid() {
 # $SCRATCH/{primary,backup}.*, ha-primary's summary to $SCRATCH/primary.json. Sets MEM
 # (the memory size both use), bpid and ppid; status 1 if the size cannot be read.
 # RIG_BACKUP_OPTS, if set, adds options to ha-backup's command line (split at spaces).
+# The domU always has a vif, so ha-primary gets --no-net-buffer unless the options name a
+# --net-buffer (a Xen guest with a vif needs one or the other).
 rig_start_pair() {
 	_mode=$1
 	_iv=$2
@@ -56,9 +58,13 @@ rig_start_pair() {
 		2>"$SCRATCH/backup.log" &
 	bpid=$!
 	sleep 1
+	_nb=--no-net-buffer
+	for _a in "$@"; do
+		[ "$_a" = --net-buffer ] && _nb=
+	done
 	ha-primary --guest xen --xen-domain "$DOMU" --backup 127.0.0.1:7700 --insecure \
 		--mode "$_mode" --interval "$_iv" --events "$SCRATCH/primary.events" \
-		--stats "$SCRATCH/primary.csv" "$@" >"$SCRATCH/primary.json" 2>"$SCRATCH/primary.log" &
+		--stats "$SCRATCH/primary.csv" $_nb "$@" >"$SCRATCH/primary.json" 2>"$SCRATCH/primary.log" &
 	ppid=$!
 }
 

@@ -9,7 +9,8 @@
 # bridge); the backup restores the last committed checkpoint and the client goes on.
 #   netbuf-modules        ifb, sch_plug, sch_ingress, act_mirred and cls_u32 are loaded
 #   netbuf-bad-input      before any checkpoint, each start stops with an error naming
-#                         what is missing: a vif that does not exist (ha-primary), the
+#                         what is missing: a vif that does not exist or none given for
+#                         the guest's vif (ha-primary), the
 #                         plug qdisc unloaded (ha-primary and ha-backup), a bridge that
 #                         does not exist (ha-backup); nothing is left on the vif
 #   netfailover-refs      the 36 files of the document tree, fetched, have the manifest's
@@ -98,6 +99,7 @@ refused() {
 prim="ha-primary --guest xen --xen-domain $DOMU --backup 127.0.0.1:7799 --insecure"
 back="ha-backup --listen 127.0.0.1:7799 --memory $MEM --guest xen --xen-config $DOMU_CFG --insecure"
 refused primary-no-vif "interface vif99.0 does not exist" $prim --net-buffer vif99.0
+refused primary-no-buffer "but no --net-buffer" $prim
 refused backup-no-bridge "interface xenbr9 does not exist" $back --net-buffer auto \
 	--announce-bridge xenbr9 --announce-ip "$DOMU_IP" --announce-mac "$MAC"
 if rmmod sch_plug; then
@@ -109,7 +111,7 @@ else
 fi
 left=$(ls /sys/class/net | grep -e '^ifb-' -e '^ifbprobe' | tr '\n' ' ')
 if [ -z "$bad" ] && [ -z "$left" ]; then
-	rig_pass netbuf-bad-input "$badn starts refused with the missing piece named (vif99.0, xenbr9, sch_plug for both daemons); no IFB left"
+	rig_pass netbuf-bad-input "$badn starts refused with the missing piece named (vif99.0, no --net-buffer for a guest with a vif, xenbr9, sch_plug for both daemons); no IFB left"
 else
 	rig_fail netbuf-bad-input "wrong:$bad; IFBs left: '$left'"
 fi

@@ -78,6 +78,11 @@ pub enum DomainError {
     },
 }
 
+/// The `--net-buffer` value that stands for the guest's own network interfaces, whatever
+/// they are named on this host ([`Domain::net_interfaces`]; a restored Xen domain's are
+/// known only once it is built).
+pub const AUTO_VIFS: &str = "auto";
+
 /// A running (or paused) guest, as the epoch engine sees it.
 ///
 /// Dirty tracking is on from creation: the first [`Domain::harvest_dirty`] reports every

@@ -116,6 +116,8 @@ fn reprotect(
     loop {
         for &addr in &cfg.reprotect_to {
             pcfg.backup = addr;
+            // Should this backup die too, the others are tried again as well.
+            pcfg.reprotect_also = cfg.reprotect_to.clone();
             tries += 1;
             let conn = match ha_primary::engine::connect(&pcfg, active.domain_mut()) {
                 Ok(c) => c,
@@ -188,8 +190,10 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
         heartbeat: cfg.interval,
         ack_timeout: Duration::from_secs(2),
         fence: false,
-        // Losing the backup it re-protected to, it tries that address again.
+        // Losing the backup it re-protected to, it tries that address again, then the
+        // other --reprotect-to addresses (set per attempt in `reprotect`).
         reprotect: true,
+        reprotect_also: Vec::new(),
         verify_every: 0,
         teleport: true,
         precopy_rounds: 5,

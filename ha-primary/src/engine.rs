@@ -121,9 +121,13 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// Pause the guest when the backup is lost (instead of continuing unprotected).
     pub fence: bool,
-    /// Unprotected after losing the backup, reconnect to `backup` in the background and
-    /// protect the guest again when a backup there welcomes it.
+    /// Unprotected after losing the backup, reconnect to `backup` (and, in turn, to
+    /// `reprotect_also`) in the background and protect the guest again when a backup
+    /// there welcomes it.
     pub reprotect: bool,
+    /// Other backups to try in turn after `backup` when re-protecting (a re-protecting
+    /// ha-backup's other `--reprotect-to` addresses).
+    pub reprotect_also: Vec<SocketAddr>,
     /// Send a whole-memory digest every this many checkpoints (0: never).
     pub verify_every: u64,
     /// Page-cache teleportation (fgbi, a guest with a disk): pages equal to a block of the
@@ -484,36 +488,50 @@ fn hello(cfg: &Config, d: &mut dyn Domain) -> Hello {
     }
 }
 
-/// Try to open a session with the backup at `cfg.backup` every [`RECONNECT_EVERY`], on a
-/// thread of its own (a connect or handshake can take seconds, and the guest's output must
-/// flow meanwhile), until one is open or `stop` is set. The open link is sent on the
-/// returned channel.
+/// Try to open a session with the backup at `cfg.backup`, then each of
+/// `cfg.reprotect_also`, a round every [`RECONNECT_EVERY`], on a thread of its own (a
+/// connect or handshake can take seconds, and the guest's output must flow meanwhile),
+/// until one is open or `stop` is set. The open link is sent on the returned channel.
 fn reconnect(
     cfg: &Config,
     hello: Hello,
     stop: Arc<AtomicBool>,
 ) -> Result<Receiver<link::Link>, EngineError> {
     let (tx, rx) = bounded(1);
-    let (addr, heartbeat, key, rate) = (cfg.backup, cfg.heartbeat, cfg.key.clone(), cfg.link_rate);
+    let mut addrs = vec![cfg.backup];
+    addrs.extend(cfg.reprotect_also.iter().filter(|a| **a != cfg.backup));
+    let (heartbeat, key, rate) = (cfg.heartbeat, cfg.key.clone(), cfg.link_rate);
     std::thread::Builder::new()
         .name("castor-reconnect".into())
         .spawn(move || {
-            let mut tries = 0u64;
+            let mut first_round = true;
             while !stop.load(Ordering::Relaxed) {
-                tries += 1;
-                match link::connect(addr, &hello, heartbeat, CONNECT_TIMEOUT, key.as_ref(), rate) {
-                    Ok(l) => {
-                        let _ = tx.send(l);
+                for &addr in &addrs {
+                    match link::connect(
+                        addr,
+                        &hello,
+                        heartbeat,
+                        CONNECT_TIMEOUT,
+                        key.as_ref(),
+                        rate,
+                    ) {
+                        Ok(l) => {
+                            let _ = tx.send(l);
+                            return;
+                        }
+                        Err(e) if first_round => tracing::info!(
+                            backup = %addr,
+                            error = %ha_daemon::error_chain(&e),
+                            "re-protection: no backup there yet; the guest runs unprotected; \
+                             retrying every {RECONNECT_EVERY:?}"
+                        ),
+                        Err(_) => {}
+                    }
+                    if stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    Err(e) if tries == 1 => tracing::info!(
-                        backup = %addr,
-                        error = %ha_daemon::error_chain(&e),
-                        "re-protection: no backup there yet; the guest runs unprotected; \
-                         retrying every {RECONNECT_EVERY:?}"
-                    ),
-                    Err(_) => {}
                 }
+                first_round = false;
                 std::thread::sleep(RECONNECT_EVERY);
             }
         })

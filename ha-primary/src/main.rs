@@ -244,6 +244,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         ack_timeout: cli.ack_timeout,
         fence: cli.fence,
         reprotect: cli.reprotect,
+        reprotect_also: Vec::new(),
         verify_every: cli.verify_every,
         teleport: !cli.no_teleport,
         precopy_rounds: cli.precopy_rounds,

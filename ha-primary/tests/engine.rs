@@ -171,6 +171,7 @@ fn config(backup: std::net::SocketAddr, output: std::net::SocketAddr, mode: Mode
         ack_timeout: Duration::from_secs(5),
         fence: false,
         reprotect: false,
+        reprotect_also: Vec::new(),
         verify_every: 1,
         teleport: true,
         precopy_rounds: 3,

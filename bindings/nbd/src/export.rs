@@ -369,7 +369,7 @@ fn connection(c: &mut UnixStream, image: &Image, name: &str, status: &Mutex<Stat
         Ok(Some(())) => {}
         Ok(None) => return,
         Err(e) => {
-            tracing::warn!(error = %error_text(&e), "NBD handshake failed");
+            tracing::warn!(error = %ha_daemon::error_chain(&e), "NBD handshake failed");
             return;
         }
     }
@@ -378,22 +378,10 @@ fn connection(c: &mut UnixStream, image: &Image, name: &str, status: &Mutex<Stat
     let why = match proto::transmission(c, image) {
         Ok(proto::End::Disconnected) => "the client disconnected (NBD_CMD_DISC)".to_string(),
         Ok(_) => "the client closed the connection without NBD_CMD_DISC".to_string(),
-        Err(e) => error_text(&e),
+        Err(e) => ha_daemon::error_chain(&e),
     };
     tracing::error!(image = %image.path().display(), why, "NBD client gone: the device's disk is lost");
     lock(status).lost.get_or_insert(why);
-}
-
-/// An error and its sources, `: `-joined.
-fn error_text(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 impl Drop for Server {

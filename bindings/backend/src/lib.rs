@@ -215,7 +215,7 @@ pub fn open_primary(
                 (None, Some(_)) => return Err(xendisk::XenDiskError::NoImage.into()),
                 (None, None) => None,
             };
-            let d = attach_waiting(target, guest)?;
+            let d = attach_waiting(target, guest, served.is_some())?;
             xendisk::check_domain(
                 target,
                 served.as_ref().map(xendisk::Served::device),
@@ -238,32 +238,54 @@ pub fn open_primary(
 }
 
 /// Attach to the Xen domain `target`, retrying for up to `guest.xen_wait` while it does
-/// not run yet.
-fn attach_waiting(target: &str, guest: &PrimaryGuest) -> Result<Box<dyn Domain>, BackendError> {
+/// not run yet (or has no memory yet: it is being built). With a served disk, only once
+/// the guest's disk frontend is connected: its kernel runs and uses the disk.
+fn attach_waiting(
+    target: &str,
+    guest: &PrimaryGuest,
+    disk: bool,
+) -> Result<Box<dyn Domain>, BackendError> {
     let start = std::time::Instant::now();
     let mut said = false;
     loop {
-        match ha_xen::attach_boxed(target, guest.xen_hold) {
-            Ok(d) => return Ok(d),
-            Err(source) if start.elapsed() >= guest.xen_wait => {
-                return Err(BackendError::Attach {
+        let why = match disk.then(|| xendisk::disks_connected(target)) {
+            Some(Err(state)) if start.elapsed() >= guest.xen_wait => {
+                return Err(xendisk::XenDiskError::NotConnected {
                     domain: target.to_string(),
-                    source,
-                });
-            }
-            Err(e) => {
-                if !said {
-                    tracing::info!(
-                        domain = target,
-                        wait_s = guest.xen_wait.as_secs(),
-                        why = %e,
-                        "waiting for the Xen domain to start (--xen-wait)"
-                    );
-                    said = true;
+                    wait: guest.xen_wait,
+                    state,
                 }
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                .into());
             }
+            Some(Err(state)) => format!("its disk is not connected yet ({state})"),
+            None | Some(Ok(())) => match ha_xen::attach_boxed(target, guest.xen_hold) {
+                Ok(d) if d.memory_size() > 0 => return Ok(d),
+                Ok(_) => "it has no memory yet".to_string(),
+                Err(source) if start.elapsed() >= guest.xen_wait => {
+                    return Err(BackendError::Attach {
+                        domain: target.to_string(),
+                        source,
+                    });
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        if start.elapsed() >= guest.xen_wait {
+            return Err(BackendError::Attach {
+                domain: target.to_string(),
+                source: DomainError::GuestFault(why),
+            });
         }
+        if !said {
+            tracing::info!(
+                domain = target,
+                wait_s = guest.xen_wait.as_secs(),
+                why,
+                "waiting for the Xen domain (--xen-wait)"
+            );
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 

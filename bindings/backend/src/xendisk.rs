@@ -53,6 +53,18 @@ pub enum XenDiskError {
         /// The disks' backend paths.
         disks: Vec<String>,
     },
+    /// The domain's disk frontend did not connect within `--xen-wait`.
+    #[error(
+        "the Xen domain {domain}'s disk did not connect within {wait:?} (xl block-list: {state})"
+    )]
+    NotConnected {
+        /// The domain.
+        domain: String,
+        /// The wait.
+        wait: std::time::Duration,
+        /// What `xl block-list` said last.
+        state: String,
+    },
     /// The domain does not use the served device.
     #[error(
         "the Xen domain {domain} does not use {device} (its disks: {disks:?}): check its xl config's disk = ['phy:{device},…']"
@@ -150,6 +162,32 @@ pub fn disk_paths(json: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// Whether every disk in `xl block-list`'s output is connected (state 4) and there is one.
+pub fn all_connected(block_list: &str) -> bool {
+    let states: Vec<&str> = block_list
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    !states.is_empty() && states.iter().all(|s| *s == "4")
+}
+
+/// `xl block-list DOMAIN`'s output: Ok when the guest's disks are all connected (its
+/// kernel runs, with its block frontend), Err with what it said otherwise.
+pub fn disks_connected(domain: &str) -> Result<(), String> {
+    let out = Command::new("xl")
+        .args(["block-list", domain])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() && all_connected(&text) {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!("{} {}", text.trim(), err.trim()).trim().to_string())
+    }
+}
+
 /// The disks of the running `domain`, from `xl list -l`.
 fn domain_disks(domain: &str) -> Result<Vec<String>, XenDiskError> {
     let err = |why: String| XenDiskError::List {
@@ -243,11 +281,13 @@ impl ServingFactory {
         Self { inner, device }
     }
 
-    /// Serve the replica of `devices` (there must be one) before `restore` runs.
+    /// Serve the replica of `devices` (there must be one) before `restore` runs; the inner
+    /// backend restores with no devices of Castor's (the domain's disk is the device its
+    /// xl config names, now the replica).
     fn serve_then(
         &self,
         devices: &Devices,
-        restore: impl FnOnce() -> Result<Box<dyn Domain>, DomainError>,
+        restore: impl FnOnce(&Devices) -> Result<Box<dyn Domain>, DomainError>,
     ) -> Result<Box<dyn Domain>, DomainError> {
         let disk_err = |e: XenDiskError| DomainError::Backend {
             op: "serve the disk replica",
@@ -258,7 +298,7 @@ impl ServingFactory {
             .as_deref()
             .ok_or_else(|| disk_err(XenDiskError::NoImage))?;
         let served = Served::start(replica, &self.device).map_err(disk_err)?;
-        let d = restore()?;
+        let d = restore(&Devices::default())?;
         Ok(served.wrap(d))
     }
 }
@@ -278,7 +318,7 @@ impl DomainFactory for ServingFactory {
         state: &[u8],
         devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
-        self.serve_then(devices, || self.inner.restore(image, state, devices))
+        self.serve_then(devices, |d| self.inner.restore(image, state, d))
     }
 
     fn restore_image(
@@ -287,7 +327,7 @@ impl DomainFactory for ServingFactory {
         state: &[u8],
         devices: &Devices,
     ) -> Result<Box<dyn Domain>, DomainError> {
-        self.serve_then(devices, || self.inner.restore_image(image, state, devices))
+        self.serve_then(devices, |d| self.inner.restore_image(image, state, d))
     }
 }
 
@@ -336,6 +376,20 @@ mod tests {
         let e = check_disks("d", &disks[1..], Some(dev), true).unwrap_err();
         assert!(e.to_string().contains("does not use /dev/nbd0"), "{e}");
         assert!(check_disks("d", &disks[..1], Some(dev), false).is_ok());
+    }
+
+    #[test]
+    fn a_disk_is_ready_once_every_frontend_is_connected() {
+        let head = "Vdev  BE  handle state evt-ch ring-ref BE-path\n";
+        let row = |state: u8| {
+            format!(
+                "51712 0   2      {state}     9      8        /local/domain/0/backend/vbd/2/51712\n"
+            )
+        };
+        assert!(all_connected(&format!("{head}{}", row(4))));
+        assert!(!all_connected(&format!("{head}{}", row(3))));
+        assert!(!all_connected(&format!("{head}{}{}", row(4), row(1))));
+        assert!(!all_connected(head), "no disk at all");
     }
 
     #[test]

@@ -10,9 +10,9 @@
 #                       initial sync sent only differing blocks, the guest writing
 #   xen-disk-failover   the backup restored the domain on its replica: the guest goes on
 #                       writing and reading back records with no disk-bad line
-# CPS (9), VERIFY (3), MODE (remus) may be set with --env.
+# CPS (6), VERIFY (3), MODE (remus) may be set with --env.
 . "$RIG_LIB"
-CPS=${CPS:-9}
+CPS=${CPS:-6}
 VERIFY=${VERIFY:-3}
 MODE=${MODE:-remus}
 S=$SCRATCH

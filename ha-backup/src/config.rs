@@ -83,6 +83,9 @@ pub enum ConfigError {
     /// `--disk-size` without `--disk`.
     #[error("--disk-size needs --disk (the replica to create)")]
     DiskSizeWithoutDisk,
+    /// `--nbd-device` refused: missing, busy, or without a Xen guest with a disk.
+    #[error("--nbd-device")]
+    NbdDevice(#[source] ha_backend::xendisk::XenDiskError),
     /// Some of the announcement's options without the others.
     #[error("--announce-bridge, --announce-ip and --announce-mac go together (missing: {0})")]
     AnnouncePartial(&'static str),
@@ -144,6 +147,12 @@ pub struct Cli {
     /// its name, kernel and devices from it.
     #[arg(long, value_name = "FILE")]
     pub xen_config: Option<PathBuf>,
+    /// With --guest xen and --disk: at failover, serve the --disk replica over NBD to this
+    /// kernel device (/dev/nbdN, attached with nbd-client) before the domain is restored;
+    /// the xl config names it as the domU's disk (`phy:/dev/nbdN`). Checked at start: it
+    /// must exist and be free.
+    #[arg(long, value_name = "DEVICE")]
+    pub nbd_device: Option<PathBuf>,
     /// Output sink (ip:port) the backup releases guest output to after failover.
     #[arg(long, value_name = "ADDR")]
     pub output: Option<SocketAddr>,
@@ -268,6 +277,8 @@ pub struct FileConfig {
     pub guest: Option<String>,
     /// `--xen-config`.
     pub xen_config: Option<PathBuf>,
+    /// `--nbd-device`.
+    pub nbd_device: Option<PathBuf>,
     /// `--output`.
     pub output: Option<SocketAddr>,
     /// `--ack-log`.
@@ -352,6 +363,7 @@ impl Options for Cli {
             },
             guest: parsed::<BackendKind>,
             xen_config: some,
+            nbd_device: some,
             output: some,
             ack_log: some,
             events: some,
@@ -400,6 +412,8 @@ pub struct Config {
     pub guest: BackendKind,
     /// The domU's xl config (Xen).
     pub xen_config: Option<PathBuf>,
+    /// The device the replica is served to at failover (Xen).
+    pub nbd_device: Option<PathBuf>,
     /// Output sink after failover.
     pub output: Option<SocketAddr>,
     /// Ack log path.
@@ -601,6 +615,7 @@ impl Config {
                 have
             }
         };
+        check_nbd_device(cli)?;
         if let Some(p) = &cli.base_image {
             let bad = |why: String| ConfigError::BaseImage {
                 path: p.clone(),
@@ -623,6 +638,7 @@ impl Config {
             detect_timeout,
             guest: cli.guest,
             xen_config: cli.xen_config.clone(),
+            nbd_device: cli.nbd_device.clone(),
             output: cli.output,
             ack_log: cli.ack_log.clone(),
             events: cli.events.clone(),
@@ -675,6 +691,20 @@ impl Config {
     }
 }
 
+/// A Xen guest with a disk needs the device its replica is served to at failover, and
+/// the device must be there and free now; the device needs a Xen guest with a disk.
+fn check_nbd_device(cli: &Cli) -> Result<(), ConfigError> {
+    use ha_backend::xendisk::{XenDiskError, check_device};
+    let xen = cli.guest == BackendKind::Xen;
+    match (&cli.nbd_device, &cli.disk) {
+        (Some(_), _) if !xen => Err(ConfigError::NbdDevice(XenDiskError::NotXen)),
+        (Some(_), None) => Err(ConfigError::NbdDevice(XenDiskError::NoImage)),
+        (Some(dev), Some(_)) => check_device(dev).map_err(ConfigError::NbdDevice),
+        (None, Some(_)) if xen => Err(ConfigError::NbdDevice(XenDiskError::NoDevice)),
+        (None, _) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +753,43 @@ mod tests {
             crate::chain(&e).contains("00:16:3e:00:05"),
             "{}",
             crate::chain(&e)
+        );
+    }
+
+    #[test]
+    fn a_xen_disk_needs_a_free_nbd_device() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let replica = dir.path().join("replica.img");
+        std::fs::write(&replica, vec![0u8; 8192]).expect("replica");
+        let r = replica.to_str().expect("utf-8 path");
+        let refused = |args: &[&str]| {
+            ha_daemon::error_chain(&Config::from_cli(&cli(args)).expect_err("refused"))
+        };
+        assert_eq!(
+            refused(&["--guest", "xen", "--disk", r]),
+            "--nbd-device: --disk with --guest xen needs --nbd-device (the /dev/nbdN the \
+             domU's xl config names)"
+        );
+        assert_eq!(
+            refused(&[
+                "--guest",
+                "xen",
+                "--disk",
+                r,
+                "--nbd-device",
+                "/nonexistent/nbd9"
+            ]),
+            "--nbd-device: cannot attach the disk's NBD device: /nonexistent/nbd9 is not a \
+             block device: load the kernel's nbd module (modprobe nbd)"
+        );
+        assert!(
+            refused(&["--nbd-device", "/dev/nbd0", "--disk", r]).ends_with(
+                "--nbd-device is for --guest xen (a KVM guest's disk is its virtio-blk device)"
+            )
+        );
+        assert!(
+            refused(&["--guest", "xen", "--nbd-device", "/dev/nbd0"])
+                .ends_with("--nbd-device needs --disk (the image to serve)")
         );
     }
 
@@ -829,6 +896,7 @@ mod tests {
             "detect_timeout",
             "guest",
             "xen_config",
+            "nbd_device",
             "output",
             "ack_log",
             "events",

@@ -81,6 +81,21 @@ pub struct Cli {
     /// least 1ms).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub xen_suspend_timeout: Duration,
+    /// With --guest xen: how long to wait for --xen-domain to start (0s: it must run
+    /// already). With --nbd-device the domain can only start once the device is attached:
+    /// start ha-primary, then `xl create` the domU.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub xen_wait: Duration,
+    /// With --guest xen and --disk: serve the --disk image over NBD to this kernel device
+    /// (/dev/nbdN, attached with nbd-client), which the domU's xl config names as its disk
+    /// (`phy:/dev/nbdN`); its writes travel with each checkpoint.
+    #[arg(long, value_name = "DEVICE", requires = "disk")]
+    pub nbd_device: Option<PathBuf>,
+    /// With --guest xen: protect the domain even though disks of it are not served by
+    /// Castor (--nbd-device): their writes are NOT replicated, and a failover loses or
+    /// tears them. Logged as an error at start.
+    #[arg(long)]
+    pub xen_unreplicated_disks: bool,
     /// Built-in workload the guest runs: idle, memwrite, web, kv, npb.
     #[arg(long, default_value = "web")]
     pub workload: Workload,
@@ -322,6 +337,12 @@ pub struct FileConfig {
     pub xen_hold: Option<String>,
     /// `--xen-suspend-timeout`.
     pub xen_suspend_timeout: Option<String>,
+    /// `--xen-wait`.
+    pub xen_wait: Option<String>,
+    /// `--nbd-device`.
+    pub nbd_device: Option<PathBuf>,
+    /// `--xen-unreplicated-disks`.
+    pub xen_unreplicated_disks: Option<bool>,
     /// `--workload`.
     pub workload: Option<String>,
     /// `--memory`.
@@ -475,6 +496,9 @@ impl Options for Cli {
             xen_domain: some,
             xen_hold: xen_hold,
             xen_suspend_timeout: |v| bounded(check_timeout("xen-suspend-timeout", duration(v)?)),
+            xen_wait: duration,
+            nbd_device: some,
+            xen_unreplicated_disks: same,
             workload: parsed::<Workload>,
             memory: |v| bounded(check_memory(size(v)?)),
             disk: some,
@@ -804,6 +828,9 @@ mod tests {
             "xen_domain",
             "xen_hold",
             "xen_suspend_timeout",
+            "xen_wait",
+            "nbd_device",
+            "xen_unreplicated_disks",
             "workload",
             "memory",
             "disk",

@@ -293,6 +293,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         } else {
             XenHold::Suspend(cli.xen_suspend_timeout)
         },
+        xen_wait: cli.xen_wait,
+        nbd_device: cli.nbd_device.clone(),
+        unreplicated_disks: cli.xen_unreplicated_disks,
     };
     // The key first: a guest another host runs (the backup took it over) is not started
     // here.

@@ -12,6 +12,7 @@
 //! - [`open_primary`]: the guest a primary protects, created from a [`GuestSpec`] (KVM,
 //!   sim) or attached to as an existing domain (Xen).
 //! - [`value_parser`] and [`value_parser_of`]: `--guest` for clap.
+//! - [`xendisk`]: a Xen guest's disk served by Castor over NBD (primary and backup).
 //!
 //! The Xen backend is real only with this crate's `xen` feature (it forwards to ha-xen's);
 //! without it Xen is still a kind that parses, and [`probe`] says the build lacks it.
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use ha_guest::domain::{Domain, DomainError, DomainFactory, GuestSpec};
+
+pub mod xendisk;
 
 pub use ha_guest::backend::{BackendKind, BackendKindError};
 pub use ha_xen::Hold as XenHold;
@@ -52,6 +55,9 @@ pub enum BackendError {
         #[source]
         source: DomainError,
     },
+    /// The Xen guest's disk cannot be served, or the domain's disks are not all served.
+    #[error("the Xen domain's disk")]
+    XenDisk(#[from] xendisk::XenDiskError),
     /// The Xen domain could not be attached to.
     #[error("cannot protect the Xen domain {domain:?}")]
     Attach {
@@ -128,6 +134,9 @@ pub struct FactoryOptions {
     pub dirty_log: bool,
     /// Xen: the protected domU's xl config, which a restore builds the new domain from.
     pub xl_config: Option<PathBuf>,
+    /// Xen: the device (`/dev/nbdN`) a restored guest's disk replica is served to before
+    /// the restore ([`xendisk::ServingFactory`]); the xl config names it.
+    pub nbd_device: Option<PathBuf>,
 }
 
 impl Default for FactoryOptions {
@@ -135,6 +144,7 @@ impl Default for FactoryOptions {
         Self {
             dirty_log: true,
             xl_config: None,
+            nbd_device: None,
         }
     }
 }
@@ -148,7 +158,10 @@ pub fn factory(kind: BackendKind, options: &FactoryOptions) -> Box<dyn DomainFac
         BackendKind::Xen => {
             let mut f = ha_xen::XenFactory::new();
             f.xl_config.clone_from(&options.xl_config);
-            Box::new(f)
+            match &options.nbd_device {
+                Some(dev) => Box::new(xendisk::ServingFactory::new(Box::new(f), dev.clone())),
+                None => Box::new(f),
+            }
         }
     }
 }
@@ -163,6 +176,12 @@ pub struct PrimaryGuest {
     pub xen_domain: Option<String>,
     /// Xen: how each checkpoint holds the domain still.
     pub xen_hold: XenHold,
+    /// Xen: how long to wait for the domain to start (zero: it must run already).
+    pub xen_wait: std::time::Duration,
+    /// Xen: serve `spec.devices.disk` over NBD to this device before attaching.
+    pub nbd_device: Option<PathBuf>,
+    /// Xen: protect a domain with disks Castor does not serve (logged as an error).
+    pub unreplicated_disks: bool,
 }
 
 /// The host's interfaces of the primary's guest's network devices, found without opening
@@ -197,6 +216,9 @@ pub fn open_primary(
 ) -> Result<Box<dyn Domain>, BackendError> {
     match kind {
         BackendKind::Kvm | BackendKind::Sim => {
+            if guest.nbd_device.is_some() {
+                return Err(xendisk::XenDiskError::NotXen.into());
+            }
             probe(kind)?;
             factory(kind, &FactoryOptions::default())
                 .create(&guest.spec)
@@ -208,21 +230,84 @@ pub fn open_primary(
                 .as_deref()
                 .ok_or(BackendError::NoXenDomain)?;
             probe(kind)?;
-            let d = ha_xen::attach_boxed(target, guest.xen_hold).map_err(|source| {
-                BackendError::Attach {
-                    domain: target.to_string(),
-                    source,
-                }
-            })?;
+            // The disk is served first: the domain can start only once its device is there.
+            let served = match (&guest.spec.devices.disk, &guest.nbd_device) {
+                (Some(image), Some(dev)) => Some(xendisk::Served::start(image, dev)?),
+                (Some(_), None) => return Err(xendisk::XenDiskError::NoDevice.into()),
+                (None, Some(_)) => return Err(xendisk::XenDiskError::NoImage.into()),
+                (None, None) => None,
+            };
+            let d = attach_waiting(target, guest, served.is_some())?;
+            xendisk::check_domain(
+                target,
+                served.as_ref().map(xendisk::Served::device),
+                guest.unreplicated_disks,
+            )?;
             tracing::info!(
                 domain = target,
                 memory_size = d.memory_size(),
                 hold = ?guest.xen_hold,
+                disk = ?guest.spec.devices.disk,
                 "protecting the Xen domain; give the backup --memory {}",
                 d.memory_size()
             );
-            Ok(d)
+            Ok(match served {
+                Some(s) => s.wrap(d),
+                None => d,
+            })
         }
+    }
+}
+
+/// Attach to the Xen domain `target`, retrying for up to `guest.xen_wait` while it does
+/// not run yet (or has no memory yet: it is being built). With a served disk, only once
+/// the guest's disk frontend is connected: its kernel runs and uses the disk.
+fn attach_waiting(
+    target: &str,
+    guest: &PrimaryGuest,
+    disk: bool,
+) -> Result<Box<dyn Domain>, BackendError> {
+    let start = std::time::Instant::now();
+    let mut said = false;
+    loop {
+        let why = match disk.then(|| xendisk::disks_connected(target)) {
+            Some(Err(state)) if start.elapsed() >= guest.xen_wait => {
+                return Err(xendisk::XenDiskError::NotConnected {
+                    domain: target.to_string(),
+                    wait: guest.xen_wait,
+                    state,
+                }
+                .into());
+            }
+            Some(Err(state)) => format!("its disk is not connected yet ({state})"),
+            None | Some(Ok(())) => match ha_xen::attach_boxed(target, guest.xen_hold) {
+                Ok(d) if d.memory_size() > 0 => return Ok(d),
+                Ok(_) => "it has no memory yet".to_string(),
+                Err(source) if start.elapsed() >= guest.xen_wait => {
+                    return Err(BackendError::Attach {
+                        domain: target.to_string(),
+                        source,
+                    });
+                }
+                Err(e) => e.to_string(),
+            },
+        };
+        if start.elapsed() >= guest.xen_wait {
+            return Err(BackendError::Attach {
+                domain: target.to_string(),
+                source: DomainError::GuestFault(why),
+            });
+        }
+        if !said {
+            tracing::info!(
+                domain = target,
+                wait_s = guest.xen_wait.as_secs(),
+                why,
+                "waiting for the Xen domain (--xen-wait)"
+            );
+            said = true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
@@ -326,6 +411,9 @@ mod tests {
             spec: spec(),
             xen_domain: None,
             xen_hold: XenHold::Pause,
+            xen_wait: std::time::Duration::ZERO,
+            nbd_device: None,
+            unreplicated_disks: false,
         };
         assert!(matches!(
             open_primary(BackendKind::Xen, &guest),
@@ -339,7 +427,22 @@ mod tests {
             spec: spec(),
             xen_domain: Some("ignored".into()),
             xen_hold: XenHold::default(),
+            xen_wait: std::time::Duration::ZERO,
+            nbd_device: None,
+            unreplicated_disks: false,
         };
+        let served = PrimaryGuest {
+            nbd_device: Some("/dev/nbd0".into()),
+            ..guest.clone()
+        };
+        let Err(e) = open_primary(BackendKind::Sim, &served) else {
+            panic!("a sim guest with --nbd-device was opened");
+        };
+        assert_eq!(
+            error_chain(&e),
+            "the Xen domain's disk: --nbd-device is for --guest xen (a KVM guest's disk is its \
+             virtio-blk device)"
+        );
         let d = open_primary(BackendKind::Sim, &guest).expect("a sim guest");
         assert_eq!(d.memory_size(), 2 << 20);
         assert!(d.is_paused());

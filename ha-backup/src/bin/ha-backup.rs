@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         cfg.guest,
         &FactoryOptions {
             xl_config: cfg.xen_config.clone(),
+            nbd_device: cfg.nbd_device.clone(),
             ..FactoryOptions::default()
         },
     );

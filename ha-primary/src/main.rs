@@ -108,36 +108,31 @@ fn cluster_view(
     Ok(())
 }
 
-/// `--net-buffer`: a closed plug on each interface (`auto`: the guest's own). A Xen guest
-/// with a vif and no buffer is refused, unless `--no-net-buffer` says so (then loudly).
-fn net_buffers(
+/// The interfaces `--net-buffer` stands for once the guest is open: `auto` is the guest's
+/// own (its vifs, as xenstore lists them); the named ones were set up before it opened. A
+/// Xen guest with a vif and no buffer at all is refused, unless `--no-net-buffer` says so
+/// (then loudly).
+fn own_vifs(
     named: &[String],
     refused: bool,
     guest: ha_backend::BackendKind,
-    limit: u64,
-    own: impl Fn() -> Result<Vec<String>, ha_backend::BackendError>,
-    pipeline: usize,
-) -> Result<Vec<Box<dyn PacketHold>>, Box<dyn Error>> {
+    domain: &dyn ha_guest::domain::Domain,
+) -> Result<Vec<String>, Box<dyn Error>> {
     use ha_guest::domain::AUTO_VIFS;
     if refused && !named.is_empty() {
         return Err("--net-buffer and --no-net-buffer contradict each other".into());
     }
-    let mut vifs = Vec::new();
-    for vif in named {
-        if vif != AUTO_VIFS {
-            vifs.push(vif.clone());
-            continue;
-        }
-        let own = own()?;
+    if named.iter().any(|v| v == AUTO_VIFS) {
+        let own = domain.net_interfaces()?;
         if own.is_empty() {
             return Err(
                 "--net-buffer auto: the guest has no network interface on this host".into(),
             );
         }
-        vifs.extend(own);
+        return Ok(own);
     }
-    if vifs.is_empty() && guest == ha_backend::BackendKind::Xen {
-        let own = own()?;
+    if named.is_empty() && guest == ha_backend::BackendKind::Xen {
+        let own = domain.net_interfaces()?;
         if refused {
             tracing::error!(
                 vifs = own.join(","),
@@ -155,9 +150,14 @@ fn net_buffers(
             .into());
         }
     }
+    Ok(Vec::new())
+}
+
+/// A closed plug on each of `vifs` (`--net-buffer`).
+fn net_buffers(vifs: &[String], limit: u64) -> Result<Vec<Box<dyn PacketHold>>, Box<dyn Error>> {
     let limit = u32::try_from(limit)?;
     let mut plugs: Vec<Box<dyn PacketHold>> = Vec::new();
-    for vif in &vifs {
+    for vif in vifs {
         let cfg = ha_netbuf::Config {
             limit,
             ..ha_netbuf::Config::new(vif)
@@ -165,14 +165,6 @@ fn net_buffers(
         let nb = ha_netbuf::NetBuffer::setup(&cfg)
             .map_err(|e| format!("--net-buffer {vif}: {}", chain(&e)))?;
         plugs.push(Box::new(nb));
-    }
-    if !plugs.is_empty() && pipeline > 1 {
-        tracing::info!(
-            pipeline,
-            "with --net-buffer, a checkpoint taken while the previous one's packets still \
-             wait for its ack sends its packets with the next ack (--pipeline 1 gives each \
-             checkpoint its own)"
-        );
     }
     Ok(plugs)
 }
@@ -328,16 +320,32 @@ fn run(cli: Cli) -> Result<(), Box<dyn Error>> {
         },
     };
     // The guest's packets are held from here on; a missing vif, a taken IFB name or a
-    // kernel without ifb or sch_plug stops the start here, before any checkpoint.
-    let plugs = net_buffers(
+    // kernel without ifb or sch_plug stops the start here, before any checkpoint. Named
+    // interfaces are set up before the guest opens; `auto` (and the check that a Xen
+    // guest's vifs are held) needs the guest, which may not exist yet (--xen-wait).
+    let named: Vec<String> = cli
+        .net_buffer
+        .iter()
+        .filter(|v| *v != ha_guest::domain::AUTO_VIFS)
+        .cloned()
+        .collect();
+    let mut plugs = net_buffers(&named, cli.net_buffer_limit)?;
+    let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
+    let own = own_vifs(
         &cli.net_buffer,
         cli.no_net_buffer,
         cli.guest,
-        cli.net_buffer_limit,
-        || ha_backend::guest_interfaces(cli.guest, &guest),
-        pipeline,
+        domain.as_ref(),
     )?;
-    let mut domain = ha_backend::open_primary(cli.guest, &guest)?;
+    plugs.extend(net_buffers(&own, cli.net_buffer_limit)?);
+    if !plugs.is_empty() && pipeline > 1 {
+        tracing::info!(
+            pipeline,
+            "with --net-buffer, a checkpoint taken while the previous one's packets still \
+             wait for its ack sends its packets with the next ack (--pipeline 1 gives each \
+             checkpoint its own)"
+        );
+    }
     let can_cow = domain.cow_memory().is_some();
     if cli.copy == CopyPolicy::Cow && !can_cow {
         return Err(DomainError::NoCapability(

@@ -65,7 +65,7 @@ ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config $S/ba
 bpid=$!
 sleep 1
 ha-primary --guest xen --xen-domain "$DOMU" --xen-wait 120s --disk $S/primary.img \
-	--nbd-device /dev/nbd0 --backup 127.0.0.1:7700 --insecure --mode "$MODE" --interval 200ms \
+	--nbd-device /dev/nbd0 --no-net-buffer --backup 127.0.0.1:7700 --insecure --mode "$MODE" --interval 200ms \
 	--ack-timeout 300s --verify-every "$VERIFY" --events $S/primary.events \
 	--stats $S/primary.csv >$S/primary.json 2>$S/primary.log &
 ppid=$!

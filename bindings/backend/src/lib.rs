@@ -184,28 +184,6 @@ pub struct PrimaryGuest {
     pub unreplicated_disks: bool,
 }
 
-/// The host's interfaces of the primary's guest's network devices, found without opening
-/// it: a Xen domain's vifs in dom0; none for a guest Castor builds (its network, if any,
-/// is not a host interface).
-pub fn guest_interfaces(
-    kind: BackendKind,
-    guest: &PrimaryGuest,
-) -> Result<Vec<String>, BackendError> {
-    match kind {
-        BackendKind::Kvm | BackendKind::Sim => Ok(Vec::new()),
-        BackendKind::Xen => {
-            let target = guest
-                .xen_domain
-                .as_deref()
-                .ok_or(BackendError::NoXenDomain)?;
-            ha_xen::vif_names(target).map_err(|source| BackendError::Attach {
-                domain: target.to_string(),
-                source,
-            })
-        }
-    }
-}
-
 /// The guest a primary of `kind` protects: a new guest built from `guest.spec` (KVM, sim;
 /// paused until resumed), or the existing Xen domain `guest.xen_domain`, attached to and
 /// held for checkpoints as `guest.xen_hold` says. The backend is probed first, so an

@@ -59,6 +59,10 @@ impl Domain for ServedDomain {
         self.inner.read_memory(gpa, buf)
     }
 
+    fn read_pages(&self, pages: &[u64], out: &mut [u8]) -> Result<(), DomainError> {
+        self.inner.read_pages(pages, out)
+    }
+
     fn pause(&mut self) -> Result<(), DomainError> {
         // The guest first: a suspending Linux guest may still write while it freezes.
         self.inner.pause()?;
@@ -105,6 +109,10 @@ impl Domain for ServedDomain {
             op: "serve the guest's disk",
             source: Box::new(e),
         })
+    }
+
+    fn net_interfaces(&self) -> Result<Vec<String>, DomainError> {
+        self.inner.net_interfaces()
     }
 
     fn outlives_vmm(&self) -> bool {

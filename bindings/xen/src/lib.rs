@@ -176,25 +176,6 @@ pub fn attach(_name_or_id: &str) -> Result<Box<dyn Domain>, DomainError> {
     Err(not_built())
 }
 
-/// The dom0 interfaces of a domain's vifs (`vifDOMID.N`, or their `vifname=`), as
-/// xenstore's backend nodes list them, without attaching to it.
-pub fn vif_names(name_or_id: &str) -> Result<Vec<String>, DomainError> {
-    #[cfg(feature = "xen")]
-    {
-        let domid = resolve_domain(name_or_id)?;
-        let xs = xs::Xs::open().map_err(|e| DomainError::Backend {
-            op: "xs_open",
-            source: Box::new(e),
-        })?;
-        Ok(xs.vif_names(domid))
-    }
-    #[cfg(not(feature = "xen"))]
-    {
-        let _ = name_or_id;
-        Err(not_built())
-    }
-}
-
 /// Attach to an existing domain by name or id, holding it as `hold` says, boxed (the same
 /// call with or without the `xen` feature; without it, `DomainError::Unavailable`).
 pub fn attach_boxed(name_or_id: &str, hold: Hold) -> Result<Box<dyn Domain>, DomainError> {

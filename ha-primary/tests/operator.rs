@@ -346,7 +346,7 @@ fn nonsense_values_stop_the_primary_naming_the_option() {
 }
 
 /// `--net-buffer auto` on a guest with no host interface, and `--net-buffer` with
-/// `--no-net-buffer`, stop the primary before it builds the guest, saying why.
+/// `--no-net-buffer`, stop the primary before it protects the guest, saying why.
 #[test]
 fn a_network_buffer_that_cannot_be_had_stops_the_primary() {
     for (args, says) in [

@@ -164,8 +164,8 @@ fi
 
 # 5. Held until the ack: one answer with the backup acknowledging, then one with the
 # backup frozen (it must not arrive), then the backup thawed (it must arrive).
-get_at() { # get_at FILE: fetch the counter, then write the clock (s) into FILE
-	rig_client timeout 90 wget -q -O "$1.body" "$URL/cgi-bin/counter" 2>/dev/null && date +%s >"$1"
+get_at() { # get_at FILE [SECS]: fetch the counter (for up to SECS, 90), then write the clock (s) into FILE
+	rig_client timeout "${2:-90}" wget -q -O "$1.body" "$URL/cgi-bin/counter" 2>/dev/null && date +%s >"$1"
 }
 t0=$(date +%s)
 get_at "$S/held0"
@@ -178,14 +178,17 @@ if [ -n "$t1" ] && [ $((2 * (t1 - t0) + 4)) -gt "$FREEZE" ]; then
 fi
 kill -STOP $bpid
 tf=$(date +%s)
-get_at "$S/held1" &
+# The fetch outlives the freeze by 120 s: its SYN's retransmissions back off (the next
+# one may come ~30 s after the thaw), then the SYN-ACK and the answer each wait for an
+# ack, seconds apart under TCG.
+get_at "$S/held1" $((FREEZE + 120)) &
 gpid=$!
 sleep "$FREEZE"
 early=$(cat "$S/held1" 2>/dev/null)
 kill -CONT $bpid
 tc=$(date +%s)
 i=0
-while kill -0 $gpid 2>/dev/null && [ $i -lt 90 ]; do
+while kill -0 $gpid 2>/dev/null && [ $i -lt 130 ]; do
 	sleep 1
 	i=$((i + 1))
 done

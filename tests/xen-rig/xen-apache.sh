@@ -31,7 +31,8 @@
 # protector reports: Castor's checkpoints/s, bytes and hold (pause) per checkpoint from
 # primary.csv, xl remus's checkpoints counted from its debug log.
 # Every load is bounded in time (ab -t, wrk -d, each under timeout -s KILL) and every
-# wait in tries. AB_SECS (10), WRK_SECS (10), CONNS (4), AB_FILE (/specweb/class1_5, 5 KiB),
+# wait in tries. AB_SECS (10), WRK_SECS (10), CONNS (4), AB_FILE (/specweb/class1_5, 5 KiB;
+# a space-separated list runs ab once per file, e.g. the four classes' /specweb/classC_5),
 # DYN (0.1), ROWS and IV (200, ms) may be set with --env.
 . "$RIG_LIB"
 if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
@@ -119,23 +120,29 @@ fi
 # variables: bench, bench_row and stop_xl_remus use different names.)
 bench() {
 	_l=$1
-	rig_client timeout -s KILL $((AB_SECS + 30)) ab -k -c "$CONNS" -t "$AB_SECS" -n 1000000 -s 10 \
-		"$URL$AB_FILE" >"$S/ab-$_l.out" 2>&1
-	_n=$(awk '/^Complete requests:/ {print $3}' "$S/ab-$_l.out")
-	_f=$(awk '/^Failed requests:/ {print $3}' "$S/ab-$_l.out")
-	_x=$(awk '/^Non-2xx responses:/ {print $3}' "$S/ab-$_l.out")
-	_rps=$(awk '/^Requests per second:/ {print $4}' "$S/ab-$_l.out")
-	_kbs=$(awk '/^Transfer rate:/ {print $3}' "$S/ab-$_l.out")
-	_p50=$(awk '$1 == "50%" {print $2}' "$S/ab-$_l.out")
-	_p99=$(awk '$1 == "99%" {print $2}' "$S/ab-$_l.out")
-	_desc="ab $AB_FILE c=$CONNS ${AB_SECS}s: $_rps req/s, p50 ${_p50} ms, p99 ${_p99} ms, $_kbs KB/s, $_n requests, ${_f:-?} failed, ${_x:-0} non-2xx"
-	echo "$_l $_desc" >>"$S/rows"
-	if [ "${_n:-0}" -gt 0 ] && [ "$_f" = 0 ] && [ "${_x:-0}" = 0 ]; then
-		rig_pass "apache-ab-$_l" "$_desc"
-	else
-		rig_fail "apache-ab-$_l" "$_desc"
-		tail -n 15 "$S/ab-$_l.out" | sed 's/^/ab| /'
-	fi
+	# One ab run per file of AB_FILE (a space-separated list: one file size at a time);
+	# with more than one, the verdicts are apache-ab-LABEL-FILE.
+	for _file in $AB_FILE; do
+		_t=$_l
+		case "$AB_FILE" in *" "*) _t="$_l-${_file##*/}" ;; esac
+		rig_client timeout -s KILL $((AB_SECS + 30)) ab -k -c "$CONNS" -t "$AB_SECS" -n 1000000 -s 10 \
+			"$URL$_file" >"$S/ab-$_t.out" 2>&1
+		_n=$(awk '/^Complete requests:/ {print $3}' "$S/ab-$_t.out")
+		_f=$(awk '/^Failed requests:/ {print $3}' "$S/ab-$_t.out")
+		_x=$(awk '/^Non-2xx responses:/ {print $3}' "$S/ab-$_t.out")
+		_rps=$(awk '/^Requests per second:/ {print $4}' "$S/ab-$_t.out")
+		_kbs=$(awk '/^Transfer rate:/ {print $3}' "$S/ab-$_t.out")
+		_p50=$(awk '$1 == "50%" {print $2}' "$S/ab-$_t.out")
+		_p99=$(awk '$1 == "99%" {print $2}' "$S/ab-$_t.out")
+		_desc="ab $_file c=$CONNS ${AB_SECS}s: $_rps req/s, p50 ${_p50} ms, p99 ${_p99} ms, $_kbs KB/s, $_n requests, ${_f:-?} failed, ${_x:-0} non-2xx"
+		echo "$_t $_desc" >>"$S/rows"
+		if [ "${_n:-0}" -gt 0 ] && [ "$_f" = 0 ] && [ "${_x:-0}" = 0 ]; then
+			rig_pass "apache-ab-$_t" "$_desc"
+		else
+			rig_fail "apache-ab-$_t" "$_desc"
+			tail -n 15 "$S/ab-$_t.out" | sed 's/^/ab| /'
+		fi
+	done
 
 	rig_client timeout -s KILL $((WRK_SECS + 30)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 10s \
 		-s "$CASTOR_DIR/rig/specweb.lua" "$URL" -- "$DYN" >"$S/wrk-$_l.out" 2>&1

@@ -136,14 +136,13 @@ fn reprotect(
             );
             sinks.metrics.set_state("reprotected");
             pcfg.run_for = left();
-            let metrics =
-                ha_primary::metrics::Metrics::for_pair(cfg.lease.as_ref().map(|l| l.key.as_str()));
+            // The primary's families are in the backup's registry: its `--metrics` serves them.
             let summary = ha_primary::engine::run_connected(
                 conn,
                 &pcfg,
                 active.domain_mut(),
                 stop,
-                &metrics,
+                sinks.metrics.primary(),
                 lease,
                 sinks.switchover,
             )

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the backup: its metric families, the handles the run loop
-//! updates. The registry, the state gauge and the `GET /metrics` server are
+//! updates, and the primary's families it serves too (for when it re-protects a guest as
+//! its primary). The registry, the state gauge and the `GET /metrics` server are
 //! [`ha_daemon::metrics`]'s.
 
 use ha_daemon::metrics::Families;
@@ -24,8 +25,52 @@ const DISK_BUCKETS: [f64; 9] = [
 /// The states of `castor_state`.
 pub const STATES: [&str; 4] = ["listening", "receiving", "active", "reprotected"];
 
-/// The backup's metrics: its families (below), the state gauge ([`STATES`]), the registry.
-pub type Metrics = ha_daemon::metrics::Metrics<BackupFamilies>;
+/// The state gauge of the primary this backup becomes when it re-protects a guest (its
+/// states are [`ha_primary::metrics::STATES`]).
+pub const PRIMARY_STATE: &str = "castor_primary_state";
+
+/// The backup's metrics: its families (below) and state gauge ([`STATES`]), reached
+/// through `Deref`; and in the same registry, so on the same `GET /metrics`, the
+/// `castor_primary_*` families and the [`PRIMARY_STATE`] gauge of the primary it becomes
+/// when it re-protects a guest ([`Metrics::primary`]), zero until then.
+#[derive(Debug)]
+pub struct Metrics {
+    own: ha_daemon::metrics::Metrics<BackupFamilies>,
+    primary: ha_primary::metrics::Metrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// The families, every state at 0.
+    pub fn new() -> Self {
+        Self::for_pair(None)
+    }
+
+    /// [`Metrics::new`] with every series labelled `pair="<name>"` (the guest's key), as
+    /// ha-primary labels its own.
+    pub fn for_pair(pair: Option<&str>) -> Self {
+        let (own, primary) = ha_daemon::metrics::Metrics::for_pair_with(pair, PRIMARY_STATE);
+        Self { own, primary }
+    }
+
+    /// The metrics of the primary this backup becomes when it re-protects a guest.
+    pub fn primary(&self) -> &ha_primary::metrics::Metrics {
+        &self.primary
+    }
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = ha_daemon::metrics::Metrics<BackupFamilies>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.own
+    }
+}
 
 /// The backup's own metric families: cheap handles (clones share their values).
 #[derive(Debug)]
@@ -159,5 +204,22 @@ mod tests {
             r.contains("castor_backup_commit_seconds_bucket{le=\"0.0025\"} 1"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn the_primarys_families_are_served_beside_the_backups() {
+        let m = Metrics::for_pair(Some("/castor/guests/web1"));
+        m.set_state("reprotected");
+        m.primary().epochs_committed.inc_by(4);
+        m.primary().set_state("protected");
+        let r = m.render();
+        for want in [
+            "castor_primary_epochs_committed_total{pair=\"/castor/guests/web1\"} 4",
+            "castor_primary_state{pair=\"/castor/guests/web1\",state=\"protected\"} 1",
+            "castor_state{pair=\"/castor/guests/web1\",state=\"reprotected\"} 1",
+            "castor_backup_epochs_committed_total{pair=\"/castor/guests/web1\"} 0",
+        ] {
+            assert!(r.contains(want), "{want} not in {r}");
+        }
     }
 }

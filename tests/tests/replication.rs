@@ -6,7 +6,7 @@
 
 use ha_tests::{
     Etcd, EtcdTls, Fault, NetPair, Proc, Proxy, Rng, Scratch, World, etcd_or_skip, events, keygen,
-    kvm_or_skip, wait_addr, wait_event,
+    kvm_or_skip, sample, scrape, wait_addr, wait_event,
 };
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -2021,6 +2021,95 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
          (pre-copy {} bytes); {b_acks} of B's checkpoints committed at C; C active from \
          epoch {last_epoch}",
         active["epoch"], protected["precopy_wire_bytes"],
+    );
+}
+
+/// Re-protection's metrics: a backup with `--metrics` on loopback fails over and protects
+/// the guest again to a spare (`--reprotect-to`); its one endpoint then serves the
+/// primary's families beside its own: `castor_primary_epochs_committed` counts up as the
+/// spare commits the new primary's checkpoints, `castor_primary_state` is `protected`, and
+/// the backup's own `castor_state` is `reprotected`.
+#[test]
+fn a_reprotecting_backup_serves_the_primarys_metrics_on_its_endpoint() {
+    let mdir = Scratch::new("reprotect-metrics-port");
+    let mport = mdir.file("metrics.port");
+    let metrics = [
+        s("--metrics"),
+        s("127.0.0.1:0"),
+        s("--metrics-port-file"),
+        mport.display().to_string(),
+    ];
+    let o = Opts {
+        guest: "sim",
+        exit_after: "60s",
+        spare: true,
+        backup_args: &metrics,
+        ..Opts::default()
+    };
+    let mut p = Pair::start("reprotect-metrics", &o);
+    p.wait_protected();
+    let maddr = wait_addr(&mport, Duration::from_secs(20));
+    let before = scrape(maddr);
+    // Served from the start, at zero: the primary's families are the backup's too.
+    for (name, want) in [
+        ("castor_state{state=\"receiving\"}", 1.0),
+        ("castor_primary_epochs_committed_total", 0.0),
+        ("castor_primary_state{state=\"protected\"}", 0.0),
+    ] {
+        if sample(&before, name) != Some(want) {
+            p.fail(&format!(
+                "before the failover, {name} is not {want}:\n{before}"
+            ));
+        }
+    }
+    if let Some(a) = &mut p.primary {
+        a.kill9();
+    }
+    wait_event(&p.backup_events(), "active", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    wait_event(
+        &p.dir.file("backup.events.reprotect"),
+        "protected",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| p.fail("B never protected the guest again"));
+    let counted = |body: &str| sample(body, "castor_primary_epochs_committed_total");
+    let first = scrape(maddr);
+    let first_n = counted(&first).unwrap_or_else(|| p.fail(&format!("no counter:\n{first}")));
+    // More of the new primary's checkpoints are acknowledged by the spare: the counter
+    // follows them.
+    let t = std::time::Instant::now();
+    let mut last = first.clone();
+    while counted(&last).is_none_or(|n| n < first_n + 10.0) && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        last = scrape(maddr);
+    }
+    let last_n = counted(&last).unwrap_or(0.0);
+    if last_n < first_n + 10.0 {
+        p.fail(&format!(
+            "castor_primary_epochs_committed went from {first_n} to {last_n} in 20 s:\n{last}"
+        ));
+    }
+    let spare_commits = committed(&p.dir.file("spare.ack.log")).len();
+    if spare_commits < 10 {
+        p.fail(&format!("the spare committed {spare_commits} checkpoints"));
+    }
+    for (name, want) in [
+        ("castor_state{state=\"reprotected\"}", 1.0),
+        ("castor_state{state=\"active\"}", 0.0),
+        ("castor_primary_state{state=\"protected\"}", 1.0),
+    ] {
+        if sample(&last, name) != Some(want) {
+            p.fail(&format!("re-protecting, {name} is not {want}:\n{last}"));
+        }
+    }
+    if sample(&last, "castor_primary_wire_bytes_total{encoding=\"other\"}").unwrap_or(0.0) <= 0.0 {
+        p.fail(&format!("no bytes counted as sent:\n{last}"));
+    }
+    eprintln!(
+        "re-protection metrics: castor_primary_epochs_committed {first_n} → {last_n}; the \
+         spare's ack log has {spare_commits} checkpoints"
     );
 }
 

@@ -60,13 +60,7 @@ impl<F: Families> Metrics<F> {
     /// [`Metrics::new`] with every series labelled `pair="<name>"` (the guest's key), so
     /// that one Prometheus scraping many daemons tells the pairs apart.
     pub fn for_pair(pair: Option<&str>) -> Self {
-        let labels = pair.map(|p| {
-            (
-                std::borrow::Cow::Borrowed("pair"),
-                std::borrow::Cow::Owned(p.to_owned()),
-            )
-        });
-        let mut r = Registry::with_labels(labels.into_iter());
+        let mut r = pair_registry(pair);
         let families = F::register(&mut r);
         let state = StateGauge::register(&mut r, F::STATES);
         Self {
@@ -75,6 +69,45 @@ impl<F: Families> Metrics<F> {
             families,
         }
     }
+
+    /// [`Metrics::for_pair`] for a daemon that may also do another daemon's work `G`
+    /// (ha-backup re-protecting a guest as its primary): `G`'s families go in the same
+    /// registry, so the one `GET /metrics` serves both, and `G`'s states are the gauge
+    /// `g_state{state}` (`castor_state` stays this daemon's). Both render the whole
+    /// registry.
+    pub fn for_pair_with<G: Families>(
+        pair: Option<&str>,
+        g_state: &'static str,
+    ) -> (Self, Metrics<G>) {
+        let mut r = pair_registry(pair);
+        let families = F::register(&mut r);
+        let state = StateGauge::register(&mut r, F::STATES);
+        let g_families = G::register(&mut r);
+        let g_state = StateGauge::register_as(&mut r, g_state, G::STATES);
+        let registry = Arc::new(r);
+        let g = Metrics {
+            registry: Arc::clone(&registry),
+            state: g_state,
+            families: g_families,
+        };
+        let own = Self {
+            registry,
+            state,
+            families,
+        };
+        (own, g)
+    }
+}
+
+/// An empty registry, every series in it labelled `pair="<name>"` when `pair` is given.
+fn pair_registry(pair: Option<&str>) -> Registry {
+    let labels = pair.map(|p| {
+        (
+            std::borrow::Cow::Borrowed("pair"),
+            std::borrow::Cow::Owned(p.to_owned()),
+        )
+    });
+    Registry::with_labels(labels.into_iter())
 }
 
 impl<F> Metrics<F> {
@@ -117,14 +150,19 @@ pub struct StateGauge {
 }
 
 impl StateGauge {
-    /// Register the gauge in `r` with every one of `states` at 0.
+    /// Register the gauge (`castor_state`) in `r` with every one of `states` at 0.
     pub fn register(r: &mut Registry, states: &'static [&'static str]) -> Self {
+        Self::register_as(r, "castor_state", states)
+    }
+
+    /// [`StateGauge::register`] under the name `name`.
+    pub fn register_as(r: &mut Registry, name: &str, states: &'static [&'static str]) -> Self {
         let family = Family::<Label, Gauge>::default();
         for s in states {
             family.get_or_create(&[("state", s)]).set(0);
         }
         r.register(
-            "castor_state",
+            name,
             "The daemon's state: 1 for the current one",
             family.clone(),
         );
@@ -212,6 +250,48 @@ mod tests {
         );
         assert!(
             text.contains("castor_state{pair=\"/castor/guests/web1\",state=\"idle\"} 1"),
+            "{text}"
+        );
+    }
+
+    /// A second daemon's families in small.
+    #[derive(Debug)]
+    struct Theirs {
+        sent: Counter,
+    }
+
+    impl Families for Theirs {
+        const STATES: &'static [&'static str] = &["off", "on"];
+        fn register(r: &mut Registry) -> Self {
+            let sent = Counter::default();
+            r.register("castor_other_sent", "Things sent", sent.clone());
+            Self { sent }
+        }
+    }
+
+    #[test]
+    fn a_second_daemons_families_share_the_registry_and_keep_their_own_state() {
+        let (mine, theirs) =
+            Metrics::<Mine>::for_pair_with::<Theirs>(Some("g"), "castor_other_state");
+        mine.done.inc();
+        mine.set_state("busy");
+        theirs.sent.inc_by(2);
+        theirs.set_state("on");
+        let text = mine.render();
+        assert_eq!(text, theirs.render());
+        for want in [
+            "castor_test_done_total{pair=\"g\"} 1",
+            "castor_other_sent_total{pair=\"g\"} 2",
+            "castor_state{pair=\"g\",state=\"busy\"} 1",
+            "castor_other_state{pair=\"g\",state=\"on\"} 1",
+            "castor_other_state{pair=\"g\",state=\"off\"} 0",
+        ] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
+        // One family per name: the second daemon's states are not in castor_state.
+        assert_eq!(text.matches("# TYPE castor_state ").count(), 1, "{text}");
+        assert!(
+            !text.contains("castor_state{pair=\"g\",state=\"on\"}"),
             "{text}"
         );
     }

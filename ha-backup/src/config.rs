@@ -19,7 +19,7 @@ use ha_codec::PAGE_SIZE;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
 use ha_daemon::config::{
-    Given, LoadError, Options, Overlay, Size, duration, parsed, rule, same, size, some,
+    Given, LoadError, Options, Overlay, Size, duration, parsed, rate, rule, same, size, some,
 };
 use ha_daemon::keys::{self, KeyError};
 use ha_daemon::limits::{
@@ -27,7 +27,7 @@ use ha_daemon::limits::{
     check_timeout,
 };
 use ha_daemon::overlay;
-use ha_daemon::units::{UnitError, parse_duration, parse_size};
+use ha_daemon::units::{UnitError, parse_duration, parse_rate, parse_size};
 use ha_wire::secure::PairKey;
 use ha_wire::session::{Hello, SESSION_VERSION};
 
@@ -235,6 +235,10 @@ pub struct Cli {
     /// size and interval stay the pair's (--mode, --block-size, --interval).
     #[arg(long, value_name = "ADDRS", value_delimiter = ',')]
     pub reprotect_to: Vec<SocketAddr>,
+    /// Shape the re-protecting primary's replication stream to this link rate, as
+    /// ha-primary's --link-rate (e.g. 100mbit, 1gbit). Default: unlimited.
+    #[arg(long, value_name = "RATE", value_parser = Given::<u64>::text)]
+    pub reprotect_link_rate: Option<Given<u64>>,
     /// On failover, hold the restored guest's packets on this host interface (its vif in
     /// this dom0: a fixed name from vifname= in the domain's config, or "auto" for the
     /// restored domain's own vifs, vifDOMID.N with its new domain id) from the restore on,
@@ -319,6 +323,8 @@ pub struct FileConfig {
     pub base_image: Option<PathBuf>,
     /// `--reprotect-to`.
     pub reprotect_to: Option<Vec<SocketAddr>>,
+    /// `--reprotect-link-rate`.
+    pub reprotect_link_rate: Option<String>,
     /// `--net-buffer` (a list).
     pub net_buffer: Option<Vec<String>>,
     /// `--announce-bridge`.
@@ -384,6 +390,7 @@ impl Options for Cli {
             max_memory: |v| rule(check_max_memory(size(v)?)).map(Given::Parsed),
             base_image: some,
             reprotect_to: same,
+            reprotect_link_rate: |v| rate(v).map(|r| Some(Given::Parsed(r))),
             net_buffer: same,
             announce_bridge: some,
             announce_ip: some,
@@ -448,6 +455,9 @@ pub struct Config {
     pub base_image: Option<PathBuf>,
     /// Backups to protect the guest with after a failover, in order of preference.
     pub reprotect_to: Vec<SocketAddr>,
+    /// The re-protecting primary's link rate, bits per second (`--reprotect-link-rate`;
+    /// None: unlimited).
+    pub reprotect_link_rate: Option<u64>,
     /// The primary's epoch interval (for re-protection).
     pub interval: Duration,
     /// The restored guest's network on this host (`--net-buffer`, `--announce-*`).
@@ -616,6 +626,15 @@ impl Config {
             }
         };
         check_nbd_device(cli)?;
+        let reprotect_link_rate = cli
+            .reprotect_link_rate
+            .as_ref()
+            .map(|g| g.resolve(parse_rate))
+            .transpose()
+            .map_err(unit("reprotect-link-rate"))?;
+        if reprotect_link_rate.is_some() && cli.reprotect_to.is_empty() {
+            tracing::warn!("--reprotect-link-rate without --reprotect-to: it is never used");
+        }
         if let Some(p) = &cli.base_image {
             let bad = |why: String| ConfigError::BaseImage {
                 path: p.clone(),
@@ -656,6 +675,7 @@ impl Config {
             lease,
             base_image: cli.base_image.clone(),
             reprotect_to: cli.reprotect_to.clone(),
+            reprotect_link_rate,
             interval,
             net: GuestNet::from_cli(cli)?,
         })
@@ -885,6 +905,32 @@ mod tests {
     }
 
     #[test]
+    fn the_reprotect_link_rate_parses_as_the_primarys_link_rate() {
+        let c = Config::from_cli(&cli(&["--reprotect-link-rate", "100mbit"])).expect("valid");
+        assert_eq!(c.reprotect_link_rate, Some(100_000_000));
+        let c = Config::from_cli(&cli(&[])).expect("defaults");
+        assert_eq!(c.reprotect_link_rate, None);
+        let file =
+            with_file("rate.toml", "reprotect_link_rate = \"2.5gbit\"\n", &[]).expect("valid file");
+        let c = Config::from_cli(&file).expect("valid config");
+        assert_eq!(c.reprotect_link_rate, Some(2_500_000_000));
+        let e = Config::from_cli(&cli(&["--reprotect-link-rate", "100mbps"])).expect_err("bad");
+        assert_eq!(
+            crate::chain(&e),
+            "--reprotect-link-rate: \"100mbps\" is not a link rate (examples: 100mbit, 1gbit, \
+             2.5gbit)"
+        );
+        let e = with_file("badrate.toml", "reprotect_link_rate = \"0mbit\"\n", &[])
+            .expect_err("bad file value");
+        let msg = crate::chain(&e);
+        assert!(
+            msg.contains("badrate.toml") && msg.contains("reprotect_link_rate"),
+            "{msg}"
+        );
+        assert!(msg.contains("is not a link rate"), "{msg}");
+    }
+
+    #[test]
     fn every_option_has_a_file_key() {
         let file_keys = [
             "listen",
@@ -917,6 +963,7 @@ mod tests {
             "max_memory",
             "base_image",
             "reprotect_to",
+            "reprotect_link_rate",
             "net_buffer",
             "announce_bridge",
             "announce_ip",

@@ -172,7 +172,8 @@ fn reprotect(
 }
 
 /// The primary's settings for re-protection: the pair's mode, block size and interval,
-/// the pair key, this host's output sink; the rest ha-primary's defaults.
+/// the pair key, this host's output sink, `--reprotect-link-rate`; the rest ha-primary's
+/// defaults.
 fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupError> {
     use ha_codec::codec::{CodecConfig, GeneralCodec};
     Ok(ha_primary::engine::Config {
@@ -206,7 +207,7 @@ fn primary_config(cfg: &Config) -> Result<ha_primary::engine::Config, BackupErro
             s.into()
         }),
         key: cfg.pair_key()?,
-        link_rate: None,
+        link_rate: cfg.reprotect_link_rate,
         backend: cfg.guest,
         copy: ha_primary::cow::CopyPolicy::Auto,
     })
@@ -261,5 +262,34 @@ pub(crate) fn status_fields(ev: &mut serde_json::Value, st: Option<GuestStatus>)
         None => {
             obj.insert("status".into(), "not reported".into());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Config {
+        let cli = crate::config::Cli::try_parse_from(
+            [
+                "ha-backup",
+                "--insecure",
+                "--reprotect-to",
+                "127.0.0.1:7701",
+            ]
+            .iter()
+            .chain(args),
+        )
+        .expect("test arguments parse");
+        Config::from_cli(&cli).expect("valid options")
+    }
+
+    #[test]
+    fn the_reprotect_link_rate_reaches_the_primary() {
+        let p = primary_config(&config(&["--reprotect-link-rate", "1gbit"])).expect("config");
+        assert_eq!(p.link_rate, Some(1_000_000_000));
+        let p = primary_config(&config(&[])).expect("config");
+        assert_eq!(p.link_rate, None);
     }
 }

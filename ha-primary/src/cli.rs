@@ -8,7 +8,7 @@ use ha_backend::BackendKind;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::{GeneralCodec, Mode};
 use ha_daemon::config::{
-    LoadError, Options, Overlay, Size, duration, parsed, rule as bounded, same, size, some,
+    LoadError, Options, Overlay, Size, duration, parsed, rate, rule as bounded, same, size, some,
 };
 use ha_daemon::limits::{
     LimitError, check_block_size, check_cache_size, check_disk_size, check_heartbeat,
@@ -534,7 +534,7 @@ impl Options for Cli {
             metrics_port_file: some,
             key: some,
             insecure: same,
-            link_rate: |v: String| parse_rate(&v).map(Some).map_err(|e| e.to_string()),
+            link_rate: |v| rate(v).map(Some),
             etcd: some,
             lease_key: some,
             lease_ttl: duration,

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::limits::LimitError;
-use crate::units::{UnitError, parse_duration, parse_size};
+use crate::units::{UnitError, parse_duration, parse_rate, parse_size};
 
 /// The id of the option naming the config file.
 pub const CONFIG: &str = "config";
@@ -221,6 +221,11 @@ pub fn size(v: Size) -> Result<u64, String> {
 /// A duration ([`parse_duration`]).
 pub fn duration(v: String) -> Result<Duration, String> {
     parse_duration(&v).map_err(|e| e.to_string())
+}
+
+/// A link rate in bits per second ([`parse_rate`]).
+pub fn rate(v: String) -> Result<u64, String> {
+    parse_rate(&v).map_err(|e| e.to_string())
 }
 
 /// A value through [`FromStr`](std::str::FromStr).

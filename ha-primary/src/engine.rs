@@ -656,7 +656,7 @@ impl Session<'_> {
         let stall = StallWatch::start().map_err(EngineError::Watch)?;
         let welcome = link.welcome;
         tracing::info!(
-            backup = %cfg.backup,
+            backup = %link.peer,
             next_epoch = welcome.next_epoch,
             backup_detect_ms = welcome.detect_timeout.as_millis() as u64,
             "connected to the backup"
@@ -665,7 +665,7 @@ impl Session<'_> {
         events.note(
             "connected",
             json!({
-                "backup": cfg.backup.to_string(),
+                "backup": link.peer.to_string(),
                 "next_epoch": welcome.next_epoch,
                 "backup_detect_ms": welcome.detect_timeout.as_millis() as u64,
             }),
@@ -1230,7 +1230,7 @@ impl Engine<'_> {
                             .as_ref()
                             .map_or(0, |r| r.since.elapsed().as_millis() as u64);
                         tracing::info!(
-                            backup = %self.cfg.backup,
+                            backup = %link.peer,
                             unprotected_ms,
                             "re-protection: a backup welcomed this primary again; protecting \
                              the guest anew"
@@ -1238,7 +1238,7 @@ impl Engine<'_> {
                         self.events.note(
                             "reprotecting",
                             json!({
-                                "backup": self.cfg.backup.to_string(),
+                                "backup": link.peer.to_string(),
                                 "unprotected_ms": unprotected_ms,
                             }),
                         );

@@ -166,6 +166,8 @@ pub struct Link {
     pub welcome: Welcome,
     /// Total bytes written to the socket.
     pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The backup's address (with `--reprotect`, not necessarily `--backup`).
+    pub peer: SocketAddr,
 }
 
 /// Connect, run the Noise handshake when there is a `key`, say Hello, wait for Welcome,
@@ -241,6 +243,7 @@ pub fn connect(
         events,
         welcome,
         sent,
+        peer: addr,
     })
 }
 

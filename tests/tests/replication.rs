@@ -159,11 +159,16 @@ impl Pair {
                 IpAddr::V4(Ipv4Addr::LOCALHOST),
             ),
         };
-        // A spare's ack log too: after a re-protection, the re-protecting host's releases
-        // are checked against the spare's commits.
+        // The spares' ack logs too: after a re-protection, the re-protecting host's
+        // releases are checked against the spare's commits (a second spare's, `spare2.`,
+        // when the first dies too).
         let world = World::start_chain(
             SocketAddr::new(world_bind, 0),
-            vec![dir.file("ack.log"), dir.file("spare.ack.log")],
+            vec![
+                dir.file("ack.log"),
+                dir.file("spare.ack.log"),
+                dir.file("spare2.ack.log"),
+            ],
         )
         .unwrap_or_else(|e| panic!("world: {e}"));
         let mut args = backup_args(
@@ -314,6 +319,47 @@ impl Pair {
         acks: &std::path::Path,
         what: &str,
     ) -> (u64, u64) {
+        self.check_resumed_after(active, acks, what, false)
+    }
+
+    /// A backup `b` (events `events`, `what` in failures) that took the guest over: it
+    /// became active, the guest's progress went on from where it resumed, and it exited 0
+    /// at its `--exit-after`. Its `active` event.
+    fn check_took_over(
+        &self,
+        b: &mut Proc,
+        events_file: &std::path::Path,
+        what: &str,
+    ) -> serde_json::Value {
+        let Some(active) = wait_event(events_file, "active", Duration::from_secs(20)) else {
+            self.fail(&format!("{what} never took over: {}", b.log_text()))
+        };
+        let code = b.wait_for(Duration::from_secs(20));
+        if code != Some(0) {
+            self.fail(&format!("{what} exited {code:?}: {}", b.log_text()));
+        }
+        let from = active["progress"].as_u64().unwrap_or(u64::MAX);
+        let progress: Vec<u64> = events(events_file)
+            .iter()
+            .filter(|e| e["event"] == "progress")
+            .filter_map(|e| e["progress"].as_u64())
+            .collect();
+        if progress.is_empty() || progress.iter().any(|&x| x < from) {
+            self.fail(&format!("no progress at {what} from {from}: {progress:?}"));
+        }
+        active
+    }
+
+    /// [`Pair::check_resumed_at`]; with `unprotected`, a primary ran the guest unprotected
+    /// on the way, so its releases ahead of any commit are allowed (not skips or changed
+    /// repeats).
+    fn check_resumed_after(
+        &self,
+        active: &serde_json::Value,
+        acks: &std::path::Path,
+        what: &str,
+        unprotected: bool,
+    ) -> (u64, u64) {
         let Some(&(last_epoch, last_head)) = committed(acks).last() else {
             self.fail(&format!("{what}: the ack log is empty"))
         };
@@ -324,11 +370,13 @@ impl Pair {
         }
         std::thread::sleep(Duration::from_millis(50));
         let v = self.world.view();
-        if !v.violations.is_empty() {
-            self.fail(&format!(
-                "{what}: the world saw violations: {:?}",
-                v.violations
-            ));
+        let bad: Vec<&String> = if unprotected {
+            beyond_unprotected(&v.violations)
+        } else {
+            v.violations.iter().collect()
+        };
+        if !bad.is_empty() {
+            self.fail(&format!("{what}: the world saw violations: {bad:?}"));
         }
         if v.next_seq <= last_head {
             self.fail(&format!("{what}: no output after it: {v:?}"));
@@ -1994,33 +2042,96 @@ fn a_failed_over_guest_is_protected_again_and_survives_a_second_failover() {
         ));
     }
     p.backup.kill9();
-    let spare_events = p.dir.file("spare.events");
     let mut spare = p.spare.take().unwrap_or_else(|| p.fail("no spare"));
-    let Some(c_active) = wait_event(&spare_events, "active", Duration::from_secs(20)) else {
-        p.fail(&format!("the spare never took over: {}", spare.log_text()))
-    };
-    let code = spare.wait_for(Duration::from_secs(20));
-    if code != Some(0) {
-        p.fail(&format!("the spare exited {code:?}: {}", spare.log_text()));
-    }
-    // C resumed from the last checkpoint it committed, and the guest went on.
-    let from = c_active["progress"].as_u64().unwrap_or(u64::MAX);
-    let progress: Vec<u64> = events(&spare_events)
-        .iter()
-        .filter(|e| e["event"] == "progress")
-        .filter_map(|e| e["progress"].as_u64())
-        .collect();
-    if progress.is_empty() || progress.iter().any(|&x| x < from) {
-        p.fail(&format!(
-            "no progress at the spare from {from}: {progress:?}"
-        ));
-    }
+    let c_active = p.check_took_over(&mut spare, &p.dir.file("spare.events"), "the spare");
     let (last_epoch, _) = p.check_resumed_at(&c_active, &spare_acks, "the second failover");
     eprintln!(
         "re-protection: B active from epoch {}, protected again {reprotect_ms} ms later \
          (pre-copy {} bytes); {b_acks} of B's checkpoints committed at C; C active from \
          epoch {last_epoch}",
         active["epoch"], protected["precopy_wire_bytes"],
+    );
+}
+
+/// Re-protection past the loss of the new backup (`reprotect_also`): B is told to
+/// re-protect to C1, then C2. A is killed: B takes over and protects the guest to C1; C1
+/// is killed after some checkpoints, and B, the guest's primary now, runs it unprotected
+/// and tries C1 again and C2, where a backup starts only after C1's death. C2 gets the
+/// guest, commits B's checkpoints, and takes over from B's last one with continuity when
+/// B is killed in turn (B's releases while unprotected are the only ones ahead of a
+/// commit).
+#[test]
+fn a_reprotecting_backup_whose_new_backup_dies_protects_the_guest_to_its_next_address() {
+    let c2_addr = free_port();
+    let next = [s("--reprotect-to"), c2_addr.to_string()];
+    let o = Opts {
+        guest: "sim",
+        exit_after: "60s",
+        spare: true,
+        backup_args: &next,
+        ..Opts::default()
+    };
+    let mut p = Pair::start("reprotect-also", &o);
+    p.wait_protected();
+    if let Some(a) = &mut p.primary {
+        a.kill9();
+    }
+    wait_event(&p.backup_events(), "active", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    let b_events = p.dir.file("backup.events.reprotect");
+    let to_c1 = wait_event(&b_events, "connected", Duration::from_secs(30))
+        .unwrap_or_else(|| p.fail("B never reached C1"));
+    let c1_addr = wait_addr(&p.dir.file("spare.port"), Duration::from_secs(1));
+    if to_c1["backup"] != c1_addr.to_string() {
+        p.fail(&format!(
+            "B protected the guest first to {to_c1}, not C1 {c1_addr}"
+        ));
+    }
+    let wait_commits = |acks: &std::path::Path, n: usize| {
+        let t = std::time::Instant::now();
+        while committed(acks).len() < n && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        committed(acks).len()
+    };
+    let c1_acks = wait_commits(&p.dir.file("spare.ack.log"), 10);
+    if c1_acks < 10 {
+        p.fail(&format!("C1 committed only {c1_acks} of B's checkpoints"));
+    }
+    let mut c1 = p.spare.take().unwrap_or_else(|| p.fail("no C1"));
+    c1.kill9();
+    wait_event(&b_events, "backup_lost", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("B never noticed C1's death"));
+    // Unprotected a while (B keeps trying C1's dead address and C2's, where nothing
+    // listens yet); then C2 starts.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut args = backup_args(&p.dir, &o, c2_addr, &p.world.addr.to_string(), "spare2.");
+    args.extend([s("--exit-after"), s("1s")]);
+    let mut c2 = Proc::spawn("ha-backup", &args, p.dir.file("spare2.log"));
+    let again = wait_event(&b_events, "reprotecting", Duration::from_secs(20))
+        .unwrap_or_else(|| p.fail(&format!("B never reached C2: {}", c2.log_text())));
+    if again["backup"] != c2_addr.to_string()
+        || again["unprotected_ms"].as_u64().is_none_or(|ms| ms < 400)
+    {
+        p.fail(&format!(
+            "B protected the guest again with {again}, C2 is {c2_addr}"
+        ));
+    }
+    let c2_acks_path = p.dir.file("spare2.ack.log");
+    let c2_acks = wait_commits(&c2_acks_path, 10);
+    if c2_acks < 10 {
+        p.fail(&format!(
+            "C2 committed only {c2_acks} of B's checkpoints: {}",
+            c2.log_text()
+        ));
+    }
+    p.backup.kill9();
+    let c2_active = p.check_took_over(&mut c2, &p.dir.file("spare2.events"), "C2");
+    let (last_epoch, _) = p.check_resumed_after(&c2_active, &c2_acks_path, "C2's takeover", true);
+    eprintln!(
+        "re-protection to the next address: {c1_acks} of B's checkpoints at C1, then B \
+         unprotected {} ms until C2; {c2_acks} at C2; C2 active from epoch {last_epoch}",
+        again["unprotected_ms"]
     );
 }
 

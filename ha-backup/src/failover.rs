@@ -101,7 +101,8 @@ pub const REPROTECT_RETRY: Duration = Duration::from_millis(200);
 /// first that welcomes this host gets it, and from then on this process is the guest's
 /// primary ([`ha_primary::engine`]): the new backup's image is compared by fingerprints
 /// (only what differs crosses), then checkpoints as usual. The primary's events go to
-/// `EVENTS.reprotect` beside the backup's `--events`.
+/// `EVENTS.reprotect` beside the backup's `--events`, its metrics to the backup's
+/// registry ([`crate::metrics::Metrics::primary`], served on `--metrics`).
 fn reprotect(
     cfg: &Config,
     stop: &AtomicBool,

@@ -20,7 +20,7 @@
 //! | [`activate`] | restore, re-release the ring, resume, drain and release output |
 //! | [`stats`] | per-epoch CSV |
 //! | [`config`] | the options: command line and `--config` file |
-//! | [`metrics`] | the backup's Prometheus metrics and states |
+//! | [`metrics`] | the backup's Prometheus metrics and states, and the re-protecting primary's |
 //!
 //! [`run`] strings them together following `docs/PROTOCOL.md`.
 

@@ -170,6 +170,10 @@ fn nonsense_values_stop_the_backup_naming_the_option() {
             &["--interval", "0"],
             "ha-backup: error: --interval 0ns is below the minimum of 1ms",
         ),
+        (
+            &["--reprotect-link-rate", "100mbps"],
+            "ha-backup: error: --reprotect-link-rate: \"100mbps\" is not a link rate",
+        ),
     ] {
         let mut argv = vec!["--guest", "sim", "--insecure", "--listen", "127.0.0.1:0"];
         argv.extend_from_slice(args);

@@ -1,7 +1,8 @@
 -- A checking client for wrk across a failover (tests/xen-rig/xen-netfailover.sh):
---   wrk -t 1 -c C -d D --timeout T -s failover.lua URL -- REFDIR [DYN [SEED [PROGRESS]]]
+--   wrk -t 1 -c C -d D --timeout T -s failover.lua URL -- REFDIR [DYN [SEED [PROGRESS [DYNPATH]]]]
 -- Requests: SPECweb99's size classes as in specweb.lua, and a share DYN (default 0.2) of
--- /cgi-bin/counter. Every response is checked:
+-- DYNPATH (default /cgi-bin/counter; xen-db.sh's /cgi-bin/insert answers "row N", a new
+-- database row's id, and is checked the same way). Every response is checked:
 --   a static body must equal, byte for byte, the file of the same length in REFDIR (the
 --     document tree fetched before the test and checked against the manifest's sha256;
 --     the 36 files' lengths are all different, so the length names the file);
@@ -14,6 +15,7 @@
 --            counter_first=F counter_max=M errors=connect/read/write/status/timeout
 --   SERIES t:n:m,...   per second of the clock (os.time()): responses completed, and the
 --                      largest counter the client had seen by then (-1 before any)
+--   SEEN n,n,...       every counter value (row id) received, ascending
 -- and, while it runs, appends each finished second's "t:n:m" to the file PROGRESS (so a
 -- test can follow the load and end it with SIGINT, after which wrk still prints these).
 
@@ -23,10 +25,11 @@ local class_share = { 0.35, 0.50, 0.14, 0.01 }
 local file_share = { 0.039, 0.059, 0.088, 0.177, 0.353, 0.118, 0.071, 0.050, 0.045 }
 local refs = {}
 local progress = nil
+local dynpath = "/cgi-bin/counter"
 
 -- What the main state reads from the thread at the end (plain values only).
 responses, static, dynamic, bad_status, bad_body, dup, behind = 0, 0, 0, 0, 0, 0, 0
-counter_first, counter_max, series, refs_loaded = -1, -1, "", 0
+counter_first, counter_max, series, refs_loaded, seen_list = -1, -1, "", 0, ""
 local seen = {}
 cur_sec, cur_n = 0, 0
 
@@ -52,6 +55,9 @@ function init(args)
 	if args[4] then
 		progress = io.open(args[4], "a")
 	end
+	if args[5] then
+		dynpath = args[5]
+	end
 	math.randomseed(seed)
 	for c = 0, 3 do
 		for i = 1, 9 do
@@ -68,7 +74,7 @@ end
 
 function request()
 	if math.random() < dyn then
-		return wrk.format("GET", "/cgi-bin/counter")
+		return wrk.format("GET", dynpath)
 	end
 	local c = pick(class_share) - 1
 	local i = pick(file_share)
@@ -93,13 +99,14 @@ function response(status, headers, body)
 		bad_status = bad_status + 1
 		return
 	end
-	local n = body and tonumber(string.match(body, "^counter (%d+)%s*$"))
+	local n = body and tonumber(string.match(body, "^%a+ (%d+)%s*$"))
 	if n then
 		dynamic = dynamic + 1
 		if seen[n] then
 			dup = dup + 1
 		end
 		seen[n] = true
+		seen_list = seen_list .. n .. ","
 		if counter_first < 0 then
 			counter_first = n
 		end
@@ -136,5 +143,11 @@ function done(summary, latency, requests)
 			t:get("counter_max"), t:get("refs_loaded"),
 			e.connect, e.read, e.write, e.status, e.timeout))
 		io.write("SERIES " .. s .. "\n")
+		local ids = {}
+		for v in string.gmatch(t:get("seen_list"), "(%d+),") do
+			table.insert(ids, tonumber(v))
+		end
+		table.sort(ids)
+		io.write("SEEN " .. table.concat(ids, ",") .. "\n")
 	end
 end

@@ -87,3 +87,30 @@ rig_wait_http() {
 	done
 	return 0
 }
+
+# rig_disk_cfg OUT DEVICE [KERNEL_ARGS]: an xl config OUT for $DOMU with DEVICE (a block
+# device in dom0: /dev/nbdN, /dev/loopN) as its disk xvda and KERNEL_ARGS added to the
+# kernel command line (castor_ip=... for the network, castor_disk=... for domu-init).
+# The disk's hotplug script is a minimal one ($SCRATCH/block-phy, written here): Xen's
+# own `block` script needs flock(1), which this busybox dom0 lacks, and hangs in its lock.
+# Persistent grants are turned off in xen-blkback for the disks created from now on
+# (ha-primary refuses a served disk that uses them: blkback's writes into its persistently
+# mapped frames bypass Xen's dirty log; docs/XEN.md, "A disk").
+rig_disk_cfg() {
+	echo N >/sys/module/xen_blkback/parameters/feature_persistent ||
+		echo "rig_disk_cfg: cannot turn off xen-blkback's persistent grants"
+	grep -v '^extra' "$DOMU_CFG" >"$1"
+	echo "extra = \"console=hvc0 rdinit=/init${3:+ $3}\"" >>"$1"
+	echo "disk = [ 'phy:$2,xvda,w,script=$SCRATCH/block-phy' ]" >>"$1"
+	[ -x "$SCRATCH/block-phy" ] && return 0
+	cat >"$SCRATCH/block-phy" <<'EOS'
+#!/bin/sh
+# libxl's hotplug call: $1 add|remove, XENBUS_PATH the backend's xenstore path.
+[ "$1" = add ] || exit 0
+dev=$(xenstore-read "$XENBUS_PATH/params") || exit 1
+mm=$(stat -L -c '%t:%T' "$dev") || exit 1
+xenstore-write "$XENBUS_PATH/physical-device" "$mm" "$XENBUS_PATH/physical-device-path" "$dev" \
+	"$XENBUS_PATH/hotplug-status" connected
+EOS
+	chmod 755 "$SCRATCH/block-phy"
+}

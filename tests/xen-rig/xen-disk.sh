@@ -35,24 +35,8 @@ fail_out() {
 echo 1 >/proc/sys/vm/overcommit_memory
 MEM=$(xen-selftest size "$DOMU") || fail_out xen-disk-protected "xen-selftest size failed"
 xl destroy "$DOMU"
-grep -v '^extra' "$DOMU_CFG" >$S/primary.cfg
-echo 'extra = "console=hvc0 rdinit=/init castor_disk=1"' >>$S/primary.cfg
-cp $S/primary.cfg $S/backup.cfg
-# Xen's own block hotplug script needs flock(1) and more than this busybox dom0 has (it
-# hangs in its lock): a minimal one that does what it does for a phy: device, without the
-# sharing check.
-cat >$S/block-phy <<'EOS'
-#!/bin/sh
-# libxl's hotplug call: $1 add|remove, XENBUS_PATH the backend's xenstore path.
-[ "$1" = add ] || exit 0
-dev=$(xenstore-read "$XENBUS_PATH/params") || exit 1
-mm=$(stat -L -c '%t:%T' "$dev") || exit 1
-xenstore-write "$XENBUS_PATH/physical-device" "$mm" "$XENBUS_PATH/physical-device-path" "$dev" \
-	"$XENBUS_PATH/hotplug-status" connected
-EOS
-chmod 755 $S/block-phy
-echo "disk = [ 'phy:/dev/nbd0,xvda,w,script=$S/block-phy' ]" >>$S/primary.cfg
-echo "disk = [ 'phy:/dev/nbd1,xvda,w,script=$S/block-phy' ]" >>$S/backup.cfg
+rig_disk_cfg $S/primary.cfg /dev/nbd0 castor_disk=1
+rig_disk_cfg $S/backup.cfg /dev/nbd1 castor_disk=1
 dd if=/dev/zero of=$S/primary.img bs=1M count=0 seek=16 2>/dev/null
 dd if=/dev/urandom of=$S/primary.img bs=1M count=2 conv=notrunc 2>/dev/null
 dd if=/dev/zero of=$S/backup.img bs=1M count=0 seek=16 2>/dev/null

@@ -65,6 +65,20 @@ pub enum XenDiskError {
         /// What `xl block-list` said last.
         state: String,
     },
+    /// The domain's disk maps its buffers persistently, behind Xen's dirty log.
+    #[error(
+        "the Xen domain {domain}'s disks {disks:?} use persistent grants: xen-blkback writes \
+         what the guest reads from its disk into frames it keeps mapped, which Xen's dirty \
+         log does not see, so checkpoints would miss them; turn them off in dom0 before the \
+         domain is created (echo N > /sys/module/xen_blkback/parameters/feature_persistent, \
+         or load xen-blkback with feature_persistent=0)"
+    )]
+    PersistentGrants {
+        /// The domain.
+        domain: String,
+        /// The disks' device ids.
+        disks: Vec<String>,
+    },
     /// The domain does not use the served device.
     #[error(
         "the Xen domain {domain} does not use {device} (its disks: {disks:?}): check its xl config's disk = ['phy:{device},…']"
@@ -188,8 +202,54 @@ pub fn disks_connected(domain: &str) -> Result<(), String> {
     }
 }
 
-/// The disks of the running `domain`, from `xl list -l`.
-fn domain_disks(domain: &str) -> Result<Vec<String>, XenDiskError> {
+/// The domain id in `xl list -l`'s JSON for one domain.
+pub fn domid_of(json: &str) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
+    v.as_array()
+        .and_then(|a| a.first())
+        .and_then(|d| d.get("domid"))
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| "no domid in the list".to_string())
+}
+
+/// Whether a disk maps its I/O buffers persistently: its backend offers persistent grants
+/// and its frontend takes them (xenstore's `feature-persistent` is 1 on both ends; the
+/// backend writes its offer when the frontend connects).
+pub fn uses_persistent_grants(backend: Option<&str>, frontend: Option<&str>) -> bool {
+    backend.map(str::trim) == Some("1") && frontend.map(str::trim) == Some("1")
+}
+
+/// The device ids of `domid`'s disks that use persistent grants ([`uses_persistent_grants`],
+/// read from xenstore).
+fn persistent_disks(domid: u64) -> Result<Vec<String>, String> {
+    let run = |args: &[&str]| -> Option<String> {
+        let out = Command::new(args[0]).args(&args[1..]).output().ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let backend = format!("/local/domain/0/backend/vbd/{domid}");
+    let ids = run(&["xenstore-list", &backend])
+        .ok_or_else(|| format!("xenstore-list {backend} failed"))?;
+    Ok(ids
+        .split_whitespace()
+        .filter(|id| {
+            let b = run(&[
+                "xenstore-read",
+                &format!("{backend}/{id}/feature-persistent"),
+            ]);
+            let f = run(&[
+                "xenstore-read",
+                &format!("/local/domain/{domid}/device/vbd/{id}/feature-persistent"),
+            ]);
+            uses_persistent_grants(b.as_deref(), f.as_deref())
+        })
+        .map(str::to_string)
+        .collect())
+}
+
+/// The disks of the running `domain`, from `xl list -l`, and its domain id.
+fn domain_disks(domain: &str) -> Result<(u64, Vec<String>), XenDiskError> {
     let err = |why: String| XenDiskError::List {
         domain: domain.to_string(),
         why,
@@ -201,7 +261,11 @@ fn domain_disks(domain: &str) -> Result<Vec<String>, XenDiskError> {
     if !out.status.success() {
         return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
-    disk_paths(&String::from_utf8_lossy(&out.stdout)).map_err(err)
+    let json = String::from_utf8_lossy(&out.stdout);
+    Ok((
+        domid_of(&json).map_err(err)?,
+        disk_paths(&json).map_err(err)?,
+    ))
 }
 
 /// Check the domain's disks `disks` against the served `device`: each must be it, unless
@@ -250,13 +314,29 @@ pub fn check_disks(
     Ok(())
 }
 
-/// [`check_disks`] on the running domain's disks.
+/// [`check_disks`] on the running domain's disks; with a served `device`, also that no
+/// disk uses persistent grants (xen-blkback's writes into such frames bypass the dirty
+/// log: a checkpoint would miss what the guest read from its disk).
 pub fn check_domain(
     domain: &str,
     device: Option<&Path>,
     allow_unreplicated: bool,
 ) -> Result<(), XenDiskError> {
-    check_disks(domain, &domain_disks(domain)?, device, allow_unreplicated)
+    let (domid, disks) = domain_disks(domain)?;
+    check_disks(domain, &disks, device, allow_unreplicated)?;
+    if device.is_some() {
+        let persistent = persistent_disks(domid).map_err(|why| XenDiskError::List {
+            domain: domain.to_string(),
+            why,
+        })?;
+        if !persistent.is_empty() {
+            return Err(XenDiskError::PersistentGrants {
+                domain: domain.to_string(),
+                disks: persistent,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A factory whose restored guests get their replica served on a device first (the
@@ -350,7 +430,25 @@ mod tests {
 ]"#;
 
     #[test]
+    fn a_disk_uses_persistent_grants_only_when_both_ends_say_so() {
+        assert!(uses_persistent_grants(Some("1"), Some("1\n")));
+        assert!(!uses_persistent_grants(Some("0"), Some("1")));
+        assert!(!uses_persistent_grants(Some("1"), Some("0")));
+        assert!(!uses_persistent_grants(None, Some("1")));
+        assert!(!uses_persistent_grants(Some("1"), None));
+        let e = XenDiskError::PersistentGrants {
+            domain: "castor-domu".into(),
+            disks: vec!["51712".into()],
+        }
+        .to_string();
+        assert!(e.contains("castor-domu") && e.contains("51712"), "{e}");
+        assert!(e.contains("feature_persistent"), "{e}");
+    }
+
+    #[test]
     fn the_disks_of_a_domain_are_read_from_xl_list() {
+        assert_eq!(domid_of(XL_LIST).unwrap(), 3);
+        assert!(domid_of("[]").is_err());
         assert_eq!(disk_paths(XL_LIST).unwrap(), vec!["/dev/nbd0".to_string()]);
         let none = r#"[{"domid": 1, "config": {"c_info": {}}}]"#;
         assert!(disk_paths(none).unwrap().is_empty());

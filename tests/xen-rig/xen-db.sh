@@ -1,0 +1,250 @@
+#!/bin/sh
+# A web service with a database on a disk Castor replicates, failing over under load
+# (issue 20). The domU's disk is the rig's ext4 image (/castor/rig/disk.img: the document
+# tree under www/, the directory db/), served by ha-primary over NBD to /dev/nbd0 and
+# named phy:/dev/nbd0 in its xl config; the domU mounts it (castor_disk=db), keeps a
+# sqlite3 database on it, and Apache serves /disk/specweb/... from it and the CGIs
+# /cgi-bin/insert (a row per request, answering its id once sqlite3 committed it) and
+# /cgi-bin/rows. The network output is held (--net-buffer auto on both sides). The
+# backup's replica starts as a copy of the image with 1 MiB overwritten (random), so the
+# initial sync has exactly those blocks to send; at failover it is served to /dev/nbd1,
+# which the backup's xl config names.
+#   db-protected   >= CPS checkpoints committed (with VERIFY=N every Nth verified, memory
+#                  AND disk digests, none failing); the initial sync sent the 256 differing
+#                  blocks (and no more than 64 others, the writes of the boot before the
+#                  comparison); the database up. VERIFY is 0 (off) by default: the memory
+#                  digests of this networked domU fail (docs/XEN.md, "A disk": its vif's
+#                  and disk's rings are written by dom0's backends behind Xen's dirty log
+#                  after the attach learned which frames are; a failover is not hurt, as
+#                  the restored frontends build their rings anew, but the digest is)
+#   db-disk-tree   the 36 files of the document tree read from the replicated disk
+#                  (/disk/specweb/) have the manifest's sha256 (also wrk's reference)
+#   db-restored    the backup went active on its replica (/dev/nbd1) with the network
+#                  buffer on the restored domain's vif
+#   db-client      wrk (failover.lua with /cgi-bin/insert as its dynamic page, a share
+#                  DYN) across the failover: 0 socket errors and timeouts, 0 non-200
+#                  answers, every static body right, no row id received twice (the
+#                  database never went back past a row a client saw), answers before the
+#                  kill and after the restore
+#   db-rows        the restored guest's database: PRAGMA integrity_check is "ok" and every
+#                  row id a client received is in it
+# MODE (fgbi), IV (200ms), CPS (6), VERIFY (0), CONNS (6), DYN (0.5), PRE_N (20 answers
+# over at least PRE 10 s before the kill), POST (30 s of answers after it), WRK_SECS
+# (400: wrk's upper bound) and PRIMARY_OPTS (more ha-primary options) may be set with --env. Needs --env RIG_DOMU_NET=1.
+# Every wait is bounded in tries, every load in time (wrk -d, under timeout -s KILL).
+. "$RIG_LIB"
+if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
+	rig_fail db-protected "the domU was started without its network: run the rig with --env RIG_DOMU_NET=1"
+	exit 0
+fi
+MODE=${MODE:-fgbi}
+IV=${IV:-200ms}
+CPS=${CPS:-6}
+VERIFY=${VERIFY:-0}
+CONNS=${CONNS:-6}
+DYN=${DYN:-0.5}
+PRE=${PRE:-10}
+PRE_N=${PRE_N:-20}
+POST=${POST:-30}
+WRK_SECS=${WRK_SECS:-400}
+S=$SCRATCH
+URL=http://$DOMU_IP:80
+MAC=00:16:3e:ca:57:02
+MANIFEST=$CASTOR_DIR/rig/specweb.manifest
+log=$DOMU_CONSOLE_LOG
+checkpoints() {
+	_c=$(grep -c '"event":"checkpoint"' $S/backup.events 2>/dev/null)
+	echo "${_c:-0}"
+}
+alive() { kill -0 "$1" 2>/dev/null && echo yes || echo no; }
+plain() { tr -d '\033' <"$1" | sed 's/\[[0-9;]*m//g'; }
+show() { plain "$S/$1.log" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"; }
+fail_out() {
+	rig_fail "$1" "$2"
+	show primary 10
+	show backup 10
+	plain "$S/backup.log" | grep -a -i -e mismatch -e verif -e error | grep -v ' DEBUG ' | head -n 8 | cut -c1-500 | sed 's/^/backup| /'
+	grep -a -v '"event":"checkpoint"' "$S/backup.events" | tail -n 6 | cut -c1-300 | sed 's/^/backup-events| /'
+	tr -d '\r' <"$log" | grep 'castor-domu' | tail -n 8 | sed 's/^/console| /'
+	kill -KILL $ppid $bpid 2>/dev/null
+	exit 0
+}
+
+# The memory size of the rig's domU, then that domU goes: the one with the disk can start
+# only once /dev/nbd0 is attached. Its config: the rig's, with the disk and castor_disk=db.
+echo 1 >/proc/sys/vm/overcommit_memory
+MEM=$(xen-selftest size "$DOMU") || fail_out db-protected "xen-selftest size failed"
+xl destroy "$DOMU"
+rig_disk_cfg $S/primary.cfg /dev/nbd0 "castor_ip=$DOMU_IP/24 castor_disk=db"
+rig_disk_cfg $S/backup.cfg /dev/nbd1 "castor_ip=$DOMU_IP/24 castor_disk=db"
+cp "$CASTOR_DIR/rig/disk.img" $S/primary.img
+cp "$CASTOR_DIR/rig/disk.img" $S/backup.img
+dd if=/dev/urandom of=$S/backup.img bs=4096 seek=1024 count=256 conv=notrunc 2>/dev/null
+[ -b /dev/nbd0 ] && [ -b /dev/nbd1 ] || fail_out db-protected "no /dev/nbd0 or /dev/nbd1 (nbd module)"
+
+ha-backup --listen 127.0.0.1:7700 --memory "$MEM" --guest xen --xen-config $S/backup.cfg \
+	--disk $S/backup.img --nbd-device /dev/nbd1 \
+	--net-buffer auto --announce-bridge "$RIG_BRIDGE" --announce-ip "$DOMU_IP" --announce-mac "$MAC" \
+	--insecure --mode "$MODE" --interval "$IV" --detect-timeout 120s \
+	--events $S/backup.events --stats $S/backup.csv 2>$S/backup.log &
+bpid=$!
+sleep 1
+ha-primary --guest xen --xen-domain "$DOMU" --xen-wait 180s --disk $S/primary.img \
+	--nbd-device /dev/nbd0 --net-buffer auto --backup 127.0.0.1:7700 --insecure \
+	--mode "$MODE" --interval "$IV" --ack-timeout 300s --verify-every "$VERIFY" \
+	--events $S/primary.events --stats $S/primary.csv ${PRIMARY_OPTS:-} >$S/primary.json 2>$S/primary.log &
+ppid=$!
+i=0
+until [ -e /sys/block/nbd0/pid ]; do
+	i=$((i + 1))
+	[ $i -gt 120 ] || ! kill -0 $ppid 2>/dev/null && fail_out db-protected "/dev/nbd0 not attached in ${i}s"
+	sleep 0.5
+done
+t0=$(date +%s)
+xl create $S/primary.cfg || fail_out db-protected "xl create with the disk failed"
+domid=$(rig_domid)
+echo "db: /dev/nbd0 attached; domU $domid created on it"
+
+# Protected: checkpoints, the database up, the web server answering.
+i=0
+while { [ "$(checkpoints)" -lt "$CPS" ] || ! grep -q 'castor-domu: database up' "$log"; } &&
+	kill -0 $ppid 2>/dev/null && kill -0 $bpid 2>/dev/null && [ $i -lt 400 ]; do
+	sleep 1
+	i=$((i + 1))
+	[ $((i % 30)) = 0 ] && echo "db: ${i}s: $(checkpoints) checkpoints; $(tr -d '\r' <"$log" | grep 'castor-domu' | tail -n 1)"
+done
+rig_wait_http "$URL/cgi-bin/rows" 240 || fail_out db-protected "no answer from $URL/cgi-bin/rows in 240 s"
+tp=$(date +%s)
+cps=$(checkpoints)
+vf=$(grep -c verify_failed $S/backup.events 2>/dev/null)
+vf=${vf:-0}
+sync=$(grep -a '"event":"disk_synced"' $S/primary.events | head -n 1)
+blocks=$(echo "$sync" | grep -o '"blocks":[0-9]*' | cut -d: -f2)
+up=$(tr -d '\r' <"$log" | grep -o 'castor-domu: database up.*' | head -n 1)
+ifb=$(ls /sys/class/net | grep -e "^ifb-" | head -n 1)
+if [ "$cps" -ge "$CPS" ] && [ "$vf" = 0 ] && [ -n "$blocks" ] && [ "$blocks" -ge 256 ] &&
+	[ "$blocks" -le 320 ] && [ -n "$up" ] && [ -n "$ifb" ] && kill -0 $bpid 2>/dev/null; then
+	verified="not verified (VERIFY=0)"
+	[ "$VERIFY" -gt 0 ] && verified="$((cps / VERIFY)) verified (memory and disk digests), no mismatch"
+	rig_pass db-protected "$cps checkpoints committed ($MODE, $IV), $verified; the initial sync sent $blocks blocks of 4096 (the replica differed in 256); ${up#castor-domu: }; buffer $ifb; answering $((tp - t0)) s after xl create"
+else
+	fail_out db-protected "$cps checkpoints (want $CPS), verify_failed $vf, disk sync '${sync:-none}', '${up:-no database}', IFB '$ifb', backup alive $(alive $bpid)"
+fi
+
+# The document tree from the replicated disk: wrk's reference bodies.
+mkdir -p "$S/ref"
+wrong=""
+for c in 0 1 2 3; do
+	for i in 1 2 3 4 5 6 7 8 9; do
+		f=class${c}_$i
+		rig_client timeout 60 wget -q -O "$S/ref/$f" "$URL/disk/specweb/$f" 2>/dev/null
+		want=$(awk -v f="specweb/$f" '$2 == f {print $1}' "$MANIFEST")
+		got=$(sha256sum <"$S/ref/$f" | cut -d' ' -f1)
+		[ -n "$want" ] && [ "$got" = "$want" ] || wrong="$wrong $f"
+	done
+done
+if [ -z "$wrong" ]; then
+	rig_pass db-disk-tree "36 files, $(cat $S/ref/* | wc -c) bytes read from the disk, with the manifest's sha256 ($(($(date +%s) - tp)) s)"
+else
+	fail_out db-disk-tree "wrong or missing:$wrong"
+fi
+
+# Load: wrk with inserts; the primary side dies once the client has had PRE_N answers
+# over at least PRE s. Dying: ha-primary frozen, the domU paused (nothing more leaves
+# it), the buffer's IFB deleted (the held packets die with the host), ha-primary killed
+# (its NBD server with it: /dev/nbd0 fails what is pending, so blkback can let go), the
+# domU destroyed.
+answered() { awk -F: '{n += $2} END {print n + 0}' "$S/progress" 2>/dev/null || echo 0; }
+: >"$S/progress"
+tw=$(date +%s)
+rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 100s \
+	-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$S/ref" "$DYN" 99 "$S/progress" /cgi-bin/insert \
+	>"$S/wrk.out" 2>&1 &
+wpid=$!
+i=0
+while [ $i -lt 240 ] && kill -0 $wpid 2>/dev/null; do
+	t=$(head -n 1 "$S/progress" | cut -d: -f1)
+	[ -n "$t" ] && [ "$(answered)" -ge "$PRE_N" ] && [ $(($(date +%s) - t)) -ge "$PRE" ] && break
+	sleep 1
+	i=$((i + 1))
+done
+cps_before=$(checkpoints)
+kill -STOP $ppid
+xl pause "$DOMU"
+ifb=$(ls /sys/class/net | grep -e "^ifb-" | head -n 1)
+[ -n "$ifb" ] && { /sbin/ip link del "$ifb" || echo "db: cannot delete $ifb"; }
+kill -KILL $ppid
+xl destroy "$DOMU"
+tk=$(date +%s)
+echo "db: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(answered) answers, $cps_before checkpoints committed)"
+
+i=0
+while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 200 ]; do
+	sleep 1
+	i=$((i + 1))
+done
+ta=$(date +%s)
+newid=$(rig_domid)
+nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
+if grep -q '"event":"active"' $S/backup.events && [ -n "$newid" ] && [ "$nb" = "vif=vif$newid.0" ] &&
+	[ "$(cat /sys/block/nbd1/size 2>/dev/null || echo 0)" -gt 0 ]; then
+	rig_pass db-restored "active $((ta - tk)) s after the kill on the replica (/dev/nbd1, $(($(cat /sys/block/nbd1/size) / 2048)) MiB); domain $domid -> $newid, buffer on $nb"
+else
+	rig_fail db-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', nbd1 $(cat /sys/block/nbd1/size 2>/dev/null) sectors; backup alive $(alive $bpid)"
+	show backup 12
+fi
+
+# The client: POST s after its first answer after the kill (bounded), wrk is ended.
+i=0
+while kill -0 $wpid 2>/dev/null && [ $i -lt $((POST + 150)) ]; do
+	t=$(awk -F: -v k="$tk" '$1 > k {print $1; exit}' "$S/progress")
+	[ -n "$t" ] && [ $(($(date +%s) - t)) -ge "$POST" ] && break
+	sleep 1
+	i=$((i + 1))
+done
+kill -INT $(pidof wrk) 2>/dev/null
+i=0
+while kill -0 $wpid 2>/dev/null && [ $i -lt 60 ]; do
+	sleep 1
+	i=$((i + 1))
+done
+grep -v -e '^SERIES' -e '^SEEN' "$S/wrk.out" | tail -n 12 | sed 's/^/wrk| /'
+f=$(grep '^FAILOVER ' "$S/wrk.out")
+series=$(grep '^SERIES ' "$S/wrk.out" | cut -d' ' -f2)
+grep '^SEEN ' "$S/wrk.out" | cut -d' ' -f2 | tr ',' '\n' | grep -x '[0-9][0-9]*' >"$S/seen"
+val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+pre=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 != "" && $1 < k {n += $2} END {print n + 0}')
+post=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {n += $2} END {print n + 0}')
+first=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {print $1; exit}')
+seen_max=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 < k && $3 > m {m = $3} END {print m + 0}')
+errs=$(val errors)
+if [ -n "$f" ] && [ "$errs" = 0/0/0/0/0 ] && [ "$(val bad_status)" = 0 ] && [ "$(val bad_body)" = 0 ] &&
+	[ "$(val dup)" = 0 ] && [ "$(val refs)" = 36 ] && [ "$pre" -gt 0 ] && [ "$post" -gt 0 ] &&
+	[ "$(val counter_max)" -gt "$seen_max" ]; then
+	rig_pass db-client "$(val responses) answers ($(val static) static, all equal to the reference; $(val dynamic) inserts, row ids $(val counter_first)..$(val counter_max), none received twice), $pre before the kill and $post after it (the first $((first - tk)) s after it); errors connect/read/write/status/timeout $errs; the largest id received before the kill was $seen_max"
+else
+	rig_fail db-client "${f:-no FAILOVER line from wrk}; $pre answers before the kill, $post after; largest id received before it $seen_max"
+	tail -n 20 "$S/wrk.out" | grep -v '^SEEN' | cut -c1-400 | sed 's/^/wrk| /'
+fi
+
+# The database on the restored guest: sound, and holding every row a client was told of.
+rig_client timeout 120 wget -q -O "$S/rows" "$URL/cgi-bin/rows" 2>/dev/null
+integrity=$(sed -n 's/^integrity //p' "$S/rows")
+rows=$(sed -n 's/^rows //p' "$S/rows")
+sed -n 's/^ids //p' "$S/rows" | tr ' ' '\n' | grep -x '[0-9][0-9]*' >"$S/ids"
+missing=$(sort -n "$S/seen" | awk 'NR == FNR {have[$1] = 1; next} !($1 in have) {printf "%s ", $1}' "$S/ids" -)
+nseen=$(wc -l <"$S/seen")
+if [ "$integrity" = ok ] && [ -n "$rows" ] && [ "$nseen" -gt 0 ] && [ -z "$missing" ]; then
+	rig_pass db-rows "integrity_check ok; rows (count, largest id) $rows; all $nseen row ids the client received are in it"
+else
+	rig_fail db-rows "integrity '$integrity'; rows '$rows'; $nseen ids received, missing from the database: '${missing:-none}'"
+	head -c 600 "$S/rows" | sed 's/^/rows| /'
+fi
+kill -TERM $bpid
+i=0
+while kill -0 $bpid 2>/dev/null && [ $i -lt 30 ]; do
+	sleep 1
+	i=$((i + 1))
+done
+echo "db: backup stopped (alive $(alive $bpid))"
+exit 0

@@ -31,6 +31,8 @@ const FUNCTIONS: &[&str] = &[
     "xenforeignmemory_map",
     "xenforeignmemory_unmap",
     "xc_version",
+    "xc_get_pfn_type_batch",
+    "xc_gnttab_query_size",
     "xs_open",
     "xs_close",
     "xs_read",
@@ -43,6 +45,7 @@ const FUNCTIONS: &[&str] = &[
 #[cfg(feature = "xen")]
 const CONSTANTS: &[&str] = &[
     "XEN_DOMCTL_SHADOW_OP_.*",
+    "XEN_DOMCTL_PFINFO_.*",
     "HVM_PARAM_.*",
     "SHUTDOWN_.*",
     "XC_PAGE_SHIFT",

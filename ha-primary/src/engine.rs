@@ -332,6 +332,8 @@ struct Engine<'a> {
     /// Whether etcd holds this primary's stale mark for the backup's image (see
     /// [`Engine::release_unprotected`]).
     stale_marked: bool,
+    /// Verifications put off in a row (memory written while the guest was held).
+    verify_put_off: u32,
     /// The next checkpoint carries the digests whatever `verify_every` says (the first
     /// after a disk sync: protection starts when they agree).
     verify_next: bool,
@@ -467,6 +469,11 @@ pub fn connect(cfg: &Config, d: &mut dyn Domain) -> Result<Connected, EngineErro
         plugs: Vec::new(),
     })
 }
+
+/// Checkpoints in a row that try a verification put off because memory was written while
+/// the guest was held ([`ha_guest::domain::Domain::written_since_harvest`]); then it is
+/// dropped until the next one due.
+const VERIFY_TRIES: u32 = 8;
 
 /// How long opening a session may take (the TCP connect, then each handshake read).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -724,6 +731,7 @@ impl Session<'_> {
             standing_down: None,
             stale_marked: false,
             verify_next: false,
+            verify_put_off: 0,
             lease,
             last_acked: 0,
             published: None,
@@ -1151,6 +1159,29 @@ impl Engine<'_> {
                 since: cp.taken,
             },
         );
+        if cp.verify_skipped > 0 {
+            // Dom0's backends wrote guest memory while it was held (a packet, a disk read):
+            // a digest would not be of this checkpoint; the next one tries, up to
+            // VERIFY_TRIES checkpoints in a row.
+            self.verify_put_off += 1;
+            let again = self.verify_put_off < VERIFY_TRIES;
+            tracing::info!(
+                epoch = cp.epoch,
+                pages = cp.verify_skipped,
+                again,
+                "verification put off: memory was written while the guest was held"
+            );
+            self.events.note(
+                "verify_put_off",
+                json!({ "epoch": cp.epoch, "pages": cp.verify_skipped, "again": again }),
+            );
+            self.verify_next = again;
+            if !again {
+                self.verify_put_off = 0;
+            }
+        } else if cp.verify.is_some() {
+            self.verify_put_off = 0;
+        }
         let resumed = cp.taken + cp.pause;
         self.submit(Job {
             epoch: cp.epoch,

@@ -74,6 +74,10 @@ pub struct Checkpoint {
     pub verify: Option<[u8; 32]>,
     /// Digest of the whole disk (verification mode, a guest with a disk).
     pub verify_disk: Option<[u8; 32]>,
+    /// Verification was asked for but left out: this many pages were written while the
+    /// guest was held, after the harvest (see [`Domain::written_since_harvest`]), so a
+    /// digest read now would not be of this checkpoint's memory.
+    pub verify_skipped: u64,
     /// The guest's status at the checkpoint (None: the guest has no status probe).
     pub status: Option<GuestStatus>,
     /// How its pages were copied.
@@ -309,11 +313,26 @@ fn take_paused(
     let t = Instant::now();
     let state = d.save_state()?;
     let save = t.elapsed();
-    let verify = if verify {
+    // Memory written after the harvest (by someone else: the guest is held) would make a
+    // digest read now not this checkpoint's: none is computed then, or it is dropped if
+    // such writes came while it was read.
+    let mut verify_skipped = if verify {
+        d.written_since_harvest()?
+    } else {
+        0
+    };
+    let mut verify = if verify && verify_skipped == 0 {
         Some(memory_digest(d)?)
     } else {
         None
     };
+    if verify.is_some() {
+        verify_skipped = d.written_since_harvest()?;
+    }
+    if verify_skipped > 0 {
+        verify = None;
+        verify_disk = None;
+    }
     let status = d.status_probe().map(|p| p.read_status()).transpose()?;
     Ok(Checkpoint {
         epoch,
@@ -324,6 +343,7 @@ fn take_paused(
         reads,
         verify,
         verify_disk,
+        verify_skipped,
         status,
         path,
         parts: PauseParts {
@@ -373,6 +393,68 @@ mod tests {
         fn check_health(&self) -> Result<(), DomainError> {
             Ok(())
         }
+    }
+
+    /// [`Flat`] whose memory someone else writes while it is held, after the harvest.
+    struct Written(Flat, u64);
+
+    impl Domain for Written {
+        fn memory_size(&self) -> u64 {
+            self.0.memory_size()
+        }
+        fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
+            self.0.read_memory(gpa, buf)
+        }
+        fn pause(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn is_paused(&self) -> bool {
+            true
+        }
+        fn harvest_dirty(&mut self, _: &mut PageBitmap) -> Result<(), DomainError> {
+            Ok(())
+        }
+        fn written_since_harvest(&mut self) -> Result<u64, DomainError> {
+            Ok(self.1)
+        }
+        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
+            Ok(Vec::new())
+        }
+        fn check_health(&self) -> Result<(), DomainError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_digest_over_memory_written_while_held_is_left_out() {
+        let take_with = |written: u64| {
+            let mut d = Written(Flat(vec![7u8; 4 * PAGE_SIZE]), written);
+            let mut dirty = PageBitmap::new(4);
+            let mut cow = Chooser::new(crate::cow::CopyPolicy::Pause);
+            take_paused(
+                &mut d,
+                3,
+                &mut dirty,
+                true,
+                &mut cow,
+                Some(CopyPath::Pause),
+                Pages::default(),
+            )
+            .unwrap()
+        };
+        let quiet = take_with(0);
+        assert_eq!(quiet.verify_skipped, 0);
+        assert_eq!(
+            quiet.verify,
+            Some(memory_digest(&Flat(vec![7u8; 4 * PAGE_SIZE])).unwrap())
+        );
+        let busy = take_with(5);
+        assert_eq!(busy.verify_skipped, 5);
+        assert_eq!(busy.verify, None);
+        assert_eq!(busy.verify_disk, None);
     }
 
     #[test]

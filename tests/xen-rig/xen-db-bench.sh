@@ -105,6 +105,7 @@ for row in $ROWS; do
 	if ! xl create $p.cfg >$p-create.log 2>&1 || ! rig_wait_http "$URL/cgi-bin/rows" 400; then
 		rig_fail "db-bench-$row" "the domU did not serve in $(($(date +%s) - t0)) s"
 		show $p.log 10 primary
+		tail -n 5 $p-create.log | sed 's/^/xl-create| /'
 		tr -d '\r' <"$DOMU_CONSOLE_LOG" | grep 'castor-domu' | tail -n 5 | sed 's/^/console| /'
 		xl destroy "$DOMU" 2>/dev/null
 		kill -KILL $ppid $bpid 2>/dev/null
@@ -179,6 +180,7 @@ for row in $ROWS; do
 	else
 		rig_fail "db-bench-$row" "$desc"
 		grep -v -e '^SEEN' -e '^SERIES' $p-wrk.out | tail -n 5 | sed 's/^/wrk| /'
+		[ -n "$ppid" ] && show $p.log 12 primary
 	fi
 	# Teardown: the backup first (so nothing takes over), the domU, then its server.
 	[ -n "$bpid" ] && kill -KILL $bpid 2>/dev/null

@@ -83,6 +83,10 @@ impl Domain for ServedDomain {
         self.inner.harvest_dirty(dirty)
     }
 
+    fn written_since_harvest(&mut self) -> Result<u64, DomainError> {
+        self.inner.written_since_harvest()
+    }
+
     fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
         self.inner.save_state()
     }

@@ -204,6 +204,13 @@ pub struct XenDomain {
     snapshot: std::collections::HashMap<u64, Box<[u8]>>,
     /// (gfn, hash as of the harvest) of the frames the last harvest reported dirty.
     sent: Vec<(u64, u64)>,
+    /// Gfns of the windows whose frame is Xen's own, not guest memory (the guest's grant
+    /// table frames, mapped into its physmap; see [`XenDomain::check_special`]): read as
+    /// zeros, as libxc's save leaves them out.
+    special: std::collections::HashSet<u64>,
+    /// The grant table's size when `special` was last found (it grows as the guest
+    /// grants); None before the first look.
+    grant_frames: Option<u32>,
 }
 
 impl XenDomain {
@@ -254,7 +261,7 @@ impl XenDomain {
             vcpus = info.max_vcpu_id + 1,
             "attached to the Xen domain"
         );
-        Ok(Self {
+        Self {
             window: RefCell::new(None),
             dirty_map: None,
             bitmap,
@@ -273,7 +280,10 @@ impl XenDomain {
             backend_frames,
             snapshot: std::collections::HashMap::new(),
             sent: Vec::new(),
-        })
+            special: std::collections::HashSet::new(),
+            grant_frames: None,
+        }
+        .with_special()
     }
 
     /// Take checkpoints of a suspended guest from now on: [`Domain::pause`] asks the
@@ -330,6 +340,8 @@ impl XenDomain {
             backend_frames: Vec::new(),
             snapshot: std::collections::HashMap::new(),
             sent: Vec::new(),
+            special: std::collections::HashSet::new(),
+            grant_frames: None,
         })
     }
 
@@ -546,10 +558,7 @@ impl XenDomain {
         if gfns.is_empty() {
             return Ok(());
         }
-        let map = self
-            .xc
-            .map(self.domid, gfns)
-            .map_err(backend("xenforeignmemory_map"))?;
+        let map = self.map_frames(gfns)?;
         for (i, g) in gfns.iter().enumerate() {
             f(*g, map.page(i));
         }
@@ -606,10 +615,7 @@ impl XenDomain {
             if gfns.is_empty() {
                 return Ok(());
             }
-            let map = self
-                .xc
-                .map(self.domid, &gfns)
-                .map_err(backend("xenforeignmemory_map"))?;
+            let map = self.map_frames(&gfns)?;
             self.sent = gfns
                 .iter()
                 .enumerate()
@@ -645,6 +651,83 @@ impl XenDomain {
         self.window.borrow_mut().take();
     }
 
+    /// `self` with its special frames found ([`XenDomain::check_special`]).
+    fn with_special(mut self) -> Result<Self, DomainError> {
+        let mut none = PageBitmap::new(0);
+        self.check_special(&mut none)?;
+        Ok(self)
+    }
+
+    /// The special frames: gfns of the windows whose frame is not guest memory but Xen's
+    /// own — the grant table frames a PVH or HVM guest maps into its physmap at gfns of
+    /// its choosing (Xen's page-type query reports them `XTAB`, and libxc's save leaves
+    /// them out). Xen writes them (grant status flags) and the guest writes its grants
+    /// into them, neither through the dirty log; a restored guest maps its grant table
+    /// again over them. So they are read as zeros. Found again whenever the grant table
+    /// has grown (one query per harvest); a gfn that became special or stopped being so
+    /// is reported dirty in `dirty`, so the backup's image follows.
+    fn check_special(&mut self, dirty: &mut PageBitmap) -> Result<(), DomainError> {
+        let frames = self
+            .xc
+            .grant_frames(self.domid)
+            .map_err(backend("GNTTABOP_query_size"))?;
+        if self.grant_frames == Some(frames) {
+            return Ok(());
+        }
+        let gfns: Vec<u64> = self
+            .windows
+            .iter()
+            .flat_map(|w| w * WINDOW..((w + 1) * WINDOW).min(self.p2m_pages))
+            .collect();
+        let types = self
+            .xc
+            .special_frames(self.domid, &gfns)
+            .map_err(backend("xc_get_pfn_type_batch"))?;
+        let holes: std::collections::HashSet<u64> = self.holes.iter().copied().collect();
+        let now: std::collections::HashSet<u64> = gfns
+            .iter()
+            .zip(types)
+            .filter(|(g, special)| *special && !holes.contains(*g))
+            .map(|(g, _)| *g)
+            .collect();
+        for g in now.symmetric_difference(&self.special) {
+            if let Some(p) = self.page_of(*g).and_then(|p| usize::try_from(p).ok())
+                && p < dirty.len()
+            {
+                dirty.set(p);
+            }
+        }
+        let mut list: Vec<u64> = now.iter().copied().collect();
+        list.sort_unstable();
+        tracing::info!(
+            domid = self.domid,
+            grant_frames = frames,
+            frames = format!("{list:x?}"),
+            "special frames (Xen's own, such as the grant table's): read as zeros"
+        );
+        self.special = now;
+        self.grant_frames = Some(frames);
+        self.backend_frames.retain(|g| !self.special.contains(g));
+        Ok(())
+    }
+
+    /// Map `gfns` (in one foreign mapping), the special frames left out (reported as not
+    /// mapped, so they read as zeros).
+    fn map_frames(&self, gfns: &[u64]) -> Result<Mapping, DomainError> {
+        let mut map = self
+            .xc
+            .map(self.domid, gfns)
+            .map_err(backend("xenforeignmemory_map"))?;
+        if !self.special.is_empty() {
+            for (i, g) in gfns.iter().enumerate() {
+                if self.special.contains(g) {
+                    map.errs[i] = libc::EPERM;
+                }
+            }
+        }
+        Ok(map)
+    }
+
     /// Warn (once per change) when the domain's page count changed since the attach:
     /// frames may have been populated outside the kept windows, which are not protected.
     fn check_pages(&mut self) -> Result<(), DomainError> {
@@ -678,10 +761,7 @@ impl XenDomain {
             w.take();
             let last = (first + WINDOW).min(self.p2m_pages);
             let gfns: Vec<u64> = (first..last).collect();
-            let map = self
-                .xc
-                .map(self.domid, &gfns)
-                .map_err(backend("xenforeignmemory_map"))?;
+            let map = self.map_frames(&gfns)?;
             *w = Some(Window { first, map });
         }
         let Some(win) = w.as_ref() else {
@@ -884,11 +964,7 @@ impl Domain for XenDomain {
             let map = if gfns.is_empty() {
                 None
             } else {
-                Some(
-                    self.xc
-                        .map(self.domid, &gfns)
-                        .map_err(backend("xenforeignmemory_map"))?,
-                )
+                Some(self.map_frames(&gfns)?)
             };
             let mut mapped = 0;
             for (&p, page) in chunk.iter().zip(dest.chunks_exact_mut(PAGE_SIZE)) {
@@ -913,6 +989,7 @@ impl Domain for XenDomain {
         self.forget_window();
         self.dirty_map = None;
         self.check_pages()?;
+        self.check_special(dirty)?;
         if !self.logdirty {
             // Tracking starts now: report every frame, as for a guest created just now.
             self.start_dirty_log()?;
@@ -947,6 +1024,31 @@ impl Domain for XenDomain {
         self.check_behind_log(dirty)?;
         tracing::trace!(domid = self.domid, dirty = n, "log-dirty CLEAN");
         Ok(())
+    }
+
+    fn written_since_harvest(&mut self) -> Result<u64, DomainError> {
+        if !self.logdirty {
+            return Ok(0);
+        }
+        self.xc
+            .logdirty_peek(self.domid, &mut self.bitmap, self.p2m_pages)
+            .map_err(backend("log-dirty PEEK"))?;
+        // The frames written behind the log are read from the harvest's snapshot and the
+        // special ones as zeros: their writes do not reach a digest.
+        let xen = self.bitmap.words();
+        let mut n = 0;
+        for w in &self.windows {
+            for g in w * WINDOW..(w + 1) * WINDOW {
+                let (word, bit) = (usize::try_from(g / 64).unwrap_or(usize::MAX), g % 64);
+                if xen.get(word).is_some_and(|x| x & (1 << bit) != 0)
+                    && !self.special.contains(&g)
+                    && !self.snapshot.contains_key(&g)
+                {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {

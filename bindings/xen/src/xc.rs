@@ -70,6 +70,9 @@ pub struct Xc {
 // `Xc` owns both and closes them once, in `Drop`.
 unsafe impl Send for Xc {}
 
+/// Gfns per page-type query (Xen's limit for getpageframeinfo3).
+const PFN_TYPE_BATCH: usize = 1024;
+
 fn errno() -> io::Error {
     io::Error::last_os_error()
 }
@@ -177,6 +180,50 @@ impl Xc {
         Ok(gpfn)
     }
 
+    /// Which of `gfns` are special frames of `domid`: gfns whose frame is Xen's own (its
+    /// grant table frames mapped into the guest's physmap, say) or is not there, which
+    /// Xen's page-type query (`xc_get_pfn_type_batch`, getpageframeinfo3) reports as
+    /// `XTAB`. libxc's save leaves such gfns out; their content is not the guest's memory,
+    /// and Xen writes them without the dirty log.
+    pub fn special_frames(&self, domid: u32, gfns: &[u64]) -> Result<Vec<bool>, XcError> {
+        let mut out = Vec::with_capacity(gfns.len());
+        for chunk in gfns.chunks(PFN_TYPE_BATCH) {
+            let mut arr: Vec<sys::xen_pfn_t> = chunk.to_vec();
+            let n = u32::try_from(arr.len()).unwrap_or(u32::MAX);
+            // SAFETY: `arr` holds `n` gfns and outlives the call, which writes each
+            // element's type over it.
+            let rc = unsafe {
+                sys::xc_get_pfn_type_batch(self.xch.as_ptr(), domid, n, arr.as_mut_ptr())
+            };
+            Self::check("xc_get_pfn_type_batch", domid, rc)?;
+            out.extend(arr.iter().map(|t| {
+                (*t & u64::from(sys::XEN_DOMCTL_PFINFO_LTAB_MASK))
+                    == u64::from(sys::XEN_DOMCTL_PFINFO_XTAB)
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The number of frames of `domid`'s grant table (`GNTTABOP_query_size`): it grows as
+    /// the guest grants more pages, each new frame mapped at a gfn of the guest's choosing.
+    pub fn grant_frames(&self, domid: u32) -> Result<u32, XcError> {
+        let mut q = sys::gnttab_query_size {
+            dom: u16::try_from(domid).unwrap_or(u16::MAX),
+            ..Default::default()
+        };
+        // SAFETY: `q` is a valid in/out structure for the call.
+        let rc = unsafe { sys::xc_gnttab_query_size(self.xch.as_ptr(), &mut q) };
+        Self::check("xc_gnttab_query_size", domid, rc)?;
+        if q.status != 0 {
+            return Err(XcError::Call {
+                op: "GNTTABOP_query_size",
+                domid,
+                source: io::Error::other(format!("grant status {}", q.status)),
+            });
+        }
+        Ok(q.nr_frames)
+    }
+
     /// A log-dirty operation without a bitmap (`XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY`,
     /// `XEN_DOMCTL_SHADOW_OP_OFF`).
     pub fn logdirty_op(&self, domid: u32, op: u32) -> Result<(), XcError> {
@@ -210,6 +257,28 @@ impl Xc {
         buf: &mut HypercallBuffer,
         pages: u64,
     ) -> Result<u64, XcError> {
+        self.logdirty_bitmap(domid, buf, pages, sys::XEN_DOMCTL_SHADOW_OP_CLEAN, "CLEAN")
+    }
+
+    /// `XEN_DOMCTL_SHADOW_OP_PEEK`: copy the dirty bitmap of the first `pages` gfns into
+    /// `buf`, leaving it in Xen (what was written since the last CLEAN).
+    pub fn logdirty_peek(
+        &self,
+        domid: u32,
+        buf: &mut HypercallBuffer,
+        pages: u64,
+    ) -> Result<u64, XcError> {
+        self.logdirty_bitmap(domid, buf, pages, sys::XEN_DOMCTL_SHADOW_OP_PEEK, "PEEK")
+    }
+
+    fn logdirty_bitmap(
+        &self,
+        domid: u32,
+        buf: &mut HypercallBuffer,
+        pages: u64,
+        op: u32,
+        name: &'static str,
+    ) -> Result<u64, XcError> {
         let mut stats = sys::xc_shadow_op_stats_t::default();
         let pages = pages.min(buf.bits());
         // SAFETY: `buf.raw` describes a hypercall-safe allocation of at least `pages` bits
@@ -218,7 +287,7 @@ impl Xc {
             sys::xc_logdirty_control(
                 self.xch.as_ptr(),
                 domid,
-                sys::XEN_DOMCTL_SHADOW_OP_CLEAN,
+                op,
                 &mut buf.raw,
                 pages as _,
                 0,
@@ -227,7 +296,11 @@ impl Xc {
         };
         if rc < 0 {
             return Err(XcError::Call {
-                op: "xc_logdirty_control(CLEAN)",
+                op: if name == "PEEK" {
+                    "xc_logdirty_control(PEEK)"
+                } else {
+                    "xc_logdirty_control(CLEAN)"
+                },
                 domid,
                 source: errno(),
             });

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ha_guest::diskimage::DiskImageError;
 use ha_guest::domain::{Disk, DiskWrite};
 
 use crate::export::{ExportError, Image, ServedDisk, Server};
@@ -373,7 +374,17 @@ fn the_served_disk_reads_inside_the_image_only() {
     let odd = dir.path().join("odd.img");
     std::fs::write(&odd, vec![0u8; 5000]).unwrap();
     let e = Image::open(&odd).unwrap_err();
-    assert!(matches!(e, ExportError::Size { size: 5000, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ExportError::Image(DiskImageError::Size {
+                size: 5000,
+                unit: 4096,
+                ..
+            })
+        ),
+        "{e}"
+    );
     let e = Image::open(&dir.path().join("missing.img")).unwrap_err();
     assert!(
         e.to_string().starts_with("cannot open the disk image"),

@@ -473,27 +473,13 @@ fn a_missing_device_is_named_with_what_to_do() {
 #[test]
 fn a_served_domain_holds_writes_while_paused_and_reports_its_disk_lost() {
     use ha_guest::domain::{Domain, DomainFactory, GuestSpec};
-    use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir);
     let sock = dir.path().join("nbd.sock");
     let server = Server::serve(img.clone(), &sock, crate::EXPORT_NAME).unwrap();
-    let spec = GuestSpec {
-        memory_size: 2 << 20,
-        params: GuestParams {
-            workload: Workload::Idle,
-            seed: 1,
-            heap_gpa: HEAP_GPA,
-            heap_size: 4096,
-            rate: 0,
-            tsc_khz: 0,
-            output_every: 0,
-            doorbell_every: 256,
-            disk_size: 0,
-        },
-        devices: Default::default(),
-    };
-    let inner = ha_sim::SimFactory::new().create(&spec).unwrap();
+    let inner = ha_sim::SimFactory::new()
+        .create(&GuestSpec::idle())
+        .unwrap();
     let mut d = crate::ServedDomain::new(inner, ServedDisk(img.clone()), server, None);
     d.resume().unwrap();
     let mut c = UnixStream::connect(&sock).unwrap();

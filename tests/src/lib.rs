@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,27 +16,67 @@ mod netns;
 pub use mesh::Mesh;
 pub use netns::{GuestLan, NetPair};
 
-/// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
-/// crate's tests run alone, they are built on first use.
+/// The daemons [`bin`] builds on its first call.
+const DAEMONS: [&str; 2] = ["ha-primary", "ha-backup"];
+
+/// Where the workspace's daemon binaries are: beside this test's own executable, in its
+/// profile's folder. The first call in a test process builds them (`cargo build -p
+/// ha-primary -p ha-backup` with this test's profile and target folder; a no-op when they
+/// are current), so a test never runs binaries older than the source;
+/// `CASTOR_NO_BUILD=1` skips the build and takes the binaries as they are.
 pub fn bin(name: &str) -> PathBuf {
-    let mut p = std::env::current_exe().unwrap_or_default();
-    p.pop(); // deps/
-    if p.ends_with("deps") {
-        p.pop();
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = profile_dir();
+    if std::env::var("CASTOR_NO_BUILD").as_deref() != Ok("1")
+        && let Err(e) = BUILT.get_or_init(|| build_daemons(&dir))
+    {
+        panic!("{e}");
     }
-    let path = p.join(name);
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    if !path.exists() {
-        BUILD.call_once(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo)
-                .args(["build", "-p", "ha-primary", "-p", "ha-backup"])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "building ha-primary and ha-backup failed");
-        });
+    dir.join(name)
+}
+
+/// The folder of this profile's binaries: `<target>/<profile>/` above the test's
+/// `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|e| panic!("cannot find this test's executable: {e}"));
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
     }
-    path
+    dir
+}
+
+/// The cargo profile whose output folder is named `dir_name` (`dev` writes to `debug/`).
+fn cargo_profile(dir_name: &str) -> &str {
+    match dir_name {
+        "debug" => "dev",
+        other => other,
+    }
+}
+
+/// Build [`DAEMONS`] into `dir` (`<target>/<profile>`) with the profile that folder holds.
+fn build_daemons(dir: &Path) -> Result<(), String> {
+    let (Some(target), Some(profile)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(format!(
+            "cannot tell the target folder and profile from {} (set CASTOR_NO_BUILD=1 and build the daemons yourself)",
+            dir.display()
+        ));
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--profile", cargo_profile(profile)])
+        .arg("--target-dir")
+        .arg(target);
+    for d in DAEMONS {
+        cmd.args(["-p", d]);
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("building {} failed ({s})", DAEMONS.join(" and "))),
+        Err(e) => Err(format!("cannot run cargo to build the daemons: {e}")),
+    }
 }
 
 /// Whether KVM tests run here: `Ok(true)` with /dev/kvm, `Ok(false)` to skip (with the
@@ -766,5 +807,19 @@ impl EtcdTls {
         .iter()
         .flat_map(|(o, v)| [(*o).to_owned(), v.display().to_string()])
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_are_looked_for_in_this_tests_profile_folder() {
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(profile_dir().join("deps"), exe.parent().unwrap());
+        assert_eq!(cargo_profile("debug"), "dev");
+        assert_eq!(cargo_profile("release"), "release");
+        assert_eq!(cargo_profile("bench-fast"), "bench-fast");
     }
 }

@@ -385,42 +385,7 @@ impl Active {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ha_codec::bitmap::PageBitmap;
-
-    /// A guest that only names its host interfaces (`None`: it cannot list them).
-    struct Vifs(Option<Vec<String>>);
-
-    impl Domain for Vifs {
-        fn memory_size(&self) -> u64 {
-            0
-        }
-        fn read_memory(&self, _gpa: u64, _buf: &mut [u8]) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn pause(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn resume(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn is_paused(&self) -> bool {
-            true
-        }
-        fn harvest_dirty(&mut self, _dirty: &mut PageBitmap) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
-            Ok(Vec::new())
-        }
-        fn check_health(&self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn net_interfaces(&self) -> Result<Vec<String>, DomainError> {
-            self.0
-                .clone()
-                .ok_or(DomainError::NoCapability("a vif list"))
-        }
-    }
+    use ha_guest::testing::StubDomain;
 
     fn net(vifs: &[&str]) -> GuestNet {
         GuestNet {
@@ -431,7 +396,7 @@ mod tests {
 
     #[test]
     fn auto_stands_for_the_restored_guests_own_vifs_and_fixed_names_stay() {
-        let guest = Vifs(Some(vec!["vif7.0".into(), "castor-web".into()]));
+        let guest = StubDomain::with_vifs(Some(vec!["vif7.0".into(), "castor-web".into()]));
         assert_eq!(
             guest_vifs(&net(&["auto", "tap3"]), &guest),
             ["vif7.0", "castor-web", "tap3"]
@@ -440,11 +405,14 @@ mod tests {
         // A guest without interfaces, or one that cannot list them: nothing for auto (said
         // in the log), the fixed names still.
         assert_eq!(
-            guest_vifs(&net(&["auto", "tap3"]), &Vifs(Some(Vec::new()))),
+            guest_vifs(
+                &net(&["auto", "tap3"]),
+                &StubDomain::with_vifs(Some(Vec::new()))
+            ),
             ["tap3"]
         );
         assert_eq!(
-            guest_vifs(&net(&["auto"]), &Vifs(None)),
+            guest_vifs(&net(&["auto"]), &StubDomain::with_vifs(None)),
             Vec::<String>::new()
         );
     }

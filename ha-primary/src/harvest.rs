@@ -362,38 +362,7 @@ fn take_paused(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Flat memory behind the [`Domain`] trait's defaults (`read_pages` by `read_memory`).
-    struct Flat(Vec<u8>);
-
-    impl Domain for Flat {
-        fn memory_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
-            let at = gpa as usize;
-            buf.copy_from_slice(&self.0[at..at + buf.len()]);
-            Ok(())
-        }
-        fn pause(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn resume(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn is_paused(&self) -> bool {
-            true
-        }
-        fn harvest_dirty(&mut self, _: &mut PageBitmap) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
-            Ok(Vec::new())
-        }
-        fn check_health(&self) -> Result<(), DomainError> {
-            Ok(())
-        }
-    }
+    use ha_guest::testing::StubDomain;
 
     /// [`Flat`] whose memory someone else writes while it is held, after the harvest.
     struct Written(Flat, u64);
@@ -464,7 +433,7 @@ mod tests {
         for p in [1usize, 3, 4, 6] {
             mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(p as u8);
         }
-        let d = Flat(mem);
+        let d = StubDomain::with_memory(mem);
         let mut dirty = PageBitmap::new(8);
         for p in [0usize, 1, 2, 3, 6, 7] {
             dirty.set(p);
@@ -500,7 +469,7 @@ mod tests {
 
     #[test]
     fn read_pages_refuses_a_buffer_of_the_wrong_size() {
-        let d = Flat(vec![0; 4 * PAGE_SIZE]);
+        let d = StubDomain::with_memory(vec![0; 4 * PAGE_SIZE]);
         let mut out = vec![0u8; PAGE_SIZE];
         assert!(matches!(
             d.read_pages(&[0, 1], &mut out),

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,27 +16,67 @@ mod netns;
 pub use mesh::Mesh;
 pub use netns::{GuestLan, NetPair};
 
-/// Where the workspace's binaries are. `cargo test --workspace` builds them; when this
-/// crate's tests run alone, they are built on first use.
+/// The daemons [`bin`] builds on its first call.
+const DAEMONS: [&str; 2] = ["ha-primary", "ha-backup"];
+
+/// Where the workspace's daemon binaries are: beside this test's own executable, in its
+/// profile's folder. The first call in a test process builds them (`cargo build -p
+/// ha-primary -p ha-backup` with this test's profile and target folder; a no-op when they
+/// are current), so a test never runs binaries older than the source;
+/// `CASTOR_NO_BUILD=1` skips the build and takes the binaries as they are.
 pub fn bin(name: &str) -> PathBuf {
-    let mut p = std::env::current_exe().unwrap_or_default();
-    p.pop(); // deps/
-    if p.ends_with("deps") {
-        p.pop();
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = profile_dir();
+    if std::env::var("CASTOR_NO_BUILD").as_deref() != Ok("1")
+        && let Err(e) = BUILT.get_or_init(|| build_daemons(&dir))
+    {
+        panic!("{e}");
     }
-    let path = p.join(name);
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    if !path.exists() {
-        BUILD.call_once(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let ok = Command::new(cargo)
-                .args(["build", "-p", "ha-primary", "-p", "ha-backup"])
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "building ha-primary and ha-backup failed");
-        });
+    dir.join(name)
+}
+
+/// The folder of this profile's binaries: `<target>/<profile>/` above the test's
+/// `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe()
+        .unwrap_or_else(|e| panic!("cannot find this test's executable: {e}"));
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
     }
-    path
+    dir
+}
+
+/// The cargo profile whose output folder is named `dir_name` (`dev` writes to `debug/`).
+fn cargo_profile(dir_name: &str) -> &str {
+    match dir_name {
+        "debug" => "dev",
+        other => other,
+    }
+}
+
+/// Build [`DAEMONS`] into `dir` (`<target>/<profile>`) with the profile that folder holds.
+fn build_daemons(dir: &Path) -> Result<(), String> {
+    let (Some(target), Some(profile)) = (dir.parent(), dir.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(format!(
+            "cannot tell the target folder and profile from {} (set CASTOR_NO_BUILD=1 and build the daemons yourself)",
+            dir.display()
+        ));
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "--profile", cargo_profile(profile)])
+        .arg("--target-dir")
+        .arg(target);
+    for d in DAEMONS {
+        cmd.args(["-p", d]);
+    }
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("building {} failed ({s})", DAEMONS.join(" and "))),
+        Err(e) => Err(format!("cannot run cargo to build the daemons: {e}")),
+    }
 }
 
 /// Whether KVM tests run here: `Ok(true)` with /dev/kvm, `Ok(false)` to skip (with the
@@ -446,22 +487,36 @@ pub struct Etcd {
     netns: Option<String>,
 }
 
+/// Where one member of a cluster runs: its name, its network namespace (`None`: this one)
+/// and the address it listens on (clients on port 2379, peers on 2380).
+#[derive(Debug, Clone, Copy)]
+pub struct EtcdNode<'a> {
+    /// The member's name (`--name`), also its data directory's and log's.
+    pub name: &'a str,
+    /// The network namespace it runs in (made by `ip netns add`).
+    pub netns: Option<&'a str>,
+    /// Its address in that namespace.
+    pub ip: std::net::Ipv4Addr,
+}
+
+/// A free TCP port on loopback.
+fn loopback_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("port: {e}"))
+}
+
 impl Etcd {
     /// Start a member on loopback in `dir` and wait (at most 30 s) until it reports
     /// healthy.
     pub fn start(dir: &Path) -> Self {
-        let port = |_| {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("port: {e}"))
-        };
-        let (client, peer) = (port(0), port(1));
+        let (client, peer) = (loopback_port(), loopback_port());
         let peer_url = format!("http://127.0.0.1:{peer}");
         let e = Self::spawn(
             dir,
             None,
-            ("n1", &format!("127.0.0.1:{client}"), &peer_url),
+            ("n1", &format!("http://127.0.0.1:{client}"), &peer_url),
             &format!("n1={peer_url}"),
             &[],
         );
@@ -473,38 +528,21 @@ impl Etcd {
     /// (`--client-cert-auth`, its certificate and CA from `tls`), and wait (at most 30 s)
     /// until it says it serves them. Its URL is `https://127.0.0.1:PORT`.
     pub fn start_tls(dir: &Path, tls: &EtcdTls) -> Self {
-        let port = || {
-            TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("port: {e}"))
-        };
-        let (client, peer) = (port(), port());
+        let (client, peer) = (loopback_port(), loopback_port());
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let url = format!("https://127.0.0.1:{client}");
+        let e = Self::spawn(
+            dir,
+            None,
+            ("tls", &format!("https://127.0.0.1:{client}"), &peer_url),
+            &format!("tls={peer_url}"),
+            &[
+                &format!("--cert-file={}", tls.server_cert.display()),
+                &format!("--key-file={}", tls.server_key.display()),
+                &format!("--trusted-ca-file={}", tls.ca.display()),
+                "--client-cert-auth",
+            ],
+        );
         let log_path = dir.join("etcd-tls.log");
-        let log = std::fs::File::create(&log_path).unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new("etcd")
-            .arg("--name=tls")
-            .arg(format!("--data-dir={}", dir.join("etcd-tls").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=tls={peer_url}"))
-            .arg(format!("--cert-file={}", tls.server_cert.display()))
-            .arg(format!("--key-file={}", tls.server_key.display()))
-            .arg(format!("--trusted-ca-file={}", tls.ca.display()))
-            .arg("--client-cert-auth")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("etcd: {e}"));
-        let e = Self {
-            child,
-            url,
-            netns: None,
-        };
         let t = Instant::now();
         while !std::fs::read_to_string(&log_path)
             .unwrap_or_default()
@@ -525,27 +563,34 @@ impl Etcd {
     /// rejoining after a partition does not depose the leader), data and logs in `dir`,
     /// and wait (at most 30 s) until each reports healthy.
     pub fn start_cluster(dir: &Path, mesh: &Mesh, members: &[&str]) -> Vec<Self> {
-        let addr = |m: &str| mesh.ip(m).unwrap_or_else(|e| panic!("{e}"));
-        let cluster = members
+        let nodes: Vec<EtcdNode<'_>> = members
             .iter()
-            .map(|m| format!("{m}=http://{}:2380", addr(m)))
+            .map(|m| EtcdNode {
+                name: m,
+                netns: Some(mesh.ns(m).unwrap_or_else(|e| panic!("{e}"))),
+                ip: mesh.ip(m).unwrap_or_else(|e| panic!("{e}")),
+            })
+            .collect();
+        Self::start_members(dir, &nodes, &["--pre-vote"])
+    }
+
+    /// Start one cluster of a member per node of `nodes` (clients on port 2379 and peers
+    /// on 2380 of the node's address, with `more` options), data and logs in `dir`, and
+    /// wait (at most 30 s each) until every member reports healthy.
+    pub fn start_members(dir: &Path, nodes: &[EtcdNode<'_>], more: &[&str]) -> Vec<Self> {
+        let cluster = nodes
+            .iter()
+            .map(|n| format!("{}=http://{}:2380", n.name, n.ip))
             .collect::<Vec<_>>()
             .join(",");
-        let all: Vec<Self> = members
+        let all: Vec<Self> = nodes
             .iter()
-            .map(|m| {
-                let ns = mesh.ns(m).unwrap_or_else(|e| panic!("{e}"));
+            .map(|n| {
                 let (client, peer) = (
-                    format!("{}:2379", addr(m)),
-                    format!("http://{}:2380", addr(m)),
+                    format!("http://{}:2379", n.ip),
+                    format!("http://{}:2380", n.ip),
                 );
-                Self::spawn(
-                    dir,
-                    Some(ns),
-                    (m, &client, &peer),
-                    &cluster,
-                    &["--pre-vote"],
-                )
+                Self::spawn(dir, n.netns, (n.name, &client, &peer), &cluster, more)
             })
             .collect();
         for e in &all {
@@ -554,17 +599,16 @@ impl Etcd {
         all
     }
 
-    /// Start member `name` listening for clients on `client` (host:port) and for peers on
-    /// `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`), with `more`
-    /// options.
+    /// Start member `name` serving clients at `url` (`http://` or `https://` host:port)
+    /// and peers at `peer_url`, in `netns` if given, one of `cluster` (`name=peer_url,…`),
+    /// with `more` options; its data in `dir/etcd-<name>`, its log `dir/etcd-<name>.log`.
     fn spawn(
         dir: &Path,
         netns: Option<&str>,
-        (name, client, peer_url): (&str, &str, &str),
+        (name, url, peer_url): (&str, &str, &str),
         cluster: &str,
         more: &[&str],
     ) -> Self {
-        let url = format!("http://{client}");
         let log = std::fs::File::create(dir.join(format!("etcd-{name}.log")))
             .unwrap_or_else(|e| panic!("{e}"));
         let mut cmd = match netns {
@@ -593,7 +637,7 @@ impl Etcd {
             .unwrap_or_else(|e| panic!("etcd: {e}"));
         Self {
             child,
-            url,
+            url: url.to_owned(),
             netns: netns.map(str::to_owned),
         }
     }
@@ -766,5 +810,19 @@ impl EtcdTls {
         .iter()
         .flat_map(|(o, v)| [(*o).to_owned(), v.display().to_string()])
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_are_looked_for_in_this_tests_profile_folder() {
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(profile_dir().join("deps"), exe.parent().unwrap());
+        assert_eq!(cargo_profile("debug"), "dev");
+        assert_eq!(cargo_profile("release"), "release");
+        assert_eq!(cargo_profile("bench-fast"), "bench-fast");
     }
 }

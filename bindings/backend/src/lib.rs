@@ -306,26 +306,6 @@ pub fn value_parser_of(kinds: &[BackendKind]) -> impl TypedValueParser<Value = B
 mod tests {
     use super::*;
     use ha_daemon::error_chain;
-    use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
-
-    /// An idle 2 MiB guest.
-    fn spec() -> GuestSpec {
-        GuestSpec {
-            memory_size: 2 << 20,
-            params: GuestParams {
-                workload: Workload::Idle,
-                seed: 1,
-                heap_gpa: HEAP_GPA,
-                heap_size: 4096,
-                rate: 0,
-                tsc_khz: 0,
-                output_every: 0,
-                doorbell_every: 256,
-                disk_size: 0,
-            },
-            devices: Default::default(),
-        }
-    }
 
     #[test]
     fn every_kind_has_its_own_factory() {
@@ -386,7 +366,7 @@ mod tests {
     #[test]
     fn a_xen_primary_needs_a_domain_before_anything_else() {
         let guest = PrimaryGuest {
-            spec: spec(),
+            spec: GuestSpec::idle(),
             xen_domain: None,
             xen_hold: XenHold::Pause,
             xen_wait: std::time::Duration::ZERO,
@@ -402,7 +382,7 @@ mod tests {
     #[test]
     fn a_sim_primary_is_created_paused_from_its_spec() {
         let guest = PrimaryGuest {
-            spec: spec(),
+            spec: GuestSpec::idle(),
             xen_domain: Some("ignored".into()),
             xen_hold: XenHold::default(),
             xen_wait: std::time::Duration::ZERO,

@@ -17,13 +17,14 @@
 //! detached, died, or spoke nonsense — means the device's disk is gone: [`Server::health`]
 //! says so from then on.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use ha_guest::diskimage::{self, DiskImageError};
 use ha_guest::domain::{Disk, DiskWrite, DomainError};
 
 use crate::proto;
@@ -35,23 +36,9 @@ const ZERO_PIECE: u64 = 1 << 20;
 /// Errors of the served image and its server.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    /// The image cannot be opened or measured.
-    #[error("cannot open the disk image {path}")]
-    Open {
-        /// The image.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The image's size is not a positive multiple of 4 KiB.
-    #[error("disk image {path} is {size} bytes, not a positive multiple of 4096")]
-    Size {
-        /// The image.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
+    /// The image cannot be opened, or is not whole 4 KiB pages.
+    #[error(transparent)]
+    Image(#[from] DiskImageError),
     /// Another server answers on the socket.
     #[error("NBD socket {0} is in use by a running server")]
     SocketInUse(PathBuf),
@@ -97,22 +84,7 @@ impl Image {
     /// Open the image at `path` for reading and writing; its size must be a positive
     /// multiple of 4 KiB (the disk records' and the replica's unit).
     pub fn open(path: &Path) -> Result<Arc<Self>, ExportError> {
-        let open_err = |source| ExportError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        let size = file.metadata().map_err(open_err)?.len();
-        if size == 0 || !size.is_multiple_of(4096) {
-            return Err(ExportError::Size {
-                path: path.to_owned(),
-                size,
-            });
-        }
+        let (file, size) = diskimage::open(path, 4096)?;
         Ok(Arc::new(Self {
             file,
             path: path.to_owned(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use ha_guest::diskimage::DiskImageError;
 use ha_guest::domain::{Disk, DiskWrite};
 
 use crate::export::{ExportError, Image, ServedDisk, Server};
@@ -373,7 +374,17 @@ fn the_served_disk_reads_inside_the_image_only() {
     let odd = dir.path().join("odd.img");
     std::fs::write(&odd, vec![0u8; 5000]).unwrap();
     let e = Image::open(&odd).unwrap_err();
-    assert!(matches!(e, ExportError::Size { size: 5000, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            ExportError::Image(DiskImageError::Size {
+                size: 5000,
+                unit: 4096,
+                ..
+            })
+        ),
+        "{e}"
+    );
     let e = Image::open(&dir.path().join("missing.img")).unwrap_err();
     assert!(
         e.to_string().starts_with("cannot open the disk image"),
@@ -462,27 +473,13 @@ fn a_missing_device_is_named_with_what_to_do() {
 #[test]
 fn a_served_domain_holds_writes_while_paused_and_reports_its_disk_lost() {
     use ha_guest::domain::{Domain, DomainFactory, GuestSpec};
-    use ha_workloads::guest_abi::{GuestParams, HEAP_GPA, Workload};
     let dir = tempfile::tempdir().unwrap();
     let img = image(&dir);
     let sock = dir.path().join("nbd.sock");
     let server = Server::serve(img.clone(), &sock, crate::EXPORT_NAME).unwrap();
-    let spec = GuestSpec {
-        memory_size: 2 << 20,
-        params: GuestParams {
-            workload: Workload::Idle,
-            seed: 1,
-            heap_gpa: HEAP_GPA,
-            heap_size: 4096,
-            rate: 0,
-            tsc_khz: 0,
-            output_every: 0,
-            doorbell_every: 256,
-            disk_size: 0,
-        },
-        devices: Default::default(),
-    };
-    let inner = ha_sim::SimFactory::new().create(&spec).unwrap();
+    let inner = ha_sim::SimFactory::new()
+        .create(&GuestSpec::idle())
+        .unwrap();
     let mut d = crate::ServedDomain::new(inner, ServedDisk(img.clone()), server, None);
     d.resume().unwrap();
     let mut c = UnixStream::connect(&sock).unwrap();

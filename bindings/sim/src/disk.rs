@@ -2,37 +2,16 @@
 //! guest's batch is carried out, every completed write logged for the checkpoint (the same
 //! semantics as the KVM backend's virtio-blk device, without a transport).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ha_guest::diskimage::{self, DiskImageError};
 use ha_guest::domain::DiskWrite;
 use ha_workloads::guest_abi::disk::{PAGE, SECTOR};
 use ha_workloads::model::{DiskOp, DiskRequest};
 
 use crate::memory::GuestMemory;
-
-/// Errors opening a disk image.
-#[derive(Debug, thiserror::Error)]
-pub enum DiskError {
-    /// The file cannot be opened for reading and writing.
-    #[error("cannot open disk image {path}")]
-    Open {
-        /// The image.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file's size is not a positive multiple of 4 KiB.
-    #[error("disk image {path} is {size} bytes, not a positive multiple of 4096")]
-    Size {
-        /// The image.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
-}
 
 /// An open disk image and the writes completed since the last drain.
 #[derive(Debug)]
@@ -44,29 +23,10 @@ pub(crate) struct SimDisk {
 }
 
 impl SimDisk {
-    /// Open `path` for reading and writing; the disk's size is the file's.
-    pub(crate) fn open(path: &Path) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|source| DiskError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|source| DiskError::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
-        if size == 0 || !size.is_multiple_of(PAGE) {
-            return Err(DiskError::Size {
-                path: path.to_owned(),
-                size,
-            });
-        }
+    /// Open `path` for reading and writing; the disk's size is the file's, a positive
+    /// multiple of a page.
+    pub(crate) fn open(path: &Path) -> Result<Self, DiskImageError> {
+        let (file, size) = diskimage::open(path, PAGE)?;
         Ok(Self {
             file,
             path: path.to_owned(),

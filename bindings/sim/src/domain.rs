@@ -18,7 +18,7 @@ use ha_guest::domain::{
 };
 use ha_workloads::guest_abi::{GuestParams, OutputRecord, PARAMS_GPA};
 
-use crate::disk::{DiskError, SimDisk};
+use crate::disk::SimDisk;
 use crate::memory::GuestMemory;
 use crate::ring::OutputQueue;
 use crate::state::SavedState;
@@ -50,7 +50,7 @@ pub enum SimError {
     Spawn(#[source] std::io::Error),
     /// The disk image cannot be used.
     #[error(transparent)]
-    Disk(#[from] DiskError),
+    Disk(#[from] ha_guest::diskimage::DiskImageError),
     /// Reading the disk for the VMM failed.
     #[error("cannot read the disk at {offset:#x}")]
     DiskRead {

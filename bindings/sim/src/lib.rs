@@ -45,7 +45,6 @@ mod workload;
 #[cfg(test)]
 mod tests;
 
-pub use disk::DiskError;
 pub use domain::{SimDomain, SimError, SimFactory};
 pub use ring::RingError;
 pub use state::{FORMAT as STATE_FORMAT, StateError};

@@ -17,8 +17,9 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use ha_guest::diskimage::{self, DiskImageError};
 use ha_guest::domain::{DiskRead, DiskWrite};
 use tracing::{debug, warn};
 use virtio_bindings::virtio_blk::{
@@ -57,23 +58,9 @@ const HEADER_LEN: u32 = 16;
 /// Errors opening or restoring a disk.
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
-    /// The image file cannot be opened or measured.
-    #[error("disk image {path}")]
-    Open {
-        /// The image's path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An image whose size is not a positive whole number of sectors.
-    #[error("disk image {path} is {size} bytes: not a positive multiple of 512")]
-    Size {
-        /// The image's path.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
+    /// The image file cannot be opened, or is not whole sectors.
+    #[error(transparent)]
+    Image(#[from] DiskImageError),
     /// The transport refused the set-up or the saved state.
     #[error("virtio-blk transport")]
     Transport(#[source] MmioError),
@@ -115,7 +102,7 @@ const MAX_READS: usize = 1 << 20;
 impl Blk {
     /// A reset disk over the image at `path` (opened read-write; its size is the disk's).
     pub fn open(path: &Path) -> Result<Self, BlkError> {
-        let (file, size) = open_image(path)?;
+        let (file, size) = diskimage::open(path, SECTOR_SIZE)?;
         let transport = MmioTransport::new(VIRTIO_ID_BLOCK, features(), config(size), QUEUE_SIZE)
             .map_err(BlkError::Transport)?;
         Ok(Self {
@@ -365,27 +352,6 @@ impl Blk {
         }
         Ok(())
     }
-}
-
-/// Open an image read-write and measure it.
-fn open_image(path: &Path) -> Result<(File, u64), BlkError> {
-    let open_err = |source| BlkError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(open_err)?;
-    let size = file.metadata().map_err(open_err)?.len();
-    if size == 0 || size % SECTOR_SIZE != 0 {
-        return Err(BlkError::Size {
-            path: path.to_path_buf(),
-            size,
-        });
-    }
-    Ok((file, size))
 }
 
 /// The features the disk offers besides VERSION_1.

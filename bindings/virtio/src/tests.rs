@@ -523,13 +523,16 @@ fn images_that_are_not_whole_sectors_or_missing_are_refused_by_name() {
     assert_eq!(
         e.to_string(),
         format!(
-            "disk image {} is 1000 bytes: not a positive multiple of 512",
+            "disk image {} is 1000 bytes, not a positive multiple of 512",
             path.display()
         )
     );
     let missing = path.with_file_name("missing.img");
     let e = Blk::open(&missing).unwrap_err();
-    assert_eq!(e.to_string(), format!("disk image {}", missing.display()));
+    assert_eq!(
+        e.to_string(),
+        format!("cannot open the disk image {}", missing.display())
+    );
 }
 
 #[test]

@@ -262,23 +262,8 @@ mod tests {
             e.to_string(),
             "Xen is not available: Xen support not built: rebuild with --features xen"
         );
-        let spec = GuestSpec {
-            memory_size: 2 << 20,
-            params: ha_workloads::guest_abi::GuestParams {
-                workload: ha_workloads::guest_abi::Workload::Idle,
-                seed: 1,
-                heap_gpa: 0,
-                heap_size: 0,
-                rate: 0,
-                tsc_khz: 0,
-                output_every: 0,
-                doorbell_every: 0,
-                disk_size: 0,
-            },
-            devices: Default::default(),
-        };
         assert!(matches!(
-            f.create(&spec),
+            f.create(&GuestSpec::idle()),
             Err(DomainError::Unavailable { .. })
         ));
         assert!(matches!(attach("1"), Err(DomainError::Unavailable { .. })));

@@ -15,7 +15,9 @@
 
 use crate::image::GuestImage;
 use ha_codec::bitmap::PageBitmap;
-use ha_workloads::guest_abi::{GuestParams, GuestStatus, OutputRecord, STATUS_GPA};
+use ha_workloads::guest_abi::{
+    GuestParams, GuestStatus, HEAP_GPA, OutputRecord, STATUS_GPA, Workload,
+};
 
 /// A boxed error from a backend, kept as the source of a [`DomainError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -279,6 +281,29 @@ pub struct GuestSpec {
     /// The host's resources the guest is attached to.
     #[serde(default)]
     pub devices: Devices,
+}
+
+impl GuestSpec {
+    /// The smallest guest every backend creates: 2 MiB of memory running the idle
+    /// workload (one heap page, no output), no disk. For tests that need a guest, not a
+    /// workload.
+    pub fn idle() -> Self {
+        Self {
+            memory_size: 2 << 20,
+            params: GuestParams {
+                workload: Workload::Idle,
+                seed: 1,
+                heap_gpa: HEAP_GPA,
+                heap_size: 4096,
+                rate: 0,
+                tsc_khz: 0,
+                output_every: 0,
+                doorbell_every: 256,
+                disk_size: 0,
+            },
+            devices: Devices::default(),
+        }
+    }
 }
 
 /// The host resources a guest's devices are backed by. They belong to a host, not to the

@@ -11,11 +11,16 @@
 //! | [`domain`] | `Domain`, its capabilities, `DomainFactory`, `GuestSpec` |
 //! | [`cow`] | copy-on-write checkpoints: the `CowMemory` capability and its pending copy |
 //! | [`backend`] | which hypervisor backend runs a guest (`BackendKind`) |
+//! | [`diskimage`] | opening a guest's disk image file, its size checked |
 //! | [`envelope`] | the one envelope of every backend's saved state (magic, version, checksum) |
 //! | [`image`] | a memory image a backend can take over as a guest's RAM without a copy |
+//! | `testing` | a stub guest for tests (`test-support` feature) |
 
 pub mod backend;
 pub mod cow;
+pub mod diskimage;
 pub mod domain;
 pub mod envelope;
 pub mod image;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;

@@ -4,10 +4,11 @@
 //! someone else. Needs root (namespaces) and etcd; skipped without them unless
 //! `CASTOR_REQUIRE_ETCD=1`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ha_lease::{Claim, LeaseConfig, claim, wait_claim};
+use ha_tests::{Etcd, EtcdNode};
 
 fn run(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -49,7 +50,7 @@ fn available() -> bool {
 struct Cluster {
     tag: String,
     net: u32,
-    members: Vec<Option<Child>>,
+    members: Vec<Option<Etcd>>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,9 +72,6 @@ impl Cluster {
         ]);
         run(&["ip", "link", "set", &br, "up"]);
         let ip = |i: u32| format!("10.251.{net}.{}", i + 1);
-        let cluster: Vec<String> = (1..=3)
-            .map(|i| format!("m{i}=http://{}:2380", ip(i)))
-            .collect();
         let mut c = Self {
             tag: tag.clone(),
             net,
@@ -101,27 +99,21 @@ impl Cluster {
             ]);
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            let data = c._dir.path().join(format!("m{i}"));
-            let log = std::fs::File::create(c._dir.path().join(format!("m{i}.log"))).unwrap();
-            let child = Command::new("ip")
-                .args(["netns", "exec", &ns, "etcd"])
-                .arg(format!("--name=m{i}"))
-                .arg(format!("--data-dir={}", data.display()))
-                .arg(format!("--listen-client-urls=http://{}:2379", ip(i)))
-                .arg(format!("--advertise-client-urls=http://{}:2379", ip(i)))
-                .arg(format!("--listen-peer-urls=http://{}:2380", ip(i)))
-                .arg(format!(
-                    "--initial-advertise-peer-urls=http://{}:2380",
-                    ip(i)
-                ))
-                .arg(format!("--initial-cluster={}", cluster.join(",")))
-                .arg("--initial-cluster-state=new")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            c.members.push(Some(child));
         }
+        let namespaces: Vec<String> = (1..=3).map(|i| format!("{tag}-{i}")).collect();
+        let nodes: Vec<EtcdNode<'_>> = (1..=3u32)
+            .zip(["m1", "m2", "m3"])
+            .zip(&namespaces)
+            .map(|((i, name), ns)| EtcdNode {
+                name,
+                netns: Some(ns),
+                ip: ip(i).parse().unwrap(),
+            })
+            .collect();
+        c.members = Etcd::start_members(c._dir.path(), &nodes, &["--initial-cluster-state=new"])
+            .into_iter()
+            .map(Some)
+            .collect();
         c.wait_ready();
         c
     }
@@ -178,10 +170,8 @@ impl Cluster {
     }
 
     fn kill(&mut self, i: u32) {
-        if let Some(mut c) = self.members[(i - 1) as usize].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Dropping the member kills it.
+        self.members[(i - 1) as usize].take();
     }
 
     /// Cut member `i` off the bridge: it and whoever talks only to it are a minority.

@@ -4,29 +4,11 @@
 //! certificates. Skipped when `etcd` is not installed, unless `CASTOR_REQUIRE_ETCD=1`.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ha_lease::{Claim, Lease, LeaseConfig, LeaseError, TlsFiles, claim, wait_claim};
-
-/// Whether etcd can be started here; panics if it is required and missing.
-fn etcd_available() -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var("CASTOR_REQUIRE_ETCD").as_deref() != Ok("1"),
-            "CASTOR_REQUIRE_ETCD=1 but etcd is not installed (apt-get install etcd-server)"
-        );
-        eprintln!("skipping: etcd is not installed (apt-get install etcd-server)");
-    }
-    found
-}
+use ha_tests::{EtcdTls, etcd_or_skip};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -36,82 +18,27 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// One etcd member on loopback, killed with the value.
+/// One etcd member on loopback (ha-tests' starter) and its data directory, killed and
+/// removed with the value.
 struct Etcd {
-    child: Child,
-    url: String,
+    member: ha_tests::Etcd,
     _dir: tempfile::TempDir,
 }
 
 impl Etcd {
-    fn start(tls: Option<&Certs>) -> Self {
+    /// A member over plain HTTP, or over TLS with client certificates when `tls` is given;
+    /// returns once it serves clients.
+    fn start(tls: Option<&EtcdTls>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut cmd = Command::new("etcd");
-        cmd.arg("--name=n1")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=n1={peer_url}"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("etcd.log")).unwrap());
-        if let Some(c) = tls {
-            cmd.arg(format!("--cert-file={}", c.server.display()))
-                .arg(format!("--key-file={}", c.server_key.display()))
-                .arg("--client-cert-auth")
-                .arg(format!("--trusted-ca-file={}", c.ca.display()));
-        }
-        let child = cmd.spawn().unwrap();
-        let e = Self {
-            child,
-            url,
-            _dir: dir,
+        let member = match tls {
+            Some(t) => ha_tests::Etcd::start_tls(dir.path(), t),
+            None => ha_tests::Etcd::start(dir.path()),
         };
-        e.wait_ready(tls);
-        e
-    }
-
-    /// Wait (bounded) until the member answers a claim of a throwaway key.
-    fn wait_ready(&self, tls: Option<&Certs>) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut cfg = config(self, "/castor/ready", "probe");
-        cfg.tls = tls.map(Certs::client);
-        loop {
-            match claim(&cfg) {
-                Ok(Claim::Ours(l)) => {
-                    l.release().unwrap();
-                    return;
-                }
-                Ok(Claim::Theirs { .. }) => return,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("etcd did not come up: {e}"),
-            }
-        }
+        Self { member, _dir: dir }
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.member.signal(sig);
     }
 }
 
@@ -119,7 +46,7 @@ fn config(e: &Etcd, key: &str, holder: &str) -> LeaseConfig {
     LeaseConfig {
         ttl: Duration::from_secs(2),
         margin: Duration::from_millis(500),
-        ..LeaseConfig::new(vec![e.url.clone()], key, holder)
+        ..LeaseConfig::new(vec![e.member.url.clone()], key, holder)
     }
 }
 
@@ -139,7 +66,7 @@ fn theirs(c: Claim) -> String {
 
 #[test]
 fn a_key_is_claimed_once_and_kept_past_its_ttl() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let e = Etcd::start(None);
@@ -158,7 +85,7 @@ fn a_key_is_claimed_once_and_kept_past_its_ttl() {
 
 #[test]
 fn a_dead_holders_key_passes_on_only_after_it_stopped_trusting_it() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let e = Etcd::start(None);
@@ -182,7 +109,7 @@ fn a_dead_holders_key_passes_on_only_after_it_stopped_trusting_it() {
 
 #[test]
 fn release_hands_the_key_over_at_once() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let e = Etcd::start(None);
@@ -197,7 +124,7 @@ fn release_hands_the_key_over_at_once() {
 /// removes the mark, after which a takeover works again. Clearing the mark works too.
 #[test]
 fn a_stale_mark_refuses_a_takeover_until_a_fresh_start_or_a_clear() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let e = Etcd::start(None);
@@ -230,7 +157,7 @@ fn a_stale_mark_refuses_a_takeover_until_a_fresh_start_or_a_clear() {
 
 #[test]
 fn a_holder_cut_off_from_etcd_stops_trusting_its_lease_in_time() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let e = Etcd::start(None);
@@ -269,7 +196,7 @@ fn a_holder_cut_off_from_etcd_stops_trusting_its_lease_in_time() {
 
 #[test]
 fn etcd_out_of_reach_is_a_clear_error() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let port = free_port();
@@ -291,105 +218,37 @@ fn etcd_out_of_reach_is_a_clear_error() {
     );
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+/// Certificates for a member over TLS and its clients, made with openssl in a directory
+/// kept as long as the value.
 struct Certs {
-    dir: tempfile::TempDir,
-    ca: PathBuf,
-    server: PathBuf,
-    server_key: PathBuf,
+    tls: EtcdTls,
+    _dir: tempfile::TempDir,
 }
 
 impl Certs {
     fn make() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let p = |n: &str| dir.path().join(n);
-        let ssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir.path())
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=castor-test-ca",
-        ]);
-        std::fs::write(
-            p("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
-        for name in ["server", "client"] {
-            ssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN={name}"),
-            ]);
-            ssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ]);
-        }
-        Self {
-            ca: p("ca.pem"),
-            server: p("server.pem"),
-            server_key: p("server.key"),
-            dir,
-        }
+        let tls = EtcdTls::generate(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        Self { tls, _dir: dir }
     }
 
+    /// A client's files: the CA, its certificate and key.
     fn client(&self) -> TlsFiles {
         TlsFiles {
-            ca: self.ca.clone(),
-            cert: self.dir.path().join("client.pem"),
-            key: self.dir.path().join("client.key"),
+            ca: self.tls.ca.clone(),
+            cert: self.tls.client_cert.clone(),
+            key: self.tls.client_key.clone(),
         }
     }
 }
 
 #[test]
 fn tls_with_client_certificates() {
-    if !etcd_available() {
+    if !etcd_or_skip() {
         return;
     }
     let certs = Certs::make();
-    let e = Etcd::start(Some(&certs));
+    let e = Etcd::start(Some(&certs.tls));
     let mut cfg = config(&e, "/castor/guests/g1", "primary-a");
     cfg.tls = Some(certs.client());
     let a = ours(claim(&cfg).unwrap());
@@ -398,7 +257,7 @@ fn tls_with_client_certificates() {
     let other = Certs::make();
     let mut stranger = config(&e, "/castor/guests/g1", "stranger");
     stranger.tls = Some(TlsFiles {
-        ca: certs.ca.clone(),
+        ca: certs.tls.ca.clone(),
         ..other.client()
     });
     assert!(

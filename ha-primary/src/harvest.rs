@@ -364,43 +364,13 @@ mod tests {
     use super::*;
     use ha_guest::testing::StubDomain;
 
-    /// [`Flat`] whose memory someone else writes while it is held, after the harvest.
-    struct Written(Flat, u64);
-
-    impl Domain for Written {
-        fn memory_size(&self) -> u64 {
-            self.0.memory_size()
-        }
-        fn read_memory(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DomainError> {
-            self.0.read_memory(gpa, buf)
-        }
-        fn pause(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn resume(&mut self) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn is_paused(&self) -> bool {
-            true
-        }
-        fn harvest_dirty(&mut self, _: &mut PageBitmap) -> Result<(), DomainError> {
-            Ok(())
-        }
-        fn written_since_harvest(&mut self) -> Result<u64, DomainError> {
-            Ok(self.1)
-        }
-        fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {
-            Ok(Vec::new())
-        }
-        fn check_health(&self) -> Result<(), DomainError> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_digest_over_memory_written_while_held_is_left_out() {
         let take_with = |written: u64| {
-            let mut d = Written(Flat(vec![7u8; 4 * PAGE_SIZE]), written);
+            let mut d = StubDomain {
+                written,
+                ..StubDomain::with_memory(vec![7u8; 4 * PAGE_SIZE])
+            };
             let mut dirty = PageBitmap::new(4);
             let mut cow = Chooser::new(crate::cow::CopyPolicy::Pause);
             take_paused(
@@ -418,7 +388,7 @@ mod tests {
         assert_eq!(quiet.verify_skipped, 0);
         assert_eq!(
             quiet.verify,
-            Some(memory_digest(&Flat(vec![7u8; 4 * PAGE_SIZE])).unwrap())
+            Some(memory_digest(&StubDomain::with_memory(vec![7u8; 4 * PAGE_SIZE])).unwrap())
         );
         let busy = take_with(5);
         assert_eq!(busy.verify_skipped, 5);

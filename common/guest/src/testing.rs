@@ -7,7 +7,8 @@ use crate::domain::{Domain, DomainError};
 
 /// A guest that never runs: always paused and healthy, its memory a flat byte vector read
 /// through [`Domain::read_memory`] (and the trait's default `read_pages`), no dirty pages,
-/// an empty saved state, and a fixed list of host interfaces.
+/// an empty saved state, a fixed list of host interfaces, and a fixed count of pages
+/// written behind its back while held ([`Domain::written_since_harvest`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StubDomain {
     /// The guest's memory.
@@ -15,6 +16,8 @@ pub struct StubDomain {
     /// What [`Domain::net_interfaces`] returns; `None`: the guest cannot list them
     /// ([`DomainError::NoCapability`]).
     pub vifs: Option<Vec<String>>,
+    /// What [`Domain::written_since_harvest`] returns.
+    pub written: u64,
 }
 
 impl StubDomain {
@@ -23,6 +26,7 @@ impl StubDomain {
         Self {
             memory,
             vifs: Some(Vec::new()),
+            written: 0,
         }
     }
 
@@ -32,6 +36,7 @@ impl StubDomain {
         Self {
             memory: Vec::new(),
             vifs,
+            written: 0,
         }
     }
 }
@@ -69,6 +74,10 @@ impl Domain for StubDomain {
 
     fn harvest_dirty(&mut self, _dirty: &mut PageBitmap) -> Result<(), DomainError> {
         Ok(())
+    }
+
+    fn written_since_harvest(&mut self) -> Result<u64, DomainError> {
+        Ok(self.written)
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, DomainError> {

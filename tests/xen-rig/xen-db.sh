@@ -12,11 +12,9 @@
 #   db-protected   >= CPS checkpoints committed (with VERIFY=N every Nth verified, memory
 #                  AND disk digests, none failing); the initial sync sent the 256 differing
 #                  blocks (and no more than 64 others, the writes of the boot before the
-#                  comparison); the database up. VERIFY is 0 (off) by default: the memory
-#                  digests of this networked domU fail (docs/XEN.md, "A disk": its vif's
-#                  and disk's rings are written by dom0's backends behind Xen's dirty log
-#                  after the attach learned which frames are; a failover is not hurt, as
-#                  the restored frontends build their rings anew, but the digest is)
+#                  comparison); the database up. VERIFY is 0 (off) by default: under
+#                  traffic dom0's backends write this domU's memory during nearly every
+#                  hold, which puts a digest off (docs/XEN.md, "A disk")
 #   db-disk-tree   a file of each size class read from the replicated disk
 #                  (/disk/specweb/) has the manifest's sha256 (also wrk's reference)
 #   db-restored    the backup went active on its replica (/dev/nbd1) with the network

@@ -8,6 +8,11 @@
 #                  network buffer (as xen-apache.sh's rows, to compare protection alone);
 #                  castor-MODE+no-teleport adds --no-teleport, castor-MODE+NAME=VALUE adds
 #                  --NAME VALUE
+#   xl-remus       for reference, Xen's own Remus on the loop device's domU (`xl remus -F -n
+#                  -d -i IV` to an `xl migrate-receive -r` in this dom0, as xen-apache.sh:
+#                  no network buffer, and -d: no disk replication, which xl remus cannot do
+#                  here); its checkpoints counted from its log, its stream's bytes from its
+#                  save helper's wchar
 # Per row: the domU boots (castor_disk=db) and serves its document tree from the disk once
 # (36 files, /disk/specweb/: its page cache then holds them); for castor rows the backup
 # is then replaced by a fresh one on the same replica (ha-primary --reprotect), so the
@@ -16,7 +21,7 @@
 # then wrk with failover.lua (a share DYN of inserts) for WRK_SECS s: answers/s, inserts/s,
 # errors, and for castor rows the checkpoints' rate and mean bytes per checkpoint, split
 # memory / disk, from primary.csv. Verdicts db-bench-ROW.
-# ROWS (none castor-remus castor-xbzrle castor-fgbi castor-fgbi+no-teleport), IV (200ms),
+# ROWS (none castor-remus castor-xbzrle castor-fgbi castor-fgbi+no-teleport xl-remus), IV (200ms),
 # CONNS (4), DYN (0.3), WRK_SECS (30) may be set with --env. Needs --env RIG_DOMU_NET=1.
 # Every wait is bounded in tries, every load in time.
 . "$RIG_LIB"
@@ -24,7 +29,7 @@ if [ "${RIG_DOMU_NET:-0}" != 1 ]; then
 	rig_fail db-bench "the domU was started without its network: run the rig with --env RIG_DOMU_NET=1"
 	exit 0
 fi
-ROWS=${ROWS:-none castor-remus castor-xbzrle castor-fgbi castor-fgbi+no-teleport}
+ROWS=${ROWS:-none castor-remus castor-xbzrle castor-fgbi castor-fgbi+no-teleport xl-remus}
 IV=${IV:-200ms}
 CONNS=${CONNS:-4}
 DYN=${DYN:-0.3}
@@ -37,6 +42,16 @@ show() { plain "$1" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c
 # nth_event FILE NAME N FIELD: FIELD of the Nth NAME event in FILE (empty if none).
 nth_event() { grep -a "\"event\":\"$2\"" "$1" 2>/dev/null | sed -n "$3p" | grep -o "\"$4\":[0-9]*" | cut -d: -f2; }
 count() { _c=$(grep -c "\"event\":\"$2\"" "$1" 2>/dev/null); echo "${_c:-0}"; }
+# helper_bytes: bytes written so far by libxl's save helper (xl remus's stream), from
+# /proc/PID/io's wchar; 0 when none runs.
+helper_bytes() {
+	_sum=0
+	for _q in $(ps -o pid,args | awk '/libxl-save-helper --save-domain/ && !/awk/ {print $1}'); do
+		_w=$(awk '$1 == "wchar:" {print $2}' "/proc/$_q/io" 2>/dev/null)
+		_sum=$((_sum + ${_w:-0}))
+	done
+	echo "$_sum"
+}
 echo 1 >/proc/sys/vm/overcommit_memory
 MEM=$(xen-selftest size "$DOMU") || {
 	rig_fail db-bench "xen-selftest size failed"
@@ -56,7 +71,7 @@ for row in $ROWS; do
 	bpid=
 	desc=
 	case "$row" in
-	none)
+	none | xl-remus)
 		pdev=/dev/loop$k
 		losetup "$pdev" $p.img || {
 			rig_fail "db-bench-$row" "losetup $pdev failed"
@@ -159,6 +174,19 @@ for row in $ROWS; do
 		fi
 		;;
 	esac
+	rpid=
+	if [ "$row" = xl-remus ]; then
+		xl -vvv remus -F -n -d -i "${IV%ms}" -e -s '' "$DOMU" "xl migrate-receive -r -e" >$p-remus.log 2>&1 &
+		rpid=$!
+		i=0
+		while [ "$(grep -c 'Checkpointed save:' $p-remus.log)" -lt 3 ] && kill -0 $rpid 2>/dev/null && [ $i -lt 180 ]; do
+			sleep 1
+			i=$((i + 1))
+		done
+		desc="$desc; xl remus checkpointing after ${i}s"
+	fi
+	k0=$(grep -c 'Checkpointed save:' $p-remus.log 2>/dev/null)
+	w0=$(helper_bytes)
 	# The load.
 	l1=$(wc -l <$p.csv 2>/dev/null || echo 0)
 	ts=$(date +%s)
@@ -169,6 +197,24 @@ for row in $ROWS; do
 	val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
 	secs=$((te - ts))
 	desc="$desc; wrk c=$CONNS dyn=$DYN ${secs}s: $(awk -v n="$(val responses)" -v s=$secs 'BEGIN { printf "%.1f", n / s }') answers/s, $(awk -v n="$(val dynamic)" -v s=$secs 'BEGIN { printf "%.2f", n / s }') inserts/s, bad status $(val bad_status), bad body $(val bad_body), errors $(val errors)"
+	if [ -n "$rpid" ]; then
+		k1=$(grep -c 'Checkpointed save:' $p-remus.log)
+		w1=$(helper_bytes)
+		desc="$desc; xl remus: $((k1 - ${k0:-0})) checkpoints ($(awk -v k=$((k1 - ${k0:-0})) -v s=$secs 'BEGIN { printf "%.2f", k / s }')/s), $(awk -v w=$((w1 - w0)) -v k=$((k1 - ${k0:-0})) 'BEGIN { if (k) printf "%d KiB", w / k / 1024; else printf "?" }') written by its save helper per checkpoint"
+		# Stop it, keeping the primary domain: the receiver first, then the sender.
+		for q in $(ps -o pid,args | awk '/xl migrate-receive/ && !/awk/ {print $1}'); do
+			kill -KILL "$q"
+		done
+		i=0
+		while kill -0 $rpid 2>/dev/null && [ $i -lt 60 ]; do
+			sleep 1
+			i=$((i + 1))
+		done
+		kill -KILL $rpid 2>/dev/null
+		for dd in $(xl list | awk 'NR > 1 && $1 != "Domain-0" && $1 != "'"$DOMU"'" {print $1}'); do
+			xl destroy "$dd"
+		done
+	fi
 	case "$row" in castor-*)
 		desc="$desc; $(tail -n +"$((l1 + 1))" $p.csv | awk -F, -v s=$secs '$2 == 1 { n++; w += $8; d += $30; dw += $28 }
 			END { if (n) printf "%d checkpoints (%.2f/s), per checkpoint %d KiB: memory %d KiB, disk %d KiB (%.1f writes)", n, n / s, w / n / 1024, (w - d) / n / 1024, d / n / 1024, dw / n; else print "no checkpoints" }')"
@@ -194,7 +240,7 @@ for row in $ROWS; do
 		done
 		kill -KILL $ppid 2>/dev/null
 	fi
-	[ "$row" = none ] && losetup -d "$pdev"
+	[ "$ppid" ] || losetup -d "$pdev"
 	k=$((k + 1))
 done
 exit 0

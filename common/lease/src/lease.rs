@@ -304,10 +304,30 @@ pub fn stale_key(key: &str) -> String {
 pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError> {
     let start = Instant::now();
     let mut conn: Option<Conn> = None;
+    // After an attempt that failed (not one that found the key held), the next ones go to
+    // one member at a time, in turn: a client over all of them sends each request to the
+    // next member, and a member cut off from the majority holds a request until it times
+    // out, so most attempts would fail while one member is cut off.
+    let mut one: Option<usize> = None;
     loop {
+        let single;
+        let target = match one {
+            Some(i) if cfg.endpoints.len() > 1 => {
+                single = LeaseConfig {
+                    endpoints: vec![cfg.endpoints[i % cfg.endpoints.len()].clone()],
+                    ..cfg.clone()
+                };
+                &single
+            }
+            _ => cfg,
+        };
         let attempt = match conn.take() {
             Some(c) => Ok(c),
-            None => Conn::open(cfg),
+            // The keeper falls back to every member: it is told of them all.
+            None => Conn::open(target).map(|mut c| {
+                c.endpoints = (cfg.endpoints.join(","), cfg.tls.is_some());
+                c
+            }),
         }
         .and_then(|mut c| {
             let r = c.try_claim(cfg, true);
@@ -333,7 +353,11 @@ pub fn wait_claim(cfg: &LeaseConfig, wait: Duration) -> Result<Lease, LeaseError
             ) => {
                 return Err(e);
             }
-            Err(e) => e,
+            Err(e) => {
+                conn = None;
+                one = Some(one.map_or(0, |i| i + 1));
+                e
+            }
         };
         if waited >= wait {
             return Err(err);

@@ -257,7 +257,13 @@ impl Xc {
         buf: &mut HypercallBuffer,
         pages: u64,
     ) -> Result<u64, XcError> {
-        self.logdirty_bitmap(domid, buf, pages, sys::XEN_DOMCTL_SHADOW_OP_CLEAN, "CLEAN")
+        self.logdirty_bitmap(
+            domid,
+            buf,
+            pages,
+            sys::XEN_DOMCTL_SHADOW_OP_CLEAN,
+            "xc_logdirty_control(CLEAN)",
+        )
     }
 
     /// `XEN_DOMCTL_SHADOW_OP_PEEK`: copy the dirty bitmap of the first `pages` gfns into
@@ -268,7 +274,13 @@ impl Xc {
         buf: &mut HypercallBuffer,
         pages: u64,
     ) -> Result<u64, XcError> {
-        self.logdirty_bitmap(domid, buf, pages, sys::XEN_DOMCTL_SHADOW_OP_PEEK, "PEEK")
+        self.logdirty_bitmap(
+            domid,
+            buf,
+            pages,
+            sys::XEN_DOMCTL_SHADOW_OP_PEEK,
+            "xc_logdirty_control(PEEK)",
+        )
     }
 
     fn logdirty_bitmap(
@@ -277,7 +289,7 @@ impl Xc {
         buf: &mut HypercallBuffer,
         pages: u64,
         op: u32,
-        name: &'static str,
+        call: &'static str,
     ) -> Result<u64, XcError> {
         let mut stats = sys::xc_shadow_op_stats_t::default();
         let pages = pages.min(buf.bits());
@@ -296,11 +308,7 @@ impl Xc {
         };
         if rc < 0 {
             return Err(XcError::Call {
-                op: if name == "PEEK" {
-                    "xc_logdirty_control(PEEK)"
-                } else {
-                    "xc_logdirty_control(CLEAN)"
-                },
+                op: call,
                 domid,
                 source: errno(),
             });

@@ -1872,8 +1872,10 @@ impl Engine<'_> {
         if !matches!(self.phase, Phase::Syncing | Phase::Protected) {
             return; // the session has ended already
         }
-        // Sent, then the backup closes the session once it has read it.
-        let mut sent = false;
+        // Sent (the link's writer says so), then the backup closes the session once it has
+        // read it. The two come from different threads: the reader may see the backup close
+        // before the writer reports the frame written.
+        let (mut sent, mut closed) = (false, false);
         if self.ctl.send(Control::StandDown(why.to_owned())).is_ok() {
             let deadline = Instant::now() + STAND_DOWN_WAIT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -1888,16 +1890,19 @@ impl Engine<'_> {
                             );
                         }
                     }
-                    Ok(LinkEvent::Closed(_)) if sent => {
-                        tracing::warn!(
-                            reason = why,
-                            "the backup stood down: the guest goes on here, unprotected"
-                        );
-                        self.events.note("stood_down", json!({ "reason": why }));
-                        return;
-                    }
+                    // The writer's word on the frame is still to come.
+                    Ok(LinkEvent::Closed(_)) if !sent && !closed => closed = true,
+                    Ok(LinkEvent::Closed(_)) if sent => closed = true,
                     Ok(LinkEvent::Closed(_)) | Err(_) => break,
                     Ok(_) => {}
+                }
+                if sent && closed {
+                    tracing::warn!(
+                        reason = why,
+                        "the backup stood down: the guest goes on here, unprotected"
+                    );
+                    self.events.note("stood_down", json!({ "reason": why }));
+                    return;
                 }
             }
         }

@@ -114,3 +114,14 @@ xenstore-write "$XENBUS_PATH/physical-device" "$mm" "$XENBUS_PATH/physical-devic
 EOS
 	chmod 755 "$SCRATCH/block-phy"
 }
+# rig_save_helper_bytes: bytes written so far by libxl's save helper (the process that
+# writes xl remus's stream: libxc's pages, compressed by default), from /proc/PID/io's
+# wchar; 0 when none runs (xen-apache.sh, xen-db-bench.sh).
+rig_save_helper_bytes() {
+	_sum=0
+	for _q in $(ps -o pid,args | awk '/libxl-save-helper --save-domain/ && !/awk/ {print $1}'); do
+		_w=$(awk '$1 == "wchar:" {print $2}' "/proc/$_q/io" 2>/dev/null)
+		_sum=$((_sum + ${_w:-0}))
+	done
+	echo "$_sum"
+}

@@ -235,12 +235,12 @@ bench_row() {
 	_c0=$(rig_counter)
 	_t0=$(date +%s)
 	_k0=$(remus_checkpoints)
-	_w0=$(save_helper_bytes)
+	_w0=$(rig_save_helper_bytes)
 	bench "$_row"
 	_t1=$(date +%s)
 	_c1=$(rig_counter)
 	_k1=$(remus_checkpoints)
-	_w1=$(save_helper_bytes)
+	_w1=$(rig_save_helper_bytes)
 	_rate="console counter $_c0 -> $_c1 in $((_t1 - _t0)) s"
 	case "$_row" in
 	none) ;;
@@ -297,17 +297,6 @@ pause_parts() {
 				p50(34) / 1000, p50(35) / 1000, p50(36) / 1000, p50(37) / 1000, p50(38) / 1000, p50(39) / 1000, p50(0),
 				p50(21) / 1000, p50(23) / 1000
 		}'
-}
-# save_helper_bytes: bytes written so far by libxl's save helper (the process that writes
-# xl remus's stream: libxc's pages, compressed by default), from /proc/PID/io's wchar; 0
-# when none runs.
-save_helper_bytes() {
-	_sum=0
-	for _p in $(ps -o pid,args | awk '/libxl-save-helper --save-domain/ && !/awk/ {print $1}'); do
-		_w=$(awk '$1 == "wchar:" {print $2}' "/proc/$_p/io" 2>/dev/null)
-		_sum=$((_sum + ${_w:-0}))
-	done
-	echo "$_sum"
 }
 # remus_checkpoints: checkpoints xl remus has taken so far: libxc's progress lines
 # "Checkpointed save: N/N" in its log, one per checkpoint (0 before it starts).

@@ -43,16 +43,6 @@ show() { plain "$1" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c
 # nth_event FILE NAME N FIELD: FIELD of the Nth NAME event in FILE (empty if none).
 nth_event() { grep -a "\"event\":\"$2\"" "$1" 2>/dev/null | sed -n "$3p" | grep -o "\"$4\":[0-9]*" | cut -d: -f2; }
 count() { _c=$(grep -c "\"event\":\"$2\"" "$1" 2>/dev/null); echo "${_c:-0}"; }
-# helper_bytes: bytes written so far by libxl's save helper (xl remus's stream), from
-# /proc/PID/io's wchar; 0 when none runs.
-helper_bytes() {
-	_sum=0
-	for _q in $(ps -o pid,args | awk '/libxl-save-helper --save-domain/ && !/awk/ {print $1}'); do
-		_w=$(awk '$1 == "wchar:" {print $2}' "/proc/$_q/io" 2>/dev/null)
-		_sum=$((_sum + ${_w:-0}))
-	done
-	echo "$_sum"
-}
 echo 1 >/proc/sys/vm/overcommit_memory
 MEM=$(xen-selftest size "$DOMU") || {
 	rig_fail db-bench "xen-selftest size failed"
@@ -200,7 +190,7 @@ for row in $ROWS; do
 		desc="$desc; xl remus checkpointing after ${i}s"
 	fi
 	k0=$(grep -c 'Checkpointed save:' $p-remus.log 2>/dev/null)
-	w0=$(helper_bytes)
+	w0=$(rig_save_helper_bytes)
 	# The load.
 	l1=$(wc -l <$p.csv 2>/dev/null || echo 0)
 	ts=$(date +%s)
@@ -213,7 +203,7 @@ for row in $ROWS; do
 	desc="$desc; wrk c=$CONNS dyn=$DYN ${secs}s: $(awk -v n="$(val responses)" -v s=$secs 'BEGIN { printf "%.1f", n / s }') answers/s, $(awk -v n="$(val dynamic)" -v s=$secs 'BEGIN { printf "%.2f", n / s }') inserts/s, bad status $(val bad_status), bad body $(val bad_body), errors $(val errors)"
 	if [ -n "$rpid" ]; then
 		k1=$(grep -c 'Checkpointed save:' $p-remus.log)
-		w1=$(helper_bytes)
+		w1=$(rig_save_helper_bytes)
 		desc="$desc; xl remus: $((k1 - ${k0:-0})) checkpoints ($(awk -v k=$((k1 - ${k0:-0})) -v s=$secs 'BEGIN { printf "%.2f", k / s }')/s), $(awk -v w=$((w1 - w0)) -v k=$((k1 - ${k0:-0})) 'BEGIN { if (k) printf "%d KiB", w / k / 1024; else printf "?" }') written by its save helper per checkpoint"
 		# Stop it, keeping the primary domain: the receiver first, then the sender.
 		for q in $(ps -o pid,args | awk '/xl migrate-receive/ && !/awk/ {print $1}'); do

@@ -41,6 +41,14 @@ pub enum BaseImageError {
     /// The file cannot be read whole.
     #[error("cannot read the base image")]
     Read(#[source] std::io::Error),
+    /// The image is not of the guest's memory size.
+    #[error("the base image has {len} bytes, the guest's memory {memory_size}")]
+    Size {
+        /// The image's length.
+        len: usize,
+        /// The guest's memory size.
+        memory_size: usize,
+    },
 }
 
 /// What a commit did.
@@ -99,13 +107,37 @@ impl Committed {
     /// An image starting as `base` (an older image of the guest: `--base-image`, of
     /// `memory_size` bytes); nothing committed. The primary compares it by fingerprints
     /// and sends only what differs; the first checkpoint's digest checks the result.
+    ///
+    /// A memfd (the role swap hands this process the guest's memory at the handover as
+    /// one) becomes the image itself, without a copy; a file is copied, never changed.
     pub fn from_base(
         memory_size: usize,
         builtin: bool,
         base: &std::path::Path,
     ) -> Result<Self, BaseImageError> {
-        let mut c = Self::new(memory_size, builtin)?;
         let f = std::fs::File::open(base).map_err(BaseImageError::Read)?;
+        if GuestImage::is_memfd(&f) {
+            let rw = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open(base)
+                .map_err(BaseImageError::Read)?;
+            let image = GuestImage::adopt(rw)?;
+            if image.len() != memory_size {
+                return Err(BaseImageError::Size {
+                    len: image.len(),
+                    memory_size,
+                });
+            }
+            return Ok(Self {
+                image,
+                builtin,
+                state: None,
+                epoch: 0,
+                checkpoint: 0,
+            });
+        }
+        let mut c = Self::new(memory_size, builtin)?;
         std::os::unix::fs::FileExt::read_exact_at(&f, c.image.as_mut_slice(), 0)
             .map_err(BaseImageError::Read)?;
         Ok(c)
@@ -114,6 +146,11 @@ impl Committed {
     /// The committed image.
     pub fn image(&self) -> &[u8] {
         self.image.as_slice()
+    }
+
+    /// The committed image, with its memfd (whose holes a reader can skip).
+    pub fn guest_image(&self) -> &GuestImage {
+        &self.image
     }
 
     /// The last committed epoch (0: none).
@@ -144,7 +181,7 @@ impl Committed {
             });
         }
         staged.commit(self.image.as_mut_slice());
-        if staged.check_image(self.image.as_slice()).is_err() {
+        if staged.check_guest_image(&self.image).is_err() {
             return Err(CommitError::ImageMismatch {
                 epoch: staged.epoch,
             });
@@ -248,6 +285,43 @@ mod tests {
             wire_bytes: 0,
             disk_wire_bytes: 0,
         }
+    }
+
+    #[test]
+    fn a_base_file_is_copied_and_a_base_memfd_taken_over() {
+        use std::os::unix::fs::FileExt;
+        let size = 16 * PAGE_SIZE;
+        let mut base = vec![0u8; size];
+        base[3 * PAGE_SIZE] = 5;
+        // A file: the image starts as it, and committing leaves the file as it was.
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("base.img");
+        std::fs::write(&path, &base).expect("write");
+        let mut c = Committed::from_base(size, false, &path).expect("file base");
+        assert_eq!(c.image(), &base[..]);
+        c.apply(staged(1, 3, 9, false, None)).expect("pre-copy");
+        assert_eq!(std::fs::read(&path).expect("read"), base);
+        assert!(matches!(
+            Committed::from_base(size * 2, false, &path),
+            Err(BaseImageError::Read(_))
+        ));
+        // A memfd (the role swap's): the image is the memfd itself.
+        let mut img = GuestImage::new(size).expect("image");
+        img.as_mut_slice().copy_from_slice(&base);
+        let memfd = img.into_file();
+        let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&memfd));
+        let mut c = Committed::from_base(size, false, fd_path.as_ref()).expect("memfd base");
+        assert_eq!(c.image(), &base[..]);
+        c.apply(staged(1, 3, 9, false, None)).expect("pre-copy");
+        let mut b = [0u8; 1];
+        memfd
+            .read_exact_at(&mut b, 3 * PAGE_SIZE as u64)
+            .expect("read");
+        assert_eq!(b, [9]);
+        assert!(matches!(
+            Committed::from_base(size * 2, false, fd_path.as_ref()),
+            Err(BaseImageError::Size { .. })
+        ));
     }
 
     #[test]

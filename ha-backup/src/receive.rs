@@ -72,7 +72,7 @@ pub(crate) fn receive(
             }
         }
         if frame.is(ha_wire::frame::FrameType::MemSumRequest) {
-            match answer_memory_sums(rx, frame.body(), committed.image()) {
+            match answer_memory_sums(rx, frame.body(), committed.guest_image()) {
                 None => continue,
                 Some(reason) => return Ok(Received::Lost(Loss::now(reason, rx.last_frame()))),
             }
@@ -250,7 +250,11 @@ fn answer_sums(
 /// Re-protection: answer the primary's request for fingerprints of the image this backup
 /// holds (`--base-image`, or all zero). A request that does not parse or names chunks
 /// past the image's end drops the primary (Some).
-fn answer_memory_sums(rx: &mut Receiver, body: &[u8], image: &[u8]) -> Option<LossReason> {
+fn answer_memory_sums(
+    rx: &mut Receiver,
+    body: &[u8],
+    image: &ha_guest::image::GuestImage,
+) -> Option<LossReason> {
     let sums = disksync::SumRequest::decode(body)
         .and_then(|req| disksync::answer(image, &req))
         .map_err(|e| LossReason::Corrupt(format!("memory resync: {e}")));

@@ -143,6 +143,8 @@ pub fn compare(
         if ctl.send(Control::Frame(frame)).is_err() {
             return Ok(Outcome::Closed("the link to the backup is gone".into()));
         }
+        // This side's fingerprints while the backup takes its own.
+        comparer.prepare(local)?;
         let answer = match await_sums(events, &req, wait)? {
             Ok(a) => a,
             Err(why) => return Ok(Outcome::Closed(why)),

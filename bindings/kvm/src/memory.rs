@@ -50,7 +50,13 @@ pub enum MemoryError {
 pub struct GuestRam {
     region: Arc<MmapRegion<AtomicBitmap>>,
     devices: DeviceMemory,
+    /// The memfd under a restored guest's RAM: reads skip its holes (pages never written,
+    /// zero), which a read through the shared mapping would allocate one by one.
+    file: Option<std::fs::File>,
 }
+
+/// Reads at least this long look for holes in a memfd-backed RAM first (two `lseek`s).
+const HOLE_READ: usize = 64 << 10;
 
 impl GuestRam {
     /// Map `size` bytes of zeroed, lazily allocated memory.
@@ -69,13 +75,17 @@ impl GuestRam {
     /// mapped shared: the guest runs on the image in place, with nothing copied.
     pub fn from_file(file: std::fs::File, size: usize) -> Result<Self, MemoryError> {
         let page = NonZeroUsize::new(PAGE_SIZE).unwrap_or(NonZeroUsize::MIN);
+        // Without a second fd the reads just do not skip holes.
+        let holes = file.try_clone().ok();
         let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, page))
             .with_file_offset(vm_memory::FileOffset::new(file, 0))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryError::Map { size, source })?;
-        Self::over(region)
+        let mut ram = Self::over(region)?;
+        ram.file = holes;
+        Ok(ram)
     }
 
     /// The RAM over `region`, shared with the devices' view of it.
@@ -85,7 +95,11 @@ impl GuestRam {
         let devices = GuestRegionMmap::with_arc(Arc::clone(&region), GuestAddress(0))
             .and_then(|r| DeviceMemory::from_regions(vec![r]).ok())
             .ok_or(MemoryError::Devices { size })?;
-        Ok(Self { region, devices })
+        Ok(Self {
+            region,
+            devices,
+            file: None,
+        })
     }
 
     /// The same memory as a `vm_memory::GuestMemory` for the devices; their writes through
@@ -120,15 +134,31 @@ impl GuestRam {
     }
 
     /// Copy guest memory at `gpa` into `buf` (volatile: the guest may be running).
+    ///
+    /// Over a memfd, a long read fills the file's holes with zeros instead of reading them
+    /// through the mapping, which would allocate them. A page the guest writes after the
+    /// hole was found reads as zero, as it would had the copy been taken a moment earlier
+    /// (the write is in the next dirty log either way).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let start = self.check(gpa, buf.len())?;
-        self.region
-            .as_volatile_slice()
-            .read_slice(buf, start)
-            .map_err(|_| MemoryError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-            })
+        let len = buf.len();
+        let out = |_| MemoryError::OutOfRange {
+            gpa,
+            len: len as u64,
+        };
+        let mem = self.region.as_volatile_slice();
+        let Some(file) = self.file.as_ref().filter(|_| len >= HOLE_READ) else {
+            return mem.read_slice(buf, start).map_err(out);
+        };
+        for e in ha_guest::image::extents(file, start..start + len) {
+            let to = &mut buf[e.range.start - start..e.range.end - start];
+            if e.data {
+                mem.read_slice(to, e.range.start).map_err(out)?;
+            } else {
+                to.fill(0);
+            }
+        }
+        Ok(())
     }
 
     /// Copy `buf` into guest memory at `gpa` and mark the pages as written by the VMM.
@@ -221,6 +251,39 @@ mod tests {
         assert_eq!(ram.read_u64(0x5000).expect("read"), 7 << 8);
         assert_eq!(ram.take_vmm_dirty()[0], (1 << 5) | (1 << 9));
         assert!(mem.write_obj(1u8, GuestAddress(1 << 20)).is_err());
+    }
+
+    #[test]
+    fn reads_of_a_memfd_skip_its_holes_and_return_its_data() {
+        use std::os::unix::fs::FileExt;
+        let size = 4 << 20;
+        let img = ha_guest::image::GuestImage::new(size).expect("image");
+        let file = img.into_file();
+        // Data at both ends, a hole between, data across a piece's edge.
+        let mut want = vec![0u8; size];
+        for (at, b) in [(0usize, 1u8), (PAGE_SIZE * 17 + 3, 2), (size - 1, 3)] {
+            file.write_all_at(&[b], at as u64).expect("write");
+            want[at] = b;
+        }
+        let blocks = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().expect("stat").blocks()
+        };
+        let before = blocks(&file);
+        let ram = GuestRam::from_file(file.try_clone().expect("dup"), size).expect("map");
+        let mut got = vec![0xAAu8; size];
+        ram.read(0, &mut got).expect("read");
+        assert!(got == want, "a long read differs from the memfd");
+        let mut part = vec![0xAAu8; HOLE_READ + 5];
+        ram.read(PAGE_SIZE as u64 * 16 + 1, &mut part)
+            .expect("read");
+        assert!(part[..] == want[PAGE_SIZE * 16 + 1..][..HOLE_READ + 5]);
+        // The holes were not allocated by the reads.
+        assert_eq!(blocks(&file), before);
+        // A guest write into a hole is seen by the next read.
+        ram.write_u64(PAGE_SIZE as u64 * 600, 0x55).expect("write");
+        ram.read(0, &mut got).expect("read");
+        assert_eq!(got[PAGE_SIZE * 600], 0x55);
     }
 
     #[test]

@@ -7,11 +7,34 @@
 
 use crate::bitmap::PageBitmap;
 use crate::block::{BlockMask, BlockSize, Page};
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
 /// The fingerprint of one block (or page).
 pub fn hash(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
+}
+
+/// [`hash`] of bytes that arrive in pieces: the fingerprint of their concatenation, so a
+/// large chunk can be read through a small buffer that stays in the CPU's cache.
+#[derive(Clone, Default)]
+pub struct Hasher(Xxh3);
+
+impl std::fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+impl Hasher {
+    /// Add the next piece.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    /// The fingerprint of everything added.
+    pub fn finish(&self) -> u64 {
+        self.0.digest()
+    }
 }
 
 /// Fingerprint every block of `page` into `out` (`bs.per_page()` entries). All-zero blocks
@@ -183,5 +206,25 @@ mod tests {
         let c = combine(&full);
         inc[5] ^= 1;
         assert_ne!(combine(&inc), c);
+    }
+
+    proptest::proptest! {
+        /// Both sides of a comparison may fingerprint one chunk differently (one in a single
+        /// call, the other in pieces through a buffer): the results must agree.
+        #[test]
+        fn pieces_hash_as_the_whole(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..20_000),
+            cuts in proptest::collection::vec(0usize..20_000, 0..8),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut h = Hasher::default();
+            let mut from = 0;
+            for c in cuts.into_iter().chain([bytes.len()]) {
+                h.update(&bytes[from..c]);
+                from = c;
+            }
+            proptest::prop_assert_eq!(h.finish(), hash(&bytes));
+        }
     }
 }

@@ -21,8 +21,9 @@
 //!   each a varint delta from the one before (they ascend);
 //! - `Sums`: u8 level, varint count, then `count` u64 fingerprints.
 
-use ha_codec::hashes::hash;
+use ha_codec::hashes::{Hasher, hash};
 use ha_codec::varint;
+use ha_guest::image::GuestImage;
 
 /// Chunk sizes of the levels, coarse to fine; each divides the one before by [`FANOUT`].
 pub const LEVELS: [u64; 3] = [1 << 20, 64 << 10, 4 << 10];
@@ -71,12 +72,31 @@ pub enum DiskSyncError {
     },
 }
 
+/// Bytes a chunk is read in at a time to be fingerprinted: small enough to stay in the
+/// CPU's cache between the read and the hash (a 1 MiB chunk read whole and then hashed
+/// goes through memory twice).
+pub const PIECE: usize = 64 << 10;
+
 /// A disk, as the synchronisation reads it.
 pub trait ReadAt {
     /// Its size in bytes.
     fn size(&self) -> u64;
     /// Read `buf.len()` bytes at `offset`.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// The fingerprint of the `len` bytes at `offset` (`hash` of them), read through
+    /// `buf` in pieces of at most [`PIECE`] bytes.
+    fn fingerprint(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<u64> {
+        buf.resize(PIECE.min(len), 0);
+        let mut h = Hasher::default();
+        let mut done = 0;
+        while done < len {
+            let n = PIECE.min(len - done);
+            self.read_at(offset + done as u64, &mut buf[..n])?;
+            h.update(&buf[..n]);
+            done += n;
+        }
+        Ok(h.finish())
+    }
 }
 
 impl ReadAt for std::fs::File {
@@ -100,6 +120,14 @@ impl ReadAt for [u8] {
         buf.copy_from_slice(src);
         Ok(())
     }
+    /// Hashed where it lies, without a copy.
+    fn fingerprint(&self, offset: u64, len: usize, _: &mut Vec<u8>) -> std::io::Result<u64> {
+        usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(len)?))
+            .map(hash)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+    }
 }
 
 impl ReadAt for Vec<u8> {
@@ -108,6 +136,74 @@ impl ReadAt for Vec<u8> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         self.as_slice().read_at(offset, buf)
+    }
+    fn fingerprint(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<u64> {
+        self.as_slice().fingerprint(offset, len, buf)
+    }
+}
+
+/// Reads at least this long of a [`GuestImage`] look for its holes first.
+const HOLE_READ: usize = 64 << 10;
+
+/// A memory image (the backup's, re-protection's base): what is a hole in its memfd is
+/// hashed as the zeros it holds without being read, which would allocate it.
+impl ReadAt for GuestImage {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = buf.len();
+        let start = in_range(self.len(), offset, len)?;
+        if len < HOLE_READ {
+            return self.as_slice().read_at(offset, buf);
+        }
+        let mut at = 0;
+        feed_image(self, start..start + len, |piece| {
+            buf[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        });
+        Ok(())
+    }
+    fn fingerprint(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<u64> {
+        let image = self.as_slice();
+        let start = in_range(image.len(), offset, len)?;
+        if len < HOLE_READ {
+            return image.fingerprint(offset, len, buf);
+        }
+        let mut h = Hasher::default();
+        feed_image(self, start..start + len, |piece| h.update(piece));
+        Ok(h.finish())
+    }
+}
+
+/// `offset` as an index into `size` bytes, with `len` bytes from there inside them.
+fn in_range(size: usize, offset: u64, len: usize) -> std::io::Result<usize> {
+    usize::try_from(offset)
+        .ok()
+        .filter(|o| o.checked_add(len).is_some_and(|end| end <= size))
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+}
+
+/// Feed `range` of `image` (inside it) to `f` in order: its data as it lies, its holes
+/// as zeros from a static buffer, never read (which would allocate them).
+pub(crate) fn feed_image(
+    image: &GuestImage,
+    range: std::ops::Range<usize>,
+    mut f: impl FnMut(&[u8]),
+) {
+    static ZEROS: [u8; PIECE] = [0; PIECE];
+    let bytes = image.as_slice();
+    for e in image.extents(range) {
+        if e.data {
+            f(&bytes[e.range]);
+        } else {
+            let mut left = e.range.len();
+            while left > 0 {
+                let n = left.min(PIECE);
+                f(&ZEROS[..n]);
+                left -= n;
+            }
+        }
     }
 }
 
@@ -238,20 +334,40 @@ fn fingerprints<D: ReadAt + ?Sized>(
 ) -> Result<Vec<u64>, DiskSyncError> {
     let len = LEVELS[usize::from(level)];
     let size = disk.size();
-    let mut buf = vec![0u8; len as usize];
-    chunks
-        .iter()
-        .map(|&c| {
-            let offset = c * len;
-            let n = len.min(size.saturating_sub(offset)) as usize;
-            if n == 0 {
-                return Err(DiskSyncError::OutOfRange { level, index: c });
-            }
-            disk.read_at(offset, &mut buf[..n])
-                .map_err(|source| DiskSyncError::Read { offset, source })?;
-            Ok(hash(&buf[..n]))
-        })
-        .collect()
+    let mut buf = Vec::new();
+    let mut out = Vec::with_capacity(chunks.len());
+    // Chunks smaller than a piece are read a run of consecutive ones at a time (one read
+    // of up to PIECE bytes: a 4 KiB page of memory read alone could not skip a hole).
+    let per_read = (PIECE as u64 / len).max(1) as usize;
+    let mut rest = chunks;
+    while let Some(&first) = rest.first() {
+        let run = rest
+            .iter()
+            .take(per_read)
+            .enumerate()
+            .take_while(|&(i, &c)| c == first + i as u64)
+            .count();
+        let offset = first * len;
+        if offset >= size {
+            return Err(DiskSyncError::OutOfRange {
+                level,
+                index: first,
+            });
+        }
+        let n = (len * run as u64).min(size - offset) as usize;
+        let read = |source| DiskSyncError::Read { offset, source };
+        if run == 1 {
+            out.push(disk.fingerprint(offset, n, &mut buf).map_err(read)?);
+        } else {
+            buf.resize(n, 0);
+            disk.read_at(offset, &mut buf[..n]).map_err(read)?;
+            out.extend(buf[..n].chunks(len as usize).map(hash));
+        }
+        // A short read (the disk's end) covers fewer chunks: the next one is past the end.
+        let covered = n.div_ceil(len as usize);
+        rest = &rest[covered.min(run)..];
+    }
+    Ok(out)
 }
 
 /// The backup's side: answer `req` from its replica.
@@ -291,6 +407,8 @@ pub struct Comparer {
     batch: usize,
     /// Skip the middle level when every chunk of the first differs.
     skip: bool,
+    /// This side's fingerprints of `asked`, when taken before its answer came.
+    mine: Option<Vec<u64>>,
 }
 
 impl Comparer {
@@ -323,6 +441,7 @@ impl Comparer {
                 compared: 0,
                 batch: batch.max(1),
                 skip: false,
+                mine: None,
             },
             asked,
         )
@@ -331,6 +450,7 @@ impl Comparer {
     /// The next batch of `queue` at `level`.
     fn ask(&mut self, level: u8) -> Step {
         let n = self.queue.len().min(self.batch);
+        self.mine = None;
         self.asked = SumRequest {
             level,
             parents: self.queue.drain(..n).collect(),
@@ -338,8 +458,18 @@ impl Comparer {
         Step::Ask(self.asked.clone())
     }
 
+    /// This side's fingerprints of the chunks the last request asked for, taken now (while
+    /// the backup computes its own: a round trip then costs one side's reading, not both
+    /// sides' one after the other) and used by the next [`Comparer::on_sums`].
+    pub fn prepare<D: ReadAt + ?Sized>(&mut self, disk: &D) -> Result<(), DiskSyncError> {
+        let chunks = self.asked.chunks(self.size)?;
+        self.mine = Some(fingerprints(disk, self.asked.level, &chunks)?);
+        Ok(())
+    }
+
     /// Take the backup's answer to the last request, compare it with `disk` (the
-    /// primary's) and say what comes next.
+    /// primary's; its fingerprints from [`Comparer::prepare`] if that ran) and say what
+    /// comes next.
     pub fn on_sums<D: ReadAt + ?Sized>(
         &mut self,
         disk: &D,
@@ -353,7 +483,10 @@ impl Comparer {
                 expected: chunks.len(),
             });
         }
-        let mine = fingerprints(disk, self.asked.level, &chunks)?;
+        let mine = match self.mine.take() {
+            Some(mine) => mine,
+            None => fingerprints(disk, self.asked.level, &chunks)?,
+        };
         self.compared += chunks.len();
         self.differ.extend(
             chunks
@@ -439,6 +572,7 @@ fn compare_batched<P: ReadAt + ?Sized, B: ReadAt + ?Sized>(
     loop {
         let body = req.encode();
         bytes += body.len() as u64;
+        c.prepare(primary)?;
         let answer = answer(replica, &SumRequest::decode(&body)?)?.encode();
         bytes += answer.len() as u64;
         match c.on_sums(primary, &Sums::decode(&answer)?)? {
@@ -466,6 +600,74 @@ mod tests {
                 x.to_le_bytes()
             })
             .collect()
+    }
+
+    #[test]
+    fn an_image_fingerprints_as_its_bytes_without_allocating_its_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let size = 4 << 20;
+        let mut img = GuestImage::new(size).expect("image");
+        let mut copy = vec![0u8; size];
+        for at in [5usize, 70_000, 1 << 20, size - 1] {
+            img.as_mut_slice()[at] = at as u8 | 1;
+            copy[at] = at as u8 | 1;
+        }
+        let mut buf = Vec::new();
+        for (offset, len) in [
+            (0, 1 << 20),
+            (1 << 20, 1 << 20),
+            (65536, 65536),
+            (0, 4096),
+            (3 << 20, 1 << 20),
+        ] {
+            let want = copy
+                .as_slice()
+                .fingerprint(offset, len, &mut buf)
+                .expect("slice");
+            assert_eq!(want, hash(&copy[offset as usize..][..len]));
+            assert_eq!(img.fingerprint(offset, len, &mut buf).expect("image"), want);
+        }
+        assert!(img.fingerprint(size as u64 - 10, 11, &mut buf).is_err());
+        let file = img.into_file();
+        // Four pages hold data (the 4 KiB read allocated none: page 0 has data).
+        assert_eq!(file.metadata().expect("stat").blocks(), 4 * 4096 / 512);
+    }
+
+    #[test]
+    fn an_image_with_holes_compares_exactly_either_side() {
+        use std::os::unix::fs::MetadataExt;
+        let size = 8 << 20;
+        let pages = size / BLOCK as usize;
+        // Memory: every seventh page random, the rest zero (holes in the image).
+        let noise = disk(size, 11);
+        let mut memory = vec![0u8; size];
+        for p in (0..pages).step_by(7) {
+            let r = p * BLOCK as usize..(p + 1) * BLOCK as usize;
+            memory[r.clone()].copy_from_slice(&noise[r]);
+        }
+        let mut img = GuestImage::new(size).expect("image");
+        for p in (0..pages).step_by(7) {
+            let r = p * BLOCK as usize..(p + 1) * BLOCK as usize;
+            img.as_mut_slice()[r.clone()].copy_from_slice(&memory[r]);
+        }
+        // Differences: a data page changed, a hole written, a data page zeroed.
+        for (p, at) in [(14usize, 9usize), (15, 0), (700, 4095)] {
+            memory[p * BLOCK as usize + at] ^= 0xff;
+        }
+        memory[21 * BLOCK as usize..22 * BLOCK as usize].fill(0);
+        let want = vec![14, 15, 21, 700];
+        for skip in [false, true] {
+            let (got, _) = compare_batched(memory.as_slice(), &img, (MAX_PARENTS, skip)).unwrap();
+            assert_eq!(got, want);
+            let (got, _) = compare_batched(&img, memory.as_slice(), (MAX_PARENTS, skip)).unwrap();
+            assert_eq!(got, want);
+        }
+        // The comparisons allocated none of the image's holes.
+        let data_pages = pages.div_ceil(7) as u64;
+        assert_eq!(
+            img.into_file().metadata().unwrap().blocks(),
+            data_pages * BLOCK / 512
+        );
     }
 
     #[test]
@@ -595,14 +797,16 @@ mod tests {
             flips in proptest::collection::vec((0u64..600, 0usize..4096), 0..40),
             batch in 1usize..5,
             skip in any::<bool>(),
+            short in 0usize..8,
         ) {
-            let size = (pages * BLOCK) as usize;
+            // A last block short by a multiple of 512 bytes, sometimes.
+            let size = (pages * BLOCK) as usize - short * 512;
             let primary = disk(size, pages);
             let mut replica = primary.clone();
             let mut want = std::collections::BTreeSet::new();
             for (b, at) in flips {
                 let b = b % pages;
-                let i = (b * BLOCK) as usize + at;
+                let i = ((b * BLOCK) as usize + at).min(size - 1);
                 replica[i] = !primary[i];
                 want.insert(b);
             }

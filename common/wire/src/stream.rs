@@ -36,6 +36,7 @@ use ha_codec::share::PageView;
 use ha_codec::teleport::DISK_BLOCK;
 use ha_codec::varint;
 use ha_guest::domain::DiskWrite;
+use ha_guest::image::GuestImage;
 use std::collections::HashMap;
 
 /// Version of the epoch stream format.
@@ -340,8 +341,18 @@ impl StagedEpoch {
     /// After [`StagedEpoch::commit`]: `Ok` when the epoch carried no digest or the image
     /// matches it; the mismatch otherwise.
     pub fn check_image(&self, image: &[u8]) -> Result<(), StreamError> {
+        self.check_digest(|| *blake3::hash(image).as_bytes())
+    }
+
+    /// [`StagedEpoch::check_image`] of a memory image, its holes hashed as the zeros they
+    /// hold without being read ([`image_digest`]).
+    pub fn check_guest_image(&self, image: &GuestImage) -> Result<(), StreamError> {
+        self.check_digest(|| image_digest(image))
+    }
+
+    fn check_digest(&self, digest: impl FnOnce() -> [u8; 32]) -> Result<(), StreamError> {
         match &self.verify {
-            Some(want) if blake3::hash(image).as_bytes() != want => {
+            Some(want) if &digest() != want => {
                 Err(StreamError::ImageMismatch { epoch: self.epoch })
             }
             _ => Ok(()),
@@ -763,6 +774,17 @@ fn stage_pages(
     Ok(())
 }
 
+/// blake3 of a memory image (the digest a Verify record carries), without reading its
+/// holes: a backup's image is a memfd whose never-written pages are holes, and reading
+/// them through its mapping would allocate every one.
+pub fn image_digest(image: &GuestImage) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    crate::disksync::feed_image(image, 0..image.len(), |piece| {
+        h.update(piece);
+    });
+    *h.finalize().as_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1070,6 +1092,28 @@ mod tests {
             staged.check_image(&mine),
             Err(StreamError::ImageMismatch { epoch: 1 })
         );
+        // The same checks over a memfd image, whose holes are hashed unread.
+        let mut img = GuestImage::new(mine.len()).unwrap();
+        assert_eq!(staged.check_guest_image(&img), Ok(()));
+        img.as_mut_slice()[77] = 1;
+        assert_eq!(
+            staged.check_guest_image(&img),
+            Err(StreamError::ImageMismatch { epoch: 1 })
+        );
+    }
+
+    #[test]
+    fn an_image_digest_is_its_bytes_blake3_and_leaves_its_holes_unallocated() {
+        use std::os::unix::fs::MetadataExt;
+        let size = 8 << 20;
+        let mut img = GuestImage::new(size).unwrap();
+        let mut want = vec![0u8; size];
+        for at in [0usize, 12_345, 3 << 20, size - 2] {
+            img.as_mut_slice()[at] = 0x5a;
+            want[at] = 0x5a;
+        }
+        assert_eq!(image_digest(&img), *blake3::hash(&want).as_bytes());
+        assert_eq!(img.into_file().metadata().unwrap().blocks(), 4 * 4096 / 512);
     }
 
     /// One epoch of 3 pages and 2 disk writes (5 records), with memory and disk digests.

@@ -1876,6 +1876,9 @@ impl Engine<'_> {
         // read it. The two come from different threads: the reader may see the backup close
         // before the writer reports the frame written.
         let (mut sent, mut closed) = (false, false);
+        // The backup's close when it came before the frame was written: it may have read
+        // the stand-down, or died just before (a dead backup takes nothing over either).
+        let mut closed_first = None;
         if self.ctl.send(Control::StandDown(why.to_owned())).is_ok() {
             let deadline = Instant::now() + STAND_DOWN_WAIT;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
@@ -1890,17 +1893,30 @@ impl Engine<'_> {
                             );
                         }
                     }
-                    // The writer's word on the frame is still to come.
-                    Ok(LinkEvent::Closed(_)) if !sent && !closed => closed = true,
-                    Ok(LinkEvent::Closed(_)) if sent => closed = true,
+                    // Before the frame was written, the writer's word is still to come; a
+                    // second close (the writer's own failure) ends the wait.
+                    Ok(LinkEvent::Closed(close)) if sent || !closed => {
+                        if !sent {
+                            closed_first = Some(close);
+                        }
+                        closed = true;
+                    }
                     Ok(LinkEvent::Closed(_)) | Err(_) => break,
                     Ok(_) => {}
                 }
                 if sent && closed {
-                    tracing::warn!(
-                        reason = why,
-                        "the backup stood down: the guest goes on here, unprotected"
-                    );
+                    match &closed_first {
+                        None => tracing::warn!(
+                            reason = why,
+                            "the backup stood down: the guest goes on here, unprotected"
+                        ),
+                        Some(close) => tracing::warn!(
+                            reason = why,
+                            close = %close,
+                            "the backup closed the session as the stand-down was sent (it \
+                             read it, or was gone): the guest goes on here, unprotected"
+                        ),
+                    }
                     self.events.note("stood_down", json!({ "reason": why }));
                     return;
                 }

@@ -125,3 +125,136 @@ rig_save_helper_bytes() {
 	done
 	echo "$_sum"
 }
+
+# rig_plain FILE: FILE without the colours of the daemons' logs.
+rig_plain() { tr -d '\033' <"$1" | sed 's/\[[0-9;]*m//g'; }
+
+# rig_show NAME [N]: the last N (8) lines of $SCRATCH/NAME.log without DEBUG lines,
+# indented "NAME| ", for a failed verdict.
+rig_show() {
+	rig_plain "$SCRATCH/$1.log" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"
+}
+
+# rig_alive PID: yes or no.
+rig_alive() { kill -0 "$1" 2>/dev/null && echo yes || echo no; }
+
+# rig_checkpoints: the checkpoints the backup committed so far ($SCRATCH/backup.events).
+rig_checkpoints() {
+	_c=$(grep -c '"event":"checkpoint"' "$SCRATCH/backup.events" 2>/dev/null)
+	echo "${_c:-0}"
+}
+
+# rig_wait_checkpoints N [SECS]: wait (up to SECS, default 600) while the backup has
+# committed fewer than N checkpoints and the primary ($ppid) lives; 1 if it has fewer.
+rig_wait_checkpoints() {
+	_i=0
+	while [ "$(rig_checkpoints)" -lt "$1" ] && kill -0 $ppid 2>/dev/null && [ $_i -lt "${2:-600}" ]; do
+		sleep 1
+		_i=$((_i + 1))
+	done
+	[ "$(rig_checkpoints)" -ge "$1" ]
+}
+
+# rig_wait_while SECS CMD...: run CMD once a second while it succeeds, for at most SECS
+# tries; 1 if it still succeeded at the end.
+rig_wait_while() {
+	_n=$1
+	shift
+	while "$@"; do
+		[ "$_n" -le 0 ] && return 1
+		sleep 1
+		_n=$((_n - 1))
+	done
+	return 0
+}
+
+# rig_refs URL DIR FILE...: fetch each specweb FILE from URL/FILE's path (URL ends in the
+# tree's folder) into DIR from the client namespace and check it against the rig's
+# manifest; prints the files that are wrong or missing (nothing when all are right).
+rig_refs() {
+	_url=$1
+	_dir=$2
+	shift 2
+	mkdir -p "$_dir"
+	for _f in "$@"; do
+		rig_client timeout 120 wget -q -O "$_dir/$_f" "$_url/$_f" 2>/dev/null
+		_want=$(awk -v f="specweb/$_f" '$2 == f {print $1}' "$CASTOR_DIR/rig/specweb.manifest")
+		_got=$(sha256sum <"$_dir/$_f" | cut -d' ' -f1)
+		[ -n "$_want" ] && [ "$_got" = "$_want" ] || printf ' %s' "$_f"
+	done
+}
+
+# rig_answered: the answers wrk's failover.lua counted so far ($SCRATCH/progress).
+rig_answered() { awk -F: '{n += $2} END {print n + 0}' "$SCRATCH/progress" 2>/dev/null || echo 0; }
+
+# rig_wrk_load URL ARG...: wrk (1 thread, $CONNS connections, at most $WRK_SECS s, under
+# timeout -s KILL) loads URL from the client namespace with failover.lua, its arguments
+# the reference folder $SCRATCH/ref and ARG...; then waits (up to 240 s) until it has had
+# $PRE_N answers over at least $PRE s. Sets wpid and tw (when the load began); its output
+# goes to $SCRATCH/wrk.out.
+rig_wrk_load() {
+	_u=$1
+	shift
+	: >"$SCRATCH/progress"
+	tw=$(date +%s)
+	rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 100s \
+		-s "$CASTOR_DIR/rig/failover.lua" "$_u" -- "$SCRATCH/ref" "$@" >"$SCRATCH/wrk.out" 2>&1 &
+	wpid=$!
+	_i=0
+	while [ $_i -lt 240 ] && kill -0 $wpid 2>/dev/null; do
+		_t=$(head -n 1 "$SCRATCH/progress" | cut -d: -f1)
+		[ -n "$_t" ] && [ "$(rig_answered)" -ge "$PRE_N" ] && [ $(($(date +%s) - _t)) -ge "$PRE" ] && break
+		sleep 1
+		_i=$((_i + 1))
+	done
+}
+
+# rig_wait_active: wait (up to 200 s, while the backup, $bpid, lives) for the backup's
+# `active` event; sets ta (when the wait ended).
+rig_wait_active() {
+	_i=0
+	while ! grep -q '"event":"active"' "$SCRATCH/backup.events" && kill -0 $bpid 2>/dev/null && [ $_i -lt 200 ]; do
+		sleep 1
+		_i=$((_i + 1))
+	done
+	ta=$(date +%s)
+}
+
+# rig_wrk_end TK: end the load $POST s after its first answer after TK (the kill; at most
+# $POST + 150 s), with SIGINT (wrk still checks and prints everything), and read what
+# failover.lua printed: f (its FAILOVER line), series (t:n:m per second with answers:
+# the answers and the largest counter of that second), pre_n (answers before TK), pre_s
+# (seconds from the first answer to TK), post (answers after TK), first and last (the
+# first second with answers after TK, the last at or before it) and seen_max (the largest
+# counter received before TK). rig_wrk_val NAME: a field of the FAILOVER line.
+rig_wrk_end() {
+	_k=$1
+	_i=0
+	while kill -0 $wpid 2>/dev/null && [ $_i -lt $((POST + 150)) ]; do
+		_t=$(awk -F: -v k="$_k" '$1 > k {print $1; exit}' "$SCRATCH/progress")
+		[ -n "$_t" ] && [ $(($(date +%s) - _t)) -ge "$POST" ] && break
+		sleep 1
+		_i=$((_i + 1))
+	done
+	kill -INT $(pidof wrk) 2>/dev/null
+	rig_wait_while 60 kill -0 $wpid 2>/dev/null
+	f=$(grep '^FAILOVER ' "$SCRATCH/wrk.out")
+	series=$(grep '^SERIES ' "$SCRATCH/wrk.out" | cut -d' ' -f2)
+	_s() { echo "$series" | tr ',' '\n' | awk -F: -v k="$_k" "$1"; }
+	_p=$(_s '$1 != "" && $1 < k {n += $2; if (!f) f = $1} END {printf "%d %d", n, f ? k - f : 0}')
+	pre_n=${_p% *}
+	pre_s=${_p#* }
+	post=$(_s '$1 > k {n += $2} END {print n + 0}')
+	first=$(_s '$1 > k {print $1; exit}')
+	last=$(_s '$1 != "" && $1 <= k {l = $1} END {print l + 0}')
+	seen_max=$(_s '$1 < k && $3 > m {m = $3} END {print m + 0}')
+}
+rig_wrk_val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+
+# rig_stop_backup TAG: SIGTERM to the backup ($bpid), waited for up to 30 s; says whether
+# it is still alive.
+rig_stop_backup() {
+	kill -TERM $bpid
+	rig_wait_while 30 kill -0 $bpid 2>/dev/null
+	echo "$1: backup stopped (alive $(rig_alive $bpid))"
+}

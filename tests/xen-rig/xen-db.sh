@@ -49,20 +49,12 @@ WRK_SECS=${WRK_SECS:-400}
 S=$SCRATCH
 URL=http://$DOMU_IP:80
 MAC=00:16:3e:ca:57:02
-MANIFEST=$CASTOR_DIR/rig/specweb.manifest
 log=$DOMU_CONSOLE_LOG
-checkpoints() {
-	_c=$(grep -c '"event":"checkpoint"' $S/backup.events 2>/dev/null)
-	echo "${_c:-0}"
-}
-alive() { kill -0 "$1" 2>/dev/null && echo yes || echo no; }
-plain() { tr -d '\033' <"$1" | sed 's/\[[0-9;]*m//g'; }
-show() { plain "$S/$1.log" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"; }
 fail_out() {
 	rig_fail "$1" "$2"
-	show primary 10
-	show backup 10
-	plain "$S/backup.log" | grep -a -i -e mismatch -e verif -e error | grep -v ' DEBUG ' | head -n 8 | cut -c1-500 | sed 's/^/backup| /'
+	rig_show primary 10
+	rig_show backup 10
+	rig_plain "$S/backup.log" | grep -a -i -e mismatch -e verif -e error | grep -v ' DEBUG ' | head -n 8 | cut -c1-500 | sed 's/^/backup| /'
 	grep -a -v '"event":"checkpoint"' "$S/backup.events" | tail -n 6 | cut -c1-300 | sed 's/^/backup-events| /'
 	tr -d '\r' <"$log" | grep 'castor-domu' | tail -n 8 | sed 's/^/console| /'
 	kill -KILL $ppid $bpid 2>/dev/null
@@ -106,11 +98,11 @@ echo "db: /dev/nbd0 attached; domU $domid created on it"
 
 # Protected: checkpoints, the database up, the web server answering.
 i=0
-while { [ "$(checkpoints)" -lt "$CPS" ] || ! grep -q 'castor-domu: database up' "$log"; } &&
+while { [ "$(rig_checkpoints)" -lt "$CPS" ] || ! grep -q 'castor-domu: database up' "$log"; } &&
 	kill -0 $ppid 2>/dev/null && kill -0 $bpid 2>/dev/null && [ $i -lt 400 ]; do
 	sleep 1
 	i=$((i + 1))
-	[ $((i % 30)) = 0 ] && echo "db: ${i}s: $(checkpoints) checkpoints; $(tr -d '\r' <"$log" | grep 'castor-domu' | tail -n 1)"
+	[ $((i % 30)) = 0 ] && echo "db: ${i}s: $(rig_checkpoints) checkpoints; $(tr -d '\r' <"$log" | grep 'castor-domu' | tail -n 1)"
 done
 # (each answer waits for its checkpoint's ack, seconds apart under TCG: 60 s a try)
 i=0
@@ -120,7 +112,7 @@ until rig_client timeout 60 wget -q -O /dev/null "$URL/cgi-bin/rows" 2>/dev/null
 	sleep 1
 done
 tp=$(date +%s)
-cps=$(checkpoints)
+cps=$(rig_checkpoints)
 vf=$(grep -c verify_failed $S/backup.events 2>/dev/null)
 vf=${vf:-0}
 sync=$(grep -a '"event":"disk_synced"' $S/primary.events | head -n 1)
@@ -133,19 +125,12 @@ if [ "$cps" -ge "$CPS" ] && [ "$vf" = 0 ] && [ -n "$blocks" ] && [ "$blocks" -ge
 	[ "$VERIFY" -gt 0 ] && verified="$((cps / VERIFY)) verified (memory and disk digests), no mismatch"
 	rig_pass db-protected "$cps checkpoints committed ($MODE, $IV), $verified; the initial sync sent $blocks blocks of 4096 (the replica differed in 256); ${up#castor-domu: }; buffer $ifb; answering $((tp - t0)) s after xl create"
 else
-	fail_out db-protected "$cps checkpoints (want $CPS), verify_failed $vf, disk sync '${sync:-none}', '${up:-no database}', IFB '$ifb', backup alive $(alive $bpid)"
+	fail_out db-protected "$cps checkpoints (want $CPS), verify_failed $vf, disk sync '${sync:-none}', '${up:-no database}', IFB '$ifb', backup alive $(rig_alive $bpid)"
 fi
 
 # The document tree from the replicated disk: a file of each size class (each answer
 # waits for its checkpoint's ack).
-mkdir -p "$S/ref"
-wrong=""
-for f in class0_5 class1_5 class2_5 class3_5; do
-	rig_client timeout 120 wget -q -O "$S/ref/$f" "$URL/disk/specweb/$f" 2>/dev/null
-	want=$(awk -v f="specweb/$f" '$2 == f {print $1}' "$MANIFEST")
-	got=$(sha256sum <"$S/ref/$f" | cut -d' ' -f1)
-	[ -n "$want" ] && [ "$got" = "$want" ] || wrong="$wrong $f"
-done
+wrong=$(rig_refs "$URL/disk/specweb" "$S/ref" class0_5 class1_5 class2_5 class3_5)
 if [ -z "$wrong" ]; then
 	rig_pass db-disk-tree "4 files of the 4 size classes, $(cat $S/ref/* | wc -c) bytes read from the disk, with the manifest's sha256 ($(($(date +%s) - tp)) s)"
 else
@@ -157,21 +142,8 @@ fi
 # it), the buffer's IFB deleted (the held packets die with the host), ha-primary killed
 # (its NBD server with it: /dev/nbd0 fails what is pending, so blkback can let go), the
 # domU destroyed.
-answered() { awk -F: '{n += $2} END {print n + 0}' "$S/progress" 2>/dev/null || echo 0; }
-: >"$S/progress"
-tw=$(date +%s)
-rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 100s \
-	-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$S/ref" "$DYN" 99 "$S/progress" /cgi-bin/insert \
-	>"$S/wrk.out" 2>&1 &
-wpid=$!
-i=0
-while [ $i -lt 240 ] && kill -0 $wpid 2>/dev/null; do
-	t=$(head -n 1 "$S/progress" | cut -d: -f1)
-	[ -n "$t" ] && [ "$(answered)" -ge "$PRE_N" ] && [ $(($(date +%s) - t)) -ge "$PRE" ] && break
-	sleep 1
-	i=$((i + 1))
-done
-cps_before=$(checkpoints)
+rig_wrk_load "$URL" "$DYN" 99 "$S/progress" /cgi-bin/insert
+cps_before=$(rig_checkpoints)
 # (The backup is frozen meanwhile: it would see the link close at once and restore the
 # domain while the dead one, still being destroyed, holds its name in this one dom0; on
 # two hosts there is no such race. It is thawed once the domain is gone.)
@@ -184,54 +156,30 @@ kill -KILL $ppid
 timeout 120 xl destroy "$DOMU" || echo "db: xl destroy failed"
 kill -CONT $bpid
 tk=$(date +%s)
-echo "db: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(answered) answers, $cps_before checkpoints committed)"
+echo "db: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(rig_answered) answers, $cps_before checkpoints committed)"
 
-i=0
-while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 200 ]; do
-	sleep 1
-	i=$((i + 1))
-done
-ta=$(date +%s)
+rig_wait_active
 newid=$(rig_domid)
-nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
+nb=$(rig_plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
 if grep -q '"event":"active"' $S/backup.events && [ -n "$newid" ] && [ "$nb" = "vif=vif$newid.0" ] &&
 	[ "$(cat /sys/block/nbd1/size 2>/dev/null || echo 0)" -gt 0 ]; then
 	rig_pass db-restored "active $((ta - tk)) s after the kill on the replica (/dev/nbd1, $(($(cat /sys/block/nbd1/size) / 2048)) MiB); domain $domid -> $newid, buffer on $nb"
 else
-	rig_fail db-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', nbd1 $(cat /sys/block/nbd1/size 2>/dev/null) sectors; backup alive $(alive $bpid)"
-	show backup 12
+	rig_fail db-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', nbd1 $(cat /sys/block/nbd1/size 2>/dev/null) sectors; backup alive $(rig_alive $bpid)"
+	rig_show backup 12
 fi
 
 # The client: POST s after its first answer after the kill (bounded), wrk is ended.
-i=0
-while kill -0 $wpid 2>/dev/null && [ $i -lt $((POST + 150)) ]; do
-	t=$(awk -F: -v k="$tk" '$1 > k {print $1; exit}' "$S/progress")
-	[ -n "$t" ] && [ $(($(date +%s) - t)) -ge "$POST" ] && break
-	sleep 1
-	i=$((i + 1))
-done
-kill -INT $(pidof wrk) 2>/dev/null
-i=0
-while kill -0 $wpid 2>/dev/null && [ $i -lt 60 ]; do
-	sleep 1
-	i=$((i + 1))
-done
+rig_wrk_end "$tk"
 grep -v -e '^SERIES' -e '^SEEN' "$S/wrk.out" | tail -n 12 | sed 's/^/wrk| /'
-f=$(grep '^FAILOVER ' "$S/wrk.out")
-series=$(grep '^SERIES ' "$S/wrk.out" | cut -d' ' -f2)
 grep '^SEEN ' "$S/wrk.out" | cut -d' ' -f2 | tr ',' '\n' | grep -x '[0-9][0-9]*' >"$S/seen"
-val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
-pre=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 != "" && $1 < k {n += $2} END {print n + 0}')
-post=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {n += $2} END {print n + 0}')
-first=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {print $1; exit}')
-seen_max=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 < k && $3 > m {m = $3} END {print m + 0}')
-errs=$(val errors)
-if [ -n "$f" ] && [ "$errs" = 0/0/0/0/0 ] && [ "$(val bad_status)" = 0 ] && [ "$(val bad_body)" = 0 ] &&
-	[ "$(val dup)" = 0 ] && [ "$(val refs)" = 4 ] && [ "$pre" -gt 0 ] && [ "$post" -gt 0 ] &&
-	[ "$(val counter_max)" -gt "$seen_max" ]; then
-	rig_pass db-client "$(val responses) answers ($(val static) static, all equal to the reference; $(val dynamic) inserts, row ids $(val counter_first)..$(val counter_max), none received twice), $pre before the kill and $post after it (the first $((first - tk)) s after it); errors connect/read/write/status/timeout $errs; the largest id received before the kill was $seen_max"
+errs=$(rig_wrk_val errors)
+if [ -n "$f" ] && [ "$errs" = 0/0/0/0/0 ] && [ "$(rig_wrk_val bad_status)" = 0 ] && [ "$(rig_wrk_val bad_body)" = 0 ] &&
+	[ "$(rig_wrk_val dup)" = 0 ] && [ "$(rig_wrk_val refs)" = 4 ] && [ "$pre_n" -gt 0 ] && [ "$post" -gt 0 ] &&
+	[ "$(rig_wrk_val counter_max)" -gt "$seen_max" ]; then
+	rig_pass db-client "$(rig_wrk_val responses) answers ($(rig_wrk_val static) static, all equal to the reference; $(rig_wrk_val dynamic) inserts, row ids $(rig_wrk_val counter_first)..$(rig_wrk_val counter_max), none received twice), $pre_n before the kill and $post after it (the first $((first - tk)) s after it); errors connect/read/write/status/timeout $errs; the largest id received before the kill was $seen_max"
 else
-	rig_fail db-client "${f:-no FAILOVER line from wrk}; $pre answers before the kill, $post after; largest id received before it $seen_max"
+	rig_fail db-client "${f:-no FAILOVER line from wrk}; $pre_n answers before the kill, $post after; largest id received before it $seen_max"
 	tail -n 20 "$S/wrk.out" | grep -v '^SEEN' | cut -c1-400 | sed 's/^/wrk| /'
 fi
 
@@ -248,11 +196,5 @@ else
 	rig_fail db-rows "integrity '$integrity'; rows '$rows'; $nseen ids received, missing from the database: '${missing:-none}'"
 	head -c 600 "$S/rows" | sed 's/^/rows| /'
 fi
-kill -TERM $bpid
-i=0
-while kill -0 $bpid 2>/dev/null && [ $i -lt 30 ]; do
-	sleep 1
-	i=$((i + 1))
-done
-echo "db: backup stopped (alive $(alive $bpid))"
+rig_stop_backup db
 exit 0

@@ -17,10 +17,6 @@ VERIFY=${VERIFY:-3}
 MODE=${MODE:-remus}
 S=$SCRATCH
 log=$DOMU_CONSOLE_LOG
-checkpoints() {
-	_c=$(grep -c '"event":"checkpoint"' $S/backup.events 2>/dev/null)
-	echo "${_c:-0}"
-}
 fail_out() {
 	rig_fail "$1" "$2"
 	grep -v ' DEBUG ' $S/primary.log 2>/dev/null | tail -n 10 | cut -c1-300 | sed 's/^/primary| /'
@@ -66,16 +62,8 @@ if ! xl create $S/primary.cfg; then
 	fail_out xen-disk-protected "xl create with the disk failed"
 fi
 
-wait_cps() {
-	_i=0
-	while [ "$(checkpoints)" -lt "$1" ] && kill -0 $ppid 2>/dev/null && [ $_i -lt 600 ]; do
-		sleep 1
-		_i=$((_i + 1))
-	done
-	[ "$(checkpoints)" -ge "$1" ]
-}
-wait_cps "$CPS"
-cps=$(checkpoints)
+rig_wait_checkpoints "$CPS"
+cps=$(rig_checkpoints)
 vf=$(grep -c verify_failed $S/backup.events 2>/dev/null)
 vf=${vf:-0}
 writes=$(tr -d '\r' <"$log" | grep -c '^disk [0-9]')
@@ -93,7 +81,7 @@ xl destroy "$DOMU"
 kill -KILL $ppid
 lines=$(wc -l <"$log")
 last=$(tr -d '\r' <"$log" | grep -o '^disk [0-9]*' | tail -n 1 | cut -d' ' -f2)
-echo "disk: primary killed at disk record $last after $(checkpoints) checkpoints"
+echo "disk: primary killed at disk record $last after $(rig_checkpoints) checkpoints"
 i=0
 while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 300 ]; do
 	sleep 1

@@ -20,7 +20,6 @@ VERIFY=${VERIFY:-3}
 MODE=${MODE:-remus}
 S=$SCRATCH
 log=$DOMU_CONSOLE_LOG
-checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
 rig_start_pair "$MODE" 200ms --ack-timeout 300s --verify-every "$VERIFY" || {
 	rig_fail xen-failover-protected "xen-selftest size failed"
 	exit 0
@@ -29,22 +28,14 @@ c0=$(rig_counter)
 echo "failover: memory size $MEM, mode $MODE"
 
 # Protected: wait (bounded) for CPS/2 checkpoints, note the counter, then CPS in all.
-wait_cps() {
-	_i=0
-	while [ "$(checkpoints)" -lt "$1" ] && kill -0 $ppid 2>/dev/null && [ $_i -lt 600 ]; do
-		sleep 1
-		_i=$((_i + 1))
-	done
-	[ "$(checkpoints)" -ge "$1" ]
-}
-wait_cps $((CPS / 2))
+rig_wait_checkpoints $((CPS / 2))
 lo=$(rig_counter)
-wait_cps "$CPS"
+rig_wait_checkpoints "$CPS"
 grep -a 'behind the dirty log' $S/primary.log | sed 's/^/primary| /'
-cps=$(checkpoints)
+cps=$(rig_checkpoints)
 vf=$(cat $S/backup.events 2>/dev/null | grep -c verify_failed)
 if [ "$cps" -lt "$CPS" ] || [ "$vf" != 0 ] || ! kill -0 $bpid 2>/dev/null; then
-	rig_fail xen-failover-protected "$cps checkpoints committed (want $CPS), verify_failed events $vf; primary alive: $(kill -0 $ppid 2>/dev/null && echo yes || echo no), backup alive: $(kill -0 $bpid 2>/dev/null && echo yes || echo no)"
+	rig_fail xen-failover-protected "$cps checkpoints committed (want $CPS), verify_failed events $vf; primary alive: $(rig_alive $ppid), backup alive: $(rig_alive $bpid)"
 	grep -v ' DEBUG ' $S/primary.log | tail -n 8 | cut -c1-300 | sed 's/^/primary| /'
 	tail -n 8 $S/backup.log | cut -c1-300 | sed 's/^/backup| /'
 	kill -KILL $ppid $bpid 2>/dev/null
@@ -62,7 +53,7 @@ kill -KILL $ppid
 sleep 1
 dead=$(rig_counter)
 lines=$(wc -l <"$log")
-echo "failover: primary killed, domU destroyed at counter $dead (after $(checkpoints) checkpoints)"
+echo "failover: primary killed, domU destroyed at counter $dead (after $(rig_checkpoints) checkpoints)"
 
 i=0
 while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 300 ]; do
@@ -73,7 +64,7 @@ grep -v ' DEBUG ' $S/backup.log | tail -n 8 | cut -c1-400 | sed 's/^/backup| /'
 if grep -q '"event":"active"' $S/backup.events; then
 	rig_pass xen-failover-restored "$(grep '"event":"active"' $S/backup.events | cut -c1-200); domain $(rig_domid)"
 else
-	rig_fail xen-failover-restored "the backup did not go active in ${i}s (alive: $(kill -0 $bpid 2>/dev/null && echo yes || echo no))"
+	rig_fail xen-failover-restored "the backup did not go active in ${i}s (alive: $(rig_alive $bpid))"
 	exit 0
 fi
 

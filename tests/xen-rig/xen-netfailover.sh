@@ -52,15 +52,8 @@ FREEZE=${FREEZE:-6}
 S=$SCRATCH
 URL=http://$DOMU_IP:80
 MAC=00:16:3e:ca:57:02
-MANIFEST=$CASTOR_DIR/rig/specweb.manifest
 domid=$(rig_domid)
 vif=vif$domid.0
-checkpoints() { cat $S/backup.events 2>/dev/null | grep -c '"event":"checkpoint"'; }
-alive() { kill -0 "$1" 2>/dev/null && echo yes || echo no; }
-# plain FILE: FILE without the colours of the daemons' logs.
-plain() { tr -d '\033' <"$1" | sed 's/\[[0-9;]*m//g'; }
-# What a daemon said at the end (no DEBUG lines), indented, for a failed verdict.
-show() { plain "$S/$1.log" 2>/dev/null | grep -v ' DEBUG ' | tail -n "${2:-8}" | cut -c1-400 | sed "s/^/$1| /"; }
 
 # 1. The modules.
 miss=""
@@ -92,7 +85,7 @@ refused() {
 		bad="$bad $_name(exit $_st)"
 		tail -n 3 "$S/bad-$_name.out" | cut -c1-300 | sed "s/^/$_name| /"
 	else
-		echo "bad-input $_name: $(plain "$S/bad-$_name.out" | grep -m 1 -o -- "[^ ]*$_want.*" | cut -c1-240)"
+		echo "bad-input $_name: $(rig_plain "$S/bad-$_name.out" | grep -m 1 -o -- "[^ ]*$_want.*" | cut -c1-240)"
 	fi
 }
 # (split at spaces: none of the values has one)
@@ -122,17 +115,7 @@ if ! rig_wait_http "$URL/specweb/class0_1" 90; then
 	grep 'castor-domu:' "$DOMU_CONSOLE_LOG" | sed 's/^/domu-console| /'
 	exit 0
 fi
-mkdir -p "$S/ref"
-wrong=""
-for c in 0 1 2 3; do
-	for i in 1 2 3 4 5 6 7 8 9; do
-		f=class${c}_$i
-		rig_client timeout 30 wget -q -O "$S/ref/$f" "$URL/specweb/$f" 2>/dev/null
-		want=$(awk -v f="specweb/$f" '$2 == f {print $1}' "$MANIFEST")
-		got=$(sha256sum <"$S/ref/$f" | cut -d' ' -f1)
-		[ -n "$want" ] && [ "$got" = "$want" ] || wrong="$wrong $f"
-	done
-done
+wrong=$(rig_refs "$URL/specweb" "$S/ref" $(for c in 0 1 2 3; do for i in 1 2 3 4 5 6 7 8 9; do echo class${c}_$i; done; done))
 if [ -z "$wrong" ]; then
 	rig_pass netfailover-refs "36 files, $(cat $S/ref/* | wc -c) bytes, with the manifest's sha256"
 else
@@ -147,17 +130,17 @@ rig_start_pair "$MODE" "$IV" --net-buffer "$vif" --pipeline 1 --ack-timeout 300s
 	exit 0
 }
 i=0
-while [ "$(checkpoints)" -lt "$CPS" ] && kill -0 $ppid 2>/dev/null && [ $i -lt 400 ]; do
+while [ "$(rig_checkpoints)" -lt "$CPS" ] && kill -0 $ppid 2>/dev/null && [ $i -lt 400 ]; do
 	sleep 1
 	i=$((i + 1))
 done
 ifb=$(ls /sys/class/net | grep -e "^ifb-" | head -n 1)
-if [ "$(checkpoints)" -ge "$CPS" ] && [ -n "$ifb" ]; then
-	rig_pass netfailover-protected "$(checkpoints) checkpoints committed ($MODE, $IV, --pipeline 1) in ${i}s; buffer $ifb on $vif"
+if [ "$(rig_checkpoints)" -ge "$CPS" ] && [ -n "$ifb" ]; then
+	rig_pass netfailover-protected "$(rig_checkpoints) checkpoints committed ($MODE, $IV, --pipeline 1) in ${i}s; buffer $ifb on $vif"
 else
-	rig_fail netfailover-protected "$(checkpoints) checkpoints committed in ${i}s (want $CPS); IFBs '$ifb'; primary alive $(alive $ppid), backup alive $(alive $bpid)"
-	show primary
-	show backup
+	rig_fail netfailover-protected "$(rig_checkpoints) checkpoints committed in ${i}s (want $CPS); IFBs '$ifb'; primary alive $(rig_alive $ppid), backup alive $(rig_alive $bpid)"
+	rig_show primary
+	rig_show backup
 	kill -KILL $ppid $bpid 2>/dev/null
 	exit 0
 fi
@@ -203,21 +186,9 @@ fi
 # least PRE s (under TCG a protected epoch takes seconds: the first answers come a few
 # epochs in). wrk's -d is only an upper bound: it is ended with SIGINT (it still checks
 # and prints everything) POST s after its first answer after the kill.
-answered() { awk -F: '{n += $2} END {print n + 0}' "$S/progress" 2>/dev/null || echo 0; }
 lines=$(wc -l <"$DOMU_CONSOLE_LOG")
-: >"$S/progress"
-tw=$(date +%s)
-rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 100s \
-	-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$S/ref" "$DYN" 99 "$S/progress" >"$S/wrk.out" 2>&1 &
-wpid=$!
-i=0
-while [ $i -lt 240 ] && kill -0 $wpid 2>/dev/null; do
-	t=$(head -n 1 "$S/progress" | cut -d: -f1)
-	[ -n "$t" ] && [ "$(answered)" -ge "$PRE_N" ] && [ $(($(date +%s) - t)) -ge "$PRE" ] && break
-	sleep 1
-	i=$((i + 1))
-done
-cps_before=$(checkpoints)
+rig_wrk_load "$URL" "$DYN" 99 "$S/progress"
+cps_before=$(rig_checkpoints)
 # The primary host dies with what its kernel held: the packets in the plug go with it.
 # (Here they must be dropped by hand: netback maps the guest's packets, and a domain whose
 # packets are still held cannot be destroyed: libxl gives up on its vif after 10 s.)
@@ -226,59 +197,29 @@ kill -STOP $ppid
 xl destroy "$DOMU"
 kill -KILL $ppid
 tk=$(date +%s)
-echo "netfailover: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(answered) answers, $cps_before checkpoints committed)"
+echo "netfailover: primary killed and domU destroyed at $tk ($((tk - tw)) s into the load, $(rig_answered) answers, $cps_before checkpoints committed)"
 
-i=0
-while ! grep -q '"event":"active"' $S/backup.events && kill -0 $bpid 2>/dev/null && [ $i -lt 200 ]; do
-	sleep 1
-	i=$((i + 1))
-done
-ta=$(date +%s)
+rig_wait_active
 newid=$(rig_domid)
-show backup 10
-nb=$(plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
+rig_show backup 10
+nb=$(rig_plain $S/backup.log | grep -a "network buffer on the restored guest's vif" | grep -o 'vif=[^ ]*' | tr -d '"' | head -n 1)
 nerr=$(grep -a -c -e "cannot put the network buffer" -e "cannot announce" -e "net-buffer auto:" $S/backup.log)
 if grep -q '"event":"active"' $S/backup.events && [ -n "$newid" ] && [ "$nb" = "vif=vif$newid.0" ] && [ "$nerr" = 0 ]; then
 	rig_pass netfailover-restored "active $((ta - tk)) s after the kill; domain $domid -> $newid, buffer put on $nb before it ran, announced on $RIG_BRIDGE"
 else
-	rig_fail netfailover-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', $nerr network errors; backup alive $(alive $bpid)"
+	rig_fail netfailover-restored "active: $(grep -c '"event":"active"' $S/backup.events) after $((ta - tk)) s; new domain '$newid', buffer on '$nb', $nerr network errors; backup alive $(rig_alive $bpid)"
 fi
 
 # 7. The client's view: POST s after its first answer after the kill (bounded), wrk is
 # ended.
-i=0
-while kill -0 $wpid 2>/dev/null && [ $i -lt $((POST + 150)) ]; do
-	t=$(awk -F: -v k="$tk" '$1 > k {print $1; exit}' "$S/progress")
-	[ -n "$t" ] && [ $(($(date +%s) - t)) -ge "$POST" ] && break
-	sleep 1
-	i=$((i + 1))
-done
-kill -INT $(pidof wrk) 2>/dev/null
-i=0
-while kill -0 $wpid 2>/dev/null && [ $i -lt 60 ]; do
-	sleep 1
-	i=$((i + 1))
-done
+rig_wrk_end "$tk"
 grep -v '^SERIES' "$S/wrk.out" | tail -n 12 | sed 's/^/wrk| /'
-f=$(grep '^FAILOVER ' "$S/wrk.out")
-series=$(grep '^SERIES ' "$S/wrk.out" | cut -d' ' -f2)
 echo "netfailover: kill at $tk, active at $ta; answers per second: $series"
-val() { echo "$f" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
-# Per second: t:n:m. Before the kill: answers, seconds, largest counter seen; after it.
-# (the series lists only seconds with answers: the rate is over the clock's seconds from
-# the first answer to the kill)
-pre=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 != "" && $1 < k {n += $2; if (!f) f = $1} END {printf "%d %d", n, f ? k - f : 0}')
-pre_n=${pre% *}
-pre_s=${pre#* }
-seen_max=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 < k && $3 > m {m = $3} END {print m + 0}')
-post=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {n += $2} END {print n + 0}')
-last=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 != "" && $1 <= k {l = $1} END {print l + 0}')
-first=$(echo "$series" | tr ',' '\n' | awk -F: -v k="$tk" '$1 > k {print $1; exit}')
-errs=$(val errors)
-if [ -n "$f" ] && [ "$errs" = 0/0/0/0/0 ] && [ "$(val bad_status)" = 0 ] && [ "$(val bad_body)" = 0 ] &&
-	[ "$(val dup)" = 0 ] && [ "$(val refs)" = 36 ] && [ "${pre_n:-0}" -gt 0 ] && [ "${post:-0}" -gt 0 ] &&
-	[ "$(val counter_max)" -gt "$seen_max" ]; then
-	rig_pass netfailover-client "$(val responses) answers ($(val static) static, all equal to the reference; $(val dynamic) counters from $(val counter_first) to $(val counter_max), none seen twice, $(val behind) behind a larger one), $pre_n before the kill and $post after it; errors connect/read/write/status/timeout $errs; the largest counter seen before the kill was $seen_max"
+errs=$(rig_wrk_val errors)
+if [ -n "$f" ] && [ "$errs" = 0/0/0/0/0 ] && [ "$(rig_wrk_val bad_status)" = 0 ] && [ "$(rig_wrk_val bad_body)" = 0 ] &&
+	[ "$(rig_wrk_val dup)" = 0 ] && [ "$(rig_wrk_val refs)" = 36 ] && [ "${pre_n:-0}" -gt 0 ] && [ "${post:-0}" -gt 0 ] &&
+	[ "$(rig_wrk_val counter_max)" -gt "$seen_max" ]; then
+	rig_pass netfailover-client "$(rig_wrk_val responses) answers ($(rig_wrk_val static) static, all equal to the reference; $(rig_wrk_val dynamic) counters from $(rig_wrk_val counter_first) to $(rig_wrk_val counter_max), none seen twice, $(rig_wrk_val behind) behind a larger one), $pre_n before the kill and $post after it; errors connect/read/write/status/timeout $errs; the largest counter seen before the kill was $seen_max"
 else
 	rig_fail netfailover-client "${f:-no FAILOVER line from wrk}; $pre_n answers before the kill, $post after; largest counter seen before it $seen_max"
 	tail -n 20 "$S/wrk.out" | sed 's/^/wrk| /'
@@ -300,11 +241,5 @@ else
 fi
 c=$(tail -n +"$((lines + 1))" "$DOMU_CONSOLE_LOG" | tr -d '\r' | grep -c 'counter [0-9]')
 echo "netfailover: the guest printed $c console counters since the load started; now at $(rig_counter)"
-kill -TERM $bpid
-i=0
-while kill -0 $bpid 2>/dev/null && [ $i -lt 30 ]; do
-	sleep 1
-	i=$((i + 1))
-done
-echo "netfailover: backup stopped (alive $(alive $bpid))"
+rig_stop_backup netfailover
 exit 0

@@ -2346,6 +2346,77 @@ fn free_port() -> SocketAddr {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// A planned switchover with the roles swapped, there: `p`'s backup (B, started with
+/// `--reprotect-to a_listen`) is running, A's backup configuration (`cfg`, listening at
+/// `a_listen`, with `extra` TOML lines) is written, A starts with `--become-backup cfg`
+/// (in `o`), and once the guest is protected A hands it over and becomes B's backup. B's
+/// `active` event and the re-protecting primary's `protected` event.
+fn swap_there(
+    p: &mut Pair,
+    o: &Opts,
+    (cfg, a_listen, extra): (&std::path::Path, SocketAddr, &str),
+) -> (serde_json::Value, serde_json::Value) {
+    write_backup_config(p, o, cfg, a_listen, extra);
+    let key = p.key_args(o);
+    p.primary = Some(p.spawn_primary(o, p.backup_addr(), "primary", &key));
+    p.wait_protected();
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(a) = &mut p.primary {
+        a.signal(libc::SIGUSR1);
+    }
+    wait_event(
+        &p.primary_events(),
+        "switched_over",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| p.fail("A never switched over"));
+    let b_active = wait_event(&p.backup_events(), "active", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("B never took over"));
+    let protected = wait_event(
+        &p.dir.file("backup.events.reprotect"),
+        "protected",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|| p.fail("B never protected the guest to A"));
+    (b_active, protected)
+}
+
+/// After [`swap_there`]: A commits ten of B's checkpoints with no digest failing, then B
+/// hands the guest back and A resumes it with continuity. The epoch A resumed from.
+fn swap_back(p: &mut Pair) -> u64 {
+    let a2_events = p.dir.file("a2.events");
+    let acks = p.dir.file("spare.ack.log");
+    let t = std::time::Instant::now();
+    while committed(&acks).len() < 10 && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if committed(&acks).len() < 10 {
+        p.fail("A acknowledged fewer than 10 of B's checkpoints");
+    }
+    if events(&a2_events)
+        .iter()
+        .any(|e| e["event"] == "verify_failed")
+    {
+        p.fail("A's image plus the resync did not match B's guest");
+    }
+    p.backup.signal(libc::SIGUSR1);
+    let code = p.backup.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!("B exited {code:?} after handing back"));
+    }
+    let a_active = wait_event(&a2_events, "active", Duration::from_secs(10))
+        .unwrap_or_else(|| p.fail("A never took the guest back"));
+    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no A"));
+    let code = a.wait_for(Duration::from_secs(20));
+    if code != Some(0) {
+        p.fail(&format!(
+            "A (as backup, then active) exited {code:?}: {}",
+            a.log_text()
+        ));
+    }
+    p.check_resumed_at(&a_active, &acks, "the switch back").0
+}
+
 /// Switchover there and back, with the roles swapped: A (`--become-backup`) hands the
 /// guest over to B and becomes B's backup in the same process, starting from the guest's
 /// memory at the handover; B (`--reprotect-to` A) protects the guest as its primary,
@@ -2374,28 +2445,13 @@ fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
         ..Opts::default()
     };
     let mut p = Pair::start_backup("swap", &o);
-    write_backup_config(&p, &o, &cfg, a_listen, "");
-    let key = p.key_args(&o);
-    p.primary = Some(p.spawn_primary(&o, p.backup_addr(), "primary", &key));
-    p.wait_protected();
-    std::thread::sleep(Duration::from_millis(500));
-    // There: A hands over and becomes B's backup.
-    if let Some(a) = &mut p.primary {
-        a.signal(libc::SIGUSR1);
-    }
-    wait_event(
-        &p.primary_events(),
-        "switched_over",
-        Duration::from_secs(10),
+    let (b_active, protected) = swap_there(&mut p, &o, (&cfg, a_listen, ""));
+    let compared = wait_event(
+        &p.dir.file("backup.events.reprotect"),
+        "memory_compared",
+        Duration::from_secs(1),
     )
-    .unwrap_or_else(|| p.fail("A never switched over"));
-    let b_active = wait_event(&p.backup_events(), "active", Duration::from_secs(10))
-        .unwrap_or_else(|| p.fail("B never took over"));
-    let b_events = p.dir.file("backup.events.reprotect");
-    let protected = wait_event(&b_events, "protected", Duration::from_secs(30))
-        .unwrap_or_else(|| p.fail("B never protected the guest to A"));
-    let compared = wait_event(&b_events, "memory_compared", Duration::from_secs(1))
-        .unwrap_or_else(|| p.fail("B did not compare A's image"));
+    .unwrap_or_else(|| p.fail("B did not compare A's image"));
     let (pages, differ) = (
         compared["pages"].as_u64().unwrap_or(0),
         compared["differ"].as_u64().unwrap_or(u64::MAX),
@@ -2404,37 +2460,7 @@ fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
     if pages == 0 || differ * 4 > pages {
         p.fail(&format!("resync sent {differ} of {pages} pages"));
     }
-    let a2_events = p.dir.file("a2.events");
-    let t = std::time::Instant::now();
-    while committed(&p.dir.file("spare.ack.log")).len() < 10
-        && t.elapsed() < Duration::from_secs(20)
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if events(&a2_events)
-        .iter()
-        .any(|e| e["event"] == "verify_failed")
-    {
-        p.fail("A's image plus the resync did not match B's memory");
-    }
-    // And back: B hands the guest to A.
-    p.backup.signal(libc::SIGUSR1);
-    let code = p.backup.wait_for(Duration::from_secs(20));
-    if code != Some(0) {
-        p.fail(&format!("B exited {code:?} after handing back"));
-    }
-    let a_active = wait_event(&a2_events, "active", Duration::from_secs(10))
-        .unwrap_or_else(|| p.fail("A never took the guest back"));
-    let mut a = p.primary.take().unwrap_or_else(|| p.fail("no A"));
-    let code = a.wait_for(Duration::from_secs(20));
-    if code != Some(0) {
-        p.fail(&format!(
-            "A (as backup, then active) exited {code:?}: {}",
-            a.log_text()
-        ));
-    }
-    let (last_epoch, _) =
-        p.check_resumed_at(&a_active, &p.dir.file("spare.ack.log"), "the switch back");
+    let last_epoch = swap_back(&mut p);
     eprintln!(
         "role swap: B active from epoch {}; resync sent {differ} of {pages} pages \
          ({} bytes of fingerprints, pre-copy {} bytes), protected {} ms after B's sync began; \
@@ -2443,6 +2469,62 @@ fn a_switchover_swaps_the_roles_and_a_second_one_moves_the_guest_back() {
         compared["fingerprint_bytes"],
         protected["precopy_wire_bytes"],
         protected["sync_ms"],
+    );
+}
+
+/// The role swap with a disk: A's backup configuration names A's own disk as its
+/// replica, so after the handover A holds both halves of the checkpoint B resumed from
+/// (memory and disk). B protects the guest again to A by fingerprints of both: only the
+/// pages and blocks B's guest wrote since differ; the first checkpoint's memory and disk
+/// digests match at A; then B hands the guest back and A resumes it on that disk.
+#[test]
+fn a_switchover_with_a_disk_swaps_the_roles_and_resyncs_only_what_changed() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let disk: u64 = 8 << 20;
+    let a_listen = free_port();
+    let dir = Scratch::new("swap-disk-cfg");
+    let cfg = dir.file("a-backup.toml");
+    let reprotect = [s("--reprotect-to"), a_listen.to_string()];
+    let become_backup = [s("--become-backup"), cfg.display().to_string()];
+    let o = Opts {
+        workload: "db",
+        disk,
+        replica: disk,
+        exit_after: "60s",
+        rate: "2000",
+        backup_args: &reprotect,
+        primary_args: &become_backup,
+        ..Opts::default()
+    };
+    let mut p = Pair::start_backup("swapdisk", &o);
+    let a_disk = format!("disk = \"{}\"\n", p.dir.file("primary.img").display());
+    swap_there(&mut p, &o, (&cfg, a_listen, &a_disk));
+    let b_events = p.dir.file("backup.events.reprotect");
+    let synced = wait_event(&b_events, "disk_synced", Duration::from_secs(1))
+        .unwrap_or_else(|| p.fail("B did not compare A's disk"));
+    let compared = wait_event(&b_events, "memory_compared", Duration::from_secs(1))
+        .unwrap_or_else(|| p.fail("B did not compare A's image"));
+    let blocks = synced["blocks"].as_u64().unwrap_or(u64::MAX);
+    // A's disk is the checkpoint's: only the blocks B's guest wrote since differ (the
+    // db guest writes a few per request; it ran well under a second before the sync).
+    if blocks == 0 || blocks * 4 > disk / 4096 {
+        p.fail(&format!(
+            "the disk resync found {blocks} blocks differing: {synced}"
+        ));
+    }
+    let (pages, differ) = (
+        compared["pages"].as_u64().unwrap_or(0),
+        compared["differ"].as_u64().unwrap_or(u64::MAX),
+    );
+    if pages == 0 || differ * 4 > pages {
+        p.fail(&format!("resync sent {differ} of {pages} pages"));
+    }
+    swap_back(&mut p);
+    eprintln!(
+        "role swap with a disk: {blocks} of {} blocks and {differ} of {pages} pages resynced",
+        disk / 4096
     );
 }
 

@@ -5,12 +5,13 @@
 use ha_codec::PAGE_SIZE;
 use ha_codec::block::BlockSize;
 use ha_codec::codec::Mode;
+use ha_daemon::testing::{http_get as get, sample};
 use ha_wire::frame::{FrameType, split_frame};
 use ha_wire::secure::{self, Deadline, PairKey};
 use ha_wire::session::{self, Hello};
 use ha_wire::stream::Staging;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -74,29 +75,6 @@ fn fake_backup(l: TcpListener, key: PairKey) {
         }
         buf.drain(..at);
     }
-}
-
-/// `GET path` on `addr`: (status line, body).
-fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics server");
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
-
-/// The value of the sample `name` (with labels, if any) in an exposition.
-fn sample(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn wait_for_file(p: &Path) -> String {

@@ -298,32 +298,18 @@ pub fn wait_addr(path: &Path, limit: Duration) -> SocketAddr {
     }
 }
 
-/// The body of `GET /metrics` on a daemon's `--metrics` address.
+/// The body of `GET /metrics` on a daemon's `--metrics` address (it must answer 200).
 pub fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let (status, body) = ha_daemon::testing::http_get(addr, "/metrics");
     assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "metrics at {addr}: {head}"
+        status.starts_with("HTTP/1.1 200"),
+        "metrics at {addr}: {status}"
     );
-    body.to_string()
+    body
 }
 
 /// The value of the sample `name` (with its labels, if any, as written) in an exposition.
-pub fn sample(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
+pub use ha_daemon::testing::sample;
 
 /// The world: the output consumer shared with the drill.
 pub use ha_wire::output::{Consumer as World, WorldView};

@@ -15,6 +15,7 @@
 //! | [`serve`] | the metrics HTTP endpoint |
 //! | [`port_file`] | the address a daemon bound, in a file |
 //! | [`metrics`] | the registry, state gauge, exposition and serving of both daemons' metrics; each daemon adds its own families |
+//! | `testing` | a client of the metrics endpoint for tests (`test-support` feature) |
 
 pub mod config;
 pub mod diskfile;
@@ -27,6 +28,8 @@ pub mod metrics;
 pub mod port_file;
 pub mod serve;
 pub mod signal;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 pub mod units;
 
 /// An error and its sources, joined with ": " (for one-line messages to operators).

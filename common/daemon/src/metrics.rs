@@ -202,7 +202,7 @@ pub fn serve(
 mod tests {
     use super::*;
 
-    use crate::serve::tests::get;
+    use crate::testing::http_get_raw as get;
     use prometheus_client::metrics::counter::Counter;
 
     /// A daemon's families in small.

@@ -254,29 +254,13 @@ fn respond(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::testing::{PATIENCE, http_get_raw as get};
     use std::io::{Read, Write};
     use std::net::TcpStream;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-
-    /// Far beyond any scrape, so that a broken endpoint fails the test instead of hanging it.
-    const PATIENCE: Duration = Duration::from_secs(60);
-
-    /// The whole answer to `GET path` on `addr`.
-    pub(crate) fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(PATIENCE)).expect("timeout");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut out = String::new();
-        s.read_to_string(&mut out).expect("response");
-        out
-    }
 
     #[test]
     fn serves_metrics_404_and_writes_the_port_file() {

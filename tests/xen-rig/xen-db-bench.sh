@@ -192,7 +192,8 @@ for row in $ROWS; do
 	k0=$(grep -c 'Checkpointed save:' $p-remus.log 2>/dev/null)
 	w0=$(rig_save_helper_bytes)
 	# The load.
-	l1=$(wc -l <$p.csv 2>/dev/null || echo 0)
+	l1=0
+	[ -f $p.csv ] && l1=$(wc -l <$p.csv)
 	ts=$(date +%s)
 	rig_client timeout -s KILL $((WRK_SECS + 60)) wrk -t 1 -c "$CONNS" -d "${WRK_SECS}s" --timeout 60s \
 		-s "$CASTOR_DIR/rig/failover.lua" "$URL" -- "$p-ref" "$DYN" 7 /dev/null /cgi-bin/insert >$p-wrk.out 2>&1

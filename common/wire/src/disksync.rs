@@ -122,11 +122,8 @@ impl ReadAt for [u8] {
     }
     /// Hashed where it lies, without a copy.
     fn fingerprint(&self, offset: u64, len: usize, _: &mut Vec<u8>) -> std::io::Result<u64> {
-        usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.get(o..o.checked_add(len)?))
-            .map(hash)
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+        let start = in_range(self.len(), offset, len)?;
+        Ok(hash(&self[start..start + len]))
     }
 }
 

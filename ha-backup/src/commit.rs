@@ -95,13 +95,18 @@ impl Committed {
     /// An all-zero image of `memory_size` bytes; nothing committed. `builtin`: the guest
     /// is a built-in workload guest, whose status page can be read from the image.
     pub fn new(memory_size: usize, builtin: bool) -> Result<Self, ImageError> {
-        Ok(Self {
-            image: GuestImage::new(memory_size)?,
+        Ok(Self::over(GuestImage::new(memory_size)?, builtin))
+    }
+
+    /// `image` as the committed image; nothing committed yet.
+    fn over(image: GuestImage, builtin: bool) -> Self {
+        Self {
+            image,
             builtin,
             state: None,
             epoch: 0,
             checkpoint: 0,
-        })
+        }
     }
 
     /// An image starting as `base` (an older image of the guest: `--base-image`, of
@@ -129,13 +134,7 @@ impl Committed {
                     memory_size,
                 });
             }
-            return Ok(Self {
-                image,
-                builtin,
-                state: None,
-                epoch: 0,
-                checkpoint: 0,
-            });
+            return Ok(Self::over(image, builtin));
         }
         let mut c = Self::new(memory_size, builtin)?;
         std::os::unix::fs::FileExt::read_exact_at(&f, c.image.as_mut_slice(), 0)

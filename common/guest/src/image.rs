@@ -23,6 +23,9 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// The memfd to take over cannot be measured.
+    #[error("cannot read the length of the memory image to take over")]
+    Adopt(#[source] std::io::Error),
     /// The memfd cannot be mapped.
     #[error("cannot map a {size}-byte memory image")]
     Map {
@@ -61,10 +64,7 @@ impl GuestImage {
     /// copy of the guest's memory): mapped shared as it is, so taking it costs no copy and
     /// writes to the image change it. The image is the file's whole length.
     pub fn adopt(file: File) -> Result<Self, ImageError> {
-        let len = file
-            .metadata()
-            .map_err(|source| ImageError::Create { size: 0, source })?
-            .len();
+        let len = file.metadata().map_err(ImageError::Adopt)?.len();
         Self::map(file, usize::try_from(len).unwrap_or(usize::MAX))
     }
 

@@ -10,6 +10,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use ha_codec::PAGE_SIZE;
+use ha_guest::image::HOLE_READ;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, VolatileMemory};
@@ -54,9 +55,6 @@ pub struct GuestRam {
     /// zero), which a read through the shared mapping would allocate one by one.
     file: Option<std::fs::File>,
 }
-
-/// Reads at least this long look for holes in a memfd-backed RAM first (two `lseek`s).
-const HOLE_READ: usize = 64 << 10;
 
 impl GuestRam {
     /// Map `size` bytes of zeroed, lazily allocated memory.

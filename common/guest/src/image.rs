@@ -136,6 +136,10 @@ impl GuestImage {
     }
 }
 
+/// Reads at least this long look for a memfd's holes first ([`extents`]: two `lseek`s);
+/// shorter ones read through the mapping (a page or two allocated at most).
+pub const HOLE_READ: usize = 64 << 10;
+
 /// One run of a file's bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Extent {

@@ -23,7 +23,7 @@
 
 use ha_codec::hashes::{Hasher, hash};
 use ha_codec::varint;
-use ha_guest::image::GuestImage;
+use ha_guest::image::{GuestImage, HOLE_READ};
 
 /// Chunk sizes of the levels, coarse to fine; each divides the one before by [`FANOUT`].
 pub const LEVELS: [u64; 3] = [1 << 20, 64 << 10, 4 << 10];
@@ -138,9 +138,6 @@ impl ReadAt for Vec<u8> {
         self.as_slice().fingerprint(offset, len, buf)
     }
 }
-
-/// Reads at least this long of a [`GuestImage`] look for its holes first.
-const HOLE_READ: usize = 64 << 10;
 
 /// A memory image (the backup's, re-protection's base): what is a hole in its memfd is
 /// hashed as the zeros it holds without being read, which would allocate it.
